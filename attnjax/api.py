@@ -1,0 +1,157 @@
+"""The front door: ``attention``, ``dot_product_attention`` and ``merge_attention``.
+
+Causality is by positions: key j is visible to query i iff
+``k_pos[j] <= q_pos[i]``; by default positions are bottom-right aligned
+(``q_pos = arange(T) + S - T``), which is what decoding with a KV cache needs.
+``dot_product_attention`` keeps ``jax.nn.dot_product_attention``'s own
+top-left convention so that it is a drop-in replacement.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.core import validation as V
+from attnjax.core.merge import merge_attention
+from attnjax.core.reference import reference_attention
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
+
+__all__ = ["attention", "dot_product_attention", "merge_attention", "default_implementation"]
+
+
+def default_implementation() -> str:
+  """'pallas' on TPU/GPU, 'xla' on CPU."""
+  return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+
+
+def _fast_attention():
+  """The engine behind the 'xla' and 'pallas' paths (the block-sparse engine)."""
+  try:
+    from attnjax.block_sparse import fast_attention  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return fast_attention
+
+
+def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
+              q_positions=None, k_positions=None, segment_ids=None,
+              return_lse=False, implementation=None):
+  """Multi-head attention in BTNH layout, with GQA/MQA.
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; N % K == 0.
+    mask: an ``attnjax.masks.Mask`` (e.g. ``Causal()``,
+      ``SlidingWindow(256)``, their ``&``/``|``/``~`` combinations) or a
+      boolean array broadcastable to [B, N, T, S] (True = may attend).
+    score: a score variant from ``attnjax.scores`` (default: softmax).
+    bias: additive float array broadcastable to [B, N, T, S].
+    scale: logit scale, default 1/sqrt(H).
+    q_positions, k_positions: int [T]/[B, T], [S]/[B, S]; default
+      bottom-right aligned: ``arange(T) + S - T`` and ``arange(S)``.
+    segment_ids: [B, T] (T == S) or a pair ([B, T], [B, S]): queries attend
+      only to keys of their own segment (packed documents).
+    return_lse: also return the log-sum-exp [B, T, N] float32 (for
+      ``merge_attention``).
+    implementation: "reference" (dense float32 oracle), "xla" (blocked
+      flash-style pure-JAX path that skips fully masked blocks), "pallas"
+      (TPU/GPU kernel; interpret mode on CPU) or None (the best path that
+      supports the arguments on this platform).
+
+  Returns:
+    out [B, T, N, Hv] in the query dtype (and lse when asked). A query row
+    that sees no key returns zeros and lse = -inf.
+  """
+  V.check_qkv(query, key, value)
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
+  kwargs = dict(mask=mask, score=score, bias=bias, scale=scale, q_positions=q_positions,
+                k_positions=k_positions, segment_ids=segment_ids, return_lse=return_lse)
+  if implementation == "reference":
+    return reference_attention(query, key, value, **kwargs)
+  fast = _fast_attention()
+  if implementation is None:
+    if fast is not None:
+      try:
+        return fast(query, key, value, implementation=default_implementation(), **kwargs)
+      except NotImplementedError:
+        pass  # a combination the fast paths do not cover: the reference does.
+    return reference_attention(query, key, value, **kwargs)
+  if fast is None:
+    raise NotImplementedError(
+        f"implementation={implementation!r} needs attnjax.block_sparse, which failed to import.")
+  return fast(query, key, value, implementation=implementation, **kwargs)
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
+                          is_causal=False, query_seq_lengths=None,
+                          key_value_seq_lengths=None, local_window_size=None,
+                          implementation=None, return_residual=False):
+  """Drop-in for ``jax.nn.dot_product_attention`` (same arguments and semantics).
+
+  Shapes as there: query [B, T, N, H] or [T, N, H]; key/value [B, S, K, H];
+  bias/mask broadcastable to [B, N, T, S]. ``is_causal`` and
+  ``local_window_size`` are top-left aligned (query i sees key j <= i), as in
+  JAX. ``implementation`` may also be "cudnn" (forwarded to JAX) or any of
+  attnjax's ("reference", "xla", "pallas"). Fully masked rows give zeros.
+  With ``return_residual`` the lse [B, T, N] is returned too.
+  """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, implementation="cudnn",
+        return_residual=return_residual)
+  unbatched = getattr(query, "ndim", 0) == 3
+  if unbatched:
+    query, key, value = query[None], key[None], value[None]
+  d = V.check_qkv(query, key, value)
+  from attnjax import masks as M  # pylint: disable=g-import-not-at-top
+  m = None
+  if is_causal:
+    m = M.Causal()
+  if local_window_size is not None:
+    if isinstance(local_window_size, int):
+      local_window_size = (local_window_size, local_window_size)
+    if len(local_window_size) != 2:
+      raise ValueError(f"local_window_size must be an int or a pair, got {local_window_size!r}.")
+    w = M.SlidingWindow(*(int(x) for x in local_window_size))
+    m = w if m is None else m & w
+  lengths_mask = None
+  if query_seq_lengths is not None or key_value_seq_lengths is not None:
+    qlen = _lengths("query_seq_lengths", query_seq_lengths, d.B, d.T)
+    klen = _lengths("key_value_seq_lengths", key_value_seq_lengths, d.B, d.S)
+    lengths_mask = ((jnp.arange(d.T)[None, :, None] < qlen[:, None, None])
+                    & (jnp.arange(d.S)[None, None, :] < klen[:, None, None]))[:, None]
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    V.check_broadcastable("mask", mask, (d.B, d.N, d.T, d.S))
+  arr = mask if lengths_mask is None else (lengths_mask if mask is None else mask & lengths_mask)
+  out = attention(query, key, value, mask=_combine(m, arr, d), bias=bias, scale=scale,
+                  q_positions=jnp.arange(d.T, dtype=jnp.int32),
+                  k_positions=jnp.arange(d.S, dtype=jnp.int32),
+                  return_lse=return_residual, implementation=implementation)
+  if unbatched:
+    out = jax.tree_util.tree_map(lambda x: x[0], out)
+  return out
+
+
+def _combine(mask_obj, mask_arr, d):
+  """A Mask object and a boolean array as one argument for ``attention``."""
+  if mask_arr is None:
+    return mask_obj
+  if mask_obj is None:
+    return mask_arr
+  qp = jnp.arange(d.T)[:, None]
+  kp = jnp.arange(d.S)[None, :]
+  return mask_arr & jnp.asarray(mask_obj.predicate(0, qp, kp), bool)[None, None]
+
+
+def _lengths(name, x, B, L):
+  if x is None:
+    return jnp.full((B,), L, jnp.int32)
+  x = jnp.asarray(x)
+  if x.shape != (B,):
+    raise ValueError(f"{name} must have shape [B]=({B},), got {x.shape}.")
+  return x.astype(jnp.int32)

@@ -1,0 +1,1 @@
+"""Core of the attention contract: validation, the dense reference oracle, lse merging."""

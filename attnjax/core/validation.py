@@ -1,0 +1,166 @@
+"""Input validation shared by every attention op.
+
+Every check raises ``ValueError`` (or ``TypeError`` for dtypes) naming the
+argument, the shape it got and what was expected, so callers never see a
+shape error from deep inside XLA.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Dims(NamedTuple):
+  """Sizes of a BTNH attention call: q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]."""
+  B: int
+  T: int
+  S: int
+  N: int
+  K: int
+  H: int
+  Hv: int
+
+
+_FLOAT_KINDS = ("f",)
+
+
+def _check_float(name: str, x) -> None:
+  dt = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {dt}.")
+
+
+def check_qkv(query, key, value) -> Dims:
+  """Validates BTNH query/key/value and returns their sizes.
+
+  Args:
+    query: [B, T, N, H].
+    key: [B, S, K, H] with N % K == 0.
+    value: [B, S, K, Hv].
+  """
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(
+          f"{name} must have rank 4 [batch, length, heads, head_dim], got shape "
+          f"{getattr(x, 'shape', None)}.")
+    _check_float(name, x)
+  B, T, N, H = query.shape
+  Bk, S, K, Hk = key.shape
+  Bv, Sv, Kv, Hv = value.shape
+  if Bk != B or Bv != B:
+    raise ValueError(
+        f"batch sizes differ: query {query.shape}, key {key.shape}, value "
+        f"{value.shape}; expected the same leading dimension B={B}.")
+  if Sv != S:
+    raise ValueError(
+        f"key and value lengths differ: key {key.shape} (S={S}) vs value "
+        f"{value.shape} (S={Sv}).")
+  if Kv != K:
+    raise ValueError(
+        f"key and value head counts differ: key {key.shape} (K={K}) vs value "
+        f"{value.shape} (K={Kv}).")
+  if Hk != H:
+    raise ValueError(
+        f"query and key head_dim differ: query {query.shape} (H={H}) vs key "
+        f"{key.shape} (H={Hk}).")
+  if K < 1 or N % K != 0:
+    raise ValueError(
+        f"query heads N={N} must be a multiple of key/value heads K={K} "
+        f"(MHA, GQA or MQA); got query {query.shape}, key {key.shape}.")
+  if T < 1 or S < 1:
+    raise ValueError(f"empty sequence: query {query.shape}, key {key.shape}.")
+  return Dims(B, T, S, N, K, H, Hv)
+
+
+def default_positions(T: int, S: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Bottom-right aligned positions: q_pos = arange(T) + S - T, k_pos = arange(S)."""
+  return (jnp.arange(T, dtype=jnp.int32) + (S - T), jnp.arange(S, dtype=jnp.int32))
+
+
+def check_positions(q_positions, k_positions, d: Dims):
+  """Returns (q_pos, k_pos) as int32 arrays of shape [T] or [B, T] / [S] or [B, S]."""
+  dq, dk = default_positions(d.T, d.S)
+  q_pos = dq if q_positions is None else _check_pos("q_positions", q_positions, d.B, d.T, "T")
+  k_pos = dk if k_positions is None else _check_pos("k_positions", k_positions, d.B, d.S, "S")
+  return q_pos, k_pos
+
+
+def _check_pos(name, x, B, L, letter):
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}.")
+  if x.shape not in ((L,), (B, L)):
+    raise ValueError(
+        f"{name} must have shape [{letter}]=({L},) or [B, {letter}]=({B}, {L}), got "
+        f"{x.shape}.")
+  return x.astype(jnp.int32)
+
+
+def check_segment_ids(segment_ids, d: Dims):
+  """Normalises segment ids to (q_seg [B, T], kv_seg [B, S]) int32, or None.
+
+  Accepts an int array [B, T] (self-attention, T == S) or a pair
+  (q_segment_ids [B, T], kv_segment_ids [B, S]).
+  """
+  if segment_ids is None:
+    return None
+  if isinstance(segment_ids, (tuple, list)):
+    if len(segment_ids) != 2:
+      raise ValueError(
+          "segment_ids must be an array [B, T] or a pair (q_segment_ids [B, T], "
+          f"kv_segment_ids [B, S]); got a sequence of length {len(segment_ids)}.")
+    q_seg, kv_seg = (jnp.asarray(s) for s in segment_ids)
+  else:
+    q_seg = kv_seg = jnp.asarray(segment_ids)
+    if d.T != d.S:
+      raise ValueError(
+          f"a single segment_ids array needs T == S (got T={d.T}, S={d.S}); pass "
+          "a pair (q_segment_ids [B, T], kv_segment_ids [B, S]) for cross attention.")
+  for name, s, L, letter in (("q_segment_ids", q_seg, d.T, "T"),
+                             ("kv_segment_ids", kv_seg, d.S, "S")):
+    if s.shape != (d.B, L):
+      raise ValueError(
+          f"{name} must have shape [B, {letter}]=({d.B}, {L}), got {s.shape}.")
+    if not jnp.issubdtype(s.dtype, jnp.integer):
+      raise TypeError(f"{name} must be an integer array, got dtype {s.dtype}.")
+  return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def check_broadcastable(name: str, x, target: Tuple[int, ...], letters: str = "[B, N, T, S]"):
+  """Checks that array ``x`` broadcasts to ``target`` (e.g. a mask or bias)."""
+  shape = tuple(np.shape(x))
+  if len(shape) > len(target):
+    raise ValueError(f"{name} has rank {len(shape)} {shape}; expected at most rank "
+                     f"{len(target)}, broadcastable to {letters}={target}.")
+  for a, b in zip(shape[::-1], target[::-1]):
+    if a not in (1, b):
+      raise ValueError(
+          f"{name} of shape {shape} does not broadcast to {letters}={target}.")
+
+
+def check_scale(scale, H: int) -> float:
+  """Returns the logit scale: ``scale`` or 1/sqrt(H)."""
+  if scale is None:
+    return float(H) ** -0.5
+  if isinstance(scale, (int, float)) and not scale > 0:
+    raise ValueError(f"scale must be positive, got {scale}.")
+  return scale
+
+
+def repeat_kv(x, num_heads: int):
+  """[B, S, K, H] -> [B, S, N, H] by repeating each KV head N/K times (reference only)."""
+  K = x.shape[2]
+  if K == num_heads:
+    return x
+  return jnp.repeat(x, num_heads // K, axis=2)
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
+  """Checks an integer hyper-parameter is >= minimum."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  return int(value)

@@ -1,0 +1,192 @@
+"""BlockLayout: a mask compiled for one shape and block size.
+
+For every head and q-block the layout lists the k-blocks that are *partial*
+(the element mask must be applied) or *full* (no element mask needed), as
+padded CSR lists for the forward pass; the transposed CSC lists (per k-block,
+the q-blocks that visit it) drive the dK/dV backward pass. Empty blocks are
+never listed, so cost follows the visited blocks.
+
+Padding convention: row ``r`` of ``fwd_indices`` holds ``fwd_counts[r]``
+valid entries followed by copies of the last valid entry (or 0 for an empty
+row), so a kernel may always gather a valid block and skip by count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import numpy as np
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockLayout:
+  """Per-head block classification and index lists (NumPy, static).
+
+  Attributes:
+    q_len, kv_len, block_q, block_kv, num_heads: what the layout was built for.
+    q_offset, k_offset: positions of the first query / key.
+    block_mask: int8 [num_heads, nq, nk]: 0 empty, 1 partial, 2 full.
+    fwd_indices: int32 [num_heads, nq, max_kb]: visited k-blocks per q-block.
+    fwd_full: bool [num_heads, nq, max_kb]: whether each listed block is full.
+    fwd_counts: int32 [num_heads, nq].
+    bwd_indices: int32 [num_heads, nk, max_qb]: q-blocks visiting each k-block.
+    bwd_full: bool [num_heads, nk, max_qb].
+    bwd_counts: int32 [num_heads, nk].
+    mask: the Mask it was built from (None for a layout given as an array).
+  """
+  q_len: int
+  kv_len: int
+  block_q: int
+  block_kv: int
+  num_heads: int
+  q_offset: int
+  k_offset: int
+  block_mask: np.ndarray
+  fwd_indices: np.ndarray
+  fwd_full: np.ndarray
+  fwd_counts: np.ndarray
+  bwd_indices: np.ndarray
+  bwd_full: np.ndarray
+  bwd_counts: np.ndarray
+  mask: Optional[object] = None
+
+  @property
+  def num_q_blocks(self) -> int:
+    return self.block_mask.shape[1]
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return self.block_mask.shape[2]
+
+  @property
+  def num_visited(self) -> int:
+    """Number of (head, q-block, k-block) triples that are partial or full."""
+    return int(np.count_nonzero(self.block_mask))
+
+  @property
+  def num_full(self) -> int:
+    return int(np.count_nonzero(self.block_mask == FULL))
+
+  @property
+  def density(self) -> float:
+    """Visited blocks / all blocks."""
+    return self.num_visited / self.block_mask.size
+
+  def __hash__(self):
+    return id(self)
+
+  def __repr__(self):
+    return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, "
+            f"block=({self.block_q}, {self.block_kv}), heads={self.num_heads}, "
+            f"visited={self.num_visited}/{self.block_mask.size}, "
+            f"full={self.num_full})")
+
+
+def _lists(block_mask: np.ndarray):
+  """CSR-style padded lists along the last axis of [H, R, C] block classes."""
+  visited = block_mask != EMPTY
+  counts = visited.sum(-1).astype(np.int32)
+  width = max(int(counts.max()) if counts.size else 0, 1)
+  # Stable sort puts visited columns first, in increasing order.
+  order = np.argsort(~visited, axis=-1, kind="stable")[..., :width].astype(np.int32)
+  pos = np.arange(width)
+  last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], -1)
+  last = np.where(counts[..., None] > 0, last, 0)
+  indices = np.where(pos < counts[..., None], order, last).astype(np.int32)
+  full = np.take_along_axis(block_mask, indices, -1) == FULL
+  full &= pos < counts[..., None]
+  return indices, full, counts
+
+
+def layout_from_block_mask(block_mask, q_len: int, kv_len: int, block_q: int,
+                           block_kv: int, *, q_offset: Optional[int] = None,
+                           k_offset: int = 0, mask=None) -> BlockLayout:
+  """Builds a BlockLayout from int8 classes [H, nq, nk] (0 empty, 1 partial, 2 full).
+
+  A boolean array is accepted too: True blocks become *full* blocks.
+  """
+  bm = np.asarray(block_mask)
+  if bm.dtype == bool:
+    bm = np.where(bm, FULL, EMPTY)
+  bm = bm.astype(np.int8)
+  _check_blocks(q_len, kv_len, block_q, block_kv)
+  nq, nk = q_len // block_q, kv_len // block_kv
+  if bm.ndim != 3 or bm.shape[1:] != (nq, nk):
+    raise ValueError(
+        f"block_mask must have shape [num_heads, {nq}, {nk}] for q_len={q_len}, "
+        f"kv_len={kv_len}, blocks=({block_q}, {block_kv}); got {bm.shape}.")
+  fi, ff, fc = _lists(bm)
+  bi, bf, bc = _lists(np.swapaxes(bm, 1, 2))
+  return BlockLayout(q_len, kv_len, block_q, block_kv, bm.shape[0],
+                     kv_len - q_len if q_offset is None else int(q_offset),
+                     int(k_offset), bm, fi, ff, fc, bi, bf, bc, mask)
+
+
+def _check_blocks(q_len, kv_len, block_q, block_kv):
+  for name, b, L, lname in (("block_q", block_q, q_len, "q_len"),
+                            ("block_kv", block_kv, kv_len, "kv_len")):
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+      raise ValueError(f"{name} must be a positive integer, got {b!r}.")
+    if L % b:
+      raise ValueError(f"{name}={b} does not divide {lname}={L}.")
+
+
+def _evaluate_blocks(mask, head, q_pos, k_pos, block_q, block_kv):
+  """Exact (any, all) per block by evaluating the predicate (T x S work)."""
+  nq, nk = len(q_pos) // block_q, len(k_pos) // block_kv
+  any_ = np.zeros((nq, nk), bool)
+  all_ = np.zeros((nq, nk), bool)
+  rows = max(1, (1 << 22) // max(len(k_pos), 1) // block_q)  # ~4M elements a chunk
+  for start in range(0, nq, rows):
+    stop = min(nq, start + rows)
+    qp = q_pos[start * block_q: stop * block_q, None]
+    m = np.asarray(mask.predicate(head, qp, k_pos[None, :]), bool)
+    m = np.broadcast_to(m, (len(qp), len(k_pos)))
+    m = m.reshape(stop - start, block_q, nk, block_kv)
+    any_[start:stop] = m.any(axis=(1, 3))
+    all_[start:stop] = m.all(axis=(1, 3))
+  return any_, all_
+
+
+@functools.lru_cache(maxsize=256)
+def build_block_layout(mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
+                       num_heads: int = 1, *, q_offset: Optional[int] = None,
+                       k_offset: int = 0) -> BlockLayout:
+  """Compiles ``mask`` into a BlockLayout; cached per (mask, shape, blocks, heads).
+
+  Blocks are classified with the mask's closed form (``classify_block``) when
+  it has one, else by evaluating the predicate on every element. Masks that
+  read run-time segment ids can only be bounded: their blocks are at best
+  partial, and the kernel applies the segment test element-wise.
+  """
+  _check_blocks(q_len, kv_len, block_q, block_kv)
+  if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+    raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}.")
+  q_off = kv_len - q_len if q_offset is None else int(q_offset)
+  nq, nk = q_len // block_q, kv_len // block_kv
+  q_lo = (q_off + np.arange(nq) * block_q)[:, None]
+  k_lo = (k_offset + np.arange(nk) * block_kv)[None, :]
+  q_pos = q_off + np.arange(q_len)
+  k_pos = k_offset + np.arange(kv_len)
+  heads = range(num_heads) if mask.head_dependent else range(1)
+  classes = []
+  for h in heads:
+    c = mask.classify_block(h, q_lo, q_lo + block_q, k_lo, k_lo + block_kv)
+    if c is None:
+      if mask.needs_segments:
+        raise ValueError(
+            f"{mask!r} reads run-time segment ids and has no block bound; combine "
+            "it with a mask that has one or pass it to the dense reference.")
+      any_, all_ = _evaluate_blocks(mask, h, q_pos, k_pos, block_q, block_kv)
+    else:
+      any_ = np.broadcast_to(np.asarray(c[0], bool), (nq, nk))
+      all_ = np.broadcast_to(np.asarray(c[1], bool), (nq, nk))
+    classes.append(np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY)).astype(np.int8))
+  bm = np.stack(classes)
+  if bm.shape[0] != num_heads:
+    bm = np.broadcast_to(bm, (num_heads, nq, nk))
+  return layout_from_block_mask(bm, q_len, kv_len, block_q, block_kv,
+                                q_offset=q_off, k_offset=k_offset, mask=mask)
