@@ -1,0 +1,186 @@
+"""Public linear attention: chunked, recurrent and quadratic forms (Lightning Attention-2 #25, TNL #27, papers_1; BASED P2-09, papers_2).
+
+Causality is by positions, bottom-right aligned: query i (position i + S - T)
+sees key j iff j <= i + S - T, so the four CAB patterns (non-causal/causal x
+self/cross) all run through one causal-self engine: queries (or keys) are
+padded at the front with zeros until both sides align.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.core.validation import check_positions, check_positive_int, check_qkv, check_segment_ids
+from attnjax.linear import engine, reference
+from attnjax.linear.decay import resolve_decay
+from attnjax.linear.feature_maps import resolve_feature_map
+
+IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
+
+
+def _apply_feature_map(phi, x, name):
+  out = phi(x.astype(jnp.float32))
+  if out.ndim != x.ndim or out.shape[:-1] != x.shape[:-1]:
+    raise ValueError(
+        f"feature_map applied to {name} of shape {x.shape} returned shape {out.shape}; "
+        "expected the same leading dimensions and a feature axis last.")
+  return out.astype(jnp.float32)
+
+
+def _check_state(state, shape, name="initial_state"):
+  if state is None:
+    return None
+  if getattr(state, "shape", None) != shape:
+    raise ValueError(
+        f"{name} must have shape [B, N, F, E]={shape} (E = Hv + 1 when normalize=True, "
+        f"the last column holding the normaliser), got {getattr(state, 'shape', None)}.")
+  return jnp.asarray(state, jnp.float32)
+
+
+def _pick_implementation(implementation):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation is None:
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  return implementation
+
+
+def _pallas_backend():
+  import pallas_kernels.linear  # noqa: F401  (registers engine.BACKENDS["pallas"])
+  return "pallas"
+
+
+def _to_heads(x):
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _causal_chunked(qf, kf, v, slopes, s0, chunk, backend):
+  """Causal (self or bottom-right cross) chunked form on BTNF inputs; returns BTNE, state."""
+  b, t, n, _ = qf.shape
+  s = kf.shape[1]
+  front_q, front_k = max(s - t, 0), max(t - s, 0)
+  length = max(t, s)
+  total = -(-length // chunk) * chunk
+  pad = lambda x, front: jnp.pad(x, ((0, 0), (front, total - length), (0, 0), (0, 0)))
+  q, k, vv = _to_heads(pad(qf, front_q)), _to_heads(pad(kf, front_k)), _to_heads(pad(v, front_k))
+  has_decay = slopes is not None
+  if has_decay:
+    real = (jnp.arange(total) >= front_k) & (jnp.arange(total) < length)
+    g = -slopes[None, :, None] * real[None, None, :].astype(jnp.float32)
+    g = jnp.broadcast_to(g, (b, n, total))
+  else:
+    g = jnp.zeros((b, n, total), jnp.float32)
+  o, state = engine.causal_core(q, k, vv, g, s0, chunk, backend, has_decay)
+  return _to_heads(o)[:, front_q:front_q + t], state
+
+
+def linear_attention(query, key, value, *, feature_map="identity", causal: bool = True,
+                     decay=None, normalize: bool = False, eps: float = 1e-6,
+                     chunk_size: int = 64, initial_state=None, return_state: bool = False,
+                     implementation: Optional[str] = None, q_positions=None,
+                     k_positions=None, segment_ids=None):
+  """Kernelised linear attention o_i = sum_{j visible} lambda^(i-j) phi(q_i).phi(k_j) v_j.
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; N % K == 0.
+    feature_map: "identity", "elu+1", "relu", "taylor" (BASED) or a callable
+      [..., H] -> [..., F] applied to queries and keys.
+    causal: key j is visible to query i iff j <= i + S - T (bottom-right aligned).
+    decay: None, "tnl"/"alibi", a scalar or [N] slopes s >= 0 (lambda = exp(-s));
+      only with causal=True.
+    normalize: divide by phi(q_i) . sum_j lambda^(i-j) phi(k_j) + eps.
+    chunk_size: chunk length C of the intra-chunk quadratic / inter-chunk state
+      split; T need not be a multiple (the engine pads).
+    initial_state: [B, N, F, E] float32 state of keys before position 0
+      (E = Hv, or Hv + 1 with normalize=True, the last column the normaliser).
+    return_state: also return the state after the last key (same shape).
+    implementation: "reference" (dense oracle), "xla" (chunked lax.scan),
+      "pallas" (kernel; interpret mode on CPU) or None (pallas on GPU/TPU).
+    q_positions, k_positions, segment_ids: only with implementation="reference";
+      the chunked paths assume the default positions and a single segment.
+
+  Returns:
+    out [B, T, N, Hv] in query.dtype, plus the final state if return_state.
+  """
+  d = check_qkv(query, key, value)
+  check_positive_int("chunk_size", chunk_size)
+  impl = _pick_implementation(implementation)
+  phi = resolve_feature_map(feature_map)
+  slopes = resolve_decay(decay, d.N)
+  if slopes is not None and not causal:
+    raise NotImplementedError(
+        "decay needs causal=True: a non-causal decayed form has no single linear state.")
+  if impl != "reference" and (q_positions is not None or k_positions is not None
+                              or segment_ids is not None):
+    raise NotImplementedError(
+        "q_positions, k_positions and segment_ids are supported by "
+        "implementation='reference' only; the chunked paths use default positions.")
+  qf = _apply_feature_map(phi, query, "query")
+  kf = _apply_feature_map(phi, key, "key")
+  f = qf.shape[-1]
+  if kf.shape[-1] != f:
+    raise ValueError(f"feature_map gave {f} features for query but {kf.shape[-1]} for key.")
+  v = value.astype(jnp.float32)
+  if normalize:
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  e = v.shape[-1]
+  s0 = _check_state(initial_state, (d.B, d.N, f, e))
+  if impl == "reference":
+    q_pos, k_pos = check_positions(q_positions, k_positions, d)
+    if q_pos.ndim != 1 or k_pos.ndim != 1:
+      raise NotImplementedError("linear attention takes positions of shape [T] / [S] only.")
+    segs = check_segment_ids(segment_ids, d)
+    o, state = reference.dense_linear_attention(
+        qf, kf, v, slopes=slopes, causal=causal, s0=s0, q_positions=q_positions,
+        k_positions=k_positions, segment_ids=segs)
+  else:
+    backend = _pallas_backend() if impl == "pallas" else "xla"
+    if s0 is None:
+      s0 = jnp.zeros((d.B, d.N, f, e), jnp.float32)
+    if causal:
+      o, state = _causal_chunked(qf, kf, v, slopes, s0, chunk_size, backend)
+    else:
+      o, state = engine.noncausal_core(_to_heads(qf), _to_heads(kf), _to_heads(v), s0)
+      o = _to_heads(o)
+  if normalize:
+    o = o[..., :-1] / (o[..., -1:] + eps)
+  out = o.astype(query.dtype)
+  return (out, state.astype(jnp.float32)) if return_state else out
+
+
+def init_state(batch: int, num_heads: int, features: int, value_dim: int, *,
+               normalize: bool = False) -> jax.Array:
+  """Zero decoding state [B, N, F, Hv (+1 if normalize)] float32."""
+  return jnp.zeros((batch, num_heads, features, value_dim + int(normalize)), jnp.float32)
+
+
+def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="identity", decay=None,
+                          normalize: bool = False, eps: float = 1e-6):
+  """One decoding step with a constant-size state.
+
+  Args:
+    state: [B, N, F, E] float32 (E = Hv, or Hv + 1 with normalize=True).
+    q_t: [B, N, H]; k_t: [B, K, H]; v_t: [B, K, Hv] (one token).
+  Returns:
+    (o_t [B, N, Hv] in q_t.dtype, new state): the same as the last row of
+    `linear_attention(..., causal=True, initial_state=state, return_state=True)`.
+  """
+  for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+    if getattr(x, "ndim", None) != 3:
+      raise ValueError(f"{name} must have rank 3 [B, heads, dim], got shape {getattr(x, 'shape', None)}.")
+  check_qkv(q_t[:, None], k_t[:, None], v_t[:, None])
+  b, n, _ = q_t.shape
+  phi = resolve_feature_map(feature_map)
+  slopes = resolve_decay(decay, n)
+  qf = _apply_feature_map(phi, q_t, "q_t")
+  kf = _apply_feature_map(phi, k_t, "k_t")
+  v = v_t.astype(jnp.float32)
+  if normalize:
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  state = _check_state(state, (b, n, qf.shape[-1], v.shape[-1]), "state")
+  o, state = reference.recurrent_step(state, qf, kf, v, slopes=slopes)
+  if normalize:
+    o = o[..., :-1] / (o[..., -1:] + eps)
+  return o.astype(q_t.dtype), state
