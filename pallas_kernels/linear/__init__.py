@@ -1,0 +1,80 @@
+"""Pallas kernels for chunked linear attention (Lightning Attention-2 #25, papers_1).
+
+Importing this package registers the "pallas" backend of
+attnjax.linear.engine. The TPU (Mosaic) variant runs on TPU, the GPU (Triton)
+variant on GPU; on CPU either runs in interpret mode (GPU variant by default,
+`set_variant("tpu")` selects the other). Both call the same per-chunk
+arithmetic (attnjax.linear.chunk_math) and are checked by one harness.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.linear import engine
+from pallas_kernels.linear import gpu, tpu
+
+VARIANTS = {"gpu": gpu, "tpu": tpu}
+_CHOICE = {"variant": None}
+
+
+def set_variant(name: Optional[str]) -> None:
+  """Forces the "gpu" or "tpu" kernel variant (None = by platform)."""
+  if name not in (None, "gpu", "tpu"):
+    raise ValueError(f"variant must be None, 'gpu' or 'tpu', got {name!r}.")
+  _CHOICE["variant"] = name
+
+
+def current_variant() -> str:
+  if _CHOICE["variant"] is not None:
+    return _CHOICE["variant"]
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def _layout():
+  """(kernel module, interpret flag, feature/value padding multiple)."""
+  name = current_variant()
+  interpret = jax.default_backend() not in ("gpu", "tpu")
+  multiple = 1 if interpret else (128 if name == "tpu" else 16)
+  return VARIANTS[name], interpret, multiple
+
+
+def _pad_last(x, multiple, axis=-1):
+  size = x.shape[axis]
+  extra = -size % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def _chunk_cumsum(g, chunk):
+  b, n, t = g.shape
+  return jnp.cumsum(g.reshape(b, n, t // chunk, chunk), axis=-1).reshape(b, n, t)
+
+
+def _fwd(q, k, v, g, s0, chunk, has_decay):
+  mod, interpret, m = _layout()
+  f, e = q.shape[-1], v.shape[-1]
+  q, k, v = _pad_last(q, m), _pad_last(k, m), _pad_last(v, m)
+  s0 = _pad_last(_pad_last(s0, m, -2), m)
+  bcum = _chunk_cumsum(g, chunk) if has_decay else None
+  o, sf = mod.forward(q, k, v, bcum, s0, chunk=chunk, has_decay=has_decay, interpret=interpret)
+  return o[..., :e], sf[..., :f, :e]
+
+
+def _bwd(q, k, v, g, s0, do, ds_final, chunk, has_decay):
+  mod, interpret, m = _layout()
+  f, e = q.shape[-1], v.shape[-1]
+  q, k, v, do = (_pad_last(x, m) for x in (q, k, v, do))
+  s0, ds_final = (_pad_last(_pad_last(x, m, -2), m) for x in (s0, ds_final))
+  bcum = _chunk_cumsum(g, chunk) if has_decay else None
+  dq, dk, dv, ds0 = mod.backward(q, k, v, bcum, s0, do, ds_final, chunk=chunk,
+                                 has_decay=has_decay, interpret=interpret)
+  return dq[..., :f], dk[..., :f], dv[..., :e], ds0[..., :f, :e]
+
+
+engine.BACKENDS["pallas"] = engine.Backend(_fwd, _bwd)
