@@ -1,0 +1,223 @@
+"""``MultiHeadAttention``: a Flax Linen layer over any attnjax attention family.
+
+Projections (query/key/value/out, as ``flax.linen.MultiHeadDotProductAttention``),
+GQA/MQA through ``num_kv_heads``, optional rotary embeddings, and the attention
+itself chosen by name from the family registry (``attnjax.layers.registry``):
+``"dense"`` (``attnjax.attention``, any mask and score variant) or an engine's
+family with its ``attention_options``. KV-cache decoding uses Flax's
+``"cache"`` collection.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax.layers import registry
+from attnjax.layers.rope import apply_rope
+
+__all__ = ["MultiHeadAttention", "bind_score_params"]
+
+
+def bind_score_params(module: nn.Module, score, num_heads: int, param_dtype=jnp.float32):
+  """Creates a score variant's learned arrays as params of ``module`` and binds them.
+
+  A score with learned arrays (``attnjax.scores.Sink``, ``Selective``) has
+  ``init_params(num_heads) -> {name: initial array}`` and
+  ``bind(**arrays) -> score``; the params are named ``score_<name>``.
+  Scores without learned arrays are returned unchanged.
+  """
+  if score is None or not hasattr(score, "init_params"):
+    return score
+  arrays = {}
+  for name, init in score.init_params(num_heads).items():
+    arrays[name] = module.param(
+        f"score_{name}", lambda _, v=init: jnp.asarray(v, param_dtype))
+  return score.bind(**arrays)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with projections, over any attnjax family.
+
+  Attributes:
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K (N % K == 0); default N (MHA); 1 is MQA.
+    qkv_features: total query features N * H (default: the input features);
+      the head dimension is ``qkv_features // num_heads``.
+    out_features: output features (default: the query input's features).
+    use_bias: biases in the four projections.
+    use_rope: rotary embeddings on queries and keys (``attnjax.layers.rope``).
+    rope_base, rope_fraction: RoPE frequency base and rotated share of H.
+    causal: key j visible to query i iff k_pos[j] <= q_pos[i].
+    attention: family name: ``"dense"`` or one of
+      ``attnjax.layers.registry.list_families()``.
+    attention_options: keyword arguments for the family (e.g. a window size).
+    mask: extra ``attnjax.masks.Mask`` (dense family; ANDed with causality).
+    score: ``attnjax.scores`` variant (dense family). Scores with learned
+      arrays get them as params ``score_<name>``.
+    implementation: "reference" | "xla" | "pallas" | None, given to the family.
+    decode: KV-cache decoding. The first ``init`` (with a full-length input)
+      creates ``cache/cached_key``, ``cached_value`` [B, max_len, K, H] and
+      ``cache_index``; later calls append T >= 1 tokens at ``cache_index``
+      with positions ``cache_index + arange(T)``. Needs ``causal=True``, self
+      attention, and a family with ``supports_kv_cache``. Writing past
+      ``max_len`` makes the output NaN (the cache cannot grow under jit).
+    dtype: computation dtype of the projections (default: inferred);
+      param_dtype: dtype of the parameters.
+  """
+  num_heads: int
+  num_kv_heads: Optional[int] = None
+  qkv_features: Optional[int] = None
+  out_features: Optional[int] = None
+  use_bias: bool = True
+  use_rope: bool = False
+  rope_base: float = 10000.0
+  rope_fraction: float = 1.0
+  causal: bool = False
+  attention: str = "dense"
+  attention_options: Optional[Mapping[str, Any]] = None
+  mask: Any = None
+  score: Any = None
+  implementation: Optional[str] = None
+  decode: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+  precision: Any = None
+
+  def _dims(self, features: int):
+    n = self.num_heads
+    kh = n if self.num_kv_heads is None else self.num_kv_heads
+    if not isinstance(n, int) or n < 1:
+      raise ValueError(f"num_heads must be a positive integer, got {n!r}.")
+    if not isinstance(kh, int) or kh < 1 or n % kh:
+      raise ValueError(
+          f"num_kv_heads must be a positive divisor of num_heads={n}, got {kh!r}.")
+    qkv = features if self.qkv_features is None else self.qkv_features
+    if qkv % n:
+      raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={n}.")
+    return n, kh, qkv // n
+
+  def _dense(self, features, name):
+    return nn.DenseGeneral(features, use_bias=self.use_bias, dtype=self.dtype,
+                           param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                           bias_init=self.bias_init, precision=self.precision, name=name)
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, *, q_positions=None, k_positions=None,
+               segment_ids=None, mask=None):
+    """Attends ``inputs_q`` [B, T, D] to ``inputs_kv`` [B, S, D'] (default itself).
+
+    Args:
+      inputs_q: [B, T, D]. inputs_kv: [B, S, D'] or None (self-attention).
+      q_positions, k_positions: int [T]/[B, T] and [S]/[B, S] positions, used
+        for causality and RoPE; default ``arange(T)`` for self-attention and
+        bottom-right aligned (``arange(T) + S - T``, ``arange(S)``) for cross.
+      segment_ids: [B, T] or a pair ([B, T], [B, S]) (packed documents).
+      mask: boolean array broadcastable to [B, N, T, S] (True = may attend),
+        e.g. padding; ANDed with the layer's mask and causality.
+
+    Returns:
+      [B, T, out_features].
+    """
+    if inputs_q.ndim != 3:
+      raise ValueError(f"inputs_q must have shape [B, T, D], got {inputs_q.shape}.")
+    self_attn = inputs_kv is None
+    if self_attn:
+      inputs_kv = inputs_q
+    elif inputs_kv.ndim != 3 or inputs_kv.shape[0] != inputs_q.shape[0]:
+      raise ValueError(
+          f"inputs_kv must have shape [B, S, D] with B={inputs_q.shape[0]}, got "
+          f"{inputs_kv.shape}.")
+    n, kh, h = self._dims(inputs_q.shape[-1])
+    out_features = self.out_features or inputs_q.shape[-1]
+    q = self._dense((n, h), "query")(inputs_q)
+    k = self._dense((kh, h), "key")(inputs_kv)
+    v = self._dense((kh, h), "value")(inputs_kv)
+    T, S = q.shape[1], k.shape[1]
+    fn = registry.get_family(self.attention)
+    overflow = None
+    if self.decode:
+      if not self.causal or not self_attn:
+        raise ValueError("decode=True needs causal=True self-attention (inputs_kv=None).")
+      if not getattr(fn, "supports_kv_cache", False):
+        raise NotImplementedError(
+            f"attention family {self.attention!r} does not declare KV-cache support "
+            "(supports_kv_cache); decode=True is available for the softmax families.")
+      q, k, v, q_positions, k_positions, overflow = self._use_cache(
+          q, k, v, q_positions, k_positions, segment_ids, mask)
+    else:
+      if self_attn and q_positions is None and k_positions is None:
+        q_positions = k_positions = jnp.arange(T, dtype=jnp.int32)
+      if self.use_rope:
+        q, k = self._rope(q, k, q_positions, k_positions, T, S)
+
+    kwargs = dict(self.attention_options or {})
+    score = bind_score_params(self, self.score, n, self.param_dtype)
+    layer_mask = self.mask
+    if mask is not None:
+      if layer_mask is not None:
+        raise ValueError("pass either the layer attribute mask or the call argument "
+                         "mask, not both (combine them as one boolean array).")
+      layer_mask = mask
+    for name, val in (("mask", layer_mask), ("score", score),
+                      ("implementation", self.implementation)):
+      if val is not None:
+        kwargs[name] = val
+    out = fn(q, k, v, causal=self.causal, q_positions=q_positions, k_positions=k_positions,
+             segment_ids=segment_ids, **kwargs)
+    if overflow is not None:
+      out = jnp.where(overflow, jnp.nan, out).astype(out.dtype)
+    return nn.DenseGeneral(out_features, axis=(-2, -1), use_bias=self.use_bias,
+                           dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=self.kernel_init, bias_init=self.bias_init,
+                           precision=self.precision, name="out")(out)
+
+  def _rope(self, q, k, q_positions, k_positions, T, S):
+    if q_positions is None or k_positions is None:
+      dq, dk = jnp.arange(T) + S - T, jnp.arange(S)
+      q_positions = dq if q_positions is None else q_positions
+      k_positions = dk if k_positions is None else k_positions
+    q = apply_rope(q, q_positions, self.rope_base, self.rope_fraction)
+    k = apply_rope(k, k_positions, self.rope_base, self.rope_fraction)
+    return q, k
+
+  def _use_cache(self, q, k, v, q_positions, k_positions, segment_ids, mask):
+    """Appends k/v to the cache; returns the cached k/v and their positions."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    T = q.shape[1]
+    if not initialized:  # the init call: a plain causal forward over the input.
+      if q_positions is None and k_positions is None:
+        q_positions = k_positions = jnp.arange(T, dtype=jnp.int32)
+      if self.use_rope:
+        q, k = self._rope(q, k, q_positions, k_positions, T, k.shape[1])
+      return q, k, v, q_positions, k_positions, None
+    if segment_ids is not None or mask is not None:
+      raise ValueError("segment_ids and mask are not supported with a KV cache.")
+    B, max_len, kh, h = cached_key.value.shape
+    if k.shape != (B, T, kh, h):
+      raise ValueError(
+          f"cache holds keys [B, max_len, K, H]={cached_key.value.shape}; new keys "
+          f"{k.shape} must be [{B}, T, {kh}, {h}].")
+    idx = cache_index.value
+    pos = idx + jnp.arange(T, dtype=jnp.int32)
+    if q_positions is not None or k_positions is not None:
+      raise ValueError("positions come from cache_index when decoding; do not pass "
+                       "q_positions/k_positions.")
+    if self.use_rope:
+      q = apply_rope(q, pos, self.rope_base, self.rope_fraction)
+      k = apply_rope(k, pos, self.rope_base, self.rope_fraction)
+    start = (jnp.zeros((), jnp.int32), idx, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    keys = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
+    values = jax.lax.dynamic_update_slice(cached_value.value,
+                                          v.astype(cached_value.value.dtype), start)
+    cached_key.value, cached_value.value = keys, values
+    cache_index.value = idx + T
+    overflow = idx + T > max_len
+    return q, keys, values, pos, jnp.arange(max_len, dtype=jnp.int32), overflow

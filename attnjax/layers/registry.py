@@ -1,0 +1,127 @@
+"""Attention families by name, for config-driven layers.
+
+Each engine package exposes ``FAMILIES: dict[str, callable]`` in its
+``__init__``; a family is a parameter-free function
+
+    fn(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
+       segment_ids=None, **options) -> out [B, T, N, Hv]
+
+The packages are imported lazily, on the first lookup, so a missing or
+not-yet-written engine package never breaks the others. ``"dense"``
+(``attnjax.attention`` with an optional ``Causal()`` mask) is always present.
+A family that handles a KV cache correctly (it honours ``q_positions`` /
+``k_positions`` for causality over a partly filled cache) sets the attribute
+``supports_kv_cache = True`` on its function.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Optional
+
+__all__ = ["ENGINE_PACKAGES", "get_family", "list_families", "register_family", "dense_family"]
+
+#: Packages searched for a ``FAMILIES`` dict, in this order (first name wins).
+ENGINE_PACKAGES = (
+    "attnjax.block_sparse",
+    "attnjax.linear",
+    "attnjax.neighborhood",
+    "attnjax.content",
+    "attnjax.decoding",
+    "attnjax.vision",
+)
+
+_USER: Dict[str, Callable] = {}
+_import_errors: Dict[str, str] = {}
+
+
+def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
+                 segment_ids=None, mask=None, score=None, bias=None, scale=None,
+                 implementation=None):
+  """``attnjax.attention`` with ``Causal()`` (and ``mask``) when ``causal``.
+
+  Shapes: query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] ->
+  [B, T, N, Hv]. ``mask`` is an ``attnjax.masks.Mask`` or a boolean array
+  broadcastable to [B, N, T, S]; ``score`` an ``attnjax.scores`` variant.
+  """
+  from attnjax import api  # pylint: disable=g-import-not-at-top
+  from attnjax.masks import Causal, Mask  # pylint: disable=g-import-not-at-top
+  if causal:
+    if mask is None:
+      mask = Causal()
+    elif isinstance(mask, Mask):
+      mask = Causal() & mask
+    else:
+      mask = _causal_and_array(mask, query, key, q_positions, k_positions)
+  return api.attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
+                       q_positions=q_positions, k_positions=k_positions,
+                       segment_ids=segment_ids, implementation=implementation)
+
+
+dense_family.supports_kv_cache = True
+
+
+def _causal_and_array(mask, query, key, q_positions, k_positions):
+  """A boolean mask array [.., T, S] and causality by positions, as one array."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from attnjax.core import validation as V  # pylint: disable=g-import-not-at-top
+  d = V.Dims(query.shape[0], query.shape[1], key.shape[1], query.shape[2], key.shape[2],
+             query.shape[3], query.shape[3])
+  q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
+  qp = q_pos[:, None] if q_pos.ndim == 1 else q_pos[:, None, :, None]
+  kp = k_pos[None, :] if k_pos.ndim == 1 else k_pos[:, None, None, :]
+  return jnp.asarray(mask, bool) & (kp <= qp)
+
+
+def register_family(name: str, fn: Callable) -> None:
+  """Adds (or replaces) a family under ``name`` for this process."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"family name must be a non-empty string, got {name!r}.")
+  if not callable(fn):
+    raise TypeError(f"family {name!r} must be callable, got {type(fn).__name__}.")
+  _USER[name] = fn
+
+
+def _engine_families() -> Dict[str, Callable]:
+  found: Dict[str, Callable] = {}
+  for pkg in ENGINE_PACKAGES:
+    try:
+      mod = importlib.import_module(pkg)
+    except ModuleNotFoundError as e:
+      if e.name is not None and (pkg == e.name or pkg.startswith(e.name + ".")):
+        continue  # the engine package is not there (yet): not an error.
+      _import_errors[pkg] = f"{type(e).__name__}: {e}"
+      continue
+    except Exception as e:  # pylint: disable=broad-except
+      _import_errors[pkg] = f"{type(e).__name__}: {e}"
+      continue
+    _import_errors.pop(pkg, None)
+    fams = getattr(mod, "FAMILIES", None)
+    if fams is None:
+      continue
+    for name, fn in dict(fams).items():
+      found.setdefault(name, fn)
+  return found
+
+
+def list_families() -> Dict[str, Callable]:
+  """All families available now: ``"dense"``, the engines' and registered ones."""
+  out = {"dense": dense_family}
+  for name, fn in _engine_families().items():
+    out.setdefault(name, fn)
+  out.update(_USER)
+  return out
+
+
+def get_family(name: str) -> Callable:
+  """The family function registered under ``name``; ValueError listing the choices."""
+  if name == "dense" and "dense" not in _USER:
+    return dense_family
+  fams = list_families()
+  fn: Optional[Callable] = fams.get(name)
+  if fn is None:
+    msg = f"unknown attention family {name!r}; available: {sorted(fams)}."
+    if _import_errors:
+      msg += " Engine packages that failed to import: " + "; ".join(
+          f"{k} ({v})" for k, v in sorted(_import_errors.items()))
+    raise ValueError(msg)
+  return fn
