@@ -47,7 +47,8 @@ def dense_visibility(mask, d: V.Dims, q_pos, k_pos, segs):
 
 def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
                         q_positions=None, k_positions=None, segment_ids=None,
-                        score=None, return_lse=False, return_probs=False):
+                        score=None, return_lse=False, return_probs=False,
+                        logits_hook=None, probs_hook=None):
   """Dense masked attention, the oracle.
 
   Args:
@@ -63,6 +64,10 @@ def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
     score: a score variant from ``attnjax.scores`` (default softmax).
     return_lse: also return lse [B, T, N] float32 (log of the normaliser).
     return_probs: also return the weights [B, N, T, S] (analysis tools).
+    logits_hook: optional ``f(logits [B, N, T, S]) -> logits`` applied to the
+      scaled, score-transformed logits before masking (inference-time edits).
+    probs_hook: optional ``f(probs [B, N, T, S]) -> probs`` applied to the
+      normalised weights before they multiply the values.
 
   Returns:
     out [B, T, N, Hv] in the query dtype; plus lse and/or probs when asked.
@@ -94,6 +99,8 @@ def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
   qp = q_pos[:, None] if q_pos.ndim == 1 else q_pos[:, None, :, None]
   kp = k_pos[None, :] if k_pos.ndim == 1 else k_pos[:, None, None, :]
   logits = score.transform(logits, head=head, q_pos=qp, k_pos=kp, row_count=row_count)
+  if logits_hook is not None:
+    logits = logits_hook(logits)
 
   if score.normalization == "softmax":
     masked = jnp.where(vis, logits, -jnp.inf)
@@ -114,6 +121,8 @@ def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
     lse = jnp.where(denom > 0, jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
   if getattr(score, "has_reweight", False):
     probs = score.reweight(probs, row_count)
+  if probs_hook is not None:
+    probs = probs_hook(probs)
   out = jnp.einsum("bnts,bsnh->btnh", probs, v, precision=jax.lax.Precision.HIGHEST)
   lse = jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
   result = (out.astype(query.dtype),)

@@ -1,0 +1,7 @@
+"""Analysis tools and inference-time attention edits (probability/logit hooks, head tools)."""
+from attnjax.analysis.edits import (act_calibrate, boost_token_attention, find_hidden_sinks,
+                                    find_sink_tokens, hooked_attention, image_centric_rows,
+                                    redistribute_attention)
+from attnjax.analysis.heads import (apply_head_mask, head_divergence, retrieval_score_step,
+                                    scale_heads, select_top_heads, sink_metrics,
+                                    top1_attention_index)
