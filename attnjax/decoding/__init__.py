@@ -1,0 +1,4 @@
+"""Decoding and KV-cache methods: contiguous/paged decode, RazorAttention, DuoAttention."""
+from attnjax.decoding.cache import (PageAllocator, decode_attention, gather_pages,
+                                    paged_decode_attention, simulate_trace)
+from attnjax.decoding.razor import RazorCache, razor_compress, razor_decode_attention, razor_keep_mask
