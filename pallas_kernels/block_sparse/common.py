@@ -1,0 +1,274 @@
+"""Shared pieces of the block-sparse flash kernels: static config and block math.
+
+Both backends (``tpu.py``: Mosaic, ``gpu.py``: Triton) run the same per-block
+arithmetic, written here on plain ``jnp`` values so it lowers through either
+compiler and through the interpreters:
+
+- ``block_logits``: scaled ``q @ k^T`` in float32, the score transform, and
+  the element visibility (mask predicate on positions from iota or arrays,
+  segment ids) - evaluated only on partial blocks; full blocks skip the mask.
+- ``online_update``: one step of the flash recurrence (running max for
+  softmax; plain sums for the ``"sum"``/``"none"`` normalisations).
+- ``block_grads``: gradients of one block with respect to the raw logits and
+  the normalised weights, for the dQ and dK/dV kernels.
+
+Notation: a q-block of ``bq`` rows, a k-block of ``bk`` columns; ``m``/``l``
+are [bq, 1] float32 (running max and normaliser), ``acc`` [bq, Hv] float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from attnjax.core.scoring import SoftmaxScore
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelConfig:
+  """Static description of one call (shapes, blocks, mask, score).
+
+  Attributes:
+    B, T, S, N, K, H, Hv: BTNH sizes (q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]).
+    block_q, block_kv, nq, nk: block sizes and block counts.
+    layout_heads: 1 (one layout shared by all heads) or N (per query head).
+    max_kb, max_qb: widths of the padded CSR (forward) and CSC (backward) lists.
+    any_full, any_partial: whether some listed block is full / partial.
+    scale: logit scale (Python float).
+    score: the score variant (normalization, transform, weights).
+    mask: the Mask evaluated on partial blocks (None when there are none).
+    has_segments: segment ids are given.
+    segment_test_on_full: full blocks still need the segment-id test (the
+      mask does not read segment ids itself).
+    q_offset, k_offset: positions of the first query / key when no position
+      arrays are given (positions are then computed from iota).
+    has_q_pos, has_k_pos: position arrays are given ([Bp, T] / [Bp, S]).
+    pos_batched: (q, k) position arrays have a batch axis of size B.
+    out_dtype: dtype the forward kernel writes (float32 when a sink
+      correction follows).
+    interpret: run through the Pallas interpreter.
+  """
+  B: int
+  T: int
+  S: int
+  N: int
+  K: int
+  H: int
+  Hv: int
+  block_q: int
+  block_kv: int
+  layout_heads: int
+  max_kb: int
+  max_qb: int
+  any_full: bool
+  any_partial: bool
+  scale: float
+  score: Any
+  mask: Any
+  has_segments: bool
+  segment_test_on_full: bool
+  q_offset: int
+  k_offset: int
+  has_q_pos: bool
+  has_k_pos: bool
+  pos_batched: tuple
+  out_dtype: Any
+  interpret: bool
+
+  @property
+  def nq(self) -> int:
+    return self.T // self.block_q
+
+  @property
+  def nk(self) -> int:
+    return self.S // self.block_kv
+
+  @property
+  def G(self) -> int:
+    """Query heads per KV head."""
+    return self.N // self.K
+
+  @property
+  def normalization(self) -> str:
+    return self.score.normalization
+
+
+# -- matmuls (float32 accumulation) ----------------------------------------------
+def dot_nt(a, b):
+  """a [m, k] @ b[n, k]^T -> [m, n] float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b):
+  """a [m, k] @ b [k, n] -> [m, n] float32."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b):
+  """a[k, m]^T @ b [k, n] -> [m, n] float32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+# -- positions ---------------------------------------------------------------------
+def iota_positions(offset: int, start, size: int, axis: int):
+  """Positions ``offset + start + arange(size)`` as [size, 1] (axis 0) or [1, size]."""
+  shape = (size, 1) if axis == 0 else (1, size)
+  return lax.broadcasted_iota(jnp.int32, shape, axis) + (start + offset)
+
+
+# -- block math ------------------------------------------------------------------
+def _is_identity_transform(score) -> bool:
+  return type(score).transform is SoftmaxScore.transform
+
+
+def _transform(cfg: KernelConfig, raw, head, q_pos, k_pos):
+  if _is_identity_transform(cfg.score):
+    return raw
+  return cfg.score.transform(raw, head=head, q_pos=q_pos, k_pos=k_pos, row_count=None)
+
+
+def visibility(cfg: KernelConfig, head, q_pos, k_pos, q_seg, k_seg, full: bool):
+  """Element visibility [bq, bk] of one block, or None when nothing is masked.
+
+  ``full`` blocks skip the mask predicate; the segment-id test still applies
+  to them when segment ids are given and the mask does not read them.
+  """
+  vis = None
+  reads_segments = cfg.mask is not None and cfg.mask.needs_segments
+  if not full:
+    if reads_segments:
+      vis = cfg.mask.predicate(head, q_pos, k_pos, q_seg, k_seg)
+    else:
+      vis = cfg.mask.predicate(head, q_pos, k_pos)
+    vis = jnp.broadcast_to(jnp.asarray(vis, jnp.bool_), (q_pos.shape[0], k_pos.shape[1]))
+  if cfg.has_segments and (cfg.segment_test_on_full or not full) and not reads_segments:
+    same = q_seg == k_seg
+    vis = same if vis is None else vis & same
+  return vis
+
+
+def block_logits(cfg: KernelConfig, q, k, head, q_pos, k_pos):
+  """Raw scaled logits [bq, bk] float32 and their transform."""
+  raw = dot_nt(q, k) * cfg.scale
+  return raw, _transform(cfg, raw, head, q_pos, k_pos)
+
+
+def online_update(cfg: KernelConfig, s, vis, v, m, l, acc):
+  """One k-block of the forward recurrence; returns the new (m, l, acc)."""
+  if cfg.normalization == "softmax":
+    if vis is not None:
+      s = jnp.where(vis, s, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(m - m_safe)
+    l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc_new = alpha * acc + dot_nn(p.astype(v.dtype), v)
+    return m_new, l_new, acc_new
+  w = cfg.score.weights(s).astype(jnp.float32)
+  if vis is not None:
+    w = jnp.where(vis, w, 0.0)
+  return m, l + jnp.sum(w, axis=1, keepdims=True), acc + dot_nn(w.astype(v.dtype), v)
+
+
+def finalize(cfg: KernelConfig, m, l, acc):
+  """(out [bq, Hv] float32, lse [bq, 1] float32) from the running state.
+
+  Rows that saw no key give zeros and lse = -inf. For ``"none"`` the output
+  is the unnormalised sum and lse is the log of the weight sum.
+  """
+  positive = l > 0
+  safe_l = jnp.where(positive, l, 1.0)
+  log_l = jnp.where(positive, jnp.log(safe_l), NEG_INF)
+  if cfg.normalization == "softmax":
+    lse = jnp.where(positive, m + log_l, NEG_INF)
+  else:
+    lse = log_l
+  out = acc if cfg.normalization == "none" else acc / safe_l
+  return jnp.where(positive, out, 0.0), lse
+
+
+def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_pos):
+  """Per-block backward quantities.
+
+  Args:
+    q [bq, H], k [bk, H], v [bk, Hv], do [bq, Hv]; lse, delta [bq, 1] float32
+      (``delta`` = rowsum(dO * O) - dlse, see ``api.py``).
+    vis: [bq, bk] bool or None.
+
+  Returns:
+    (ds [bq, bk] float32: dL/d(raw logits) already multiplied by the scale,
+     p [bq, bk] float32: the normalised weights, for dV = p^T dO).
+  """
+  raw = dot_nt(q, k) * cfg.scale
+  dp = dot_nt(do, v)
+  norm = cfg.normalization
+  finite = lse != NEG_INF
+  lse_safe = jnp.where(finite, lse, 0.0)
+
+  if norm == "softmax":
+    fn = lambda x: _transform(cfg, x, head, q_pos, k_pos)
+  else:
+    fn = lambda x: cfg.score.weights(_transform(cfg, x, head, q_pos, k_pos)).astype(jnp.float32)
+  if norm == "softmax" and _is_identity_transform(cfg.score):
+    s, pullback = raw, None
+  else:
+    s, pullback = jax.vjp(fn, raw)
+
+  if norm == "softmax":
+    p = jnp.exp(s - lse_safe)
+    if vis is not None:
+      p = jnp.where(vis, p, 0.0)
+    p = jnp.where(finite, p, 0.0)
+    dsx = p * (dp - delta)
+  else:
+    w = s if vis is None else jnp.where(vis, s, 0.0)
+    if norm == "sum":
+      inv = jnp.where(finite, jnp.exp(-lse_safe), 0.0)
+      p = w * inv
+      dsx = (dp - delta) * inv
+    else:
+      p = w
+      dsx = dp
+    if vis is not None:
+      dsx = jnp.where(vis, dsx, 0.0)
+  ds = dsx if pullback is None else pullback(dsx)[0]
+  return ds * cfg.scale, p
+
+
+# -- layout lists ----------------------------------------------------------------
+def encoded_lists(indices: np.ndarray, full: np.ndarray) -> np.ndarray:
+  """Packs block indices and full flags into one int32: ``2 * index + full``."""
+  return (indices.astype(np.int64) * 2 + full.astype(np.int64)).astype(np.int32)
+
+
+def decode(code):
+  """(block index, is_full) from a packed list entry."""
+  return code // 2, (code % 2) == 1
+
+
+def check_static_scale(scale) -> float:
+  try:
+    return float(scale)
+  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    raise ValueError(
+        f"scale must be a Python number for the Pallas block-sparse kernels, got "
+        f"{type(scale).__name__}.") from e
+
+
+def sink_vector(score, N: int) -> Optional[jnp.ndarray]:
+  """Per-head sink logits as float32 [N], or None."""
+  sink = score.sink_logits()
+  if sink is None:
+    return None
+  sink = jnp.asarray(sink, jnp.float32)
+  if sink.ndim > 1 or sink.shape not in ((), (1,), (N,)):
+    raise ValueError(
+        f"score.sink_logits() must be a scalar or have shape [N]=({N},), got {sink.shape}.")
+  return jnp.broadcast_to(sink, (N,))

@@ -1,0 +1,321 @@
+"""Block-sparse flash attention for TPU (Pallas Mosaic), forward and backward.
+
+Layout inside the kernels is [B, N, T, H] (the BTNH inputs are transposed once)
+so that every block is a [rows, head_dim] tile, as Mosaic requires. The block
+lists of the ``BlockLayout`` are scalar-prefetched into SMEM
+(``PrefetchScalarGridSpec``); the k-block index_map reads them, so only
+visited blocks are ever copied to VMEM:
+
+- forward: grid (B, N, nq, max_kb); step j of q-block i visits the j-th listed
+  k-block (CSR). Padded steps repeat the last block index, so no copy is
+  issued and no compute runs for them.
+- dQ: the same grid and lists, recomputing the probabilities from the lse.
+- dK/dV: grid (B, K, nk, G * max_qb); the last axis runs over the G query
+  heads of KV head kh and, for each, the q-blocks of its CSC list, so GQA
+  gradients are summed in VMEM without repeating K/V or writing per-query-head
+  partial gradients.
+
+Full blocks skip the mask predicate; partial blocks evaluate it from iota
+positions (or from position arrays when given). Real TPUs need
+``block_q % 8 == 0`` and ``block_kv % 128 == 0`` (checked when not
+interpreting); the packed lists live in SMEM, which bounds
+``layout_heads * nq * max_kb`` (about 256K entries is safe on v4/v5).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.block_sparse import common as C
+
+
+def _interpret_arg(cfg):
+  return pltpu.InterpretParams() if cfg.interpret else False
+
+
+def check_blocks(cfg):
+  if cfg.interpret:
+    return
+  if cfg.block_q % 8 or cfg.block_kv % 128:
+    raise ValueError(
+        f"the TPU kernel needs block_q % 8 == 0 and block_kv % 128 == 0, got "
+        f"block_q={cfg.block_q}, block_kv={cfg.block_kv}: rebuild the layout with "
+        "larger blocks.")
+
+
+# -- position / segment side inputs --------------------------------------------
+def _side_inputs(cfg, aux, q_block_fn, k_block_fn):
+  """Side arrays (positions, segment ids) with their BlockSpecs.
+
+  ``q_block_fn(grid..., refs)`` -> (batch, q-block) and ``k_block_fn`` ->
+  (batch, k-block) give the block coordinates from the grid indices.
+  q-side arrays are [Bq, T, 1], k-side [Bk, 1, S].
+  """
+  q_pos, k_pos, q_seg, k_seg = aux
+  arrays, specs, names = [], [], []
+
+  def add_q(name, x, batched):
+    arrays.append(x.reshape(x.shape[0], cfg.T, 1))
+    specs.append(pl.BlockSpec(
+        (None, cfg.block_q, 1),
+        lambda *a: (lambda bb, ii: (bb if batched else 0, ii, 0))(*q_block_fn(*a))))
+    names.append(name)
+
+  def add_k(name, x, batched):
+    arrays.append(x.reshape(x.shape[0], 1, cfg.S))
+    specs.append(pl.BlockSpec(
+        (None, 1, cfg.block_kv),
+        lambda *a: (lambda bb, kk: (bb if batched else 0, 0, kk))(*k_block_fn(*a))))
+    names.append(name)
+
+  if cfg.has_q_pos:
+    add_q("q_pos", q_pos, cfg.pos_batched[0])
+  if cfg.has_k_pos:
+    add_k("k_pos", k_pos, cfg.pos_batched[1])
+  if cfg.has_segments:
+    add_q("q_seg", q_seg, True)
+    add_k("k_seg", k_seg, True)
+  return arrays, specs, names
+
+
+def _block_context(cfg, side, head, qi, kb):
+  """(q_pos [bq,1], k_pos [1,bk], q_seg, k_seg) inside a kernel."""
+  qp = side["q_pos"][...] if "q_pos" in side else C.iota_positions(
+      cfg.q_offset, qi * cfg.block_q, cfg.block_q, 0)
+  kp = side["k_pos"][...] if "k_pos" in side else C.iota_positions(
+      cfg.k_offset, kb * cfg.block_kv, cfg.block_kv, 1)
+  qs = side["q_seg"][...] if "q_seg" in side else None
+  ks = side["k_seg"][...] if "k_seg" in side else None
+  return qp, kp, qs, ks
+
+
+def _run_block(cfg, body, full):
+  """Calls body(full) for the block kinds the layout has, branching at run time."""
+  if cfg.any_full and cfg.any_partial:
+    pl.when(full)(lambda: body(True))
+    pl.when(jnp.logical_not(full))(lambda: body(False))
+  else:
+    body(cfg.any_full)
+
+
+def _lh(cfg, h):
+  return h if cfg.layout_heads > 1 else 0
+
+
+# -- forward ---------------------------------------------------------------------
+def _fwd_kernel(code_ref, count_ref, *refs, cfg, names):
+  q_ref, k_ref, v_ref = refs[:3]
+  side = dict(zip(names, refs[3:3 + len(names)]))
+  o_ref, lse_ref, m_scr, l_scr, acc_scr = refs[3 + len(names):]
+  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = _lh(cfg, h) * cfg.nq + i
+
+  @pl.when(j == 0)
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, C.NEG_INF, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  @pl.when(j < count_ref[row])
+  def _visit():
+    kb, full = C.decode(code_ref[row * cfg.max_kb + j])
+
+    def body(is_full):
+      qp, kp, qs, ks = _block_context(cfg, side, h, i, kb)
+      _, s = C.block_logits(cfg, q_ref[...], k_ref[...], h, qp, kp)
+      vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full)
+      m, l, acc = C.online_update(cfg, s, vis, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
+      m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
+
+    _run_block(cfg, body, full)
+
+  @pl.when(j == cfg.max_kb - 1)
+  def _done():
+    out, lse = C.finalize(cfg, m_scr[...], l_scr[...], acc_scr[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def forward(cfg, lists, q, k, v, aux):
+  """q [B,T,N,H] ... -> (out [B,T,N,Hv] cfg.out_dtype, lse [B,N,T] float32)."""
+  check_blocks(cfg)
+  code, counts = lists["fwd_code"], lists["fwd_counts"]
+  qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
+
+  def kv_block(b, h, i, j, code_ref, count_ref):
+    row = _lh(cfg, h) * cfg.nq + i
+    return b, h // G, code_ref[row * cfg.max_kb + j] // 2, 0
+
+  q_blk = lambda b, h, i, j, *_: (b, i)
+  k_blk = lambda b, h, i, j, code_ref, count_ref: (b, kv_block(b, h, i, j, code_ref, count_ref)[2])
+  side_arrays, side_specs, names = _side_inputs(cfg, aux, q_blk, k_blk)
+  in_specs = [
+      pl.BlockSpec((None, None, bq, cfg.H), lambda b, h, i, j, *_: (b, h, i, 0)),
+      pl.BlockSpec((None, None, bk, cfg.H), kv_block),
+      pl.BlockSpec((None, None, bk, cfg.Hv), kv_block),
+  ] + side_specs
+  out_specs = [
+      pl.BlockSpec((None, None, bq, cfg.Hv), lambda b, h, i, j, *_: (b, h, i, 0)),
+      pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, i, 0)),
+  ]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(cfg.B, cfg.N, cfg.nq, cfg.max_kb),
+      in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, cfg.Hv), jnp.float32)])
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names)),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.T, cfg.Hv), cfg.out_dtype),
+                 jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.T, 1), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=_interpret_arg(cfg),
+      name="block_sparse_fwd",
+  )(code, counts, qt, kt, vt, *side_arrays)
+  return jnp.swapaxes(out, 1, 2), lse[..., 0]
+
+
+# -- backward: dQ ------------------------------------------------------------------
+def _dq_kernel(code_ref, count_ref, *refs, cfg, names):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+  side = dict(zip(names, refs[6:6 + len(names)]))
+  dq_ref, dq_scr = refs[6 + len(names):]
+  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = _lh(cfg, h) * cfg.nq + i
+
+  @pl.when(j == 0)
+  def _init():
+    dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+  @pl.when(j < count_ref[row])
+  def _visit():
+    kb, full = C.decode(code_ref[row * cfg.max_kb + j])
+
+    def body(is_full):
+      qp, kp, qs, ks = _block_context(cfg, side, h, i, kb)
+      vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full)
+      k = k_ref[...]
+      ds, _ = C.block_grads(cfg, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
+                            delta_ref[...], vis, h, qp, kp)
+      dq_scr[...] += C.dot_nn(ds.astype(k.dtype), k)
+
+    _run_block(cfg, body, full)
+
+  @pl.when(j == cfg.max_kb - 1)
+  def _done():
+    dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+
+
+# -- backward: dK, dV ------------------------------------------------------------
+def _dkv_kernel(code_ref, count_ref, *refs, cfg, names):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+  side = dict(zip(names, refs[6:6 + len(names)]))
+  dk_ref, dv_ref, dk_scr, dv_scr = refs[6 + len(names):]
+  kh, kb, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  h = kh * cfg.G + t // cfg.max_qb
+  jj = t % cfg.max_qb
+  row = _lh(cfg, h) * cfg.nk + kb
+
+  @pl.when(t == 0)
+  def _init():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  @pl.when(jj < count_ref[row])
+  def _visit():
+    qi, full = C.decode(code_ref[row * cfg.max_qb + jj])
+
+    def body(is_full):
+      qp, kp, qs, ks = _block_context(cfg, side, h, qi, kb)
+      vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full)
+      q, do = q_ref[...], do_ref[...]
+      ds, p = C.block_grads(cfg, q, k_ref[...], v_ref[...], do, lse_ref[...],
+                            delta_ref[...], vis, h, qp, kp)
+      dv_scr[...] += C.dot_tn(p.astype(do.dtype), do)
+      dk_scr[...] += C.dot_tn(ds.astype(q.dtype), q)
+
+    _run_block(cfg, body, full)
+
+  @pl.when(t == cfg.G * cfg.max_qb - 1)
+  def _done():
+    dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def backward(cfg, lists, q, k, v, aux, do, lse, delta):
+  """Gradients (dq, dk, dv) in the input dtypes; lse/delta are [B, N, T] float32."""
+  qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
+  lse4, delta4 = lse[..., None], delta[..., None]
+  G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
+  cp = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+  # dQ: CSR lists, grid (B, N, nq, max_kb).
+  def kv_block(b, h, i, j, code_ref, count_ref):
+    row = _lh(cfg, h) * cfg.nq + i
+    return b, h // G, code_ref[row * cfg.max_kb + j] // 2, 0
+
+  qrow = lambda b, h, i, j, *_: (b, h, i, 0)
+  side_arrays, side_specs, names = _side_inputs(
+      cfg, aux, lambda b, h, i, j, *_: (b, i),
+      lambda b, h, i, j, c, n: (b, kv_block(b, h, i, j, c, n)[2]))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, names=tuple(names)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(cfg.B, cfg.N, cfg.nq, cfg.max_kb),
+          in_specs=[pl.BlockSpec((None, None, bq, cfg.H), qrow),
+                    pl.BlockSpec((None, None, bk, cfg.H), kv_block),
+                    pl.BlockSpec((None, None, bk, cfg.Hv), kv_block),
+                    pl.BlockSpec((None, None, bq, cfg.Hv), qrow),
+                    pl.BlockSpec((None, None, bq, 1), qrow),
+                    pl.BlockSpec((None, None, bq, 1), qrow)] + side_specs,
+          out_specs=pl.BlockSpec((None, None, bq, cfg.H), qrow),
+          scratch_shapes=[pltpu.VMEM((bq, cfg.H), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
+      compiler_params=cp, interpret=_interpret_arg(cfg), name="block_sparse_dq",
+  )(lists["fwd_code"], lists["fwd_counts"], qt, kt, vt, dot_, lse4, delta4, *side_arrays)
+
+  # dK/dV: CSC lists, grid (B, K, nk, G * max_qb).
+  def q_block(b, kh, kb, t, code_ref, count_ref):
+    h = kh * G + t // cfg.max_qb
+    row = _lh(cfg, h) * cfg.nk + kb
+    return b, h, code_ref[row * cfg.max_qb + t % cfg.max_qb] // 2, 0
+
+  krow = lambda b, kh, kb, t, *_: (b, kh, kb, 0)
+  side_arrays, side_specs, names = _side_inputs(
+      cfg, aux, lambda b, kh, kb, t, c, n: (b, q_block(b, kh, kb, t, c, n)[2]),
+      lambda b, kh, kb, t, *_: (b, kb))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, names=tuple(names)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(cfg.B, cfg.K, cfg.nk, G * cfg.max_qb),
+          in_specs=[pl.BlockSpec((None, None, bq, cfg.H), q_block),
+                    pl.BlockSpec((None, None, bk, cfg.H), krow),
+                    pl.BlockSpec((None, None, bk, cfg.Hv), krow),
+                    pl.BlockSpec((None, None, bq, cfg.Hv), q_block),
+                    pl.BlockSpec((None, None, bq, 1), q_block),
+                    pl.BlockSpec((None, None, bq, 1), q_block)] + side_specs,
+          out_specs=[pl.BlockSpec((None, None, bk, cfg.H), krow),
+                     pl.BlockSpec((None, None, bk, cfg.Hv), krow)],
+          scratch_shapes=[pltpu.VMEM((bk, cfg.H), jnp.float32),
+                          pltpu.VMEM((bk, cfg.Hv), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+      compiler_params=cp, interpret=_interpret_arg(cfg), name="block_sparse_dkv",
+  )(lists["bwd_code"], lists["bwd_counts"], qt, kt, vt, dot_, lse4, delta4, *side_arrays)
+  return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+
+
+def prepare_lists(layout):
+  """Flattened packed lists for scalar prefetch (int32 1-D arrays)."""
+  return {
+      "fwd_code": jnp.asarray(C.encoded_lists(layout.fwd_indices, layout.fwd_full).reshape(-1)),
+      "fwd_counts": jnp.asarray(layout.fwd_counts.reshape(-1).astype("int32")),
+      "bwd_code": jnp.asarray(C.encoded_lists(layout.bwd_indices, layout.bwd_full).reshape(-1)),
+      "bwd_counts": jnp.asarray(layout.bwd_counts.reshape(-1).astype("int32")),
+  }
