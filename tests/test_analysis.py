@@ -112,3 +112,14 @@ def test_sink_metrics_uniform_attention_gives_one_over_n():
   m = A.sink_metrics(p, value=jnp.ones((1, T, 1, 3)), residual=jnp.ones((1, T, 4)))
   np.testing.assert_allclose(m["sink_mass"], [0.2, 0.2], atol=1e-7)
   np.testing.assert_allclose(m["value_norm_ratio"], [1.0], atol=1e-6)
+
+
+def test_rope_shift_deviation_small_in_float32_and_growing_in_bfloat16():
+  k = jax.random.split(jax.random.PRNGKey(9), 2)
+  q, kk = jax.random.normal(k[0], (4, 64)), jax.random.normal(k[1], (4, 64))
+  offsets = [0, 1024, 65536]
+  f32 = A.rope_shift_deviation(q, kk, offsets=offsets, dtype=jnp.float32)
+  bf16 = A.rope_shift_deviation(q, kk, offsets=offsets, dtype=jnp.bfloat16)
+  assert float(f32[0]) == 0.0 and float(bf16[0]) == 0.0
+  assert float(f32.max()) < 5e-3  # float32 angle rounding only
+  assert float(bf16[2]) > 10 * float(f32[2]) and float(bf16[2]) > float(bf16[1]) > 0

@@ -5,3 +5,4 @@ from attnjax.analysis.edits import (act_calibrate, boost_token_attention, find_h
 from attnjax.analysis.heads import (apply_head_mask, head_divergence, retrieval_score_step,
                                     scale_heads, select_top_heads, sink_metrics,
                                     top1_attention_index)
+from attnjax.analysis.rope_drift import rope_in_dtype, rope_shift_deviation
