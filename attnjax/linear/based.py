@@ -1,0 +1,51 @@
+"""BASED: Taylor linear attention plus a short exact sliding window (Arora et al., 2024; P2-09, papers_2).
+
+BASED's released models place the two mixers in different layers (linear
+attention at layers 1, 6, 11, ...; sliding window at 2, 7, 12, ...). This op
+returns both branches on the same q, k, v, summed (or either one alone), so a
+layer can use the pair or a model can alternate them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+from attnjax.linear.api import linear_attention
+from attnjax.linear.sliding_window import sliding_window_attention
+
+BRANCHES = ("sum", "linear", "window")
+
+
+def based_attention(query, key, value, *, causal: bool = True,
+                    window: Union[int, Tuple[int, int]] = (64, 0), feature_map="taylor",
+                    eps: float = 1e-12, chunk_size: int = 64, branch: str = "sum",
+                    scale: Optional[float] = None, implementation: Optional[str] = None,
+                    window_block: int = 64):
+  """BASED attention.
+
+  Args:
+    query: [B, T, N, H] (H = d' = 16 in BASED, giving 273 Taylor features);
+      key: [B, S, K, H]; value: [B, S, K, Hv].
+    causal: causal (bottom-right aligned) or not, for both branches.
+    window: (left, right) of the softmax window; the paper's "window 64" is
+      the default (64, 0). The released 360M/1.3B configs use window_size 256
+      mapped to (128, 0) [the flash-attn window (W // 2, 0)].
+    feature_map: of the linear branch (Taylor: phi(q).phi(k) = 1 + s + s^2 / 2).
+    eps: the linear branch's normaliser epsilon (1e-12 as BASED).
+    branch: "sum" (linear + window), "linear" or "window".
+  Returns:
+    [B, T, N, Hv] in query.dtype.
+  """
+  if branch not in BRANCHES:
+    raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}.")
+  out = None
+  if branch in ("sum", "linear"):
+    out = linear_attention(query, key, value, feature_map=feature_map, causal=causal,
+                           normalize=True, eps=eps, chunk_size=chunk_size,
+                           implementation=implementation)
+  if branch in ("sum", "window"):
+    if not causal and isinstance(window, tuple) and window == (64, 0):
+      window = (64, 64)
+    local = sliding_window_attention(query, key, value, window=window, causal=causal,
+                                     scale=scale, block=window_block)
+    out = local if out is None else out + local
+  return out
