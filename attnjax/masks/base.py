@@ -12,6 +12,7 @@ and ``k_pos = arange(S)`` (bottom-right aligned).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import numpy as np
@@ -21,12 +22,17 @@ class Mask:
   """Base class. Subclasses are ``@dataclasses.dataclass(frozen=True)``.
 
   Subclasses implement :meth:`predicate` and may implement
-  :meth:`classify_block` (an exact O(1) answer for a rectangle of positions)
+  :meth:`classify_block` (an O(1) answer for a rectangle of positions)
   so that block layouts at long lengths never evaluate every element.
   """
 
   #: True when the predicate reads segment ids (``q_seg``/``k_seg``).
   needs_segments: bool = False
+  #: True when ``classify_block`` is exact: a block is reported partial only
+  #: when it really holds both allowed and masked pairs.
+  exact_bounds: bool = False
+  #: Heads the mask is defined for (None: any number of heads).
+  num_heads: Optional[int] = None
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     """Boolean array: may query at ``q_pos`` attend to key at ``k_pos`` in ``head``.
@@ -51,6 +57,27 @@ class Mask:
     """
     return None
 
+  def block_bounds(self, head: int, q_lo, q_hi, k_lo, k_hi):
+    """``(may_any, surely_all, loose)`` or None (no closed form).
+
+    ``loose`` marks blocks whose *partial* answer may not be tight (the
+    layout builder re-evaluates those blocks element-wise). Combinators
+    propagate it; a mask with ``exact_bounds`` reports no loose block.
+    """
+    c = self.classify_block(head, q_lo, q_hi, k_lo, k_hi)
+    if c is None:
+      return None
+    a, b = np.asarray(c[0], bool), np.asarray(c[1], bool)
+    loose = np.zeros((), bool) if self.exact_bounds else (a & ~b)
+    return a, b, loose
+
+  def validate(self, num_heads: int, q_pos: np.ndarray, k_pos: np.ndarray) -> None:
+    """Raises ValueError when the mask is not defined for these heads/positions."""
+    if self.num_heads is not None and num_heads != self.num_heads:
+      raise ValueError(
+          f"num_heads={num_heads} does not match {type(self).__name__}, which is "
+          f"defined for num_heads={self.num_heads}.")
+
   @property
   def head_dependent(self) -> bool:
     """True when the predicate differs between heads."""
@@ -69,15 +96,19 @@ class Mask:
     return Not(self)
 
   # -- materialisation -------------------------------------------------------
-  def to_dense(self, q_len: int, kv_len: int, num_heads: int = 1, *,
+  def to_dense(self, q_len: int, kv_len: int, num_heads: Optional[int] = None, *,
                q_positions=None, k_positions=None, q_segment_ids=None,
                kv_segment_ids=None) -> np.ndarray:
     """Dense boolean mask (NumPy).
 
-    Returns [num_heads, q_len, kv_len], or [B, num_heads, q_len, kv_len] when
-    segment ids ([B, q_len] / [B, kv_len]) are given.
+    ``num_heads`` defaults to the mask's own head count (1 for masks that do
+    not depend on the head). Returns [num_heads, q_len, kv_len], or
+    [B, num_heads, q_len, kv_len] when segment ids ([B, q_len] / [B, kv_len])
+    are given.
     """
+    num_heads = resolve_num_heads(self, num_heads)
     q_pos, k_pos = _positions(q_len, kv_len, q_positions, k_positions)
+    self.validate(num_heads, q_pos, k_pos)
     head = np.arange(num_heads)[:, None, None]
     qp, kp = q_pos[None, :, None], k_pos[None, None, :]
     if q_segment_ids is None and kv_segment_ids is None:
@@ -87,20 +118,33 @@ class Mask:
             f"kv_segment_ids [B, {kv_len}] to to_dense.")
       out = self.predicate(head, qp, kp)
       return np.broadcast_to(np.asarray(out, bool), (num_heads, q_len, kv_len)).copy()
-    q_seg = np.asarray(q_segment_ids)
-    k_seg = np.asarray(kv_segment_ids if kv_segment_ids is not None else q_segment_ids)
+    q_seg = _segments("q_segment_ids", q_segment_ids, q_len)
+    k_seg = (q_seg if kv_segment_ids is None and q_len == kv_len
+             else _segments("kv_segment_ids", kv_segment_ids, kv_len))
+    if k_seg.shape[0] != q_seg.shape[0]:
+      raise ValueError(
+          f"q_segment_ids {q_seg.shape} and kv_segment_ids {k_seg.shape} must have "
+          "the same batch size.")
     out = self.predicate(head[None], qp[None], kp[None],
                          q_seg[:, None, :, None], k_seg[:, None, None, :])
     B = q_seg.shape[0]
     return np.broadcast_to(np.asarray(out, bool), (B, num_heads, q_len, kv_len)).copy()
 
   def block_layout(self, q_len: int, kv_len: int, block_q: int, block_kv: int,
-                   num_heads: int = 1, *, q_offset: Optional[int] = None,
+                   num_heads: Optional[int] = None, *, q_offset: Optional[int] = None,
                    k_offset: int = 0):
     """Compiles the mask into a :class:`BlockLayout` (cached per arguments)."""
     from attnjax.masks.layout import build_block_layout  # pylint: disable=g-import-not-at-top
     return build_block_layout(self, q_len, kv_len, block_q, block_kv, num_heads,
                               q_offset=q_offset, k_offset=k_offset)
+
+
+def resolve_num_heads(mask: Mask, num_heads) -> int:
+  if num_heads is None:
+    num_heads = mask.num_heads if mask.num_heads is not None else 1
+  if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+    raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}.")
+  return int(num_heads)
 
 
 def _check_mask(name, m):
@@ -119,12 +163,75 @@ def _positions(q_len, kv_len, q_positions, k_positions):
   return q_pos, k_pos
 
 
+def _segments(name, seg, length):
+  if seg is None:
+    raise ValueError(f"{name} is required (shape [B, {length}]).")
+  seg = np.asarray(seg)
+  if seg.ndim != 2 or seg.shape[1] != length or not np.issubdtype(seg.dtype, np.integer):
+    raise ValueError(
+        f"{name} must be an integer array of shape [B, {length}], got "
+        f"{seg.dtype} {seg.shape}.")
+  return seg
+
+
+# -- helpers shared by the mask modules ---------------------------------------------
+def is_int(v) -> bool:
+  return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer))
+
+
+def check_int(owner: str, name: str, value, minimum: int = 0) -> int:
+  """``value`` as an int >= minimum, else ValueError naming ``owner.name``."""
+  if not is_int(value) or value < minimum:
+    raise ValueError(f"{owner} {name} must be an integer >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def _is_jax(x) -> bool:
+  mod = type(x).__module__
+  return mod.startswith("jax") or mod.startswith("jaxlib")
+
+
+def lookup(table: np.ndarray, *index):
+  """``table[index]`` for NumPy or jax index arrays, plus an in-range flag.
+
+  Indices out of ``[0, table.shape[i])`` are clamped for the read and flagged
+  False, so callers can mask them (a predicate never reads out of bounds).
+  """
+  xp = np
+  if any(_is_jax(i) for i in index):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    xp = jnp
+  ok = True
+  clipped = []
+  for axis, i in enumerate(index):
+    n = table.shape[axis]
+    i = xp.asarray(i)
+    ok = ok & (i >= 0) & (i < n)
+    clipped.append(xp.clip(i, 0, n - 1))
+  return xp.asarray(table)[tuple(clipped)], ok
+
+
+def and_bounds(a, b):
+  """Bounds of the intersection of two masks' block bounds (see block_bounds)."""
+  if a is None or b is None:
+    return None
+  any_, all_ = a[0] & b[0], a[1] & b[1]
+  both = (a[0] & ~a[1]) & (b[0] & ~b[1])
+  return any_, all_, any_ & ~all_ & (a[2] | b[2] | both)
+
+
+def or_bounds(a, b):
+  """Bounds of the union of two masks' block bounds (see block_bounds)."""
+  if a is None or b is None:
+    return None
+  any_, all_ = a[0] | b[0], a[1] | b[1]
+  both = (a[0] & ~a[1]) & (b[0] & ~b[1])
+  return any_, all_, any_ & ~all_ & (a[2] | b[2] | both)
+
+
 # -- combinators ---------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class And(Mask):
-  """Both masks allow the pair."""
-  left: Mask
-  right: Mask
+class _Binary(Mask):
+  """Shared properties of And/Or."""
 
   @property
   def needs_segments(self):  # type: ignore[override]
@@ -133,45 +240,54 @@ class And(Mask):
   @property
   def head_dependent(self):
     return self.left.head_dependent or self.right.head_dependent
+
+  @property
+  def num_heads(self):  # type: ignore[override]
+    return self.left.num_heads if self.left.num_heads is not None else self.right.num_heads
+
+  def validate(self, num_heads, q_pos, k_pos):
+    self.left.validate(num_heads, q_pos, k_pos)
+    self.right.validate(num_heads, q_pos, k_pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class And(_Binary):
+  """Both masks allow the pair."""
+  left: Mask
+  right: Mask
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     return (self.left.predicate(head, q_pos, k_pos, q_seg, k_seg)
             & self.right.predicate(head, q_pos, k_pos, q_seg, k_seg))
 
   def classify_block(self, head, q_lo, q_hi, k_lo, k_hi):
-    a = self.left.classify_block(head, q_lo, q_hi, k_lo, k_hi)
-    b = self.right.classify_block(head, q_lo, q_hi, k_lo, k_hi)
-    if a is None or b is None:
-      return None
-    return (np.logical_and(a[0], b[0]), np.logical_and(a[1], b[1]))
+    c = self.block_bounds(head, q_lo, q_hi, k_lo, k_hi)
+    return None if c is None else c[:2]
+
+  def block_bounds(self, head, q_lo, q_hi, k_lo, k_hi):
+    return and_bounds(self.left.block_bounds(head, q_lo, q_hi, k_lo, k_hi),
+                      self.right.block_bounds(head, q_lo, q_hi, k_lo, k_hi))
 
 
 @dataclasses.dataclass(frozen=True)
-class Or(Mask):
+class Or(_Binary):
   """Either mask allows the pair."""
   left: Mask
   right: Mask
-
-  @property
-  def needs_segments(self):  # type: ignore[override]
-    return self.left.needs_segments or self.right.needs_segments
-
-  @property
-  def head_dependent(self):
-    return self.left.head_dependent or self.right.head_dependent
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     return (self.left.predicate(head, q_pos, k_pos, q_seg, k_seg)
             | self.right.predicate(head, q_pos, k_pos, q_seg, k_seg))
 
   def classify_block(self, head, q_lo, q_hi, k_lo, k_hi):
-    a = self.left.classify_block(head, q_lo, q_hi, k_lo, k_hi)
-    b = self.right.classify_block(head, q_lo, q_hi, k_lo, k_hi)
-    if a is None or b is None:
-      return None
-    # surely_all of a union may be True while neither side alone is full; the
-    # conservative answer (the element mask decides inside the block) is kept.
-    return (np.logical_or(a[0], b[0]), np.logical_or(a[1], b[1]))
+    # A union may be full while neither side alone is: such blocks come out
+    # partial here and ``loose`` in block_bounds (the builder then refines).
+    c = self.block_bounds(head, q_lo, q_hi, k_lo, k_hi)
+    return None if c is None else c[:2]
+
+  def block_bounds(self, head, q_lo, q_hi, k_lo, k_hi):
+    return or_bounds(self.left.block_bounds(head, q_lo, q_hi, k_lo, k_hi),
+                     self.right.block_bounds(head, q_lo, q_hi, k_lo, k_hi))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,20 +303,73 @@ class Not(Mask):
   def head_dependent(self):
     return self.inner.head_dependent
 
+  @property
+  def num_heads(self):  # type: ignore[override]
+    return self.inner.num_heads
+
+  def validate(self, num_heads, q_pos, k_pos):
+    self.inner.validate(num_heads, q_pos, k_pos)
+
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     return ~self.inner.predicate(head, q_pos, k_pos, q_seg, k_seg)
 
   def classify_block(self, head, q_lo, q_hi, k_lo, k_hi):
-    c = self.inner.classify_block(head, q_lo, q_hi, k_lo, k_hi)
+    c = self.block_bounds(head, q_lo, q_hi, k_lo, k_hi)
+    return None if c is None else c[:2]
+
+  def block_bounds(self, head, q_lo, q_hi, k_lo, k_hi):
+    c = self.inner.block_bounds(head, q_lo, q_hi, k_lo, k_hi)
     if c is None:
       return None
-    return (np.logical_not(c[1]), np.logical_not(c[0]))
+    return ~c[1], ~c[0], c[2]
+
+
+class Composite(Mask):
+  """A mask defined as a combination of simpler masks (``expand()``).
+
+  Predicate, block bounds and flags are those of the expansion, which is
+  computed once per mask value (masks are hashable).
+  """
+
+  def expand(self) -> Mask:
+    raise NotImplementedError(f"{type(self).__name__} must implement expand().")
+
+  @property
+  def expanded(self) -> Mask:
+    return _expand(self)
+
+  @property
+  def needs_segments(self):  # type: ignore[override]
+    return self.expanded.needs_segments
+
+  @property
+  def head_dependent(self):
+    return self.expanded.head_dependent
+
+  def validate(self, num_heads, q_pos, k_pos):
+    Mask.validate(self, num_heads, q_pos, k_pos)
+    self.expanded.validate(num_heads, q_pos, k_pos)
+
+  def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
+    return self.expanded.predicate(head, q_pos, k_pos, q_seg, k_seg)
+
+  def classify_block(self, head, q_lo, q_hi, k_lo, k_hi):
+    return self.expanded.classify_block(head, q_lo, q_hi, k_lo, k_hi)
+
+  def block_bounds(self, head, q_lo, q_hi, k_lo, k_hi):
+    return self.expanded.block_bounds(head, q_lo, q_hi, k_lo, k_hi)
+
+
+@functools.lru_cache(maxsize=512)
+def _expand(mask: Composite) -> Mask:
+  return mask.expand()
 
 
 # -- elementary masks ------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Full(Mask):
   """Every query attends to every key."""
+  exact_bounds = True
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     return (q_pos == q_pos) & (k_pos == k_pos) & (head == head)
@@ -212,6 +381,7 @@ class Full(Mask):
 @dataclasses.dataclass(frozen=True)
 class Causal(Mask):
   """Key visible iff k_pos <= q_pos (causality by positions)."""
+  exact_bounds = True
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     return (k_pos <= q_pos) & (head == head)
@@ -230,22 +400,19 @@ class SlidingWindow(Mask):
   """
   left: int
   right: int = 0
+  exact_bounds = True
 
   def __post_init__(self):
     for name in ("left", "right"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-        raise ValueError(f"SlidingWindow {name} must be an integer >= 0, got {v!r}.")
+      check_int("SlidingWindow", name, getattr(self, name), 0)
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     d = q_pos - k_pos
     return (d <= self.left) & (d >= -self.right) & (head == head)
 
   def classify_block(self, head, q_lo, q_hi, k_lo, k_hi):
-    # d = q - k ranges over [q_lo - (k_hi-1), (q_hi-1) - k_lo]
+    # d = q - k ranges over every integer of [q_lo - (k_hi-1), (q_hi-1) - k_lo]
     d_min, d_max = q_lo - (k_hi - 1), (q_hi - 1) - k_lo
     any_ = (d_max >= -self.right) & (d_min <= self.left)
     all_ = (d_min >= -self.right) & (d_max <= self.left)
     return (any_, all_)
-
-

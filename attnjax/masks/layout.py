@@ -151,39 +151,73 @@ def _evaluate_blocks(mask, head, q_pos, k_pos, block_q, block_kv):
   return any_, all_
 
 
+def _refine_blocks(mask, head, qi, ki, q_lo, k_lo, block_q, block_kv):
+  """Exact (any, all) of the listed blocks (q-block qi[n], k-block ki[n])."""
+  n = len(qi)
+  any_ = np.zeros(n, bool)
+  all_ = np.zeros(n, bool)
+  step = max(1, (1 << 22) // (block_q * block_kv))
+  dq, dk = np.arange(block_q), np.arange(block_kv)
+  for s in range(0, n, step):
+    e = min(n, s + step)
+    qp = (q_lo[qi[s:e]][:, None, None] + dq[None, :, None])
+    kp = (k_lo[ki[s:e]][:, None, None] + dk[None, None, :])
+    m = np.broadcast_to(np.asarray(mask.predicate(head, qp, kp), bool),
+                        (e - s, block_q, block_kv))
+    any_[s:e] = m.any(axis=(1, 2))
+    all_[s:e] = m.all(axis=(1, 2))
+  return any_, all_
+
+
+def _classify_head(mask, h, q_pos, k_pos, q_lo, k_lo, block_q, block_kv):
+  nq, nk = len(q_lo), len(k_lo)
+  c = mask.block_bounds(h, q_lo[:, None], q_lo[:, None] + block_q,
+                        k_lo[None, :], k_lo[None, :] + block_kv)
+  if c is None:
+    if mask.needs_segments:
+      raise ValueError(
+          f"{mask!r} reads run-time segment ids and has no block bound; combine "
+          "it with a mask that has one or pass it to the dense reference.")
+    return _evaluate_blocks(mask, h, q_pos, k_pos, block_q, block_kv)
+  any_ = np.broadcast_to(np.asarray(c[0], bool), (nq, nk)).copy()
+  all_ = np.broadcast_to(np.asarray(c[1], bool), (nq, nk)).copy()
+  loose = np.broadcast_to(np.asarray(c[2], bool), (nq, nk)) & any_ & ~all_
+  if not mask.needs_segments and loose.any():
+    qi, ki = np.nonzero(loose)
+    a, b = _refine_blocks(mask, h, qi, ki, q_lo, k_lo, block_q, block_kv)
+    any_[qi, ki], all_[qi, ki] = a, b
+  return any_, all_
+
+
 @functools.lru_cache(maxsize=256)
 def build_block_layout(mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
-                       num_heads: int = 1, *, q_offset: Optional[int] = None,
+                       num_heads: Optional[int] = None, *, q_offset: Optional[int] = None,
                        k_offset: int = 0) -> BlockLayout:
   """Compiles ``mask`` into a BlockLayout; cached per (mask, shape, blocks, heads).
 
-  Blocks are classified with the mask's closed form (``classify_block``) when
-  it has one, else by evaluating the predicate on every element. Masks that
-  read run-time segment ids can only be bounded: their blocks are at best
-  partial, and the kernel applies the segment test element-wise.
+  Blocks are classified with the mask's closed form (``block_bounds``) when
+  it has one, else by evaluating the predicate on every element. Blocks that
+  a combinator can only bound loosely (e.g. both sides of an ``|`` partial)
+  are re-evaluated element-wise, so layouts of static masks are exact: a block
+  is full iff every pair is allowed, empty iff none is. Masks that read
+  run-time segment ids can only be bounded: their blocks are at best partial,
+  and the kernel applies the segment test element-wise. ``num_heads``
+  defaults to the mask's own head count (1 for head-independent masks).
   """
+  from attnjax.masks.base import resolve_num_heads  # pylint: disable=g-import-not-at-top
   _check_blocks(q_len, kv_len, block_q, block_kv)
-  if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
-    raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}.")
+  num_heads = resolve_num_heads(mask, num_heads)
   q_off = kv_len - q_len if q_offset is None else int(q_offset)
   nq, nk = q_len // block_q, kv_len // block_kv
-  q_lo = (q_off + np.arange(nq) * block_q)[:, None]
-  k_lo = (k_offset + np.arange(nk) * block_kv)[None, :]
+  q_lo = q_off + np.arange(nq) * block_q
+  k_lo = k_offset + np.arange(nk) * block_kv
   q_pos = q_off + np.arange(q_len)
   k_pos = k_offset + np.arange(kv_len)
+  mask.validate(num_heads, q_pos, k_pos)
   heads = range(num_heads) if mask.head_dependent else range(1)
   classes = []
   for h in heads:
-    c = mask.classify_block(h, q_lo, q_lo + block_q, k_lo, k_lo + block_kv)
-    if c is None:
-      if mask.needs_segments:
-        raise ValueError(
-            f"{mask!r} reads run-time segment ids and has no block bound; combine "
-            "it with a mask that has one or pass it to the dense reference.")
-      any_, all_ = _evaluate_blocks(mask, h, q_pos, k_pos, block_q, block_kv)
-    else:
-      any_ = np.broadcast_to(np.asarray(c[0], bool), (nq, nk))
-      all_ = np.broadcast_to(np.asarray(c[1], bool), (nq, nk))
+    any_, all_ = _classify_head(mask, h, q_pos, k_pos, q_lo, k_lo, block_q, block_kv)
     classes.append(np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY)).astype(np.int8))
   bm = np.stack(classes)
   if bm.shape[0] != num_heads:
