@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections): ``--config=configs/<name>.py[:<family>]``."""
