@@ -1,0 +1,18 @@
+"""Content-based sparse attention: layouts chosen from the data at run time (spec: papers_2.md P2-13/16/17/26/29, papers_1.md #4/#12/#13/#32).
+
+Every family scores blocks or tokens from q/k, picks a fixed-size layout
+under ``jit`` (:mod:`attnjax.dynamic.select`) and runs attention on it
+(:mod:`attnjax.dynamic.gather`: the block-sparse engine when present, else a
+gather whose cost follows the chosen blocks).
+"""
+from attnjax.dynamic.biformer import BiLevelRoutingAttention, bi_level_routing_attention, lce
+from attnjax.dynamic.combiner import combiner_attention, combiner_effective_matrix
+from attnjax.dynamic.gather import (block_gather_attention, gather_attention,
+                                    layout_attention)
+from attnjax.dynamic.hip import hip_attention, hip_mask
+from attnjax.dynamic.hyper import hyper_attention, sort_lsh_buckets
+from attnjax.dynamic.seer import (SeerAttention, SeerAttnGate, gate_to_layout, seer_attention,
+                                  seer_distillation_loss, seer_gate, seer_ground_truth)
+from attnjax.dynamic.select import (attention_mass_recall, block_layout_to_mask,
+                                    block_validity, pool_blocks, token_indices_to_mask,
+                                    topk_blocks)

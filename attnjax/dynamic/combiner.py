@@ -1,0 +1,116 @@
+"""Combiner-Fixed: direct local attention plus attention to region abstractions (Ren et al., NeurIPS 2021; spec papers_1.md #4).
+
+The sequence is cut into segments of ``segment_len`` tokens. Query i in
+segment g attends directly to its own segment (its causal prefix when
+causal) and to one abstraction per other (causal: strictly earlier) segment
+r, all in one joint softmax. Region r's key is ``k_r = pool(k_j, j in r)``
+and its value the local summary ``s_r = sum_j softmax_j(q_r . k_j) v_j`` with
+``q_r = pool(q_j, j in r)``. Every visible position j then gets the weight
+``P(region of j | i) * softmax_j(q_r . k_j) > 0``: full support at
+O(L (s + L / s)) cost. The two parts are exact softmaxes over disjoint
+logit sets, merged through their log-sum-exps.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.core import validation as V
+from attnjax.core.merge import merge_attention
+from attnjax.dynamic.gather import layout_attention, masked_softmax_attend
+from attnjax.dynamic.select import pool_blocks
+
+__all__ = ["combiner_attention", "combiner_effective_matrix"]
+
+
+def _parts(query, key, value, segment_len, pool, causal, scale):
+  d = V.check_qkv(query, key, value)
+  if d.T != d.S:
+    raise ValueError(f"combiner_attention is self-attention: T={d.T} must equal S={d.S}.")
+  V.check_positive_int("segment_len", segment_len)
+  if d.T % segment_len:
+    raise ValueError(f"segment_len={segment_len} must divide the length T={d.T}.")
+  if pool not in ("max", "mean"):
+    raise ValueError(f"pool must be 'max' or 'mean', got {pool!r}.")
+  scale = V.check_scale(scale, d.H)
+  n = d.T // segment_len
+  g = d.N // d.K
+  q_r = pool_blocks(query.astype(jnp.float32), segment_len, method=pool)  # [B, n, N, H]
+  k_r = pool_blocks(key.astype(jnp.float32), segment_len, method=pool)  # [B, n, K, H]
+  # Local summaries: region query q_r over the region's own keys (non-causal).
+  ks = jnp.transpose(key.reshape(d.B, n, segment_len, d.K, d.H), (0, 3, 1, 2, 4))
+  vs = jnp.transpose(value.reshape(d.B, n, segment_len, d.K, d.Hv), (0, 3, 1, 2, 4))
+  hi = jnp.arange(d.N) // g
+  qr = jnp.transpose(q_r, (0, 2, 1, 3))[:, :, :, None, :]  # [B, N, n, 1, H]
+  summ, _ = masked_softmax_attend(qr, ks[:, hi], vs[:, hi], jnp.ones((1, 1, 1, 1, 1), bool),
+                                  scale)
+  summ = summ[:, :, :, 0]  # [B, N, n, Hv]
+  # Region attention: q_i . k_r over other (earlier) regions, values s_r.
+  seg = jnp.arange(d.T) // segment_len
+  r = jnp.arange(n)
+  vis = (r[None, :] < seg[:, None]) if causal else (r[None, :] != seg[:, None])
+  qt = jnp.transpose(query, (0, 2, 1, 3))  # [B, N, T, H]
+  kr = jnp.transpose(k_r, (0, 2, 1, 3))[:, hi]  # [B, N, n, H]
+  o_reg, lse_reg = masked_softmax_attend(qt, kr, summ, vis[None, None], scale)
+  return d, scale, summ, o_reg, lse_reg, vis
+
+
+def combiner_attention(query, key, value, *, segment_len: int, pool: str = "max",
+                       causal: bool = True, scale=None, return_lse: bool = False,
+                       implementation=None):
+  """Combiner-Fixed attention.
+
+  Args:
+    query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, K, Hv] (self-attention).
+    segment_len: s, dividing T (about sqrt(T) in the paper).
+    pool: region pooling of q and k, "max" (default, as the spec) or "mean".
+    causal: direct part = own segment's causal prefix, regions = strictly
+      earlier segments; otherwise own segment and every other segment.
+
+  Returns:
+    out [B, T, N, Hv] (and lse [B, T, N] of the joint softmax).
+  """
+  d, scale, _, o_reg, lse_reg, _ = _parts(query, key, value, segment_len, pool, causal, scale)
+  n = d.T // segment_len
+  diag = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, None, :, None], (d.B, d.K, n, 1))
+  ones = jnp.ones((d.B, d.K, n), jnp.int32)
+  o_loc, lse_loc = layout_attention(query, key, value, diag, ones, block_q=segment_len,
+                                    block_kv=segment_len, causal=causal, scale=scale,
+                                    return_lse=True, implementation=implementation)
+  o_reg = jnp.transpose(o_reg, (0, 2, 1, 3)).astype(query.dtype)
+  lse_reg = jnp.transpose(lse_reg, (0, 2, 1))
+  out, lse = merge_attention(o_loc, lse_loc, o_reg, lse_reg)
+  return (out, lse) if return_lse else out
+
+
+def combiner_effective_matrix(query, key, value, *, segment_len: int, pool: str = "max",
+                              causal: bool = True, scale=None):
+  """The dense weights P_eff [B, N, T, T] that Combiner-Fixed applies to V (test oracle).
+
+  ``out == einsum(P_eff, V)``; rows sum to 1; with causal, P_eff[i, j] > 0
+  exactly for j <= i.
+  """
+  d, scale, _, _, lse_reg, vis = _parts(query, key, value, segment_len, pool, causal, scale)
+  n = d.T // segment_len
+  g = d.N // d.K
+  hi = jnp.arange(d.N) // g
+  qf = jnp.transpose(query.astype(jnp.float32), (0, 2, 1, 3))
+  kf = jnp.transpose(key.astype(jnp.float32), (0, 2, 1, 3))[:, hi]
+  logits = jnp.einsum("bnth,bnsh->bnts", qf, kf) * scale
+  seg = jnp.arange(d.T) // segment_len
+  same = seg[:, None] == seg[None, :]
+  direct = same & (jnp.arange(d.T)[None, :] <= jnp.arange(d.T)[:, None]) if causal else same
+  q_r = jnp.transpose(pool_blocks(query.astype(jnp.float32), segment_len, method=pool), (0, 2, 1, 3))
+  k_r = jnp.transpose(pool_blocks(key.astype(jnp.float32), segment_len, method=pool), (0, 2, 1, 3))[:, hi]
+  reg_logits = jnp.einsum("bnth,bnrh->bntr", qf, k_r) * scale
+  # Joint normaliser over direct logits and region logits.
+  all_logits = jnp.concatenate([jnp.where(direct, logits, -jnp.inf),
+                                jnp.where(vis, reg_logits, -jnp.inf)], -1)
+  lse = jax.nn.logsumexp(all_logits, -1, keepdims=True)
+  p_dir = jnp.where(direct, jnp.exp(logits - lse), 0.0)
+  p_reg = jnp.where(vis, jnp.exp(reg_logits - lse), 0.0)  # [B, N, T, n]
+  # Within-region weights softmax_j(q_r . k_j) for each key j of region r.
+  inner = jnp.einsum("bnrh,bnsh->bnrs", q_r, kf) * scale
+  inner = jnp.where(seg[None, None, None, :] == jnp.arange(n)[None, None, :, None], inner, -jnp.inf)
+  inner = jax.nn.softmax(inner, -1)  # [B, N, n, T]
+  return p_dir + jnp.einsum("bntr,bnrs->bnts", p_reg, inner)
