@@ -1,0 +1,268 @@
+"""Entry points of the block-sparse engine: ``fast_attention``, ``block_sparse_attention``
+and ``block_sparse_attention_indices``.
+
+The ``"xla"`` implementation gathers only the visited (q-block, k-block)
+tiles (``engine``); ``"pallas"`` forwards to ``pallas_kernels.block_sparse``.
+Layouts are built for contiguous positions; with other positions (or
+positions only known at run time) every block is visited as *partial*, i.e.
+the mask predicate is evaluated on the given positions: correct, at dense cost.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.block_sparse import engine as E
+from attnjax.block_sparse import plan as P
+from attnjax.block_sparse import schedule as SC
+from attnjax.block_sparse import tiles as Tl
+from attnjax.core import scoring
+from attnjax.core import validation as V
+from attnjax.masks import layout as LY
+from attnjax.masks.base import Mask
+
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def _check_impl(implementation):
+  if implementation is None:
+    return "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
+  return implementation
+
+
+def _static_scale(scale, H):
+  scale = V.check_scale(scale, H)
+  try:
+    return float(scale)
+  except Exception as e:  # pylint: disable=broad-except  (a traced scale)
+    raise NotImplementedError(
+        "the block-sparse XLA path needs a static Python scale; a traced scale "
+        "is supported by the reference implementation.") from e
+
+
+def _check_score(score, return_lse):
+  score = scoring.resolve_score(score)
+  if getattr(score, "has_reweight", False):
+    raise NotImplementedError(
+        f"{score!r} re-weights whole normalised rows (has_reweight=True); the "
+        "block-sparse engine streams blocks and cannot: use implementation='reference'.")
+  if return_lse and score.normalization == "none":
+    raise ValueError(
+        "return_lse is undefined for unnormalised scores (normalization='none'): "
+        "their outputs do not merge through a log-sum-exp.")
+  return score
+
+
+def _norm4(name, x, d: V.Dims, dtype=None):
+  """A mask/bias array broadcastable to [B, N, T, S] as 4-D [Bx, Nx, Tx, Sx]."""
+  x = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
+  V.check_broadcastable(name, x, (d.B, d.N, d.T, d.S))
+  while x.ndim < 4:
+    x = x[None]
+  return x
+
+
+def _pad_pair(x, T, S, Tp, Sp, fill):
+  pt = Tp - T if x.shape[2] > 1 else 0
+  ps = Sp - S if x.shape[3] > 1 else 0
+  if pt or ps:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pt), (0, ps)), constant_values=fill)
+  return x
+
+
+def _pad_len(x, axis, new, fill=0):
+  pad = new - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=fill)
+
+
+def _pad_pos(pos, new):
+  """Positions [Bp, L] continued past the end (padded queries/keys)."""
+  L = pos.shape[-1]
+  if new == L:
+    return pos
+  extra = pos[..., -1:] + 1 + jnp.arange(new - L, dtype=pos.dtype)
+  return jnp.concatenate([pos, extra], -1)
+
+
+def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, bias=None,
+               scale=None, q_pos=None, k_pos=None, segs=None, mask_array=None,
+               return_lse=False, sink=None):
+  """Runs the XLA engine on a static block classification of the padded lengths.
+
+  ``block_mask`` int8 [Nl, Tp/bq, Sp/bk] (Nl in {1, K, N}); ``q_pos``/``k_pos``
+  int32 [T]/[B, T] and [S]/[B, S]; ``segs`` (q_seg, k_seg) or None.
+  """
+  d = V.check_qkv(query, key, value)
+  nq, nk = block_mask.shape[1:]
+  Tp, Sp = nq * bq, nk * bk
+  plan = P.make_plan(block_mask, d.N, d.K, bq, bk, d.B)
+  scheds = tuple(E.Sched(*(jnp.asarray(a) for a in s[:4])) for s in plan.scheds)
+  return _run(query, key, value, d, plan.Hl, plan.R, plan.kvh, plan.kinds, scheds,
+              bq=bq, bk=bk, Tp=Tp, Sp=Sp, mask=mask, score=score, bias=bias, scale=scale,
+              q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=mask_array,
+              return_lse=return_lse, sink=sink)
+
+
+def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mask, score,
+         bias, scale, q_pos, k_pos, segs, mask_array, return_lse, sink):
+  nq, nk = Tp // bq, Sp // bk
+  score = _check_score(score, return_lse)
+  if sink is None:
+    sink = score.sink_logits()
+  scale = _static_scale(scale, d.H)
+  if q_pos is None or k_pos is None:
+    dq_, dk_ = V.default_positions(d.T, d.S)
+    q_pos = dq_ if q_pos is None else q_pos
+    k_pos = dk_ if k_pos is None else k_pos
+  q_pos = jnp.asarray(q_pos, jnp.int32)
+  k_pos = jnp.asarray(k_pos, jnp.int32)
+  q_pos = _pad_pos(q_pos if q_pos.ndim == 2 else q_pos[None], Tp)
+  k_pos = _pad_pos(k_pos if k_pos.ndim == 2 else k_pos[None], Sp)
+  q_seg = k_seg = None
+  if segs is not None:
+    q_seg = _pad_len(segs[0], 1, Tp, -1).reshape(d.B, nq, bq)
+    k_seg = _pad_len(segs[1], 1, Sp, -2).reshape(d.B, nk, bk)
+  pair = pair_shape = None
+  cfg_kwargs = dict(B=d.B, N=d.N, K=d.K, H=d.H, Hv=d.Hv, bq=bq, bk=bk, nq=nq, nk=nk, Hl=Hl,
+                    R=R, kvh=tuple(kvh), kv_len=d.S, scale=scale, score=score, mask=mask,
+                    segments=segs is not None,
+                    plain_softmax=type(score) is scoring.SoftmaxScore)
+  if mask_array is not None:
+    ma = _pad_pair(mask_array, d.T, d.S, Tp, Sp, False)
+    pair_shape = tuple(ma.shape)
+  bias_r = bias_shape = None
+  if bias is not None:
+    bp = _pad_pair(bias, d.T, d.S, Tp, Sp, 0)
+    bias_shape = tuple(bp.shape)
+  cfg = Tl.Cfg(pair_shape=pair_shape, bias_shape=bias_shape, **cfg_kwargs)
+  if mask_array is not None:
+    pair = Tl.regroup_pair(ma, cfg)
+  if bias is not None:
+    bias_r = Tl.regroup_pair(bp, cfg)
+  aux = Tl.Aux(q_pos.reshape(-1, nq, bq), k_pos.reshape(-1, nk, bk), q_seg, k_seg, pair)
+
+  q = _pad_len(query, 1, Tp)
+  k = _pad_len(key, 1, Sp)
+  v = _pad_len(value, 1, Sp)
+  q_r = q.reshape(d.B, nq, bq, Hl, R, d.H).transpose(0, 3, 1, 4, 2, 5).reshape(
+      d.B, Hl, nq, R * bq, d.H)
+  k_r = k.reshape(d.B, nk, bk, d.K, d.H).transpose(0, 3, 1, 2, 4)
+  v_r = v.reshape(d.B, nk, bk, d.K, d.Hv).transpose(0, 3, 1, 2, 4)
+  row_count = None
+  if getattr(score, "needs_row_count", False):
+    row_count = E.row_counts(cfg, kinds, aux, scheds)
+  if sink is not None:
+    sink = jnp.asarray(sink, jnp.float32)
+  out, lse = E.attend(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count)
+  out = out.reshape(d.B, Hl, nq, R, bq, d.Hv).transpose(0, 2, 4, 1, 3, 5)
+  out = out.reshape(d.B, Tp, d.N, d.Hv)[:, :d.T].astype(query.dtype)
+  if not return_lse:
+    return out
+  lse = lse.reshape(d.B, Hl, nq, R, bq).transpose(0, 2, 4, 1, 3).reshape(d.B, Tp, d.N)
+  return out, lse[:, :d.T]
+
+
+def _pallas(query, key, value, layout, **kwargs):
+  try:
+    from pallas_kernels.block_sparse import block_sparse_pallas  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise NotImplementedError(
+        "implementation='pallas' needs pallas_kernels.block_sparse.block_sparse_pallas, "
+        f"which is not available ({e}).") from e
+  return block_sparse_pallas(query, key, value, layout, **kwargs)
+
+
+def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
+                   q_positions=None, k_positions=None, segment_ids=None, return_lse=False,
+                   implementation="xla"):
+  """``attnjax.attention`` for implementation "xla" / "pallas" (same arguments).
+
+  ``mask`` is None (dense), a ``Mask`` (compiled once per shape into a block
+  layout; only visited blocks are computed) or a boolean array broadcastable
+  to [B, N, T, S] (its tiles are gathered; when the array is concrete at
+  trace time, empty blocks are skipped too). Raises NotImplementedError for
+  combinations this engine does not cover (traced scale, re-weighting scores).
+  """
+  implementation = _check_impl(implementation)
+  d = V.check_qkv(query, key, value)
+  q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
+  segs = V.check_segment_ids(segment_ids, d)
+  score = _check_score(score, return_lse)
+  mask_obj = mask if isinstance(mask, Mask) else None
+  mask_arr = None
+  if mask is not None and mask_obj is None:
+    mask_arr = _norm4("mask", mask, d)
+    if mask_arr.dtype != bool:
+      raise TypeError(f"mask array must be boolean (True = may attend), got {mask_arr.dtype}.")
+  if mask_obj is not None and mask_obj.needs_segments and segs is None:
+    raise ValueError(f"mask {mask_obj!r} reads segment ids: pass segment_ids.")
+  bias4 = None if bias is None else _norm4("bias", bias, d)
+  bq, bk, Tp, Sp = P.choose_blocks(d.T, d.S)
+  nq, nk = Tp // bq, Sp // bk
+  if implementation == "pallas":
+    if bias is not None:
+      raise NotImplementedError("implementation='pallas' does not take an additive bias; "
+                                "use implementation='xla'.")
+    layout = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp)
+    if Tp != d.T or Sp != d.S:
+      raise NotImplementedError(
+          f"implementation='pallas' needs lengths divisible by a block size; got T={d.T}, "
+          f"S={d.S}.")
+    return _pallas(query, key, value, LY.layout_from_block_mask(
+        layout, d.T, d.S, bq, bk, mask=mask_obj), mask=mask_arr, score=score, scale=scale,
+                   q_positions=q_positions, k_positions=k_positions,
+                   segment_ids=segment_ids, return_lse=return_lse)
+  bm = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp)
+  return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
+                    bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,
+                    mask_array=mask_arr, return_lse=return_lse)
+
+
+def _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp):
+  """Static block classes [Nl, nq, nk] for the call."""
+  nq, nk = Tp // bq, Sp // bk
+  if mask_obj is not None:
+    offs = P.layout_offsets(q_pos, k_pos)
+    if offs is None:
+      bm = P.dense_block_mask(nq, nk, LY.PARTIAL)
+    else:
+      try:
+        bm = P.mask_block_mask(mask_obj, Tp, Sp, bq, bk, d.N, *offs)
+      except ValueError:
+        if not mask_obj.needs_segments:
+          raise
+        bm = P.dense_block_mask(nq, nk, LY.PARTIAL)
+  else:
+    bm = P.dense_block_mask(nq, nk, LY.FULL)
+  if mask_arr is not None:
+    cls = _concrete_classes(mask_arr, d, bq, bk, Tp, Sp)
+    bm = P.force_partial(bm) if cls is None else np.minimum(bm, cls)
+  if segs is not None or (mask_obj is not None and mask_obj.needs_segments):
+    bm = P.force_partial(bm)
+  if Sp != d.S:
+    bm = P.force_partial(bm, cols=[nk - 1])
+  return bm
+
+
+def _concrete_classes(mask_arr, d, bq, bk, Tp, Sp):
+  """Block classes of a mask array known at trace time, else None."""
+  try:
+    m = np.asarray(mask_arr)
+  except Exception:  # pylint: disable=broad-except  (traced)
+    return None
+  m = np.broadcast_to(m, m.shape[:2] + (d.T, d.S))
+  m = np.pad(m, ((0, 0), (0, 0), (0, Tp - d.T), (0, Sp - d.S)))
+  cls = P.classify_array(m, bq, bk)
+  if cls.shape[0] not in (1, d.N):
+    cls = cls[:1]
+  return cls

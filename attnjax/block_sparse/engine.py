@@ -1,0 +1,322 @@
+"""The block-sparse flash engine in pure JAX: online-softmax scans and a custom VJP.
+
+``attend(cfg, q_r, k_r, v_r, bias_r, sink, aux, scheds)`` runs one scan per
+schedule (a schedule of *partial* items applies the element mask, one of
+*full* items does not), each step gathering ``lanes`` (q-block, k-block)
+tiles per layout head and updating float32 accumulators (running max, sum,
+weighted values) held per slot (see ``schedule``). The backward pass is a
+recompute-based flash backward over the same items: ``dq`` is scatter-added
+per q-block and ``dk``/``dv`` per k-block (into the KV head of each layout
+head), so it needs neither the dense [T, S] probabilities nor per-step
+residuals: memory is linear in the sequence length. Shapes: see ``tiles``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.block_sparse import tiles as Tl
+
+_NEG_INF = -jnp.inf
+
+
+class Sched(NamedTuple):
+  """One scan's items, int32/bool [Bi, Hl, lanes, steps] (jax arrays)."""
+  qb: jax.Array
+  kb: jax.Array
+  slot: jax.Array
+  valid: jax.Array
+
+
+def _steps(s: Sched):
+  return tuple(jnp.moveaxis(jnp.asarray(x), -1, 0) for x in s)
+
+
+def put_heads(x_r, heads, idx, val, add=False):
+  """x_r[:, heads, idx] = val (or += val); idx [Bi, Hl, L], val [B, Hl, L, ...]."""
+  h = jnp.asarray(list(heads), jnp.int32)[:, None]
+  if idx.shape[0] == 1:
+    ref = x_r.at[:, h, idx[0]]
+  else:
+    ref = x_r.at[jnp.arange(x_r.shape[0])[:, None, None], h[None], idx]
+  return ref.add(val) if add else ref.set(val)
+
+
+def _norm(cfg):
+  return cfg.score.normalization
+
+
+# ---------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------
+def _fwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, aux,
+              row_count, carry):
+  heads = range(cfg.Hl)
+  norm = _norm(cfg)
+
+  def step(carry, x):
+    acc, m, l = carry
+    qb, kb, slot, _ = x
+    qblk = Tl.take_heads(q_r, heads, qb)
+    kblk = Tl.take_heads(k_r, cfg.kvh, kb)
+    vblk = Tl.take_heads(v_r, cfg.kvh, kb)
+    t = Tl.raw_logits(cfg, qblk, kblk, bias_r, qb, kb)
+    t = Tl.transform(cfg, aux, t, qb, kb, row_count)
+    vis = Tl.visibility(cfg, aux, qb, kb) if partial else None
+    shape = t.shape[:3] + (cfg.R * cfg.bq, cfg.bk)
+    l_old = Tl.take_heads(l, heads, slot)
+    acc_old = Tl.take_heads(acc, heads, slot)
+    if norm == "softmax":
+      if vis is not None:
+        t = jnp.where(vis, t, _NEG_INF)
+      t = t.reshape(shape)
+      m_old = Tl.take_heads(m, heads, slot)
+      m_new = jnp.maximum(m_old, t.max(-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.exp(t - m_safe[..., None])
+      alpha = jnp.exp(m_old - m_safe)
+      l_new = alpha * l_old + p.sum(-1)
+      pv = jnp.einsum("bhlqk,bhlkd->bhlqd", p.astype(vblk.dtype), vblk,
+                      preferred_element_type=jnp.float32)
+      acc_new = alpha[..., None] * acc_old + pv
+      m = put_heads(m, heads, slot, m_new)
+    else:
+      w = cfg.score.weights(t).astype(jnp.float32)
+      if vis is not None:
+        w = jnp.where(vis, w, 0.0)
+      w = w.reshape(shape)
+      l_new = l_old + w.sum(-1)
+      acc_new = acc_old + jnp.einsum("bhlqk,bhlkd->bhlqd", w.astype(vblk.dtype), vblk,
+                                     preferred_element_type=jnp.float32)
+    acc = put_heads(acc, heads, slot, acc_new)
+    l = put_heads(l, heads, slot, l_new)
+    return (acc, m, l), None
+
+  carry, _ = jax.lax.scan(step, carry, _steps(sched))
+  return carry
+
+
+def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
+  """Merges slot groups -> out [B, Hl, nq, Rq, Hv] f32 and lse [B, Hl, nq, Rq]."""
+  B, Hl, nq, Rq = cfg.B, cfg.Hl, cfg.nq, cfg.R * cfg.bq
+  acc = acc[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq, -1)
+  m = m[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq)
+  l = l[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq)
+  norm = _norm(cfg)
+  if norm == "softmax":
+    M = m.max(2)
+    M_safe = jnp.where(jnp.isfinite(M), M, 0.0)
+    w = jnp.exp(m - M_safe[:, :, None])
+    L = (w * l).sum(2)
+    O = (w[..., None] * acc).sum(2)
+    lse = jnp.where(L > 0, M_safe + jnp.log(jnp.where(L > 0, L, 1.0)), _NEG_INF)
+    if sink is not None:
+      s = jnp.broadcast_to(sink.astype(jnp.float32), (cfg.N,)).reshape(1, Hl, 1, cfg.R, 1)
+      lse = jnp.logaddexp(lse.reshape(B, Hl, nq, cfg.R, cfg.bq), s).reshape(B, Hl, nq, Rq)
+    fin = jnp.isfinite(lse)
+    out = jnp.where(fin[..., None], O * jnp.exp(M_safe - jnp.where(fin, lse, 0.0))[..., None],
+                    0.0)
+    return out, lse
+  L = l.sum(2)
+  O = acc.sum(2)
+  lse = jnp.where(L > 0, jnp.log(jnp.where(L > 0, L, 1.0)), _NEG_INF)
+  if norm == "sum":
+    O = O / jnp.where(L > 0, L, 1.0)[..., None]
+  return O, lse
+
+
+def _forward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count):
+  B, Hl, nq, Rq = cfg.B, cfg.Hl, cfg.nq, cfg.R * cfg.bq
+  groups = sum(g for _, g in kinds)
+  slots = groups * nq + 1
+  acc = jnp.zeros((B, Hl, slots, Rq, cfg.Hv), jnp.float32)
+  m = jnp.full((B, Hl, slots, Rq), _NEG_INF, jnp.float32)
+  l = jnp.zeros((B, Hl, slots, Rq), jnp.float32)
+  offset = 0
+  for (partial, g), s in zip(kinds, scheds):
+    s = s._replace(slot=jnp.where(s.valid, s.slot + offset * nq, slots - 1))
+    acc, m, l = _fwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, aux, row_count, (acc, m, l))
+    offset += g
+  return _finalize(cfg, groups, acc, m, l, sink)
+
+
+# ---------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------
+def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, aux,
+              row_count, lse_r, delta_r, do_r, carry):
+  heads = range(cfg.Hl)
+  norm = _norm(cfg)
+  Rq = cfg.R * cfg.bq
+
+  def step(carry, x):
+    dq, dk, dv, dbias = carry
+    qb, kb, _, valid = x
+    qblk = Tl.take_heads(q_r, heads, qb)
+    kblk = Tl.take_heads(k_r, cfg.kvh, kb)
+    vblk = Tl.take_heads(v_r, cfg.kvh, kb)
+    doblk = Tl.take_heads(do_r, heads, qb)
+    lse = Tl.take_heads(lse_r, heads, qb)
+    delta = Tl.take_heads(delta_r, heads, qb)
+    s = Tl.raw_logits(cfg, qblk, kblk, bias_r, qb, kb)
+    if cfg.plain_softmax:
+      t, t_vjp = s, None
+    else:
+      t, t_vjp = jax.vjp(lambda x_: Tl.transform(cfg, aux, x_, qb, kb, row_count), s)
+    vis = Tl.visibility(cfg, aux, qb, kb) if partial else None
+    shape = t.shape[:3] + (Rq, cfg.bk)
+    t = t.reshape(shape)
+    if vis is not None:
+      vis = jnp.broadcast_to(vis, t.shape[:3] + (cfg.R, cfg.bq, cfg.bk)).reshape(shape)
+    dp = jnp.einsum("bhlqd,bhlkd->bhlqk", doblk, vblk, preferred_element_type=jnp.float32)
+    fin = jnp.isfinite(lse)
+    if norm == "softmax":
+      p = jnp.exp(t - jnp.where(fin, lse, 0.0)[..., None])
+      if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+      probs = p
+      ds = p * (dp - delta[..., None])
+    else:
+      w, w_vjp = jax.vjp(lambda x_: cfg.score.weights(x_).astype(jnp.float32), t)
+      if vis is not None:
+        w = jnp.where(vis, w, 0.0)
+      if norm == "sum":
+        inv = jnp.where(fin, jnp.exp(-jnp.where(fin, lse, 0.0)), 0.0)[..., None]
+        probs = w * inv
+        dw = (dp - delta[..., None]) * inv
+      else:
+        probs = w
+        dw = dp
+      if vis is not None:
+        dw = jnp.where(vis, dw, 0.0)
+      (ds,) = w_vjp(dw)
+      if vis is not None:
+        ds = jnp.where(vis, ds, 0.0)
+    if t_vjp is not None:
+      (ds,) = t_vjp(ds.reshape(s.shape))
+    ds6 = ds.reshape(s.shape)
+    ds = ds6.reshape(shape)
+    ok = valid[..., None, None]
+    dv_blk = jnp.einsum("bhlqk,bhlqd->bhlkd", probs.astype(doblk.dtype), doblk,
+                        preferred_element_type=jnp.float32)
+    dsc = (ds * jnp.float32(cfg.scale)).astype(qblk.dtype)
+    dq_blk = jnp.einsum("bhlqk,bhlkd->bhlqd", dsc, kblk, preferred_element_type=jnp.float32)
+    dk_blk = jnp.einsum("bhlqk,bhlqd->bhlkd", dsc, qblk, preferred_element_type=jnp.float32)
+    dq = put_heads(dq, heads, qb, jnp.where(ok, dq_blk, 0.0), add=True)
+    dk = put_heads(dk, cfg.kvh, kb, jnp.where(ok, dk_blk, 0.0), add=True)
+    dv = put_heads(dv, cfg.kvh, kb, jnp.where(ok, dv_blk, 0.0), add=True)
+    if dbias is not None:
+      dbias = _add_dbias(cfg, dbias, jnp.where(valid[..., None, None, None], ds6, 0.0), qb, kb)
+    return (dq, dk, dv, dbias), None
+
+  carry, _ = jax.lax.scan(step, carry, _steps(sched))
+  return carry
+
+
+def _add_dbias(cfg, dbias, ds6, qb, kb):
+  """Scatter-adds ds [B, Hl, L, R, bq, bk] into the regrouped bias gradient."""
+  shape = cfg.bias_shape
+  b, h, qi, ki = Tl.pair_index(shape, cfg, qb, kb)
+  Bp, Np, Tp, Sp = shape
+  idx_batch = max(Bp, qb.shape[0])
+  upd = ds6
+  if idx_batch == 1 and upd.shape[0] > 1:
+    upd = upd.sum(0, keepdims=True)
+  if Np == 1:
+    upd = upd.sum(3, keepdims=True)
+  if Tp == 1:
+    upd = upd.sum(4, keepdims=True)
+  if Sp == 1:
+    upd = upd.sum(5, keepdims=True)
+  return dbias.at[b, h, qi, ki].add(upd)
+
+
+def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out, lse,
+              dout, dlse):
+  f32 = jnp.float32
+  delta = (dout.astype(f32) * out.astype(f32)).sum(-1)   # [B, Hl, nq, Rq]
+  if dlse is not None and _norm(cfg) != "none":
+    delta = delta - dlse.astype(f32)
+  dq = jnp.zeros(q_r.shape, f32)
+  dk = jnp.zeros(k_r.shape, f32)
+  dv = jnp.zeros(v_r.shape, f32)
+  dbias = None if bias_r is None else jnp.zeros(bias_r.shape, f32)
+  carry = (dq, dk, dv, dbias)
+  do_r = dout.astype(q_r.dtype)
+  for (partial, _), s in zip(kinds, scheds):
+    carry = _bwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, aux, row_count, lse, delta,
+                      do_r, carry)
+  dq, dk, dv, dbias = carry
+  dsink = None
+  if sink is not None:
+    sk = jnp.broadcast_to(sink.astype(f32), (cfg.N,)).reshape(1, cfg.Hl, 1, cfg.R, 1)
+    shp = (cfg.B, cfg.Hl, cfg.nq, cfg.R, cfg.bq)
+    lse5 = lse.reshape(shp)
+    p_sink = jnp.where(jnp.isfinite(lse5), jnp.exp(sk - lse5), 0.0)
+    dsink = -(p_sink * delta.reshape(shp)).sum((0, 2, 4)).reshape(cfg.N)
+    dsink = dsink.reshape(jnp.shape(sink)) if jnp.ndim(sink) else dsink.sum()
+    dsink = dsink.astype(sink.dtype)
+  return (dq.astype(q_r.dtype), dk.astype(k_r.dtype), dv.astype(v_r.dtype),
+          None if dbias is None else dbias.astype(bias_r.dtype), dsink)
+
+
+# ---------------------------------------------------------------------------
+# custom VJP
+# ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def attend(cfg: Tl.Cfg, kinds: Tuple[Tuple[bool, int], ...], q_r, k_r, v_r, bias_r, sink,
+           aux, scheds, row_count):
+  """Block-sparse attention on regrouped inputs.
+
+  Args:
+    cfg: static ``tiles.Cfg``.
+    kinds: per schedule, (partial, number of slot groups).
+    q_r [B, Hl, nq, R*bq, H], k_r [B, K, nk, bk, H], v_r [B, K, nk, bk, Hv].
+    bias_r: regrouped bias or None. sink: per-head sink logits [N] or None.
+    aux: ``tiles.Aux``; scheds: tuple of ``Sched``; row_count: visible keys
+      per row [B, Hl, nq, R*bq] float32 (scores that need it) or None.
+
+  Returns:
+    out [B, Hl, nq, R*bq, Hv] float32 and lse [B, Hl, nq, R*bq] float32.
+  """
+  return _forward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count)
+
+
+def _attend_fwd(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count):
+  out, lse = _forward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count)
+  return (out, lse), (q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out, lse)
+
+
+def _attend_bwd(cfg, kinds, res, cts):
+  q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out, lse = res
+  dout, dlse = cts
+  grads = _backward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out,
+                    lse, dout, dlse)
+  return grads + (None, None, None)
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def row_counts(cfg: Tl.Cfg, kinds, aux, scheds):
+  """Visible keys per query row [B, Hl, nq, R*bq] float32 over the scheduled items."""
+  Rq = cfg.R * cfg.bq
+  cnt = jnp.zeros((cfg.B, cfg.Hl, cfg.nq, Rq), jnp.float32)
+  heads = range(cfg.Hl)
+  for (partial, _), s in zip(kinds, scheds):
+    def step(c, x, partial=partial):
+      qb, kb, _, valid = x
+      L = qb.shape[-1]
+      if partial:
+        vis = Tl.visibility(cfg, aux, qb, kb)
+        vis = jnp.broadcast_to(vis, (cfg.B, cfg.Hl, L, cfg.R, cfg.bq, cfg.bk))
+        n = vis.sum(-1).astype(jnp.float32).reshape(cfg.B, cfg.Hl, L, Rq)
+      else:
+        n = jnp.full((cfg.B, cfg.Hl, L, Rq), float(cfg.bk), jnp.float32)
+      n = jnp.where(jnp.broadcast_to(valid[..., None], n.shape), n, 0.0)
+      return put_heads(c, heads, qb, n, add=True), None
+    cnt, _ = jax.lax.scan(step, cnt, _steps(s))
+  return cnt

@@ -1,0 +1,143 @@
+"""From a mask or layout to the engine's static plan: blocks, head grouping, schedules.
+
+Everything here runs at trace time on NumPy and is cached per (mask, shape,
+blocks, heads), so a jitted call pays it once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from attnjax.block_sparse import schedule as SC
+from attnjax.masks import layout as LY
+
+#: floats of one scan step's logits tile (all lanes, heads and batch together).
+STEP_BUDGET = 1 << 21
+
+
+class Plan(NamedTuple):
+  """Static part of an engine call built from a block classification."""
+  Hl: int
+  R: int
+  kvh: Tuple[int, ...]
+  kinds: Tuple[Tuple[bool, int], ...]   # (partial, slot groups) per schedule
+  scheds: Tuple[SC.Schedule, ...]       # numpy schedules [1, Hl, lanes, steps]
+  visited: int                          # visited blocks over all query heads
+  density: float
+
+
+def group_heads(block_mask: np.ndarray, N: int, K: int):
+  """Chooses layout heads: (bm [Hl, nq, nk], Hl, R, kvh).
+
+  A layout shared by the query heads of each KV head folds those heads into
+  the rows (R = N // K); otherwise each query head is its own layout head
+  reading KV head n // (N // K).
+  """
+  G = N // K
+  Nl = block_mask.shape[0]
+  if Nl == 1:
+    return np.broadcast_to(block_mask, (K,) + block_mask.shape[1:]), K, G, tuple(range(K))
+  if Nl == K and K != N:
+    return block_mask, K, G, tuple(range(K))
+  if Nl != N:
+    raise ValueError(
+        f"layout has {Nl} heads; expected 1, the query heads N={N} or the KV heads K={K}.")
+  grouped = block_mask.reshape(K, G, *block_mask.shape[1:])
+  if G == 1 or (grouped == grouped[:, :1]).all():
+    return np.ascontiguousarray(grouped[:, 0]), K, G, tuple(range(K))
+  return block_mask, N, 1, tuple(int(n) // G for n in range(N))
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_plan(key, bm_bytes, bm_shape, N, K, tile, B):
+  del key
+  bm = np.frombuffer(bm_bytes, np.int8).reshape(bm_shape)
+  return _make_plan(bm, N, K, tile, B)
+
+
+def make_plan(block_mask: np.ndarray, N: int, K: int, bq: int, bk: int, B: int) -> Plan:
+  """Schedules for a block classification [Nl, nq, nk] (int8 EMPTY/PARTIAL/FULL)."""
+  bm = np.ascontiguousarray(block_mask, np.int8)
+  return _cached_plan(None, bm.tobytes(), bm.shape, N, K, (bq, bk), B)
+
+
+def _make_plan(bm, N, K, tile, B) -> Plan:
+  bq, bk = tile
+  bm, Hl, R, kvh = group_heads(bm, N, K)
+  nq = bm.shape[1]
+  per_item = B * Hl * R * bq * bk
+  kinds, scheds = [], []
+  for kind in (LY.PARTIAL, LY.FULL):
+    items = SC.items_from_block_mask(bm, kind)
+    most = max(len(i) for i in items)
+    lanes = SC.choose_lanes(most, per_item, STEP_BUDGET)
+    s = SC.build_schedule(items, nq, lanes)
+    if s is not None:
+      kinds.append((kind == LY.PARTIAL, s.num_slot_groups))
+      scheds.append(s)
+  visited = int(np.count_nonzero(bm)) * R
+  return Plan(Hl, R, tuple(kvh), tuple(kinds), tuple(scheds), visited,
+              float(np.count_nonzero(bm)) / max(bm.size, 1))
+
+
+def dense_block_mask(nq: int, nk: int, kind: int = LY.FULL) -> np.ndarray:
+  return np.full((1, nq, nk), kind, np.int8)
+
+
+def force_partial(bm: np.ndarray, cols=None) -> np.ndarray:
+  """FULL -> PARTIAL everywhere, or only in the given k-block columns."""
+  bm = np.array(bm, np.int8)
+  if cols is None:
+    bm[bm == LY.FULL] = LY.PARTIAL
+  else:
+    sub = bm[..., cols]
+    sub[sub == LY.FULL] = LY.PARTIAL
+    bm[..., cols] = sub
+  return bm
+
+
+def classify_array(mask: np.ndarray, bq: int, bk: int) -> np.ndarray:
+  """Block classes [Nm, nq, nk] of a concrete boolean mask [Bm, Nm, T, S]."""
+  Bm, Nm, T, S = mask.shape
+  m = mask.reshape(Bm, Nm, T // bq, bq, S // bk, bk)
+  any_ = m.any(axis=(0, 3, 5))
+  all_ = m.all(axis=(0, 3, 5))
+  return np.where(all_, LY.FULL, np.where(any_, LY.PARTIAL, LY.EMPTY)).astype(np.int8)
+
+
+def choose_blocks(T: int, S: int, target: int = 512) -> Tuple[int, int, int, int]:
+  """(bq, bk, Tp, Sp): block sizes and the padded lengths they divide."""
+  out = []
+  for L in (T, S):
+    b = SC.choose_block(L, target)
+    if b == 0:
+      b = target
+    out.append((b, -(-L // b) * b))
+  (bq, Tp), (bk, Sp) = out
+  return bq, bk, Tp, Sp
+
+
+def mask_block_mask(mask, Tp: int, Sp: int, bq: int, bk: int, N: int,
+                    q_offset: int, k_offset: int) -> np.ndarray:
+  """Block classes of a Mask for contiguous positions (via its cached layout)."""
+  heads = N if mask.head_dependent else 1
+  lay = mask.block_layout(Tp, Sp, bq, bk, heads, q_offset=q_offset, k_offset=k_offset)
+  return lay.block_mask
+
+
+def layout_offsets(q_pos, k_pos) -> Optional[Tuple[int, int]]:
+  """(q_offset, k_offset) when concrete 1-D positions are contiguous ranges, else None."""
+  try:
+    qp = np.asarray(q_pos)
+    kp = np.asarray(k_pos)
+  except Exception:  # pylint: disable=broad-except  (tracers)
+    return None
+  if qp.ndim != 1 or kp.ndim != 1:
+    return None
+  if qp.size and not np.array_equal(qp, qp[0] + np.arange(qp.size)):
+    return None
+  if kp.size and not np.array_equal(kp, kp[0] + np.arange(kp.size)):
+    return None
+  return int(qp[0]), int(kp[0])

@@ -1,0 +1,120 @@
+"""Static work schedules for the block-sparse XLA path (NumPy, built at trace time).
+
+A *work item* is one (q-block, k-block) pair of one layout head. The XLA path
+runs a ``lax.scan`` whose every step processes ``lanes`` items at once as one
+batched matmul, so the items of a head are laid out as ``[lanes, steps]``:
+the row-major item list (sorted by q-block, then k-block) is cut into
+``lanes`` contiguous pieces of ``steps`` items. Cost is the number of visited
+blocks (plus less than ``lanes`` padding items per head), never ``nq * nk``.
+
+The forward keeps online-softmax accumulators per *slot*: a slot is a
+(q-block, piece) pair, so the lanes of one step always write distinct slots
+even when a long row is split between two lanes; slots of one q-block are
+merged through their log-sum-exp at the end. Padding items write a dummy slot.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from attnjax.masks import layout as L
+
+
+class Schedule(NamedTuple):
+  """Items of one scan: int32/bool arrays [Bi, Hl, lanes, steps] (Bi = 1 if static)."""
+  qb: np.ndarray
+  kb: np.ndarray
+  slot: np.ndarray
+  valid: np.ndarray
+  num_slot_groups: int  # slots are q_block + nq * group, group < num_slot_groups
+
+
+def _piece_groups(row_of_item: np.ndarray, lanes: int, steps: int) -> np.ndarray:
+  """Slot group of every item: which piece of its row (0 for the first lane it is in)."""
+  lane = np.arange(row_of_item.size) // steps
+  first_lane = np.full(row_of_item.max() + 1 if row_of_item.size else 1, lanes, np.int64)
+  np.minimum.at(first_lane, row_of_item, lane)
+  return lane - first_lane[row_of_item]
+
+
+def build_schedule(items_per_head, nq: int, lanes: int,
+                   steps: Optional[int] = None) -> Optional[Schedule]:
+  """Lays out per-head item lists as a [1, Hl, lanes, steps] schedule.
+
+  Args:
+    items_per_head: list over layout heads of int arrays [n_h, 2] of
+      (q_block, k_block), sorted by q_block.
+    nq: number of q-blocks (slot ids are q_block + nq * group).
+    lanes: items processed per scan step and head.
+    steps: scan length; default ceil(max n_h / lanes).
+
+  Returns:
+    A Schedule, or None when no head has an item.
+  """
+  most = max((len(it) for it in items_per_head), default=0)
+  if most == 0:
+    return None
+  lanes = max(1, min(lanes, most))
+  if steps is None:
+    steps = -(-most // lanes)
+  Hl = len(items_per_head)
+  size = lanes * steps
+  qb = np.zeros((Hl, size), np.int32)
+  kb = np.zeros((Hl, size), np.int32)
+  group = np.zeros((Hl, size), np.int64)
+  valid = np.zeros((Hl, size), bool)
+  for h, it in enumerate(items_per_head):
+    n = len(it)
+    if n:
+      qb[h, :n] = it[:, 0]
+      kb[h, :n] = it[:, 1]
+      group[h, :n] = _piece_groups(it[:, 0], lanes, steps)
+      valid[h, :n] = True
+  groups = int(group[valid].max()) + 1 if valid.any() else 1
+  slot = np.where(valid, qb + nq * group, nq * groups).astype(np.int32)  # dummy last
+  shape = (1, Hl, lanes, steps)
+  return Schedule(qb.reshape(shape), kb.reshape(shape), slot.reshape(shape),
+                  valid.reshape(shape), groups)
+
+
+def items_from_block_mask(block_mask: np.ndarray, kind: int):
+  """Per head, the (q_block, k_block) pairs of class ``kind`` ([H, nq, nk] int8)."""
+  out = []
+  for h in range(block_mask.shape[0]):
+    r, c = np.nonzero(block_mask[h] == kind)
+    out.append(np.stack([r, c], -1).astype(np.int32))
+  return out
+
+
+def choose_lanes(items: int, tile_elems: int, budget: int = 1 << 22) -> int:
+  """Lanes per scan step so that one step's logits hold about ``budget`` floats."""
+  return int(max(1, min(items, budget // max(tile_elems, 1))))
+
+
+def choose_block(length: int, target: int = 512, minimum: int = 64) -> int:
+  """A block size dividing ``length``: the largest power of two <= target, else length.
+
+  Lengths up to ``2 * target`` without such a divisor are one block; longer
+  ones return 0 (the caller pads the sequence to a multiple of ``target``).
+  """
+  b = target
+  while b >= minimum:
+    if length % b == 0:
+      return b
+    b //= 2
+  if length <= 2 * target:
+    return length
+  return 0
+
+
+def coarsen_block_mask(block_mask: np.ndarray, factor_q: int) -> np.ndarray:
+  """Merges ``factor_q`` consecutive q-block rows: a merged block is full only
+  when all its fine blocks are full, empty only when all are empty."""
+  H, nq, nk = block_mask.shape
+  if factor_q == 1:
+    return block_mask
+  bm = block_mask.reshape(H, nq // factor_q, factor_q, nk)
+  any_ = (bm != L.EMPTY).any(2)
+  all_ = (bm == L.FULL).all(2)
+  return np.where(all_, L.FULL, np.where(any_, L.PARTIAL, L.EMPTY)).astype(np.int8)
