@@ -25,6 +25,7 @@ ENGINE_PACKAGES = (
     "attnjax.block_sparse",
     "attnjax.linear",
     "attnjax.neighborhood",
+    "attnjax.dynamic",
     "attnjax.content",
     "attnjax.decoding",
     "attnjax.vision",

@@ -1,0 +1,331 @@
+"""Score variants: how scaled logits become weights (spec P2-04, P2-06, P2-24; soft-cap; sinks).
+
+Each variant follows the protocol of ``attnjax.core.scoring`` and composes
+with any mask, bias, GQA and position setting of ``attnjax.attention``:
+
+- ``DEFAULT_SCORE`` / ``SoftmaxScore``: plain softmax.
+- ``SoftCap(cap)``: ``cap * tanh(s / cap)`` before softmax (Gemma 2).
+- ``Sink(logits)``: per-head extra logit that takes softmax mass but brings
+  no value (gpt-oss; StreamingLLM's sink token without the token).
+- ``Selective(beta)``: Selective Attention's position temperature
+  (Zhang et al., NeurIPS 2024); the token temperatures tau_q / tau_v are
+  applied by ``selective_temperatures`` (pre-scaling q and v).
+- ``Softplus(...)`` / ``lssar(power)``: softplus with l1 normalisation and
+  length scaling (LSSA), optional re-weighting (LSSAR) (Gao & Spratling 2025).
+- ``ReLU(normalize)``: ReLU attention without normalisation (Guo et al. 2024,
+  Active-Dormant heads).
+
+All are frozen dataclasses registered as JAX pytrees (``flax.struct``):
+constants are static fields, so a variant without learned arrays is hashable
+and can be a ``jax.jit`` static argument; learned arrays (``Sink.logits``,
+``Selective.beta``) are pytree leaves, so the variant can be passed through
+``jit``/``grad`` like any parameter. Variants with learned arrays implement
+``init_params(num_heads)`` and ``bind(**arrays)``, which
+``attnjax.layers.MultiHeadAttention`` uses to create them as Flax params.
+
+The logits given to ``transform`` are the scaled logits ``scale * q.k``
+(plus bias), in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.core.scoring import DEFAULT_SCORE, SoftmaxScore
+
+__all__ = ["DEFAULT_SCORE", "SoftmaxScore", "SoftCap", "Sink", "Selective", "Softplus",
+           "ReLU", "lssar", "selective_temperatures", "selective_position_factor"]
+
+Scalar = Union[float, jax.Array, np.ndarray]
+
+
+class _Score:
+  """Protocol defaults (see ``attnjax.core.scoring``)."""
+  normalization = "softmax"
+  needs_row_count = False
+  has_reweight = False
+
+  def transform(self, logits, *, head=None, q_pos=None, k_pos=None, row_count=None):
+    return logits
+
+  def weights(self, logits):
+    raise TypeError(f"{type(self).__name__} is a softmax score: it has no separate "
+                    "positive map.")
+
+  def sink_logits(self):
+    return None
+
+  def reweight(self, probs, row_count):
+    return probs
+
+
+def _per_head(x, head):
+  """A scalar, or a per-head vector [N] gathered by ``head`` ([N, 1, 1])."""
+  x = jnp.asarray(x, jnp.float32)
+  if x.ndim == 0:
+    return x
+  if x.ndim != 1:
+    raise ValueError(f"expected a scalar or a per-head vector [N], got shape {x.shape}.")
+  if head is None:
+    raise ValueError("a per-head value needs the head index.")
+  return x[head]
+
+
+# -- soft-cap ---------------------------------------------------------------------
+@flax.struct.dataclass
+class SoftCap(_Score):
+  """Logit soft-capping: ``cap * tanh(s / cap)``, then softmax.
+
+  Gemma 2 uses ``cap = 50.0`` on the attention logits (its
+  ``attn_logit_softcapping``; 30.0 is its final-logit cap), the default here.
+  As ``cap -> inf`` this is plain softmax.
+  """
+  cap: float = flax.struct.field(pytree_node=False, default=50.0)
+
+  def __post_init__(self):
+    if not (isinstance(self.cap, (int, float)) and self.cap > 0):
+      raise ValueError(f"SoftCap cap must be a positive number, got {self.cap!r}.")
+
+  def transform(self, logits, *, head=None, q_pos=None, k_pos=None, row_count=None):
+    c = jnp.asarray(self.cap, logits.dtype)
+    return c * jnp.tanh(logits / c)
+
+
+# -- learned sink -----------------------------------------------------------------
+@flax.struct.dataclass
+class Sink(_Score):
+  """A per-head sink logit that takes softmax mass and contributes no value.
+
+  ``p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij))``, as gpt-oss's learned
+  "sinks" (one logit per query head). ``logits``: a float (shared by all
+  heads) or an array [N]; ``-inf`` gives plain softmax, ``0.0`` is
+  "softmax off by one". In a layer the logits are learned, initialised to
+  ``logits`` (default 0.0; gpt-oss loads its sinks from checkpoints, so it has
+  no published initialisation). A row whose keys are all masked returns zeros.
+  """
+  logits: Scalar = 0.0
+
+  def sink_logits(self):
+    return jnp.asarray(self.logits, jnp.float32)
+
+  def init_params(self, num_heads: int):
+    return {"sink_logits": np.broadcast_to(np.asarray(self.logits, np.float32),
+                                           (num_heads,)).copy()}
+
+  def bind(self, sink_logits):
+    return self.replace(logits=sink_logits)
+
+
+# -- Selective Attention ----------------------------------------------------------
+def selective_position_factor(q_pos, beta, variant: str = "exp"):
+  """Selective Attention's per-row temperature ``1 + c * log(q_pos + 1)``.
+
+  ``c = exp(-exp(beta))`` (``variant="exp"``, the official GPT-2 script) or
+  ``c = beta`` (``variant="linear"``, the "no-function" fine-tuning script).
+  ``q_pos`` is the 0-based position of the query (row length ``q_pos + 1``
+  in causal self-attention); negative positions are treated as 0.
+  """
+  if variant == "exp":
+    c = jnp.exp(-jnp.exp(beta))
+  elif variant == "linear":
+    c = beta
+  else:
+    raise ValueError(f"variant must be 'exp' or 'linear', got {variant!r}.")
+  pos = jnp.maximum(jnp.asarray(q_pos, jnp.float32), 0.0)
+  return 1.0 + c * jnp.log1p(pos)
+
+
+@flax.struct.dataclass
+class Selective(_Score):
+  """Selective Attention's position temperature on the logits (spec P2-24).
+
+  Row i's logits are multiplied by ``1 + exp(-exp(beta)) * log(i + 1)``
+  (``variant="exp"``) or ``1 + beta * log(i + 1)`` (``variant="linear"``),
+  where i is the query position; this counters attention dilution as the
+  context grows, and equals scaling q_i by the same factor.
+
+  ``beta``: a scalar (one per layer, as the official code) or an array [N]
+  (per head). Defaults follow the official repository (umich-sota/
+  selective_attention): 1.5 for ``"exp"`` (GPT-2 pre-training script; its
+  fine-tuning script uses 2.0) and 1e-5 for ``"linear"``. In a layer beta is
+  a learned param initialised to this value.
+
+  The token terms tau_q(x_i), tau_v(x_j) are functions of the embeddings: apply
+  them with :func:`selective_temperatures` (pre-scaled q and v), which works
+  with every engine.
+  """
+  beta: Optional[Scalar] = None
+  variant: str = flax.struct.field(pytree_node=False, default="exp")
+
+  def __post_init__(self):
+    if self.variant not in ("exp", "linear"):
+      raise ValueError(f"Selective variant must be 'exp' or 'linear', got {self.variant!r}.")
+
+  @property
+  def beta_value(self):
+    """``beta``, or the variant's default when it is None."""
+    if self.beta is None:
+      return 1.5 if self.variant == "exp" else 1e-5
+    return self.beta
+
+  def transform(self, logits, *, head=None, q_pos=None, k_pos=None, row_count=None):
+    if q_pos is None:
+      raise ValueError("Selective needs the query positions (q_pos).")
+    beta = _per_head(self.beta_value, head)
+    return logits * selective_position_factor(q_pos, beta, self.variant).astype(logits.dtype)
+
+  def init_params(self, num_heads: int):
+    return {"beta": np.asarray(self.beta_value, np.float32)}
+
+  def bind(self, beta):
+    return self.replace(beta=beta)
+
+
+def selective_temperatures(query, value, q_temp=None, v_temp=None):
+  """Applies Selective Attention's token temperatures by pre-scaling q and v.
+
+  ``softmax(tau_q(x_i) * q_i . k_j) (tau_v(x_j) * v_j)`` is ordinary attention
+  of ``tau_q * q`` and ``tau_v * v``, so any engine or kernel runs it unchanged.
+
+  Args:
+    query: [B, T, N, H]; value: [B, S, K, Hv].
+    q_temp: None or per-token, per-head query temperatures [B, T, N].
+    v_temp: None or value temperatures [B, S, K].
+
+  Returns:
+    (query, value) scaled, in their dtypes.
+  """
+  def scale(x, t, name, letters):
+    if t is None:
+      return x
+    t = jnp.asarray(t)
+    if t.shape != x.shape[:3]:
+      raise ValueError(f"{name} must have shape {letters}={x.shape[:3]}, got {t.shape}.")
+    return (x.astype(jnp.float32) * t.astype(jnp.float32)[..., None]).astype(x.dtype)
+  return (scale(query, q_temp, "q_temp", "[B, T, N]"),
+          scale(value, v_temp, "v_temp", "[B, S, K]"))
+
+
+# -- Softplus attention (LSSA / LSSAR) ----------------------------------------------
+@flax.struct.dataclass
+class Softplus(_Score):
+  """Softplus with l1 normalisation, length scaling and optional re-weighting (P2-04).
+
+  LSSA: ``a_ij = softplus(lambda_i * s_ij)`` over the visible keys,
+  ``A_ij = a_ij / sum_j a_ij``, with the length scale
+  ``lambda_i = log(N_i) / log(length_base)`` where N_i is the number of keys
+  row i sees (row-dependent under a causal mask; 1 key gives lambda = 0 and
+  weight 1). LSSAR then re-weights each row:
+  ``A'_ij = relu(N_i * A_ij - offset) ** power``, re-normalised to sum 1
+  (``N_i * A_ij > 1`` exactly for weights above the uniform level 1/N_i).
+
+  Defaults and what is confirmed: softplus, the l1 normalisation, a log-of-
+  length scale ("log N", N_ij = i in row i) and the shifted-ReLU-power
+  re-weighting with an l1 renormalisation are as in Gao & Spratling (2025).
+  The log base, the power p and the offset O of the paper could not be
+  confirmed (its repository was not retrievable): ``length_base`` defaults
+  to e (natural log), ``reweight_power`` to None (LSSA, no re-weighting) and
+  ``reweight_offset`` to 0.0 (pure power sharpening; with offset >= 1 a row
+  whose weights are all at or below uniform becomes zeros). The paper also
+  uses QK-normalisation, which belongs to the layer, not to the score.
+
+  Attributes:
+    length_scale: multiply the logits by lambda_i (False: plain softplus).
+    length_base: base of the logarithm (> 1); None means e.
+    reweight_power: None (LSSA) or p >= 1 (LSSAR).
+    reweight_offset: O >= 0.
+  """
+  length_scale: bool = flax.struct.field(pytree_node=False, default=True)
+  length_base: Optional[float] = flax.struct.field(pytree_node=False, default=None)
+  reweight_power: Optional[float] = flax.struct.field(pytree_node=False, default=None)
+  reweight_offset: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  normalization = "sum"
+
+  def __post_init__(self):
+    if self.length_base is not None and not self.length_base > 1:
+      raise ValueError(f"length_base must be > 1 or None, got {self.length_base!r}.")
+    if self.reweight_power is not None and not self.reweight_power >= 1:
+      raise ValueError(f"reweight_power must be >= 1 or None, got {self.reweight_power!r}.")
+    if not self.reweight_offset >= 0:
+      raise ValueError(f"reweight_offset must be >= 0, got {self.reweight_offset!r}.")
+
+  @property
+  def needs_row_count(self):
+    return self.length_scale or self.reweight_power is not None
+
+  @property
+  def has_reweight(self):
+    return self.reweight_power is not None
+
+  def transform(self, logits, *, head=None, q_pos=None, k_pos=None, row_count=None):
+    if not self.length_scale:
+      return logits
+    if row_count is None:
+      raise ValueError("Softplus length scaling needs row_count (visible keys per row).")
+    lam = jnp.log(jnp.maximum(row_count.astype(jnp.float32), 1.0))
+    if self.length_base is not None:
+      lam = lam / np.log(self.length_base)
+    return logits * lam.astype(logits.dtype)
+
+  def weights(self, logits):
+    return jax.nn.softplus(logits)
+
+  def reweight(self, probs, row_count):
+    if self.reweight_power is None:
+      return probs
+    n = row_count.astype(probs.dtype)
+    w = jax.nn.relu(n * probs - self.reweight_offset)
+    if self.reweight_power != 1:
+      w = w ** self.reweight_power
+    total = w.sum(-1, keepdims=True)
+    return w / jnp.where(total > 0, total, 1.0)
+
+
+def lssar(power: float, offset: float = 0.0, length_base: Optional[float] = None) -> Softplus:
+  """LSSAR: length-scaled softplus attention with re-weighting (see :class:`Softplus`).
+
+  ``power`` (p >= 1) has no default: the paper sweeps it and its value could
+  not be confirmed. ``power=1, offset=0`` is LSSA exactly.
+  """
+  return Softplus(length_scale=True, length_base=length_base, reweight_power=power,
+                  reweight_offset=offset)
+
+
+# -- ReLU attention ---------------------------------------------------------------
+@flax.struct.dataclass
+class ReLU(_Score):
+  """ReLU attention: weights ``relu(s_ij)`` with no row normalisation (P2-06).
+
+  The fix for attention sinks in Guo et al. (2024): a query can put zero
+  total weight on the context (all-negative logits give a zero output),
+  so no "dormant" mass is forced onto a sink token. ``normalize="length"``
+  divides the weights by the number of visible keys of the row (1/L; L is
+  the row length under causal masks). ``return_lse`` is undefined for it.
+  """
+  normalize: Optional[str] = flax.struct.field(pytree_node=False, default=None)
+
+  normalization = "none"
+
+  def __post_init__(self):
+    if self.normalize not in (None, "length"):
+      raise ValueError(f"ReLU normalize must be None or 'length', got {self.normalize!r}.")
+
+  @property
+  def needs_row_count(self):
+    return self.normalize == "length"
+
+  def transform(self, logits, *, head=None, q_pos=None, k_pos=None, row_count=None):
+    if self.normalize is None:
+      return logits
+    if row_count is None:
+      raise ValueError("ReLU(normalize='length') needs row_count (visible keys per row).")
+    # relu(s) / L == relu(s / L) for L > 0.
+    return logits / jnp.maximum(row_count, 1).astype(logits.dtype)
+
+  def weights(self, logits):
+    return jax.nn.relu(logits)
