@@ -1,0 +1,187 @@
+"""TPU (Mosaic) fused neighborhood attention kernels, forward and backward (spec P2-23).
+
+The grid's last axis walks a query block's CSR list of key blocks (forward,
+dq) or a key block's CSC list of query blocks times the query heads of its KV
+head (dk/dv); the lists are scalar-prefetched so the index maps DMA only the
+visited blocks. Steps past a list's length repeat its last block (no new DMA)
+and skip compute. Window bounds ride along as small int32 blocks; the fine mask
+is rebuilt in VMEM.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.neighborhood import common as C
+
+_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+def _fwd_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref,
+                o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale):
+  i, s = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(s == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, C.NEG_INF, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(s < cnt_ref[i])
+  def _step():
+    mask = C.fine_mask(qlo_ref[...], qhi_ref[...], kc_ref[...])
+    logits = C.masked_logits(q_ref[...], k_ref[...], mask, scale)
+    m, l, acc = C.online_update(m_sc[...], l_sc[...], acc_sc[...], logits, v_ref[...])
+    m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
+
+  @pl.when(s == pl.num_programs(3) - 1)
+  def _done():
+    out, lse = C.finalize(m_sc[...], l_sc[...], acc_sc[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _dq_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, dq_sc, *, scale):
+  i, s = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(s == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when(s < cnt_ref[i])
+  def _step():
+    k = k_ref[...]
+    mask = C.fine_mask(qlo_ref[...], qhi_ref[...], kc_ref[...])
+    p = C.probs_from_lse(C.masked_logits(q_ref[...], k, mask, scale), lse_ref[...])
+    ds = p * (C.dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
+    dq_sc[...] += C.dot_nn(ds.astype(k.dtype), k)
+
+  @pl.when(s == pl.num_programs(3) - 1)
+  def _done():
+    dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, width):
+  j, t = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(t == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when(t % width < cnt_ref[j])
+  def _step():
+    q, do = q_ref[...], do_ref[...]
+    mask = C.fine_mask(qlo_ref[...], qhi_ref[...], kc_ref[...])
+    p = C.probs_from_lse(C.masked_logits(q, k_ref[...], mask, scale), lse_ref[...])
+    dv_sc[...] += C.dot_tn(p.astype(do.dtype), do)
+    ds = p * (C.dot_nt(do, v_ref[...]) - delta_ref[...])
+    dk_sc[...] += C.dot_tn(ds.astype(q.dtype), q)
+
+  @pl.when(t == pl.num_programs(3) - 1)
+  def _done():
+    dk_ref[...] = (dk_sc[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _row_specs(tq, H, Hv, D, Gq, W, q_block):
+  """Specs of q, k, v, q_lo, q_hi, k_coord for the CSR grids (fwd, dq)."""
+  kvb = lambda i, s, lst: lst[i * W + s]
+  return [
+      pl.BlockSpec((None, None, tq, H), lambda b, n, i, s, lst, cnt: (b, n, i, 0)),
+      pl.BlockSpec((None, None, tq, H),
+                   lambda b, n, i, s, lst, cnt: (b, n // Gq, kvb(i, s, lst), 0)),
+      pl.BlockSpec((None, None, tq, Hv),
+                   lambda b, n, i, s, lst, cnt: (b, n // Gq, kvb(i, s, lst), 0)),
+      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, cnt: (i, 0)),
+      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, cnt: (i, 0)),
+      pl.BlockSpec((D, tq), lambda b, n, i, s, lst, cnt: (0, kvb(i, s, lst))),
+  ]
+
+
+def forward(q, k, v, plan, *, scale, interpret):
+  """q [B, N, L, H], k/v [B, K, L, H|Hv] in tiled order -> (o [B,N,L,Hv], lse [B,N,L])."""
+  B, N, L, H = q.shape
+  K, Hv = k.shape[1], v.shape[-1]
+  G, tq, D = plan.num_blocks, plan.block, plan.k_coord.shape[0]
+  W = plan.kv_list.shape[1]
+  row = lambda b, n, i, s, lst, cnt: (b, n, i, 0)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(B, N, G, W),
+      in_specs=_row_specs(tq, H, Hv, D, N // K, W, True),
+      out_specs=[pl.BlockSpec((None, None, tq, Hv), row),
+                 pl.BlockSpec((None, None, tq, 1), row)],
+      scratch_shapes=[pltpu.VMEM((tq, 1), jnp.float32), pltpu.VMEM((tq, 1), jnp.float32),
+                      pltpu.VMEM((tq, Hv), jnp.float32)])
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, scale=scale), grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((B, N, L, Hv), q.dtype),
+                 jax.ShapeDtypeStruct((B, N, L, 1), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
+      interpret=interpret, name="na_fwd_tpu",
+  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), q, k, v,
+    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord))
+  return out, lse[..., 0]
+
+
+def backward(q, k, v, do, lse, delta, plan, *, scale, interpret):
+  """Gradients (dq, dk, dv) given do [B,N,L,Hv], lse and delta [B,N,L] float32."""
+  B, N, L, H = q.shape
+  K, Hv = k.shape[1], v.shape[-1]
+  G, tq, D = plan.num_blocks, plan.block, plan.k_coord.shape[0]
+  Gq = N // K
+  lse, delta = lse[..., None], delta[..., None]
+  params = pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
+  row = lambda b, n, i, s, lst, cnt: (b, n, i, 0)
+  W = plan.kv_list.shape[1]
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(B, N, G, W),
+          in_specs=_row_specs(tq, H, Hv, D, Gq, W, True) + [
+              pl.BlockSpec((None, None, tq, Hv), row),
+              pl.BlockSpec((None, None, tq, 1), row),
+              pl.BlockSpec((None, None, tq, 1), row)],
+          out_specs=pl.BlockSpec((None, None, tq, H), row),
+          scratch_shapes=[pltpu.VMEM((tq, H), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=params,
+      interpret=interpret, name="na_dq_tpu",
+  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), q, k, v,
+    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord),
+    do, lse, delta)
+
+  Wq = plan.q_list.shape[1]
+  qb = lambda j, t, lst: lst[j * Wq + t % Wq]
+  qrow = lambda b, h, j, t, lst, cnt: (b, h * Gq + t // Wq, qb(j, t, lst), 0)
+  kvrow = lambda b, h, j, t, lst, cnt: (b, h, j, 0)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, width=Wq),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(B, K, G, Gq * Wq),
+          in_specs=[
+              pl.BlockSpec((None, None, tq, H), qrow),
+              pl.BlockSpec((None, None, tq, H), kvrow),
+              pl.BlockSpec((None, None, tq, Hv), kvrow),
+              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, cnt: (qb(j, t, lst), 0)),
+              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, cnt: (qb(j, t, lst), 0)),
+              pl.BlockSpec((D, tq), lambda b, h, j, t, lst, cnt: (0, j)),
+              pl.BlockSpec((None, None, tq, Hv), qrow),
+              pl.BlockSpec((None, None, tq, 1), qrow),
+              pl.BlockSpec((None, None, tq, 1), qrow)],
+          out_specs=[pl.BlockSpec((None, None, tq, H), kvrow),
+                     pl.BlockSpec((None, None, tq, Hv), kvrow)],
+          scratch_shapes=[pltpu.VMEM((tq, H), jnp.float32),
+                          pltpu.VMEM((tq, Hv), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params, interpret=interpret, name="na_dkv_tpu",
+  )(jnp.asarray(plan.q_list.reshape(-1)), jnp.asarray(plan.q_count), q, k, v,
+    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord),
+    do, lse, delta)
+  return dq, dk, dv
