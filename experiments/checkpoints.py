@@ -23,12 +23,15 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable, damaged or does not fit the config."""
 
 
+@jax.jit
+def _leaf_sums(leaves):
+  return [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+          for x in leaves]
+
+
 def checksums(state) -> List[float]:
-  """Per-leaf float64 checksums (sum and sum of squares) of a pytree of arrays."""
-  leaves = jax.tree_util.tree_leaves(state)
-  sums = jax.jit(lambda ls: [jnp.stack([jnp.sum(x.astype(jnp.float32)),
-                                        jnp.sum(jnp.square(x.astype(jnp.float32)))])
-                             for x in ls])(leaves)
+  """Per-leaf checksums (sum and sum of squares) of a pytree of arrays."""
+  sums = _leaf_sums(jax.tree_util.tree_leaves(state))
   return [float(v) for s in sums for v in np.asarray(s, np.float64)]
 
 

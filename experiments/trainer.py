@@ -82,6 +82,8 @@ class Experiment:
     self.tx, self.schedule = make_optimizer(config.optim, self.num_steps)
     self._train_step = jax.jit(self._step)
     self._eval_step = jax.jit(self._eval)
+    self._init_params = jax.jit(self._init_state)
+    self._init_opt = jax.jit(self.tx.init)
 
   # -- pure functions -----------------------------------------------------------
   def _init_state(self, rng):
@@ -103,7 +105,7 @@ class Experiment:
     (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    sums = dict(sums, grad_norm_num=optax.global_norm(grads), grad_norm_den=jnp.float32(1.0),
+    sums = dict(sums, grad_norm_num=optax.tree.norm(grads), grad_norm_den=jnp.float32(1.0),
                 learning_rate_num=self.schedule(state["step"]),
                 learning_rate_den=jnp.float32(1.0))
     acc = jax.tree_util.tree_map(lambda a, b: a + b, state["acc"], sums)
@@ -130,10 +132,10 @@ class Experiment:
 
   def initial_state(self):
     rng = jax.random.PRNGKey(int(self.config.seed))
-    params = jax.jit(self._init_state)(rng)
+    params = self._init_params(rng)
     if self.mesh.size > 1:
       params = jax.device_put(params, S.param_shardings(self.mesh, params))
-    opt_state = jax.jit(self.tx.init)(params)
+    opt_state = self._init_opt(params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
             "acc": self._zero_acc(params)}
 

@@ -27,4 +27,4 @@ def make_task(task_config, seed: int) -> Task:
   try:
     return TASKS[name](seed, batch_size, eval_batches, **cfg)
   except TypeError as e:
-    raise ValueError(f"config.task has a field task {name!r} does not take: {e}") from e
+    raise ValueError(f"config.task: task {name!r} got a field it does not take ({e}).") from e

@@ -1,0 +1,146 @@
+"""Launcher end to end: loss falls, checkpoints, identical metrics after resume, clear errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import common
+from experiments import checkpoints, metrics, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train):
+  c = common.base_config("tiny")
+  c.task.name = "stdlib_lm"
+  c.task.seq_len = 16
+  c.task.batch_size = 4
+  c.task.eval_batches = 1
+  c.model.num_layers = 1
+  c.model.d_model = 16
+  c.model.num_heads = 2
+  c.model.mlp_ratio = 2
+  c.optim.learning_rate = 1e-2
+  c.optim.warmup_steps = 2
+  c.train.num_steps = 12
+  c.train.log_every = 2
+  c.train.eval_every = 6
+  c.train.checkpoint_every = 4
+  c.train.progress_bar = False
+  c.train.update(train)
+  return c
+
+
+def _rows(workdir):
+  return [(r["step"], r["split"], r["metric"], r["value"])
+          for r in metrics.read_csv(os.path.join(workdir, "metrics.csv")) if r["split"] != "perf"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+  """One Experiment (compiled once) reused across runs in different workdirs."""
+  exp = trainer.Experiment(tiny_config(), str(tmp_path_factory.mktemp("a")), echo=lambda s: None)
+  summary = exp.run()
+  return exp, summary
+
+
+def test_loss_falls_and_checkpoints_written(experiment):
+  exp, summary = experiment
+  losses = [v for s, sp, m, v in _rows(exp.workdir) if sp == "train" and m == "loss"]
+  assert len(losses) == 6
+  assert losses[-1] < losses[0] - 0.5
+  assert summary["run"]["finished"] and summary["run"]["steps"] == 12
+  assert checkpoints.Checkpointer(exp.workdir).steps() == [4, 8, 12]
+  assert os.listdir(os.path.join(exp.workdir, "tb"))
+  assert "bits_per_byte" in summary["eval"]
+
+
+def test_resume_after_interruption_gives_identical_metrics(experiment, tmp_path):
+  exp, _ = experiment
+  exp.workdir = str(tmp_path)
+  exp.config.train.stop_after = 7          # preempted after step 7 (checkpoints 4 and 7)
+  first = exp.run()
+  assert not first["run"]["finished"] and first["run"]["steps"] == 7
+  # A kill before the step-7 checkpoint was written: only step 4 survives, while
+  # metrics.csv already holds rows up to step 7 from the interrupted process.
+  ckpt_dir = os.path.join(str(tmp_path), "checkpoints")
+  os.rename(os.path.join(ckpt_dir, "7"), os.path.join(str(tmp_path), "moved_7"))
+  exp.config.train.stop_after = -1
+  second = exp.run()
+  assert second["run"]["resumed_from"] == 4 and second["run"]["finished"]
+  ref = _rows(experiment[1]["run"]["workdir"])
+  assert _rows(str(tmp_path)) == ref
+
+
+def _digest(path):
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, path)] = fh.read()
+  return out
+
+
+def test_corrupted_checkpoint_is_reported_and_kept(experiment, tmp_path):
+  exp, _ = experiment
+  exp.workdir = str(tmp_path)
+  exp.config.train.stop_after = 8
+  exp.run()
+  ckpt_dir = os.path.join(str(tmp_path), "checkpoints")
+  good = _digest(os.path.join(ckpt_dir, "4"))
+  for root, _, files in os.walk(os.path.join(ckpt_dir, "8", "state")):
+    for f in files:
+      p = os.path.join(root, f)
+      size = os.path.getsize(p)
+      with open(p, "r+b") as fh:   # overwrite the array data (and metadata) with garbage
+        fh.write(b"\xff" * max(size, 1))
+  bad = _digest(os.path.join(ckpt_dir, "8"))
+  exp.config.train.stop_after = -1
+  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint step 8 .*(could not be read|damaged)"):
+    exp.run()
+  assert _digest(os.path.join(ckpt_dir, "4")) == good
+  assert _digest(os.path.join(ckpt_dir, "8")) == bad
+  assert checkpoints.Checkpointer(str(tmp_path)).steps() == [4, 8]
+  exp.config.train.restore_step = 99
+  with pytest.raises(checkpoints.CheckpointError, match="restore_step=99: no such checkpoint"):
+    exp.run()
+  exp.config.train.restore_step = -1
+
+
+def test_changed_config_does_not_resume(experiment, tmp_path):
+  exp, _ = experiment
+  c = tiny_config(num_steps=20)
+  exp2 = trainer.Experiment(c, experiment[1]["run"]["workdir"], echo=lambda s: None)
+  with pytest.raises(checkpoints.CheckpointError, match="different config"):
+    exp2.run()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.attention", "no_such_family", "config.model.attention: unknown attention family"),
+    ("model.layer_attention", ("dense", "dense"), "config.model.layer_attention has 2 entries"),
+    ("model.num_heads", 3, "config.model.d_model=16 must be divisible by config.model.num_heads"),
+    ("model.num_kv_heads", 3, "config.model.num_kv_heads=3 must divide"),
+    ("model.dense_layers", (5,), "config.model.dense_layers entry 5"),
+    ("mesh.heads", 2, "config.mesh: data \\* heads \\* context"),
+    ("optim.warmup_steps", 50, "config.optim.warmup_steps=50"),
+    ("task.name", "nope", "config.task.name must be one of"),
+    ("task.seq_len", 0, "task.seq_len must be an integer >= 2"),
+])
+def test_bad_config_names_the_field(field, value, match, tmp_path):
+  c = tiny_config()
+  group, key = field.split(".")
+  c[group][key] = value
+  with pytest.raises(ValueError, match=match):
+    trainer.Experiment(c, str(tmp_path))
+
+
+def test_cli_reports_bad_field_and_exits_nonzero(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
+       "--config.model.attention=no_such_family"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert "config.model.attention: unknown attention family 'no_such_family'" in proc.stderr
+  assert "Traceback" not in proc.stderr
