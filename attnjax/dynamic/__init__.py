@@ -3,16 +3,24 @@
 Every family scores blocks or tokens from q/k, picks a fixed-size layout
 under ``jit`` (:mod:`attnjax.dynamic.select`) and runs attention on it
 (:mod:`attnjax.dynamic.gather`: the block-sparse engine when present, else a
-gather whose cost follows the chosen blocks).
+gather whose cost follows the chosen blocks). ``FAMILIES`` holds the
+parameter-free ones for ``attnjax.layers``; families with parameters or
+state are Flax modules (``SeerAttention``, ``RoutingAttention``,
+``SparsifinerAttention``, ``BiLevelRoutingAttention``).
 """
 from attnjax.dynamic.biformer import BiLevelRoutingAttention, bi_level_routing_attention, lce
 from attnjax.dynamic.combiner import combiner_attention, combiner_effective_matrix
-from attnjax.dynamic.gather import (block_gather_attention, gather_attention,
-                                    layout_attention)
+from attnjax.dynamic.families import FAMILIES
+from attnjax.dynamic.gather import block_gather_attention, gather_attention, layout_attention
 from attnjax.dynamic.hip import hip_attention, hip_mask
 from attnjax.dynamic.hyper import hyper_attention, sort_lsh_buckets
+from attnjax.dynamic.landmark import (insert_landmarks, landmark_grouped_attention,
+                                      landmark_retrieval_attention)
+from attnjax.dynamic.longheads import chunk_representations, longheads_attention
+from attnjax.dynamic.routing import RoutingAttention, kmeans_ema_update, routing_attention
 from attnjax.dynamic.seer import (SeerAttention, SeerAttnGate, gate_to_layout, seer_attention,
                                   seer_distillation_loss, seer_gate, seer_ground_truth)
-from attnjax.dynamic.select import (attention_mass_recall, block_layout_to_mask,
-                                    block_validity, pool_blocks, token_indices_to_mask,
-                                    topk_blocks)
+from attnjax.dynamic.select import (attention_mass_recall, block_layout_to_mask, block_validity,
+                                    pool_blocks, token_indices_to_mask, topk_blocks)
+from attnjax.dynamic.sparsifiner import (SparsifinerAttention, connectivity_scores,
+                                         sparsifiner_attention, sparsifiner_distillation_loss)

@@ -118,6 +118,8 @@ def lce(value, kernel, bias=None):
   """
   spatial = value.shape[1:-2]
   C = value.shape[-2] * value.shape[-1]
+  if len(spatial) not in (1, 2):
+    raise ValueError(f"lce supports 1 or 2 spatial dims, got value {value.shape}.")
   if kernel.shape[-1] != C or kernel.ndim != len(spatial) + 1:
     raise ValueError(f"kernel must have shape [*window, K*Hv={C}] with {len(spatial)} window "
                      f"dims, got {kernel.shape}.")

@@ -1,0 +1,63 @@
+"""Parameter-free content-sparse families for the layer registry (spec: papers_1.md #4/#12/#13/#32, papers_2.md P2-13/P2-26).
+
+Each entry has the registry signature ``fn(query, key, value, *, causal,
+q_positions=None, k_positions=None, segment_ids=None, **options)``.
+Arguments a family cannot honour raise instead of being dropped.
+"""
+from __future__ import annotations
+
+import functools
+
+from attnjax.dynamic.biformer import bi_level_routing_attention
+from attnjax.dynamic.combiner import combiner_attention
+from attnjax.dynamic.hip import hip_attention
+from attnjax.dynamic.hyper import hyper_attention
+from attnjax.dynamic.landmark import landmark_grouped_attention
+from attnjax.dynamic.longheads import longheads_attention
+
+__all__ = ["FAMILIES"]
+
+
+def _family(name, fn, *, causal_modes=(True, False), positions=False):
+  """Wraps ``fn`` with the registry signature and checks of what it supports.
+
+  ``positions=True`` families take ``causal``, ``q_positions`` and ``k_positions``.
+  """
+
+  @functools.wraps(fn)
+  def family(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
+             segment_ids=None, **options):
+    if segment_ids is not None:
+      raise NotImplementedError(f"family {name!r} does not support segment_ids (packed "
+                                "documents): its layout is chosen from content only.")
+    if causal not in causal_modes:
+      raise NotImplementedError(f"family {name!r} is defined for causal={causal_modes[0]} "
+                                f"only, got causal={causal}.")
+    if positions:
+      return fn(query, key, value, causal=causal, q_positions=q_positions,
+                k_positions=k_positions, **options)
+    if q_positions is not None or k_positions is not None:
+      raise NotImplementedError(f"family {name!r} uses the default (bottom-right aligned) "
+                                "positions; q_positions/k_positions are not supported.")
+    if len(causal_modes) == 2:
+      return fn(query, key, value, causal=causal, **options)
+    return fn(query, key, value, **options)
+
+  family.supports_kv_cache = positions
+  return family
+
+
+def _bi_level_1d(query, key, value, *, num_regions=8, topk=4, **options):
+  """BiFormer routing on a 1D sequence: regions are contiguous blocks."""
+  return bi_level_routing_attention(query, key, value, num_regions=num_regions, topk=topk,
+                                    **options)
+
+
+FAMILIES = {
+    "hip": _family("hip", hip_attention, positions=True),
+    "hyper": _family("hyper", hyper_attention),
+    "combiner": _family("combiner", combiner_attention),
+    "longheads": _family("longheads", longheads_attention, causal_modes=(True,)),
+    "landmark": _family("landmark", landmark_grouped_attention, causal_modes=(True,)),
+    "bi_level_routing": _family("bi_level_routing", _bi_level_1d, causal_modes=(False,)),
+}

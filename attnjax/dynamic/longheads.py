@@ -1,0 +1,138 @@
+"""LongHeads: per-head chunk selection with RoPE re-applied on the selected chunks (Lu et al., 2024; spec papers_1.md #32).
+
+Training-free context extension. Keys are cut into chunks of ``chunk_size``
+tokens. Chunk representation (per head): non-causal attention inside the
+chunk with chunk-local RoPE positions, mean of its outputs ``c``, then the
+attention-pooled key ``r = sum_j softmax_j(c . k_j) k_j`` (as the released
+code: local-RoPE keys). A query scores earlier chunks by ``q . r`` with the
+un-rotated q, always keeps chunk 0 and its own and previous chunk, fills up
+to ``attn_len / chunk_size`` chunks with the best, and attends causally over
+their tokens with RoPE re-applied at contiguous positions ``0 .. m*w-1``
+(query at ``(its slot) * w + offset``). Sequences up to
+``begin_selective_length`` use plain causal RoPE attention.
+
+Selection granularity: the paper selects per query token; here the queries
+of one block of ``query_block`` tokens share a selection (scored with their
+mean query). ``query_block=1`` is the paper's per-token choice (memory
+O(T * attn_len * H) per head); the default ``query_block = chunk_size`` costs
+O(T * attn_len * H / chunk_size) for the gathered keys.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.core import validation as V
+from attnjax.dynamic.gather import masked_softmax_attend
+from attnjax.dynamic.select import topk_blocks
+from attnjax.layers.rope import apply_rope
+
+__all__ = ["longheads_attention", "chunk_representations"]
+
+
+def _rope_bnlh(x, positions, base):
+  """RoPE on [B, N, ..., L, H] with positions broadcastable to x.shape[:-1]."""
+  shape = x.shape
+  pos = jnp.broadcast_to(positions, shape[:-1]).reshape(shape[0], -1)
+  return apply_rope(x.reshape(shape[0], -1, 1, shape[-1]), pos, base).reshape(shape)
+
+
+def chunk_representations(key, value, query, *, chunk_size: int = 256, rope_base: float = 10000.0,
+                          scale=None):
+  """Chunk keys r [B, N, S/chunk, H] from un-rotated query [B, S, N, H], key [B, S, K, H], value [B, S, K, H]."""
+  B, S, N, H = query.shape
+  K = key.shape[2]
+  if value.shape[-1] != H:
+    raise ValueError(f"LongHeads chunk representations need Hv == H (the mean chunk output "
+                     f"queries the keys); got value {value.shape}, query {query.shape}.")
+  scale = V.check_scale(scale, H)
+  w = chunk_size
+  nc = S // w
+  hi = jnp.arange(N) // (N // K)
+  tr = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(B, x.shape[2], nc, w, x.shape[-1])
+  local = jnp.arange(w)
+  ql = _rope_bnlh(tr(query).astype(jnp.float32), local, rope_base)
+  kl = _rope_bnlh(tr(key).astype(jnp.float32), local, rope_base)[:, hi]
+  vl = tr(value)[:, hi]
+  every = jnp.ones((1, 1, 1, 1, 1), bool)
+  o, _ = masked_softmax_attend(ql, kl, vl, every, scale)  # [B, N, nc, w, H]
+  c = o.mean(-2, keepdims=True)
+  r, _ = masked_softmax_attend(c, kl, kl, every, scale)
+  return r[..., 0, :]
+
+
+def longheads_attention(query, key, value, *, chunk_size: int = 256, attn_len: int = 4096,
+                        begin_selective_length: Optional[int] = None, query_block: Optional[int] = None,
+                        rope_base: float = 10000.0, scale=None, return_chunks: bool = False):
+  """LongHeads attention (causal self-attention; q and k are *un-rotated*).
+
+  Args:
+    query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, K, H] (Hv == H).
+    chunk_size: w (256). attn_len: tokens attended per query (4096), a
+      multiple of w: m = attn_len / w chunks (>= 3).
+    begin_selective_length: lengths up to this use plain causal RoPE
+      attention (default attn_len).
+    query_block: queries sharing one selection (default chunk_size; 1 = per token).
+    rope_base: RoPE base applied inside.
+
+  Returns:
+    out [B, T, N, H] (and chunk lists (indices [B, N, T/query_block, m], counts)).
+  """
+  d = V.check_qkv(query, key, value)
+  if d.T != d.S:
+    raise ValueError(f"longheads_attention is causal self-attention: T={d.T} != S={d.S}.")
+  scale = V.check_scale(scale, d.H)
+  w = V.check_positive_int("chunk_size", chunk_size)
+  V.check_positive_int("attn_len", attn_len)
+  if attn_len % w or attn_len // w < 3:
+    raise ValueError(f"attn_len={attn_len} must be a multiple of chunk_size={w} holding at "
+                     "least 3 chunks (the first, the previous and the own chunk).")
+  begin = attn_len if begin_selective_length is None else begin_selective_length
+  if d.S <= begin:
+    from attnjax import api  # pylint: disable=g-import-not-at-top
+    from attnjax.masks import Causal  # pylint: disable=g-import-not-at-top
+    pos = jnp.arange(d.T)
+    out = api.attention(apply_rope(query, pos, rope_base), apply_rope(key, pos, rope_base),
+                        value, mask=Causal(), scale=scale)
+    return (out, None) if return_chunks else out
+  qb = w if query_block is None else V.check_positive_int("query_block", query_block)
+  if d.S % w or d.T % qb:
+    raise ValueError(f"chunk_size={w} must divide S={d.S} and query_block={qb} must divide "
+                     f"T={d.T}.")
+  nc, nq, m = d.S // w, d.T // qb, attn_len // w
+  m = min(m, nc)
+  r = chunk_representations(key, value, query, chunk_size=w, rope_base=rope_base, scale=scale)
+  qt = jnp.transpose(query.astype(jnp.float32), (0, 2, 1, 3)).reshape(d.B, d.N, nq, qb, d.H)
+  scores = jnp.einsum("bnqh,bnch->bnqc", qt.mean(-2), r)
+  qlast = (jnp.arange(nq) + 1) * qb - 1
+  own = (qlast // w)[:, None]
+  c = jnp.arange(nc)[None, :]
+  valid = c <= own
+  force = valid & ((c == 0) | (c == own) | (c == own - 1))
+  idx, cnt = topk_blocks(jax.lax.stop_gradient(scores), m, valid=valid[None, None],
+                         force=force[None, None])
+  # Gather chunks (un-rotated keys), re-rotate at slot positions.
+  hi = jnp.arange(d.N) // (d.N // d.K)
+  kc = jnp.transpose(key.reshape(d.B, nc, w, d.K, d.H), (0, 3, 1, 2, 4))[:, hi]
+  vc = jnp.transpose(value.reshape(d.B, nc, w, d.K, d.Hv), (0, 3, 1, 2, 4))[:, hi]
+  bi, ni = jnp.arange(d.B)[:, None, None, None], jnp.arange(d.N)[None, :, None, None]
+  ks = kc[bi, ni, idx].reshape(d.B, d.N, nq, m * w, d.H).astype(jnp.float32)
+  vs = vc[bi, ni, idx].reshape(d.B, d.N, nq, m * w, d.Hv)
+  slot_pos = jnp.arange(m * w)
+  ks = _rope_bnlh(ks, slot_pos, rope_base)
+  # Query slot position: its own chunk's slot (the last valid one) * w + offset in chunk.
+  t = jnp.arange(d.T).reshape(nq, qb)
+  tok_chunk = t // w  # [nq, qb]
+  listed = jnp.arange(m) < cnt[..., None]  # [B, N, nq, m]
+  own_slot = jnp.sum((idx[..., None, :] < tok_chunk[None, None, :, :, None])
+                     & listed[..., None, :], -1)  # [B, N, nq, qb]
+  q_slot_pos = own_slot * w + (t % w)[None, None]
+  qs = _rope_bnlh(qt, q_slot_pos, rope_base)
+  slot_ok = jnp.repeat(listed, w, axis=-1)  # [B, N, nq, m*w]
+  key_tok = (idx[..., None] * w + jnp.arange(w)).reshape(d.B, d.N, nq, m * w)
+  valid_tok = slot_ok[..., None, :] & (key_tok[..., None, :] <= t[None, None, :, :, None])
+  o, _ = masked_softmax_attend(qs, ks, vs, valid_tok, scale)
+  out = jnp.transpose(o.reshape(d.B, d.N, d.T, d.Hv), (0, 2, 1, 3)).astype(query.dtype)
+  return (out, (idx, cnt)) if return_chunks else out
