@@ -96,7 +96,7 @@ def _pad_pos(pos, new):
 
 def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, bias=None,
                scale=None, q_pos=None, k_pos=None, segs=None, mask_array=None,
-               return_lse=False, sink=None):
+               return_lse=False):
   """Runs the XLA engine on a static block classification of the padded lengths.
 
   ``block_mask`` int8 [Nl, Tp/bq, Sp/bk] (Nl in {1, K, N}); ``q_pos``/``k_pos``
@@ -110,15 +110,13 @@ def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, 
   return _run(query, key, value, d, plan.Hl, plan.R, plan.kvh, plan.kinds, scheds,
               bq=bq, bk=bk, Tp=Tp, Sp=Sp, mask=mask, score=score, bias=bias, scale=scale,
               q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=mask_array,
-              return_lse=return_lse, sink=sink)
+              return_lse=return_lse)
 
 
 def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mask, score,
-         bias, scale, q_pos, k_pos, segs, mask_array, return_lse, sink):
+         bias, scale, q_pos, k_pos, segs, mask_array, return_lse):
   nq, nk = Tp // bq, Sp // bk
   score = _check_score(score, return_lse)
-  if sink is None:
-    sink = score.sink_logits()
   scale = _static_scale(scale, d.H)
   if q_pos is None or k_pos is None:
     dq_, dk_ = V.default_positions(d.T, d.S)
@@ -134,7 +132,7 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
     k_seg = _pad_len(segs[1], 1, Sp, -2).reshape(d.B, nk, bk)
   pair = pair_shape = None
   cfg_kwargs = dict(B=d.B, N=d.N, K=d.K, H=d.H, Hv=d.Hv, bq=bq, bk=bk, nq=nq, nk=nk, Hl=Hl,
-                    R=R, kvh=tuple(kvh), kv_len=d.S, scale=scale, score=score, mask=mask,
+                    R=R, kvh=tuple(kvh), kv_len=d.S, scale=scale, norm=score.normalization, mask=mask,
                     segments=segs is not None,
                     plain_softmax=type(score) is scoring.SoftmaxScore)
   if mask_array is not None:
@@ -161,9 +159,9 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
   row_count = None
   if getattr(score, "needs_row_count", False):
     row_count = E.row_counts(cfg, kinds, aux, scheds)
-  if sink is not None:
-    sink = jnp.asarray(sink, jnp.float32)
-  out, lse = E.attend(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count)
+    row_count = jax.lax.stop_gradient(row_count)
+  out, lse = E.attend(cfg, kinds, q_r, k_r, v_r, bias_r, E.as_pytree(score), aux, scheds,
+                      row_count)
   out = out.reshape(d.B, Hl, nq, R, bq, d.Hv).transpose(0, 2, 4, 1, 3, 5)
   out = out.reshape(d.B, Tp, d.N, d.Hv)[:, :d.T].astype(query.dtype)
   if not return_lse:

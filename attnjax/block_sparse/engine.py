@@ -1,6 +1,6 @@
 """The block-sparse flash engine in pure JAX: online-softmax scans and a custom VJP.
 
-``attend(cfg, q_r, k_r, v_r, bias_r, sink, aux, scheds)`` runs one scan per
+``attend(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count)`` runs one scan per
 schedule (a schedule of *partial* items applies the element mask, one of
 *full* items does not), each step gathering ``lanes`` (q-block, k-block)
 tiles per layout head and updating float32 accumulators (running max, sum,
@@ -45,14 +45,49 @@ def put_heads(x_r, heads, idx, val, add=False):
   return ref.add(val) if add else ref.set(val)
 
 
+@jax.tree_util.register_pytree_node_class
+class StaticScore:
+  """A score variant that is not a pytree, carried as static data (no leaves)."""
+
+  def __init__(self, score):
+    self.score = score
+
+  def tree_flatten(self):
+    return (), self.score
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del children
+    return cls(aux)
+
+  def __getattr__(self, name):
+    return getattr(self.score, name)
+
+
+def as_pytree(score):
+  """The score itself when it is a pytree (learned arrays get gradients), else wrapped."""
+  leaves = jax.tree_util.tree_leaves(score)
+  if len(leaves) == 1 and leaves[0] is score:
+    return StaticScore(score)
+  return score
+
+
 def _norm(cfg):
-  return cfg.score.normalization
+  return cfg.norm
+
+
+def _sink(cfg, score):
+  """Sink logits broadcast to [N] float32, or None."""
+  sink = score.sink_logits()
+  if sink is None:
+    return None
+  return jnp.broadcast_to(jnp.asarray(sink, jnp.float32), (cfg.N,))
 
 
 # ---------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------
-def _fwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, aux,
+def _fwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, score, aux,
               row_count, carry):
   heads = range(cfg.Hl)
   norm = _norm(cfg)
@@ -64,7 +99,7 @@ def _fwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, a
     kblk = Tl.take_heads(k_r, cfg.kvh, kb)
     vblk = Tl.take_heads(v_r, cfg.kvh, kb)
     t = Tl.raw_logits(cfg, qblk, kblk, bias_r, qb, kb)
-    t = Tl.transform(cfg, aux, t, qb, kb, row_count)
+    t = Tl.transform(cfg, aux, score, t, qb, kb, row_count)
     vis = Tl.visibility(cfg, aux, qb, kb) if partial else None
     shape = t.shape[:3] + (cfg.R * cfg.bq, cfg.bk)
     l_old = Tl.take_heads(l, heads, slot)
@@ -84,7 +119,7 @@ def _fwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, a
       acc_new = alpha[..., None] * acc_old + pv
       m = put_heads(m, heads, slot, m_new)
     else:
-      w = cfg.score.weights(t).astype(jnp.float32)
+      w = score.weights(t).astype(jnp.float32)
       if vis is not None:
         w = jnp.where(vis, w, 0.0)
       w = w.reshape(shape)
@@ -114,7 +149,7 @@ def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
     O = (w[..., None] * acc).sum(2)
     lse = jnp.where(L > 0, M_safe + jnp.log(jnp.where(L > 0, L, 1.0)), _NEG_INF)
     if sink is not None:
-      s = jnp.broadcast_to(sink.astype(jnp.float32), (cfg.N,)).reshape(1, Hl, 1, cfg.R, 1)
+      s = sink.reshape(1, Hl, 1, cfg.R, 1)
       lse = jnp.logaddexp(lse.reshape(B, Hl, nq, cfg.R, cfg.bq), s).reshape(B, Hl, nq, Rq)
     fin = jnp.isfinite(lse)
     out = jnp.where(fin[..., None], O * jnp.exp(M_safe - jnp.where(fin, lse, 0.0))[..., None],
@@ -128,7 +163,7 @@ def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
   return O, lse
 
 
-def _forward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count):
+def _forward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count):
   B, Hl, nq, Rq = cfg.B, cfg.Hl, cfg.nq, cfg.R * cfg.bq
   groups = sum(g for _, g in kinds)
   slots = groups * nq + 1
@@ -138,22 +173,23 @@ def _forward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count):
   offset = 0
   for (partial, g), s in zip(kinds, scheds):
     s = s._replace(slot=jnp.where(s.valid, s.slot + offset * nq, slots - 1))
-    acc, m, l = _fwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, aux, row_count, (acc, m, l))
+    acc, m, l = _fwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, score, aux, row_count,
+                          (acc, m, l))
     offset += g
-  return _finalize(cfg, groups, acc, m, l, sink)
+  return _finalize(cfg, groups, acc, m, l, _sink(cfg, score))
 
 
 # ---------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------
-def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, aux,
+def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, score, aux,
               row_count, lse_r, delta_r, do_r, carry):
   heads = range(cfg.Hl)
   norm = _norm(cfg)
   Rq = cfg.R * cfg.bq
 
   def step(carry, x):
-    dq, dk, dv, dbias = carry
+    dq, dk, dv, dbias, dscore = carry
     qb, kb, _, valid = x
     qblk = Tl.take_heads(q_r, heads, qb)
     kblk = Tl.take_heads(k_r, cfg.kvh, kb)
@@ -165,7 +201,8 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, a
     if cfg.plain_softmax:
       t, t_vjp = s, None
     else:
-      t, t_vjp = jax.vjp(lambda x_: Tl.transform(cfg, aux, x_, qb, kb, row_count), s)
+      t, t_vjp = jax.vjp(lambda sc, x_: Tl.transform(cfg, aux, sc, x_, qb, kb, row_count),
+                         score, s)
     vis = Tl.visibility(cfg, aux, qb, kb) if partial else None
     shape = t.shape[:3] + (Rq, cfg.bk)
     t = t.reshape(shape)
@@ -180,7 +217,7 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, a
       probs = p
       ds = p * (dp - delta[..., None])
     else:
-      w, w_vjp = jax.vjp(lambda x_: cfg.score.weights(x_).astype(jnp.float32), t)
+      w, w_vjp = jax.vjp(lambda sc, x_: sc.weights(x_).astype(jnp.float32), score, t)
       if vis is not None:
         w = jnp.where(vis, w, 0.0)
       if norm == "sum":
@@ -192,11 +229,13 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, a
         dw = dp
       if vis is not None:
         dw = jnp.where(vis, dw, 0.0)
-      (ds,) = w_vjp(dw)
+      dsc_w, ds = w_vjp(dw)
+      dscore = _tree_add(dscore, dsc_w)
       if vis is not None:
         ds = jnp.where(vis, ds, 0.0)
     if t_vjp is not None:
-      (ds,) = t_vjp(ds.reshape(s.shape))
+      dsc_t, ds = t_vjp(ds.reshape(s.shape))
+      dscore = _tree_add(dscore, dsc_t)
     ds6 = ds.reshape(s.shape)
     ds = ds6.reshape(shape)
     ok = valid[..., None, None]
@@ -210,10 +249,14 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, a
     dv = put_heads(dv, cfg.kvh, kb, jnp.where(ok, dv_blk, 0.0), add=True)
     if dbias is not None:
       dbias = _add_dbias(cfg, dbias, jnp.where(valid[..., None, None, None], ds6, 0.0), qb, kb)
-    return (dq, dk, dv, dbias), None
+    return (dq, dk, dv, dbias, dscore), None
 
   carry, _ = jax.lax.scan(step, carry, _steps(sched))
   return carry
+
+
+def _tree_add(acc, upd):
+  return jax.tree_util.tree_map(lambda a, b: a + jnp.asarray(b, jnp.float32), acc, upd)
 
 
 def _add_dbias(cfg, dbias, ds6, qb, kb):
@@ -234,7 +277,7 @@ def _add_dbias(cfg, dbias, ds6, qb, kb):
   return dbias.at[b, h, qi, ki].add(upd)
 
 
-def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out, lse,
+def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, out, lse,
               dout, dlse):
   f32 = jnp.float32
   delta = (dout.astype(f32) * out.astype(f32)).sum(-1)   # [B, Hl, nq, Rq]
@@ -244,30 +287,35 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, o
   dk = jnp.zeros(k_r.shape, f32)
   dv = jnp.zeros(v_r.shape, f32)
   dbias = None if bias_r is None else jnp.zeros(bias_r.shape, f32)
-  carry = (dq, dk, dv, dbias)
+  dscore = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), f32), score)
+  carry = (dq, dk, dv, dbias, dscore)
   do_r = dout.astype(q_r.dtype)
   for (partial, _), s in zip(kinds, scheds):
-    carry = _bwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, aux, row_count, lse, delta,
-                      do_r, carry)
-  dq, dk, dv, dbias = carry
-  dsink = None
+    carry = _bwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, score, aux, row_count, lse,
+                      delta, do_r, carry)
+  dq, dk, dv, dbias, dscore = carry
+  sink = _sink(cfg, score)
   if sink is not None:
-    sk = jnp.broadcast_to(sink.astype(f32), (cfg.N,)).reshape(1, cfg.Hl, 1, cfg.R, 1)
+    sk = sink.reshape(1, cfg.Hl, 1, cfg.R, 1)
     shp = (cfg.B, cfg.Hl, cfg.nq, cfg.R, cfg.bq)
     lse5 = lse.reshape(shp)
     p_sink = jnp.where(jnp.isfinite(lse5), jnp.exp(sk - lse5), 0.0)
     dsink = -(p_sink * delta.reshape(shp)).sum((0, 2, 4)).reshape(cfg.N)
-    dsink = dsink.reshape(jnp.shape(sink)) if jnp.ndim(sink) else dsink.sum()
-    dsink = dsink.astype(sink.dtype)
+    _, sink_vjp = jax.vjp(lambda sc: _sink(cfg, sc), score)
+    dscore = _tree_add(dscore, sink_vjp(dsink)[0])
+  dscore = jax.tree_util.tree_map(
+      lambda g, x: g.astype(jnp.result_type(x)) if jnp.issubdtype(jnp.result_type(x),
+                                                                 jnp.floating) else g,
+      dscore, score)
   return (dq.astype(q_r.dtype), dk.astype(k_r.dtype), dv.astype(v_r.dtype),
-          None if dbias is None else dbias.astype(bias_r.dtype), dsink)
+          None if dbias is None else dbias.astype(bias_r.dtype), dscore)
 
 
 # ---------------------------------------------------------------------------
 # custom VJP
 # ---------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def attend(cfg: Tl.Cfg, kinds: Tuple[Tuple[bool, int], ...], q_r, k_r, v_r, bias_r, sink,
+def attend(cfg: Tl.Cfg, kinds: Tuple[Tuple[bool, int], ...], q_r, k_r, v_r, bias_r, score,
            aux, scheds, row_count):
   """Block-sparse attention on regrouped inputs.
 
@@ -275,25 +323,26 @@ def attend(cfg: Tl.Cfg, kinds: Tuple[Tuple[bool, int], ...], q_r, k_r, v_r, bias
     cfg: static ``tiles.Cfg``.
     kinds: per schedule, (partial, number of slot groups).
     q_r [B, Hl, nq, R*bq, H], k_r [B, K, nk, bk, H], v_r [B, K, nk, bk, Hv].
-    bias_r: regrouped bias or None. sink: per-head sink logits [N] or None.
+    bias_r: regrouped bias or None. score: the score variant (a pytree: its
+      learned arrays, e.g. sink logits or temperatures, get gradients).
     aux: ``tiles.Aux``; scheds: tuple of ``Sched``; row_count: visible keys
       per row [B, Hl, nq, R*bq] float32 (scores that need it) or None.
 
   Returns:
     out [B, Hl, nq, R*bq, Hv] float32 and lse [B, Hl, nq, R*bq] float32.
   """
-  return _forward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count)
+  return _forward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count)
 
 
-def _attend_fwd(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count):
-  out, lse = _forward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count)
-  return (out, lse), (q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out, lse)
+def _attend_fwd(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count):
+  out, lse = _forward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count)
+  return (out, lse), (q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, out, lse)
 
 
 def _attend_bwd(cfg, kinds, res, cts):
-  q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out, lse = res
+  q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, out, lse = res
   dout, dlse = cts
-  grads = _backward(cfg, kinds, q_r, k_r, v_r, bias_r, sink, aux, scheds, row_count, out,
+  grads = _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, out,
                     lse, dout, dlse)
   return grads + (None, None, None)
 

@@ -34,7 +34,7 @@ class Cfg(NamedTuple):
   kvh: Tuple[int, ...]      # KV head of each layout head
   kv_len: int               # real (unpadded) number of keys
   scale: float
-  score: Any                # score variant (hashable)
+  norm: str                 # the score's normalization: softmax | sum | none
   mask: Any                 # Mask object or None
   segments: bool            # segment ids given (vis &= same segment unless mask reads them)
   pair_shape: Optional[Tuple[int, int, int, int]]  # normalised bool mask array shape
@@ -146,7 +146,7 @@ def raw_logits(cfg: Cfg, qblk, kblk, bias_r, qb, kb):
   return s
 
 
-def transform(cfg: Cfg, aux: Aux, s, qb, kb, row_count):
+def transform(cfg: Cfg, aux: Aux, score, s, qb, kb, row_count):
   """Applies the score's elementwise transform to raw logits (identity for softmax)."""
   if cfg.plain_softmax:
     return s
@@ -156,4 +156,4 @@ def transform(cfg: Cfg, aux: Aux, s, qb, kb, row_count):
   if row_count is not None:
     rc = take_heads(row_count, range(cfg.Hl), qb).reshape(
         row_count.shape[:1] + (cfg.Hl, qb.shape[-1], cfg.R, cfg.bq, 1))
-  return cfg.score.transform(s, head=head_index(cfg), q_pos=qp, k_pos=kp, row_count=rc)
+  return score.transform(s, head=head_index(cfg), q_pos=qp, k_pos=kp, row_count=rc)

@@ -1,0 +1,180 @@
+"""Block-sparse attention on an explicit layout or mask, and on run-time block lists.
+
+``block_sparse_attention`` takes a static :class:`~attnjax.masks.BlockLayout`
+(or a ``Mask``, compiled into one); ``block_sparse_attention_indices`` takes
+per-(batch, head, q-block) lists of k-blocks computed under ``jit`` (e.g. by
+a top-k of block scores: Routing, BiFormer, SeerAttention, HiP, ...). Both
+visit only the listed blocks, forward and backward.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.block_sparse import api as A
+from attnjax.block_sparse import engine as E
+from attnjax.block_sparse import plan as P
+from attnjax.block_sparse import schedule as SC
+from attnjax.core import validation as V
+from attnjax.masks import layout as LY
+from attnjax.masks.base import Mask
+
+#: q-block merging of small layout blocks ("Merge-Q"): merged rows reach this size.
+MERGE_Q_ROWS = 256
+
+
+def _check_layout(layout: LY.BlockLayout, d: V.Dims):
+  if layout.q_len != d.T or layout.kv_len != d.S:
+    raise ValueError(
+        f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len}; the inputs "
+        f"have T={d.T} (query {d.B, d.T, d.N, d.H}) and S={d.S}.")
+  if layout.num_heads not in (1, d.K, d.N):
+    raise ValueError(
+        f"layout has num_heads={layout.num_heads}; expected 1, the query heads N={d.N} or "
+        f"the KV heads K={d.K}.")
+  if layout.mask is None and (layout.block_mask == LY.PARTIAL).any():
+    raise ValueError(
+        "layout has partial blocks but no mask to evaluate inside them (layout.mask is None); "
+        "build it with Mask.block_layout or give only full/empty blocks.")
+
+
+def _merge_factor(layout: LY.BlockLayout) -> int:
+  if layout.mask is None:
+    return 1
+  f = 1
+  while (layout.block_q * f * 2 <= MERGE_Q_ROWS and layout.num_q_blocks % (f * 2) == 0):
+    f *= 2
+  return f
+
+
+def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, scale=None,
+                           segment_ids=None, return_lse=False, implementation=None):
+  """Attention restricted to the blocks of a static layout (or mask).
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv].
+    layout_or_mask: a ``BlockLayout`` for (T, S) with 1, K or N heads (its
+      ``q_offset``/``k_offset`` give the positions the mask is evaluated on),
+      or a ``Mask`` (default bottom-right aligned positions).
+    score, scale, segment_ids, return_lse: as ``attnjax.attention``.
+    implementation: "xla" (default), "pallas" or None.
+
+  Returns:
+    out [B, T, N, Hv] (and lse [B, T, N] float32).
+  """
+  implementation = A._check_impl(implementation)  # pylint: disable=protected-access
+  d = V.check_qkv(query, key, value)
+  if isinstance(layout_or_mask, Mask):
+    return A.fast_attention(query, key, value, mask=layout_or_mask, score=score, scale=scale,
+                            segment_ids=segment_ids, return_lse=return_lse,
+                            implementation=implementation)
+  if not isinstance(layout_or_mask, LY.BlockLayout):
+    raise TypeError(f"layout_or_mask must be a BlockLayout or a Mask, got "
+                    f"{type(layout_or_mask).__name__}.")
+  layout = layout_or_mask
+  _check_layout(layout, d)
+  segs = V.check_segment_ids(segment_ids, d)
+  if layout.mask is not None and layout.mask.needs_segments and segs is None:
+    raise ValueError(f"layout mask {layout.mask!r} reads segment ids: pass segment_ids.")
+  if implementation == "pallas":
+    return A._pallas(query, key, value, layout, score=score, scale=scale,  # pylint: disable=protected-access
+                     segment_ids=segment_ids, return_lse=return_lse)
+  q_pos = layout.q_offset + jnp.arange(d.T, dtype=jnp.int32)
+  k_pos = layout.k_offset + jnp.arange(d.S, dtype=jnp.int32)
+  f = _merge_factor(layout)
+  bm = SC.coarsen_block_mask(layout.block_mask, f)
+  if segs is not None:
+    bm = P.force_partial(bm)
+  return A.run_engine(query, key, value, bm, bq=layout.block_q * f, bk=layout.block_kv,
+                      mask=layout.mask, score=score, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                      segs=segs, return_lse=return_lse)
+
+
+def _runtime_schedule(indices, counts, nq: int, lanes: int):
+  """Schedule [B, Hl, lanes, steps] from lists [B, Hl, nq, k] (rows split over lanes)."""
+  B, Hl, _, k = indices.shape
+  rows = -(-nq // lanes)
+  pad = rows * lanes - nq
+  qb = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, k))
+  qb = jnp.broadcast_to(qb, (B, Hl, nq, k))
+  valid = jnp.arange(k, dtype=jnp.int32) < counts[..., None]
+  if pad:
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+    qb = jnp.pad(qb, widths)
+    indices = jnp.pad(indices, widths)
+    valid = jnp.pad(valid, widths)
+  shape = (B, Hl, lanes, rows * k)
+  qb, kb, valid = (x.reshape(shape) for x in (qb, indices, valid))
+  slot = jnp.where(valid, qb, nq)
+  return E.Sched(qb, kb, slot, valid)
+
+
+def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block_counts=None,
+                                   *, block_q: int, block_kv: int, mask=None, score=None,
+                                   scale=None, q_positions=None, k_positions=None,
+                                   segment_ids=None, return_lse=False, implementation=None):
+  """Attention over k-block lists computed at run time (content-based sparsity).
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv].
+    kv_block_indices: int [B, N or K, T // block_q, k] (k static): the k-blocks
+      each q-block visits (per query head, or shared by the query heads of a
+      KV head). Entries past the count are ignored; the first ``count``
+      entries of a row must be distinct.
+    kv_block_counts: int [B, N or K, T // block_q] valid entries per row
+      (default: all k).
+    block_q, block_kv: block sizes; must divide T and S.
+    mask: optional ``Mask`` applied element-wise inside the visited blocks
+      (e.g. ``Causal()``); positions and segment ids as ``attnjax.attention``.
+
+  Returns:
+    out [B, T, N, Hv] (and lse [B, T, N] float32). Gradients flow to q, k, v
+    (the indices are integers).
+  """
+  implementation = A._check_impl(implementation)  # pylint: disable=protected-access
+  if implementation == "pallas":
+    raise NotImplementedError(
+        "block_sparse_attention_indices has no Pallas kernel for run-time block lists yet; "
+        "use implementation='xla'.")
+  d = V.check_qkv(query, key, value)
+  for name, b, L, letter in (("block_q", block_q, d.T, "T"), ("block_kv", block_kv, d.S, "S")):
+    V.check_positive_int(name, b)
+    if L % b:
+      raise ValueError(f"{name}={b} does not divide {letter}={L}.")
+  nq, nk = d.T // block_q, d.S // block_kv
+  idx = jnp.asarray(kv_block_indices)
+  if idx.ndim != 4 or idx.shape[0] != d.B or idx.shape[1] not in (d.N, d.K) or idx.shape[2] != nq:
+    raise ValueError(
+        f"kv_block_indices must have shape [B, N or K, T // block_q, k] = [{d.B}, {d.N} or "
+        f"{d.K}, {nq}, k], got {idx.shape}.")
+  if not jnp.issubdtype(idx.dtype, jnp.integer):
+    raise TypeError(f"kv_block_indices must be integer, got {idx.dtype}.")
+  idx = jnp.clip(idx.astype(jnp.int32), 0, nk - 1)
+  k = idx.shape[-1]
+  if kv_block_counts is None:
+    counts = jnp.full(idx.shape[:3], k, jnp.int32)
+  else:
+    counts = jnp.asarray(kv_block_counts)
+    if counts.shape != idx.shape[:3]:
+      raise ValueError(f"kv_block_counts must have shape {idx.shape[:3]}, got {counts.shape}.")
+    counts = counts.astype(jnp.int32)
+  if mask is not None and not isinstance(mask, Mask):
+    raise TypeError(f"mask must be an attnjax Mask or None, got {type(mask).__name__}.")
+  q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
+  segs = V.check_segment_ids(segment_ids, d)
+  if mask is not None and mask.needs_segments and segs is None:
+    raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
+  G = d.N // d.K
+  if idx.shape[1] == d.K:
+    Hl, R, kvh = d.K, G, tuple(range(d.K))
+  else:
+    Hl, R, kvh = d.N, 1, tuple(n // G for n in range(d.N))
+  partial = mask is not None or segs is not None
+  per_item = d.B * Hl * R * block_q * block_kv
+  lanes = int(max(1, min(nq, P.STEP_BUDGET // per_item)))
+  sched = _runtime_schedule(jax.lax.stop_gradient(idx), jax.lax.stop_gradient(counts), nq,
+                            lanes)
+  return A._run(query, key, value, d, Hl, R, kvh, ((partial, 1),), (sched,), bq=block_q,  # pylint: disable=protected-access
+                bk=block_kv, Tp=d.T, Sp=d.S, mask=mask, score=score, bias=None, scale=scale,
+                q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=None, return_lse=return_lse)
