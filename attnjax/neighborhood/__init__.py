@@ -1,0 +1,17 @@
+"""Neighborhood engine: NATTEN neighborhood attention (P2-23) and local/structured
+vision families: HaloNets (P2-25), HiLo (P2-14), PredFormer (papers_1 #3),
+MagicInfinite temporal sliding windows (papers_1 #1).
+"""
+from attnjax.masks.neighborhood import Neighborhood
+from attnjax.neighborhood.api import na1d, na2d, na3d, neighborhood_attention
+from attnjax.neighborhood.families import FAMILIES
+from attnjax.neighborhood.halo import halo_attention, halo_mask, window_attention
+from attnjax.neighborhood.hilo import avg_pool, hilo_attention, pooled_kv_attention
+from attnjax.neighborhood.layers import (GatedTransformerBlock, HaloAttention, HiLoAttention,
+                                         NeighborhoodAttention, PredFormerLayer,
+                                         SpatioTemporalAttention)
+from attnjax.neighborhood.spatiotemporal import (blend_overlaps, blend_weights,
+                                                 sliding_window_denoise_plan,
+                                                 spatiotemporal_attention,
+                                                 temporal_window_attention)
+from attnjax.neighborhood.tiling import default_tile_shape
