@@ -9,6 +9,15 @@ never listed, so cost follows the visited blocks.
 Padding convention: row ``r`` of ``fwd_indices`` holds ``fwd_counts[r]``
 valid entries followed by copies of the last valid entry (or 0 for an empty
 row), so a kernel may always gather a valid block and skip by count.
+Head-independent masks give read-only arrays broadcast over heads.
+
+Build cost (``time.perf_counter`` around ``mask.block_layout(T, T, 128, 128, 8)``,
+T = 131072, 8 heads, cache cleared, best of 3 on a shared 2-core CPU under
+load, NumPy): ``Causal()`` 0.11 s (4.2M visited blocks); ``SlidingWindow(4095, 0)``
+0.04 s; ``Causal() & SlidingWindow(4095)`` 0.29 s (its diagonal blocks are
+re-evaluated element-wise, see below); ``S2(8)`` with block 64, 16 local blocks,
+stride 8: 0.82 s; the same with block 128: 0.73 s. The closed forms cost O(1)
+per block; most of the time is building the padded lists.
 """
 from __future__ import annotations
 
@@ -86,19 +95,23 @@ class BlockLayout:
 
 
 def _lists(block_mask: np.ndarray):
-  """CSR-style padded lists along the last axis of [H, R, C] block classes."""
-  visited = block_mask != EMPTY
-  counts = visited.sum(-1).astype(np.int32)
+  """CSR-style padded lists along the last axis of [H, R, C] block classes (O(nnz))."""
+  H, R, C = block_mask.shape
+  flat = block_mask.reshape(H * R, C)
+  rows, cols = np.nonzero(flat != EMPTY)  # row-major: columns increase within a row
+  counts = np.bincount(rows, minlength=H * R).astype(np.int32)
   width = max(int(counts.max()) if counts.size else 0, 1)
-  # Stable sort puts visited columns first, in increasing order.
-  order = np.argsort(~visited, axis=-1, kind="stable")[..., :width].astype(np.int32)
-  pos = np.arange(width)
-  last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], -1)
-  last = np.where(counts[..., None] > 0, last, 0)
-  indices = np.where(pos < counts[..., None], order, last).astype(np.int32)
-  full = np.take_along_axis(block_mask, indices, -1) == FULL
-  full &= pos < counts[..., None]
-  return indices, full, counts
+  starts = np.cumsum(counts) - counts
+  rank = np.arange(len(rows)) - starts[rows]
+  indices = np.zeros((H * R, width), np.int32)
+  full = np.zeros((H * R, width), bool)
+  indices[rows, rank] = cols
+  full[rows, rank] = flat[rows, cols] == FULL
+  # padding: copies of the last valid entry (0 for an empty row)
+  last = indices[np.arange(H * R), np.maximum(counts - 1, 0)]
+  pad = np.arange(width)[None, :] >= counts[:, None]
+  indices = np.where(pad, last[:, None], indices)
+  return (indices.reshape(H, R, width), full.reshape(H, R, width), counts.reshape(H, R))
 
 
 def layout_from_block_mask(block_mask, q_len: int, kv_len: int, block_q: int,
@@ -219,8 +232,11 @@ def build_block_layout(mask, q_len: int, kv_len: int, block_q: int, block_kv: in
   for h in heads:
     any_, all_ = _classify_head(mask, h, q_pos, k_pos, q_lo, k_lo, block_q, block_kv)
     classes.append(np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY)).astype(np.int8))
-  bm = np.stack(classes)
-  if bm.shape[0] != num_heads:
-    bm = np.broadcast_to(bm, (num_heads, nq, nk))
-  return layout_from_block_mask(bm, q_len, kv_len, block_q, block_kv,
-                                q_offset=q_off, k_offset=k_offset, mask=mask)
+  lay = layout_from_block_mask(np.stack(classes), q_len, kv_len, block_q, block_kv,
+                               q_offset=q_off, k_offset=k_offset, mask=mask)
+  if lay.num_heads != num_heads:  # head-independent: one head's lists, broadcast (read-only)
+    arrays = {f: np.broadcast_to(getattr(lay, f), (num_heads,) + getattr(lay, f).shape[1:])
+              for f in ("block_mask", "fwd_indices", "fwd_full", "fwd_counts", "bwd_indices",
+                        "bwd_full", "bwd_counts")}
+    lay = dataclasses.replace(lay, num_heads=num_heads, **arrays)
+  return lay
