@@ -229,3 +229,18 @@ def test_cross_attention_and_offsets():
   for m in ms:
     check_layout(m, 8, 24, 4, 4)
     check_layout(m, 8, 16, 2, 4, q_offset=12, k_offset=8)
+
+
+def test_static_tables_with_padded_lengths():
+  """Layouts accept positions past a static table (kernels pad): they are masked."""
+  from test_masks_lib import check_lists, expected_classes  # pylint: disable=g-import-not-at-top
+  ms = [M.Documents((1,) * 5 + (2,) * 6), M.AnchorDocuments((0,) + (1,) * 4 + (2,) * 6),
+        M.Modality.vision_then_text(4, 7), M.RandomBlocks(1, 2, 11, seed=2)]
+  for m in ms:
+    with pytest.raises(ValueError, match="positions"):
+      m.to_dense(16, 16)
+    lay = m.block_layout(16, 16, 4, 4)
+    p = np.arange(16)
+    dense = np.asarray(m.predicate(0, p[:, None], p[None, :]), bool)[None]
+    np.testing.assert_array_equal(lay.block_mask, expected_classes(dense, 4, 4), err_msg=repr(m))
+    check_lists(lay)

@@ -78,6 +78,13 @@ class Mask:
           f"num_heads={num_heads} does not match {type(self).__name__}, which is "
           f"defined for num_heads={self.num_heads}.")
 
+  def check_positions(self, q_pos: np.ndarray, k_pos: np.ndarray) -> None:
+    """Raises ValueError when positions fall outside a static table of the mask.
+
+    Called by :meth:`to_dense`. Block layouts do not call it: kernels pad
+    lengths, and positions past a static table are simply masked.
+    """
+
   @property
   def head_dependent(self) -> bool:
     """True when the predicate differs between heads."""
@@ -109,6 +116,7 @@ class Mask:
     num_heads = resolve_num_heads(self, num_heads)
     q_pos, k_pos = _positions(q_len, kv_len, q_positions, k_positions)
     self.validate(num_heads, q_pos, k_pos)
+    self.check_positions(q_pos, k_pos)
     head = np.arange(num_heads)[:, None, None]
     qp, kp = q_pos[None, :, None], k_pos[None, None, :]
     if q_segment_ids is None and kv_segment_ids is None:
@@ -249,6 +257,10 @@ class _Binary(Mask):
     self.left.validate(num_heads, q_pos, k_pos)
     self.right.validate(num_heads, q_pos, k_pos)
 
+  def check_positions(self, q_pos, k_pos):
+    self.left.check_positions(q_pos, k_pos)
+    self.right.check_positions(q_pos, k_pos)
+
 
 @dataclasses.dataclass(frozen=True)
 class And(_Binary):
@@ -310,6 +322,9 @@ class Not(Mask):
   def validate(self, num_heads, q_pos, k_pos):
     self.inner.validate(num_heads, q_pos, k_pos)
 
+  def check_positions(self, q_pos, k_pos):
+    self.inner.check_positions(q_pos, k_pos)
+
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     return ~self.inner.predicate(head, q_pos, k_pos, q_seg, k_seg)
 
@@ -349,6 +364,9 @@ class Composite(Mask):
   def validate(self, num_heads, q_pos, k_pos):
     Mask.validate(self, num_heads, q_pos, k_pos)
     self.expanded.validate(num_heads, q_pos, k_pos)
+
+  def check_positions(self, q_pos, k_pos):
+    self.expanded.check_positions(q_pos, k_pos)
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     return self.expanded.predicate(head, q_pos, k_pos, q_seg, k_seg)

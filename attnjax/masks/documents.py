@@ -76,7 +76,8 @@ def same_id_bounds(ids: Tuple[int, ...], q_lo, q_hi, k_lo, k_hi):
     any_ = (hits > 0).reshape(np.broadcast(q_lo, k_lo).shape)
   all_ = (qa == qz) & (ka == kz) & (run_id[qa] == run_id[ka])
   inside = (q_lo >= 0) & (q_hi <= n) & (k_lo >= 0) & (k_hi <= n)
-  return any_, all_ & inside
+  overlap = (q_lo < n) & (q_hi > 0) & (k_lo < n) & (k_hi > 0)
+  return any_ & overlap, all_ & inside
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Documents(Mask):
       return "Documents()"
     return f"Documents(<{len(self.segment_ids)} static ids>)"
 
-  def validate(self, num_heads, q_pos, k_pos):
+  def check_positions(self, q_pos, k_pos):
     if self.segment_ids is not None:
       _check_range("Documents(segment_ids)", len(self.segment_ids), q_pos, k_pos)
 

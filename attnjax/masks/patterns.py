@@ -120,7 +120,7 @@ class Modality(Composite):
   def __repr__(self):
     return f"Modality(<{len(self.modality_ids)} ids>, text_id={self.text_id})"
 
-  def validate(self, num_heads, q_pos, k_pos):
+  def check_positions(self, q_pos, k_pos):
     from attnjax.masks.documents import _check_range  # pylint: disable=g-import-not-at-top
     _check_range("Modality(modality_ids)", len(self.modality_ids), q_pos, k_pos)
 
@@ -162,6 +162,10 @@ class PerHead(Mask):
     Mask.validate(self, num_heads, q_pos, k_pos)
     for m in dict.fromkeys(self.masks):
       m.validate(1 if m.num_heads is None else m.num_heads, q_pos, k_pos)
+
+  def check_positions(self, q_pos, k_pos):
+    for m in dict.fromkeys(self.masks):
+      m.check_positions(q_pos, k_pos)
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     out = None
@@ -234,6 +238,8 @@ class RandomBlocks(Mask):
   def validate(self, num_heads, q_pos, k_pos):
     if self.num_heads > 1:
       Mask.validate(self, num_heads, q_pos, k_pos)
+
+  def check_positions(self, q_pos, k_pos):
     from attnjax.masks.documents import _check_range  # pylint: disable=g-import-not-at-top
     _check_range(f"RandomBlocks(seq_len={self.seq_len})", self.seq_len, q_pos, k_pos)
 

@@ -58,8 +58,7 @@ class ShiftedGroups(Composite):
   def shift(self) -> int:
     return self.group_size // 2
 
-  def validate(self, num_heads, q_pos, k_pos):
-    Mask.validate(self, num_heads, q_pos, k_pos)
+  def check_positions(self, q_pos, k_pos):
     _check_range(f"ShiftedGroups(seq_len={self.seq_len})", self.seq_len, q_pos, k_pos)
 
   def expand(self) -> Mask:
