@@ -167,3 +167,78 @@ def test_dense_family_mask_objects_and_arrays():
   arr = jnp.asarray(win.to_dense(4, 7))[None]
   np.testing.assert_allclose(registry.dense_family(q, k, v, causal=True, mask=arr), want,
                              rtol=1e-5, atol=1e-5)
+
+
+# -- make_attention_fn inside Flax's own modules -----------------------------------
+VALID = (jnp.arange(T) < jnp.array([T, 3])[:, None])[..., None]  # query rows with keys
+
+
+def _close_on_valid_rows(got, want):
+  """Flax gives a query row that sees no key uniform weights; attnjax gives zeros."""
+  np.testing.assert_allclose(jnp.where(VALID, got, 0), jnp.where(VALID, want, 0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _masks_for_flax():
+  pad = (jnp.arange(T) < jnp.array([T, 3])[:, None])  # [B, T]
+  padding = nn.make_attention_mask(pad, pad)  # [B, 1, T, T]
+  causal = nn.combine_masks(padding, nn.make_causal_mask(jnp.ones((B, T))))
+  return {"non_causal": padding, "causal": causal}
+
+
+@pytest.mark.parametrize("kind", ["non_causal", "causal"])
+def test_make_attention_fn_in_linen_mhdpa(kind):
+  from attnjax.layers import make_attention_fn
+  x = _x(4)
+  mask = _masks_for_flax()[kind]
+  base = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)
+  ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16,
+                                         attention_fn=make_attention_fn())
+  params = base.init(jax.random.PRNGKey(0), x, mask=mask)
+  want = base.apply(params, x, mask=mask)
+  _close_on_valid_rows(ours.apply(params, x, mask=mask), want)
+  if kind == "causal":  # the same through an attnjax Mask object instead of the array
+    obj = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16,
+                                          attention_fn=make_attention_fn(masks.Causal()))
+    pad_only = _masks_for_flax()["non_causal"]
+    _close_on_valid_rows(obj.apply(params, x, mask=pad_only), want)
+  # Sown attention weights have Flax's layout [B, N, T, S].
+  _, inter = ours.apply(params, x, mask=mask, sow_weights=True, mutable=["intermediates"])
+  w = jax.tree.leaves(inter)[0]
+  assert w.shape == (B, 4, T, T)
+  np.testing.assert_allclose(w.sum(-1)[0], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["non_causal", "causal"])
+def test_make_attention_fn_in_nnx_mha(kind):
+  from flax import nnx
+  from attnjax.layers import make_attention_fn
+  x = _x(5)
+  mask = _masks_for_flax()[kind]
+  kw = dict(num_heads=4, in_features=D, qkv_features=16, decode=False)
+  base = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+  ours = nnx.MultiHeadAttention(**kw, attention_fn=make_attention_fn(), rngs=nnx.Rngs(0))
+  want = base(x, mask=mask)
+  _close_on_valid_rows(ours(x, mask=mask), want)
+  if kind == "causal":  # nnx's is_causal flag
+    pad_only = _masks_for_flax()["non_causal"]
+    _close_on_valid_rows(ours(x, mask=pad_only, is_causal=True), want)
+
+
+def test_make_attention_fn_rejects_unsupported_arguments():
+  from attnjax.layers import make_attention_fn
+  fn = make_attention_fn()
+  q = _x(0, (B, T, 2, 4))
+  with pytest.raises(NotImplementedError, match="dropout"):
+    fn(q, q, q, dropout_rate=0.1, deterministic=False, dropout_rng=jax.random.PRNGKey(0))
+  np.testing.assert_allclose(fn(q, q, q, dropout_rate=0.1, deterministic=True), fn(q, q, q))
+  with pytest.raises(NotImplementedError, match="einsum"):
+    fn(q, q, q, qk_attn_weights_einsum=jnp.einsum)
+  with pytest.raises(TypeError, match="Mask"):
+    make_attention_fn(jnp.ones((T, T), bool))
+  # Extra batch dimensions and GQA.
+  q5, k5 = _x(1, (2, 3, T, 4, 4)), _x(2, (2, 3, T, 2, 4))
+  got = fn(q5, k5, k5)
+  want = attnjax.reference_attention(q5.reshape(6, T, 4, 4), k5.reshape(6, T, 2, 4),
+                                     k5.reshape(6, T, 2, 4)).reshape(2, 3, T, 4, 4)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
