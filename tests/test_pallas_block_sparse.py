@@ -104,12 +104,14 @@ def _close(name, got, want, atol, rtol=1e-4):
                              atol=atol, rtol=rtol, err_msg=name)
 
 
-def _compare(backend, q, k, v, g, layout, mask, *, atol=1e-4, return_lse=False, **kw):
+def _compare(backend, q, k, v, g, layout, mask, *, atol=1e-4, return_lse=False, tiles=None,
+             **kw):
   g_lse = None
   if return_lse:
     g_lse = jax.random.normal(jax.random.PRNGKey(7), q.shape[:3], jnp.float32)
+  extra = {} if tiles is None else {"tiles": tiles}
   kern = lambda q, k, v: block_sparse_pallas(q, k, v, layout, mask=mask, backend=backend,
-                                             return_lse=return_lse, **kw)
+                                             return_lse=return_lse, **extra, **kw)
   ref = lambda q, k, v: reference_attention(q, k, v, mask=mask, return_lse=return_lse, **kw)
   out, lse, grads = _run(kern, q, k, v, g, g_lse)
   r_out, r_lse, r_grads = _run(ref, q, k, v, g, g_lse)
@@ -152,11 +154,11 @@ def _naive_bf16_error(q, k, v, mask, g):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_s2_per_head_layout_bfloat16(backend):
   T, N, K = 64, 4, 2
-  mask = S2Like(block=8, local_blocks=2, vert_stride=4)
-  layout = mask.block_layout(T, T, 8, 8, N)
+  mask = S2Like(block=16, local_blocks=1, vert_stride=2)
+  layout = mask.block_layout(T, T, 16, 16, N)
   dense = layout.block_mask != 0
   assert not np.array_equal(dense[0], dense[1]), "heads must differ"
-  q, k, v, g = _qkv(2, T, T, N, K, 16, jnp.bfloat16, seed=1)
+  q, k, v, g = _qkv(1, T, T, N, K, 16, jnp.bfloat16, seed=1)
   out, _, grads = _run(lambda q, k, v: block_sparse_pallas(q, k, v, layout, mask=mask,
                                                              backend=backend), q, k, v, g)
   r_out, _, r_grads = _run(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, g)
@@ -244,3 +246,27 @@ def test_validation_errors():
   with pytest.raises(ValueError, match="q_positions"):
     shifted = M.Causal().block_layout(32, 32, 16, 16, q_offset=5)
     block_sparse_pallas(q, k, v, shifted, backend="gpu")
+
+
+def test_gpu_tiles_smaller_than_layout_blocks():
+  # Each listed 32 x 32 block is visited as several kernel tiles (as the
+  # compiled GPU defaults do for the backward passes).
+  q, k, v, g = _qkv(1, 64, 64, 2, 1, 16, jnp.float32, seed=8)
+  mask = M.Causal()
+  layout = mask.block_layout(64, 64, 32, 32)
+  assert layout.num_full and layout.num_visited > layout.num_full
+  _compare("gpu", q, k, v, g, layout, mask, tiles=((16, 32), (32, 16), (16, 16)))
+
+
+def test_merge_q_layout_matches_fine_layout():
+  from pallas_kernels.block_sparse.merge_q import merge_q_blocks
+  mask = S2Like(block=16, local_blocks=1, vert_stride=2)
+  fine = mask.block_layout(64, 64, 16, 16, 2)
+  merged = merge_q_blocks(fine, 2)
+  assert merged.block_q == 32 and merged.num_visited < fine.num_visited
+  assert np.array_equal(merged.block_mask != 0,
+                        (fine.block_mask != 0).reshape(2, 2, 2, 4).any(axis=2))
+  q, k, v, g = _qkv(1, 64, 64, 2, 1, 16, jnp.float32, seed=9)
+  _compare("gpu", q, k, v, g, merged, mask)
+  with pytest.raises(ValueError, match="factor"):
+    merge_q_blocks(fine, 3)

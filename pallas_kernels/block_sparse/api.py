@@ -53,8 +53,22 @@ def _check_layout(layout, d: V.Dims):
         f"heads N={d.N}.")
 
 
+def _gpu_tiles(tiles, layout, interpret):
+  if tiles is None:
+    return gpu_kernels.default_tiles(int(layout.block_q), int(layout.block_kv), interpret)
+  try:
+    tiles = tuple((int(a), int(b)) for a, b in tiles)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"tiles must be ((fwd_q, fwd_k), (dq_q, dq_k), (dkv_q, dkv_k)), got {tiles!r}.") from e
+  if len(tiles) != 3:
+    raise ValueError(
+        f"tiles must be ((fwd_q, fwd_k), (dq_q, dq_k), (dkv_q, dkv_k)), got {tiles!r}.")
+  return tiles
+
+
 def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_positions,
-             segment_ids, interpret):
+             segment_ids, interpret, tiles=()):
   """Validates everything; returns (KernelConfig, aux arrays, sinks or None)."""
   d = V.check_qkv(query, key, value)
   _check_layout(layout, d)
@@ -113,7 +127,7 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
       pos_batched=(q_pos is not None and q_pos.shape[0] == d.B and d.B > 1,
                    k_pos is not None and k_pos.shape[0] == d.B and d.B > 1),
       out_dtype=jnp.float32 if sinks is not None else query.dtype,
-      interpret=interpret)
+      interpret=interpret, tiles=tiles)
   aux = (q_pos, k_pos) + (segs if segs is not None else (None, None))
   return cfg, aux, sinks
 
@@ -159,7 +173,7 @@ def _make_attention(cfg, lists, module):
 
 def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, scale=None,
                         q_positions=None, k_positions=None, segment_ids=None,
-                        return_lse=False, interpret=None, backend=None):
+                        return_lse=False, interpret=None, backend=None, tiles=None):
   """Block-sparse flash attention with the Pallas TPU (Mosaic) or GPU (Triton) kernels.
 
   Args:
@@ -181,14 +195,19 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
     return_lse: also return lse [B, T, N] float32 (differentiable).
     interpret: None = interpret unless running on the backend's platform.
     backend: "tpu" | "gpu" | None (the platform's; "tpu" on CPU).
+    tiles: GPU kernel tiles ((fwd_q, fwd_k), (dq_q, dq_k), (dkv_q, dkv_k)),
+      each dividing the layout blocks; None = ``gpu.default_tiles``. The TPU
+      kernels use the layout blocks as tiles.
 
   Returns:
     out [B, T, N, Hv] in the query dtype (and lse). Rows with no visible key
     give zeros and lse = -inf.
   """
   backend, interpret = _resolve_backend(backend, interpret)
+  _check_layout(layout, V.check_qkv(query, key, value))
+  kernel_tiles = _gpu_tiles(tiles, layout, interpret) if backend == "gpu" else ()
   cfg, aux, sinks = _prepare(query, key, value, layout, mask, score, scale, q_positions,
-                             k_positions, segment_ids, interpret)
+                             k_positions, segment_ids, interpret, kernel_tiles)
   if return_lse and cfg.normalization == "none":
     raise ValueError(
         "return_lse is undefined for unnormalised scores (normalization='none'): "

@@ -53,6 +53,8 @@ class KernelConfig:
     out_dtype: dtype the forward kernel writes (float32 when a sink
       correction follows).
     interpret: run through the Pallas interpreter.
+    tiles: GPU tiles ((fwd_q, fwd_k), (dq_q, dq_k), (dkv_q, dkv_k)); each
+      divides the layout's (block_q, block_kv). Unused by the TPU kernels.
   """
   B: int
   T: int
@@ -80,6 +82,7 @@ class KernelConfig:
   pos_batched: tuple
   out_dtype: Any
   interpret: bool
+  tiles: tuple = ()
 
   @property
   def nq(self) -> int:
