@@ -1,0 +1,126 @@
+"""Flax Linen layers with parameters for the linear engine: Agent Attention (papers_1 #23) and Titans (P2-27).
+
+Parameter-free families (linear, lightning, based, flow, agent without bias)
+are reached through FAMILIES and attnjax.layers.MultiHeadAttention.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax.linear.agent import agent_attention, pool_agents
+from attnjax.linear.sliding_window import sliding_window_attention
+from attnjax.linear.titans import linear_memory
+
+
+def _heads(x, n):
+  return x.reshape(x.shape[:-1] + (n, x.shape[-1] // n))
+
+
+class AgentAttention(nn.Module):
+  """Agent attention block on x [B, T, D] (T = h * w when hw is given).
+
+  Agents pool the queries; with hw and agent_bias, the agent biases are
+  per-agent 7 x 7 maps resized to h x w plus row and column terms
+  (trunc-normal 0.02 init), and a 3 x 3 depthwise convolution of V (as an
+  image) is added to the output; without hw the convolution is 1-D (width 3).
+  """
+  num_heads: int
+  num_agents: int = 49
+  hw: Optional[Tuple[int, int]] = None
+  agent_bias: bool = True
+  use_dwc: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, dim = x.shape
+    n = self.num_heads
+    q, k, v = (_heads(nn.Dense(dim, name=nm)(x), n) for nm in ("query", "key", "value"))
+    bias_ak = bias_qa = None
+    if self.agent_bias and self.hw is not None:
+      h, w = self.hw
+      init = nn.initializers.truncated_normal(0.02)
+      shape = (n, self.num_agents)
+      maps = []
+      for nm in ("ak", "qa"):
+        pb = self.param(f"{nm}_pool_bias", init, shape + (7, 7))
+        rows = self.param(f"{nm}_row_bias", init, shape + (h, 1))
+        cols = self.param(f"{nm}_col_bias", init, shape + (1, w))
+        full = jax.image.resize(pb, shape + (h, w), "bilinear") + rows + cols
+        maps.append(full.reshape(shape + (t,)))
+      bias_ak = maps[0][None]
+      bias_qa = jnp.swapaxes(maps[1], -1, -2)[None]
+    out = agent_attention(q, k, v, agents=pool_agents(q, self.num_agents, self.hw),
+                          bias_ak=bias_ak, bias_qa=bias_qa)
+    out = out.reshape(b, t, dim)
+    if self.use_dwc:
+      vv = v.reshape(b, t, dim)
+      if self.hw is not None:
+        conv = nn.Conv(dim, (3, 3), padding="SAME", feature_group_count=dim, name="dwc")
+        out = out + conv(vv.reshape(b, *self.hw, dim)).reshape(b, t, dim)
+      else:
+        out = out + nn.Conv(dim, (3,), padding="SAME", feature_group_count=dim, name="dwc")(vv)
+    return nn.Dense(dim, name="out")(out)
+
+
+class TitansMemory(nn.Module):
+  """Titans' long-term memory as a layer on x [B, T, D] (matrix memory, chunked).
+
+  q, k, v = SiLU projections (q and k l2-normalised), alpha, theta, eta =
+  sigmoid of per-head linear maps of x; y_t = M_t(q_t) then an output Dense.
+  The paper's short depthwise convolution after the projections is omitted.
+  """
+  num_heads: int
+  chunk_size: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, dim = x.shape
+    n = self.num_heads
+    proj = lambda nm: _heads(jax.nn.silu(nn.Dense(dim, name=nm)(x)), n)
+    l2 = lambda z: z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-6)
+    q, k, v = l2(proj("query")), l2(proj("key")), proj("value")
+    alpha, theta, eta = (jax.nn.sigmoid(nn.Dense(n, name=nm)(x)) for nm in ("alpha", "theta", "eta"))
+    y = linear_memory(q, k, v, alpha, theta, eta, chunk_size=self.chunk_size)
+    return nn.Dense(dim, name="out")(y.reshape(b, t, dim))
+
+
+class SlidingWindowBlock(nn.Module):
+  """Causal sliding-window softmax attention on x [B, T, D] (projections + banded op)."""
+  num_heads: int
+  window: Tuple[int, int] = (64, 0)
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, dim = x.shape
+    q, k, v = (_heads(nn.Dense(dim, name=nm)(x), self.num_heads) for nm in ("query", "key", "value"))
+    out = sliding_window_attention(q, k, v, window=self.window, causal=True)
+    return nn.Dense(dim, name="out")(out.reshape(b, t, dim))
+
+
+class TitansMAG(nn.Module):
+  """Memory as a gate: norm(SWA(x)) * sigmoid(norm(memory(x))) (our reading of the gate)."""
+  num_heads: int
+  window: Tuple[int, int] = (64, 0)
+  chunk_size: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    y = SlidingWindowBlock(self.num_heads, self.window, name="attention")(x)
+    m = TitansMemory(self.num_heads, self.chunk_size, name="memory")(x)
+    return nn.LayerNorm(name="norm_attention")(y) * jax.nn.sigmoid(nn.LayerNorm(name="norm_memory")(m))
+
+
+class TitansMAL(nn.Module):
+  """Memory as a layer: the memory's output feeds the sliding-window attention (with residuals)."""
+  num_heads: int
+  window: Tuple[int, int] = (64, 0)
+  chunk_size: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + TitansMemory(self.num_heads, self.chunk_size, name="memory")(x)
+    return x + SlidingWindowBlock(self.num_heads, self.window, name="attention")(x)
