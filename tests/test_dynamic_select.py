@@ -1,0 +1,143 @@
+"""Selection toolkit and gather paths of attnjax.dynamic."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax.core import validation as V
+from attnjax.dynamic import gather as G
+from attnjax.dynamic import select as S
+
+CAUSAL = attnjax.masks.Causal()
+
+
+def _qkv(B=1, T=32, N=4, K=2, H=8, S_=None, seed=0):
+  rng = np.random.default_rng(seed)
+  S_ = T if S_ is None else S_
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return f(B, T, N, H), f(B, S_, K, H), f(B, S_, K, H)
+
+
+def _value_and_grads(fn, q, k, v):
+  """(out, grads of a fixed random projection of out) in one jitted call."""
+  def f(a, b, c):
+    out = fn(a, b, c)
+    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+    return jnp.sum(out * w), out
+  (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def assert_same(fn, ref_fn, q, k, v, atol=2e-5):
+  """Forward and gradients of fn equal those of ref_fn."""
+  out, grads = _value_and_grads(fn, q, k, v)
+  ref, ref_grads = _value_and_grads(ref_fn, q, k, v)
+  np.testing.assert_allclose(out, ref, atol=atol, rtol=1e-4)
+  for a, b in zip(grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=atol * 5, rtol=1e-3)
+
+
+def test_pool_blocks():
+  x = jnp.arange(8.0).reshape(1, 8, 1, 1)
+  np.testing.assert_allclose(S.pool_blocks(x, 4)[0, :, 0, 0], [1.5, 5.5])
+  np.testing.assert_allclose(S.pool_blocks(x, 4, method="max")[0, :, 0, 0], [3, 7])
+  np.testing.assert_allclose(S.pool_blocks(x, 4, method="min")[0, :, 0, 0], [0, 4])
+  with pytest.raises(ValueError, match="block=3"):
+    S.pool_blocks(x, 3)
+  with pytest.raises(ValueError, match="method"):
+    S.pool_blocks(x, 4, method="sum")
+
+
+def test_topk_blocks_causal_padding_and_errors():
+  scores = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 4)), jnp.float32)
+  valid = jnp.tril(jnp.ones((4, 4), bool))[None, None]
+  idx, cnt = S.topk_blocks(scores, 2, valid=valid)
+  assert idx.shape == (2, 3, 4, 2) and idx.dtype == jnp.int32
+  np.testing.assert_array_equal(cnt[0, 0], [1, 2, 2, 2])
+  np.testing.assert_array_equal(idx[:, :, 0], 0)  # row 0: [0, pad=0]
+  i, c = np.asarray(idx), np.asarray(cnt)
+  for b, h, r in np.ndindex(2, 3, 4):
+    sel = i[b, h, r, :c[b, h, r]]
+    assert (np.diff(sel) > 0).all() and (sel <= r).all()
+    best = np.argsort(-np.where(np.asarray(valid[0, 0, r]), np.asarray(scores[b, h, r]), -np.inf))
+    assert set(sel) == set(best[:c[b, h, r]])
+  forced, _ = S.topk_blocks(scores, 2, valid=valid, force=jnp.eye(4, dtype=bool)[None, None])
+  assert (np.asarray(forced)[..., 3, :] == 3).any(-1).all()
+  with pytest.raises(ValueError, match="larger than the number of key blocks"):
+    S.topk_blocks(scores, 5)
+  with pytest.raises(ValueError, match="positive Python int"):
+    S.topk_blocks(scores, 0)
+
+
+def test_topk_blocks_no_retrace():
+  traces = []
+
+  @jax.jit
+  def f(s):
+    traces.append(1)
+    return S.topk_blocks(s, 3)
+
+  for seed in range(3):
+    f(jnp.asarray(np.random.default_rng(seed).standard_normal((1, 2, 4, 6)), jnp.float32))
+  assert len(traces) == 1
+
+
+def test_gather_attention_matches_masked_reference():
+  q, k, v = _qkv()
+  T = q.shape[1]
+  idx = jnp.argsort(np.random.default_rng(3).random((1, T, 4, T)), -1)[..., :6]
+  valid = idx <= jnp.arange(T)[None, :, None, None]
+  mask = S.token_indices_to_mask(idx, T, valid)
+  fn = lambda a, b, c: G.gather_attention(a, b, c, idx, valid=valid)
+  ref = lambda a, b, c: attnjax.reference_attention(a, b, c, mask=mask)
+  assert_same(fn, ref, q, k, v)
+  out, lse = G.gather_attention(q, k, v, idx, valid=jnp.zeros_like(valid), return_lse=True)
+  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(lse))
+  with pytest.raises(ValueError, match="indices must have shape"):
+    G.gather_attention(q, k, v, idx[:, :4])
+
+
+@pytest.mark.parametrize("heads", ["N", "K"])
+def test_block_gather_matches_restricted_reference(heads):
+  q, k, v = _qkv()
+  d = V.check_qkv(q, k, v)
+  H = d.N if heads == "N" else d.K
+  scores = jnp.asarray(np.random.default_rng(1).standard_normal((1, H, 4, 4)), jnp.float32)
+  valid = S.block_validity(*S.normalize_positions(None, None, d), 8, 8, causal=True)
+  idx, cnt = S.topk_blocks(scores, 2, valid=valid)
+  mask = S.block_layout_to_mask(idx, cnt, 32, 32, 8, 8, d.N) & CAUSAL.to_dense(32, 32)[None]
+  fn = lambda a, b, c: G.block_gather_attention(a, b, c, idx, cnt, block_q=8, block_kv=8,
+                                                causal=True)
+  ref = lambda a, b, c: attnjax.reference_attention(a, b, c, mask=mask)
+  assert_same(fn, ref, q, k, v)
+
+
+def test_block_gather_all_blocks_equals_dense_decode_positions():
+  q, k, v = _qkv(T=8, S_=32)
+  d = V.check_qkv(q, k, v)
+  qp = jnp.arange(8) + 20  # a partly filled cache: keys beyond 27 are future
+  idx = jnp.broadcast_to(jnp.arange(4), (1, 4, 1, 4))
+  cnt = jnp.full((1, 4, 1), 4)
+  out = G.block_gather_attention(q, k, v, idx, cnt, block_q=8, block_kv=8, causal=True,
+                                 q_positions=qp)
+  ref = attnjax.reference_attention(q, k, v, mask=CAUSAL, q_positions=qp)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  with pytest.raises(ValueError, match="block_kv=5"):
+    G.block_gather_attention(q, k, v, idx, cnt, block_q=8, block_kv=5)
+  del d
+
+
+def test_attention_mass_recall_full_and_planted():
+  q, k, _ = _qkv(T=64, N=2, K=2)
+  full = (jnp.broadcast_to(jnp.arange(8), (1, 2, 8, 8)), jnp.full((1, 2, 8), 8))
+  assert abs(float(S.attention_mass_recall(q, k, full, block_q=8, block_kv=8)) - 1) < 1e-5
+  # Planted: key block 2 carries almost all the last query's mass; recall = its true mass.
+  k = k.at[:, 16:24].set(q[:, -1:, :, :] * 10)
+  sel = (jnp.broadcast_to(jnp.array([2]), (1, 2, 8, 1)), jnp.ones((1, 2, 8), jnp.int32))
+  per = S.attention_mass_recall(q, k, sel, block_q=8, block_kv=8, causal=False, reduce=False)
+  _, _, probs = attnjax.reference_attention(q, k, k, return_lse=True, return_probs=True)
+  np.testing.assert_allclose(per[0], probs[0, :, :, 16:24].sum(-1).T, atol=1e-5)
+  assert per.shape == (1, 64, 2) and float(per[0, -1].min()) > 0.95
+  tok = jnp.broadcast_to(jnp.arange(64), (1, 64, 2, 64))
+  assert abs(float(S.attention_mass_recall(q, k, tok)) - 1) < 1e-5
