@@ -62,3 +62,39 @@ def test_allocator_fragmentation_shrinks_with_smaller_pages():
   small = D.simulate_trace(trace, page_bytes=512, bytes_per_token=64)
   assert small["mean_fragmentation"] < big["mean_fragmentation"]
   assert small["alloc_calls"] > big["alloc_calls"]
+
+
+def test_duo_attention_heads_and_mixing():
+  B, T, K, H = 1, 12, 2, 8
+  q = _rand((B, T, 4, H), 10)
+  k, v = _rand((B, T, K, H), 11), _rand((B, T, K, H), 12)
+  out = D.duo_attention(q, k, v, retrieval_heads=(True, False), sink=2, recent=3)
+  full = reference_attention(q, k, v, mask=Causal())
+  from attnjax.masks import SinkWindow
+  stream = reference_attention(q, k, v, mask=SinkWindow(2, 3))
+  np.testing.assert_allclose(out[:, :, :2], full[:, :, :2], atol=1e-5)
+  np.testing.assert_allclose(out[:, :, 2:], stream[:, :, 2:], atol=1e-5)
+  np.testing.assert_allclose(D.duo_attention(q, k, v, retrieval_heads=(False, False), sink=4, recent=8),
+                             full, atol=1e-5)  # sink + recent >= L -> full attention
+  np.testing.assert_allclose(D.mix_heads(full, stream, jnp.ones(2)), full)
+  mid = D.mix_heads(full, stream, jnp.array([0.5, 0.25]))
+  np.testing.assert_allclose(mid[:, :, 2:], 0.25 * full[:, :, 2:] + 0.75 * stream[:, :, 2:], atol=1e-6)
+  np.testing.assert_array_equal(D.select_retrieval_heads(jnp.array([0.9, 0.2, 0.6, 0.1]), streaming_fraction=0.5),
+                                [True, False, True, False])
+  with pytest.raises(ValueError, match="retrieval_heads"):
+    D.duo_attention(q, k, v, retrieval_heads=(True,))
+
+
+def test_sink_recent_cache_matches_streaming_mask_with_constant_bytes():
+  B, T, K, H = 1, 11, 1, 4
+  q = _rand((B, T, 2, H), 13)
+  k, v = _rand((B, T, K, H), 14), _rand((B, T, K, H), 15)
+  from attnjax.masks import SinkWindow
+  ref = reference_attention(q, k, v, mask=SinkWindow(2, 3))
+  cache = D.SinkRecentKVCache.create(B, K, H, sink=2, recent=3)
+  nbytes = cache.nbytes
+  step = jax.jit(lambda c, kt, vt, qt: (lambda c2: (c2, c2.attend(qt)))(c.append(kt, vt)))
+  for t in range(T):
+    cache, o = step(cache, k[:, t], v[:, t], q[:, t])
+    np.testing.assert_allclose(o, ref[:, t], atol=1e-5)
+  assert cache.nbytes == nbytes

@@ -2,3 +2,5 @@
 from attnjax.decoding.cache import (PageAllocator, decode_attention, gather_pages,
                                     paged_decode_attention, simulate_trace)
 from attnjax.decoding.razor import RazorCache, razor_compress, razor_decode_attention, razor_keep_mask
+from attnjax.decoding.duo import (SinkRecentKVCache, duo_attention, duo_gate_loss, duo_mask, mix_heads,
+                                  select_retrieval_heads)
