@@ -119,10 +119,33 @@ class EncoderClassifier(nn.Module):
     return nn.Dense(self.num_classes, name="head")(pooled)
 
 
-def build_model(config, task, act_sharding=None) -> nn.Module:
-  """The model of ``config.model`` for ``task`` (kinds must match)."""
+#: Families that run context-parallel on a multi-device mesh (head-sharded S2).
+CONTEXT_PARALLEL = ("s2",)
+
+
+def _mesh_family(name: str, mesh) -> str:
+  """Registers (once per mesh) the context-parallel version of ``name``; returns its name."""
+  from attnjax.layers import registry  # pylint: disable=g-import-not-at-top
+  from attnjax.sharding import s2_family_for_mesh  # pylint: disable=g-import-not-at-top
+  shape = "x".join(f"{k}{v}" for k, v in mesh.shape.items())
+  sharded = f"{name}@{shape}#{id(mesh)}"
+  if sharded not in registry.list_families():
+    registry.register_family(sharded, s2_family_for_mesh(mesh))
+  return sharded
+
+
+def build_model(config, task, act_sharding=None, mesh=None) -> nn.Module:
+  """The model of ``config.model`` for ``task`` (kinds must match).
+
+  On a multi-device ``mesh`` the S2 layers run context-parallel
+  (``attnjax.sharding.context_parallel_attention`` inside ``shard_map``);
+  other families are partitioned by XLA from the sharded activations.
+  """
   m = config.model
-  layers = tuple((fam, tuple(sorted(opts.items()))) for fam, opts in families.resolve(m))
+  resolved = families.resolve(m)
+  if mesh is not None and mesh.size > 1:
+    resolved = [(_mesh_family(f, mesh) if f in CONTEXT_PARALLEL else f, o) for f, o in resolved]
+  layers = tuple((fam, tuple(sorted(opts.items()))) for fam, opts in resolved)
   impl = None if m.implementation in ("auto", "", None) else str(m.implementation)
   dtype = jnp.dtype(m.dtype)
   kv = int(m.num_kv_heads) or int(m.num_heads)

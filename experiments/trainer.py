@@ -77,7 +77,7 @@ class Experiment:
                       num_kv_heads=int(config.model.num_kv_heads) or None)
     act = S.activation_sharding(self.mesh) if self.mesh.size > 1 else None
     self.layers = families.resolve(config.model)
-    self.model = models.build_model(config, self.task, act)
+    self.model = models.build_model(config, self.task, act, self.mesh)
     self.num_steps = int(config.train.num_steps)
     self.tx, self.schedule = make_optimizer(config.optim, self.num_steps)
     self._train_step = jax.jit(self._step)

@@ -49,8 +49,13 @@ def mesh_shape(data: int = 1, heads: int = 1, context: int = 1,
 
 def make_mesh(data: int = 1, heads: int = 1, context: int = 1,
               devices: Optional[Sequence] = None, field: str = "mesh") -> Mesh:
-  """A Mesh with axes ("data", "heads", "context") over ``devices`` (default all)."""
+  """A Mesh with axes ("data", "heads", "context") over ``devices`` (default all).
+
+  All sizes 1 means a single device (the first), whatever the device count.
+  """
   devices = list(jax.devices() if devices is None else devices)
+  if (data, heads, context) == (1, 1, 1):
+    devices = devices[:1]
   s = mesh_shape(data, heads, context, len(devices), field)
   arr = np.asarray(devices, dtype=object).reshape(s["data"], s["heads"], s["context"])
   return Mesh(arr, AXES)

@@ -1,0 +1,130 @@
+"""Sharding on 8 simulated CPU devices (in a subprocess: XLA_FLAGS must precede the jax import).
+
+S2 head-sharded context parallelism equals unsharded attention (forward and
+gradients) on several meshes; a model trained on a (data, heads, context) =
+(2, 2, 2) mesh matches the single-device run; mesh errors name the field;
+the communication plan receives less than an all-gather.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import json, os, tempfile
+import jax, jax.numpy as jnp, numpy as np
+from attnjax import masks as M
+from attnjax.core.reference import reference_attention
+from attnjax.layers import registry
+from attnjax.sharding import make_mesh, context_parallel_attention, communication_bytes
+out = {"devices": jax.device_count()}
+B, T, N, K, H = 2, 64, 4, 2, 8
+ks = jax.random.split(jax.random.PRNGKey(0), 3)
+q = jax.random.normal(ks[0], (B, T, N, H)); k = jax.random.normal(ks[1], (B, T, K, H))
+v = jax.random.normal(ks[2], (B, T, K, H))
+cases = [((1, 1, 8), M.S2(N, block_size=8, local_blocks=2, vert_stride=4, num_kv_heads=K)),
+         ((2, 2, 2), M.S2(N, block_size=8, local_blocks=2, vert_stride=4, num_kv_heads=K)),
+         ((1, 2, 4), M.S2(N, block_size=8, local_blocks=(2, 1), vert_stride=3, causal=False,
+                          num_kv_heads=K))]
+loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) ** 2))
+for shape, m in cases:
+  mesh = make_mesh(*shape)
+  f = jax.jit(lambda q, k, v: context_parallel_attention(q, k, v, m, mesh, implementation="reference"))
+  r = jax.jit(lambda q, k, v: reference_attention(q, k, v, mask=m))
+  g1 = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
+  g2 = jax.jit(jax.grad(loss(r), argnums=(0, 1, 2)))(q, k, v)
+  out[str(shape)] = {"fwd": float(jnp.abs(f(q, k, v) - r(q, k, v)).max()),
+                     "grad": max(float(jnp.abs(a - b).max()) for a, b in zip(g1, g2))}
+s2 = M.S2(8, block_size=16, local_blocks=2, vert_stride=8)
+kw = dict(batch=1, seq_len=1024, num_heads=8, num_kv_heads=8, head_dim=64, num_chunks=8)
+out["bytes_s2"] = communication_bytes(s2, **kw)
+
+# -- training on a mesh equals training on one device ---------------------------------
+if "s2" not in registry.list_families():
+  def _s2(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
+          implementation=None, **o):
+    m = M.S2(query.shape[2], causal=causal, num_kv_heads=key.shape[2], **o)
+    return reference_attention(query, key, value, mask=m)
+  registry.register_family("s2", _s2)
+from configs import common
+from experiments import metrics, trainer
+def cfg(mesh):
+  c = common.base_config("t")
+  c.task.name = "stdlib_lm"; c.task.seq_len = 32; c.task.batch_size = 4; c.task.eval_batches = 1
+  c.model.num_layers = 2; c.model.d_model = 32; c.model.num_heads = 4; c.model.num_kv_heads = 2
+  c.model.layer_attention = ("s2", "dense")
+  c.model.family_options = {"s2": {"block_size": 4, "local_blocks": 2, "vert_stride": 4}}
+  c.model.use_presets = False
+  c.optim.warmup_steps = 1; c.train.num_steps = 3; c.train.log_every = 1; c.train.eval_every = 3
+  c.train.checkpoint_every = 3; c.train.progress_bar = False
+  c.mesh.data, c.mesh.heads, c.mesh.context = mesh
+  return c
+losses = {}
+for mesh in [(1, 1, 1), (2, 2, 2)]:
+  wd = tempfile.mkdtemp()
+  trainer.train(cfg(mesh), wd, echo=lambda s: None)
+  losses[str(mesh)] = [r["value"] for r in metrics.read_csv(os.path.join(wd, "metrics.csv"))
+                       if r["metric"] == "loss"]
+out["train_losses"] = losses
+errs = {}
+for mesh, field, value in [((1, 2, 4), "num_heads", 3), ((1, 1, 8), "seq_len", 36),
+                           ((1, 1, 4), None, None)]:
+  c = cfg(mesh)
+  if field == "num_heads":
+    c.model.num_heads = 3; c.model.num_kv_heads = 0; c.model.d_model = 24
+  elif field == "seq_len":
+    c.task.seq_len = 36
+  try:
+    trainer.Experiment(c, tempfile.mkdtemp())
+    errs[str(mesh)] = "no error"
+  except ValueError as e:
+    errs[str(mesh)] = str(e)
+out["errors"] = errs
+print("RESULT" + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def result():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  return json.loads(lines[-1][len("RESULT"):])
+
+
+def test_eight_devices(result):
+  assert result["devices"] == 8
+
+
+@pytest.mark.parametrize("mesh", ["(1, 1, 8)", "(2, 2, 2)", "(1, 2, 4)"])
+def test_context_parallel_equals_unsharded(result, mesh):
+  assert result[mesh]["fwd"] < 1e-5
+  assert result[mesh]["grad"] < 1e-4
+
+
+def test_s2_receives_less_than_an_allgather(result):
+  b = result["bytes_s2"]
+  # stride 8: a device needs ~1/8 of each remote chunk plus the band.
+  assert b["needed_ratio_max"] < 0.25
+  assert b["transferred_bytes"] < b["allgather_bytes"]
+
+
+def test_training_on_a_mesh_matches_one_device(result):
+  one, mesh = result["train_losses"]["(1, 1, 1)"], result["train_losses"]["(2, 2, 2)"]
+  assert len(one) == len(mesh) == 4      # 3 train steps + 1 eval
+  np.testing.assert_allclose(mesh, one, rtol=2e-5)
+
+
+def test_mesh_errors_name_the_field(result):
+  e = result["errors"]
+  assert "config.model.num_heads=3 is not divisible by the mesh's 'heads' axis" in e["(1, 2, 4)"]
+  assert "config.task.seq_len=36 is not divisible by the mesh's 'context' axis" in e["(1, 1, 8)"]
+  assert "config.mesh: data * heads * context = 1 * 1 * 4 = 4 must equal" in e["(1, 1, 4)"]
