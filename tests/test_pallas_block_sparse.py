@@ -186,11 +186,11 @@ def test_causal_cross_fully_masked_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segments_window_and_position_arrays(backend):
-  B, T = 2, 64
+  B, T = 2, 48
   q, k, v, g = _qkv(B, T, T, 2, 2, 16, jnp.float32, seed=3)
   mask = M.SlidingWindow(40, 16)
   layout = mask.block_layout(T, T, 16, 16)
-  seg = jnp.asarray(np.stack([np.repeat([0, 1], [20, 44]), np.repeat([0, 1, 2], [30, 30, 4])]),
+  seg = jnp.asarray(np.stack([np.repeat([0, 1], [20, 28]), np.repeat([0, 1, 2], [30, 14, 4])]),
                     jnp.int32)
   pos = jnp.tile(jnp.arange(T, dtype=jnp.int32)[None], (B, 1))
   _compare(backend, q, k, v, g, layout, mask, segment_ids=seg, q_positions=pos,
@@ -270,3 +270,41 @@ def test_merge_q_layout_matches_fine_layout():
   _compare("gpu", q, k, v, g, merged, mask)
   with pytest.raises(ValueError, match="factor"):
     merge_q_blocks(fine, 3)
+
+
+def _lower_compiled(backend, layout, mask, dtype, H, **kw):
+  """Lowers the compiled (not interpreted) forward + backward for another platform."""
+  from pallas_kernels.block_sparse import api, gpu, tpu
+  module = {"gpu": gpu, "tpu": tpu}[backend]
+  T, N = layout.q_len, 4
+  q = jnp.zeros((1, T, N, H), dtype)
+  k = jnp.zeros((1, T, 2, H), dtype)
+  tiles = gpu.default_tiles(layout.block_q, layout.block_kv, False) if backend == "gpu" else ()
+  cfg, aux, sinks = api._prepare(q, k, k, layout, mask, None, None, None, None,
+                                 kw.get("segment_ids"), False, tiles)
+  attend = api._make_attention(cfg, module.prepare_lists(layout), module)
+
+  def f(q, k, v):
+    out, pull = jax.vjp(lambda q, k, v: attend(q, k, v, aux, sinks)[0], q, k, v)
+    return pull(out)
+  platform = "cuda" if backend == "gpu" else "tpu"
+  return jax.jit(f).trace(q, k, k).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_compiled_gpu_kernels_lower_to_triton():
+  # Compiled tiles (sub-block backward tiles), head_dim padding 96 -> 128, GQA,
+  # per-head layouts with full and partial blocks.
+  mask = S2Like(block=64, local_blocks=1, vert_stride=2)
+  text = _lower_compiled("gpu", mask.block_layout(256, 256, 64, 64, 4), mask, jnp.bfloat16, 96)
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+def test_compiled_tpu_kernels_lower_to_mosaic():
+  from jax._src.mesh import AbstractDevice, AbstractMesh
+  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("TPU v5 lite", 1, "tpu"))
+  mask = M.Causal() & M.SlidingWindow(200)
+  seg = jnp.zeros((1, 512), jnp.int32)
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = _lower_compiled("tpu", mask.block_layout(512, 512, 128, 128, 4), mask,
+                           jnp.bfloat16, 128, segment_ids=seg)
+  assert text.count("custom_call @tpu_custom_call") == 3  # forward, dQ, dK/dV
