@@ -216,7 +216,8 @@ def _gather_blocks(blocks, idx):
 
 def communication_bytes(mask, *, batch: int, seq_len: int, num_heads: int, num_kv_heads: int,
                         head_dim: int, value_dim: Optional[int] = None, num_chunks: int,
-                        head_shards: int = 1, itemsize: int = 2) -> Dict[str, float]:
+                        head_shards: int = 1, itemsize: int = 2,
+                        block_size: Optional[int] = None) -> Dict[str, float]:
   """Bytes of K/V each device receives with the plan vs an all-gather of the full K/V.
 
   Returns a dict with ``allgather_bytes`` ((C-1)/C of the local heads' K/V),
@@ -225,7 +226,7 @@ def communication_bytes(mask, *, batch: int, seq_len: int, num_heads: int, num_k
   to the all-gather.
   """
   value_dim = head_dim if value_dim is None else value_dim
-  plan = make_plan(mask, seq_len, num_heads, num_kv_heads, num_chunks, head_shards)
+  plan = make_plan(mask, seq_len, num_heads, num_kv_heads, num_chunks, head_shards, block_size)
   per_block = batch * plan.block_size * (head_dim + value_dim) * itemsize
   allgather = (num_chunks - 1) * plan.blocks_per_chunk * plan.kv_heads_local * per_block
   need = plan.received_blocks() * per_block
