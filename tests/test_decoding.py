@@ -98,3 +98,51 @@ def test_sink_recent_cache_matches_streaming_mask_with_constant_bytes():
     cache, o = step(cache, k[:, t], v[:, t], q[:, t])
     np.testing.assert_allclose(o, ref[:, t], atol=1e-5)
   assert cache.nbytes == nbytes
+
+
+def test_tokenselect_full_budget_is_exact_and_votes_are_head_permutation_invariant():
+  B, L, K, H = 1, 40, 2, 8
+  k, v = _rand((B, L, K, H), 20), _rand((B, L, K, H), 21)
+  q = _rand((B, 1, 4, H), 22)
+  lengths = jnp.array([L])
+  idx = D.tokenselect_indices(q, k, n_init=4, n_local=8, top_k=28)
+  np.testing.assert_array_equal(idx[0], np.arange(L))
+  np.testing.assert_allclose(D.sparse_decode_attention(q, k, v, idx, lengths),
+                             D.decode_attention(q, k, v, lengths), atol=1e-5)
+  small = D.tokenselect_indices(q, k, n_init=2, n_local=4, top_k=6)
+  assert small.shape == (1, 12) and set(range(2)) <= set(np.asarray(small[0])) and 39 in np.asarray(small[0])
+  perm = jnp.array([1, 0, 3, 2])  # swap heads within each KV group
+  np.testing.assert_array_equal(D.tokenselect_indices(q[:, :, perm], k, n_init=2, n_local=4, top_k=6), small)
+
+
+def test_tokenselect_single_head_picks_its_own_top_logits_and_cache_reuse():
+  B, L, H = 1, 30, 4
+  k = _rand((B, L, 1, H), 23)
+  q = _rand((B, 1, 1, H), 24)
+  idx = D.tokenselect_indices(q, k, n_init=0, n_local=0, top_k=5)
+  logits = np.asarray(jnp.einsum("bh,blh->bl", q[:, 0, 0], k[:, :, 0]))
+  np.testing.assert_array_equal(np.sort(np.argsort(-logits[0])[:5]), idx[0])
+  cache = D.SelectionCache(jnp.mean(q, 1), idx)
+  _, _, hit = cache.select(q, k, n_init=0, n_local=0, top_k=5)
+  assert bool(hit[0])
+  _, _, miss = cache.select(q, k, threshold=1.5, n_init=0, n_local=0, top_k=5)
+  assert not bool(miss[0])  # threshold above 1: never reuses
+
+
+def test_tidal_decode_budget_full_equals_full_attention_and_indices_persist():
+  B, L, K, H = 1, 16, 2, 8
+  k, v = _rand((B, L, K, H), 25), _rand((B, L, K, H), 26)
+  q = _rand((B, 1, 4, H), 27)
+  lengths = jnp.array([12])
+  sched = D.TidalSchedule(full_layers=(0,), select_layers=(1, 3))
+  assert [sched.role(i) for i in range(5)] == ["full", "select", "sparse", "select", "sparse"]
+  full = D.decode_attention(q, k, v, lengths)
+  out, idx = D.tidal_decode_step(q, k, v, lengths, role="select", k=L)
+  np.testing.assert_allclose(out, full, atol=1e-6)
+  sparse, idx2 = D.tidal_decode_step(q, k, v, lengths, role="sparse", indices=idx)
+  np.testing.assert_allclose(sparse, full, atol=1e-5)  # budget >= cache: identical
+  assert idx2 is idx
+  _, small = D.tidal_decode_step(q, k, v, lengths, role="select", k=4)
+  assert int(small.max()) < 12 and small.shape == (1, 2, 4)
+  with pytest.raises(ValueError, match="indices"):
+    D.tidal_decode_step(q, k, v, lengths, role="sparse")

@@ -4,3 +4,5 @@ from attnjax.decoding.cache import (PageAllocator, decode_attention, gather_page
 from attnjax.decoding.razor import RazorCache, razor_compress, razor_decode_attention, razor_keep_mask
 from attnjax.decoding.duo import (SinkRecentKVCache, duo_attention, duo_gate_loss, duo_mask, mix_heads,
                                   select_retrieval_heads)
+from attnjax.decoding.select import (SelectionCache, TidalSchedule, sparse_decode_attention,
+                                     tidal_decode_step, tokenselect_indices, topk_positions)
