@@ -61,7 +61,10 @@ def test_lru_cache_and_jit_static_arg():
 
 
 def test_predicate_runs_on_jax_arrays_and_under_jit():
-  ms = [m for m in _make_all() if not m.needs_segments]
+  ms = [M.S2(2, block_size=2, local_blocks=1, vert_stride=2), M.RandomBlocks(2, 1, 8, num_heads=2),
+        M.Documents((1, 1, 2, 2, 2, 3, 3, 3)), M.ShiftedGroups(4, 8, 2),
+        M.GlobalTokens(tuple(range(0, 40, 2))), M.Modality.vision_then_text(3, 5),
+        M.Strided(2), M.PerHead((M.Causal(), M.SinkWindow(1, 2)))]
   jitted = (M.S2, M.RandomBlocks, M.Documents)
   for m in ms:
     H = m.num_heads or 2
