@@ -43,7 +43,8 @@ def test_layer_matches_projections_plus_reference(kh, causal, rope):
 
 
 def test_cross_attention_and_padding_mask():
-  m = MultiHeadAttention(num_heads=2, qkv_features=8, out_features=5)
+  m = MultiHeadAttention(num_heads=2, qkv_features=8, out_features=5,
+                         implementation="reference")
   x, kv = _x(0), _x(1, (B, 9, 7))
   params = m.init(jax.random.PRNGKey(0), x, kv)
   pad = jnp.arange(9)[None, None, None, :] < jnp.array([9, 4])[:, None, None, None]
@@ -106,8 +107,8 @@ def test_rope_properties_and_errors():
 
 
 # -- KV cache ---------------------------------------------------------------------
-@pytest.mark.parametrize("chunks", [(1,) * T, (3, 1, 2)])
-def test_kv_cache_decoding_equals_full_causal_forward(chunks):
+def test_kv_cache_decoding_equals_full_causal_forward(chunks=(3, 1, 2)):
+  """A 3-token prefill, then one token, then two: equals the full causal forward."""
   kw = dict(num_heads=4, num_kv_heads=2, qkv_features=16, causal=True, use_rope=True)
   x = _x(3)
   full = MultiHeadAttention(**kw)
@@ -153,6 +154,9 @@ def test_registry_dense_unknown_and_registered():
                          attention_options={"factor": 2.0})
   params = a.init(jax.random.PRNGKey(0), x)
   np.testing.assert_allclose(b.apply(params, x), 2 * a.apply(params, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="does not accept \\['window'\\]"):
+    MultiHeadAttention(num_heads=2, attention="test_doubled",
+                       attention_options={"window": 3}).init(jax.random.PRNGKey(0), x)
   with pytest.raises(NotImplementedError, match="supports_kv_cache"):
     MultiHeadAttention(num_heads=2, causal=True, decode=True, attention="test_doubled").init(
         jax.random.PRNGKey(0), x)
@@ -161,11 +165,12 @@ def test_registry_dense_unknown_and_registered():
 def test_dense_family_mask_objects_and_arrays():
   q, k, v = _x(0, (1, 4, 2, 4)), _x(1, (1, 7, 2, 4)), _x(2, (1, 7, 2, 4))
   win = masks.SlidingWindow(2)
-  got = registry.dense_family(q, k, v, causal=True, mask=win)
+  got = registry.dense_family(q, k, v, causal=True, mask=win, implementation="reference")
   want = attnjax.reference_attention(q, k, v, mask=masks.Causal() & win)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   arr = jnp.asarray(win.to_dense(4, 7))[None]
-  np.testing.assert_allclose(registry.dense_family(q, k, v, causal=True, mask=arr), want,
+  np.testing.assert_allclose(registry.dense_family(q, k, v, causal=True, mask=arr,
+                                                 implementation="reference"), want,
                              rtol=1e-5, atol=1e-5)
 
 
@@ -238,7 +243,7 @@ def test_make_attention_fn_rejects_unsupported_arguments():
     make_attention_fn(jnp.ones((T, T), bool))
   # Extra batch dimensions and GQA.
   q5, k5 = _x(1, (2, 3, T, 4, 4)), _x(2, (2, 3, T, 2, 4))
-  got = fn(q5, k5, k5)
+  got = make_attention_fn(implementation="reference")(q5, k5, k5)
   want = attnjax.reference_attention(q5.reshape(6, T, 4, 4), k5.reshape(6, T, 2, 4),
                                      k5.reshape(6, T, 2, 4)).reshape(2, 3, T, 4, 4)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

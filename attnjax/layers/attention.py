@@ -9,6 +9,7 @@ family with its ``attention_options``. KV-cache decoding uses Flax's
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -36,6 +37,21 @@ def bind_score_params(module: nn.Module, score, num_heads: int, param_dtype=jnp.
     arrays[name] = module.param(
         f"score_{name}", lambda _, v=init: jnp.asarray(v, param_dtype))
   return score.bind(**arrays)
+
+
+def _check_options(name, fn, kwargs):
+  """ValueError naming any keyword the family function does not accept."""
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return
+  unknown = sorted(set(kwargs) - set(params))
+  if unknown:
+    raise ValueError(
+        f"attention family {name!r} does not accept {unknown} (from attention_options or "
+        f"the layer's mask/score/implementation); it accepts {list(params)[3:]}.")
 
 
 class MultiHeadAttention(nn.Module):
@@ -167,6 +183,7 @@ class MultiHeadAttention(nn.Module):
                       ("implementation", self.implementation)):
       if val is not None:
         kwargs[name] = val
+    _check_options(self.attention, fn, kwargs)
     out = fn(q, k, v, causal=self.causal, q_positions=q_positions, k_positions=k_positions,
              segment_ids=segment_ids, **kwargs)
     if overflow is not None:
