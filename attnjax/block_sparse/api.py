@@ -206,12 +206,16 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
     raise ValueError(f"mask {mask_obj!r} reads segment ids: pass segment_ids.")
   bias4 = None if bias is None else _norm4("bias", bias, d)
   bq, bk, Tp, Sp = P.choose_blocks(d.T, d.S)
-  nq, nk = Tp // bq, Sp // bk
+  bm0 = None
+  offs = P.layout_offsets(q_pos, k_pos) if mask_obj is not None else None
+  if offs is not None and not mask_obj.needs_segments:
+    bq, bk, bm0 = P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
+    Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
   if implementation == "pallas":
     if bias is not None:
       raise NotImplementedError("implementation='pallas' does not take an additive bias; "
                                 "use implementation='xla'.")
-    layout = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp)
+    layout = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp, bm0)
     if Tp != d.T or Sp != d.S:
       raise NotImplementedError(
           f"implementation='pallas' needs lengths divisible by a block size; got T={d.T}, "
@@ -220,16 +224,18 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
         layout, d.T, d.S, bq, bk, mask=mask_obj), mask=mask_arr, score=score, scale=scale,
                    q_positions=q_positions, k_positions=k_positions,
                    segment_ids=segment_ids, return_lse=return_lse)
-  bm = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp)
+  bm = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp, bm0)
   return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
                     bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,
                     mask_array=mask_arr, return_lse=return_lse)
 
 
-def _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp):
-  """Static block classes [Nl, nq, nk] for the call."""
+def _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp, bm0=None):
+  """Static block classes [Nl, nq, nk] for the call (``bm0``: the mask's, if known)."""
   nq, nk = Tp // bq, Sp // bk
-  if mask_obj is not None:
+  if bm0 is not None:
+    bm = bm0
+  elif mask_obj is not None:
     offs = P.layout_offsets(q_pos, k_pos)
     if offs is None:
       bm = P.dense_block_mask(nq, nk, LY.PARTIAL)

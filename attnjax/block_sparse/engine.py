@@ -137,10 +137,14 @@ def _fwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, s
 def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
   """Merges slot groups -> out [B, Hl, nq, Rq, Hv] f32 and lse [B, Hl, nq, Rq]."""
   B, Hl, nq, Rq = cfg.B, cfg.Hl, cfg.nq, cfg.R * cfg.bq
-  acc = acc[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq, -1)
+  acc = acc[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq, cfg.Hv)
   m = m[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq)
   l = l[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq)
   norm = _norm(cfg)
+  if groups == 0:   # no visited block: every row is empty
+    acc = jnp.zeros((B, Hl, 1, nq, Rq, cfg.Hv), jnp.float32)
+    m = jnp.full((B, Hl, 1, nq, Rq), _NEG_INF, jnp.float32)
+    l = jnp.zeros((B, Hl, 1, nq, Rq), jnp.float32)
   if norm == "softmax":
     M = m.max(2)
     M_safe = jnp.where(jnp.isfinite(M), M, 0.0)

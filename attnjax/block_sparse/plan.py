@@ -122,8 +122,7 @@ def choose_blocks(T: int, S: int, target: int = 512) -> Tuple[int, int, int, int
 def mask_block_mask(mask, Tp: int, Sp: int, bq: int, bk: int, N: int,
                     q_offset: int, k_offset: int) -> np.ndarray:
   """Block classes of a Mask for contiguous positions (via its cached layout)."""
-  heads = N if mask.head_dependent else 1
-  lay = mask.block_layout(Tp, Sp, bq, bk, heads, q_offset=q_offset, k_offset=k_offset)
+  lay = mask.block_layout(Tp, Sp, bq, bk, N, q_offset=q_offset, k_offset=k_offset)
   return lay.block_mask
 
 
@@ -141,3 +140,36 @@ def layout_offsets(q_pos, k_pos) -> Optional[Tuple[int, int]]:
   if kp.size and not np.array_equal(kp, kp[0] + np.arange(kp.size)):
     return None
   return int(qp[0]), int(kp[0])
+
+
+#: (block_q, block_kv) tried for masks on long sequences, cheapest estimate wins.
+CANDIDATE_BLOCKS = ((512, 512), (256, 256), (256, 128), (512, 128), (256, 64), (512, 64))
+
+
+def estimated_cost(bm: np.ndarray, bq: int, bk: int) -> float:
+  """Relative time of a block classification: visited elements, with a penalty for
+  partial blocks (element mask) and for small tiles (less efficient matmuls)."""
+  full = np.count_nonzero(bm == LY.FULL)
+  part = np.count_nonzero(bm == LY.PARTIAL)
+  return (full + 1.35 * part) * bq * bk * (1.0 + 32.0 / bk + 32.0 / bq)
+
+
+def pick_blocks(mask, T: int, S: int, N: int, q_offset: int, k_offset: int):
+  """(bq, bk, block classes) for a Mask at contiguous positions.
+
+  Short sequences use ``choose_blocks``; long ones try ``CANDIDATE_BLOCKS``
+  that divide both lengths and keep the cheapest estimate.
+  """
+  bq, bk, Tp, Sp = choose_blocks(T, S)
+  best = (bq, bk, mask_block_mask(mask, Tp, Sp, bq, bk, N, q_offset, k_offset))
+  if T * S < (1 << 22) or Tp != T or Sp != S:
+    return best
+  best_cost = estimated_cost(best[2], bq, bk)
+  for cq, ck in CANDIDATE_BLOCKS:
+    if T % cq or S % ck or (cq, ck) == (bq, bk):
+      continue
+    bm = mask_block_mask(mask, T, S, cq, ck, N, q_offset, k_offset)
+    c = estimated_cost(bm, cq, ck)
+    if c < best_cost:
+      best, best_cost = (cq, ck, bm), c
+  return best
