@@ -247,3 +247,19 @@ def test_make_attention_fn_rejects_unsupported_arguments():
   want = attnjax.reference_attention(q5.reshape(6, T, 4, 4), k5.reshape(6, T, 2, 4),
                                      k5.reshape(6, T, 2, 4)).reshape(2, 3, T, 4, 4)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_make_attention_fn_in_nnx_kv_cache_decoding():
+  """nnx decoding passes one query and the whole cache: causal Mask objects stay
+  correct because attnjax positions are bottom-right aligned."""
+  from flax import nnx
+  from attnjax.layers import make_attention_fn
+  x = _x(6)
+  kw = dict(num_heads=4, in_features=D, qkv_features=16)
+  m = nnx.MultiHeadAttention(**kw, decode=True, attention_fn=make_attention_fn(masks.Causal()),
+                             rngs=nnx.Rngs(0))
+  m.init_cache((B, T, D))
+  got = jnp.concatenate([m(x[:, i:i + 1]) for i in range(T)], axis=1)
+  full = nnx.MultiHeadAttention(**kw, decode=False, rngs=nnx.Rngs(0))
+  want = full(x, mask=nnx.make_causal_mask(jnp.ones((B, T))))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
