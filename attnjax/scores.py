@@ -80,7 +80,7 @@ def _per_head(x, head):
 class SoftCap(_Score):
   """Logit soft-capping: ``cap * tanh(s / cap)``, then softmax.
 
-  Gemma 2 uses ``cap = 50.0`` on the attention logits (its
+  Gemma 2 uses ``cap = 50.0`` on the attention logits (its released configs'
   ``attn_logit_softcapping``; 30.0 is its final-logit cap), the default here.
   As ``cap -> inf`` this is plain softmax.
   """

@@ -225,8 +225,7 @@ def test_layer_learns_score_params():
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, 16))
   for score, name, shape in ((scores.Sink(0.0), "score_sink_logits", (4,)),
                              (scores.Selective(), "score_beta", ())):
-    m = MultiHeadAttention(num_heads=4, num_kv_heads=2, causal=True, score=score,
-                           implementation="reference")
+    m = MultiHeadAttention(num_heads=4, num_kv_heads=2, causal=True, score=score)
     params = m.init(jax.random.PRNGKey(1), x)
     assert params["params"][name].shape == shape
     g = jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(params)
