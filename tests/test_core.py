@@ -146,3 +146,10 @@ def test_bad_masks_positions_segments_and_windows():
 def test_default_positions_are_bottom_right_aligned():
   qp, kp = V.default_positions(3, 5)
   assert list(np.asarray(qp)) == [2, 3, 4] and list(np.asarray(kp)) == [0, 1, 2, 3, 4]
+
+
+def test_reference_rejects_per_head_mask_built_for_another_head_count():
+  from attnjax.masks import S2
+  q, k, v = _qkv(T=8, S=8, N=4, K=4)
+  with pytest.raises(ValueError, match="num_heads=4 does not match S2"):
+    reference_attention(q, k, v, mask=S2(num_heads=2, block_size=2, local_blocks=1, vert_stride=2))

@@ -24,6 +24,7 @@ def dense_visibility(mask, d: V.Dims, q_pos, k_pos, segs):
   if mask is None:
     vis = jnp.ones((1, 1, d.T, d.S), bool)
   elif isinstance(mask, Mask):
+    mask.validate(d.N, q_pos, k_pos)  # a per-head mask built for another head count
     head = jnp.arange(d.N)[None, :, None, None]
     qp = q_pos[..., :, None] if q_pos.ndim == 1 else q_pos[:, None, :, None]
     kp = k_pos[..., None, :] if k_pos.ndim == 1 else k_pos[:, None, None, :]
