@@ -1,0 +1,153 @@
+"""ULSAM, ELA, CSA and GAAM: spec oracles and tiny cases."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax.vision import (ULSAM, ClassSemanticsAttention, EfficientLocalAttention, GaussianAdaptiveAttention,
+                            class_semantics_attention, efficient_local_attention, gaussian_adaptive_gate, ulsam)
+
+KEY = jax.random.PRNGKey(0)
+
+
+def _ulsam_params(C, g, key=KEY, zero_pw=False):
+  k = jax.random.split(key, 4)
+  p = {"dw_kernel": jax.random.normal(k[0], (C,)), "dw_bias": jax.random.normal(k[1], (C,)),
+       "pw_kernel": jax.random.normal(k[2], (g, C // g)), "pw_bias": jax.random.normal(k[3], (g,))}
+  if zero_pw:
+    p["pw_kernel"], p["pw_bias"] = jnp.zeros_like(p["pw_kernel"]), jnp.zeros_like(p["pw_bias"])
+  return p
+
+
+def test_ulsam_tiny_constant_input_gives_quarter_map():
+  x = jnp.full((1, 2, 2, 3), 1.7)
+  out, maps = ulsam(x, _ulsam_params(3, 1), num_splits=1, return_maps=True)
+  np.testing.assert_allclose(maps, 0.25, atol=1e-6)
+  np.testing.assert_allclose(out, 1.7 * 1.25, rtol=1e-6)
+
+
+def test_ulsam_maps_sum_to_one_zero_pointwise_is_uniform_and_groups_independent():
+  x = jax.random.normal(KEY, (2, 3, 4, 8))
+  p = _ulsam_params(8, 4)
+  out, maps = ulsam(x, p, num_splits=4, return_maps=True)
+  np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
+  out0 = ulsam(x, _ulsam_params(8, 4, zero_pw=True), num_splits=4)
+  np.testing.assert_allclose(out0, x * (1 + 1 / 12), rtol=1e-5)
+  # permuting the groups (with their parameters) permutes the output groups.
+  perm = np.array([2, 0, 3, 1])
+  ch = (perm[:, None] * 2 + np.arange(2)).reshape(-1)
+  pp = {"dw_kernel": p["dw_kernel"][ch], "dw_bias": p["dw_bias"][ch],
+        "pw_kernel": p["pw_kernel"][perm], "pw_bias": p["pw_bias"][perm]}
+  np.testing.assert_allclose(ulsam(x[..., ch], pp, num_splits=4), out[..., ch], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="num_splits"):
+    ulsam(x, p, num_splits=3)
+
+
+def test_ulsam_layer_trains_batch_stats():
+  x = jax.random.normal(KEY, (2, 4, 4, 8))
+  layer = ULSAM(num_splits=2)
+  v = layer.init(KEY, x)
+  y, upd = layer.apply(v, x, train=True, mutable=["batch_stats"])
+  assert y.shape == x.shape and "batch_stats" in upd
+  assert np.isfinite(np.asarray(layer.apply(v, x))).all()
+
+
+def _ela_numpy(x, kern, gn, scale, bias, eps=1e-5):
+  B, H, W, C = x.shape
+  k = kern.shape[0]
+
+  def gate(z):  # z [B, L, C]
+    L = z.shape[1]
+    zp = np.pad(z, ((0, 0), (k // 2, k // 2), (0, 0)))
+    y = np.stack([(zp[:, i:i + k] * kern[:, 0][None]).sum(1) for i in range(L)], 1)
+    yg = y.reshape(B, L, gn, C // gn)
+    m = yg.mean((1, 3), keepdims=True)
+    v = yg.var((1, 3), keepdims=True)
+    return 1 / (1 + np.exp(-(((yg - m) / np.sqrt(v + eps)).reshape(B, L, C) * scale + bias)))
+  return x * gate(x.mean(2))[:, :, None] * gate(x.mean(1))[:, None]
+
+
+def test_ela_matches_numpy_zero_conv_gives_quarter_and_transpose_equivariance():
+  x = jax.random.normal(KEY, (2, 5, 6, 4))
+  kern = jax.random.normal(jax.random.PRNGKey(1), (3, 1, 4))
+  p = {"conv_kernel": kern, "gn_scale": jnp.linspace(0.5, 1.5, 4), "gn_bias": jnp.linspace(-0.2, 0.2, 4)}
+  out, (yh, yw) = efficient_local_attention(x, p, gn_groups=2, return_gates=True)
+  np.testing.assert_allclose(out, _ela_numpy(np.asarray(x), np.asarray(kern), 2, np.asarray(p["gn_scale"]),
+                                             np.asarray(p["gn_bias"])), rtol=1e-4, atol=1e-5)
+  assert float(yh.min()) > 0 and float(yw.max()) < 1
+  p0 = dict(p, conv_kernel=jnp.zeros_like(kern), gn_bias=jnp.zeros(4))
+  np.testing.assert_allclose(efficient_local_attention(x, p0, gn_groups=2), x / 4, rtol=1e-6)
+  xt = jnp.swapaxes(x, 1, 2)
+  np.testing.assert_allclose(efficient_local_attention(xt, p, gn_groups=2), jnp.swapaxes(out, 1, 2),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="groups"):
+    efficient_local_attention(x, p, gn_groups=3)
+
+
+def test_ela_layer_variants():
+  x = jax.random.normal(KEY, (1, 4, 4, 32))
+  for variant in ("T", "S"):
+    layer = EfficientLocalAttention(variant=variant)
+    y = layer.apply(layer.init(KEY, x), x)
+    assert y.shape == x.shape
+  with pytest.raises(ValueError, match="variant"):
+    EfficientLocalAttention(variant="X").init(KEY, x)
+
+
+def test_csa_zero_weights_identity_and_gates_depend_on_r_only():
+  r = jax.random.normal(KEY, (2, 6, 5))
+  f = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 3))
+  z = {"w1": jnp.zeros((5, 2)), "b1": jnp.zeros(2), "w2": jnp.zeros((2, 3)), "b2": jnp.zeros(3),
+       "conv_kernel": jnp.zeros((3, 5, 1)), "conv_bias": jnp.zeros(1)}
+  np.testing.assert_allclose(class_semantics_attention(r, f, z), f, rtol=1e-6)
+  layer = ClassSemanticsAttention(temporal_kernel=3, reduction=2)
+  v = layer.init(KEY, r, f)
+  p = {k.split("/")[-1]: val for k, val in v["params"].items()}
+  out, (wc, wt) = class_semantics_attention(r, f, p, return_gates=True)
+  np.testing.assert_allclose(layer.apply(v, r, f), out, rtol=1e-6)
+  assert 0 < float(wc.min()) and float(wt.max()) < 1 and wc.shape == (2, 1, 3) and wt.shape == (2, 6, 1)
+  _, (wc2, wt2) = class_semantics_attention(r, 3 * f, p, return_gates=True)
+  np.testing.assert_array_equal(wc, wc2)
+  np.testing.assert_array_equal(wt, wt2)
+  # numpy oracle for the temporal gate at an interior step
+  rr, kk = np.asarray(r), np.asarray(p["conv_kernel"])[:, :, 0]
+  t = 2
+  want = 1 / (1 + np.exp(-((rr[:, t - 1:t + 2] * kk[None]).sum((1, 2)) + float(p["conv_bias"][0]))))
+  np.testing.assert_allclose(wt[:, t, 0], want, rtol=1e-5)
+
+
+def test_gaam_tiny_case_and_properties():
+  y, w = gaussian_adaptive_gate(jnp.array([0.0, 1.0, 2.0]), jnp.zeros((1, 1)), jnp.ones((1, 1)),
+                                return_weights=True)
+  np.testing.assert_allclose(w, [0.274, 0.452, 0.274], atol=1e-3)
+  np.testing.assert_allclose(y, [0.0, 0.452, 0.548], atol=1e-3)
+  x = jax.random.normal(KEY, (3, 8))
+  d = jnp.array([[0.3, -0.2]])
+  c = jnp.array([[1.2, 0.8]])
+  _, w = gaussian_adaptive_gate(x, d, c, return_weights=True)
+  np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+  _, w_shift = gaussian_adaptive_gate(x + 5.0, d, c, return_weights=True)
+  np.testing.assert_allclose(w_shift, w, atol=1e-4)
+  _, w_a = gaussian_adaptive_gate(x, jnp.zeros((1, 2)), c, return_weights=True)
+  _, w_b = gaussian_adaptive_gate(3.0 * x, jnp.zeros((1, 2)), c, return_weights=True)
+  np.testing.assert_allclose(w_a, w_b, atol=1e-5)
+  _, w_u = gaussian_adaptive_gate(x, jnp.zeros((1, 1)), jnp.full((1, 1), 1e4), return_weights=True)
+  np.testing.assert_allclose(w_u, 1 / 8, atol=1e-6)
+
+
+def test_gaam_heads_axis_padding_and_layer():
+  x = jax.random.normal(KEY, (2, 6, 3))
+  d = jnp.array([[0.1], [-0.4]])
+  c = jnp.array([[0.9], [1.5]])
+  y = gaussian_adaptive_gate(x, d, c, axis=1, num_heads=2)
+  y0 = gaussian_adaptive_gate(x[:, :3], d[:1], c[:1], axis=1)
+  y1 = gaussian_adaptive_gate(x[:, 3:], d[1:], c[1:], axis=1)
+  np.testing.assert_allclose(y, jnp.concatenate([y0, y1], 1), rtol=1e-6)
+  xp = jnp.array([[1.0, 2.0, 0.0, 3.0]])
+  yp = gaussian_adaptive_gate(xp, jnp.zeros((1, 1)), jnp.ones((1, 1)), padding_value=0.0)
+  assert float(yp[0, 2]) == 0.0
+  with pytest.raises(ValueError, match="num_heads"):
+    gaussian_adaptive_gate(x, d, c, axis=1, num_heads=4)
+  layer = GaussianAdaptiveAttention(num_gaussians=2, num_heads=2)
+  v = layer.init(KEY, jnp.ones((2, 4)))
+  assert layer.apply(v, x[:, :4, 0]).shape == (2, 4)
