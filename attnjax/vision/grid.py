@@ -23,9 +23,9 @@ def segment_softmax(logits, segment_ids, num_segments: int):
 
   Args:
     logits: [P, ...] float; entries equal to -inf take no weight.
-    segment_ids: int [P] in [0, num_segments). Checked when concrete; under
-      jit an id outside the range is excluded (weight 0), which is how callers
-      pass padding points.
+    segment_ids: int [P] in [0, num_segments), or -1 for an entry that takes
+      no part (padding; weight 0). Checked when concrete; under jit any id
+      outside [0, num_segments) is treated as -1.
     num_segments: static number of segments.
 
   Returns:
@@ -36,8 +36,8 @@ def segment_softmax(logits, segment_ids, num_segments: int):
     raise ValueError(f"segment_ids must have shape [P]=({logits.shape[0]},), got {segment_ids.shape}.")
   if is_concrete(segment_ids):
     ids = np.asarray(segment_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_segments):
-      raise ValueError(f"segment_ids must lie in [0, num_segments={num_segments}), "
+    if ids.size and (ids.min() < -1 or ids.max() >= num_segments):
+      raise ValueError(f"segment_ids must lie in [0, num_segments={num_segments}) or be -1 (excluded), "
                        f"got range [{ids.min()}, {ids.max()}].")
   x = logits.astype(jnp.float32)
   mx = jax.ops.segment_max(x, segment_ids, num_segments)

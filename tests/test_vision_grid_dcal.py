@@ -1,0 +1,141 @@
+"""GridFormer segment softmax / point-to-grid attention and DCAL rollout, GLCA, PWCA."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax import reference_attention
+from attnjax.vision import (DCALAttention, PointGridAttention, attention_rollout, glca_attention,
+                            pairwise_cross_attention, partner_permutation, point_to_grid_attention,
+                            sample_grid_bilinear, segment_softmax)
+
+KEY = jax.random.PRNGKey(0)
+
+
+def test_segment_softmax_matches_per_segment_softmax_and_handles_empty_and_inf():
+  logits = jax.random.normal(KEY, (7, 2))
+  ids = jnp.array([2, 0, 2, 2, 0, 3, 2])
+  a = np.asarray(segment_softmax(logits, ids, 5))
+  for s in range(5):
+    sel = np.asarray(ids) == s
+    if sel.any():
+      np.testing.assert_allclose(a[sel], jax.nn.softmax(logits[sel], axis=0), rtol=1e-6)
+  b = segment_softmax(logits.at[5].set(-jnp.inf), ids, 5)
+  assert np.isfinite(np.asarray(b)).all() and float(jnp.abs(b[5]).max()) == 0.0
+  with pytest.raises(ValueError, match="segment_ids"):
+    segment_softmax(logits, ids.at[0].set(5), 5)
+  with pytest.raises(ValueError, match="segment_ids"):
+    segment_softmax(logits, ids.at[0].set(-2), 5)
+  c = segment_softmax(logits, ids.at[1].set(-1), 5)
+  assert float(jnp.abs(c[1]).max()) == 0.0 and float(c[4, 0]) == 1.0
+
+
+def _fns():
+  W = jax.random.normal(jax.random.PRNGKey(7), (8, 2)) * 0.5
+  Wp = jax.random.normal(jax.random.PRNGKey(8), (2, 8))
+  return (lambda r: jnp.tanh(r @ W)), (lambda o: jnp.sin(o @ Wp))
+
+
+def _dense_cell_attention(coords, k, v, q, R, s, weight_fn, pos_fn):
+  """Independent statement: every cell attends over all points with mask cell(p) == g."""
+  B, P, C = k.shape
+  cell = np.floor(np.asarray(coords) * R).astype(int)
+  cid = cell[..., 0] + R * cell[..., 1]
+  pos = np.asarray(pos_fn(jnp.asarray(np.asarray(coords) * R - cell, jnp.float32)))
+  out = np.zeros((B, R * R, C), np.float32)
+  qf = np.asarray(q).reshape(B, R * R, C)
+  for b in range(B):
+    for g in range(R * R):
+      rel = np.asarray(k[b]) - qf[b, g] + pos[b]  # [P, C]: the cell's query against every point
+      w = np.asarray(weight_fn(jnp.asarray(rel)))  # [P, C/s]
+      w = np.where((cid[b] == g)[:, None], w, -np.inf)
+      if np.isfinite(w).any():
+        e = np.exp(w - w.max(0))
+        a = np.repeat(e / e.sum(0), s, axis=-1)
+        out[b, g] = (a * (np.asarray(v[b]) + pos[b])).sum(0)
+  return out.reshape(B, R, R, C)
+
+
+def test_point_to_grid_equals_dense_masked_vector_attention_and_is_order_invariant():
+  B, P, C, R, s = 2, 12, 8, 3, 4
+  ks = jax.random.split(KEY, 4)
+  coords = jax.random.uniform(ks[0], (B, P, 2), maxval=0.999)
+  k, v = jax.random.normal(ks[1], (B, P, C)), jax.random.normal(ks[2], (B, P, C))
+  q = jax.random.normal(ks[3], (B, R, R, C))
+  wf, pf = _fns()
+  f = jax.jit(lambda c, k, v: point_to_grid_attention(c, k, v, q, resolution=R, share_channels=s,
+                                                       weight_fn=wf, pos_fn=pf))
+  out = f(coords, k, v)
+  np.testing.assert_allclose(out, _dense_cell_attention(coords, k, v, q, R, s, wf, pf), rtol=1e-5, atol=1e-5)
+  perm = jax.random.permutation(KEY, P)
+  np.testing.assert_allclose(f(coords[:, perm], k[:, perm], v[:, perm]), out, rtol=1e-5, atol=1e-6)
+
+
+def test_single_point_cell_gets_weight_one_and_masked_points_drop_out():
+  coords = jnp.array([[[0.1, 0.1], [0.6, 0.6], [0.7, 0.9]]])
+  k = jax.random.normal(KEY, (1, 3, 4))
+  v = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 4))
+  q = jnp.zeros((1, 2, 2, 4))
+  _, pf = _fns()
+  pos_fn = lambda o: pf(o)[..., :4]
+  out = point_to_grid_attention(coords, k, v, q, resolution=2, share_channels=2, pos_fn=pos_fn)
+  pos0 = pos_fn(jnp.array([[0.2, 0.2]]))[0]
+  np.testing.assert_allclose(out[0, 0, 0], v[0, 0] + pos0, rtol=1e-5)
+  np.testing.assert_allclose(out[0, 0, 1], 0.0)  # empty cell (x=1, y=0)
+  m = point_to_grid_attention(coords, k, v, q, resolution=2, share_channels=2,
+                              point_mask=jnp.array([[True, True, False]]))
+  np.testing.assert_allclose(m[0, 1, 1], v[0, 1], rtol=1e-5)
+  with pytest.raises(ValueError, match="coords2d"):
+    point_to_grid_attention(coords.at[0, 0, 0].set(1.0), k, v, q, resolution=2, share_channels=2)
+
+
+def test_point_grid_layer_and_bilinear_sampling():
+  R = 4
+  coords = jax.random.uniform(KEY, (2, 10, 2), maxval=0.99)
+  layer = PointGridAttention(share_channels=4)
+  grid = jnp.ones((2, R, R, 8))
+  v = layer.init(KEY, coords, jnp.ones((2, 10, 5)), grid)
+  assert layer.apply(v, coords, jnp.ones((2, 10, 5)), grid).shape == (2, R, R, 8)
+  yy, xx = jnp.meshgrid(jnp.arange(R), jnp.arange(R), indexing="ij")
+  lin = (2.0 * xx + 3.0 * yy)[None, :, :, None].astype(jnp.float32)  # linear field on cell centres
+  pts = jnp.array([[[0.0, 0.0], [1.0, 1.0], [0.5, 0.25]]])
+  got = sample_grid_bilinear(lin, pts)[0, :, 0]
+  np.testing.assert_allclose(got, [0.0, 5.0 * (R - 1), 2 * 1.5 + 3 * 0.75], rtol=1e-5)
+
+
+def test_rollout_identity_and_product():
+  eye = jnp.broadcast_to(jnp.eye(5), (2, 3, 5, 5))
+  np.testing.assert_allclose(attention_rollout([eye, eye]), jnp.broadcast_to(jnp.eye(5), (2, 5, 5)))
+  p1, p2 = (jax.nn.softmax(jax.random.normal(k, (1, 2, 4, 4)), -1) for k in jax.random.split(KEY))
+  s = lambda p: 0.5 * p.mean(1) + 0.5 * jnp.eye(4)
+  np.testing.assert_allclose(attention_rollout([p1, p2]), s(p2) @ s(p1), rtol=1e-6)
+
+
+def test_glca_equals_gathered_dense_rows_and_pwca_equals_concat():
+  B, T, N, H = 2, 9, 2, 4
+  q, k, v = (jax.random.normal(kk, (B, T, N, H)) for kk in jax.random.split(KEY, 3))
+  scores = jax.random.uniform(jax.random.PRNGKey(5), (B, T))
+  out, idx = glca_attention(q, k, v, scores, top_ratio=0.25)
+  assert idx.shape == (B, 3) and (np.asarray(idx[:, 0]) == 0).all()
+  want_idx = np.argsort(-np.asarray(scores[:, 1:]), axis=1)[:, :2] + 1
+  np.testing.assert_array_equal(idx[:, 1:], want_idx)
+  full = reference_attention(q, k, v)
+  np.testing.assert_allclose(out, jnp.take_along_axis(full, idx[:, :, None, None], 1), rtol=1e-5, atol=1e-6)
+  k2, v2 = k[::-1, :5], v[::-1, :5]
+  ref = reference_attention(q, jnp.concatenate([k, k2], 1), jnp.concatenate([v, v2], 1))
+  np.testing.assert_allclose(pairwise_cross_attention(q, k, v, k2, v2), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pairwise_cross_attention(q, k, v, k[:, :0], v[:, :0]), full, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="top_ratio"):
+    glca_attention(q, k, v, scores, top_ratio=0.0)
+
+
+def test_partner_permutation_and_dcal_layer():
+  partner = np.asarray(partner_permutation(KEY, 5))
+  assert sorted(partner) == list(range(5)) and (partner != np.arange(5)).all()
+  x = jax.random.normal(KEY, (2, 6, 8))
+  layer = DCALAttention(num_heads=2, head_dim=4, top_ratio=0.4)
+  v = layer.init(KEY, x)
+  assert layer.apply(v, x).shape == (2, 6, 8)
+  y, idx = layer.apply(v, x, mode="glca", cls_scores=jnp.arange(12.0).reshape(2, 6))
+  assert y.shape == (2, 3, 8) and idx.shape == (2, 3)
+  assert layer.apply(v, x, mode="pwca", partner=jnp.array([1, 0])).shape == (2, 6, 8)
