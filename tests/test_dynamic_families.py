@@ -1,4 +1,6 @@
 """Content-based sparse families of attnjax.dynamic against the dense reference."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,12 @@ from test_dynamic_select import _qkv, assert_same
 CAUSAL = attnjax.masks.Causal()
 ref_causal = lambda q, k, v: attnjax.reference_attention(q, k, v, mask=CAUSAL)
 ref_full = lambda q, k, v: attnjax.reference_attention(q, k, v)
+ref_mask = jax.jit(lambda q, k, v, m: attnjax.reference_attention(q, k, v, mask=m))
+
+
+def J(fn, *args, **static):
+  """fn(*args, **static) compiled once (eager op-by-op dispatch is slow on a busy CPU)."""
+  return jax.jit(functools.partial(fn, **static))(*args)
 
 
 # -- SeerAttention --------------------------------------------------------------
@@ -31,19 +39,20 @@ def test_seer_all_blocks_dense_and_threshold_restricted():
       a, b, c, p, block=8, threshold=0.3, return_layout=True))(q, k, v)
   assert int(cnt.min()) >= 1 and int(cnt[:, :, -1].min()) == 4  # last row dense
   mask = S.block_layout_to_mask(idx, cnt, 32, 32, 8, 8, 4) & CAUSAL.to_dense(32, 32)[None]
-  np.testing.assert_allclose(out, attnjax.reference_attention(q, k, v, mask=mask), atol=2e-5)
+  np.testing.assert_allclose(out, ref_mask(q, k, v, mask), atol=2e-5)
 
 
 def test_seer_gate_causal_truth_and_distillation_grads():
   q, k, _ = _qkv()
   gate = D.SeerAttnGate(hidden=16, block=8)
-  params = gate.init(jax.random.PRNGKey(0), q, k)
-  logits = gate.apply(params, q, k)
+  params = jax.jit(gate.init)(jax.random.PRNGKey(0), q, k)
+  logits = jax.jit(gate.apply)(params, q, k)
   assert logits.shape == (1, 4, 4, 4)
   assert np.all(np.isneginf(np.asarray(logits)[..., np.triu_indices(4, 1)[0], np.triu_indices(4, 1)[1]]))
-  gt = D.seer_ground_truth(q, k, block=8)
+  gt = J(D.seer_ground_truth, q, k, block=8)
   np.testing.assert_allclose(gt.sum(-1), 1.0, atol=1e-5)
-  _, _, probs = attnjax.reference_attention(q, k, k, mask=CAUSAL, return_lse=True, return_probs=True)
+  _, _, probs = J(attnjax.reference_attention, q, k, k, mask=CAUSAL, return_lse=True,
+                  return_probs=True)
   np.testing.assert_allclose(gt[0, 0, 1, 0] * probs[0, 0, 8:16, :16].reshape(8, 2, 8).max((0, 2)).sum(),
                              probs[0, 0, 8:16, 0:8].max(), rtol=1e-5)
   loss = lambda prm: D.seer_distillation_loss(gate.apply(prm, q, k), gt)
@@ -65,7 +74,7 @@ def test_hip_dense_limit_and_restricted():
   out, (idx, cnt) = fn(q, k, v)
   assert idx.shape == (1, 4, 4, 4)
   mask = S.block_layout_to_mask(idx, cnt, 32, 32, 8, 2, 4) & CAUSAL.to_dense(32, 32)[None]
-  np.testing.assert_allclose(out, attnjax.reference_attention(q, k, v, mask=mask), atol=2e-5)
+  np.testing.assert_allclose(out, ref_mask(q, k, v, mask), atol=2e-5)
   with pytest.raises(ValueError, match="top_k=64"):
     D.hip_mask(q, k, top_k=64, block_size_q=8)
 
@@ -93,21 +102,22 @@ def test_bi_level_routing_all_regions_is_global_and_tiny_case():
   flat = lambda x: x.reshape(1, 32, 2, 8)
   fn = lambda a, b, c: flat(D.bi_level_routing_attention(a, b, c, num_regions=(2, 2), topk=4,
                                                          scale=8 ** -0.5))
-  np.testing.assert_allclose(fn(q, k, v), ref_full(flat(q), flat(k), flat(v)), atol=2e-5)
+  np.testing.assert_allclose(J(fn, q, k, v), J(ref_full, flat(q), flat(k), flat(v)), atol=2e-5)
   x = _qkv(T=16, N=1, K=1)[0].reshape(1, 4, 4, 1, 8)
-  out, regions = D.bi_level_routing_attention(x, x, x, num_regions=2, topk=1, return_regions=True)
+  out, regions = J(D.bi_level_routing_attention, x, x, x, num_regions=2, topk=1,
+                   return_regions=True)
   rid = (np.arange(4)[:, None] // 2) * 2 + (np.arange(4)[None, :] // 2)  # region of each pixel
   routed = np.asarray(regions)[0, rid.reshape(-1), 0]
   mask = jnp.asarray(routed[:, None] == rid.reshape(-1)[None, :])  # exactly 4 keys per query
   assert int(mask.sum(-1).min()) == int(mask.sum(-1).max()) == 4
-  ref = attnjax.reference_attention(x.reshape(1, 16, 1, 8), x.reshape(1, 16, 1, 8),
-                                    x.reshape(1, 16, 1, 8), mask=mask, scale=8 ** -0.5)
+  xf = x.reshape(1, 16, 1, 8)
+  ref = J(lambda a, m: attnjax.reference_attention(a, a, a, mask=m, scale=8 ** -0.5), xf, mask)
   np.testing.assert_allclose(out.reshape(1, 16, 1, 8), ref, atol=2e-5)
   with pytest.raises(ValueError, match="topk"):
     D.bi_level_routing_attention(x, x, x, num_regions=2, topk=5)
   layer = D.BiLevelRoutingAttention(dim=16, num_heads=2, num_regions=2, topk=2, side_dwconv=3)
   y = jnp.ones((1, 4, 4, 16))
-  assert layer.apply(layer.init(jax.random.PRNGKey(0), y), y).shape == y.shape
+  assert jax.jit(layer.apply)(layer.init(jax.random.PRNGKey(0), y), y).shape == y.shape
 
 
 # -- Routing Transformer -------------------------------------------------------------
@@ -144,27 +154,29 @@ def test_routing_ema_state_fixed_point_and_commitment_grad():
   np.testing.assert_allclose(R.kmeans_ema_update(mu, pts, None, decay=0.5), mu, atol=1e-5)
   q, k, v = _qkv()
   layer = D.RoutingAttention(num_clusters=3, window=8)
-  variables = layer.init(jax.random.PRNGKey(0), q, k, v)
-  (_, aux), state = layer.apply(variables, q, k, v, update=True, mutable=["batch_stats"])
+  variables = jax.jit(layer.init)(jax.random.PRNGKey(0), q, k, v)
+  (_, aux), state = jax.jit(functools.partial(layer.apply, update=True, mutable=["batch_stats"]))(
+      variables, q, k, v)
   assert float(jnp.abs(state["batch_stats"]["centroids"]
                        - variables["batch_stats"]["centroids"]).max()) > 0
-  g = jax.grad(lambda a: layer.apply(variables, a, k, v)[1]["commitment_loss"])(q)
+  g = jax.jit(jax.grad(lambda a: layer.apply(variables, a, k, v)[1]["commitment_loss"]))(q)
   assert float(jnp.abs(g).max()) > 0
 
 
 # -- HyperAttention -------------------------------------------------------------------
 def test_hyper_exact_limits():
   q, k, v = _qkv(T=64)
-  np.testing.assert_allclose(D.hyper_attention(q, k, v), ref_full(q, k, v), atol=2e-5)
+  np.testing.assert_allclose(J(D.hyper_attention, q, k, v), J(ref_full, q, k, v), atol=2e-5)
   fn = lambda a, b, c: D.hyper_attention(a, b, c, causal=True, min_seq_len=16, block_size=64,
                                          sample_size=0)
   assert_same(fn, ref_causal, q, k, v)
   nc = jax.jit(lambda a, b, c: D.hyper_attention(a, b, c, min_seq_len=8, block_size=64,
                                                  sample_size=0))
-  np.testing.assert_allclose(nc(q, k, v), ref_full(q, k, v), atol=2e-5)
+  np.testing.assert_allclose(nc(q, k, v), J(ref_full, q, k, v), atol=2e-5)
   qc, kc, vc = _qkv(T=32, S_=64)  # causal cross: prefix keys seen by all queries
-  out = D.hyper_attention(qc, kc, vc, causal=True, min_seq_len=8, block_size=64, sample_size=0)
-  np.testing.assert_allclose(out, ref_causal(qc, kc, vc), atol=2e-5)
+  out = J(D.hyper_attention, qc, kc, vc, causal=True, min_seq_len=8, block_size=64,
+          sample_size=0)
+  np.testing.assert_allclose(out, J(ref_causal, qc, kc, vc), atol=2e-5)
 
 
 def test_hyper_lsh_buckets_gray_code_and_sampling_runs():
@@ -183,7 +195,7 @@ def test_hyper_lsh_buckets_gray_code_and_sampling_runs():
 # -- Landmark ------------------------------------------------------------------------
 def test_landmark_tiny_formula_and_retrieval():
   q, k, v = _qkv(T=7, N=1, K=1)
-  out = D.landmark_grouped_attention(q, k, v, block_size=2)  # [a b L1 c d L2 e]
+  out = J(D.landmark_grouped_attention, q, k, v, block_size=2)  # [a b L1 c d L2 e]
   lg = np.asarray(jnp.einsum("h,sh->s", q[0, 6, 0], k[0, :, 0])) * 8 ** -0.5
   star = np.exp(lg[[6, 2, 5]]) / np.exp(lg[[6, 2, 5]]).sum()
   b1 = np.exp(lg[[0, 1]]) / np.exp(lg[[0, 1]]).sum()
@@ -194,10 +206,10 @@ def test_landmark_tiny_formula_and_retrieval():
   np.testing.assert_allclose(out[0, 1, 0], jax.nn.softmax(lg[:2] * 0 + np.asarray(
       jnp.einsum("h,sh->s", q[0, 1, 0], k[0, :2, 0])) * 8 ** -0.5) @ vv[:2], atol=1e-5)
   q, k, v = _qkv(T=30)
-  full = D.landmark_grouped_attention(q, k, v, block_size=4)
+  full = J(D.landmark_grouped_attention, q, k, v, block_size=4)
   fn = jax.jit(lambda a, b, c: D.landmark_retrieval_attention(a, b, c, block_size=4, top_k=6))
   np.testing.assert_allclose(fn(q, k, v), full, atol=2e-5)
-  g = jax.grad(lambda kk: D.landmark_grouped_attention(q, kk, v, block_size=4).sum())(k)
+  g = jax.jit(jax.grad(lambda kk: D.landmark_grouped_attention(q, kk, v, block_size=4).sum()))(k)
   assert float(jnp.abs(g[:, 4::5]).max()) > 0  # landmarks learn
   with pytest.raises(ValueError, match="top_k=7"):
     D.landmark_retrieval_attention(q, k, v, block_size=4, top_k=7)
@@ -211,8 +223,8 @@ def test_longheads_limits_and_forced_chunks():
   pos = jnp.arange(32)
   ref = lambda a, b, c: attnjax.reference_attention(apply_rope(a, pos), apply_rope(b, pos), c,
                                                     mask=CAUSAL)
-  np.testing.assert_allclose(D.longheads_attention(q, k, v, chunk_size=4, attn_len=32), ref(q, k, v),
-                             atol=2e-5)
+  np.testing.assert_allclose(J(D.longheads_attention, q, k, v, chunk_size=4, attn_len=32),
+                             J(ref, q, k, v), atol=2e-5)
   assert_same(lambda a, b, c: D.longheads_attention(a, b, c, chunk_size=4, attn_len=32,
                                                     begin_selective_length=0), ref, q, k, v)
   _, (idx, cnt) = jax.jit(lambda a, b, c: D.longheads_attention(
@@ -233,14 +245,14 @@ def test_sparsifiner_limits_oracle_and_predictor_grads():
   assert_same(lambda a, b, c: D.sparsifiner_attention(a, b, c, eye, topk=32), ref_full, q, k, v)
   out, (idx, valid) = jax.jit(lambda a, b, c: D.sparsifiner_attention(
       a, b, c, eye, topk=4, return_mask=True))(q, k, v)
-  _, _, probs = attnjax.reference_attention(q, k, k, return_lse=True, return_probs=True)
+  _, _, probs = J(attnjax.reference_attention, q, k, k, return_lse=True, return_probs=True)
   true_top = jnp.transpose(jax.lax.top_k(probs, 4)[1], (0, 2, 1, 3))
   np.testing.assert_array_equal(jnp.sort(idx, -1), jnp.sort(true_top, -1))
   mask = S.token_indices_to_mask(idx, 32, valid)
   assert int(mask.sum(-1).min()) == int(mask.sum(-1).max()) == 4
-  np.testing.assert_allclose(out, attnjax.reference_attention(q, k, v, mask=mask), atol=2e-5)
+  np.testing.assert_allclose(out, ref_mask(q, k, v, mask), atol=2e-5)
   layer = D.SparsifinerAttention(n_down=8, topk=4, up_topk=6)
-  params = layer.init(jax.random.PRNGKey(0), q, k, v)
+  params = jax.jit(layer.init)(jax.random.PRNGKey(0), q, k, v)
   grads = jax.jit(jax.grad(lambda p: layer.apply(p, q, k, v, return_loss=True)[1]))(params)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
   with pytest.raises(ValueError, match="topk"):
@@ -251,9 +263,9 @@ def test_sparsifiner_limits_oracle_and_predictor_grads():
 def test_combiner_limits_and_effective_matrix():
   q, k, v = _qkv()
   for s in (1, 32):
-    np.testing.assert_allclose(D.combiner_attention(q, k, v, segment_len=s), ref_causal(q, k, v),
-                               atol=2e-5)
-  peff = D.combiner_effective_matrix(q, k, v, segment_len=8)
+    np.testing.assert_allclose(J(D.combiner_attention, q, k, v, segment_len=s),
+                               J(ref_causal, q, k, v), atol=2e-5)
+  peff = J(D.combiner_effective_matrix, q, k, v, segment_len=8)
   np.testing.assert_allclose(peff.sum(-1), 1.0, atol=1e-5)
   assert bool(((peff > 0) == np.tril(np.ones((32, 32), bool))).all())
   via_peff = lambda a, b, c: jnp.einsum(
@@ -272,10 +284,10 @@ def test_families_registry_signature_and_refusals():
           "bi_level_routing": dict(num_regions=4, topk=4, scale=8 ** -0.5)}
   for name, fn in D.FAMILIES.items():
     causal = name != "bi_level_routing"
-    out = fn(q, k, v, causal=causal, **opts[name])
+    out = J(fn, q, k, v, causal=causal, **opts[name])
     assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
-  np.testing.assert_allclose(D.FAMILIES["hip"](q, k, v, causal=True, **opts["hip"]),
-                             ref_causal(q, k, v), atol=2e-5)
+  np.testing.assert_allclose(J(D.FAMILIES["hip"], q, k, v, causal=True, **opts["hip"]),
+                             J(ref_causal, q, k, v), atol=2e-5)
   with pytest.raises(NotImplementedError, match="segment_ids"):
     D.FAMILIES["hip"](q, k, v, causal=True, segment_ids=jnp.zeros((1, 32), jnp.int32))
   with pytest.raises(NotImplementedError, match="causal"):

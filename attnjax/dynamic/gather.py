@@ -155,28 +155,27 @@ def layout_attention(query, key, value, kv_block_indices, kv_block_counts, *, bl
                      scale=None, return_lse=False, implementation=None):
   """Block-list attention on the best available path.
 
-  ``implementation``: None (the block-sparse engine when importable and the
-  positions are the defaults, else the gather path), "gather" (always
-  :func:`block_gather_attention`), or "xla"/"pallas"/"reference" (the
-  engine's own, which must be importable). Arguments as in
+  ``implementation``: None (the block-sparse engine when importable, falling
+  back to the gather path where the engine has no kernel for the platform),
+  "gather" (always :func:`block_gather_attention`), or "xla"/"pallas"/
+  "reference" (the engine's own, which must be importable). Arguments as in
   :func:`block_gather_attention`.
   """
+  kwargs = dict(block_q=block_q, block_kv=block_kv, scale=scale, q_positions=q_positions,
+                k_positions=k_positions, return_lse=return_lse)
   fn = engine()
-  use_gather = implementation == "gather" or (
-      implementation is None and (fn is None or q_positions is not None
-                                  or k_positions is not None))
-  if use_gather:
+  if implementation == "gather" or (implementation is None and fn is None):
     return block_gather_attention(query, key, value, kv_block_indices, kv_block_counts,
-                                  block_q=block_q, block_kv=block_kv, causal=causal,
-                                  q_positions=q_positions, k_positions=k_positions,
-                                  scale=scale, return_lse=return_lse)
+                                  causal=causal, **kwargs)
   if fn is None:
     raise ValueError(f"implementation={implementation!r} needs attnjax.block_sparse, which "
                      "is not importable; use implementation='gather'.")
-  if q_positions is not None or k_positions is not None:
-    raise ValueError("the block-sparse engine path takes default positions only; pass "
-                     "implementation='gather' (or None) with q_positions/k_positions.")
   from attnjax.masks import Causal  # pylint: disable=g-import-not-at-top
-  return fn(query, key, value, kv_block_indices, kv_block_counts, block_q=block_q,
-            block_kv=block_kv, mask=Causal() if causal else None, scale=scale,
-            return_lse=return_lse, implementation=implementation)
+  try:
+    return fn(query, key, value, kv_block_indices, kv_block_counts,
+              mask=Causal() if causal else None, implementation=implementation, **kwargs)
+  except NotImplementedError:
+    if implementation is not None:
+      raise
+    return block_gather_attention(query, key, value, kv_block_indices, kv_block_counts,
+                                  causal=causal, **kwargs)

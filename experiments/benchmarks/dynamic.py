@@ -1,0 +1,127 @@
+"""Content-based sparse attention (attnjax.dynamic): selection cost, attention cost, mass recall.
+
+For each method the layout selection and the attention on that layout are
+timed separately (jitted, forward), next to attnjax's dense causal path
+(the block-sparse engine's "xla" path when it exists, else the dense
+reference of ``jax.nn.dot_product_attention``). At 10% block density the
+attention part should stay within 1.5x of 0.1 x dense time. Recall is the
+share of the true softmax mass a layout keeps, on random inputs and on
+inputs with planted structure (a few keys per query carry most of the mass).
+Default shape: B=1, N=8, H=64, float32, T=8192.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from absl import flags
+
+from attnjax import dynamic as D
+from attnjax.core import validation as V
+from attnjax.dynamic import gather as G
+from attnjax.dynamic import select as S
+from experiments.benchmarks import common
+
+FLAGS = flags.FLAGS
+BLOCK = 64
+
+
+def _inputs(T, N, H, planted, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (1, T, N, H), jnp.float32)
+  k = jax.random.normal(ks[1], (1, T, N, H), jnp.float32)
+  v = jax.random.normal(ks[2], (1, T, N, H), jnp.float32)
+  if planted:
+    # Every query block shares a direction with 4 earlier "needle" keys, scaled up.
+    nq = T // BLOCK
+    qb = jnp.repeat(jax.random.normal(ks[3], (1, nq, N, H)), BLOCK, axis=1)
+    q = 0.3 * q + qb
+    needles = (jnp.arange(nq)[:, None] * BLOCK * jnp.array([0.9, 0.6, 0.3, 0.1])).astype(int)
+    k = k.at[:, needles.reshape(-1)].set(3.0 * jnp.repeat(qb[:, ::BLOCK], 4, axis=1))
+  return q, k, v
+
+
+def _dense_fn():
+  try:
+    import attnjax  # pylint: disable=g-import-not-at-top
+    from attnjax import block_sparse  # pylint: disable=g-import-not-at-top,unused-import
+    return "attnjax xla causal", lambda q, k, v: attnjax.attention(
+        q, k, v, mask=attnjax.masks.Causal(), implementation="xla")
+  except ImportError:
+    return "jax.nn.dot_product_attention causal (xla)", lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla")
+
+
+def _selectors(T, kb):
+  """name -> (select(q, k) -> block lists, block_q, block_kv)."""
+  d_pos = lambda q, k: S.normalize_positions(None, None, V.check_qkv(q, k, k))
+  nk = T // BLOCK
+
+  def oracle(q, k):  # top-k by pooled scores (mean q, mean k): the cheapest content selector
+    sc = jnp.einsum("bqnh,bknh->bnqk", S.pool_blocks(q, BLOCK), S.pool_blocks(k, BLOCK))
+    valid = S.block_validity(*d_pos(q, k), BLOCK, BLOCK, causal=True)
+    force = jnp.eye(nk, dtype=bool)[None, None]
+    return S.topk_blocks(sc, kb, valid=valid, force=force)
+
+  gate = _gate_params(q_shape=(1, T, 8, 64))
+
+  def seer(q, k):
+    logits = D.seer_gate(q, k, gate, block=BLOCK)
+    return D.gate_to_layout(logits, k=kb)
+
+  def hip(q, k):
+    return D.hip_mask(q, k, top_k=kb * BLOCK, block_size_q=BLOCK, block_size_k=BLOCK)
+
+  return {"pooled-topk": (oracle, BLOCK, BLOCK), "seer(untrained gate)": (seer, BLOCK, BLOCK),
+          "hip(block_k=64)": (hip, BLOCK, BLOCK)}
+
+
+def _gate_params(q_shape, hidden=128):
+  N, H = q_shape[2], q_shape[3]
+  ks = jax.random.split(jax.random.PRNGKey(3), 2)
+  return {"wq": jax.random.normal(ks[0], (N, H, hidden)) / H ** 0.5,
+          "wk": jax.random.normal(ks[1], (N, 2 * H, hidden)) / (2 * H) ** 0.5}
+
+
+def run():
+  quick = getattr(FLAGS, "quick", False)
+  repeats = getattr(FLAGS, "repeats", 3)
+  seq_lens = [int(s) for s in getattr(FLAGS, "seq_lens", [])] or ([1024] if quick else [8192])
+  N, H = 8, 64
+  rows = []
+  dense_name, dense = _dense_fn()
+  for T in seq_lens:
+    nk = T // BLOCK
+    kb = max(1, round(0.1 * nk))
+    q, k, v = _inputs(T, N, H, planted=False)
+    t_dense = common.time_fn(jax.jit(dense), q, k, v, repeats=repeats)
+    rows.append(dict(method="dense", path=dense_name, T=T, density=1.0, select_s=0.0,
+                     attend_s=t_dense, attend_vs_01dense=10.0, recall_random=1.0,
+                     recall_planted=1.0))
+    qp, kp, vp = _inputs(T, N, H, planted=True)
+    for name, (select, bq, bkv) in _selectors(T, kb).items():
+      sel = jax.jit(select)
+      t_sel = common.time_fn(sel, q, k, repeats=repeats)
+      idx, cnt = sel(q, k)
+      density = float(cnt.sum()) / (cnt.size * nk)
+      rec = jax.jit(lambda a, b, i, n, bq=bq, bkv=bkv: S.attention_mass_recall(
+          a, b, (i, n), block_q=bq, block_kv=bkv))
+      r_rand = float(rec(q, k, idx, cnt))
+      r_plant = float(rec(qp, kp, *sel(qp, kp)))
+      for path in (("engine", "gather") if G.engine() else ("gather",)):
+        attend = jax.jit(lambda a, b, c, i, n, bq=bq, bkv=bkv, impl=path: G.layout_attention(
+            a, b, c, i, n, block_q=bq, block_kv=bkv, causal=True,
+            implementation="gather" if impl == "gather" else None))
+        t_att = common.time_fn(attend, q, k, v, idx, cnt, repeats=repeats)
+        rows.append(dict(method=name, path=path, T=T, density=round(density, 4),
+                         select_s=t_sel, attend_s=t_att,
+                         attend_vs_01dense=t_att / (0.1 * t_dense), recall_random=r_rand,
+                         recall_planted=r_plant))
+    # Token-level and whole-method rows: HyperAttention (approximate) and Combiner-Fixed.
+    hyper = jax.jit(lambda a, b, c: D.hyper_attention(a, b, c, causal=True, min_seq_len=1024))
+    combiner = jax.jit(lambda a, b, c: D.combiner_attention(a, b, c, segment_len=BLOCK * 2))
+    for name, fn in (("hyper(total, causal)", hyper), ("combiner-fixed(total)", combiner)):
+      t = common.time_fn(fn, q, k, v, repeats=repeats)
+      rows.append(dict(method=name, path="gather", T=T, density=float("nan"), select_s=float("nan"),
+                       attend_s=t, attend_vs_01dense=t / (0.1 * t_dense),
+                       recall_random=float("nan"), recall_planted=float("nan")))
+  return rows
