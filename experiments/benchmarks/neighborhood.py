@@ -1,0 +1,104 @@
+"""Neighborhood attention benchmark (NATTEN FNA, spec P2-23): tiled XLA path vs dense.
+
+float32, B = 1, N = 4, H = 32: na2d on 64x64 and 128x128 tokens with kernel 7
+and 13, na3d on 16x32x32 with kernel 7. For each: forward and forward+backward
+time of the tiled XLA path, achieved GFLOP/s counting the visited (query, key)
+pairs of its tiles (and the share of a plain matmul's GFLOP/s), peak memory
+from XLA's analysis, and the dense masked baselines
+(``jax.nn.dot_product_attention`` with the dense neighborhood mask, and
+attnjax's reference) where they fit.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from attnjax.core.reference import reference_attention
+from attnjax.masks.neighborhood import Neighborhood
+from attnjax.neighborhood import neighborhood_attention
+from attnjax.neighborhood.tiling import default_tile_shape
+from attnjax.neighborhood.xla import visited_pairs
+from experiments.benchmarks import common
+
+FLAGS = flags.FLAGS
+B, N, H = 1, 4, 32
+CONFIGS = (((64, 64), 7), ((64, 64), 13), ((128, 128), 7), ((128, 128), 13),
+           ((16, 32, 32), 7))
+QUICK_CONFIGS = (((16, 16), 3), ((32, 32), 7), ((8, 8, 8), 3))
+#: dense baselines above this many tokens are skipped (O(L^2) memory)
+DENSE_MAX_TOKENS = 16384
+
+
+def _flag(name, default):
+  try:
+    return getattr(FLAGS, name)
+  except (AttributeError, flags.UnparsedFlagAccessError):
+    return default
+
+
+def _inputs(spatial, dtype):
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  shape = (B,) + tuple(spatial) + (N, H)
+  return tuple(jax.random.normal(k, shape, dtype) for k in ks)
+
+
+def _na(spatial, kernel, tile=None):
+  fwd = lambda q, k, v: neighborhood_attention(q, k, v, kernel_size=kernel,
+                                               implementation="xla", tile_shape=tile)
+  loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
+  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2))), fwd
+
+
+def _dense_fns(spatial, kernel):
+  L = math.prod(spatial)
+  mask = jnp.asarray(Neighborhood(tuple(spatial), kernel).to_dense(L, L)[0])[None, None]
+  flat = lambda x: x.reshape(B, L, N, H)
+  jnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      flat(q), flat(k), flat(v), mask=mask, implementation="xla"))
+  ref = jax.jit(lambda q, k, v: reference_attention(flat(q), flat(k), flat(v),
+                                                    mask=Neighborhood(tuple(spatial), kernel)))
+  loss = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
+      flat(q), flat(k), flat(v), mask=mask, implementation="xla"))
+  return jnn, ref, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def run():
+  quick = _flag("quick", False)
+  repeats = _flag("repeats", 3)
+  dtype = jnp.dtype(_flag("dtype", "float32"))
+  matmul = common.measure_matmul_gflops()
+  rows = []
+  for spatial, kernel in (QUICK_CONFIGS if quick else CONFIGS):
+    D = len(spatial)
+    L = math.prod(spatial)
+    q, k, v = _inputs(spatial, dtype)
+    tile = default_tile_shape(spatial, (kernel,) * D, (1,) * D)
+    pairs = visited_pairs(spatial, (kernel,) * D, (1,) * D, (False,) * D, tile)
+    fwd, fwdbwd, raw = _na(spatial, kernel)
+    t_f = common.time_fn(fwd, q, k, v, repeats=repeats)
+    t_fb = common.time_fn(fwdbwd, q, k, v, repeats=repeats)
+    gf = common.attention_flops(pairs, B, N, H) / t_f / 1e9
+    gfb = common.attention_flops(pairs, B, N, H, backward=True) / t_fb / 1e9
+    row = {"op": f"na{D}d_xla", "spatial": "x".join(map(str, spatial)), "tokens": L,
+           "kernel": kernel, "tile": "x".join(map(str, tile)),
+           "visited_keys_per_query": pairs / L, "window_keys": kernel ** D,
+           "fwd_s": t_f, "fwdbwd_s": t_fb, "fwd_gflops": gf, "fwdbwd_gflops": gfb,
+           "matmul_gflops": matmul, "fwd_matmul_share": gf / matmul,
+           "fwdbwd_matmul_share": gfb / matmul,
+           "peak_mb": (common.peak_bytes(raw, q, k, v) or 0) / 2 ** 20}
+    if L <= DENSE_MAX_TOKENS:
+      jnn, ref, jnn_bwd = _dense_fns(spatial, kernel)
+      rep = 1 if L >= 8192 else repeats
+      t_d = common.time_fn(jnn, q, k, v, repeats=rep)
+      t_r = common.time_fn(ref, q, k, v, repeats=rep)
+      row.update(dense_jax_fwd_s=t_d, dense_reference_fwd_s=t_r,
+                 speedup_vs_dense_jax=t_d / t_f, speedup_vs_reference=t_r / t_f)
+      if L <= 4096:
+        t_db = common.time_fn(jnn_bwd, q, k, v, repeats=rep)
+        row.update(dense_jax_fwdbwd_s=t_db, fwdbwd_speedup_vs_dense_jax=t_db / t_fb)
+    rows.append(row)
+  return rows

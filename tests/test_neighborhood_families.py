@@ -1,0 +1,157 @@
+"""HaloNets (P2-25), HiLo (P2-14), PredFormer (papers_1 #3), MagicInfinite windows (papers_1 #1)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax.neighborhood as NA
+from attnjax.core.reference import reference_attention
+from attnjax.masks.neighborhood import Neighborhood
+
+
+def _qkv(shape, N=4, K=2, H=8, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(ks[0], shape + (N, H)), jax.random.normal(ks[1], shape + (K, H)),
+          jax.random.normal(ks[2], shape + (K, H)))
+
+
+flat = lambda x: x.reshape((x.shape[0], -1) + x.shape[-2:])
+
+
+@pytest.mark.parametrize("b,h", [(4, 1), (4, 0), (2, 3)])
+def test_halo_matches_dense_oracle_with_rel_pos(b, h):
+  B, X, Y, H = 2, 8, 4, 8
+  q, k, v = _qkv((B, X, Y))
+  w = b + 2 * h
+  rh, rw = (jax.random.normal(jax.random.PRNGKey(i), (2 * w - 1, H)) for i in (7, 8))
+  mask = NA.halo_mask(X, Y, b, h)[None, None]
+  yy, xx = np.divmod(np.arange(X * Y), Y)
+  iy = np.clip(yy[None, :] - yy[:, None] + w - 1, 0, 2 * w - 2)
+  ix = np.clip(xx[None, :] - xx[:, None] + w - 1, 0, 2 * w - 2)
+
+  def ref(q, k, v, rh, rw):
+    bias = (jnp.einsum("btnh,tsh->bnts", flat(q), rh[iy])
+            + jnp.einsum("btnh,tsh->bnts", flat(q), rw[ix]))
+    return reference_attention(flat(q), flat(k), flat(v), mask=mask, bias=bias)
+
+  fn = lambda q, k, v, rh, rw: flat(NA.halo_attention(q, k, v, block_size=b, halo=h,
+                                                      rel_pos=(rh, rw)))
+  np.testing.assert_allclose(fn(q, k, v, rh, rw), ref(q, k, v, rh, rw), atol=3e-5)
+  g1 = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 1, 3))(q, k, v, rh, rw)
+  g2 = jax.grad(lambda *a: jnp.sum(ref(*a) ** 2), argnums=(0, 1, 3))(q, k, v, rh, rw)
+  for a, c in zip(g1, g2):
+    np.testing.assert_allclose(a, c, atol=1e-4)
+
+
+def test_halo_special_cases_and_errors():
+  q, k, v = _qkv((1, 4, 4))
+  glob = NA.halo_attention(q, k, v, block_size=4, halo=0)
+  np.testing.assert_allclose(flat(glob), reference_attention(flat(q), flat(k), flat(v)),
+                             atol=2e-5)
+  # every query of a block has the same key set (block-shared invariant)
+  m = NA.halo_mask(8, 8, 4, 2)
+  assert (m[0] == m[9]).all() and (m[0] != m[4]).any()
+  zero = NA.halo_attention(q, k, v, block_size=2, halo=1, pad_mode="zero")
+  assert zero.shape == q.shape[:-1] + (8,)
+  with pytest.raises(ValueError, match="block_size"):
+    NA.halo_attention(q, k, v, block_size=3, halo=1)
+  with pytest.raises(ValueError, match="rel_pos"):
+    NA.halo_attention(q, k, v, block_size=2, halo=1, rel_pos=(jnp.zeros((3, 8)),) * 2)
+
+
+def _hilo_params(C, n_lo, n_hi, d, seed=0):
+  ks = iter(jax.random.split(jax.random.PRNGKey(seed), 10))
+  p = lambda i, o: {"kernel": jax.random.normal(next(ks), (i, o)) * 0.3,
+                    "bias": jax.random.normal(next(ks), (o,)) * 0.1}
+  out = {}
+  if n_hi:
+    out.update(hifi_qkv=p(C, 3 * n_hi * d), hifi_proj=p(n_hi * d, n_hi * d))
+  if n_lo:
+    out.update(lofi_q=p(C, n_lo * d), lofi_kv=p(C, 2 * n_lo * d), lofi_proj=p(n_lo * d, n_lo * d))
+  return out
+
+
+def test_hilo_branches_match_their_oracles():
+  B, X, Y, C, N = 2, 4, 6, 16, 4
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, X, Y, C))
+  n_lo, n_hi = NA.hilo.hilo_heads(N, 0.5, 2)
+  assert (n_lo, n_hi) == (2, 2) and NA.hilo.hilo_heads(12, 0.9, 2) == (10, 2)
+  d = C // N
+  prm = _hilo_params(C, n_lo, n_hi, d)
+  out = NA.hilo_attention(x, prm, num_heads=N, alpha=0.5, window=2)
+  dn = lambda t, p: t @ p["kernel"] + p["bias"]
+  qkv = dn(x, prm["hifi_qkv"]).reshape(B, X * Y, 3, n_hi, d)
+  yy, xx = np.divmod(np.arange(X * Y), Y)
+  blockdiag = ((yy[:, None] // 2 == yy[None] // 2) & (xx[:, None] // 2 == xx[None] // 2))
+  hi = reference_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=blockdiag)
+  hi = dn(hi.reshape(B, X, Y, -1), prm["hifi_proj"])
+  pooled = x.reshape(B, X // 2, 2, Y // 2, 2, C).mean((2, 4)).reshape(B, -1, C)
+  kv = dn(pooled, prm["lofi_kv"]).reshape(B, -1, 2, n_lo, d)
+  lo = reference_attention(dn(x, prm["lofi_q"]).reshape(B, X * Y, n_lo, d),
+                           kv[:, :, 0], kv[:, :, 1])
+  lo = dn(lo.reshape(B, X, Y, -1), prm["lofi_proj"])
+  np.testing.assert_allclose(out, jnp.concatenate([hi, lo], -1), atol=1e-4, rtol=1e-4)
+  # window = 1: all heads Lo-Fi over unpooled keys = standard MHSA
+  prm1 = _hilo_params(C, N, 0, d)
+  out1 = NA.hilo_attention(x, prm1, num_heads=N, alpha=0.5, window=1)
+  kv1 = dn(x, prm1["lofi_kv"]).reshape(B, X * Y, 2, N, d)
+  mhsa = reference_attention(dn(x, prm1["lofi_q"]).reshape(B, X * Y, N, d),
+                             kv1[:, :, 0], kv1[:, :, 1])
+  np.testing.assert_allclose(out1, dn(mhsa.reshape(B, X, Y, -1), prm1["lofi_proj"]),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_spatiotemporal_modes_equal_block_diagonal_masks():
+  B, T, S = 2, 2, 3
+  q, k, v = _qkv((B, T, S))
+  t, n = np.divmod(np.arange(T * S), S)
+  spatial_mask = t[:, None] == t[None]
+  assert spatial_mask[:3, :3].all() and spatial_mask[3:, 3:].all() and not spatial_mask[:3, 3:].any()
+  for mode, mask in (("full", None), ("spatial", spatial_mask),
+                     ("temporal", n[:, None] == n[None])):
+    out, lse = NA.spatiotemporal_attention(q, k, v, mode=mode, return_lse=True)
+    ro, rl = reference_attention(flat(q), flat(k), flat(v), mask=mask, return_lse=True)
+    np.testing.assert_allclose(flat(out), ro, atol=2e-5)
+    np.testing.assert_allclose(lse.reshape(rl.shape), rl, atol=2e-5)
+  with pytest.raises(ValueError, match="mode"):
+    NA.spatiotemporal_attention(q, k, v, mode="diagonal")
+
+
+def test_sliding_window_plan_and_blending():
+  assert NA.sliding_window_denoise_plan(8, 8, 0) == [(0, 8)]
+  plan = NA.sliding_window_denoise_plan(10, 4, 2)
+  assert plan == [(0, 4), (2, 6), (4, 8), (6, 10)]
+  w = NA.blend_weights(plan, 10)
+  assert np.all((w >= 0) & (w <= 1)) and np.allclose(w.sum(0), 1)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 3))
+  np.testing.assert_allclose(NA.blend_overlaps([x[:, s:e] for s, e in plan], plan, 10), x,
+                             atol=1e-6)
+  one = NA.sliding_window_denoise_plan(10, 10, 0)
+  np.testing.assert_allclose(NA.blend_overlaps([x], one, 10), x)
+  with pytest.raises(ValueError, match="overlap"):
+    NA.sliding_window_denoise_plan(10, 4, 4)
+
+
+def test_temporal_window_attention_is_a_3d_neighborhood():
+  q, k, v = _qkv((1, 5, 2, 3), N=2, K=2)
+  out = NA.temporal_window_attention(q, k, v, window=2, is_causal=True)
+  mask = Neighborhood((5, 2, 3), (2, 2, 3), 1, (True, False, False)).to_dense(30, 30)
+  t = np.arange(30) // 6
+  np.testing.assert_array_equal(mask[0], (t[None] <= t[:, None]) & (t[None] >= t[:, None] - 1))
+  np.testing.assert_allclose(flat(out), reference_attention(flat(q), flat(k), flat(v),
+                                                            mask=mask[None]), atol=2e-5)
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (NA.NeighborhoodAttention(4, (3, None), is_causal=(True, False), use_rpb=True), (2, 5, 4, 16)),
+    (NA.HaloAttention(4, block_size=2, halo=1), (2, 4, 4, 16)),
+    (NA.HiLoAttention(4, alpha=0.5, window=2), (2, 4, 4, 16)),
+    (NA.PredFormerLayer(4, "TSST"), (2, 3, 4, 16)),
+])
+def test_layers_init_apply_and_grad(layer, shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  params = layer.init(jax.random.PRNGKey(1), x)
+  out = layer.apply(params, x)
+  assert out.shape == x.shape
+  g = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
+  assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree_util.tree_leaves(g))
