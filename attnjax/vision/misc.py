@@ -92,7 +92,12 @@ class NiNformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    check_rank("x", x, 3, "[B, T, D]")
     _, T, D = x.shape
+    if self.has_variable("params", "token_ffn_w1"):
+      T0 = self.get_variable("params", "token_ffn_w1").shape[0]
+      if T0 != T:
+        raise ValueError(f"x has T={T} tokens but the token-mixing FFN was built for {T0} tokens.")
     F = self.ffn_dim
     dense = nn.initializers.lecun_normal()
 

@@ -1,0 +1,120 @@
+"""OAT box encoding, NiNformer, HyperZ.Z.W, visual search maps, MEDUSA gates, ICL harness."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax.vision import (HyperZZW, MultiScaleAttentionGates, NiNformerBlock, box_positional_encoding,
+                            coordinate_grid, eccentricity_pool, equivalent_data_shift, fft_long_conv, gd_step,
+                            hyper_zzw, icl_gd_closeness, ninformer_block, softmax_regression_grad,
+                            softmax_regression_loss, target_correlation_map)
+
+KEY = jax.random.PRNGKey(0)
+
+
+def test_box_encoding_dot_products_depend_only_on_displacement():
+  a = jnp.array([0.1, 0.2, 0.3, 0.5])
+  d = jnp.array([0.15, -0.05, 0.15, -0.05])
+  shift = jnp.array([0.4, 0.3, 0.4, 0.3])
+  e = box_positional_encoding(jnp.stack([a, a + d, a + shift, a + shift + d]), 32)
+  np.testing.assert_allclose(e[0] @ e[1], e[2] @ e[3], rtol=1e-5)
+  assert e.shape == (4, 32)
+  with pytest.raises(ValueError, match="dim"):
+    box_positional_encoding(a, 12)
+
+
+def test_ninformer_block_shapes_determinism_and_gradients():
+  x = jax.random.normal(KEY, (2, 5, 8))
+  layer = NiNformerBlock(ffn_dim=6)
+  v = layer.init(KEY, x)
+  y = layer.apply(v, x)
+  assert y.shape == x.shape
+  np.testing.assert_array_equal(y, layer.apply(v, x))
+  g = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(v)
+  assert all(float(jnp.abs(t).max()) > 0 for t in jax.tree_util.tree_leaves(g))
+  with pytest.raises(ValueError, match="tokens"):
+    layer.apply(v, jnp.ones((2, 4, 8)))
+
+
+def _circular_numpy(z, k):
+  B, L1, L2, C = z.shape
+  k = k if k.ndim == 4 else k[None]
+  out = np.zeros_like(z)
+  for n1 in range(L1):
+    for n2 in range(L2):
+      for m1 in range(L1):
+        for m2 in range(L2):
+          out[:, n1, n2] += z[:, m1, m2] * k[:, (n1 - m1) % L1, (n2 - m2) % L2]
+  return out
+
+
+def test_fft_long_conv_equals_direct_circular_convolution():
+  z = np.asarray(jax.random.normal(KEY, (2, 4, 5, 3)))
+  k = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, 5, 3)))
+  np.testing.assert_allclose(fft_long_conv(jnp.asarray(z), jnp.asarray(k)), _circular_numpy(z, k), atol=1e-4)
+  small = np.zeros((4, 5, 3), np.float32)
+  small[:2, :3] = k[:2, :3]
+  np.testing.assert_allclose(fft_long_conv(jnp.asarray(z), jnp.asarray(k[:2, :3])), _circular_numpy(z, small),
+                             atol=1e-4)
+  z1, k1 = z[:, :, 0], k[:, 0]
+  want1 = np.stack([sum(z1[:, m] * k1[(n - m) % 4] for m in range(4)) for n in range(4)], 1)
+  np.testing.assert_allclose(fft_long_conv(jnp.asarray(z1), jnp.asarray(k1)), want1, atol=1e-4)
+  np.testing.assert_allclose(hyper_zzw(jnp.asarray(z), jnp.asarray(k), form="elementwise"), z * k * z, rtol=1e-5)
+  np.testing.assert_allclose(hyper_zzw(jnp.asarray(z), jnp.asarray(k)), _circular_numpy(z, k * z), atol=1e-3)
+  with pytest.raises(ValueError, match="exceeds"):
+    fft_long_conv(jnp.asarray(z), jnp.ones((5, 5, 3)))
+  g = coordinate_grid((3, 2))
+  assert g.shape == (3, 2, 2) and float(g.min()) == -1.0 and float(g.max()) == 1.0
+  layer = HyperZZW(hidden=8)
+  assert layer.apply(layer.init(KEY, jnp.asarray(z)), jnp.asarray(z)).shape == z.shape
+
+
+def test_target_correlation_peaks_at_pasted_target_and_eccentricity_pool():
+  ks = jax.random.split(KEY, 3)
+  search = 0.1 * jax.random.normal(ks[0], (1, 9, 10, 4))
+  target = jax.random.normal(ks[1], (1, 3, 3, 4))
+  search = search.at[0, 5:8, 1:4].set(target[0])
+  m = target_correlation_map(search, target)
+  assert np.unravel_index(int(jnp.argmax(m[0])), (9, 10)) == (6, 2)
+  f = jax.random.normal(ks[2], (1, 5, 6, 2))
+  fix = jnp.array([[2.0, 3.0]])
+  np.testing.assert_allclose(eccentricity_pool(f, fix, 0.0), f)
+  for mode in ("max", "avg"):
+    out = np.asarray(eccentricity_pool(f, fix, 0.7, mode=mode))
+    fn = np.asarray(f)
+    for y in range(5):
+      for x in range(6):
+        r = int(np.floor(0.7 * np.hypot(y - 2, x - 3)))
+        win = fn[0, max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].reshape(-1, 2)
+        np.testing.assert_allclose(out[0, y, x], win.max(0) if mode == "max" else win.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(out[0, 2, 3], f[0, 2, 3], rtol=1e-6)
+
+
+def test_multiscale_attention_gates_zero_projection_halves_maps():
+  x = jax.random.normal(KEY, (1, 2, 2, 8))
+  fmaps = [jnp.ones((1, 4, 4, 3)), jnp.ones((1, 2, 2, 5))]
+  layer = MultiScaleAttentionGates(num_heads=2, head_dim=4, channels=(3, 5))
+  v = layer.init(KEY, x, fmaps)
+  outs = layer.apply(v, x, fmaps)
+  assert [o.shape for o in outs] == [f.shape for f in fmaps]
+  v0 = jax.tree_util.tree_map_with_path(
+      lambda p, t: jnp.zeros_like(t) if "gate" in jax.tree_util.keystr(p) else t, v)
+  for o in layer.apply(v0, x, fmaps):
+    np.testing.assert_allclose(o, 0.5, rtol=1e-6)
+
+
+def test_softmax_regression_grad_and_icl_closeness_harness():
+  ks = jax.random.split(KEY, 3)
+  A, x = jax.random.normal(ks[0], (6, 3)), jax.random.normal(ks[1], (3,))
+  b = jax.nn.softmax(jax.random.normal(ks[2], (6,)))
+  np.testing.assert_allclose(softmax_regression_grad(A, x, b), jax.grad(softmax_regression_loss, 1)(A, x, b),
+                             rtol=1e-5, atol=1e-7)
+  x1 = gd_step(A, x, b, 0.5)
+  assert float(softmax_regression_loss(A, x1, b)) < float(softmax_regression_loss(A, x, b))
+  np.testing.assert_allclose((A + equivalent_data_shift(A, x, x1)) @ x, A @ x1, rtol=1e-5, atol=1e-6)
+  r = icl_gd_closeness(KEY, n=6, d=3, lrs=(1e-3, 1e-2), num_instances=8)
+  assert (np.asarray(r["gap"]) <= np.asarray(r["bound"]) + 1e-7).all()
+  ratio = float(r["gap"][1] / r["gap"][0])
+  assert 5.0 < ratio < 20.0, ratio  # linear in the learning rate
+  with pytest.raises(ValueError, match="A"):
+    softmax_regression_loss(A, x[:2], b)
