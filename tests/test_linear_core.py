@@ -34,8 +34,8 @@ def _value_and_grads(impl, q, k, v, **kw):
   return o, g
 
 
-@pytest.mark.parametrize("feature_map", ["identity", "elu+1", "relu", "taylor"])
-@pytest.mark.parametrize("decay", [None, "tnl"])
+@pytest.mark.parametrize("feature_map,decay", [
+    ("identity", None), ("elu+1", "tnl"), ("relu", "tnl"), ("taylor", None), ("taylor", "tnl")])
 def test_chunked_matches_quadratic_and_recurrent(feature_map, decay):
   q, k, v = _qkv(10)
   kw = dict(feature_map=feature_map, decay=decay, chunk_size=4)  # 4 does not divide 10
@@ -94,11 +94,15 @@ def test_decay_slope_gradient():
 def test_cab_patterns(t, s, causal):
   q, k, v = _qkv(t, s)
   kw = dict(feature_map="elu+1", causal=causal, normalize=True, chunk_size=4)
-  o, g = _value_and_grads("xla", q, k, v, **kw)
-  o_ref, g_ref = _value_and_grads("reference", q, k, v, **kw)
+  if causal and t != s:  # gradients where the padding of the cross alignment matters
+    o, g = _value_and_grads("xla", q, k, v, **kw)
+    o_ref, g_ref = _value_and_grads("reference", q, k, v, **kw)
+    for a, b in zip(g, g_ref):
+      assert _rel(a, b) < 1e-4
+  else:
+    o = L.linear_attention(q, k, v, implementation="xla", **kw)
+    o_ref = L.linear_attention(q, k, v, implementation="reference", **kw)
   assert _rel(o, o_ref) < 1e-5
-  for a, b in zip(g, g_ref):
-    assert _rel(a, b) < 1e-4
   if causal and t <= s:  # query i only sees keys up to i + s - t
     i = t // 2
     k2 = k.at[:, i + s - t + 1:].add(1.0)

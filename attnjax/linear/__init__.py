@@ -17,3 +17,4 @@ from attnjax.linear.sliding_window import sliding_window_attention
 from attnjax.linear.titans import linear_memory, memory_recurrence, neural_memory
 from attnjax.linear.layers import (AgentAttention, SlidingWindowBlock, TitansMAG, TitansMAL,
                                    TitansMemory)
+from attnjax.linear.titans_mac import TitansMAC

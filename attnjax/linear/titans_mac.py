@@ -1,0 +1,72 @@
+"""Titans' memory-as-context layer (MAC; Behrouz, Zhong, Mirrokni, 2024; P2-27, papers_2).
+
+The sequence is cut into segments of `segment` tokens, processed by a scan
+that carries the matrix memory (M, S) [B, N, Dh, Dh]. For each segment:
+  h = M(q_seg)                                retrieval with the memory at the segment start
+  y = attention of the segment over [persistent || h || segment]
+      (persistent tokens always visible, h_j and x_j visible iff j <= i)
+  (M, S) <- chunked memory update with keys/values from y,   m = M_t(y_t)
+  out = (y * sigmoid(m)) W_out.
+This is our reading of the paper's Figure/Eq. for MAC; the exact gate and
+projection placement could not be confirmed against official code.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax.core.reference import reference_attention
+from attnjax.linear.titans import linear_memory
+
+
+def _l2(x):
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+
+
+class TitansMAC(nn.Module):
+  """Memory as context on x [B, T, D]; T is padded to a multiple of `segment`."""
+  num_heads: int
+  segment: int = 64
+  num_persistent: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, dim = x.shape
+    n, c = self.num_heads, self.segment
+    dh = dim // n
+    init = nn.initializers.lecun_normal()
+    w = {nm: self.param(nm, init, (dim, dim)) for nm in
+         ("wq", "wk", "wv", "wo", "mem_q", "mem_k", "mem_v", "w_out")}
+    w_gates = self.param("w_gates", init, (dim, 3 * n))
+    persistent = self.param("persistent", nn.initializers.normal(0.02), (self.num_persistent, dim))
+    heads = lambda z: z.reshape(z.shape[:-1] + (n, dh))
+    npst = self.num_persistent
+    rows = jnp.arange(c)[:, None]
+    cols = jnp.arange(npst + 2 * c)[None, :]
+    rel = jnp.where(cols < npst, -1, (cols - npst) % c)
+    mask = (rel <= rows)[None, None]  # [1, 1, C, Np + 2C]
+
+    def segment_step(state, xs):
+      m_state, s_state = state
+      qm = _l2(heads(jax.nn.silu(xs @ w["mem_q"])))
+      h = jnp.einsum("bcnd,bned->bcne", qm, m_state).reshape(b, c, dim)
+      z = jnp.concatenate([jnp.broadcast_to(persistent, (b, npst, dim)), h, xs], axis=1)
+      y = reference_attention(heads(xs @ w["wq"]), heads(z @ w["wk"]), heads(z @ w["wv"]),
+                              mask=mask)
+      y = y.reshape(b, c, dim) @ w["wo"]
+      gates = jax.nn.sigmoid(y @ w_gates).reshape(b, c, 3, n)
+      mem_out, new_state = linear_memory(
+          _l2(heads(jax.nn.silu(y @ w["mem_q"]))), _l2(heads(jax.nn.silu(y @ w["mem_k"]))),
+          heads(jax.nn.silu(y @ w["mem_v"])), gates[:, :, 0], gates[:, :, 1], gates[:, :, 2],
+          chunk_size=c, initial_state=(m_state, s_state), return_state=True)
+      out = (y * jax.nn.sigmoid(mem_out.reshape(b, c, dim))) @ w["w_out"]
+      return new_state, out
+
+    pad = -t % c
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
+    segs = jnp.moveaxis(xp.reshape(b, -1, c, dim), 1, 0)
+    zeros = jnp.zeros((b, n, dh, dh), jnp.float32)
+    _, out = lax.scan(segment_step, (zeros, zeros), segs)
+    return jnp.moveaxis(out, 0, 1).reshape(b, -1, dim)[:, :t].astype(x.dtype)
