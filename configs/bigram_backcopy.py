@@ -8,21 +8,8 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config("bigram_backcopy")
-  c.task.name = "bigram_backcopy"
-  c.task.seq_len = 64
-  c.task.vocab_size = 64
-  c.task.num_triggers = 3
-  c.task.successors_per_token = 4
-  c.task.trigger_prob = 0.15
-  c.task.batch_size = 32
-  c.task.eval_batches = 4
-  c.model.num_layers = 1
-  c.model.d_model = 64
-  c.model.num_heads = 4
-  c.optim.learning_rate = 3e-3
-  c.optim.warmup_steps = 20
-  c.train.num_steps = 300
-  c.train.log_every = 50
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  c.task.update(name="bigram_backcopy", seq_len=64, vocab_size=64, num_triggers=3,
+                successors_per_token=4, trigger_prob=0.15)
+  common.size(c, num_layers=1, d_model=64, num_heads=4, steps=300, learning_rate=3e-3,
+              warmup=20, log_every=50, eval_every=100, batch_size=32, eval_batches=4)
   return common.apply_family(c, arg)

@@ -63,6 +63,18 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   return c
 
 
+def size(c: ml_collections.ConfigDict, *, num_layers: int, d_model: int, num_heads: int,
+         steps: int, learning_rate: float, warmup: int, log_every: int, eval_every: int,
+         batch_size: int, eval_batches: int) -> ml_collections.ConfigDict:
+  """Sets the model size, batch and schedule fields of an experiment config."""
+  c.model.update(num_layers=num_layers, d_model=d_model, num_heads=num_heads)
+  c.task.update(batch_size=batch_size, eval_batches=eval_batches)
+  c.optim.update(learning_rate=learning_rate, warmup_steps=warmup)
+  c.train.update(num_steps=steps, log_every=log_every, eval_every=eval_every,
+                 checkpoint_every=eval_every)
+  return c
+
+
 def apply_family(c: ml_collections.ConfigDict, family: str) -> ml_collections.ConfigDict:
   """Sets the config's attention from a ``get_config`` argument.
 

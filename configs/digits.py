@@ -8,19 +8,8 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config("digits")
-  c.task.name = "digits"
-  c.task.patch_size = 2
-  c.task.batch_size = 64
-  c.task.eval_batches = 1           # the whole test split is always evaluated
-  c.model.kind = "encoder_classifier"
-  c.model.num_layers = 2
-  c.model.d_model = 64
-  c.model.num_heads = 4
-  c.model.use_rope = False
-  c.optim.learning_rate = 2e-3
-  c.optim.warmup_steps = 20
-  c.train.num_steps = 300
-  c.train.log_every = 50
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  c.task.update(name="digits", patch_size=2)   # the whole test split is always evaluated
+  c.model.update(kind="encoder_classifier", use_rope=False)
+  common.size(c, num_layers=2, d_model=64, num_heads=4, steps=300, learning_rate=2e-3,
+              warmup=20, log_every=50, eval_every=100, batch_size=64, eval_batches=1)
   return common.apply_family(c, arg)

@@ -8,22 +8,8 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config("listops")
-  c.task.name = "listops"
-  c.task.seq_len = 64
-  c.task.max_depth = 3
-  c.task.max_args = 4
-  c.task.branch_prob = 0.3
-  c.task.batch_size = 32
-  c.task.eval_batches = 4
-  c.model.kind = "encoder_classifier"
-  c.model.num_layers = 2
-  c.model.d_model = 64
-  c.model.num_heads = 4
-  c.model.use_rope = False
-  c.optim.learning_rate = 2e-3
-  c.optim.warmup_steps = 20
-  c.train.num_steps = 400
-  c.train.log_every = 50
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 200
+  c.task.update(name="listops", seq_len=64, max_depth=3, max_args=4, branch_prob=0.3)
+  c.model.update(kind="encoder_classifier", use_rope=False)
+  common.size(c, num_layers=2, d_model=64, num_heads=4, steps=400, learning_rate=2e-3,
+              warmup=20, log_every=50, eval_every=200, batch_size=32, eval_batches=4)
   return common.apply_family(c, arg)

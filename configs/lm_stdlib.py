@@ -10,19 +10,8 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config("lm_stdlib")
-  c.task.name = "stdlib_lm"
-  c.task.seq_len = 128
-  c.task.batch_size = 16
-  c.task.eval_batches = 4
-  c.task.include_tests = False
-  c.task.eval_percent = 5
-  c.task.max_bytes = 0
-  c.model.kind = "decoder_lm"
-  c.model.num_layers = 2
-  c.model.d_model = 128
-  c.model.num_heads = 4
-  c.train.num_steps = 300
-  c.train.log_every = 25
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  c.task.update(name="stdlib_lm", seq_len=128, include_tests=False, eval_percent=5,
+                max_bytes=0)
+  common.size(c, num_layers=2, d_model=128, num_heads=4, steps=300, learning_rate=3e-3,
+              warmup=30, log_every=25, eval_every=100, batch_size=16, eval_batches=4)
   return common.apply_family(c, arg)

@@ -9,20 +9,7 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config("mqar")
-  c.task.name = "mqar"
-  c.task.seq_len = 64
-  c.task.vocab_size = 64
-  c.task.num_kv_pairs = 8
-  c.task.alpha = 0.01
-  c.task.batch_size = 32
-  c.task.eval_batches = 4
-  c.model.num_layers = 2
-  c.model.d_model = 64
-  c.model.num_heads = 4
-  c.optim.learning_rate = 3e-3
-  c.optim.warmup_steps = 20
-  c.train.num_steps = 400
-  c.train.log_every = 50
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 200
+  c.task.update(name="mqar", seq_len=64, vocab_size=64, num_kv_pairs=8, alpha=0.01)
+  common.size(c, num_layers=2, d_model=64, num_heads=4, steps=400, learning_rate=3e-3,
+              warmup=20, log_every=50, eval_every=200, batch_size=32, eval_batches=4)
   return common.apply_family(c, arg)

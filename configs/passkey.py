@@ -9,21 +9,8 @@ from configs import common
 
 def get_config(arg: str = ""):
   c = common.base_config("passkey")
-  c.task.name = "passkey"
-  c.task.seq_len = 128
-  c.task.vocab_size = 32
-  c.task.num_digits = 3
-  c.task.min_context = 16
-  c.task.eval_contexts = (32, 64, 96, 124)
-  c.task.batch_size = 32
-  c.task.eval_batches = 2
-  c.model.num_layers = 2
-  c.model.d_model = 64
-  c.model.num_heads = 4
-  c.optim.learning_rate = 3e-3
-  c.optim.warmup_steps = 20
-  c.train.num_steps = 400
-  c.train.log_every = 50
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 200
+  c.task.update(name="passkey", seq_len=128, vocab_size=32, num_digits=3, min_context=16,
+                eval_contexts=(32, 64, 96, 124))
+  common.size(c, num_layers=2, d_model=64, num_heads=4, steps=400, learning_rate=3e-3,
+              warmup=20, log_every=50, eval_every=200, batch_size=32, eval_batches=2)
   return common.apply_family(c, arg)

@@ -12,7 +12,7 @@ import csv
 import math
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 FIELDS = ("step", "split", "metric", "value")
 
@@ -93,9 +93,3 @@ def summary_table(title: str, sections: Dict[str, Dict[str, object]]) -> str:
   out.append(line)
   return "\n".join(out)
 
-
-def scalar_or_none(x) -> Optional[float]:
-  try:
-    return float(x)
-  except (TypeError, ValueError):
-    return None

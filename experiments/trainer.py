@@ -10,7 +10,6 @@ resumed logs exactly the metrics of an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Dict

@@ -144,3 +144,14 @@ def test_cli_reports_bad_field_and_exits_nonzero(tmp_path):
   assert proc.returncode == 1
   assert "config.model.attention: unknown attention family 'no_such_family'" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_encoder_classifier_trains_on_digits(tmp_path):
+  c = tiny_config(num_steps=16, log_every=4, eval_every=16, checkpoint_every=16)
+  c.task = common.base_config("x").task
+  c.task.update(name="digits", patch_size=2, batch_size=32, eval_batches=1)
+  c.model.update(kind="encoder_classifier", use_rope=False)
+  summary = trainer.train(c, str(tmp_path), echo=lambda s: None)
+  losses = [v for s, sp, m, v in _rows(str(tmp_path)) if sp == "train" and m == "loss"]
+  assert losses[-1] < losses[0]
+  assert summary["eval"]["accuracy"] > 0.2        # chance is 0.1

@@ -18,7 +18,6 @@ GPU), splash attention on TPU, tokamax when importable.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, List, Optional
 
