@@ -207,15 +207,15 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
   bias4 = None if bias is None else _norm4("bias", bias, d)
   bq, bk, Tp, Sp = P.choose_blocks(d.T, d.S)
   bm0 = None
-  offs = P.layout_offsets(q_pos, k_pos) if mask_obj is not None else None
-  if offs is not None and not mask_obj.needs_segments:
+  offs = _offsets(q_positions, k_positions, d) if mask_obj is not None else None
+  if offs is not None and not mask_obj.needs_segments and segs is None:
     bq, bk, bm0 = P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
     Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
   if implementation == "pallas":
     if bias is not None:
       raise NotImplementedError("implementation='pallas' does not take an additive bias; "
                                 "use implementation='xla'.")
-    layout = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp, bm0)
+    layout = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
     if Tp != d.T or Sp != d.S:
       raise NotImplementedError(
           f"implementation='pallas' needs lengths divisible by a block size; got T={d.T}, "
@@ -224,19 +224,18 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
         layout, d.T, d.S, bq, bk, mask=mask_obj), mask=mask_arr, score=score, scale=scale,
                    q_positions=q_positions, k_positions=k_positions,
                    segment_ids=segment_ids, return_lse=return_lse)
-  bm = _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp, bm0)
+  bm = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
   return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
                     bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,
                     mask_array=mask_arr, return_lse=return_lse)
 
 
-def _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp, bm0=None):
+def _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0=None):
   """Static block classes [Nl, nq, nk] for the call (``bm0``: the mask's, if known)."""
   nq, nk = Tp // bq, Sp // bk
   if bm0 is not None:
     bm = bm0
   elif mask_obj is not None:
-    offs = P.layout_offsets(q_pos, k_pos)
     if offs is None:
       bm = P.dense_block_mask(nq, nk, LY.PARTIAL)
     else:
@@ -256,6 +255,13 @@ def _layout_for(mask_obj, mask_arr, d, q_pos, k_pos, segs, bq, bk, Tp, Sp, bm0=N
   if Sp != d.S:
     bm = P.force_partial(bm, cols=[nk - 1])
   return bm
+
+
+def _offsets(q_positions, k_positions, d):
+  """Layout offsets: defaults for omitted positions, else from concrete contiguous ones."""
+  qp = np.arange(d.T) + (d.S - d.T) if q_positions is None else q_positions
+  kp = np.arange(d.S) if k_positions is None else k_positions
+  return P.layout_offsets(qp, kp)
 
 
 def _concrete_classes(mask_arr, d, bq, bk, Tp, Sp):

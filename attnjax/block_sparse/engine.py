@@ -209,6 +209,8 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, s
                          score, s)
     vis = Tl.visibility(cfg, aux, qb, kb) if partial else None
     shape = t.shape[:3] + (Rq, cfg.bk)
+    if vis is not None and norm == "softmax":
+      t = jnp.where(vis, t, _NEG_INF)
     t = t.reshape(shape)
     if vis is not None:
       vis = jnp.broadcast_to(vis, t.shape[:3] + (cfg.R, cfg.bq, cfg.bk)).reshape(shape)
@@ -216,8 +218,6 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, s
     fin = jnp.isfinite(lse)
     if norm == "softmax":
       p = jnp.exp(t - jnp.where(fin, lse, 0.0)[..., None])
-      if vis is not None:
-        p = jnp.where(vis, p, 0.0)
       probs = p
       ds = p * (dp - delta[..., None])
     else:
