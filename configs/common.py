@@ -90,4 +90,8 @@ def apply_family(c: ml_collections.ConfigDict, family: str) -> ml_collections.Co
     family, k = family.split("+dense")
     c.model.dense_layers = tuple(range(int(k or 1)))
   c.model.attention = family
+  # The family's small-model presets become explicit fields, so that the
+  # command line can override them (--config.model.attention_options.window=16).
+  from experiments import families  # pylint: disable=g-import-not-at-top
+  c.model.attention_options = ml_collections.ConfigDict(families.preset_options(family))
   return c

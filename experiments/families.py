@@ -48,6 +48,14 @@ def _accepted(fn, options: Dict[str, object]) -> Dict[str, object]:
   return {k: v for k, v in options.items() if k in params and params[k].kind in named}
 
 
+def preset_options(name: str) -> Dict[str, object]:
+  """The ``PRESETS`` entries that family (or variant) ``name`` takes; {} if unknown."""
+  from attnjax.layers import registry  # pylint: disable=g-import-not-at-top
+  base = VARIANTS.get(name, (name, {}))[0]
+  fn = registry.list_families().get(base)
+  return {} if fn is None else _accepted(fn, PRESETS.get(base, {}))
+
+
 def _to_dict(x) -> Dict[str, object]:
   if x is None:
     return {}

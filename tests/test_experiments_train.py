@@ -136,13 +136,20 @@ def test_bad_config_names_the_field(field, value, match, tmp_path):
     trainer.Experiment(c, str(tmp_path))
 
 
-def test_cli_reports_bad_field_and_exits_nonzero(tmp_path):
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.attention=no_such_family"],
+     "config.model.attention: unknown attention family 'no_such_family'"),
+    # the overrides parse (family argument, its options, a tuple); then num_steps is refused.
+    (["--config=configs/mqar.py:sliding_window", "--config.model.attention_options.window=16",
+      "--config.model.layer_attention=('dense', 'sliding_window')", "--config.train.num_steps=0"],
+     "config.train.num_steps must be an integer >= 1, got 0"),
+])
+def test_cli_reports_bad_field_and_exits_nonzero(tmp_path, args, message):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
-       "--config.model.attention=no_such_family"],
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}", *args],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 1
-  assert "config.model.attention: unknown attention family 'no_such_family'" in proc.stderr
+  assert message in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
