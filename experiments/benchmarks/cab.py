@@ -183,21 +183,28 @@ def plot(rows: List[Dict], path: str) -> Optional[str]:
   ok = [r for r in rows if r.get("status") == "ok"]
   if not ok:
     return None
+  names = sorted({r["family"] for r in ok})
+  cmap = plt.get_cmap("tab20")
+  style = {n: dict(color=cmap(i % 20), ls=("-", "--", ":")[(i // 20) % 3]) for i, n in enumerate(names)}
   fig, axes = plt.subplots(1, 4, figsize=(18, 4.5), sharey=True)
+  handles = {}
   for ax, pattern in zip(axes, PATTERNS):
-    for name in sorted({r["family"] for r in ok}):
+    for name in names:
       pts = sorted((r["seq_len"], r["fwd_bwd_s"]) for r in ok
                    if r["family"] == name and r["pattern"] == pattern)
       if pts:
-        ax.plot(*zip(*pts), marker="o", ms=3, lw=2.5 if name == "dense" else 1, label=name)
+        (h,) = ax.plot(*zip(*pts), marker="o", ms=3, lw=2.5 if name == "dense" else 1,
+                       label=name, **style[name])
+        handles[name] = h
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_title(pattern)
     ax.set_xlabel("sequence length")
   axes[0].set_ylabel("forward+backward seconds")
-  axes[-1].legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+  fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
+             fontsize=7, ncol=1, loc="center right")
+  fig.subplots_adjust(right=0.86)
   fig.suptitle(f"CAB patterns on {jax.default_backend()} (B={B}, heads={N}, head_dim={H})")
-  fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
