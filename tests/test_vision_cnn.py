@@ -10,10 +10,18 @@ from attnjax.vision import (ULSAM, ClassSemanticsAttention, EfficientLocalAttent
 KEY = jax.random.PRNGKey(0)
 
 
-def _ulsam_params(C, g, key=KEY, zero_pw=False):
-  k = jax.random.split(key, 4)
-  p = {"dw_kernel": jax.random.normal(k[0], (C,)), "dw_bias": jax.random.normal(k[1], (C,)),
-       "pw_kernel": jax.random.normal(k[2], (g, C // g)), "pw_bias": jax.random.normal(k[3], (g,))}
+def rnd(shape, seed, scale=1.0):
+  """Test data from NumPy (cheap: no per-shape XLA compile)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def unif(shape, seed, maxval=1.0):
+  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+
+
+def _ulsam_params(C, g, zero_pw=False):
+  p = {"dw_kernel": rnd((C,), 101), "dw_bias": rnd((C,), 102),
+       "pw_kernel": rnd((g, C // g), 103), "pw_bias": rnd((g,), 104)}
   if zero_pw:
     p["pw_kernel"], p["pw_bias"] = jnp.zeros_like(p["pw_kernel"]), jnp.zeros_like(p["pw_bias"])
   return p
@@ -21,35 +29,36 @@ def _ulsam_params(C, g, key=KEY, zero_pw=False):
 
 def test_ulsam_tiny_constant_input_gives_quarter_map():
   x = jnp.full((1, 2, 2, 3), 1.7)
-  out, maps = ulsam(x, _ulsam_params(3, 1), num_splits=1, return_maps=True)
+  out, maps = jax.jit(lambda x, p: ulsam(x, p, num_splits=1, return_maps=True))(x, _ulsam_params(3, 1))
   np.testing.assert_allclose(maps, 0.25, atol=1e-6)
   np.testing.assert_allclose(out, 1.7 * 1.25, rtol=1e-6)
 
 
 def test_ulsam_maps_sum_to_one_zero_pointwise_is_uniform_and_groups_independent():
-  x = jax.random.normal(KEY, (2, 3, 4, 8))
+  x = rnd((2, 3, 4, 8), 105)
   p = _ulsam_params(8, 4)
-  out, maps = ulsam(x, p, num_splits=4, return_maps=True)
+  f = jax.jit(lambda x, p: ulsam(x, p, num_splits=4, return_maps=True))
+  out, maps = f(x, p)
   np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
-  out0 = ulsam(x, _ulsam_params(8, 4, zero_pw=True), num_splits=4)
+  out0, _ = f(x, _ulsam_params(8, 4, zero_pw=True))
   np.testing.assert_allclose(out0, x * (1 + 1 / 12), rtol=1e-5)
   # permuting the groups (with their parameters) permutes the output groups.
   perm = np.array([2, 0, 3, 1])
   ch = (perm[:, None] * 2 + np.arange(2)).reshape(-1)
   pp = {"dw_kernel": p["dw_kernel"][ch], "dw_bias": p["dw_bias"][ch],
         "pw_kernel": p["pw_kernel"][perm], "pw_bias": p["pw_bias"][perm]}
-  np.testing.assert_allclose(ulsam(x[..., ch], pp, num_splits=4), out[..., ch], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(f(x[..., ch], pp)[0], out[..., ch], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="num_splits"):
     ulsam(x, p, num_splits=3)
 
 
 def test_ulsam_layer_trains_batch_stats():
-  x = jax.random.normal(KEY, (2, 4, 4, 8))
+  x = rnd((2, 4, 4, 8), 106)
   layer = ULSAM(num_splits=2)
-  v = layer.init(KEY, x)
-  y, upd = layer.apply(v, x, train=True, mutable=["batch_stats"])
+  v = jax.jit(layer.init)(KEY, x)
+  y, upd = jax.jit(lambda v, x: layer.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
   assert y.shape == x.shape and "batch_stats" in upd
-  assert np.isfinite(np.asarray(layer.apply(v, x))).all()
+  assert np.isfinite(np.asarray(y)).all()
 
 
 def _ela_numpy(x, kern, gn, scale, bias, eps=1e-5):
@@ -68,45 +77,46 @@ def _ela_numpy(x, kern, gn, scale, bias, eps=1e-5):
 
 
 def test_ela_matches_numpy_zero_conv_gives_quarter_and_transpose_equivariance():
-  x = jax.random.normal(KEY, (2, 5, 6, 4))
-  kern = jax.random.normal(jax.random.PRNGKey(1), (3, 1, 4))
+  x = rnd((2, 5, 6, 4), 107)
+  kern = rnd((3, 1, 4), 108)
   p = {"conv_kernel": kern, "gn_scale": jnp.linspace(0.5, 1.5, 4), "gn_bias": jnp.linspace(-0.2, 0.2, 4)}
-  out, (yh, yw) = efficient_local_attention(x, p, gn_groups=2, return_gates=True)
+  f = jax.jit(lambda x, p: efficient_local_attention(x, p, gn_groups=2, return_gates=True))
+  out, (yh, yw) = f(x, p)
   np.testing.assert_allclose(out, _ela_numpy(np.asarray(x), np.asarray(kern), 2, np.asarray(p["gn_scale"]),
                                              np.asarray(p["gn_bias"])), rtol=1e-4, atol=1e-5)
   assert float(yh.min()) > 0 and float(yw.max()) < 1
   p0 = dict(p, conv_kernel=jnp.zeros_like(kern), gn_bias=jnp.zeros(4))
-  np.testing.assert_allclose(efficient_local_attention(x, p0, gn_groups=2), x / 4, rtol=1e-6)
+  np.testing.assert_allclose(f(x, p0)[0], x / 4, rtol=1e-6)
   xt = jnp.swapaxes(x, 1, 2)
-  np.testing.assert_allclose(efficient_local_attention(xt, p, gn_groups=2), jnp.swapaxes(out, 1, 2),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(f(xt, p)[0], jnp.swapaxes(out, 1, 2), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="groups"):
     efficient_local_attention(x, p, gn_groups=3)
 
 
 def test_ela_layer_variants():
-  x = jax.random.normal(KEY, (1, 4, 4, 32))
-  for variant in ("T", "S"):
-    layer = EfficientLocalAttention(variant=variant)
-    y = layer.apply(layer.init(KEY, x), x)
-    assert y.shape == x.shape
+  x = rnd((1, 4, 4, 32), 109)
+  layer = EfficientLocalAttention(variant="S")
+  v = jax.jit(layer.init)(KEY, x)
+  assert v["params"]["conv_kernel"].shape == (5, 8, 32)
+  assert jax.jit(layer.apply)(v, x).shape == x.shape
   with pytest.raises(ValueError, match="variant"):
     EfficientLocalAttention(variant="X").init(KEY, x)
 
 
 def test_csa_zero_weights_identity_and_gates_depend_on_r_only():
-  r = jax.random.normal(KEY, (2, 6, 5))
-  f = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 3))
+  r = rnd((2, 6, 5), 110)
+  f = rnd((2, 6, 3), 111)
   z = {"w1": jnp.zeros((5, 2)), "b1": jnp.zeros(2), "w2": jnp.zeros((2, 3)), "b2": jnp.zeros(3),
        "conv_kernel": jnp.zeros((3, 5, 1)), "conv_bias": jnp.zeros(1)}
-  np.testing.assert_allclose(class_semantics_attention(r, f, z), f, rtol=1e-6)
+  csa = jax.jit(lambda r, f, p: class_semantics_attention(r, f, p, return_gates=True))
+  np.testing.assert_allclose(csa(r, f, z)[0], f, rtol=1e-6)
   layer = ClassSemanticsAttention(temporal_kernel=3, reduction=2)
-  v = layer.init(KEY, r, f)
-  p = {k.split("/")[-1]: val for k, val in v["params"].items()}
-  out, (wc, wt) = class_semantics_attention(r, f, p, return_gates=True)
-  np.testing.assert_allclose(layer.apply(v, r, f), out, rtol=1e-6)
+  v = jax.jit(layer.init)(KEY, r, f)
+  p = dict(v["params"])
+  out, (wc, wt) = csa(r, f, p)
+  np.testing.assert_allclose(jax.jit(layer.apply)(v, r, f), out, rtol=1e-6)
   assert 0 < float(wc.min()) and float(wt.max()) < 1 and wc.shape == (2, 1, 3) and wt.shape == (2, 6, 1)
-  _, (wc2, wt2) = class_semantics_attention(r, 3 * f, p, return_gates=True)
+  _, (wc2, wt2) = csa(r, 3 * f, p)
   np.testing.assert_array_equal(wc, wc2)
   np.testing.assert_array_equal(wt, wt2)
   # numpy oracle for the temporal gate at an interior step
@@ -121,28 +131,25 @@ def test_gaam_tiny_case_and_properties():
                                 return_weights=True)
   np.testing.assert_allclose(w, [0.274, 0.452, 0.274], atol=1e-3)
   np.testing.assert_allclose(y, [0.0, 0.452, 0.548], atol=1e-3)
-  x = jax.random.normal(KEY, (3, 8))
+  x = rnd((3, 8), 112)
   d = jnp.array([[0.3, -0.2]])
   c = jnp.array([[1.2, 0.8]])
-  _, w = gaussian_adaptive_gate(x, d, c, return_weights=True)
+  g = jax.jit(lambda x, d, c: gaussian_adaptive_gate(x, d, c, return_weights=True)[1])
+  w = g(x, d, c)
   np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
-  _, w_shift = gaussian_adaptive_gate(x + 5.0, d, c, return_weights=True)
-  np.testing.assert_allclose(w_shift, w, atol=1e-4)
-  _, w_a = gaussian_adaptive_gate(x, jnp.zeros((1, 2)), c, return_weights=True)
-  _, w_b = gaussian_adaptive_gate(3.0 * x, jnp.zeros((1, 2)), c, return_weights=True)
-  np.testing.assert_allclose(w_a, w_b, atol=1e-5)
-  _, w_u = gaussian_adaptive_gate(x, jnp.zeros((1, 1)), jnp.full((1, 1), 1e4), return_weights=True)
-  np.testing.assert_allclose(w_u, 1 / 8, atol=1e-6)
+  np.testing.assert_allclose(g(x + 5.0, d, c), w, atol=1e-4)
+  np.testing.assert_allclose(g(x, 0 * d, c), g(3.0 * x, 0 * d, c), atol=1e-5)
+  np.testing.assert_allclose(g(x, 0 * d, jnp.full((1, 2), 1e4)), 1 / 8, atol=1e-6)
 
 
 def test_gaam_heads_axis_padding_and_layer():
-  x = jax.random.normal(KEY, (2, 6, 3))
+  x = rnd((2, 6, 3), 113)
   d = jnp.array([[0.1], [-0.4]])
   c = jnp.array([[0.9], [1.5]])
-  y = gaussian_adaptive_gate(x, d, c, axis=1, num_heads=2)
-  y0 = gaussian_adaptive_gate(x[:, :3], d[:1], c[:1], axis=1)
-  y1 = gaussian_adaptive_gate(x[:, 3:], d[1:], c[1:], axis=1)
-  np.testing.assert_allclose(y, jnp.concatenate([y0, y1], 1), rtol=1e-6)
+  y = jax.jit(lambda x: gaussian_adaptive_gate(x, d, c, axis=1, num_heads=2))(x)
+  y01 = jax.jit(jax.vmap(lambda x, d, c: gaussian_adaptive_gate(x, d, c, axis=1), (1, 0, 0), 1))(
+      x.reshape(2, 2, 3, 3), d[:, None], c[:, None])
+  np.testing.assert_allclose(y, y01.reshape(2, 6, 3), rtol=1e-6)
   xp = jnp.array([[1.0, 2.0, 0.0, 3.0]])
   yp = gaussian_adaptive_gate(xp, jnp.zeros((1, 1)), jnp.ones((1, 1)), padding_value=0.0)
   assert float(yp[0, 2]) == 0.0
@@ -150,4 +157,5 @@ def test_gaam_heads_axis_padding_and_layer():
     gaussian_adaptive_gate(x, d, c, axis=1, num_heads=4)
   layer = GaussianAdaptiveAttention(num_gaussians=2, num_heads=2)
   v = layer.init(KEY, jnp.ones((2, 4)))
-  assert layer.apply(v, x[:, :4, 0]).shape == (2, 4)
+  assert v["params"]["scales"].shape == (2, 2)
+  assert jax.jit(layer.apply)(v, x[:, :4, 0]).shape == (2, 4)

@@ -12,8 +12,17 @@ from attnjax.vision import (DCALAttention, PointGridAttention, attention_rollout
 KEY = jax.random.PRNGKey(0)
 
 
+def rnd(shape, seed, scale=1.0):
+  """Test data from NumPy (cheap: no per-shape XLA compile)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def unif(shape, seed, maxval=1.0):
+  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+
+
 def test_segment_softmax_matches_per_segment_softmax_and_handles_empty_and_inf():
-  logits = jax.random.normal(KEY, (7, 2))
+  logits = rnd((7, 2), 102)
   ids = jnp.array([2, 0, 2, 2, 0, 3, 2])
   a = np.asarray(segment_softmax(logits, ids, 5))
   for s in range(5):
@@ -31,8 +40,8 @@ def test_segment_softmax_matches_per_segment_softmax_and_handles_empty_and_inf()
 
 
 def _fns():
-  W = jax.random.normal(jax.random.PRNGKey(7), (8, 2)) * 0.5
-  Wp = jax.random.normal(jax.random.PRNGKey(8), (2, 8))
+  W = rnd((8, 2), 103) * 0.5
+  Wp = rnd((2, 8), 104)
   return (lambda r: jnp.tanh(r @ W)), (lambda o: jnp.sin(o @ Wp))
 
 
@@ -58,32 +67,32 @@ def _dense_cell_attention(coords, k, v, q, R, s, weight_fn, pos_fn):
 
 def test_point_to_grid_equals_dense_masked_vector_attention_and_is_order_invariant():
   B, P, C, R, s = 2, 12, 8, 3, 4
-  ks = jax.random.split(KEY, 4)
-  coords = jax.random.uniform(ks[0], (B, P, 2), maxval=0.999)
-  k, v = jax.random.normal(ks[1], (B, P, C)), jax.random.normal(ks[2], (B, P, C))
-  q = jax.random.normal(ks[3], (B, R, R, C))
+  coords = unif((B, P, 2), 111, 0.999)
+  k, v = rnd((B, P, C), 105), rnd((B, P, C), 106)
+  q = rnd((B, R, R, C), 107)
   wf, pf = _fns()
   f = jax.jit(lambda c, k, v: point_to_grid_attention(c, k, v, q, resolution=R, share_channels=s,
                                                        weight_fn=wf, pos_fn=pf))
   out = f(coords, k, v)
   np.testing.assert_allclose(out, _dense_cell_attention(coords, k, v, q, R, s, wf, pf), rtol=1e-5, atol=1e-5)
-  perm = jax.random.permutation(KEY, P)
+  perm = np.random.default_rng(114).permutation(P)
   np.testing.assert_allclose(f(coords[:, perm], k[:, perm], v[:, perm]), out, rtol=1e-5, atol=1e-6)
 
 
 def test_single_point_cell_gets_weight_one_and_masked_points_drop_out():
   coords = jnp.array([[[0.1, 0.1], [0.6, 0.6], [0.7, 0.9]]])
-  k = jax.random.normal(KEY, (1, 3, 4))
-  v = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 4))
+  k = rnd((1, 3, 4), 108)
+  v = rnd((1, 3, 4), 109)
   q = jnp.zeros((1, 2, 2, 4))
   _, pf = _fns()
   pos_fn = lambda o: pf(o)[..., :4]
-  out = point_to_grid_attention(coords, k, v, q, resolution=2, share_channels=2, pos_fn=pos_fn)
+  p2g = jax.jit(lambda c, m, pf: point_to_grid_attention(c, k, v, q, resolution=2, share_channels=2,
+                                                          pos_fn=pf, point_mask=m), static_argnums=2)
+  out = p2g(coords, None, pos_fn)
   pos0 = pos_fn(jnp.array([[0.2, 0.2]]))[0]
   np.testing.assert_allclose(out[0, 0, 0], v[0, 0] + pos0, rtol=1e-5)
   np.testing.assert_allclose(out[0, 0, 1], 0.0)  # empty cell (x=1, y=0)
-  m = point_to_grid_attention(coords, k, v, q, resolution=2, share_channels=2,
-                              point_mask=jnp.array([[True, True, False]]))
+  m = p2g(coords, jnp.array([[True, True, False]]), None)
   np.testing.assert_allclose(m[0, 1, 1], v[0, 1], rtol=1e-5)
   with pytest.raises(ValueError, match="coords2d"):
     point_to_grid_attention(coords.at[0, 0, 0].set(1.0), k, v, q, resolution=2, share_channels=2)
@@ -91,11 +100,11 @@ def test_single_point_cell_gets_weight_one_and_masked_points_drop_out():
 
 def test_point_grid_layer_and_bilinear_sampling():
   R = 4
-  coords = jax.random.uniform(KEY, (2, 10, 2), maxval=0.99)
+  coords = unif((2, 10, 2), 112, 0.99)
   layer = PointGridAttention(share_channels=4)
   grid = jnp.ones((2, R, R, 8))
-  v = layer.init(KEY, coords, jnp.ones((2, 10, 5)), grid)
-  assert layer.apply(v, coords, jnp.ones((2, 10, 5)), grid).shape == (2, R, R, 8)
+  v = jax.jit(layer.init)(KEY, coords, jnp.ones((2, 10, 5)), grid)
+  assert jax.jit(layer.apply)(v, coords, jnp.ones((2, 10, 5)), grid).shape == (2, R, R, 8)
   yy, xx = jnp.meshgrid(jnp.arange(R), jnp.arange(R), indexing="ij")
   lin = (2.0 * xx + 3.0 * yy)[None, :, :, None].astype(jnp.float32)  # linear field on cell centres
   pts = jnp.array([[[0.0, 0.0], [1.0, 1.0], [0.5, 0.25]]])
@@ -106,25 +115,27 @@ def test_point_grid_layer_and_bilinear_sampling():
 def test_rollout_identity_and_product():
   eye = jnp.broadcast_to(jnp.eye(5), (2, 3, 5, 5))
   np.testing.assert_allclose(attention_rollout([eye, eye]), jnp.broadcast_to(jnp.eye(5), (2, 5, 5)))
-  p1, p2 = (jax.nn.softmax(jax.random.normal(k, (1, 2, 4, 4)), -1) for k in jax.random.split(KEY))
+  p1, p2 = (jax.nn.softmax(rnd((1, 2, 4, 4), s), -1) for s in (201, 202))
   s = lambda p: 0.5 * p.mean(1) + 0.5 * jnp.eye(4)
   np.testing.assert_allclose(attention_rollout([p1, p2]), s(p2) @ s(p1), rtol=1e-6)
 
 
 def test_glca_equals_gathered_dense_rows_and_pwca_equals_concat():
   B, T, N, H = 2, 9, 2, 4
-  q, k, v = (jax.random.normal(kk, (B, T, N, H)) for kk in jax.random.split(KEY, 3))
-  scores = jax.random.uniform(jax.random.PRNGKey(5), (B, T))
-  out, idx = glca_attention(q, k, v, scores, top_ratio=0.25)
+  q, k, v = (rnd((B, T, N, H), s) for s in range(101, 104))
+  scores = unif((B, T), 113)
+  out, idx = jax.jit(lambda *a: glca_attention(*a, top_ratio=0.25))(q, k, v, scores)
   assert idx.shape == (B, 3) and (np.asarray(idx[:, 0]) == 0).all()
   want_idx = np.argsort(-np.asarray(scores[:, 1:]), axis=1)[:, :2] + 1
   np.testing.assert_array_equal(idx[:, 1:], want_idx)
-  full = reference_attention(q, k, v)
+  ref_fn = jax.jit(reference_attention)
+  full = ref_fn(q, k, v)
   np.testing.assert_allclose(out, jnp.take_along_axis(full, idx[:, :, None, None], 1), rtol=1e-5, atol=1e-6)
   k2, v2 = k[::-1, :5], v[::-1, :5]
-  ref = reference_attention(q, jnp.concatenate([k, k2], 1), jnp.concatenate([v, v2], 1))
-  np.testing.assert_allclose(pairwise_cross_attention(q, k, v, k2, v2), ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(pairwise_cross_attention(q, k, v, k[:, :0], v[:, :0]), full, rtol=1e-5, atol=1e-6)
+  ref = ref_fn(q, jnp.concatenate([k, k2], 1), jnp.concatenate([v, v2], 1))
+  pwca = jax.jit(pairwise_cross_attention)
+  np.testing.assert_allclose(pwca(q, k, v, k2, v2), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pwca(q, k, v, k[:, :0], v[:, :0]), full, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="top_ratio"):
     glca_attention(q, k, v, scores, top_ratio=0.0)
 
@@ -132,10 +143,12 @@ def test_glca_equals_gathered_dense_rows_and_pwca_equals_concat():
 def test_partner_permutation_and_dcal_layer():
   partner = np.asarray(partner_permutation(KEY, 5))
   assert sorted(partner) == list(range(5)) and (partner != np.arange(5)).all()
-  x = jax.random.normal(KEY, (2, 6, 8))
+  x = rnd((2, 6, 8), 110)
   layer = DCALAttention(num_heads=2, head_dim=4, top_ratio=0.4)
-  v = layer.init(KEY, x)
-  assert layer.apply(v, x).shape == (2, 6, 8)
-  y, idx = layer.apply(v, x, mode="glca", cls_scores=jnp.arange(12.0).reshape(2, 6))
+  v = jax.jit(layer.init)(KEY, x)
+  y, idx = jax.jit(lambda v, x, s: layer.apply(v, x, mode="glca", cls_scores=s))(v, x, jnp.arange(12.0).reshape(2, 6))
   assert y.shape == (2, 3, 8) and idx.shape == (2, 3)
-  assert layer.apply(v, x, mode="pwca", partner=jnp.array([1, 0])).shape == (2, 6, 8)
+  np.testing.assert_array_equal(idx[:, 1:], [[5, 4], [5, 4]])
+  assert jax.jit(lambda v, x, p: layer.apply(v, x, mode="pwca", partner=p))(v, x, jnp.array([1, 0])).shape == (2, 6, 8)
+  with pytest.raises(ValueError, match="mode"):
+    layer.apply(v, x, mode="cross")

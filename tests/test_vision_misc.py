@@ -12,6 +12,15 @@ from attnjax.vision import (HyperZZW, MultiScaleAttentionGates, NiNformerBlock, 
 KEY = jax.random.PRNGKey(0)
 
 
+def rnd(shape, seed, scale=1.0):
+  """Test data from NumPy (cheap: no per-shape XLA compile)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def unif(shape, seed, maxval=1.0):
+  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+
+
 def test_box_encoding_dot_products_depend_only_on_displacement():
   a = jnp.array([0.1, 0.2, 0.3, 0.5])
   d = jnp.array([0.15, -0.05, 0.15, -0.05])
@@ -24,13 +33,14 @@ def test_box_encoding_dot_products_depend_only_on_displacement():
 
 
 def test_ninformer_block_shapes_determinism_and_gradients():
-  x = jax.random.normal(KEY, (2, 5, 8))
+  x = rnd((2, 5, 8), 101)
   layer = NiNformerBlock(ffn_dim=6)
-  v = layer.init(KEY, x)
-  y = layer.apply(v, x)
+  v = jax.jit(layer.init)(KEY, x)
+  apply = jax.jit(layer.apply)
+  y = apply(v, x)
   assert y.shape == x.shape
-  np.testing.assert_array_equal(y, layer.apply(v, x))
-  g = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(v)
+  np.testing.assert_array_equal(y, apply(v, x))
+  g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(v)
   assert all(float(jnp.abs(t).max()) > 0 for t in jax.tree_util.tree_leaves(g))
   with pytest.raises(ValueError, match="tokens"):
     layer.apply(v, jnp.ones((2, 4, 8)))
@@ -49,8 +59,8 @@ def _circular_numpy(z, k):
 
 
 def test_fft_long_conv_equals_direct_circular_convolution():
-  z = np.asarray(jax.random.normal(KEY, (2, 4, 5, 3)))
-  k = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, 5, 3)))
+  z = np.asarray(rnd((2, 4, 5, 3), 102))
+  k = np.asarray(rnd((4, 5, 3), 103))
   np.testing.assert_allclose(fft_long_conv(jnp.asarray(z), jnp.asarray(k)), _circular_numpy(z, k), atol=1e-4)
   small = np.zeros((4, 5, 3), np.float32)
   small[:2, :3] = k[:2, :3]
@@ -66,21 +76,21 @@ def test_fft_long_conv_equals_direct_circular_convolution():
   g = coordinate_grid((3, 2))
   assert g.shape == (3, 2, 2) and float(g.min()) == -1.0 and float(g.max()) == 1.0
   layer = HyperZZW(hidden=8)
-  assert layer.apply(layer.init(KEY, jnp.asarray(z)), jnp.asarray(z)).shape == z.shape
+  assert jax.jit(layer.apply)(layer.init(KEY, jnp.asarray(z)), jnp.asarray(z)).shape == z.shape
 
 
 def test_target_correlation_peaks_at_pasted_target_and_eccentricity_pool():
-  ks = jax.random.split(KEY, 3)
-  search = 0.1 * jax.random.normal(ks[0], (1, 9, 10, 4))
-  target = jax.random.normal(ks[1], (1, 3, 3, 4))
+  search = 0.1 * rnd((1, 9, 10, 4), 104)
+  target = rnd((1, 3, 3, 4), 105)
   search = search.at[0, 5:8, 1:4].set(target[0])
-  m = target_correlation_map(search, target)
+  m = jax.jit(target_correlation_map)(search, target)
   assert np.unravel_index(int(jnp.argmax(m[0])), (9, 10)) == (6, 2)
-  f = jax.random.normal(ks[2], (1, 5, 6, 2))
+  f = rnd((1, 5, 6, 2), 106)
   fix = jnp.array([[2.0, 3.0]])
-  np.testing.assert_allclose(eccentricity_pool(f, fix, 0.0), f)
+  ecc = jax.jit(eccentricity_pool, static_argnames=("slope", "mode"))
+  np.testing.assert_allclose(ecc(f, fix, slope=0.0), f)
   for mode in ("max", "avg"):
-    out = np.asarray(eccentricity_pool(f, fix, 0.7, mode=mode))
+    out = np.asarray(ecc(f, fix, slope=0.7, mode=mode))
     fn = np.asarray(f)
     for y in range(5):
       for x in range(6):
@@ -91,22 +101,22 @@ def test_target_correlation_peaks_at_pasted_target_and_eccentricity_pool():
 
 
 def test_multiscale_attention_gates_zero_projection_halves_maps():
-  x = jax.random.normal(KEY, (1, 2, 2, 8))
+  x = rnd((1, 2, 2, 8), 107)
   fmaps = [jnp.ones((1, 4, 4, 3)), jnp.ones((1, 2, 2, 5))]
   layer = MultiScaleAttentionGates(num_heads=2, head_dim=4, channels=(3, 5))
-  v = layer.init(KEY, x, fmaps)
-  outs = layer.apply(v, x, fmaps)
+  v = jax.jit(layer.init)(KEY, x, fmaps)
+  apply = jax.jit(layer.apply)
+  outs = apply(v, x, fmaps)
   assert [o.shape for o in outs] == [f.shape for f in fmaps]
   v0 = jax.tree_util.tree_map_with_path(
       lambda p, t: jnp.zeros_like(t) if "gate" in jax.tree_util.keystr(p) else t, v)
-  for o in layer.apply(v0, x, fmaps):
+  for o in apply(v0, x, fmaps):
     np.testing.assert_allclose(o, 0.5, rtol=1e-6)
 
 
 def test_softmax_regression_grad_and_icl_closeness_harness():
-  ks = jax.random.split(KEY, 3)
-  A, x = jax.random.normal(ks[0], (6, 3)), jax.random.normal(ks[1], (3,))
-  b = jax.nn.softmax(jax.random.normal(ks[2], (6,)))
+  A, x = rnd((6, 3), 108), rnd((3,), 109)
+  b = jax.nn.softmax(rnd((6,), 110))
   np.testing.assert_allclose(softmax_regression_grad(A, x, b), jax.grad(softmax_regression_loss, 1)(A, x, b),
                              rtol=1e-5, atol=1e-7)
   x1 = gd_step(A, x, b, 0.5)

@@ -12,60 +12,71 @@ from attnjax.vision import (LowRankPoolingAttention, TokenAwarePooling, attentio
 KEY = jax.random.PRNGKey(0)
 
 
+def rnd(shape, seed, scale=1.0):
+  """Test data from NumPy (cheap: no per-shape XLA compile)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def unif(shape, seed, maxval=1.0):
+  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+
+
 def test_dilated_pool_matches_numpy_and_saturated_tap_is_identity():
-  x = jax.random.normal(KEY, (1, 5, 6, 2))
+  x = rnd((1, 5, 6, 2), 101)
   xn = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
   want = sum(xn[:, 2 + 2 * i:7 + 2 * i, 2 + 2 * j:8 + 2 * j] for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
   np.testing.assert_allclose(dilated_avg_pool(x, 2), want, rtol=1e-5, atol=1e-6)
   logits = jnp.zeros((1, 5, 6, 3)).at[..., 0].set(1e4)
-  np.testing.assert_allclose(token_aware_avg_pool(x, logits), x, rtol=1e-6)
-  mix = token_aware_avg_pool(x, jnp.zeros((1, 5, 6, 2)))
+  tap = jax.jit(token_aware_avg_pool)
+  np.testing.assert_allclose(tap(x, logits), x, rtol=1e-6)
+  mix = tap(x, jnp.zeros((1, 5, 6, 2)))
   np.testing.assert_allclose(mix, 0.5 * (x + dilated_avg_pool(x, 1)), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="dilations"):
     token_aware_avg_pool(x, logits, dilations=(0, 1))
   layer = TokenAwarePooling(num_scales=3)
-  v = layer.init(KEY, x)
-  y, _ = layer.apply(v, x, train=True, mutable=["batch_stats"])
+  v = jax.jit(layer.init)(KEY, x)
+  y, _ = jax.jit(lambda v, x: layer.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
   assert y.shape == x.shape
 
 
 def test_adl_one_for_identical_rows_zero_for_orthogonal():
   row = jnp.array([0.5, 0.5, 0.0, 0.0])
   same = jnp.broadcast_to(row, (2, 3, 4, 4))
-  np.testing.assert_allclose(attention_diversification_loss([same, same], th=1.0), 1.0, atol=1e-6)
+  adl = jax.jit(attention_diversification_loss, static_argnames="th")
+  np.testing.assert_allclose(adl([same, same], th=1.0), 1.0, atol=1e-6)
   # rows concentrated on tokens whose mean mass stays under the threshold -> zero similarity
   p = jnp.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
-  np.testing.assert_allclose(attention_diversification_loss([p[None]], th=1.5), 0.0, atol=1e-6)
-  g = jax.grad(lambda a: attention_diversification_loss([jax.nn.softmax(a, -1)]))(jax.random.normal(KEY, (1, 2, 5, 5)))
+  np.testing.assert_allclose(adl([p[None]], th=1.5), 0.0, atol=1e-6)
+  g = jax.jit(jax.grad(lambda a: attention_diversification_loss([jax.nn.softmax(a, -1)])))(rnd((1, 2, 5, 5), 102))
   assert np.isfinite(np.asarray(g)).all()
 
 
 def test_low_rank_pooling_columns_sum_to_one_equivariant_and_masked():
-  ks = jax.random.split(KEY, 5)
-  h = jax.random.normal(ks[0], (2, 7, 6))
+  h = rnd((2, 7, 6), 103)
   c = jnp.mean(h, 1)
-  U, V, P = jax.random.normal(ks[1], (6, 3)), jax.random.normal(ks[2], (6, 3)), jax.random.normal(ks[3], (3, 4))
+  U, V, P = rnd((6, 3), 104), rnd((6, 3), 105), rnd((3, 4), 106)
   mask = jnp.arange(7)[None] < jnp.array([7, 4])[:, None]
-  M, A = low_rank_pooling_attention(h, c, U, V, P, mask=mask)
+  lr = jax.jit(lambda h, m: low_rank_pooling_attention(h, c, U, V, P, mask=m))
+  M, A = lr(h, mask)
   np.testing.assert_allclose(A.sum(1), 1.0, atol=1e-5)
   assert float(A[1, 4:].max()) == 0.0 and M.shape == (2, 4, 6)
-  perm = jax.random.permutation(ks[4], 7)
-  M2, A2 = low_rank_pooling_attention(h[:, perm], c, U, V, P)
-  M1, A1 = low_rank_pooling_attention(h, c, U, V, P)
+  perm = np.random.default_rng(113).permutation(7)
+  M2, A2 = lr(h[:, perm], jnp.ones((2, 7), bool))
+  M1, A1 = lr(h, jnp.ones((2, 7), bool))
   np.testing.assert_allclose(A2, A1[:, perm], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(M2, M1, rtol=1e-5, atol=1e-6)
   s = (jax.nn.sigmoid(h @ U) * jax.nn.sigmoid(c @ V)[:, None]) @ P
   np.testing.assert_allclose(A1, jax.nn.softmax(s, axis=1), rtol=1e-5)
-  M0, A0 = low_rank_pooling_attention(h, c, U, V, P, mask=jnp.zeros((2, 7), bool))
+  M0, A0 = lr(h, jnp.zeros((2, 7), bool))
   assert float(jnp.abs(M0).max()) == 0.0 and np.isfinite(np.asarray(A0)).all()
   layer = LowRankPoolingAttention(num_heads=2, rank=3)
-  v = layer.init(KEY, h, mask)
-  Ml, Al = layer.apply(v, h, mask)
+  v = jax.jit(layer.init)(KEY, h, mask)
+  Ml, Al = jax.jit(layer.apply)(v, h, mask)
   assert Ml.shape == (2, 2, 6) and Al.shape == (2, 7, 2)
 
 
 def test_attention_guided_topk_and_coarse_fine_fusion():
-  probs = jax.nn.softmax(jax.random.normal(KEY, (2, 3, 5, 8)), -1)
+  probs = jax.nn.softmax(rnd((2, 3, 5, 8), 107), -1)
   idx = attention_guided_topk(probs, k=3, query_slice=slice(1, 4))
   want = np.argsort(-np.asarray(probs[:, :, 1:4].mean((1, 2))), axis=-1)[:, :3]
   np.testing.assert_array_equal(idx, want)
@@ -73,12 +84,12 @@ def test_attention_guided_topk_and_coarse_fine_fusion():
   np.testing.assert_array_equal(idx_max, np.argsort(-np.asarray(probs.max((1, 2))), -1)[:, :2])
   with pytest.raises(ValueError, match="reduce"):
     attention_guided_topk(probs, k=2, reduce="median")
-  ks = jax.random.split(KEY, 5)
-  q = jax.random.normal(ks[0], (2, 3, 2, 4))
-  ck, cv = jax.random.normal(ks[1], (2, 6, 2, 4)), jax.random.normal(ks[2], (2, 6, 2, 4))
-  fk, fv = jax.random.normal(ks[3], (2, 4, 2, 4)), jax.random.normal(ks[4], (2, 4, 2, 4))
-  none = coarse_fine_attention(q, ck, cv, fk, fv, fine_mask=jnp.zeros((2, 4), bool))
-  np.testing.assert_allclose(none, reference_attention(q, ck, cv), rtol=1e-5, atol=1e-6)
-  some = coarse_fine_attention(q, ck, cv, fk, fv, fine_mask=jnp.array([[True, False, True, False]] * 2))
-  ref = reference_attention(q, jnp.concatenate([ck, fk[:, ::2]], 1), jnp.concatenate([cv, fv[:, ::2]], 1))
+  q = rnd((2, 3, 2, 4), 108)
+  ck, cv = rnd((2, 6, 2, 4), 109), rnd((2, 6, 2, 4), 110)
+  fk, fv = rnd((2, 4, 2, 4), 111), rnd((2, 4, 2, 4), 112)
+  cf = jax.jit(lambda m: coarse_fine_attention(q, ck, cv, fk, fv, fine_mask=m))
+  none = cf(jnp.zeros((2, 4), bool))
+  np.testing.assert_allclose(none, jax.jit(reference_attention)(q, ck, cv), rtol=1e-5, atol=1e-6)
+  some = cf(jnp.array([[True, False, True, False]] * 2))
+  ref = jax.jit(reference_attention)(q, jnp.concatenate([ck, fk[:, ::2]], 1), jnp.concatenate([cv, fv[:, ::2]], 1))
   np.testing.assert_allclose(some, ref, rtol=1e-5, atol=1e-6)

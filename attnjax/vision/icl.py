@@ -8,6 +8,8 @@ prediction after one gradient step on x, against a provable bound.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,7 @@ def self_attention_data_update(A, wq, wk, wv, lr: float):
   return A + lr * jax.nn.softmax(logits, axis=-1) @ (A @ wv)
 
 
+@functools.partial(jax.jit, static_argnames=("n", "d", "lrs", "num_instances"))
 def icl_gd_closeness(rng, *, n: int = 8, d: int = 4, lrs=(1e-3, 1e-2, 1e-1), num_instances: int = 16):
   """Prediction gap between one attention update of A and one GD step on x, on random instances.
 
@@ -60,6 +63,8 @@ def icl_gd_closeness(rng, *, n: int = 8, d: int = 4, lrs=(1e-3, 1e-2, 1e-1), num
   and ``bound = 1/2 | A' x - A x' |`` (softmax is 1/2-Lipschitz in l2: its
   Jacobian diag(f) - f f^T has eigenvalues <= 2 f_i (1 - f_i) <= 1/2 by
   Gershgorin), so gap <= bound, and both shrink linearly with lr.
+
+  Jitted; ``n``, ``d``, ``lrs`` (a tuple) and ``num_instances`` are static.
 
   Returns:
     dict of float32 arrays [len(lrs)] (means over instances): "lr", "gap",
