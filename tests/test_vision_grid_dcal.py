@@ -105,10 +105,10 @@ def test_point_grid_layer_and_bilinear_sampling():
   grid = jnp.ones((2, R, R, 8))
   v = jax.jit(layer.init)(KEY, coords, jnp.ones((2, 10, 5)), grid)
   assert jax.jit(layer.apply)(v, coords, jnp.ones((2, 10, 5)), grid).shape == (2, R, R, 8)
-  yy, xx = jnp.meshgrid(jnp.arange(R), jnp.arange(R), indexing="ij")
-  lin = (2.0 * xx + 3.0 * yy)[None, :, :, None].astype(jnp.float32)  # linear field on cell centres
-  pts = jnp.array([[[0.0, 0.0], [1.0, 1.0], [0.5, 0.25]]])
-  got = sample_grid_bilinear(lin, pts)[0, :, 0]
+  yy, xx = np.meshgrid(np.arange(R), np.arange(R), indexing="ij")
+  lin = (2.0 * xx + 3.0 * yy)[None, :, :, None].astype(np.float32)  # linear field on cell centres
+  pts = np.array([[[0.0, 0.0], [1.0, 1.0], [0.5, 0.25]]], np.float32)
+  got = jax.jit(sample_grid_bilinear)(lin, pts)[0, :, 0]
   np.testing.assert_allclose(got, [0.0, 5.0 * (R - 1), 2 * 1.5 + 3 * 0.75], rtol=1e-5)
 
 

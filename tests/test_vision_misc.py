@@ -41,7 +41,7 @@ def test_ninformer_block_shapes_determinism_and_gradients():
   assert y.shape == x.shape
   np.testing.assert_array_equal(y, apply(v, x))
   g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(v)
-  assert all(float(jnp.abs(t).max()) > 0 for t in jax.tree_util.tree_leaves(g))
+  assert all(np.abs(np.asarray(t)).max() > 0 for t in jax.tree_util.tree_leaves(g))
   with pytest.raises(ValueError, match="tokens"):
     layer.apply(v, jnp.ones((2, 4, 8)))
 
@@ -116,12 +116,18 @@ def test_multiscale_attention_gates_zero_projection_halves_maps():
 
 def test_softmax_regression_grad_and_icl_closeness_harness():
   A, x = rnd((6, 3), 108), rnd((3,), 109)
-  b = jax.nn.softmax(rnd((6,), 110))
-  np.testing.assert_allclose(softmax_regression_grad(A, x, b), jax.grad(softmax_regression_loss, 1)(A, x, b),
-                             rtol=1e-5, atol=1e-7)
-  x1 = gd_step(A, x, b, 0.5)
-  assert float(softmax_regression_loss(A, x1, b)) < float(softmax_regression_loss(A, x, b))
-  np.testing.assert_allclose((A + equivalent_data_shift(A, x, x1)) @ x, A @ x1, rtol=1e-5, atol=1e-6)
+  e = np.exp(np.asarray(rnd((6,), 110)))
+  b = jnp.asarray(e / e.sum())
+  @jax.jit
+  def step(A, x, b):
+    x1 = gd_step(A, x, b, 0.5)
+    return (softmax_regression_grad(A, x, b), jax.grad(softmax_regression_loss, 1)(A, x, b), x1,
+            softmax_regression_loss(A, x1, b), softmax_regression_loss(A, x, b),
+            (A + equivalent_data_shift(A, x, x1)) @ x)
+  g, g_auto, x1, l1, l0, shifted = step(A, x, b)
+  np.testing.assert_allclose(g, g_auto, rtol=1e-5, atol=1e-7)
+  assert float(l1) < float(l0)
+  np.testing.assert_allclose(shifted, np.asarray(A) @ np.asarray(x1), rtol=1e-5, atol=1e-6)
   r = icl_gd_closeness(KEY, n=6, d=3, lrs=(1e-3, 1e-2), num_instances=8)
   assert (np.asarray(r["gap"]) <= np.asarray(r["bound"]) + 1e-7).all()
   ratio = float(r["gap"][1] / r["gap"][0])
