@@ -7,16 +7,7 @@ import pytest
 from attnjax.vision import (ULSAM, ClassSemanticsAttention, EfficientLocalAttention, GaussianAdaptiveAttention,
                             class_semantics_attention, efficient_local_attention, gaussian_adaptive_gate, ulsam)
 
-KEY = jax.random.PRNGKey(0)
-
-
-def rnd(shape, seed, scale=1.0):
-  """Test data from NumPy (cheap: no per-shape XLA compile)."""
-  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def unif(shape, seed, maxval=1.0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+from test_vision_lib import KEY, rnd  # noqa: E402
 
 
 def _ulsam_params(C, g, zero_pw=False):

@@ -9,16 +9,7 @@ from attnjax.vision import (DCALAttention, PointGridAttention, attention_rollout
                             pairwise_cross_attention, partner_permutation, point_to_grid_attention,
                             sample_grid_bilinear, segment_softmax)
 
-KEY = jax.random.PRNGKey(0)
-
-
-def rnd(shape, seed, scale=1.0):
-  """Test data from NumPy (cheap: no per-shape XLA compile)."""
-  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def unif(shape, seed, maxval=1.0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+from test_vision_lib import KEY, rnd, unif  # noqa: E402
 
 
 def test_segment_softmax_matches_per_segment_softmax_and_handles_empty_and_inf():

@@ -6,19 +6,10 @@ import pytest
 
 from attnjax.vision import (HyperZZW, MultiScaleAttentionGates, NiNformerBlock, box_positional_encoding,
                             coordinate_grid, eccentricity_pool, equivalent_data_shift, fft_long_conv, gd_step,
-                            hyper_zzw, icl_gd_closeness, ninformer_block, softmax_regression_grad,
+                            hyper_zzw, icl_gd_closeness, softmax_regression_grad,
                             softmax_regression_loss, target_correlation_map)
 
-KEY = jax.random.PRNGKey(0)
-
-
-def rnd(shape, seed, scale=1.0):
-  """Test data from NumPy (cheap: no per-shape XLA compile)."""
-  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def unif(shape, seed, maxval=1.0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+from test_vision_lib import KEY, rnd  # noqa: E402
 
 
 def test_box_encoding_dot_products_depend_only_on_displacement():

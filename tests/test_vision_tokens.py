@@ -9,16 +9,7 @@ from attnjax.vision import (LowRankPoolingAttention, TokenAwarePooling, attentio
                             attention_guided_topk, coarse_fine_attention, dilated_avg_pool,
                             low_rank_pooling_attention, token_aware_avg_pool)
 
-KEY = jax.random.PRNGKey(0)
-
-
-def rnd(shape, seed, scale=1.0):
-  """Test data from NumPy (cheap: no per-shape XLA compile)."""
-  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def unif(shape, seed, maxval=1.0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(0.0, maxval, shape), jnp.float32)
+from test_vision_lib import KEY, rnd  # noqa: E402
 
 
 def test_dilated_pool_matches_numpy_and_saturated_tap_is_identity():
