@@ -16,5 +16,5 @@ from attnjax.linear.lightning import lightning_attention, srms_norm
 from attnjax.linear.sliding_window import sliding_window_attention
 from attnjax.linear.titans import linear_memory, memory_recurrence, neural_memory
 from attnjax.linear.layers import (AgentAttention, SlidingWindowBlock, TitansMAG, TitansMAL,
-                                   TitansMemory)
+                                   TitansMemory, TNLTokenMixer)
 from attnjax.linear.titans_mac import TitansMAC

@@ -16,7 +16,7 @@ BRANCHES = ("sum", "linear", "window")
 
 
 def based_attention(query, key, value, *, causal: bool = True,
-                    window: Union[int, Tuple[int, int]] = (64, 0), feature_map="taylor",
+                    window: Union[int, Tuple[int, int], None] = None, feature_map="taylor",
                     eps: float = 1e-12, chunk_size: int = 64, branch: str = "sum",
                     scale: Optional[float] = None, implementation: Optional[str] = None,
                     window_block: int = 64):
@@ -26,8 +26,8 @@ def based_attention(query, key, value, *, causal: bool = True,
     query: [B, T, N, H] (H = d' = 16 in BASED, giving 273 Taylor features);
       key: [B, S, K, H]; value: [B, S, K, Hv].
     causal: causal (bottom-right aligned) or not, for both branches.
-    window: (left, right) of the softmax window; the paper's "window 64" is
-      the default (64, 0). The released 360M/1.3B configs use window_size 256
+    window: (left, right) of the softmax window; None gives the paper's
+      "window 64": (64, 0) when causal, (64, 64) otherwise. The released 360M/1.3B configs use window_size 256
       mapped to (128, 0) [the flash-attn window (W // 2, 0)].
     feature_map: of the linear branch (Taylor: phi(q).phi(k) = 1 + s + s^2 / 2).
     eps: the linear branch's normaliser epsilon (1e-12 as BASED).
@@ -43,8 +43,8 @@ def based_attention(query, key, value, *, causal: bool = True,
                            normalize=True, eps=eps, chunk_size=chunk_size,
                            implementation=implementation)
   if branch in ("sum", "window"):
-    if not causal and isinstance(window, tuple) and window == (64, 0):
-      window = (64, 64)
+    if window is None:
+      window = (64, 0) if causal else (64, 64)
     local = sliding_window_attention(query, key, value, window=window, causal=causal,
                                      scale=scale, block=window_block)
     out = local if out is None else out + local

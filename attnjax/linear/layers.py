@@ -1,4 +1,4 @@
-"""Flax Linen layers with parameters for the linear engine: Agent Attention (papers_1 #23) and Titans (P2-27).
+"""Flax Linen layers with parameters for the linear engine: TNL (papers_1 #27), Agent Attention (#23), Titans (P2-27).
 
 Parameter-free families (linear, lightning, based, flow, agent without bias)
 are reached through FAMILIES and attnjax.layers.MultiHeadAttention.
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.linear.agent import agent_attention, pool_agents
+from attnjax.linear.lightning import lightning_attention, srms_norm
 from attnjax.linear.sliding_window import sliding_window_attention
 from attnjax.linear.titans import linear_memory
 
@@ -124,3 +125,23 @@ class TitansMAL(nn.Module):
   def __call__(self, x):
     x = x + TitansMemory(self.num_heads, self.chunk_size, name="memory")(x)
     return x + SlidingWindowBlock(self.num_heads, self.window, name="attention")(x)
+
+
+class TNLTokenMixer(nn.Module):
+  """TNL's token mixer on x [B, T, D]: SiLU q, k, v, lightning attention with the
+  layer's decay slopes, SRMSNorm, a low-rank sigmoid output gate, then W_o."""
+  num_heads: int
+  layer_idx: int = 0
+  num_layers: int = 1
+  chunk_size: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, dim = x.shape
+    n = self.num_heads
+    q, k, v = (_heads(jax.nn.silu(nn.Dense(dim, name=nm)(x)), n) for nm in ("query", "key", "value"))
+    o = lightning_attention(q, k, v, layer_idx=self.layer_idx, num_layers=self.num_layers,
+                            block_size=self.chunk_size)
+    o = srms_norm(o.reshape(b, t, dim))
+    gate = nn.Dense(dim, name="gate_up")(nn.Dense(dim // n, use_bias=False, name="gate_down")(x))
+    return nn.Dense(dim, name="out")(o * jax.nn.sigmoid(gate))

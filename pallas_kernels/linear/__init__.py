@@ -34,16 +34,28 @@ def current_variant() -> str:
 
 
 def _layout():
-  """(kernel module, interpret flag, feature/value padding multiple)."""
+  """(kernel module, interpret flag, feature/value padding rule).
+
+  On hardware the feature and value widths are padded with zeros: to a
+  multiple of 128 lanes on TPU, to a power of two >= 16 on GPU (Triton tiles).
+  """
   name = current_variant()
   interpret = jax.default_backend() not in ("gpu", "tpu")
-  multiple = 1 if interpret else (128 if name == "tpu" else 16)
-  return VARIANTS[name], interpret, multiple
+  rule = None if interpret else name
+  return VARIANTS[name], interpret, rule
 
 
-def _pad_last(x, multiple, axis=-1):
+def _padded_size(size, rule):
+  if rule is None:
+    return size
+  if rule == "tpu":
+    return -(-size // 128) * 128
+  return max(16, 1 << (size - 1).bit_length())
+
+
+def _pad_last(x, rule, axis=-1):
   size = x.shape[axis]
-  extra = -size % multiple
+  extra = _padded_size(size, rule) - size
   if not extra:
     return x
   widths = [(0, 0)] * x.ndim
@@ -56,8 +68,16 @@ def _chunk_cumsum(g, chunk):
   return jnp.cumsum(g.reshape(b, n, t // chunk, chunk), axis=-1).reshape(b, n, t)
 
 
+def _check_chunk(chunk, rule):
+  if rule == "gpu" and (chunk < 16 or chunk & (chunk - 1)):
+    raise ValueError(f"chunk_size must be a power of two >= 16 for the GPU kernel, got {chunk}.")
+  if rule == "tpu" and chunk % 8:
+    raise ValueError(f"chunk_size must be a multiple of 8 for the TPU kernel, got {chunk}.")
+
+
 def _fwd(q, k, v, g, s0, chunk, has_decay):
   mod, interpret, m = _layout()
+  _check_chunk(chunk, m)
   f, e = q.shape[-1], v.shape[-1]
   q, k, v = _pad_last(q, m), _pad_last(k, m), _pad_last(v, m)
   s0 = _pad_last(_pad_last(s0, m, -2), m)
