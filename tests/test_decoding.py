@@ -146,3 +146,18 @@ def test_tidal_decode_budget_full_equals_full_attention_and_indices_persist():
   assert int(small.max()) < 12 and small.shape == (1, 2, 4)
   with pytest.raises(ValueError, match="indices"):
     D.tidal_decode_step(q, k, v, lengths, role="sparse")
+
+
+def test_h2o_keeps_recent_and_heavy_hitters_and_full_budget_is_exact():
+  acc = jnp.array([[[5.0, 0.1, 3.0, 0.2, 0.3, 0.0, 0.0, 0.0]]])
+  np.testing.assert_array_equal(D.h2o_keep_indices(acc, heavy=2, recent=3), [[[0, 2, 5, 6, 7]]])
+  np.testing.assert_array_equal(D.h2o_keep_indices(acc, heavy=4, recent=4), [[np.arange(8)]])
+  B, L, K, H = 1, 10, 1, 4
+  k, v = _rand((B, L, K, H), 30), _rand((B, L, K, H), 31)
+  q = _rand((B, 1, 2, H), 32)
+  _, probs = reference_attention(q, k, v, return_probs=True)
+  acc = D.h2o_accumulate(jnp.zeros((B, K, L)), probs)
+  np.testing.assert_allclose(acc.sum(), 2.0, atol=1e-5)  # two query heads, rows sum to one
+  idx = D.h2o_keep_indices(acc, heavy=6, recent=4)
+  np.testing.assert_allclose(D.sparse_decode_attention(q, k, v, idx, jnp.array([L])),
+                             D.decode_attention(q, k, v, jnp.array([L])), atol=1e-5)

@@ -6,3 +6,4 @@ from attnjax.decoding.duo import (SinkRecentKVCache, duo_attention, duo_gate_los
                                   select_retrieval_heads)
 from attnjax.decoding.select import (SelectionCache, TidalSchedule, sparse_decode_attention,
                                      tidal_decode_step, tokenselect_indices, topk_positions)
+from attnjax.decoding.h2o import h2o_accumulate, h2o_keep_indices

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnjax.analysis.heads import apply_head_mask
+
 from attnjax.layers import registry
 from attnjax.layers.rope import apply_rope
 
@@ -124,7 +126,7 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, q_positions=None, k_positions=None,
-               segment_ids=None, mask=None):
+               segment_ids=None, mask=None, head_mask=None, head_replacement=None):
     """Attends ``inputs_q`` [B, T, D] to ``inputs_kv`` [B, S, D'] (default itself).
 
     Args:
@@ -135,6 +137,12 @@ class MultiHeadAttention(nn.Module):
       segment_ids: [B, T] or a pair ([B, T], [B, S]) (packed documents).
       mask: boolean array broadcastable to [B, N, T, S] (True = may attend),
         e.g. padding; ANDed with the layer's mask and causality.
+      head_mask: optional [N] or [B, N] multiplier of each head's output before
+        the output projection (1 keep, 0 ablate); circuit analysis (P2-01).
+      head_replacement: optional [B, T, N, H] values that ablated heads take
+        instead of zero (mean ablation, activation patching).
+
+    The per-head outputs [B, T, N, H] are sown as ``intermediates/head_outputs``.
 
     Returns:
       [B, T, out_features].
@@ -188,6 +196,11 @@ class MultiHeadAttention(nn.Module):
              segment_ids=segment_ids, **kwargs)
     if overflow is not None:
       out = jnp.where(overflow, jnp.nan, out).astype(out.dtype)
+    self.sow("intermediates", "head_outputs", out)
+    if head_mask is not None:
+      out = apply_head_mask(out, head_mask, head_replacement)
+    elif head_replacement is not None:
+      raise ValueError("head_replacement needs head_mask (0 marks the heads to replace).")
     return nn.DenseGeneral(out_features, axis=(-2, -1), use_bias=self.use_bias,
                            dtype=self.dtype, param_dtype=self.param_dtype,
                            kernel_init=self.kernel_init, bias_init=self.bias_init,
