@@ -150,3 +150,13 @@ def test_gaam_heads_axis_padding_and_layer():
   v = layer.init(KEY, jnp.ones((2, 4)))
   assert v["params"]["scales"].shape == (2, 2)
   assert jax.jit(layer.apply)(v, x[:, :4, 0]).shape == (2, 4)
+
+
+def test_bfloat16_inputs_keep_their_dtype():
+  x = rnd((1, 4, 4, 4), 401).astype(jnp.bfloat16)
+  p = {"conv_kernel": rnd((3, 1, 4), 402), "gn_scale": jnp.ones(4), "gn_bias": jnp.zeros(4)}
+  y1, y2 = jax.jit(lambda x: (efficient_local_attention(x, p, gn_groups=2),
+                              ulsam(x, _ulsam_params(4, 2), num_splits=2)))(x)
+  assert y1.dtype == jnp.bfloat16 and y2.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y1, np.float32),
+                             efficient_local_attention(x.astype(jnp.float32), p, gn_groups=2), rtol=2e-2, atol=2e-2)

@@ -143,3 +143,29 @@ def test_partner_permutation_and_dcal_layer():
   assert jax.jit(lambda v, x, p: layer.apply(v, x, mode="pwca", partner=p))(v, x, jnp.array([1, 0])).shape == (2, 6, 8)
   with pytest.raises(ValueError, match="mode"):
     layer.apply(v, x, mode="cross")
+
+
+def test_point_to_grid_gradients_match_dense_masked_attention():
+  B, P, C, R, s = 1, 8, 4, 2, 2
+  coords = unif((B, P, 2), 301, 0.999)
+  k, v, q = rnd((B, P, C), 302), rnd((B, P, C), 303), rnd((B, R, R, C), 304)
+  wf, pf = _fns()
+  wf2 = lambda r: wf(jnp.concatenate([r, r], -1))
+  pf2 = lambda o: pf(o)[..., :C]
+  cell = np.floor(np.asarray(coords) * R).astype(int)
+  same = jnp.asarray((cell[..., 0] + R * cell[..., 1])[:, None, :] == np.arange(R * R)[None, :, None])
+
+  def dense(k, v):  # every cell against every point, masked to its own points
+    pos = pf2(coords * R - jnp.floor(coords * R))
+    rel = k[:, None] - q.reshape(B, R * R, 1, C) + pos[:, None]  # [B, G, P, C]
+    w = jnp.where(same[..., None], wf2(rel), -jnp.inf)
+    a = jnp.nan_to_num(jax.nn.softmax(w, axis=2))
+    return jnp.einsum("bgpc,bpc->bgc", jnp.repeat(a, s, -1), v + pos).reshape(B, R, R, C)
+
+  fast = lambda k, v: point_to_grid_attention(coords, k, v, q, resolution=R, share_channels=s,
+                                              weight_fn=wf2, pos_fn=pf2)
+  t = rnd((B, R, R, C), 305)
+  g1 = jax.jit(jax.grad(lambda k, v: jnp.sum(fast(k, v) * t), (0, 1)))(k, v)
+  g2 = jax.jit(jax.grad(lambda k, v: jnp.sum(dense(k, v) * t), (0, 1)))(k, v)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
