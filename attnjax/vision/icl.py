@@ -1,4 +1,4 @@
-"""Softmax regression, one GD step and one self-attention data update (papers_1 #29).
+"""ICL vs weight shifting for softmax regression (papers_1 #29): loss, GD step, attention data update.
 
 Li et al., "The Closeness of In-Context Learning and Weight Shifting for
 Softmax Regression". Loss ``L(A, x, b) = 1/2 || softmax(A x) - b ||^2`` with

@@ -1,4 +1,4 @@
-"""Vision odds and ends around attention.
+"""OAT box encoding (papers_1 #17), NiNformer (#11), visual search maps (#30), MEDUSA gates (papers_2 P2-12).
 
 OAT box positional encoding (papers_1 #17), the NiNformer block (#11),
 eccNET-style visual search maps (#30) and MEDUSA's shared multi-scale

@@ -1,4 +1,4 @@
-"""Token-level pooling and selection around attention.
+"""TAP + ADL (papers_2 P2-21), low-rank pooling attention (P2-22), LSceneLLM token selection (P2-11).
 
 TAP + ADL (papers_2 P2-21, Guo et al., "Robustifying Token Attention for Vision
 Transformers"), low-rank factorised pooling attention (P2-22, Mehta et al.,
