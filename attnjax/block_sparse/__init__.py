@@ -1,7 +1,10 @@
 """Block-sparse flash engine: one engine for every static or run-time block mask.
 
-Cost of building a layout (mask -> BlockLayout, cached per shape; measured on
-a 2-core CPU): see ``attnjax.block_sparse.api``.
+Entry points: ``fast_attention`` (the "xla"/"pallas" paths of
+``attnjax.attention``), ``block_sparse_attention`` (a static layout or mask),
+``block_sparse_attention_indices`` (k-block lists computed at run time), the
+static families and ``FAMILIES`` (config names for the Flax layer). The cost
+of building a layout at T = 128k is documented in ``attnjax.block_sparse.api``.
 """
 from attnjax.block_sparse.api import fast_attention
 from attnjax.block_sparse.families import (LayerSpec, anchor_attention, bigbird_attention,

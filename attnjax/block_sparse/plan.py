@@ -161,14 +161,21 @@ def pick_blocks(mask, T: int, S: int, N: int, q_offset: int, k_offset: int):
   that divide both lengths and keep the cheapest estimate.
   """
   bq, bk, Tp, Sp = choose_blocks(T, S)
-  best = (bq, bk, mask_block_mask(mask, Tp, Sp, bq, bk, N, q_offset, k_offset))
-  if T * S < (1 << 22) or Tp != T or Sp != S:
-    return best
-  best_cost = estimated_cost(best[2], bq, bk)
-  for cq, ck in CANDIDATE_BLOCKS:
-    if T % cq or S % ck or (cq, ck) == (bq, bk):
+  cands = [(cq, ck) for cq, ck in CANDIDATE_BLOCKS if T % cq == 0 and S % ck == 0]
+  if T * S < (1 << 22) or Tp != T or Sp != S or not cands:
+    return bq, bk, mask_block_mask(mask, Tp, Sp, bq, bk, N, q_offset, k_offset)
+  # One layout on the finest grid; every candidate is an exact coarsening of it.
+  fq, fk = min(c[0] for c in cands), min(c[1] for c in cands)
+  fine = mask_block_mask(mask, T, S, fq, fk, N, q_offset, k_offset)
+  if bq % fq == 0 and bk % fk == 0:
+    base = SC.coarsen_block_mask(fine, bq // fq, bk // fk)
+  else:
+    base = mask_block_mask(mask, T, S, bq, bk, N, q_offset, k_offset)
+  best, best_cost = (bq, bk, base), estimated_cost(base, bq, bk)
+  for cq, ck in cands:
+    if (cq, ck) == (bq, bk) or cq % fq or ck % fk:
       continue
-    bm = mask_block_mask(mask, T, S, cq, ck, N, q_offset, k_offset)
+    bm = SC.coarsen_block_mask(fine, cq // fq, ck // fk)
     c = estimated_cost(bm, cq, ck)
     if c < best_cost:
       best, best_cost = (cq, ck, bm), c
