@@ -28,6 +28,6 @@ from attnjax.dynamic import (bi_level_routing_attention, combiner_attention, gat
                              landmark_retrieval_attention, longheads_attention, routing_attention,
                              seer_attention, sparsifiner_attention, topk_blocks)
 from attnjax import analysis, decoding, dynamic, layers, linear, neighborhood, block_sparse
-from attnjax import pooling, training, variants
+from attnjax import pooling, training, variants, vision
 
 __version__ = "0.1.0"
