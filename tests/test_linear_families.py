@@ -158,7 +158,7 @@ def test_titans_mlp_memory_matches_recurrence_at_chunk_one():
 
 
 def test_dsf_utilities():
-  q, k, v = _qkv(7, n=2, kh=1)
+  q, k, v = _qkv(5, n=2, kh=1)
   slopes = jnp.array([0.2, 0.5])
   phi = L.materialize_mixing_matrix(
       lambda q, k, v: L.linear_attention(q, k, v, decay=slopes, chunk_size=4), q, k)
