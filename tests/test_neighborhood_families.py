@@ -18,7 +18,7 @@ def _qkv(shape, N=4, K=2, H=8, seed=0):
 flat = lambda x: x.reshape((x.shape[0], -1) + x.shape[-2:])
 
 
-@pytest.mark.parametrize("b,h", [(4, 1), (4, 0), (2, 3)])
+@pytest.mark.parametrize("b,h", [(4, 1), (2, 3)])
 def test_halo_matches_dense_oracle_with_rel_pos(b, h):
   B, X, Y, H = 2, 8, 4, 8
   q, k, v = _qkv((B, X, Y))
@@ -146,12 +146,12 @@ def test_temporal_window_attention_is_a_3d_neighborhood():
     (NA.NeighborhoodAttention(4, (3, None), is_causal=(True, False), use_rpb=True), (2, 5, 4, 16)),
     (NA.HaloAttention(4, block_size=2, halo=1), (2, 4, 4, 16)),
     (NA.HiLoAttention(4, alpha=0.5, window=2), (2, 4, 4, 16)),
-    (NA.PredFormerLayer(4, "TSST"), (2, 3, 4, 16)),
+    (NA.PredFormerLayer(2, "TS"), (1, 3, 4, 8)),
 ])
 def test_layers_init_apply_and_grad(layer, shape):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   params = layer.init(jax.random.PRNGKey(1), x)
-  out = layer.apply(params, x)
+  out = jax.jit(layer.apply)(params, x)
   assert out.shape == x.shape
-  g = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
+  g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree_util.tree_leaves(g))

@@ -16,7 +16,7 @@ from attnjax.core.merge import merge_attention
 from attnjax.core.reference import reference_attention
 from attnjax.masks.neighborhood import (Neighborhood, check_neighborhood_args,
                                         normalize_per_dim, unravel)
-from attnjax.neighborhood.tiling import default_tile_shape
+from attnjax.neighborhood.tiling import default_tile_shape, pallas_tile_shape
 from attnjax.neighborhood.xla import na_xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
@@ -118,9 +118,11 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
     return_lse: also return lse [B, *spatial, N] float32.
     implementation: "reference" (dense oracle, O(n^2)), "xla" (tiled, linear
       in tokens), "pallas" (fused kernel; interpret mode on CPU) or None (xla
-      on CPU, pallas on GPU/TPU).
+      on CPU or with rpb, pallas on GPU/TPU).
     tile_shape: per-dimension query tile of the xla/pallas paths (default: a
-      cost model, :func:`attnjax.neighborhood.tiling.default_tile_shape`).
+      cost model, :func:`attnjax.neighborhood.tiling.default_tile_shape`, for
+      xla; power-of-two tiles of 128 queries,
+      :func:`attnjax.neighborhood.tiling.pallas_tile_shape`, for pallas).
 
   Returns:
     out [B, *spatial, N, Hv] in the query dtype (and lse if ``return_lse``).
@@ -132,12 +134,15 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
   has_add = _check_additional(additional_keys, additional_values, d)
   scale = V.check_scale(scale, d.H)
   if implementation is None:
-    implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
+    # the fused kernels take no bias table: rpb runs on the tiled XLA path
+    on_cpu = jax.default_backend() == "cpu"
+    implementation = "xla" if on_cpu or rpb is not None else "pallas"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
                      f"got {implementation!r}.")
   if tile_shape is None:
-    tile_shape = default_tile_shape(spatial, ks, ds)
+    tile_shape = (pallas_tile_shape(spatial, ks, ds) if implementation == "pallas"
+                  else default_tile_shape(spatial, ks, ds))
   tile_shape = normalize_per_dim("tile_shape", tile_shape, D)
   if any(t < 1 for t in tile_shape):
     raise ValueError(f"tile_shape entries must be >= 1, got {tile_shape}.")

@@ -7,6 +7,7 @@ causal) on sequence models.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from attnjax.core.reference import reference_attention
@@ -14,38 +15,51 @@ from attnjax.masks.neighborhood import Neighborhood
 from attnjax.neighborhood.api import na1d
 
 
-def _is_default(positions, length):
+def _static_default(positions, length):
+  """True/False when ``positions`` is known now; None when it is traced."""
   if positions is None:
     return True
   if isinstance(positions, jax.core.Tracer):
-    return False
+    return None
   p = np.asarray(positions)
   return p.shape[-1] == length and bool(np.all(p == np.arange(length)))
 
 
 def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None,
-                segment_ids=None, kernel_size=7, dilation=1, implementation=None, **options):
+                segment_ids=None, kernel_size=7, dilation=1, implementation=None,
+                scale=None):
   """Registry entry: 1D neighborhood self-attention on [B, T, N, H] (T == S).
 
-  Options: ``kernel_size`` (default 7), ``dilation``, ``implementation`` and
-  the other keyword arguments of :func:`attnjax.neighborhood.na1d`. With
-  non-default (or traced) positions or segment ids the dense reference path
-  evaluates the same neighborhood predicate on the given positions (window in
-  position space, keys of other segments masked).
+  Options: ``kernel_size`` (default 7), ``dilation``, ``implementation``,
+  ``scale``. Positions are token indices: with the default positions
+  (``arange(T)``) the tiled path runs. Explicit positions or segment ids go to
+  the dense reference path, which evaluates the same neighborhood predicate on
+  the given positions (keys of other segments masked). Positions traced under
+  jit are checked at run time: ``lax.cond`` picks the tiled path when they
+  equal ``arange(T)``, the dense path otherwise.
   """
   T, S = query.shape[1], key.shape[1]
   if T != S:
     raise ValueError(f"na1d is self-attention: query length T={T} must equal key length S={S}.")
-  if segment_ids is None and _is_default(q_positions, T) and _is_default(k_positions, S):
-    return na1d(query, key, value, kernel_size=kernel_size, dilation=dilation,
-                is_causal=causal, implementation=implementation, **options)
-  if options:
-    raise NotImplementedError(
-        f"options {sorted(options)} are not supported by na1d with explicit positions or "
-        "segment ids (dense reference path).")
+  fast = lambda: na1d(query, key, value, kernel_size=kernel_size, dilation=dilation,
+                      is_causal=causal, scale=scale, implementation=implementation)
   mask = Neighborhood((T,), kernel_size, dilation, causal)
-  return reference_attention(query, key, value, mask=mask, q_positions=q_positions,
-                             k_positions=k_positions, segment_ids=segment_ids)
+  dense = lambda: reference_attention(query, key, value, mask=mask, scale=scale,
+                                      q_positions=q_positions, k_positions=k_positions,
+                                      segment_ids=segment_ids)
+  if segment_ids is not None:
+    return dense()
+  known = [_static_default(q_positions, T), _static_default(k_positions, S)]
+  if all(known):
+    return fast()
+  if False in known:
+    return dense()
+  ar = jnp.arange(T, dtype=jnp.int32)
+  ok = jnp.asarray(True)
+  for p in (q_positions, k_positions):
+    if p is not None:
+      ok = ok & jnp.all(jnp.asarray(p) == ar)
+  return jax.lax.cond(ok, fast, dense)
 
 
 FAMILIES = {"na1d": na1d_family}

@@ -111,6 +111,27 @@ def default_tile_shape(spatial_shape, kernel_size, dilation) -> Tuple[int, ...]:
   return best
 
 
+def pallas_tile_shape(spatial_shape, kernel_size, dilation, target: int = 128
+                      ) -> Tuple[int, ...]:
+  """Power-of-two tile per dimension with ``target`` queries for the fused kernels.
+
+  TPU blocks need 128 lanes on the key axis and Triton needs power-of-two
+  blocks, so tiles are powers of two (padding absorbs the remainder); the
+  smallest tile dimension is doubled first, never beyond the group length
+  rounded up to a power of two.
+  """
+  caps = [1 << max(0, (-(-n // d) - 1).bit_length()) for n, d in zip(spatial_shape, dilation)]
+  del kernel_size
+  tile = [1] * len(caps)
+  while math.prod(tile) < target:
+    grow = [i for i in range(len(tile)) if tile[i] < caps[i]]
+    if not grow:
+      break
+    i = min(grow, key=lambda j: (tile[j], -j))
+    tile[i] *= 2
+  return tuple(tile)
+
+
 def _product(lists):
   if not lists:
     yield ()

@@ -74,20 +74,21 @@ def gather_union(x, ps):
 
 
 def tile_mask(ps):
-  """Static bool [G, tq, uk] fine mask of every tile."""
+  """bool [G, tq, uk] fine mask of every tile, built from small per-dim constants."""
   D = len(ps)
   out = None
   for i, p in enumerate(ps):
-    m = spread(p.mask, i, D)
+    m = jnp.asarray(spread(p.mask, i, D))
     out = m if out is None else out & m
   G, tq, uk = tile_counts(ps)
-  return np.broadcast_to(out, _full_shape(ps)).reshape(G, tq, uk)
+  return jnp.broadcast_to(out, _full_shape(ps)).reshape(G, tq, uk)
 
 
 def tile_rpb(rpb, ps):
   """rpb [N, 2k1-1, ...] -> bias [G, N, tq, uk] of every tile (float32)."""
   D = len(ps)
-  idx = tuple(jnp.asarray(np.broadcast_to(spread(p.rpb_index, i, D), _full_shape(ps)))
+  full = _full_shape(ps)
+  idx = tuple(jnp.broadcast_to(jnp.asarray(spread(p.rpb_index, i, D)), full)
               for i, p in enumerate(ps))
   G, tq, uk = tile_counts(ps)
   b = rpb.astype(jnp.float32)[(slice(None),) + idx]  # [N, *full]
@@ -121,26 +122,31 @@ def na_xla(query, key, value, *, kernel_size, dilation, is_causal, scale,
   N, H = query.shape[-2:]
   K, Hv = value.shape[-2:]
   Gq = N // K
+  # heads before tokens so that every (tile, kv head) is one contiguous matmul;
+  # the Gq query heads sharing a kv head are stacked along M.
   qt = to_tiles(query, ps)  # [B, G, tq, N, H]
   B, G, tq = qt.shape[:3]
-  qt = qt.reshape(B, G, tq, K, Gq, H)
-  kt = gather_union(key, ps)  # [B, G, uk, K, H]
-  vt = gather_union(value, ps).astype(jnp.float32)
-  s = jnp.einsum("bgtkqh,bgukh->bgkqtu", qt, kt,
-                 preferred_element_type=jnp.float32) * scale
+  qt = qt.reshape(B, G, tq, K, Gq, H).transpose(0, 1, 3, 4, 2, 5).reshape(B, G, K, Gq * tq, H)
+  kt = gather_union(key, ps).swapaxes(2, 3)  # [B, G, K, uk, H]
+  vt = gather_union(value, ps).swapaxes(2, 3).astype(jnp.float32)
+  uk = kt.shape[3]
+  s = jnp.einsum("bgkmh,bgkuh->bgkmu", qt, kt, preferred_element_type=jnp.float32)
+  s = s.reshape(B, G, K, Gq, tq, uk) * scale
   if rpb is not None:
     bias = tile_rpb(rpb, ps)  # [G, N, tq, uk]
     s = s + bias.reshape((G, K, Gq) + bias.shape[2:])
-  mask = jnp.asarray(tile_mask(ps))[:, None, None]  # [G, 1, 1, tq, uk]
+  mask = tile_mask(ps)[:, None, None]  # [G, 1, 1, tq, uk]
   s = jnp.where(mask, s, -jnp.inf)
   m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(s - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
   lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
-  p = p / jnp.where(l > 0, l, 1.0)
-  o = jnp.einsum("bgkqtu,bgukh->bgtkqh", p, vt)
-  o = from_tiles(o.reshape(B, G, tq, N, Hv), ps).astype(query.dtype)
+  # normalise after the PV matmul: one pass less over the [.., tq, uk] tensor
+  o = jnp.einsum("bgkmu,bgkuh->bgkmh", p.reshape(B, G, K, Gq * tq, uk), vt)
+  o = o.reshape(B, G, K, Gq, tq, Hv) / jnp.where(l > 0, l, 1.0)
+  o = from_tiles(o.transpose(0, 1, 4, 2, 3, 5).reshape(B, G, tq, N, Hv), ps)
+  o = o.astype(query.dtype)
   lse = from_tiles(lse.transpose(0, 1, 4, 2, 3).reshape(B, G, tq, N), ps)
   return o, lse
 
