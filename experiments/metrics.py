@@ -46,6 +46,8 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
     self._echo = echo or (lambda s: print(s, file=sys.stdout, flush=True))
     self.last: Dict[str, Dict[str, float]] = {}
+    for r in kept:   # the latest value of every metric so far (a resumed run's summary)
+      self.last.setdefault(r["split"], {})[r["metric"]] = r["value"]
 
   def write(self, step: int, split: str, scalars: Dict[str, float], echo: bool = True):
     for k, v in scalars.items():

@@ -209,10 +209,13 @@ class Experiment:
     finally:
       bar.close()
     extra = {}
-    if step == self.num_steps:
+    if step == self.num_steps and step > start:
       extra = self.extra_evaluations(state["params"])
       for name, m in extra.items():
         writer.write(step, name, m)
+    elif step == start:   # nothing left to train: report the logged results again
+      last_eval = writer.last.get("eval", {})
+      extra = {k: v for k, v in writer.last.items() if k not in ("train", "eval", "perf")}
     writer.close()
     wall = time.time() - t_start
     summary = {"run": {"name": cfg.name, "workdir": self.workdir, "steps": step,

@@ -162,3 +162,14 @@ def test_encoder_classifier_trains_on_digits(tmp_path):
   losses = [v for s, sp, m, v in _rows(str(tmp_path)) if sp == "train" and m == "loss"]
   assert losses[-1] < losses[0]
   assert summary["eval"]["accuracy"] > 0.2        # chance is 0.1
+
+
+def test_rerunning_a_finished_run_reports_its_results(experiment):
+  exp, summary = experiment
+  exp.workdir = summary["run"]["workdir"]
+  exp.config.train.stop_after = -1
+  before = _rows(exp.workdir)
+  again = exp.run()
+  assert again["run"]["resumed_from"] == 12 and again["run"]["steps"] == 12
+  assert again["eval"] == summary["eval"]
+  assert _rows(exp.workdir) == before          # no duplicated rows
