@@ -226,16 +226,19 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
     bq, bk, bm0 = P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
     Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
   if implementation == "pallas":
-    if bias is not None:
-      raise NotImplementedError("implementation='pallas' does not take an additive bias; "
-                                "use implementation='xla'.")
+    if bias is not None or mask_arr is not None:
+      raise NotImplementedError(
+          "implementation='pallas' takes neither an additive bias nor a boolean mask array "
+          "(masks are Mask objects there); use implementation='xla'.")
     layout = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
     if Tp != d.T or Sp != d.S:
       raise NotImplementedError(
           f"implementation='pallas' needs lengths divisible by a block size; got T={d.T}, "
           f"S={d.S}.")
+    q_off, k_off = offs if offs is not None else (d.S - d.T, 0)
     return _pallas(query, key, value, LY.layout_from_block_mask(
-        layout, d.T, d.S, bq, bk, mask=mask_obj), mask=mask_arr, score=score, scale=scale,
+        layout, d.T, d.S, bq, bk, q_offset=q_off, k_offset=k_off, mask=mask_obj),
+                   mask=mask_obj, score=score, scale=scale,
                    q_positions=q_positions, k_positions=k_positions,
                    segment_ids=segment_ids, return_lse=return_lse)
   bm = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)

@@ -33,6 +33,11 @@ def _check_layout(layout: LY.BlockLayout, d: V.Dims):
     raise ValueError(
         f"layout has num_heads={layout.num_heads}; expected 1, the query heads N={d.N} or "
         f"the KV heads K={d.K}.")
+  if (layout.num_heads == d.K and d.K not in (1, d.N) and layout.mask is not None
+      and layout.mask.head_dependent):
+    raise ValueError(
+        f"layout has one head per KV head (K={d.K}) but its mask depends on the head: build "
+        f"it for the N={d.N} query heads (e.g. S2(num_heads=N, num_kv_heads=K)).")
   if layout.mask is None and (layout.block_mask == LY.PARTIAL).any():
     raise ValueError(
         "layout has partial blocks but no mask to evaluate inside them (layout.mask is None); "
