@@ -224,6 +224,7 @@ def run():
       for T in lens:
         r = measure(name, fn, T, pattern, dtype, FLAGS.repeats)
         rows.append(r)
+        print(f"cab: {name:<18} {pattern} {T:>6}  {r['status'][:70]}", flush=True)
         if r["status"].startswith("unsupported"):
           break   # a pattern the family cannot do: the same at every length
   rows += add_efficiency_lengths(rows)
