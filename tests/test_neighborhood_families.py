@@ -36,22 +36,24 @@ def test_halo_matches_dense_oracle_with_rel_pos(b, h):
 
   fn = lambda q, k, v, rh, rw: flat(NA.halo_attention(q, k, v, block_size=b, halo=h,
                                                       rel_pos=(rh, rw)))
-  np.testing.assert_allclose(fn(q, k, v, rh, rw), ref(q, k, v, rh, rw), atol=3e-5)
-  g1 = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 1, 3))(q, k, v, rh, rw)
-  g2 = jax.grad(lambda *a: jnp.sum(ref(*a) ** 2), argnums=(0, 1, 3))(q, k, v, rh, rw)
+  np.testing.assert_allclose(jax.jit(fn)(q, k, v, rh, rw), jax.jit(ref)(q, k, v, rh, rw),
+                             atol=3e-5)
+  g1 = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 1, 3)))(q, k, v, rh, rw)
+  g2 = jax.jit(jax.grad(lambda *a: jnp.sum(ref(*a) ** 2), argnums=(0, 1, 3)))(q, k, v, rh, rw)
   for a, c in zip(g1, g2):
     np.testing.assert_allclose(a, c, atol=1e-4)
 
 
 def test_halo_special_cases_and_errors():
   q, k, v = _qkv((1, 4, 4))
-  glob = NA.halo_attention(q, k, v, block_size=4, halo=0)
-  np.testing.assert_allclose(flat(glob), reference_attention(flat(q), flat(k), flat(v)),
-                             atol=2e-5)
+  glob, dense, zero = jax.jit(lambda q, k, v: (
+      NA.halo_attention(q, k, v, block_size=4, halo=0),
+      reference_attention(flat(q), flat(k), flat(v)),
+      NA.halo_attention(q, k, v, block_size=2, halo=1, pad_mode="zero")))(q, k, v)
+  np.testing.assert_allclose(flat(glob), dense, atol=2e-5)
   # every query of a block has the same key set (block-shared invariant)
   m = NA.halo_mask(8, 8, 4, 2)
   assert (m[0] == m[9]).all() and (m[0] != m[4]).any()
-  zero = NA.halo_attention(q, k, v, block_size=2, halo=1, pad_mode="zero")
   assert zero.shape == q.shape[:-1] + (8,)
   with pytest.raises(ValueError, match="block_size"):
     NA.halo_attention(q, k, v, block_size=3, halo=1)
@@ -71,6 +73,25 @@ def _hilo_params(C, n_lo, n_hi, d, seed=0):
   return out
 
 
+def _hilo_oracle(x, prm, N, n_lo, n_hi, d, window):
+  B, X, Y, C = x.shape
+  dn = lambda t, p: t @ p["kernel"] + p["bias"]
+  outs = []
+  if n_hi:
+    qkv = dn(x, prm["hifi_qkv"]).reshape(B, X * Y, 3, n_hi, d)
+    yy, xx = np.divmod(np.arange(X * Y), Y)
+    blockdiag = ((yy[:, None] // window == yy[None] // window)
+                 & (xx[:, None] // window == xx[None] // window))
+    hi = reference_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=blockdiag)
+    outs.append(dn(hi.reshape(B, X, Y, -1), prm["hifi_proj"]))
+  pooled = x.reshape(B, X // window, window, Y // window, window, C).mean((2, 4))
+  kv = dn(pooled.reshape(B, -1, C), prm["lofi_kv"]).reshape(B, -1, 2, n_lo, d)
+  lo = reference_attention(dn(x, prm["lofi_q"]).reshape(B, X * Y, n_lo, d),
+                           kv[:, :, 0], kv[:, :, 1])
+  outs.append(dn(lo.reshape(B, X, Y, -1), prm["lofi_proj"]))
+  return jnp.concatenate(outs, -1)
+
+
 def test_hilo_branches_match_their_oracles():
   B, X, Y, C, N = 2, 4, 6, 16, 4
   x = jax.random.normal(jax.random.PRNGKey(1), (B, X, Y, C))
@@ -78,27 +99,17 @@ def test_hilo_branches_match_their_oracles():
   assert (n_lo, n_hi) == (2, 2) and NA.hilo.hilo_heads(12, 0.9, 2) == (10, 2)
   d = C // N
   prm = _hilo_params(C, n_lo, n_hi, d)
-  out = NA.hilo_attention(x, prm, num_heads=N, alpha=0.5, window=2)
-  dn = lambda t, p: t @ p["kernel"] + p["bias"]
-  qkv = dn(x, prm["hifi_qkv"]).reshape(B, X * Y, 3, n_hi, d)
-  yy, xx = np.divmod(np.arange(X * Y), Y)
-  blockdiag = ((yy[:, None] // 2 == yy[None] // 2) & (xx[:, None] // 2 == xx[None] // 2))
-  hi = reference_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=blockdiag)
-  hi = dn(hi.reshape(B, X, Y, -1), prm["hifi_proj"])
-  pooled = x.reshape(B, X // 2, 2, Y // 2, 2, C).mean((2, 4)).reshape(B, -1, C)
-  kv = dn(pooled, prm["lofi_kv"]).reshape(B, -1, 2, n_lo, d)
-  lo = reference_attention(dn(x, prm["lofi_q"]).reshape(B, X * Y, n_lo, d),
-                           kv[:, :, 0], kv[:, :, 1])
-  lo = dn(lo.reshape(B, X, Y, -1), prm["lofi_proj"])
-  np.testing.assert_allclose(out, jnp.concatenate([hi, lo], -1), atol=1e-4, rtol=1e-4)
-  # window = 1: all heads Lo-Fi over unpooled keys = standard MHSA
-  prm1 = _hilo_params(C, N, 0, d)
-  out1 = NA.hilo_attention(x, prm1, num_heads=N, alpha=0.5, window=1)
-  kv1 = dn(x, prm1["lofi_kv"]).reshape(B, X * Y, 2, N, d)
-  mhsa = reference_attention(dn(x, prm1["lofi_q"]).reshape(B, X * Y, N, d),
-                             kv1[:, :, 0], kv1[:, :, 1])
-  np.testing.assert_allclose(out1, dn(mhsa.reshape(B, X, Y, -1), prm1["lofi_proj"]),
-                             atol=1e-4, rtol=1e-4)
+  prm1 = _hilo_params(C, N, 0, d)  # window = 1: all heads Lo-Fi, unpooled = plain MHSA
+
+  @jax.jit
+  def run(x, prm, prm1):
+    return (NA.hilo_attention(x, prm, num_heads=N, alpha=0.5, window=2),
+            _hilo_oracle(x, prm, N, n_lo, n_hi, d, 2),
+            NA.hilo_attention(x, prm1, num_heads=N, alpha=0.5, window=1),
+            _hilo_oracle(x, prm1, N, N, 0, d, 1))
+  out, ref, out1, ref1 = run(x, prm, prm1)
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(out1, ref1, atol=1e-4, rtol=1e-4)
 
 
 def test_spatiotemporal_modes_equal_block_diagonal_masks():
@@ -109,8 +120,10 @@ def test_spatiotemporal_modes_equal_block_diagonal_masks():
   assert spatial_mask[:3, :3].all() and spatial_mask[3:, 3:].all() and not spatial_mask[:3, 3:].any()
   for mode, mask in (("full", None), ("spatial", spatial_mask),
                      ("temporal", n[:, None] == n[None])):
-    out, lse = NA.spatiotemporal_attention(q, k, v, mode=mode, return_lse=True)
-    ro, rl = reference_attention(flat(q), flat(k), flat(v), mask=mask, return_lse=True)
+    out, lse = jax.jit(lambda q, k, v: NA.spatiotemporal_attention(
+        q, k, v, mode=mode, return_lse=True))(q, k, v)
+    ro, rl = jax.jit(lambda q, k, v: reference_attention(
+        flat(q), flat(k), flat(v), mask=mask, return_lse=True))(q, k, v)
     np.testing.assert_allclose(flat(out), ro, atol=2e-5)
     np.testing.assert_allclose(lse.reshape(rl.shape), rl, atol=2e-5)
   with pytest.raises(ValueError, match="mode"):
@@ -150,7 +163,7 @@ def test_temporal_window_attention_is_a_3d_neighborhood():
 ])
 def test_layers_init_apply_and_grad(layer, shape):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  params = layer.init(jax.random.PRNGKey(1), x)
+  params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
   out = jax.jit(layer.apply)(params, x)
   assert out.shape == x.shape
   g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)

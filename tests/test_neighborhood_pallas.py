@@ -25,14 +25,14 @@ def _check(backend, shape, kernel, dilation, causal, tile, N=2, K=1, H=8):
       return_lse=True)
   pal = lambda q, k, v: na_pallas(q, k, v, kernel_size=ks, dilation=ds, is_causal=cs,
                                   scale=H ** -0.5, tile_shape=tile, backend=backend)
-  o1, l1 = ref(q, k, v)
-  o2, l2 = pal(q, k, v)
+  o1, l1 = jax.jit(ref)(q, k, v)
+  o2, l2 = jax.jit(pal)(q, k, v)
   np.testing.assert_allclose(o2, o1, atol=2e-5)
   np.testing.assert_allclose(l2, l1, atol=2e-5)
   # the lse cotangent matters when the result is merged with additional keys
   loss = lambda f: lambda *a: jnp.sum(f(*a)[0] ** 2) + jnp.sum(jnp.sin(f(*a)[1]))
-  g1 = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
-  g2 = jax.grad(loss(pal), argnums=(0, 1, 2))(q, k, v)
+  g1 = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+  g2 = jax.jit(jax.grad(loss(pal), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(g2, g1):
     np.testing.assert_allclose(a, b, atol=5e-5)
 
