@@ -145,12 +145,17 @@ def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
     acc = jnp.zeros((B, Hl, 1, nq, Rq, cfg.Hv), jnp.float32)
     m = jnp.full((B, Hl, 1, nq, Rq), _NEG_INF, jnp.float32)
     l = jnp.zeros((B, Hl, 1, nq, Rq), jnp.float32)
+  G = acc.shape[2]
   if norm == "softmax":
     M = m.max(2)
     M_safe = jnp.where(jnp.isfinite(M), M, 0.0)
     w = jnp.exp(m - M_safe[:, :, None])
     L = (w * l).sum(2)
-    O = (w[..., None] * acc).sum(2)
+    # An unrolled sum over the few slot groups (a reduce over that middle axis is slow
+    # on the CPU backend).
+    O = w[:, :, 0, ..., None] * acc[:, :, 0]
+    for g in range(1, G):
+      O = O + w[:, :, g, ..., None] * acc[:, :, g]
     lse = jnp.where(L > 0, M_safe + jnp.log(jnp.where(L > 0, L, 1.0)), _NEG_INF)
     if sink is not None:
       s = sink.reshape(1, Hl, 1, cfg.R, 1)
@@ -160,7 +165,9 @@ def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
                     0.0)
     return out, lse
   L = l.sum(2)
-  O = acc.sum(2)
+  O = acc[:, :, 0]
+  for g in range(1, G):
+    O = O + acc[:, :, g]
   lse = jnp.where(L > 0, jnp.log(jnp.where(L > 0, L, 1.0)), _NEG_INF)
   if norm == "sum":
     O = O / jnp.where(L > 0, L, 1.0)[..., None]
