@@ -90,7 +90,7 @@ def dim_plan(n: int, k: int, d: int, causal: bool, t: int) -> DimPlan:
 def default_tile_shape(spatial_shape, kernel_size, dilation) -> Tuple[int, ...]:
   """Tile per dimension minimising visited keys plus a per-tile overhead.
 
-  Cost model (per query): ``prod(t_i + k_i - 1) * (1 + 24 / prod(t_i))``, the
+  Cost model (per query): ``prod(t_i + k_i - 1) * (1 + 64 / prod(t_i))``, the
   visited union plus a fixed cost of running one small tile; tiles are powers
   of two up to 64 per dimension and 256 queries in total.
   """
@@ -105,7 +105,7 @@ def default_tile_shape(spatial_shape, kernel_size, dilation) -> Tuple[int, ...]:
     if tq > 256:
       continue
     uk = math.prod(c[1] for c in combo)
-    cost = uk * (1.0 + 24.0 / tq)
+    cost = uk * (1.0 + 64.0 / tq)
     if cost < best_cost - 1e-9:
       best, best_cost = tuple(c[0] for c in combo), cost
   return best

@@ -16,6 +16,9 @@ import numpy as np
 
 from attnjax.neighborhood.tiling import plans, spread, tile_counts
 
+#: logits elements per chunk of tiles (about 1 MiB of float32: stays in cache)
+CHUNK_ELEMENTS = 1 << 18
+
 
 def to_tiles(x, ps):
   """[B, *spatial, *rest] -> [B, G, tq, *rest] in tiled order (zero padding)."""
@@ -122,29 +125,41 @@ def na_xla(query, key, value, *, kernel_size, dilation, is_causal, scale,
   N, H = query.shape[-2:]
   K, Hv = value.shape[-2:]
   Gq = N // K
-  # heads before tokens so that every (tile, kv head) is one contiguous matmul;
-  # the Gq query heads sharing a kv head are stacked along M.
+  # Tiles lead (G first) and are processed in cache-sized chunks (lax.map):
+  # the [.., tq, uk] logits of a chunk never leave the cache. Heads come
+  # before tokens so that every (tile, kv head) is one contiguous matmul, the
+  # Gq query heads sharing a kv head stacked along M.
   qt = to_tiles(query, ps)  # [B, G, tq, N, H]
   B, G, tq = qt.shape[:3]
-  qt = qt.reshape(B, G, tq, K, Gq, H).transpose(0, 1, 3, 4, 2, 5).reshape(B, G, K, Gq * tq, H)
-  kt = gather_union(key, ps).swapaxes(2, 3)  # [B, G, K, uk, H]
-  vt = gather_union(value, ps).swapaxes(2, 3).astype(jnp.float32)
+  qt = qt.reshape(B, G, tq, K, Gq, H).transpose(1, 0, 3, 4, 2, 5).reshape(G, B, K, Gq * tq, H)
+  kt = gather_union(key, ps).transpose(1, 0, 3, 2, 4)  # [G, B, K, uk, H]
+  vt = gather_union(value, ps).transpose(1, 0, 3, 2, 4)
   uk = kt.shape[3]
-  s = jnp.einsum("bgkmh,bgkuh->bgkmu", qt, kt, preferred_element_type=jnp.float32)
-  s = s.reshape(B, G, K, Gq, tq, uk) * scale
-  if rpb is not None:
-    bias = tile_rpb(rpb, ps)  # [G, N, tq, uk]
-    s = s + bias.reshape((G, K, Gq) + bias.shape[2:])
-  mask = tile_mask(ps)[:, None, None]  # [G, 1, 1, tq, uk]
-  s = jnp.where(mask, s, -jnp.inf)
-  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
-  # normalise after the PV matmul: one pass less over the [.., tq, uk] tensor
-  o = jnp.einsum("bgkmu,bgkuh->bgkmh", p.reshape(B, G, K, Gq * tq, uk), vt)
-  o = o.reshape(B, G, K, Gq, tq, Hv) / jnp.where(l > 0, l, 1.0)
+  mask = tile_mask(ps)  # [G, tq, uk]
+  bias = None if rpb is None else tile_rpb(rpb, ps).reshape(G, K, Gq, tq, uk)
+
+  def attend(args):
+    q_, k_, v_, m_, b_ = args
+    s = jnp.einsum("bkmh,bkuh->bkmu", q_, k_, preferred_element_type=jnp.float32)
+    s = s.reshape(B, K, Gq, tq, uk) * scale
+    if b_ is not None:
+      s = s + b_
+    s = jnp.where(m_[None, None, None], s, -jnp.inf)
+    mx = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.exp(s - mx)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    lse_ = jnp.where(l > 0, mx + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
+    # normalise after the PV matmul: one pass less over the [.., tq, uk] tensor
+    o_ = jnp.einsum("bkmu,bkuh->bkmh", p.reshape(B, K, Gq * tq, uk).astype(v_.dtype), v_,
+                    preferred_element_type=jnp.float32)
+    return o_.reshape(B, K, Gq, tq, Hv) / jnp.where(l > 0, l, 1.0), lse_
+
+  per_tile = B * N * tq * uk
+  chunk = int(max(1, min(G, CHUNK_ELEMENTS // per_tile)))
+  o, lse = jax.lax.map(attend, (qt, kt, vt, mask, bias), batch_size=chunk)
+  o = o.transpose(1, 0, 2, 3, 4, 5)  # [B, G, K, Gq, tq, Hv]
+  lse = lse.transpose(1, 0, 2, 3, 4)  # [B, G, K, Gq, tq]
   o = from_tiles(o.transpose(0, 1, 4, 2, 3, 5).reshape(B, G, tq, N, Hv), ps)
   o = o.astype(query.dtype)
   lse = from_tiles(lse.transpose(0, 1, 4, 2, 3).reshape(B, G, tq, N), ps)
