@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from attnjax.neighborhood.api import neighborhood_attention
 from attnjax.neighborhood.halo import halo_attention
 from attnjax.neighborhood.hilo import hilo_attention, hilo_heads
-from attnjax.neighborhood.spatiotemporal import MODES, spatiotemporal_attention
+from attnjax.neighborhood.spatiotemporal import spatiotemporal_attention
 
 
 def _qkv(x, num_heads, num_kv_heads, head_dim, use_bias, dtype):

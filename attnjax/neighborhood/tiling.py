@@ -121,7 +121,7 @@ def pallas_tile_shape(spatial_shape, kernel_size, dilation, target: int = 128
   rounded up to a power of two.
   """
   caps = [1 << max(0, (-(-n // d) - 1).bit_length()) for n, d in zip(spatial_shape, dilation)]
-  del kernel_size
+  del kernel_size  # the union overhead does not change which power of two fits
   tile = [1] * len(caps)
   while math.prod(tile) < target:
     grow = [i for i in range(len(tile)) if tile[i] < caps[i]]

@@ -8,11 +8,9 @@ of tokens.
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnjax.neighborhood.tiling import plans, spread, tile_counts
 

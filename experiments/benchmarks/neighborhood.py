@@ -14,7 +14,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
 from attnjax.core.reference import reference_attention

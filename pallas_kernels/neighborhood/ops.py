@@ -26,9 +26,7 @@ def _module(backend):
 def _interpret(backend, interpret):
   if interpret is not None:
     return interpret
-  if jax.default_backend() != "cpu":
-    return False if backend == "gpu" else None
-  return True
+  return jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -96,7 +94,7 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
   q, k, v = to_blocks(query), to_blocks(key), to_blocks(value)
   cfg = (plan_key, float(scale), backend, interp)
   out, lse = _core(q, k, v, cfg)
-  G = ps and block_plan(*plan_key).num_blocks
+  G = block_plan(*plan_key).num_blocks
   B, N, L = lse.shape
   tq = L // G
   out = from_tiles(out.transpose(0, 2, 1, 3).reshape(B, G, tq, N, -1), ps)

@@ -14,11 +14,11 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Tuple
 
 import numpy as np
 
-from attnjax.neighborhood.tiling import DimPlan, plans, spread
+from attnjax.masks.neighborhood import group_length
+from attnjax.neighborhood.tiling import DimPlan, plans
 
 #: within-group coordinate given to padded keys: outside every window.
 PAD_COORD = 1 << 30
@@ -117,7 +117,6 @@ def block_plan(spatial_shape, kernel_size, dilation, is_causal, tile_shape) -> B
   q_hi = _per_token(ps, [p.q_hi for p in ps])
   coords = []
   for p in ps:
-    from attnjax.masks.neighborhood import group_length  # pylint: disable=g-import-not-at-top
     yg = np.arange(p.nt)[:, None] * p.t + np.arange(p.t)[None, :]
     ng = group_length(p.n, p.d, np.arange(p.d))[:, None, None]
     coords.append(np.where(yg[None] < ng, yg[None], PAD_COORD))

@@ -90,7 +90,7 @@ def _dkv_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref,
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _row_specs(tq, H, Hv, D, Gq, W, q_block):
+def _row_specs(tq, H, Hv, D, Gq, W):
   """Specs of q, k, v, q_lo, q_hi, k_coord for the CSR grids (fwd, dq)."""
   kvb = lambda i, s, lst: lst[i * W + s]
   return [
@@ -114,7 +114,7 @@ def forward(q, k, v, plan, *, scale, interpret):
   row = lambda b, n, i, s, lst, cnt: (b, n, i, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(B, N, G, W),
-      in_specs=_row_specs(tq, H, Hv, D, N // K, W, True),
+      in_specs=_row_specs(tq, H, Hv, D, N // K, W),
       out_specs=[pl.BlockSpec((None, None, tq, Hv), row),
                  pl.BlockSpec((None, None, tq, 1), row)],
       scratch_shapes=[pltpu.VMEM((tq, 1), jnp.float32), pltpu.VMEM((tq, 1), jnp.float32),
@@ -144,7 +144,7 @@ def backward(q, k, v, do, lse, delta, plan, *, scale, interpret):
       functools.partial(_dq_kernel, scale=scale),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(B, N, G, W),
-          in_specs=_row_specs(tq, H, Hv, D, Gq, W, True) + [
+          in_specs=_row_specs(tq, H, Hv, D, Gq, W) + [
               pl.BlockSpec((None, None, tq, Hv), row),
               pl.BlockSpec((None, None, tq, 1), row),
               pl.BlockSpec((None, None, tq, 1), row)],
