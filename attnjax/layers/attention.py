@@ -173,11 +173,14 @@ class MultiHeadAttention(nn.Module):
             "(supports_kv_cache); decode=True is available for the softmax families.")
       q, k, v, q_positions, k_positions, overflow = self._use_cache(
           q, k, v, q_positions, k_positions, segment_ids, mask)
-    else:
-      if self_attn and q_positions is None and k_positions is None:
-        q_positions = k_positions = jnp.arange(T, dtype=jnp.int32)
-      if self.use_rope:
-        q, k = self._rope(q, k, q_positions, k_positions, T, S)
+    elif self.use_rope:
+      # Default self-attention positions arange(T) are what every family assumes when
+      # none are passed, so they are used for RoPE only (families that cannot take
+      # explicit positions, such as the linear ones, keep working in the layer).
+      rq, rk = q_positions, k_positions
+      if self_attn and rq is None and rk is None:
+        rq = rk = jnp.arange(T, dtype=jnp.int32)
+      q, k = self._rope(q, k, rq, rk, T, S)
 
     kwargs = dict(self.attention_options or {})
     score = bind_score_params(self, self.score, n, self.param_dtype)
