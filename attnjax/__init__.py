@@ -21,8 +21,9 @@ from attnjax.block_sparse import (anchor_attention, bigbird_attention, block_spa
                                   streaming_attention)
 from attnjax.linear import (agent_attention, based_attention, flow_attention, lightning_attention,
                             linear_attention, linear_attention_step, neural_memory, tnl_decay_slopes)
-from attnjax.neighborhood import (halo_attention, hilo_attention, na1d, na2d, na3d,
-                                  neighborhood_attention)
+from attnjax.neighborhood import (blend_overlaps, halo_attention, hilo_attention, na1d, na2d, na3d,
+                                  neighborhood_attention, sliding_window_denoise_plan,
+                                  spatiotemporal_attention)
 from attnjax.dynamic import (bi_level_routing_attention, combiner_attention, gather_attention,
                              hip_attention, hyper_attention, landmark_grouped_attention,
                              landmark_retrieval_attention, longheads_attention, routing_attention,
