@@ -240,6 +240,10 @@ def test_runtime_indices_forward_backward():
       a, b_, c, i, n, block_q=bq, block_kv=bk, mask=M.Causal()))
   np.testing.assert_allclose(f(q, k, v, idx, cnt),
                              reference_attention(q, k, v, mask=jnp.asarray(vis)), atol=2e-5)
+  np.testing.assert_allclose(
+      block_sparse_attention_indices(q, k, v, idx, cnt, block_q=bq, block_kv=bk,
+                                     mask=M.Causal(), implementation="reference"),
+      reference_attention(q, k, v, mask=jnp.asarray(vis)), atol=1e-6)
   g1 = jax.grad(lambda a, b_, c: f(a, b_, c, idx, cnt).sum(), (0, 1, 2))(q, k, v)
   g2 = jax.grad(lambda a, b_, c: reference_attention(a, b_, c, mask=jnp.asarray(vis)).sum(),
                 (0, 1, 2))(q, k, v)

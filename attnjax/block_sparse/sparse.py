@@ -132,11 +132,18 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
     block_q, block_kv: block sizes; must divide T and S.
     mask: optional ``Mask`` applied element-wise inside the visited blocks
       (e.g. ``Causal()``); positions and segment ids as ``attnjax.attention``.
+    implementation: "xla" (default), None, or "reference" (the dense oracle
+      on the visibility the lists define; O(T * S) memory).
 
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] float32). Gradients flow to q, k, v
     (the indices are integers).
   """
+  if implementation == "reference":
+    return _indices_reference(query, key, value, kv_block_indices, kv_block_counts,
+                              block_q=block_q, block_kv=block_kv, mask=mask, score=score,
+                              scale=scale, q_positions=q_positions, k_positions=k_positions,
+                              segment_ids=segment_ids, return_lse=return_lse)
   implementation = A._check_impl(implementation)  # pylint: disable=protected-access
   if implementation == "pallas":
     raise NotImplementedError(
@@ -183,3 +190,24 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
   return A._run(query, key, value, d, Hl, R, kvh, ((partial, 1),), (sched,), bq=block_q,  # pylint: disable=protected-access
                 bk=block_kv, Tp=d.T, Sp=d.S, mask=mask, score=score, bias=None, scale=scale,
                 q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=None, return_lse=return_lse)
+
+
+def _indices_reference(query, key, value, indices, counts, *, block_q, block_kv, mask, score,
+                       scale, q_positions, k_positions, segment_ids, return_lse):
+  """Dense oracle for ``block_sparse_attention_indices`` (the lists as a [B, N, T, S] mask)."""
+  from attnjax.core.reference import dense_visibility, reference_attention  # pylint: disable=g-import-not-at-top
+  d = V.check_qkv(query, key, value)
+  nk = d.S // block_kv
+  idx = jnp.asarray(indices, jnp.int32)
+  k = idx.shape[-1]
+  cnt = jnp.full(idx.shape[:3], k, jnp.int32) if counts is None else jnp.asarray(counts)
+  valid = jnp.arange(k) < cnt[..., None]
+  blocks = ((idx[..., None] == jnp.arange(nk)) & valid[..., None]).any(-2)   # [B, Hi, nq, nk]
+  vis = jnp.repeat(jnp.repeat(blocks, block_q, 2), block_kv, 3)
+  vis = jnp.repeat(vis, d.N // vis.shape[1], 1)
+  if mask is not None:
+    q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
+    vis = vis & dense_visibility(mask, d, q_pos, k_pos, V.check_segment_ids(segment_ids, d))
+  return reference_attention(query, key, value, mask=vis, score=score, scale=scale,
+                             q_positions=q_positions, k_positions=k_positions,
+                             segment_ids=segment_ids, return_lse=return_lse)
