@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
@@ -129,8 +130,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     V.check_broadcastable("mask", mask, (d.B, d.N, d.T, d.S))
   arr = mask if lengths_mask is None else (lengths_mask if mask is None else mask & lengths_mask)
   out = attention(query, key, value, mask=_combine(m, arr, d), bias=bias, scale=scale,
-                  q_positions=jnp.arange(d.T, dtype=jnp.int32),
-                  k_positions=jnp.arange(d.S, dtype=jnp.int32),
+                  # NumPy positions stay static under jit, so the fast path keeps its
+                  # block layout (traced positions would make every block partial).
+                  q_positions=np.arange(d.T, dtype=np.int32),
+                  k_positions=np.arange(d.S, dtype=np.int32),
                   return_lse=return_residual, implementation=implementation)
   if unbatched:
     out = jax.tree_util.tree_map(lambda x: x[0], out)

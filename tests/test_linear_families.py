@@ -24,24 +24,24 @@ def test_lightning_uses_tnl_slopes():
 
 
 @pytest.mark.parametrize("t,s,window", [(11, 11, (3, 0)), (6, 11, (4, 0)), (11, 6, (2, 0))])
-def test_sliding_window_matches_dense(t, s, window):
+def test_based_window_branch_matches_dense_band(t, s, window):
   q, k, v = _qkv(t, s)
   rel = jnp.arange(s)[None, :] - (jnp.arange(t) + s - t)[:, None]
   mask = (rel >= -window[0]) & (rel <= window[1])
   ref = reference_attention(q, k, v, mask=mask[None, None])
-  out = L.sliding_window_attention(q, k, v, window=window, block=4)
+  out = L.based_attention(q, k, v, window=window, branch="window")
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-  wide = L.sliding_window_attention(q, k, v, window=(64, 0), block=4)
+  wide = L.based_attention(q, k, v, window=(64, 0), branch="window")
   causal = reference_attention(q, k, v, mask=(rel <= 0)[None, None])
   np.testing.assert_allclose(wide, causal, rtol=1e-5, atol=1e-5)
 
 
 def test_based_is_linear_plus_window_and_causal():
   q, k, v = _qkv(10)
-  out = L.based_attention(q, k, v, window=(3, 0), chunk_size=4, window_block=4)
+  out = L.based_attention(q, k, v, window=(3, 0), chunk_size=4)
   lin = L.linear_attention(q, k, v, feature_map="taylor", normalize=True, eps=1e-12,
                            implementation="reference")
-  win = L.sliding_window_attention(q, k, v, window=(3, 0))
+  win = L.based_attention(q, k, v, window=(3, 0), branch="window")
   np.testing.assert_allclose(out, lin + win, rtol=1e-5, atol=1e-5)
   phi = L.materialize_mixing_matrix(
       lambda q, k, v: L.based_attention(q, k, v, window=(3, 0), chunk_size=4), q, k)

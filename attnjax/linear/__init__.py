@@ -13,7 +13,6 @@ from attnjax.linear.families import FAMILIES
 from attnjax.linear.feature_maps import elu_plus_one, identity, relu, resolve_feature_map, taylor
 from attnjax.linear.flow import flow_attention
 from attnjax.linear.lightning import lightning_attention, srms_norm
-from attnjax.linear.sliding_window import sliding_window_attention
 from attnjax.linear.titans import linear_memory, memory_recurrence, neural_memory
 from attnjax.linear.layers import (AgentAttention, SlidingWindowBlock, TitansMAG, TitansMAL,
                                    TitansMemory, TNLTokenMixer)

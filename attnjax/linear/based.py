@@ -10,16 +10,37 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 from attnjax.linear.api import linear_attention
-from attnjax.linear.sliding_window import sliding_window_attention
+from attnjax.block_sparse.families import sliding_window_attention
 
 BRANCHES = ("sum", "linear", "window")
+
+
+def window_sides(window, causal: bool) -> Tuple[int, int]:
+  """(left, right) of a window given as None (BASED's 64), an int w or a pair.
+
+  An int w means (w, 0) when causal and (w, w) otherwise; (W - 1, 0) gives
+  W keys. A causal window must have right == 0.
+  """
+  if window is None:
+    window = 64
+  if isinstance(window, (tuple, list)):
+    if len(window) != 2:
+      raise ValueError(f"window must be an int or a pair (left, right), got {window!r}.")
+    left, right = window
+  else:
+    left, right = window, (0 if causal else window)
+  for name, w in (("left window", left), ("right window", right)):
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+      raise ValueError(f"{name} must be an integer >= 0, got {w!r} (window={window!r}).")
+  if causal and right != 0:
+    raise ValueError(f"causal=True needs a right window of 0, got window={window!r}.")
+  return left, right
 
 
 def based_attention(query, key, value, *, causal: bool = True,
                     window: Union[int, Tuple[int, int], None] = None, feature_map="taylor",
                     eps: float = 1e-12, chunk_size: int = 64, branch: str = "sum",
-                    scale: Optional[float] = None, implementation: Optional[str] = None,
-                    window_block: int = 64):
+                    scale: Optional[float] = None, implementation: Optional[str] = None):
   """BASED attention.
 
   Args:
@@ -32,6 +53,9 @@ def based_attention(query, key, value, *, causal: bool = True,
     feature_map: of the linear branch (Taylor: phi(q).phi(k) = 1 + s + s^2 / 2).
     eps: the linear branch's normaliser epsilon (1e-12 as BASED).
     branch: "sum" (linear + window), "linear" or "window".
+    The window branch runs on the block-sparse engine
+    (``attnjax.block_sparse.sliding_window_attention``), whose cost follows
+    the band of visited blocks.
   Returns:
     [B, T, N, Hv] in query.dtype.
   """
@@ -43,9 +67,8 @@ def based_attention(query, key, value, *, causal: bool = True,
                            normalize=True, eps=eps, chunk_size=chunk_size,
                            implementation=implementation)
   if branch in ("sum", "window"):
-    if window is None:
-      window = (64, 0) if causal else (64, 64)
-    local = sliding_window_attention(query, key, value, window=window, causal=causal,
-                                     scale=scale, block=window_block)
+    left, right = window_sides(window, causal)
+    local = sliding_window_attention(query, key, value, left=left, right=right, causal=causal,
+                                     scale=scale)
     out = local if out is None else out + local
   return out

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from attnjax.linear.agent import agent_attention, pool_agents
 from attnjax.linear.lightning import lightning_attention, srms_norm
-from attnjax.linear.sliding_window import sliding_window_attention
+from attnjax.block_sparse.families import sliding_window_attention
+from attnjax.linear.based import window_sides
 from attnjax.linear.titans import linear_memory
 
 
@@ -98,7 +99,8 @@ class SlidingWindowBlock(nn.Module):
   def __call__(self, x):
     b, t, dim = x.shape
     q, k, v = (_heads(nn.Dense(dim, name=nm)(x), self.num_heads) for nm in ("query", "key", "value"))
-    out = sliding_window_attention(q, k, v, window=self.window, causal=True)
+    left, right = window_sides(self.window, True)
+    out = sliding_window_attention(q, k, v, left=left, right=right, causal=True)
     return nn.Dense(dim, name="out")(out.reshape(b, t, dim))
 
 
