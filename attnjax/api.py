@@ -129,7 +129,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     mask = jnp.asarray(mask, bool)
     V.check_broadcastable("mask", mask, (d.B, d.N, d.T, d.S))
   arr = mask if lengths_mask is None else (lengths_mask if mask is None else mask & lengths_mask)
-  out = attention(query, key, value, mask=_combine(m, arr, d), bias=bias, scale=scale,
+  full_mask = combine_mask(m, arr, d.N, np.arange(d.T), np.arange(d.S))
+  out = attention(query, key, value, mask=full_mask, bias=bias, scale=scale,
                   # NumPy positions stay static under jit, so the fast path keeps its
                   # block layout (traced positions would make every block partial).
                   q_positions=np.arange(d.T, dtype=np.int32),
@@ -140,15 +141,21 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   return out
 
 
-def _combine(mask_obj, mask_arr, d):
-  """A Mask object and a boolean array as one argument for ``attention``."""
+def combine_mask(mask_obj, mask_arr, num_heads: int, q_pos, k_pos):
+  """A Mask and a boolean array [B, N|1, T|1, S|1] as one boolean argument for ``attention``.
+
+  The Mask is evaluated densely on positions q_pos [T] and k_pos [S]; either
+  argument may be None.
+  """
   if mask_arr is None:
     return mask_obj
   if mask_obj is None:
     return mask_arr
-  qp = jnp.arange(d.T)[:, None]
-  kp = jnp.arange(d.S)[None, :]
-  return mask_arr & jnp.asarray(mask_obj.predicate(0, qp, kp), bool)[None, None]
+  head = jnp.arange(num_heads)[:, None, None]
+  dense = jnp.asarray(mask_obj.predicate(head, jnp.asarray(q_pos)[:, None],
+                                         jnp.asarray(k_pos)[None, :]), bool)
+  T, S = len(q_pos), len(k_pos)
+  return mask_arr & jnp.broadcast_to(dense, (num_heads, T, S))[None]
 
 
 def _lengths(name, x, B, L):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import scoring
 from attnjax.core.scoring import DEFAULT_SCORE, SoftmaxScore
 
 __all__ = ["DEFAULT_SCORE", "SoftmaxScore", "SoftCap", "Sink", "Selective", "Softplus",
@@ -43,24 +44,7 @@ __all__ = ["DEFAULT_SCORE", "SoftmaxScore", "SoftCap", "Sink", "Selective", "Sof
 Scalar = Union[float, jax.Array, np.ndarray]
 
 
-class _Score:
-  """Protocol defaults (see ``attnjax.core.scoring``)."""
-  normalization = "softmax"
-  needs_row_count = False
-  has_reweight = False
-
-  def transform(self, logits, *, head=None, q_pos=None, k_pos=None, row_count=None):
-    return logits
-
-  def weights(self, logits):
-    raise TypeError(f"{type(self).__name__} is a softmax score: it has no separate "
-                    "positive map.")
-
-  def sink_logits(self):
-    return None
-
-  def reweight(self, probs, row_count):
-    return probs
+_Score = scoring.ScoreBase  # protocol defaults (see ``attnjax.core.scoring``)
 
 
 def _per_head(x, head):

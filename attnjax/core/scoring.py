@@ -20,8 +20,8 @@ A score variant is a small object (in ``attnjax.scores``) with:
 from __future__ import annotations
 
 
-class SoftmaxScore:
-  """Plain softmax over the scaled logits."""
+class ScoreBase:
+  """Protocol defaults: softmax normalisation, identity transform, no sink, no re-weighting."""
   normalization = "softmax"
   needs_row_count = False
   has_reweight = False
@@ -30,13 +30,18 @@ class SoftmaxScore:
     return logits
 
   def weights(self, logits):
-    raise TypeError("softmax scores have no separate positive map.")
+    raise TypeError(f"{type(self).__name__} is a softmax score: it has no separate "
+                    "positive map.")
 
   def sink_logits(self):
     return None
 
   def reweight(self, probs, row_count):
     return probs
+
+
+class SoftmaxScore(ScoreBase):
+  """Plain softmax over the scaled logits."""
 
   def __hash__(self):
     return hash(type(self))

@@ -89,7 +89,8 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
       tl = (jnp.arange(d.S)[None, :] <= jnp.arange(d.T)[:, None])[None, None]
       arr = tl if arr is None else arr & tl
     b = None if bias is None else _flatten_batch("bias", jnp.asarray(bias), batch, d)
-    m = _combine(mask_obj, arr, d)
+    q_pos, k_pos = V.default_positions(d.T, d.S)
+    m = api.combine_mask(mask_obj, arr, d.N, q_pos, k_pos)
     if module is not None:
       out, weights = reference_attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
                                          return_probs=True)
@@ -118,16 +119,6 @@ def _flatten_batch(name, x, batch, d):
   return x
 
 
-def _combine(mask_obj, arr, d):
-  """A Mask (default positions) and a boolean array [B, N|1, T|1, S|1] as one argument."""
-  if arr is None:
-    return mask_obj
-  if mask_obj is None:
-    return arr
-  q_pos, k_pos = V.default_positions(d.T, d.S)
-  head = jnp.arange(d.N)[:, None, None]
-  dense = jnp.asarray(mask_obj.predicate(head, q_pos[:, None], k_pos[None, :]), bool)
-  return arr & jnp.broadcast_to(dense, (d.N, d.T, d.S))[None]
 
 
 def _sow(module, weights):
