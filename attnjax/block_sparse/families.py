@@ -150,7 +150,8 @@ def bigbird_attention(query, key, value, *, block_size: int = 64, window_blocks:
   """BigBird-ITC attention (self-attention, T == S); see ``bigbird_mask``."""
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
-    raise ValueError(f"bigbird_attention is self-attention: T={d.T} must equal S={d.S}.")
+    raise NotImplementedError(f"bigbird_attention is defined for self-attention only "
+                              f"(its pattern has no cross-attention form): T={d.T} must equal S={d.S}.")
   mask = bigbird_mask(d.S, block_size=block_size, window_blocks=window_blocks,
                       num_global_blocks=num_global_blocks,
                       num_random_blocks=num_random_blocks, seed=seed,
@@ -210,7 +211,8 @@ def composite_attention(query, key, value, *, num_visual: int, **kwargs):
   """
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
-    raise ValueError(f"composite_attention is self-attention: T={d.T} must equal S={d.S}.")
+    raise NotImplementedError(f"composite_attention is defined for self-attention only "
+                              f"(its pattern has no cross-attention form): T={d.T} must equal S={d.S}.")
   V.check_positive_int("num_visual", num_visual, minimum=0)
   if num_visual > d.S:
     raise ValueError(f"num_visual={num_visual} exceeds the sequence length {d.S}.")

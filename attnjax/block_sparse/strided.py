@@ -97,7 +97,8 @@ def shifted_group_attention(query, key, value, *, group_ratio: float = 0.25,
   """
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
-    raise ValueError(f"shifted_group_attention is self-attention: T={d.T} must equal S={d.S}.")
+    raise NotImplementedError(f"shifted_group_attention is defined for self-attention only "
+                              f"(its pattern has no cross-attention form): T={d.T} must equal S={d.S}.")
   if group_size is None:
     if not 0 < group_ratio <= 1:
       raise ValueError(f"group_ratio must be in (0, 1], got {group_ratio}.")

@@ -26,7 +26,8 @@ __all__ = ["combiner_attention", "combiner_effective_matrix"]
 def _parts(query, key, value, segment_len, pool, causal, scale):
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
-    raise ValueError(f"combiner_attention is self-attention: T={d.T} must equal S={d.S}.")
+    raise NotImplementedError(f"combiner_attention is defined for self-attention only "
+                              f"(its pattern has no cross-attention form): T={d.T} must equal S={d.S}.")
   V.check_positive_int("segment_len", segment_len)
   if d.T % segment_len:
     raise ValueError(f"segment_len={segment_len} must divide the length T={d.T}.")

@@ -61,7 +61,8 @@ def landmark_grouped_attention(query, key, value, *, block_size: int = 50, scale
   """
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
-    raise ValueError(f"landmark_grouped_attention is self-attention: T={d.T} != S={d.S}.")
+    raise NotImplementedError(f"landmark_grouped_attention is defined for self-attention only "
+                              f"(its pattern has no cross-attention form): T={d.T} != S={d.S}.")
   V.check_positive_int("block_size", block_size)
   scale = V.check_scale(scale, d.H)
   P = block_size + 1

@@ -82,7 +82,8 @@ def longheads_attention(query, key, value, *, chunk_size: int = 256, attn_len: i
   """
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
-    raise ValueError(f"longheads_attention is causal self-attention: T={d.T} != S={d.S}.")
+    raise NotImplementedError(f"longheads_attention is defined for causal self-attention only "
+                              f"(its pattern has no cross-attention form): T={d.T} != S={d.S}.")
   scale = V.check_scale(scale, d.H)
   w = V.check_positive_int("chunk_size", chunk_size)
   V.check_positive_int("attn_len", attn_len)

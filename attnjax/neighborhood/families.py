@@ -40,7 +40,8 @@ def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None
   """
   T, S = query.shape[1], key.shape[1]
   if T != S:
-    raise ValueError(f"na1d is self-attention: query length T={T} must equal key length S={S}.")
+    raise NotImplementedError(f"na1d is defined for self-attention only "
+                              f"(its pattern has no cross-attention form): query length T={T} must equal key length S={S}.")
   fast = lambda: na1d(query, key, value, kernel_size=kernel_size, dilation=dilation,
                       is_causal=causal, scale=scale, implementation=implementation)
   mask = Neighborhood((T,), kernel_size, dilation, causal)
