@@ -251,6 +251,49 @@ def test_runtime_indices_forward_backward():
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("tile_keys,budget", [(32, 1 << 14), (48, 1 << 15)])
+def test_grouped_tiles_lanes_and_slots(tile_keys, budget, monkeypatch):
+  """k-blocks grouped 2-3 per tile (ragged last groups), rows split over lanes (several
+  slot groups): forward, lse and gradients incl. a bias, segments and row-count scores."""
+  monkeypatch.setattr(P, "choose_blocks", functools.partial(P.choose_blocks, target=16))
+  monkeypatch.setattr(P, "TILE_KEYS", tile_keys)
+  monkeypatch.setattr(P, "STEP_BUDGET", budget)
+  q, k, v = qkv(2, 80, 80, 4, 2, Hv=4)
+  bias = jax.random.normal(jax.random.PRNGKey(5), (1, 4, 80, 80))
+  seg = jnp.array([[0] * 30 + [1] * 50, [0] * 80])
+  for mask in (M.Causal(), M.SlidingWindow(40, 5), M.S2(4, block_size=16, local_blocks=1,
+                                                          vert_stride=2)):
+    check(q, k, v, mask=mask)
+  check(q, k, v, mask=M.Causal(), segment_ids=seg)
+  check(q, k, v, mask=M.SinkWindow(4, 30), score=SC.Softplus())
+  g1 = jax.jit(jax.grad(lambda b_: _loss(fast_attention, mask=M.Causal(), bias=b_)(q, k, v)))
+  g2 = jax.grad(lambda b_: _loss(reference_attention, mask=M.Causal(), bias=b_)(q, k, v))
+  np.testing.assert_allclose(g1(bias), g2(bias), atol=2e-5, rtol=1e-4)
+
+
+def test_runtime_indices_grouped(monkeypatch):
+  """Run-time lists cut into groups of 2 k-blocks (k = 5: a ragged last group; counts
+  below k), split over several lanes."""
+  monkeypatch.setattr(P, "TILE_KEYS", 16)
+  monkeypatch.setattr(P, "STEP_BUDGET", 1 << 9)
+  B, T, N, K, bq, bk, kk = 1, 64, 2, 2, 8, 8, 5
+  q, k, v = qkv(B, T, T, N, K)
+  nq = T // bq
+  rng = np.random.RandomState(0)
+  idx = np.stack([rng.permutation(nq)[:kk] for _ in range(B * K * nq)]).reshape(B, K, nq, kk)
+  cnt = rng.randint(1, kk + 1, size=(B, K, nq))
+  idx, cnt = jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32)
+  f = lambda impl: (lambda a, b_, c: block_sparse_attention_indices(
+      a, b_, c, idx, cnt, block_q=bq, block_kv=bk, implementation=impl).sum())
+  np.testing.assert_allclose(jax.jit(f(None))(q, k, v), f("reference")(q, k, v), rtol=1e-5)
+  w = jnp.cos(jnp.arange(B * T * N * 8.0)).reshape(B, T, N, 8)
+  g = lambda impl: jax.grad(lambda a, b_, c: (block_sparse_attention_indices(
+      a, b_, c, idx, cnt, block_q=bq, block_kv=bk, implementation=impl) * w).sum(),
+                            (0, 1, 2))(q, k, v)
+  for a, b in zip(jax.jit(lambda: g(None))(), g("reference")):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 # -- bad input -------------------------------------------------------------------------------
 def test_bad_layout_and_blocks():
   q, k, v = qkv(1, 32, 32, 4, 2)

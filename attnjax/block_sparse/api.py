@@ -120,7 +120,7 @@ def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, 
   nq, nk = block_mask.shape[1:]
   Tp, Sp = nq * bq, nk * bk
   plan = P.make_plan(block_mask, d.N, d.K, bq, bk, d.B)
-  scheds = tuple(E.Sched(*(jnp.asarray(a) for a in s[:4])) for s in plan.scheds)
+  scheds = tuple(E.Sched(*(jnp.asarray(a) for a in s[:5])) for s in plan.scheds)
   return _run(query, key, value, d, plan.Hl, plan.R, plan.kvh, plan.kinds, scheds,
               bq=bq, bk=bk, Tp=Tp, Sp=Sp, mask=mask, score=score, bias=bias, scale=scale,
               q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=mask_array,

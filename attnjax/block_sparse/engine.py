@@ -24,25 +24,35 @@ _NEG_INF = -jnp.inf
 
 
 class Sched(NamedTuple):
-  """One scan's items, int32/bool [Bi, Hl, lanes, steps] (jax arrays)."""
+  """One scan's items (jax arrays): qb, slot, valid [Bi, Hl, lanes, steps]; kb, kval
+  [Bi, Hl, lanes, steps, g] (see ``schedule.Schedule``)."""
   qb: jax.Array
   kb: jax.Array
   slot: jax.Array
   valid: jax.Array
+  kval: jax.Array
 
 
 def _steps(s: Sched):
-  return tuple(jnp.moveaxis(jnp.asarray(x), -1, 0) for x in s)
+  """Per-step slices: the steps axis (3) moved to the front."""
+  return tuple(jnp.moveaxis(jnp.asarray(x), 3, 0) for x in s)
 
 
 def put_heads(x_r, heads, idx, val, add=False):
-  """x_r[:, heads, idx] = val (or += val); idx [Bi, Hl, L], val [B, Hl, L, ...]."""
-  h = jnp.asarray(list(heads), jnp.int32)[:, None]
+  """x_r[:, heads, idx] = val (or += val); idx [Bi, Hl, L, ...], val [B, Hl, L, ...]."""
+  h = jnp.asarray(list(heads), jnp.int32).reshape((-1,) + (1,) * (idx.ndim - 2))
   if idx.shape[0] == 1:
     ref = x_r.at[:, h, idx[0]]
   else:
-    ref = x_r.at[jnp.arange(x_r.shape[0])[:, None, None], h[None], idx]
+    b = jnp.arange(x_r.shape[0]).reshape((-1,) + (1,) * (idx.ndim - 1))
+    ref = x_r.at[b, h[None], idx]
   return ref.add(val) if add else ref.set(val)
+
+
+def put_keys(x_r, heads, kb, val):
+  """Scatter-adds key tiles val [B, Hl, L, g*bk, D] into x_r [B, K, nk, bk, D] at kb [Bi, Hl, L, g]."""
+  val = val.reshape(val.shape[:3] + kb.shape[-1:] + x_r.shape[-2:])
+  return put_heads(x_r, heads, kb, val, add=True)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -87,21 +97,22 @@ def _sink(cfg, score):
 # ---------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------
-def _fwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, score, aux,
+def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux,
               row_count, carry):
+  partial, _, ragged = kind
   heads = range(cfg.Hl)
   norm = _norm(cfg)
 
   def step(carry, x):
     acc, m, l = carry
-    qb, kb, slot, _ = x
+    qb, kb, slot, _, kval = x
     qblk = Tl.take_heads(q_r, heads, qb)
-    kblk = Tl.take_heads(k_r, cfg.kvh, kb)
-    vblk = Tl.take_heads(v_r, cfg.kvh, kb)
+    kblk = Tl.take_keys(k_r, cfg.kvh, kb)
+    vblk = Tl.take_keys(v_r, cfg.kvh, kb)
     t = Tl.raw_logits(cfg, qblk, kblk, bias_r, qb, kb)
     t = Tl.transform(cfg, aux, score, t, qb, kb, row_count)
-    vis = Tl.visibility(cfg, aux, qb, kb) if partial else None
-    shape = t.shape[:3] + (cfg.R * cfg.bq, cfg.bk)
+    vis = Tl.visibility(cfg, aux, qb, kb, kval if ragged else None, partial)
+    shape = t.shape[:3] + (cfg.R * cfg.bq, t.shape[-1])
     l_old = Tl.take_heads(l, heads, slot)
     acc_old = Tl.take_heads(acc, heads, slot)
     if norm == "softmax":
@@ -176,35 +187,36 @@ def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
 
 def _forward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count):
   B, Hl, nq, Rq = cfg.B, cfg.Hl, cfg.nq, cfg.R * cfg.bq
-  groups = sum(g for _, g in kinds)
+  groups = sum(kind[1] for kind in kinds)
   slots = groups * nq + 1
   acc = jnp.zeros((B, Hl, slots, Rq, cfg.Hv), jnp.float32)
   m = jnp.full((B, Hl, slots, Rq), _NEG_INF, jnp.float32)
   l = jnp.zeros((B, Hl, slots, Rq), jnp.float32)
   offset = 0
-  for (partial, g), s in zip(kinds, scheds):
+  for kind, s in zip(kinds, scheds):
     s = s._replace(slot=jnp.where(s.valid, s.slot + offset * nq, slots - 1))
-    acc, m, l = _fwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, score, aux, row_count,
+    acc, m, l = _fwd_scan(cfg, kind, s, q_r, k_r, v_r, bias_r, score, aux, row_count,
                           (acc, m, l))
-    offset += g
+    offset += kind[1]
   return _finalize(cfg, groups, acc, m, l, _sink(cfg, score))
 
 
 # ---------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------
-def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, score, aux,
+def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux,
               row_count, lse_r, delta_r, do_r, carry):
+  partial, _, ragged = kind
   heads = range(cfg.Hl)
   norm = _norm(cfg)
   Rq = cfg.R * cfg.bq
 
   def step(carry, x):
     dq, dk, dv, dbias, dscore = carry
-    qb, kb, _, valid = x
+    qb, kb, _, valid, kval = x
     qblk = Tl.take_heads(q_r, heads, qb)
-    kblk = Tl.take_heads(k_r, cfg.kvh, kb)
-    vblk = Tl.take_heads(v_r, cfg.kvh, kb)
+    kblk = Tl.take_keys(k_r, cfg.kvh, kb)
+    vblk = Tl.take_keys(v_r, cfg.kvh, kb)
     doblk = Tl.take_heads(do_r, heads, qb)
     lse = Tl.take_heads(lse_r, heads, qb)
     delta = Tl.take_heads(delta_r, heads, qb)
@@ -214,13 +226,14 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, s
     else:
       t, t_vjp = jax.vjp(lambda sc, x_: Tl.transform(cfg, aux, sc, x_, qb, kb, row_count),
                          score, s)
-    vis = Tl.visibility(cfg, aux, qb, kb) if partial else None
-    shape = t.shape[:3] + (Rq, cfg.bk)
+    vis = Tl.visibility(cfg, aux, qb, kb, kval if ragged else None, partial)
+    W = t.shape[-1]
+    shape = t.shape[:3] + (Rq, W)
     if vis is not None and norm == "softmax":
       t = jnp.where(vis, t, _NEG_INF)
     t = t.reshape(shape)
     if vis is not None:
-      vis = jnp.broadcast_to(vis, t.shape[:3] + (cfg.R, cfg.bq, cfg.bk)).reshape(shape)
+      vis = jnp.broadcast_to(vis, t.shape[:3] + (cfg.R, cfg.bq, W)).reshape(shape)
     dp = jnp.einsum("bhlqd,bhlkd->bhlqk", doblk, vblk, preferred_element_type=jnp.float32)
     fin = jnp.isfinite(lse)
     if norm == "softmax":
@@ -256,8 +269,8 @@ def _bwd_scan(cfg: Tl.Cfg, partial: bool, sched: Sched, q_r, k_r, v_r, bias_r, s
     dq_blk = jnp.einsum("bhlqk,bhlkd->bhlqd", dsc, kblk, preferred_element_type=jnp.float32)
     dk_blk = jnp.einsum("bhlqk,bhlqd->bhlkd", dsc, qblk, preferred_element_type=jnp.float32)
     dq = put_heads(dq, heads, qb, jnp.where(ok, dq_blk, 0.0), add=True)
-    dk = put_heads(dk, cfg.kvh, kb, jnp.where(ok, dk_blk, 0.0), add=True)
-    dv = put_heads(dv, cfg.kvh, kb, jnp.where(ok, dv_blk, 0.0), add=True)
+    dk = put_keys(dk, cfg.kvh, kb, jnp.where(ok, dk_blk, 0.0))
+    dv = put_keys(dv, cfg.kvh, kb, jnp.where(ok, dv_blk, 0.0))
     if dbias is not None:
       dbias = _add_dbias(cfg, dbias, jnp.where(valid[..., None, None, None], ds6, 0.0), qb, kb)
     return (dq, dk, dv, dbias, dscore), None
@@ -271,7 +284,7 @@ def _tree_add(acc, upd):
 
 
 def _add_dbias(cfg, dbias, ds6, qb, kb):
-  """Scatter-adds ds [B, Hl, L, R, bq, bk] into the regrouped bias gradient."""
+  """Scatter-adds ds [B, Hl, L, R, bq, g*bk] into the regrouped bias gradient."""
   shape = cfg.bias_shape
   b, h, qi, ki = Tl.pair_index(shape, cfg, qb, kb)
   Bp, Np, Tp, Sp = shape
@@ -284,7 +297,10 @@ def _add_dbias(cfg, dbias, ds6, qb, kb):
   if Tp == 1:
     upd = upd.sum(4, keepdims=True)
   if Sp == 1:
-    upd = upd.sum(5, keepdims=True)
+    upd = upd.sum(5, keepdims=True)[..., None, :]        # [., ., L, R', bq', 1, 1]
+  else:
+    upd = upd.reshape(upd.shape[:5] + (kb.shape[-1], cfg.bk))
+  upd = jnp.moveaxis(upd, 5, 3)                           # [., ., L, g', R', bq', bk']
   return dbias.at[b, h, qi, ki].add(upd)
 
 
@@ -301,8 +317,8 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
   dscore = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), f32), score)
   carry = (dq, dk, dv, dbias, dscore)
   do_r = dout.astype(q_r.dtype)
-  for (partial, _), s in zip(kinds, scheds):
-    carry = _bwd_scan(cfg, partial, s, q_r, k_r, v_r, bias_r, score, aux, row_count, lse,
+  for kind, s in zip(kinds, scheds):
+    carry = _bwd_scan(cfg, kind, s, q_r, k_r, v_r, bias_r, score, aux, row_count, lse,
                       delta, do_r, carry)
   dq, dk, dv, dbias, dscore = carry
   sink = _sink(cfg, score)
@@ -332,7 +348,7 @@ def attend(cfg: Tl.Cfg, kinds: Tuple[Tuple[bool, int], ...], q_r, k_r, v_r, bias
 
   Args:
     cfg: static ``tiles.Cfg``.
-    kinds: per schedule, (partial, number of slot groups).
+    kinds: per schedule, (partial, number of slot groups, ragged groups).
     q_r [B, Hl, nq, R*bq, H], k_r [B, K, nk, bk, H], v_r [B, K, nk, bk, Hv].
     bias_r: regrouped bias or None. score: the score variant (a pytree: its
       learned arrays, e.g. sink logits or temperatures, get gradients).
@@ -366,16 +382,17 @@ def row_counts(cfg: Tl.Cfg, kinds, aux, scheds):
   Rq = cfg.R * cfg.bq
   cnt = jnp.zeros((cfg.B, cfg.Hl, cfg.nq, Rq), jnp.float32)
   heads = range(cfg.Hl)
-  for (partial, _), s in zip(kinds, scheds):
-    def step(c, x, partial=partial):
-      qb, kb, _, valid = x
-      L = qb.shape[-1]
-      if partial:
-        vis = Tl.visibility(cfg, aux, qb, kb)
-        vis = jnp.broadcast_to(vis, (cfg.B, cfg.Hl, L, cfg.R, cfg.bq, cfg.bk))
+  for kind, s in zip(kinds, scheds):
+    def step(c, x, kind=kind):
+      partial, _, ragged = kind
+      qb, kb, _, valid, kval = x
+      L, W = qb.shape[-1], kb.shape[-1] * cfg.bk
+      vis = Tl.visibility(cfg, aux, qb, kb, kval if ragged else None, partial)
+      if vis is not None:
+        vis = jnp.broadcast_to(vis, (cfg.B, cfg.Hl, L, cfg.R, cfg.bq, W))
         n = vis.sum(-1).astype(jnp.float32).reshape(cfg.B, cfg.Hl, L, Rq)
       else:
-        n = jnp.full((cfg.B, cfg.Hl, L, Rq), float(cfg.bk), jnp.float32)
+        n = jnp.full((cfg.B, cfg.Hl, L, Rq), float(W), jnp.float32)
       n = jnp.where(jnp.broadcast_to(valid[..., None], n.shape), n, 0.0)
       return put_heads(c, heads, qb, n, add=True), None
     cnt, _ = jax.lax.scan(step, cnt, _steps(s))

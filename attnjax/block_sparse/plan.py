@@ -15,6 +15,8 @@ from attnjax.masks import layout as LY
 
 #: floats of one scan step's logits tile (all lanes, heads and batch together).
 STEP_BUDGET = 1 << 21
+#: keys per work item: k-blocks of a row are grouped into tiles about this wide.
+TILE_KEYS = 512
 
 
 class Plan(NamedTuple):
@@ -22,7 +24,7 @@ class Plan(NamedTuple):
   Hl: int
   R: int
   kvh: Tuple[int, ...]
-  kinds: Tuple[Tuple[bool, int], ...]   # (partial, slot groups) per schedule
+  kinds: Tuple[Tuple[bool, int, bool], ...]  # (partial, slot groups, ragged) per schedule
   scheds: Tuple[SC.Schedule, ...]       # numpy schedules [1, Hl, lanes, steps]
   visited: int                          # visited blocks over all query heads
   density: float
@@ -51,8 +53,8 @@ def group_heads(block_mask: np.ndarray, N: int, K: int):
 
 
 @functools.lru_cache(maxsize=128)
-def _cached_plan(key, bm_bytes, bm_shape, N, K, tile, B):
-  del key
+def _cached_plan(bm_bytes, bm_shape, N, K, tile, B, budgets):
+  del budgets  # cache key only (STEP_BUDGET, TILE_KEYS): _make_plan reads the module values
   bm = np.frombuffer(bm_bytes, np.int8).reshape(bm_shape)
   return _make_plan(bm, N, K, tile, B)
 
@@ -60,7 +62,7 @@ def _cached_plan(key, bm_bytes, bm_shape, N, K, tile, B):
 def make_plan(block_mask: np.ndarray, N: int, K: int, bq: int, bk: int, B: int) -> Plan:
   """Schedules for a block classification [Nl, nq, nk] (int8 EMPTY/PARTIAL/FULL)."""
   bm = np.ascontiguousarray(block_mask, np.int8)
-  return _cached_plan(None, bm.tobytes(), bm.shape, N, K, (bq, bk), B)
+  return _cached_plan(bm.tobytes(), bm.shape, N, K, (bq, bk), B, (STEP_BUDGET, TILE_KEYS))
 
 
 def _make_plan(bm, N, K, tile, B) -> Plan:
@@ -71,15 +73,23 @@ def _make_plan(bm, N, K, tile, B) -> Plan:
   kinds, scheds = [], []
   for kind in (LY.PARTIAL, LY.FULL):
     items = SC.items_from_block_mask(bm, kind)
-    most = max(len(i) for i in items)
-    lanes = SC.choose_lanes(most, per_item, STEP_BUDGET)
-    s = SC.build_schedule(items, nq, lanes)
+    g = choose_group((bm == kind).sum(-1), bk)
+    most = max(-(-len(i) // g) for i in items)
+    lanes = SC.choose_lanes(most, per_item * g, STEP_BUDGET)
+    s = SC.build_schedule(items, nq, lanes, group=g)
     if s is not None:
-      kinds.append((kind == LY.PARTIAL, s.num_slot_groups))
+      kinds.append((kind == LY.PARTIAL, s.num_slot_groups, s.ragged))
       scheds.append(s)
   visited = int(np.count_nonzero(bm)) * R
   return Plan(Hl, R, tuple(kvh), tuple(kinds), tuple(scheds), visited,
               float(np.count_nonzero(bm)) / max(bm.size, 1))
+
+
+def choose_group(row_counts: np.ndarray, bk: int) -> int:
+  """k-blocks per work item: tiles about ``TILE_KEYS`` wide, never wider than the
+  longest row (``row_counts``: blocks of one class per row, any shape)."""
+  longest = int(np.max(row_counts, initial=0))
+  return max(1, min(TILE_KEYS // bk, longest))
 
 
 def dense_block_mask(nq: int, nk: int, kind: int = LY.FULL) -> np.ndarray:
@@ -147,11 +157,16 @@ CANDIDATE_BLOCKS = ((512, 512), (256, 256), (256, 128), (512, 128), (256, 64), (
 
 
 def estimated_cost(bm: np.ndarray, bq: int, bk: int) -> float:
-  """Relative time of a block classification: visited elements, with a penalty for
-  partial blocks (element mask) and for small tiles (less efficient matmuls)."""
-  full = np.count_nonzero(bm == LY.FULL)
-  part = np.count_nonzero(bm == LY.PARTIAL)
-  return (full + 1.35 * part) * bq * bk * (1.0 + 32.0 / bk + 32.0 / bq)
+  """Relative time of a block classification as the engine groups it: elements of the
+  grouped tiles (padding included), with a penalty for partial blocks (element mask)
+  and for narrow or short tiles (less efficient matmuls)."""
+  cost = 0.0
+  for kind, weight in ((LY.FULL, 1.0), (LY.PARTIAL, 1.35)):
+    counts = (bm == kind).sum(-1)
+    g = choose_group(counts, bk)
+    items = int((-(-counts // g)).sum())
+    cost += weight * items * g * bq * bk * (1.0 + 32.0 / (g * bk) + 32.0 / bq)
+  return cost
 
 
 def pick_blocks(mask, T: int, S: int, N: int, q_offset: int, k_offset: int):

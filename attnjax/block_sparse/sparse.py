@@ -96,23 +96,33 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
                       segs=segs, return_lse=return_lse)
 
 
-def _runtime_schedule(indices, counts, nq: int, lanes: int):
-  """Schedule [B, Hl, lanes, steps] from lists [B, Hl, nq, k] (rows split over lanes)."""
+def _runtime_schedule(indices, counts, nq: int, lanes: int, group: int):
+  """Schedule from lists [B, Hl, nq, k]: rows cut into items of ``group`` k-blocks
+  (the last one padded), rows split over lanes -> [B, Hl, lanes, steps(, group)]."""
   B, Hl, _, k = indices.shape
+  valid = jnp.arange(k, dtype=jnp.int32) < counts[..., None]
+  k_pad = -(-k // group) * group - k
+  if k_pad:
+    widths = ((0, 0), (0, 0), (0, 0), (0, k_pad))
+    indices = jnp.pad(indices, widths, mode="edge")
+    valid = jnp.pad(valid, widths)
+  per_row = (k + k_pad) // group
+  kb = indices.reshape(B, Hl, nq, per_row, group)
+  kval = valid.reshape(B, Hl, nq, per_row, group)
   rows = -(-nq // lanes)
   pad = rows * lanes - nq
-  qb = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, k))
-  qb = jnp.broadcast_to(qb, (B, Hl, nq, k))
-  valid = jnp.arange(k, dtype=jnp.int32) < counts[..., None]
   if pad:
-    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
-    qb = jnp.pad(qb, widths)
-    indices = jnp.pad(indices, widths)
-    valid = jnp.pad(valid, widths)
-  shape = (B, Hl, lanes, rows * k)
-  qb, kb, valid = (x.reshape(shape) for x in (qb, indices, valid))
-  slot = jnp.where(valid, qb, nq)
-  return E.Sched(qb, kb, slot, valid)
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+    kb = jnp.pad(kb, widths)
+    kval = jnp.pad(kval, widths)
+  rows_q = jnp.arange(rows * lanes, dtype=jnp.int32)
+  qb = jnp.broadcast_to(jnp.where(rows_q < nq, rows_q, 0)[:, None], (B, Hl, rows * lanes, per_row))
+  item_valid = kval.any(-1)
+  shape = (B, Hl, lanes, rows * per_row)
+  qb, item_valid = qb.reshape(shape), item_valid.reshape(shape)
+  kb, kval = kb.reshape(shape + (group,)), kval.reshape(shape + (group,))
+  slot = jnp.where(item_valid, qb, nq)
+  return E.Sched(qb, kb, slot, item_valid, kval)
 
 
 def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block_counts=None,
@@ -183,12 +193,14 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
   else:
     Hl, R, kvh = d.N, 1, tuple(n // G for n in range(d.N))
   partial = mask is not None or segs is not None
-  per_item = d.B * Hl * R * block_q * block_kv
+  g = P.choose_group(np.array(k), block_kv)
+  per_item = d.B * Hl * R * block_q * block_kv * g
   lanes = int(max(1, min(nq, P.STEP_BUDGET // per_item)))
   sched = _runtime_schedule(jax.lax.stop_gradient(idx), jax.lax.stop_gradient(counts), nq,
-                            lanes)
-  return A._run(query, key, value, d, Hl, R, kvh, ((partial, 1),), (sched,), bq=block_q,  # pylint: disable=protected-access
-                bk=block_kv, Tp=d.T, Sp=d.S, mask=mask, score=score, bias=None, scale=scale,
+                            lanes, g)
+  ragged = kv_block_counts is not None or k % g != 0
+  return A._run(query, key, value, d, Hl, R, kvh, ((partial, 1, ragged),), (sched,),  # pylint: disable=protected-access
+                bq=block_q, bk=block_kv, Tp=d.T, Sp=d.S, mask=mask, score=score, bias=None, scale=scale,
                 q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=None, return_lse=return_lse)
 
 

@@ -5,9 +5,11 @@ where the ``Hl`` *layout heads* share one list of k-blocks and ``R`` query
 heads are folded into the rows (query head ``n = hl * R + r``); keys and
 values stay per KV head, ``k_r [B, K, nk, bk, H]``, and layout head ``hl``
 reads KV head ``kvh[hl]`` (GQA without repeating K/V). Item indices of one
-step are int arrays ``[Bi, Hl, lanes]`` (``Bi`` is 1 for static layouts, B
-for run-time ones). Element-level tensors of a step have the 6-D shape
-``[B, Hl, lanes, R, bq, bk]``; matmuls use ``[B, Hl, lanes, R * bq, bk]``.
+step are int arrays: q-blocks ``qb [Bi, Hl, lanes]`` and groups of k-blocks
+``kb [Bi, Hl, lanes, g]`` (``Bi`` is 1 for static layouts, B for run-time
+ones). The ``g`` k-blocks of an item are gathered side by side into one
+tile of width ``W = g * bk``. Element-level tensors of a step have the 6-D
+shape ``[B, Hl, lanes, R, bq, W]``; matmuls use ``[B, Hl, lanes, R * bq, W]``.
 """
 from __future__ import annotations
 
@@ -49,29 +51,53 @@ def head_index(cfg: Cfg) -> jnp.ndarray:
 
 
 def take_rows(x_r, idx):
-  """x_r [Bx, n, ...] (per-batch blocks) at idx [Bi, Hl, L] -> [max(Bx, Bi), Hl, L, ...]."""
+  """x_r [Bx, n, ...] (per-batch blocks) at idx [Bi, Hl, L, ...] -> [max(Bx, Bi), Hl, L, ...]."""
   Bx, Bi = x_r.shape[0], idx.shape[0]
   if Bx == 1:
     return x_r[0][idx]
   if Bi == 1:
     return x_r[:, idx[0]]
-  return x_r[jnp.arange(Bx)[:, None, None], idx]
+  return x_r[jnp.arange(Bx).reshape((-1,) + (1,) * (idx.ndim - 1)), idx]
 
 
 def take_heads(x_r, heads, idx):
-  """x_r [B, Hx, n, ...] at (heads [Hl], idx [Bi, Hl, L]) -> [B, Hl, L, ...]."""
-  h = jnp.asarray(np.asarray(heads, np.int32))[:, None]
+  """x_r [B, Hx, n, ...] at (heads [Hl], idx [Bi, Hl, L, ...]) -> [B, Hl, L, ...]."""
+  h = jnp.asarray(np.asarray(heads, np.int32)).reshape((-1,) + (1,) * (idx.ndim - 2))
   if idx.shape[0] == 1:
     return x_r[:, h, idx[0]]
-  return x_r[jnp.arange(x_r.shape[0])[:, None, None], h[None], idx]
+  b = jnp.arange(x_r.shape[0]).reshape((-1,) + (1,) * (idx.ndim - 1))
+  return x_r[b, h[None], idx]
+
+
+def take_keys(x_r, heads, kb):
+  """Key tiles: x_r [B, K, nk, bk, D] at (heads [Hl], kb [Bi, Hl, L, g]) -> [B, Hl, L, g*bk, D]."""
+  t = take_heads(x_r, heads, kb)
+  return t.reshape(t.shape[:3] + (-1, t.shape[-1]))
+
+
+def key_rows(x, kb):
+  """Per-key side data x [Bx, nk, bk] at kb [Bi, Hl, L, g] -> [max(Bx, Bi), Hl, L, g*bk]."""
+  t = take_rows(x, kb)
+  return t.reshape(t.shape[:3] + (-1,))
+
+
+def flat_keys(x):
+  """[..., g, bk] -> [..., g * bk]."""
+  return x.reshape(x.shape[:-2] + (-1,))
 
 
 def pair_index(shape, cfg: Cfg, qb, kb):
-  """Index arrays into a pair array regrouped as [Bp, Hp, nq', nk', R', bq', bk']."""
+  """Index arrays [., ., L, g] into a pair array regrouped as [Bp, Hp, nq', nk', R', bq', bk'].
+
+  qb [Bi, Hl, L], kb [Bi, Hl, L, g]; a pair array without a key axis (Sp = 1)
+  is indexed with g = 1.
+  """
   Bp, Np, Tp, Sp = shape
-  b = jnp.arange(Bp)[:, None, None] if Bp > 1 else 0
-  h = jnp.arange(cfg.Hl)[None, :, None] if Np > 1 else 0
-  qi = qb if Tp > 1 else jnp.zeros_like(qb)
+  if Sp == 1:
+    kb = kb[..., :1]
+  b = jnp.arange(Bp)[:, None, None, None] if Bp > 1 else 0
+  h = jnp.arange(cfg.Hl)[None, :, None, None] if Np > 1 else 0
+  qi = qb[..., None] if Tp > 1 else jnp.zeros_like(qb)[..., None]
   ki = kb if Sp > 1 else jnp.zeros_like(kb)
   return b, h, qi, ki
 
@@ -93,9 +119,11 @@ def ungroup_pair(xr, shape):
 
 
 def gather_pair(xr, shape, cfg: Cfg, qb, kb):
-  """Tile of a regrouped pair array at items (qb, kb) -> broadcastable 6-D."""
+  """Tile of a regrouped pair array at items (qb, kb) -> broadcastable [., ., L, R', bq', W']."""
   b, h, qi, ki = pair_index(shape, cfg, qb, kb)
-  return xr[b, h, qi, ki]
+  t = xr[b, h, qi, ki]                       # [., ., L, g', R', bq', bk']
+  t = jnp.moveaxis(t, 3, 5)                  # [., ., L, R', bq', g', bk']
+  return flat_keys(t)
 
 
 class Aux(NamedTuple):
@@ -107,29 +135,37 @@ class Aux(NamedTuple):
   pair: Any         # regrouped bool mask array or None
 
 
-def visibility(cfg: Cfg, aux: Aux, qb, kb):
-  """Element visibility of the items' tiles, broadcastable to [B, Hl, L, R, bq, bk]."""
-  qp = take_rows(aux.q_pos, qb)[:, :, :, None, :, None]
-  kp = take_rows(aux.k_pos, kb)[:, :, :, None, None, :]
+def visibility(cfg: Cfg, aux: Aux, qb, kb, kval=None, partial=True):
+  """Element visibility of the items' tiles, broadcastable to [B, Hl, L, R, bq, W], or None.
+
+  ``partial`` evaluates the mask, segments, mask array and key padding;
+  ``kval`` [Bi, Hl, L, g] (or None) masks the padding sub-blocks of groups.
+  """
   vis = None
+  if kval is not None:
+    vis = jnp.repeat(kval, cfg.bk, axis=-1)[:, :, :, None, None, :]
+  if not partial:
+    return vis
+  qp = take_rows(aux.q_pos, qb)[:, :, :, None, :, None]
+  kp = key_rows(aux.k_pos, kb)[:, :, :, None, None, :]
   if cfg.mask is not None:
     head = head_index(cfg)
     if cfg.mask.needs_segments:
       qs = take_rows(aux.q_seg, qb)[:, :, :, None, :, None]
-      ks = take_rows(aux.k_seg, kb)[:, :, :, None, None, :]
-      vis = cfg.mask.predicate(head, qp, kp, qs, ks)
+      ks = key_rows(aux.k_seg, kb)[:, :, :, None, None, :]
+      pred = cfg.mask.predicate(head, qp, kp, qs, ks)
     else:
-      vis = cfg.mask.predicate(head, qp, kp)
-    vis = jnp.asarray(vis, bool)
+      pred = cfg.mask.predicate(head, qp, kp)
+    vis = _and(vis, jnp.asarray(pred, bool))
   if cfg.segments and not (cfg.mask is not None and cfg.mask.needs_segments):
     qs = take_rows(aux.q_seg, qb)[:, :, :, None, :, None]
-    ks = take_rows(aux.k_seg, kb)[:, :, :, None, None, :]
+    ks = key_rows(aux.k_seg, kb)[:, :, :, None, None, :]
     vis = _and(vis, qs == ks)
   if aux.pair is not None:
     vis = _and(vis, gather_pair(aux.pair, cfg.pair_shape, cfg, qb, kb))
   if cfg.nk * cfg.bk != cfg.kv_len:  # padded keys
-    kidx = kb[:, :, :, None, None, None] * cfg.bk + jnp.arange(cfg.bk)
-    vis = _and(vis, kidx < cfg.kv_len)
+    kidx = flat_keys(kb[..., None] * cfg.bk + jnp.arange(cfg.bk))
+    vis = _and(vis, kidx[:, :, :, None, None, :] < cfg.kv_len)
   return vis
 
 
@@ -138,9 +174,9 @@ def _and(a, b):
 
 
 def raw_logits(cfg: Cfg, qblk, kblk, bias_r, qb, kb):
-  """Scaled (and biased) float32 logits [B, Hl, L, R, bq, bk] of the items."""
+  """Scaled (and biased) float32 logits [B, Hl, L, R, bq, W] of the items."""
   s = jnp.einsum("bhlqd,bhlkd->bhlqk", qblk, kblk, preferred_element_type=jnp.float32)
-  s = s.reshape(s.shape[:3] + (cfg.R, cfg.bq, cfg.bk)) * jnp.float32(cfg.scale)
+  s = s.reshape(s.shape[:3] + (cfg.R, cfg.bq, s.shape[-1])) * jnp.float32(cfg.scale)
   if bias_r is not None:
     s = s + gather_pair(bias_r, cfg.bias_shape, cfg, qb, kb).astype(jnp.float32)
   return s
@@ -151,7 +187,7 @@ def transform(cfg: Cfg, aux: Aux, score, s, qb, kb, row_count):
   if cfg.plain_softmax:
     return s
   qp = take_rows(aux.q_pos, qb)[:, :, :, None, :, None]
-  kp = take_rows(aux.k_pos, kb)[:, :, :, None, None, :]
+  kp = key_rows(aux.k_pos, kb)[:, :, :, None, None, :]
   rc = None
   if row_count is not None:
     rc = take_heads(row_count, range(cfg.Hl), qb).reshape(
