@@ -1,0 +1,202 @@
+"""XLA backend of the chunked causal linear-attention engine (Lightning Attention-2 #25, papers_1).
+
+Same contract as `engine.BACKENDS` (module docstring of attnjax.linear.engine):
+  q [B, N, T, F], k [B, K, T, F], v [B, K, T, E], g [B, N, T] log-decays,
+  s0 [B, N, F, E], T a multiple of `chunk`.
+
+One sequential loop step per chunk, all heads at once. Each step reads its
+chunk straight out of the token-major [B, T, heads, D] arrays (the engine's
+head-major inputs are transposes of those, which XLA cancels), so no full-size
+layout copy is made; the chunk is regrouped as [B, K, G, C, D] (G = N / K query
+heads per key head; K/V are never repeated) and written back into a
+token-major output buffer. Per chunk (b = in-chunk inclusive cumsum of g,
+W_rc = exp(b_r - b_c) for c <= r, 0 above the diagonal):
+
+  o       = (W * q k^T) v + exp(b) q S
+  S_next  = exp(b_last) S + (exp(b_last - b) k)^T v
+
+The C x C decay matrix is factorised, W * q k^T = (exp(b) q)(exp(-b) k)^T,
+whenever the chunk's total log-decay is at most FACTOR_LIMIT (then no factor
+exceeds exp(40) ~ 2e17 in float32), which removes C*C exponentials per head
+from every step; chunks that decay faster use the exact exp(b_r - b_c) form.
+The backward recomputes the states (a forward loop for dq) and carries the
+state cotangent in a reverse loop (dk, dv), so memory stays O(T).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+FACTOR_LIMIT = 40.0
+
+
+def _tril(c: int) -> jax.Array:
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  return rows >= cols
+
+
+def _token_major(x: jax.Array) -> jax.Array:
+  """[B, H, T, D] -> [B, T, H, D]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _read_chunk(x: jax.Array, i, chunk: int, kh: int) -> jax.Array:
+  """Chunk i of token-major [B, T, H, D] as [B, K, H / K, C, D]."""
+  b, _, h, d = x.shape
+  xc = lax.dynamic_slice_in_dim(x, i * chunk, chunk, 1).reshape(b, chunk, kh, h // kh, d)
+  return jnp.transpose(xc, (0, 2, 3, 1, 4))
+
+
+def _write_chunk(buf: jax.Array, xc: jax.Array, i, chunk: int) -> jax.Array:
+  """Writes [B, K, G, C, D] into chunk i of the token-major buffer [B, T, K * G, D]."""
+  b, kh, grp, c, d = xc.shape
+  xc = jnp.transpose(xc, (0, 3, 1, 2, 4)).reshape(b, c, kh * grp, d)
+  return lax.dynamic_update_slice_in_dim(buf, xc.astype(buf.dtype), i * chunk, 1)
+
+
+def _decay_tables(g: jax.Array, kh: int, chunk: int):
+  """In-chunk inclusive cumsums [B, K, G, nC, C] and a per-chunk flag [nC]: factorisable."""
+  b, n, t = g.shape
+  cum = jnp.cumsum(g.reshape(b, kh, n // kh, t // chunk, chunk), axis=-1)
+  safe = jnp.all(-cum[..., -1] <= FACTOR_LIMIT, axis=(0, 1, 2))
+  return cum, safe
+
+
+def _chunk_decay(cum, safe, i):
+  return lax.dynamic_index_in_dim(cum, i, 3, keepdims=False), safe[i]
+
+
+def decayed_scores(x, y, b, safe, transposed: bool = False):
+  """W * x y^T for one chunk of every head, plus x scaled by exp(b).
+
+  Args:
+    x: [B, K, G, C, D] per query head (queries or output cotangents).
+    y: [B, K, C, D] per key head (keys or values).
+    b: [B, K, G, C] in-chunk inclusive cumsum of the log-decays, or None.
+    safe: scalar bool, True when exp(-b) cannot overflow (factorised form).
+    transposed: return (W * x y^T)^T, i.e. [.., key c, query r] (upper
+      triangular), formed directly as y x^T so that every product stays an
+      (A B^T) or (A B) matmul on token-major tiles.
+  Returns:
+    scores [B, K, G, C, C] float32 and exp(b) * x [B, K, G, C, D].
+  """
+  c = x.shape[-2]
+  keep = _tril(c).T if transposed else _tril(c)
+  if transposed:
+    spec, spec_g = "bkdf,bkgcf->bkgdc", "bkgdf,bkgcf->bkgdc"
+  else:
+    spec, spec_g = "bkgcf,bkdf->bkgcd", "bkgcf,bkgdf->bkgcd"
+
+  def product(xx, yy, grouped):
+    if transposed:
+      return jnp.einsum(spec_g if grouped else spec, yy, xx, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec_g if grouped else spec, xx, yy, preferred_element_type=jnp.float32)
+
+  if b is None:
+    return jnp.where(keep, product(x, y, False), 0.0), x
+
+  def factorised(x, y, b):
+    xs = x * jnp.exp(b)[..., None]
+    ys = y[:, :, None] * jnp.exp(-b)[..., None]
+    return jnp.where(keep, product(xs, ys, True), 0.0), xs
+
+  def exact(x, y, b):
+    diff = b[..., :, None] - b[..., None, :]          # [.., r, c] = b_r - b_c
+    diff = jnp.swapaxes(diff, -1, -2) if transposed else diff
+    w = jnp.exp(jnp.where(keep, diff, 0.0))
+    return jnp.where(keep, product(x, y, False) * w, 0.0), x * jnp.exp(b)[..., None]
+
+  return lax.cond(safe, factorised, exact, x, y, b)
+
+
+def _next_state(state, kc, vc, b):
+  """State after the chunk: exp(b_last) S + (exp(b_last - b) k)^T v; [B, K, G, F, E]."""
+  if b is None:
+    return state + jnp.einsum("bkcf,bkce->bkfe", kc, vc)[:, :, None]
+  last = b[..., -1:]
+  k_end = kc[:, :, None] * jnp.exp(last - b)[..., None]
+  return jnp.exp(last)[..., None] * state + jnp.einsum("bkgcf,bkce->bkgfe", k_end, vc)
+
+
+def _grouped_state(s, kh):
+  return s.reshape((s.shape[0], kh, s.shape[1] // kh) + s.shape[2:])
+
+
+def _ungrouped_state(s):
+  return s.reshape((s.shape[0], s.shape[1] * s.shape[2]) + s.shape[3:])
+
+
+def forward(q, k, v, g, s0, chunk, has_decay):
+  """Returns o [B, N, T, E] and the final state [B, N, F, E]."""
+  b, n, t, _ = q.shape
+  kh, e = k.shape[1], v.shape[-1]
+  qt, kt, vt = _token_major(q), _token_major(k), _token_major(v)
+  cum, safe = _decay_tables(g, kh, chunk) if has_decay else (None, None)
+
+  def body(i, carry):
+    state, out = carry
+    qc = _read_chunk(qt, i, chunk, kh)
+    kc = _read_chunk(kt, i, chunk, kh)[:, :, 0]
+    vc = _read_chunk(vt, i, chunk, kh)[:, :, 0]
+    bc, ok = _chunk_decay(cum, safe, i) if has_decay else (None, None)
+    scores, qs = decayed_scores(qc, kc, bc, ok)
+    o = (jnp.einsum("bkgcd,bkde->bkgce", scores, vc)
+         + jnp.einsum("bkgcf,bkgfe->bkgce", qs, state))
+    return _next_state(state, kc, vc, bc), _write_chunk(out, o, i, chunk)
+
+  out = jnp.zeros((b, t, n, e), jnp.float32)
+  state, out = lax.fori_loop(0, t // chunk, body, (_grouped_state(s0, kh), out))
+  return _token_major(out), _ungrouped_state(state)
+
+
+def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
+  """Returns dq [B, N, T, F], dk and dv per query head [B, N, T, F|E], ds0 [B, N, F, E]."""
+  b, n, t, f = q.shape
+  kh, e = k.shape[1], v.shape[-1]
+  nc = t // chunk
+  qt, kt, vt, dot = _token_major(q), _token_major(k), _token_major(v), _token_major(do)
+  cum, safe = _decay_tables(g, kh, chunk) if has_decay else (None, None)
+
+  def read(i):
+    bc, ok = _chunk_decay(cum, safe, i) if has_decay else (None, None)
+    return (_read_chunk(kt, i, chunk, kh)[:, :, 0], _read_chunk(vt, i, chunk, kh)[:, :, 0],
+            _read_chunk(dot, i, chunk, kh), bc, ok)
+
+  def dq_body(i, carry):
+    state, dq = carry
+    kc, vc, doc, bc, ok = read(i)
+    a, dos = decayed_scores(doc, vc, bc, ok)
+    dqc = (jnp.einsum("bkgcd,bkdf->bkgcf", a, kc)
+           + jnp.einsum("bkgce,bkgfe->bkgcf", dos, state))
+    return _next_state(state, kc, vc, bc), _write_chunk(dq, dqc, i, chunk)
+
+  dq = jnp.zeros((b, t, n, f), jnp.float32)
+  _, dq = lax.fori_loop(0, nc, dq_body, (_grouped_state(s0, kh), dq))
+
+  def dkv_body(j, carry):
+    ds, dk, dv = carry
+    i = nc - 1 - j
+    kc, vc, doc, bc, ok = read(i)
+    qc = _read_chunk(qt, i, chunk, kh)
+    a_t, _ = decayed_scores(doc, vc, bc, ok, transposed=True)
+    p_t, qs = decayed_scores(qc, kc, bc, ok, transposed=True)
+    dk_in = jnp.einsum("bkgcr,bkgrf->bkgcf", a_t, qc)
+    dv_in = jnp.einsum("bkgcr,bkgre->bkgce", p_t, doc)
+    dk_st = jnp.einsum("bkce,bkgfe->bkgcf", vc, ds)
+    dv_st = jnp.einsum("bkcf,bkgfe->bkgce", kc, ds)
+    if bc is None:
+      dkc, dvc = dk_in + dk_st, dv_in + dv_st
+      ds = ds + jnp.einsum("bkgcf,bkgce->bkgfe", qs, doc)
+    else:
+      last = bc[..., -1:]
+      w_end = jnp.exp(last - bc)[..., None]
+      dkc, dvc = dk_in + w_end * dk_st, dv_in + w_end * dv_st
+      ds = jnp.exp(last)[..., None] * ds + jnp.einsum("bkgcf,bkgce->bkgfe", qs, doc)
+    return ds, _write_chunk(dk, dkc, i, chunk), _write_chunk(dv, dvc, i, chunk)
+
+  init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), jnp.float32),
+          jnp.zeros((b, t, n, e), jnp.float32))
+  ds0, dk, dv = lax.fori_loop(0, nc, dkv_body, init)
+  return _token_major(dq), _token_major(dk), _token_major(dv), _ungrouped_state(ds0)
