@@ -14,7 +14,7 @@ from attnjax.block_sparse import schedule as SC
 from attnjax.masks import layout as LY
 
 #: floats of one scan step's logits tile (all lanes, heads and batch together).
-STEP_BUDGET = 1 << 21
+STEP_BUDGET = 1 << 20
 #: keys per work item: k-blocks of a row are grouped into tiles about this wide.
 TILE_KEYS = 512
 
@@ -86,10 +86,14 @@ def _make_plan(bm, N, K, tile, B) -> Plan:
 
 
 def choose_group(row_counts: np.ndarray, bk: int) -> int:
-  """k-blocks per work item: tiles about ``TILE_KEYS`` wide, never wider than the
-  longest row (``row_counts``: blocks of one class per row, any shape)."""
+  """k-blocks per work item: tiles at most ``TILE_KEYS`` wide, the longest row
+  (``row_counts``: blocks of one class per row, any shape) cut into equal groups
+  (13 blocks of 64 -> 2 groups of 7, not 8 + 5)."""
   longest = int(np.max(row_counts, initial=0))
-  return max(1, min(TILE_KEYS // bk, longest))
+  widest = max(1, TILE_KEYS // bk)
+  if longest <= 1:
+    return 1
+  return -(-longest // -(-longest // widest))
 
 
 def dense_block_mask(nq: int, nk: int, kind: int = LY.FULL) -> np.ndarray:

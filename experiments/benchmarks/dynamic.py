@@ -3,8 +3,13 @@
 For each method the layout selection and the attention on that layout are
 timed separately (jitted, forward), next to attnjax's dense causal path
 (the block-sparse engine's "xla" path when it exists, else the dense
-reference of ``jax.nn.dot_product_attention``). At 10% block density the
-attention part should stay within 1.5x of 0.1 x dense time. Recall is the
+reference of ``jax.nn.dot_product_attention``). Each query block keeps
+k = 10% of all key blocks (``density`` over the full block grid), which is
+about 19% of the causal triangle that dense causal attention computes
+(``density_vs_causal``). Two ratios: ``attend_vs_01dense`` = attention time /
+(0.1 x dense time) (the issue's target: within 1.5x) and
+``attend_vs_density_x_dense`` = attention time / (density_vs_causal x dense
+time), i.e. time per visited block relative to the dense path. Recall is the
 share of the true softmax mass a layout keeps, on random inputs and on
 inputs with planted structure (a few keys per query carry most of the mass).
 Default shape: B=1, N=8, H=64, float32, T=8192.
@@ -94,15 +99,17 @@ def run():
     kb = max(1, round(0.1 * nk))
     q, k, v = _inputs(T, N, H, planted=False)
     t_dense = common.time_fn(jax.jit(dense), q, k, v, repeats=repeats)
-    rows.append(dict(method="dense", path=dense_name, T=T, density=1.0, select_s=0.0,
-                     attend_s=t_dense, attend_vs_01dense=10.0, recall_random=1.0,
-                     recall_planted=1.0))
+    rows.append(dict(method="dense", path=dense_name, T=T, density=1.0, density_vs_causal=1.0,
+                     select_s=0.0, attend_s=t_dense, attend_vs_01dense=10.0,
+                     attend_vs_density_x_dense=1.0, recall_random=1.0, recall_planted=1.0))
     qp, kp, vp = _inputs(T, N, H, planted=True)
     for name, (select, bq, bkv) in _selectors(T, kb).items():
       sel = jax.jit(select)
       t_sel = common.time_fn(sel, q, k, repeats=repeats)
       idx, cnt = sel(q, k)
       density = float(cnt.sum()) / (cnt.size * nk)
+      # the same visited blocks as a share of the causal triangle dense attention computes
+      density_causal = float(cnt.sum()) / (cnt.size * (nk + 1) / 2)
       rec = jax.jit(lambda a, b, i, n, bq=bq, bkv=bkv: S.attention_mass_recall(
           a, b, (i, n), block_q=bq, block_kv=bkv))
       r_rand = float(rec(q, k, idx, cnt))
@@ -113,15 +120,18 @@ def run():
             implementation="gather" if impl == "gather" else None))
         t_att = common.time_fn(attend, q, k, v, idx, cnt, repeats=repeats)
         rows.append(dict(method=name, path=path, T=T, density=round(density, 4),
+                         density_vs_causal=round(density_causal, 4),
                          select_s=t_sel, attend_s=t_att,
-                         attend_vs_01dense=t_att / (0.1 * t_dense), recall_random=r_rand,
-                         recall_planted=r_plant))
+                         attend_vs_01dense=t_att / (0.1 * t_dense),
+                         attend_vs_density_x_dense=t_att / (density_causal * t_dense),
+                         recall_random=r_rand, recall_planted=r_plant))
     # Token-level and whole-method rows: HyperAttention (approximate) and Combiner-Fixed.
     hyper = jax.jit(lambda a, b, c: D.hyper_attention(a, b, c, causal=True, min_seq_len=1024))
     combiner = jax.jit(lambda a, b, c: D.combiner_attention(a, b, c, segment_len=BLOCK * 2))
     for name, fn in (("hyper(total, causal)", hyper), ("combiner-fixed(total)", combiner)):
       t = common.time_fn(fn, q, k, v, repeats=repeats)
-      rows.append(dict(method=name, path="gather", T=T, density=float("nan"), select_s=float("nan"),
-                       attend_s=t, attend_vs_01dense=t / (0.1 * t_dense),
-                       recall_random=float("nan"), recall_planted=float("nan")))
+      nan = float("nan")
+      rows.append(dict(method=name, path="gather", T=T, density=nan, density_vs_causal=nan,
+                       select_s=nan, attend_s=t, attend_vs_01dense=t / (0.1 * t_dense),
+                       attend_vs_density_x_dense=nan, recall_random=nan, recall_planted=nan))
   return rows
