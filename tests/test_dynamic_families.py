@@ -292,3 +292,5 @@ def test_families_registry_signature_and_refusals():
     D.FAMILIES["hip"](q, k, v, causal=True, segment_ids=jnp.zeros((1, 32), jnp.int32))
   with pytest.raises(NotImplementedError, match="causal"):
     D.FAMILIES["longheads"](q, k, v, causal=False)
+  with pytest.raises(NotImplementedError, match="self-attention only"):
+    D.FAMILIES["bi_level_routing"](q, k[:, :16], v[:, :16], causal=False, num_regions=4, topk=2)
