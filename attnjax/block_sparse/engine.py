@@ -2,9 +2,10 @@
 
 ``attend(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count)`` runs one scan per
 schedule (a schedule of *partial* items applies the element mask, one of
-*full* items does not), each step gathering ``lanes`` (q-block, k-block)
-tiles per layout head and updating float32 accumulators (running max, sum,
-weighted values) held per slot (see ``schedule``). The backward pass is a
+*full* items does not), each step gathering ``lanes`` work items per layout
+head (a q-block and a group of up to ``plan.TILE_KEYS / bk`` k-blocks of its
+row, side by side in one tile) and updating float32 accumulators (running
+max, sum, weighted values) held per slot (see ``schedule``). The backward pass is a
 recompute-based flash backward over the same items: ``dq`` is scatter-added
 per q-block and ``dk``/``dv`` per k-block (into the KV head of each layout
 head), so it needs neither the dense [T, S] probabilities nor per-step
