@@ -1,88 +1,74 @@
 """Tiled pure-JAX neighborhood attention (spec P2-23): cost O(n * prod(t + k - 1)).
 
-Queries are regrouped (pad + reshape, no gather) into multi-dimensional tiles
-of dilation-group members; each tile attends to the gathered union of its
-members' windows with a static fine mask. Logits never exceed
-``[B, N, n, prod(t + k - 1)]``: memory and time grow linearly with the number
-of tokens.
+Queries are regrouped (heads first, then pad + reshape + transpose) into
+multi-dimensional tiles of dilation-group members. Tiles are processed in
+chunks: a loop step gathers the union of its tiles' key windows straight from
+the flat key/value tokens (static indices), runs one batched matmul per kv
+head (the Gq query heads sharing it stacked along the rows), and adds the
+static fine mask as a 0/-inf bias looked up per tile from a small table of
+the distinct tile masks. The backward is a custom VJP that recomputes the
+probabilities per chunk from the saved log-sum-exp (FlashAttention style) and
+scatter-adds key/value gradients back to the tokens. Logits never exceed one
+chunk; memory and time grow linearly with the number of tokens.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from attnjax.neighborhood.layout import from_tiles, to_tiles
 from attnjax.neighborhood.tiling import plans, spread, tile_counts
 
-#: logits elements per chunk of tiles (about 1 MiB of float32: stays in cache)
-CHUNK_ELEMENTS = 1 << 18
+__all__ = ["na_xla", "visited_pairs", "to_tiles", "from_tiles", "tile_rpb"]
+
+#: logits elements (float32) per loop step: large enough for efficient batched
+#: matmuls, small enough that a step's probabilities stay in cache
+CHUNK_ELEMENTS = 1 << 20
+
+_NEG_INF = -jnp.inf
 
 
-def to_tiles(x, ps):
-  """[B, *spatial, *rest] -> [B, G, tq, *rest] in tiled order (zero padding)."""
-  D = len(ps)
-  B, rest = x.shape[0], x.shape[1 + D:]
-  pad = [(0, 0)] + [(0, p.padded - p.n) for p in ps] + [(0, 0)] * len(rest)
-  if any(hi for _, hi in pad):
-    x = jnp.pad(x, pad)
-  shape = [B]
+@functools.lru_cache(maxsize=64)
+def _mask_classes(plan_key):
+  """Tiles share few distinct fine masks (interior tiles all have the same one).
+
+  Returns ``(per_dim, combos, tile_combo)``: per dimension the distinct masks
+  bool [n_i, t_i, u_i]; the distinct per-dim combinations int [C, D]; the
+  combination of every tile int32 [G] (tiles in the order of ``to_tiles``).
+  """
+  ps = plans(*plan_key)
+  per_dim, ids = [], []
   for p in ps:
-    shape += [p.nt, p.t, p.d]
-  x = x.reshape(shape + list(rest))
-  # axes: 1 + 3i -> nt_i, 2 + 3i -> t_i, 3 + 3i -> d_i
-  perm = [0]
-  for i in range(D):
-    perm += [3 + 3 * i, 1 + 3 * i]
-  perm += [2 + 3 * i for i in range(D)]
-  perm += list(range(1 + 3 * D, 1 + 3 * D + len(rest)))
-  G, tq, _ = tile_counts(ps)
-  return x.transpose(perm).reshape([B, G, tq] + list(rest))
+    m = p.mask.reshape(p.d * p.nt, p.t * p.u)
+    distinct, inv = np.unique(m, axis=0, return_inverse=True)
+    per_dim.append(distinct.reshape(-1, p.t, p.u))
+    ids.append(inv.reshape(-1))
+  grid = np.stack(np.meshgrid(*ids, indexing="ij"), -1).reshape(-1, len(ps))
+  combos, tile_combo = np.unique(grid, axis=0, return_inverse=True)
+  return tuple(per_dim), combos, tile_combo.reshape(-1).astype(np.int32)
 
 
-def from_tiles(y, ps):
-  """Inverse of :func:`to_tiles`: [B, G, tq, *rest] -> [B, *spatial, *rest]."""
-  D = len(ps)
-  B, rest = y.shape[0], y.shape[3:]
-  shape = [B]
-  for p in ps:
-    shape += [p.d, p.nt]
-  shape += [p.t for p in ps]
-  y = y.reshape(shape + list(rest))
-  # axes: 1 + 2i -> d_i, 2 + 2i -> nt_i, 1 + 2D + i -> t_i
-  perm = [0]
-  for i in range(D):
-    perm += [2 + 2 * i, 1 + 2 * D + i, 1 + 2 * i]
-  perm += list(range(1 + 3 * D, 1 + 3 * D + len(rest)))
-  y = y.transpose(perm).reshape([B] + [p.padded for p in ps] + list(rest))
-  return y[(slice(None),) + tuple(slice(0, p.n) for p in ps)]
-
-
-def gather_union(x, ps):
-  """[B, *spatial, *rest] -> [B, G, uk, *rest]: each tile's union of key windows."""
-  D = len(ps)
-  B, rest = x.shape[0], x.shape[1 + D:]
-  for i, p in enumerate(ps):
-    ax = 1 + 3 * i
-    x = jnp.take(x, jnp.asarray(p.key_index.reshape(-1)), axis=ax)
-    x = x.reshape(x.shape[:ax] + (p.d, p.nt, p.u) + x.shape[ax + 1:])
-  perm = [0]
-  for i in range(D):
-    perm += [1 + 3 * i, 2 + 3 * i]
-  perm += [3 + 3 * i for i in range(D)]
-  perm += list(range(1 + 3 * D, 1 + 3 * D + len(rest)))
-  G, _, uk = tile_counts(ps)
-  return x.transpose(perm).reshape([B, G, uk] + list(rest))
-
-
-def tile_mask(ps):
-  """bool [G, tq, uk] fine mask of every tile, built from small per-dim constants."""
-  D = len(ps)
+def mask_bias_table(plan_key):
+  """(table f32 [C, tq, uk] of 0/-inf fine-mask biases, tile_combo int32 [G]):
+  tile ``g`` uses ``table[tile_combo[g]]``."""
+  per_dim, combos, tile_combo = _mask_classes(plan_key)
+  D = len(per_dim)
+  C = combos.shape[0]
   out = None
-  for i, p in enumerate(ps):
-    m = jnp.asarray(spread(p.mask, i, D))
-    out = m if out is None else out & m
-  G, tq, uk = tile_counts(ps)
-  return jnp.broadcast_to(out, _full_shape(ps)).reshape(G, tq, uk)
+  for i, m in enumerate(per_dim):
+    shape = [C] + [1] * (2 * D)
+    shape[1 + i], shape[1 + D + i] = m.shape[1], m.shape[2]
+    mi = jnp.asarray(m[combos[:, i]].reshape(shape))
+    out = mi if out is None else out & mi
+  tq = int(np.prod([m.shape[1] for m in per_dim]))
+  uk = int(np.prod([m.shape[2] for m in per_dim]))
+  table = jnp.where(jnp.broadcast_to(out, (C,) + out.shape[1:]).reshape(C, tq, uk),
+                    0.0, _NEG_INF).astype(jnp.float32)
+  return table, jnp.asarray(tile_combo)
 
 
 def tile_rpb(rpb, ps):
@@ -97,11 +83,187 @@ def tile_rpb(rpb, ps):
 
 
 def _full_shape(ps):
-  D = len(ps)
   shape = []
   for p in ps:
     shape += [p.d, p.nt]
   return tuple(shape + [p.t for p in ps] + [p.u for p in ps])
+
+
+def _ds(x, start, size, axis):
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _dus(x, update, start, axis):
+  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), start, axis)
+
+
+def _chunked(step, G, chunk, carry):
+  """Runs ``carry = step(start, size, carry)`` over tiles [0, G), static sizes."""
+  n, rem = divmod(G, chunk)
+  if n == 1:
+    carry = step(0, chunk, carry)
+  elif n > 1:
+    carry = jax.lax.fori_loop(0, n, lambda i, c: step(i * chunk, chunk, c), carry)
+  if rem:
+    carry = step(n * chunk, rem, carry)
+  return carry
+
+
+@functools.lru_cache(maxsize=64)
+def _union_index(plan_key):
+  """int32 [G, uk]: flat (row-major) token index of every tile's union slots
+  (slots past a group's end point at a valid token; the fine mask hides them)."""
+  ps = plans(*plan_key)
+  spatial = plan_key[0]
+  D = len(ps)
+  strides = np.cumprod((1,) + tuple(spatial[::-1]))[:D][::-1]
+  out = np.zeros([1] * (2 * D), np.int64)
+  for i, p in enumerate(ps):
+    shape = [1] * (2 * D)
+    shape[i], shape[D + i] = p.d * p.nt, p.u
+    out = out + (p.key_index.reshape(shape) * int(strides[i]))
+  G, _, uk = tile_counts(ps)
+  return out.reshape(G, uk).astype(np.int32)
+
+
+class _Cfg(NamedTuple):
+  plan_key: tuple  # (spatial, kernel, dilation, causal, tile)
+  scale: float
+
+
+class _Tiles(NamedTuple):
+  """Static per-call tile tables: union token indices and fine-mask biases."""
+  index: jax.Array  # int32 [G, uk]
+  table: jax.Array  # f32 [C, tq, uk]
+  combo: jax.Array  # int32 [G]
+
+  @classmethod
+  def build(cls, plan_key):
+    table, combo = mask_bias_table(plan_key)
+    return cls(jnp.asarray(_union_index(plan_key)), table, combo)
+
+
+def _chunk_size(qt, uk):
+  B, K, G, Gq, tq, _ = qt.shape
+  return int(max(1, min(G, CHUNK_ELEMENTS // (B * K * Gq * tq * uk))))
+
+
+def _gather(x, tiles, start, size):
+  """x [B, K, L, c] -> the unions of tiles [start, start + size): [B, K, size, uk, c]."""
+  idx = _ds(tiles.index, start, size, 0)
+  y = x.at[:, :, idx.reshape(-1)].get(mode="promise_in_bounds")
+  return y.reshape(x.shape[:2] + idx.shape + x.shape[3:])
+
+
+def _step_inputs(qt, kf, tiles, bias, start, size, scale):
+  """Tiles [start, start + size): q [B, K, c, M, H], k [B, K, c, uk, H] and the
+  masked scaled logits [B, K, c, Gq, tq, uk]."""
+  B, K, _, Gq, tq, H = qt.shape
+  q = _ds(qt, start, size, 2).reshape(B, K, size, Gq * tq, H)
+  k = _gather(kf, tiles, start, size)
+  s = jnp.einsum("bkcmh,bkcuh->bkcmu", q, k, preferred_element_type=jnp.float32)
+  s = s.reshape(B, K, size, Gq, tq, -1) * scale
+  s = s + jnp.take(tiles.table, _ds(tiles.combo, start, size, 0), axis=0)[:, None]
+  if bias is not None:  # [K, G, Gq, tq, uk]
+    s = s + _ds(bias, start, size, 1)[None]
+  return q, k, s
+
+
+def _forward(qt, kf, vf, bias, cfg):
+  tiles = _Tiles.build(cfg.plan_key)
+  B, K, G, Gq, tq, _ = qt.shape
+  uk = tiles.index.shape[1]
+  Hv = vf.shape[-1]
+
+  def step(start, size, carry):
+    o, lse = carry
+    _, _, s = _step_inputs(qt, kf, tiles, bias, start, size, cfg.scale)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx = jnp.where(mx > _NEG_INF, mx, 0.0)
+    p = jnp.exp(s - mx)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    ok = l > 0
+    lse_ = jnp.where(ok, mx + jnp.log(jnp.where(ok, l, 1.0)), _NEG_INF)[..., 0]
+    v = _gather(vf, tiles, start, size)
+    # normalise after the PV matmul: one pass less over the logits
+    o_ = jnp.einsum("bkcmu,bkcuh->bkcmh", p.reshape(B, K, size, Gq * tq, uk).astype(v.dtype),
+                    v, preferred_element_type=jnp.float32)
+    o_ = o_.reshape(B, K, size, Gq, tq, Hv) / jnp.where(ok, l, 1.0)
+    return _dus(o, o_, start, 2), _dus(lse, lse_, start, 2)
+
+  init = (jnp.zeros((B, K, G, Gq, tq, Hv), jnp.float32),
+          jnp.zeros((B, K, G, Gq, tq), jnp.float32))
+  return _chunked(step, G, _chunk_size(qt, uk), init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(qt, kf, vf, bias, cfg):
+  """Tiled attention core.
+
+  qt [B, K, G, Gq, tq, H] (query tiles), kf [B, K, L, H], vf [B, K, L, Hv]
+  (flat tokens), bias None or [K, G, Gq, tq, uk]
+  -> (o [B, K, G, Gq, tq, Hv] f32, lse [B, K, G, Gq, tq] f32).
+  """
+  return _forward(qt, kf, vf, bias, cfg)
+
+
+def _attend_fwd(qt, kf, vf, bias, cfg):
+  o, lse = _forward(qt, kf, vf, bias, cfg)
+  return (o, lse), (qt, kf, vf, bias, o, lse)
+
+
+def _attend_bwd(cfg, res, cts):
+  qt, kf, vf, bias, o, lse = res
+  do, dlse = cts
+  tiles = _Tiles.build(cfg.plan_key)
+  B, K, G, Gq, tq, H = qt.shape
+  uk = tiles.index.shape[1]
+  Hv = vf.shape[-1]
+  M = Gq * tq
+  # d lse / d s = p: an lse cotangent shifts delta, ds = p * (dp - delta + dlse)
+  delta = jnp.sum(o * do, axis=-1) - dlse  # [B, K, G, Gq, tq]
+  lse = jnp.where(lse > _NEG_INF, lse, 0.0)
+  do = do.astype(jnp.float32)
+
+  def scatter(acc, upd, start, size):  # [B, K, c, uk, h] added into [B, K, L, h]
+    idx = _ds(tiles.index, start, size, 0).reshape(-1)
+    return acc.at[:, :, idx].add(upd.reshape(B, K, size * uk, -1),
+                                 mode="promise_in_bounds")
+
+  def step(start, size, carry):
+    dq, dk, dv, db = carry
+    q, k, s = _step_inputs(qt, kf, tiles, bias, start, size, cfg.scale)
+    p = jnp.exp(s - _ds(lse, start, size, 2)[..., None])  # [B, K, c, Gq, tq, uk]
+    do_ = _ds(do, start, size, 2).reshape(B, K, size, M, Hv)
+    v = _gather(vf, tiles, start, size)
+    dp = jnp.einsum("bkcmh,bkcuh->bkcmu", do_, v, preferred_element_type=jnp.float32)
+    ds = p * (dp.reshape(p.shape) - _ds(delta, start, size, 2)[..., None])
+    p = p.reshape(B, K, size, M, uk)
+    dv_ = jnp.einsum("bkcmu,bkcmh->bkcuh", p, do_, preferred_element_type=jnp.float32)
+    if db is not None:
+      db = _dus(db, jnp.sum(ds, axis=0), start, 1)
+    ds = ds.reshape(B, K, size, M, uk)
+    dq_ = jnp.einsum("bkcmu,bkcuh->bkcmh", ds.astype(k.dtype), k,
+                     preferred_element_type=jnp.float32) * cfg.scale
+    dk_ = jnp.einsum("bkcmu,bkcmh->bkcuh", ds.astype(q.dtype), q,
+                     preferred_element_type=jnp.float32) * cfg.scale
+    return (_dus(dq, dq_.reshape(B, K, size, Gq, tq, H), start, 2),
+            scatter(dk, dk_, start, size), scatter(dv, dv_, start, size), db)
+
+  init = (jnp.zeros(qt.shape, jnp.float32), jnp.zeros(kf.shape, jnp.float32),
+          jnp.zeros(vf.shape, jnp.float32),
+          None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+  dq, dk, dv, db = _chunked(step, G, _chunk_size(qt, uk), init)
+  return (dq.astype(qt.dtype), dk.astype(kf.dtype), dv.astype(vf.dtype),
+          None if bias is None else db.astype(bias.dtype))
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _heads_first(x):
+  """[B, *spatial, h, c] -> [B, h, *spatial, c]."""
+  return jnp.moveaxis(x, x.ndim - 2, 1)
 
 
 def na_xla(query, key, value, *, kernel_size, dilation, is_causal, scale,
@@ -111,57 +273,40 @@ def na_xla(query, key, value, *, kernel_size, dilation, is_causal, scale,
   Args:
     query: [B, *spatial, N, H]; key: [B, *spatial, K, H]; value: [B, *spatial, K, Hv].
     kernel_size, dilation, is_causal, tile_shape: normalised per-dim tuples.
-    scale: logit scale.
+    scale: logit scale (a python number, or an array: then folded into the query).
     rpb: optional [N, 2k1-1, ..., 2kD-1] relative position bias.
 
   Returns:
     (out [B, *spatial, N, Hv] in the query dtype, lse [B, *spatial, N] float32).
   """
   D = query.ndim - 3
-  spatial = query.shape[1:1 + D]
-  ps = plans(spatial, kernel_size, dilation, is_causal, tile_shape)
+  spatial = tuple(query.shape[1:1 + D])
+  plan_key = (spatial, tuple(kernel_size), tuple(dilation), tuple(is_causal),
+              tuple(tile_shape))
+  ps = plans(*plan_key)
+  if not isinstance(scale, (int, float)):
+    query = (query * scale).astype(query.dtype)
+    scale = 1.0
+  B = query.shape[0]
   N, H = query.shape[-2:]
   K, Hv = value.shape[-2:]
   Gq = N // K
-  # Tiles lead (G first) and are processed in cache-sized chunks (lax.map):
-  # the [.., tq, uk] logits of a chunk never leave the cache. Heads come
-  # before tokens so that every (tile, kv head) is one contiguous matmul, the
-  # Gq query heads sharing a kv head stacked along M.
-  qt = to_tiles(query, ps)  # [B, G, tq, N, H]
-  B, G, tq = qt.shape[:3]
-  qt = qt.reshape(B, G, tq, K, Gq, H).transpose(1, 0, 3, 4, 2, 5).reshape(G, B, K, Gq * tq, H)
-  kt = gather_union(key, ps).transpose(1, 0, 3, 2, 4)  # [G, B, K, uk, H]
-  vt = gather_union(value, ps).transpose(1, 0, 3, 2, 4)
-  uk = kt.shape[3]
-  mask = tile_mask(ps)  # [G, tq, uk]
-  bias = None if rpb is None else tile_rpb(rpb, ps).reshape(G, K, Gq, tq, uk)
-
-  def attend(args):
-    q_, k_, v_, m_, b_ = args
-    s = jnp.einsum("bkmh,bkuh->bkmu", q_, k_, preferred_element_type=jnp.float32)
-    s = s.reshape(B, K, Gq, tq, uk) * scale
-    if b_ is not None:
-      s = s + b_
-    s = jnp.where(m_[None, None, None], s, -jnp.inf)
-    mx = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    p = jnp.exp(s - mx)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    lse_ = jnp.where(l > 0, mx + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
-    # normalise after the PV matmul: one pass less over the [.., tq, uk] tensor
-    o_ = jnp.einsum("bkmu,bkuh->bkmh", p.reshape(B, K, Gq * tq, uk).astype(v_.dtype), v_,
-                    preferred_element_type=jnp.float32)
-    return o_.reshape(B, K, Gq, tq, Hv) / jnp.where(l > 0, l, 1.0), lse_
-
-  per_tile = B * N * tq * uk
-  chunk = int(max(1, min(G, CHUNK_ELEMENTS // per_tile)))
-  o, lse = jax.lax.map(attend, (qt, kt, vt, mask, bias), batch_size=chunk)
-  o = o.transpose(1, 0, 2, 3, 4, 5)  # [B, G, K, Gq, tq, Hv]
-  lse = lse.transpose(1, 0, 2, 3, 4)  # [B, G, K, Gq, tq]
-  o = from_tiles(o.transpose(0, 1, 4, 2, 3, 5).reshape(B, G, tq, N, Hv), ps)
-  o = o.astype(query.dtype)
-  lse = from_tiles(lse.transpose(0, 1, 4, 2, 3).reshape(B, G, tq, N), ps)
-  return o, lse
+  G, tq, uk = tile_counts(ps)
+  # heads lead, tiles next: a chunk of tiles is one batched matmul per kv
+  # head, the Gq query heads sharing a kv head stacked along its rows
+  qt = to_tiles(_heads_first(query).reshape((B * N,) + spatial + (H,)), ps)
+  qt = qt.reshape(B, K, Gq, G, tq, H).transpose(0, 1, 3, 2, 4, 5)
+  kf = _heads_first(key).reshape(B, K, -1, H)
+  vf = _heads_first(value).reshape(B, K, -1, Hv)
+  bias = None
+  if rpb is not None:
+    bias = tile_rpb(rpb, ps).reshape(G, K, Gq, tq, uk).transpose(1, 0, 2, 3, 4)
+  o, lse = _attend(qt, kf, vf, bias, _Cfg(plan_key, float(scale)))
+  o = o.transpose(0, 1, 3, 2, 4, 5).reshape(B * N, G, tq, Hv)
+  o = from_tiles(o, ps).reshape((B, N) + spatial + (Hv,))
+  lse = from_tiles(lse.transpose(0, 1, 3, 2, 4).reshape(B * N, G, tq), ps)
+  lse = lse.reshape((B, N) + spatial)
+  return jnp.moveaxis(o, 1, D + 1).astype(query.dtype), jnp.moveaxis(lse, 1, D + 1)
 
 
 def visited_pairs(spatial_shape, kernel_size, dilation, is_causal, tile_shape) -> int:
