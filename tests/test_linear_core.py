@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import attnjax.linear as L
-from attnjax.linear import reference
+from attnjax.linear import reference, xla_chunked
 
 B, N, K, H = 1, 4, 2, 4
 SLOPES = jnp.array([0.5, 0.25, 0.1, 0.0])
@@ -87,6 +87,29 @@ def test_decay_slope_gradient():
     return fn
   slopes = jnp.array([0.3, 0.2, 0.1, 0.05])
   assert _rel(jax.grad(loss("xla"))(slopes), jax.grad(loss("reference"))(slopes)) < 1e-4
+
+
+def test_fast_decay_uses_exact_in_chunk_form():
+  # A chunk whose total log-decay exceeds FACTOR_LIMIT cannot use the
+  # factorised exp(b_r) exp(-b_c) weights; the XLA path switches to the exact
+  # exp(b_r - b_c) form. Outputs and all gradients must still match.
+  q, k, v = _qkv(19)
+  slopes = jnp.array([6.0, 0.3, 0.0, 2.0])
+  assert 8 * 6.0 > xla_chunked.FACTOR_LIMIT
+  s0 = 0.1 * jnp.ones((B, N, H, H))
+
+  def loss(impl):
+    def fn(q, k, v, slopes):
+      o, s = L.linear_attention(q, k, v, decay=slopes, chunk_size=8, initial_state=s0,
+                                return_state=True, implementation=impl)
+      return jnp.sum(jnp.sin(o)) + jnp.sum(s ** 2), o
+    return fn
+  (_, o), g = jax.value_and_grad(loss("xla"), (0, 1, 2, 3), has_aux=True)(q, k, v, slopes)
+  (_, o_ref), g_ref = jax.value_and_grad(loss("reference"), (0, 1, 2, 3), has_aux=True)(
+      q, k, v, slopes)
+  assert np.all(np.isfinite(o)) and _rel(o, o_ref) < 1e-5
+  for a, b in zip(g, g_ref):
+    assert np.all(np.isfinite(a)) and _rel(a, b) < 1e-4
 
 
 @pytest.mark.parametrize("t,s,causal", [(8, 8, False), (8, 8, True), (5, 11, False),

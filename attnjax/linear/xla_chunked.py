@@ -56,16 +56,39 @@ def _write_chunk(buf: jax.Array, xc: jax.Array, i, chunk: int) -> jax.Array:
   return lax.dynamic_update_slice_in_dim(buf, xc.astype(buf.dtype), i * chunk, 1)
 
 
-def _decay_tables(g: jax.Array, kh: int, chunk: int):
-  """In-chunk inclusive cumsums [B, K, G, nC, C] and a per-chunk flag [nC]: factorisable."""
+def _decay_table(g: jax.Array, kh: int, chunk: int) -> jax.Array:
+  """In-chunk inclusive cumsums of the log-decays, [B, K, G, nC, C]."""
   b, n, t = g.shape
-  cum = jnp.cumsum(g.reshape(b, kh, n // kh, t // chunk, chunk), axis=-1)
-  safe = jnp.all(-cum[..., -1] <= FACTOR_LIMIT, axis=(0, 1, 2))
-  return cum, safe
+  return jnp.cumsum(g.reshape(b, kh, n // kh, t // chunk, chunk), axis=-1)
 
 
-def _chunk_decay(cum, safe, i):
-  return lax.dynamic_index_in_dim(cum, i, 3, keepdims=False), safe[i]
+def _chunk_decay(cum, i):
+  return None if cum is None else lax.dynamic_index_in_dim(cum, i, 3, keepdims=False)
+
+
+def _with_decay_form(run, cum):
+  """run(safe) with safe = None (no decay), or a Python bool chosen once for all chunks.
+
+  The factorised form is used only when every chunk's total log-decay is at
+  most FACTOR_LIMIT; a single branch choice per call keeps the loop bodies free
+  of per-step conditionals.
+  """
+  if cum is None:
+    return run(None)
+  safe = jnp.all(-cum[..., -1] <= FACTOR_LIMIT)
+  return lax.cond(safe, lambda: run(True), lambda: run(False))
+
+
+def _tn(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a^T b over the token axis: [..., C, F] x [..., C, E] -> [..., F, E] (same leading dims).
+
+  Written as one dot_general with all leading axes batched so that XLA feeds
+  the transposed operand to the matmul directly instead of copying it.
+  """
+  nb = a.ndim - 2
+  batch = tuple(range(nb))
+  return lax.dot_general(a, b, (((nb,), (nb,)), (batch, batch)),
+                         preferred_element_type=jnp.float32)
 
 
 def decayed_scores(x, y, b, safe, transposed: bool = False):
@@ -75,7 +98,7 @@ def decayed_scores(x, y, b, safe, transposed: bool = False):
     x: [B, K, G, C, D] per query head (queries or output cotangents).
     y: [B, K, C, D] per key head (keys or values).
     b: [B, K, G, C] in-chunk inclusive cumsum of the log-decays, or None.
-    safe: scalar bool, True when exp(-b) cannot overflow (factorised form).
+    safe: Python bool, True when exp(-b) cannot overflow (factorised form).
     transposed: return (W * x y^T)^T, i.e. [.., key c, query r] (upper
       triangular), formed directly as y x^T so that every product stays an
       (A B^T) or (A B) matmul on token-major tiles.
@@ -108,16 +131,17 @@ def decayed_scores(x, y, b, safe, transposed: bool = False):
     w = jnp.exp(jnp.where(keep, diff, 0.0))
     return jnp.where(keep, product(x, y, False) * w, 0.0), x * jnp.exp(b)[..., None]
 
-  return lax.cond(safe, factorised, exact, x, y, b)
+  return (factorised if safe else exact)(x, y, b)
 
 
 def _next_state(state, kc, vc, b):
   """State after the chunk: exp(b_last) S + (exp(b_last - b) k)^T v; [B, K, G, F, E]."""
   if b is None:
-    return state + jnp.einsum("bkcf,bkce->bkfe", kc, vc)[:, :, None]
+    return state + _tn(kc, vc)[:, :, None]
   last = b[..., -1:]
   k_end = kc[:, :, None] * jnp.exp(last - b)[..., None]
-  return jnp.exp(last)[..., None] * state + jnp.einsum("bkgcf,bkce->bkgfe", k_end, vc)
+  v_grp = jnp.broadcast_to(vc[:, :, None], k_end.shape[:-1] + vc.shape[-1:])
+  return jnp.exp(last)[..., None] * state + _tn(k_end, v_grp)
 
 
 def _grouped_state(s, kh):
@@ -133,21 +157,24 @@ def forward(q, k, v, g, s0, chunk, has_decay):
   b, n, t, _ = q.shape
   kh, e = k.shape[1], v.shape[-1]
   qt, kt, vt = _token_major(q), _token_major(k), _token_major(v)
-  cum, safe = _decay_tables(g, kh, chunk) if has_decay else (None, None)
+  cum = _decay_table(g, kh, chunk) if has_decay else None
 
-  def body(i, carry):
-    state, out = carry
-    qc = _read_chunk(qt, i, chunk, kh)
-    kc = _read_chunk(kt, i, chunk, kh)[:, :, 0]
-    vc = _read_chunk(vt, i, chunk, kh)[:, :, 0]
-    bc, ok = _chunk_decay(cum, safe, i) if has_decay else (None, None)
-    scores, qs = decayed_scores(qc, kc, bc, ok)
-    o = (jnp.einsum("bkgcd,bkde->bkgce", scores, vc)
-         + jnp.einsum("bkgcf,bkgfe->bkgce", qs, state))
-    return _next_state(state, kc, vc, bc), _write_chunk(out, o, i, chunk)
+  def run(safe):
+    def body(i, carry):
+      state, out = carry
+      qc = _read_chunk(qt, i, chunk, kh)
+      kc = _read_chunk(kt, i, chunk, kh)[:, :, 0]
+      vc = _read_chunk(vt, i, chunk, kh)[:, :, 0]
+      bc = _chunk_decay(cum, i)
+      scores, qs = decayed_scores(qc, kc, bc, safe)
+      o = (jnp.einsum("bkgcd,bkde->bkgce", scores, vc)
+           + jnp.einsum("bkgcf,bkgfe->bkgce", qs, state))
+      return _next_state(state, kc, vc, bc), _write_chunk(out, o, i, chunk)
 
-  out = jnp.zeros((b, t, n, e), jnp.float32)
-  state, out = lax.fori_loop(0, t // chunk, body, (_grouped_state(s0, kh), out))
+    out = jnp.zeros((b, t, n, e), jnp.float32)
+    return lax.fori_loop(0, t // chunk, body, (_grouped_state(s0, kh), out))
+
+  state, out = _with_decay_form(run, cum)
   return _token_major(out), _ungrouped_state(state)
 
 
@@ -157,46 +184,49 @@ def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
   kh, e = k.shape[1], v.shape[-1]
   nc = t // chunk
   qt, kt, vt, dot = _token_major(q), _token_major(k), _token_major(v), _token_major(do)
-  cum, safe = _decay_tables(g, kh, chunk) if has_decay else (None, None)
+  cum = _decay_table(g, kh, chunk) if has_decay else None
 
   def read(i):
-    bc, ok = _chunk_decay(cum, safe, i) if has_decay else (None, None)
     return (_read_chunk(kt, i, chunk, kh)[:, :, 0], _read_chunk(vt, i, chunk, kh)[:, :, 0],
-            _read_chunk(dot, i, chunk, kh), bc, ok)
+            _read_chunk(dot, i, chunk, kh), _chunk_decay(cum, i))
 
-  def dq_body(i, carry):
-    state, dq = carry
-    kc, vc, doc, bc, ok = read(i)
-    a, dos = decayed_scores(doc, vc, bc, ok)
-    dqc = (jnp.einsum("bkgcd,bkdf->bkgcf", a, kc)
-           + jnp.einsum("bkgce,bkgfe->bkgcf", dos, state))
-    return _next_state(state, kc, vc, bc), _write_chunk(dq, dqc, i, chunk)
+  def run_dq(safe):
+    def body(i, carry):
+      state, dq = carry
+      kc, vc, doc, bc = read(i)
+      a, dos = decayed_scores(doc, vc, bc, safe)
+      dqc = (jnp.einsum("bkgcd,bkdf->bkgcf", a, kc)
+             + jnp.einsum("bkgce,bkgfe->bkgcf", dos, state))
+      return _next_state(state, kc, vc, bc), _write_chunk(dq, dqc, i, chunk)
 
-  dq = jnp.zeros((b, t, n, f), jnp.float32)
-  _, dq = lax.fori_loop(0, nc, dq_body, (_grouped_state(s0, kh), dq))
+    dq = jnp.zeros((b, t, n, f), jnp.float32)
+    return lax.fori_loop(0, nc, body, (_grouped_state(s0, kh), dq))[1]
 
-  def dkv_body(j, carry):
-    ds, dk, dv = carry
-    i = nc - 1 - j
-    kc, vc, doc, bc, ok = read(i)
-    qc = _read_chunk(qt, i, chunk, kh)
-    a_t, _ = decayed_scores(doc, vc, bc, ok, transposed=True)
-    p_t, qs = decayed_scores(qc, kc, bc, ok, transposed=True)
-    dk_in = jnp.einsum("bkgcr,bkgrf->bkgcf", a_t, qc)
-    dv_in = jnp.einsum("bkgcr,bkgre->bkgce", p_t, doc)
-    dk_st = jnp.einsum("bkce,bkgfe->bkgcf", vc, ds)
-    dv_st = jnp.einsum("bkcf,bkgfe->bkgce", kc, ds)
-    if bc is None:
-      dkc, dvc = dk_in + dk_st, dv_in + dv_st
-      ds = ds + jnp.einsum("bkgcf,bkgce->bkgfe", qs, doc)
-    else:
-      last = bc[..., -1:]
-      w_end = jnp.exp(last - bc)[..., None]
-      dkc, dvc = dk_in + w_end * dk_st, dv_in + w_end * dv_st
-      ds = jnp.exp(last)[..., None] * ds + jnp.einsum("bkgcf,bkgce->bkgfe", qs, doc)
-    return ds, _write_chunk(dk, dkc, i, chunk), _write_chunk(dv, dvc, i, chunk)
+  def run_dkv(safe):
+    def body(j, carry):
+      ds, dk, dv = carry
+      i = nc - 1 - j
+      kc, vc, doc, bc = read(i)
+      qc = _read_chunk(qt, i, chunk, kh)
+      a_t, _ = decayed_scores(doc, vc, bc, safe, transposed=True)
+      p_t, qs = decayed_scores(qc, kc, bc, safe, transposed=True)
+      dk_in = jnp.einsum("bkgcr,bkgrf->bkgcf", a_t, qc)
+      dv_in = jnp.einsum("bkgcr,bkgre->bkgce", p_t, doc)
+      dk_st = jnp.einsum("bkce,bkgfe->bkgcf", vc, ds)
+      dv_st = jnp.einsum("bkcf,bkgfe->bkgce", kc, ds)
+      if bc is None:
+        dkc, dvc, ds = dk_in + dk_st, dv_in + dv_st, ds + _tn(qs, doc)
+      else:
+        last = bc[..., -1:]
+        w_end = jnp.exp(last - bc)[..., None]
+        dkc, dvc = dk_in + w_end * dk_st, dv_in + w_end * dv_st
+        ds = jnp.exp(last)[..., None] * ds + _tn(qs, doc)
+      return ds, _write_chunk(dk, dkc, i, chunk), _write_chunk(dv, dvc, i, chunk)
 
-  init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), jnp.float32),
-          jnp.zeros((b, t, n, e), jnp.float32))
-  ds0, dk, dv = lax.fori_loop(0, nc, dkv_body, init)
+    init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), jnp.float32),
+            jnp.zeros((b, t, n, e), jnp.float32))
+    return lax.fori_loop(0, nc, body, init)
+
+  dq = _with_decay_form(run_dq, cum)
+  ds0, dk, dv = _with_decay_form(run_dkv, cum)
   return _token_major(dq), _token_major(dk), _token_major(dv), _ungrouped_state(ds0)
