@@ -53,9 +53,9 @@ def _check_layout(layout, d: V.Dims):
         f"heads N={d.N}.")
 
 
-def _gpu_tiles(tiles, layout, interpret):
+def _gpu_tiles(tiles, block_q, block_kv, interpret):
   if tiles is None:
-    return gpu_kernels.default_tiles(int(layout.block_q), int(layout.block_kv), interpret)
+    return gpu_kernels.default_tiles(int(block_q), int(block_kv), interpret)
   try:
     tiles = tuple((int(a), int(b)) for a, b in tiles)
   except (TypeError, ValueError) as e:
@@ -67,11 +67,8 @@ def _gpu_tiles(tiles, layout, interpret):
   return tiles
 
 
-def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_positions,
-             segment_ids, interpret, tiles=()):
-  """Validates everything; returns (KernelConfig, aux arrays, sinks or None)."""
-  d = V.check_qkv(query, key, value)
-  _check_layout(layout, d)
+def check_score(score):
+  """Resolves the score variant; raises for those the kernels cannot run."""
   score = scoring.resolve_score(score)
   if getattr(score, "needs_row_count", False):
     raise NotImplementedError(
@@ -81,6 +78,15 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
     raise NotImplementedError(
         f"{score!r} re-weights normalised rows (reweight), which needs whole rows; "
         "use implementation='xla' or 'reference'.")
+  return score
+
+
+def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_positions,
+             segment_ids, interpret, tiles=()):
+  """Validates everything; returns (KernelConfig, aux arrays, sinks or None)."""
+  d = V.check_qkv(query, key, value)
+  _check_layout(layout, d)
+  score = check_score(score)
   scale = C.check_static_scale(V.check_scale(scale, d.H))
   mask = mask if mask is not None else layout.mask
   listed = np.arange(layout.fwd_indices.shape[-1]) < layout.fwd_counts[..., None]
@@ -133,10 +139,25 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
 
 
 def _make_attention(cfg, lists, module):
-  """custom_vjp function (q, k, v, aux, sinks) -> (out [B,T,N,Hv], lse [B,N,T])."""
+  """custom_vjp function (q, k, v, aux, sinks) -> (out [B,T,N,Hv], lse [B,N,T]).
 
-  def fwd_impl(q, k, v, aux, sinks):
-    out, lse = module.forward(cfg, lists, q, k, v, aux)
+  ``lists``: the kernel block lists of a static layout (``module.prepare_lists``).
+  """
+  attend = make_attention(cfg, module, lambda lists, backward: lists)
+  return lambda q, k, v, aux, sinks: attend(q, k, v, aux, sinks, lists)
+
+
+def make_attention(cfg, module, expand):
+  """custom_vjp function (q, k, v, aux, sinks, lists) -> (out [B,T,N,Hv], lse [B,N,T]).
+
+  ``lists`` is a pytree of integer arrays (no gradient);
+  ``expand(lists, backward)`` turns it into the dict the module's kernels read
+  (with the backward lists too when ``backward``). Static layouts pass their
+  finished lists; run-time lists are expanded under jit.
+  """
+
+  def fwd_impl(q, k, v, aux, sinks, lists):
+    out, lse = module.forward(cfg, expand(lists, False), q, k, v, aux)
     if sinks is not None:
       lse_all = jnp.logaddexp(lse, sinks[None, :, None])
       w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - lse_all), 0.0)
@@ -145,27 +166,28 @@ def _make_attention(cfg, lists, module):
     return out.astype(q.dtype), lse
 
   @jax.custom_vjp
-  def attend(q, k, v, aux, sinks):
-    return fwd_impl(q, k, v, aux, sinks)
+  def attend(q, k, v, aux, sinks, lists):
+    return fwd_impl(q, k, v, aux, sinks, lists)
 
-  def attend_fwd(q, k, v, aux, sinks):
-    out, lse = fwd_impl(q, k, v, aux, sinks)
-    return (out, lse), (q, k, v, aux, sinks, out, lse)
+  def attend_fwd(q, k, v, aux, sinks, lists):
+    out, lse = fwd_impl(q, k, v, aux, sinks, lists)
+    return (out, lse), (q, k, v, aux, sinks, lists, out, lse)
 
   def attend_bwd(res, cts):
-    q, k, v, aux, sinks, out, lse = res
+    q, k, v, aux, sinks, lists, out, lse = res
     d_out, d_lse = cts
     d_out = d_out.astype(q.dtype)
     delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if cfg.normalization != "none":
       delta = delta - d_lse.astype(jnp.float32)
-    dq, dk, dv = module.backward(cfg, lists, q, k, v, aux, d_out, lse, delta)
+    dq, dk, dv = module.backward(cfg, expand(lists, True), q, k, v, aux, d_out, lse, delta)
     d_sinks = None
     if sinks is not None:
       p_sink = jnp.where(jnp.isfinite(lse), jnp.exp(sinks[None, :, None] - lse), 0.0)
       d_sinks = -jnp.sum(p_sink * delta, axis=(0, 2))
     d_aux = jax.tree_util.tree_map(lambda _: None, aux)
-    return dq, dk, dv, d_aux, d_sinks
+    d_lists = jax.tree_util.tree_map(lambda _: None, lists)
+    return dq, dk, dv, d_aux, d_sinks, d_lists
 
   attend.defvjp(attend_fwd, attend_bwd)
   return attend
@@ -205,7 +227,9 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
   """
   backend, interpret = _resolve_backend(backend, interpret)
   _check_layout(layout, V.check_qkv(query, key, value))
-  kernel_tiles = _gpu_tiles(tiles, layout, interpret) if backend == "gpu" else ()
+  kernel_tiles = ()
+  if backend == "gpu":
+    kernel_tiles = _gpu_tiles(tiles, layout.block_q, layout.block_kv, interpret)
   cfg, aux, sinks = _prepare(query, key, value, layout, mask, score, scale, q_positions,
                              k_positions, segment_ids, interpret, kernel_tiles)
   if return_lse and cfg.normalization == "none":

@@ -37,7 +37,8 @@ class KernelConfig:
   Attributes:
     B, T, S, N, K, H, Hv: BTNH sizes (q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]).
     block_q, block_kv, nq, nk: block sizes and block counts.
-    layout_heads: 1 (one layout shared by all heads) or N (per query head).
+    layout_heads: 1 (one layout shared by all heads), N (per query head) or,
+      for run-time lists only, K (shared by the query heads of a KV head).
     max_kb, max_qb: widths of the padded CSR (forward) and CSC (backward) lists.
     any_full, any_partial: whether some listed block is full / partial.
     scale: logit scale (Python float).
@@ -55,6 +56,8 @@ class KernelConfig:
     interpret: run through the Pallas interpreter.
     tiles: GPU tiles ((fwd_q, fwd_k), (dq_q, dq_k), (dkv_q, dkv_k)); each
       divides the layout's (block_q, block_kv). Unused by the TPU kernels.
+    lists_batched: the block lists have a leading batch axis (run-time lists,
+      ``runtime.py``); static layouts share one list set across the batch.
   """
   B: int
   T: int
@@ -83,6 +86,7 @@ class KernelConfig:
   out_dtype: Any
   interpret: bool
   tiles: tuple = ()
+  lists_batched: bool = False
 
   @property
   def nq(self) -> int:
@@ -100,6 +104,23 @@ class KernelConfig:
   @property
   def normalization(self) -> str:
     return self.score.normalization
+
+
+def list_head(cfg: KernelConfig, h):
+  """Head index into the block lists for query head ``h`` (static choice)."""
+  if cfg.layout_heads == cfg.N:
+    return h
+  if cfg.layout_heads == 1:
+    return 0
+  return h // (cfg.N // cfg.layout_heads)
+
+
+def list_row(cfg: KernelConfig, b, h, i, rows: int):
+  """Flat row of (batch b, query head h, block i) in lists of ``rows`` rows per head."""
+  lh = list_head(cfg, h)
+  if cfg.lists_batched:
+    return (b * cfg.layout_heads + lh) * rows + i
+  return lh * rows + i
 
 
 # -- matmuls (float32 accumulation) ----------------------------------------------

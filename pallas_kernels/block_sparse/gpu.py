@@ -193,8 +193,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rows_ref, *refs, cfg, names):
   lse_ref[...] = lse[:, 0]
 
 
-def _lh(cfg):
-  return (lambda h: h) if cfg.layout_heads > 1 else (lambda h: 0)
+def _row_spec(cfg, rows, rq):
+  """BlockSpec of the CSR row of grid program (i, b, h): [2 + max_kb] entries."""
+  if cfg.lists_batched:
+    return pl.BlockSpec((None, None, None, rows.shape[-1]),
+                        lambda i, b, h: (b, C.list_head(cfg, h), i // rq, 0))
+  return pl.BlockSpec((None, None, rows.shape[-1]),
+                      lambda i, b, h: (C.list_head(cfg, h), i // rq, 0))
+
+
+def _col_spec(cfg, rows_b, rk):
+  """BlockSpec of the CSC rows (all list heads) of grid program (kt, b, kh)."""
+  if cfg.lists_batched:
+    return pl.BlockSpec((None, rows_b.shape[1], None, rows_b.shape[-1]),
+                        lambda kt, b, kh: (b, 0, kt // rk, 0))
+  return pl.BlockSpec((rows_b.shape[0], None, rows_b.shape[-1]),
+                      lambda kt, b, kh: (0, kt // rk, 0))
 
 
 def forward(cfg, lists, q, k, v, aux):
@@ -203,7 +217,7 @@ def forward(cfg, lists, q, k, v, aux):
   Hp, Hvp = _padded_dims(cfg)
   (tq, tk) = cfg.tiles[0]
   rq = cfg.block_q // tq
-  G, S, lh = cfg.G, cfg.S, _lh(cfg)
+  G, S = cfg.G, cfg.S
   rows = lists["fwd_rows"]
   side_arrays, side_specs, names = _side(cfg, aux, _tile_side(tq, 1, 0), _full_side(S, 1))
   out, lse = pl.pallas_call(
@@ -213,7 +227,7 @@ def forward(cfg, lists, q, k, v, aux):
           pl.BlockSpec((None, tq, None, Hp), lambda i, b, h: (b, i, h, 0)),
           pl.BlockSpec((None, S, None, Hp), lambda i, b, h: (b, 0, h // G, 0)),
           pl.BlockSpec((None, S, None, Hvp), lambda i, b, h: (b, 0, h // G, 0)),
-          pl.BlockSpec((None, None, rows.shape[-1]), lambda i, b, h: (lh(h), i // rq, 0)),
+          _row_spec(cfg, rows, rq),
       ] + side_specs,
       out_specs=[pl.BlockSpec((None, tq, None, Hvp), lambda i, b, h: (b, i, h, 0)),
                  pl.BlockSpec((None, None, tq), lambda i, b, h: (b, h, i))],
@@ -261,7 +275,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs
 
   def head_loop(g, carry):
     h = kh * cfg.G + g
-    lh = h if cfg.layout_heads > 1 else 0
+    lh = C.list_head(cfg, h)
 
     def visit(qb, sub, is_full, carry):
       dk, dv = carry
@@ -289,7 +303,6 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
   Hp, Hvp = _padded_dims(cfg)
   qp_, kp_, vp_, dop = _pad_last(q, Hp), _pad_last(k, Hp), _pad_last(v, Hvp), _pad_last(do, Hvp)
   B, T, S, N, K, G = cfg.B, cfg.T, cfg.S, cfg.N, cfg.K, cfg.G
-  lh = _lh(cfg)
 
   (tq, tk) = cfg.tiles[1]
   rq = cfg.block_q // tq
@@ -307,7 +320,7 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
           pl.BlockSpec((None, tq, None, Hvp), qrow),
           pl.BlockSpec((None, None, tq), lrow),
           pl.BlockSpec((None, None, tq), lrow),
-          pl.BlockSpec((None, None, rows.shape[-1]), lambda i, b, h: (lh(h), i // rq, 0)),
+          _row_spec(cfg, rows, rq),
       ] + side_specs,
       out_specs=pl.BlockSpec((None, tq, None, Hp), qrow),
       out_shape=jax.ShapeDtypeStruct((B, T, N, Hp), q.dtype),
@@ -332,8 +345,7 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
           pl.BlockSpec((None, T, None, G, Hvp), lambda kt, b, kh: (b, 0, kh, 0, 0)),
           pl.BlockSpec((None, None, G, T), grow),
           pl.BlockSpec((None, None, G, T), grow),
-          pl.BlockSpec((rows_b.shape[0], None, rows_b.shape[-1]),
-                       lambda kt, b, kh: (0, kt // rk, 0)),
+          _col_spec(cfg, rows_b, rk),
       ] + side_specs,
       out_specs=[pl.BlockSpec((None, tk, None, Hp), krow),
                  pl.BlockSpec((None, tk, None, Hvp), krow)],
@@ -357,6 +369,22 @@ def _rows(indices, full, counts):
   entries = np.take_along_axis(indices, order, -1).astype(np.int32)
   head = np.stack([is_full.sum(-1), counts], -1).astype(np.int32)
   return np.concatenate([head, entries], axis=-1)
+
+
+def runtime_lists(cfg, fwd, bwd=None):
+  """Row lists from run-time lists (built under jit), see ``_rows``.
+
+  ``fwd`` = (k-block indices [B, Hl, nq, max_kb], counts [B, Hl, nq]) and
+  ``bwd`` = (q-block indices [B, Hl, nk, max_qb], counts [B, Hl, nk]), int32.
+  Every block gets the config's kind (full iff there is nothing to mask).
+  """
+  out = {}
+  for name, lists in (("fwd", fwd), ("bwd", bwd)):
+    if lists is not None:
+      idx, counts = lists
+      n_full = counts if cfg.any_full else jnp.zeros_like(counts)
+      out[f"{name}_rows"] = jnp.concatenate([n_full[..., None], counts[..., None], idx], -1)
+  return out
 
 
 def prepare_lists(layout):

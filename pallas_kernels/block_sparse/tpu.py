@@ -103,17 +103,13 @@ def _run_block(cfg, body, full):
     body(cfg.any_full)
 
 
-def _lh(cfg, h):
-  return h if cfg.layout_heads > 1 else 0
-
-
 # -- forward ---------------------------------------------------------------------
 def _fwd_kernel(code_ref, count_ref, *refs, cfg, names):
   q_ref, k_ref, v_ref = refs[:3]
   side = dict(zip(names, refs[3:3 + len(names)]))
   o_ref, lse_ref, m_scr, l_scr, acc_scr = refs[3 + len(names):]
-  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  row = _lh(cfg, h) * cfg.nq + i
+  b, h, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = C.list_row(cfg, b, h, i, cfg.nq)
 
   @pl.when(j == 0)
   def _init():
@@ -149,7 +145,7 @@ def forward(cfg, lists, q, k, v, aux):
   G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
 
   def kv_block(b, h, i, j, code_ref, count_ref):
-    row = _lh(cfg, h) * cfg.nq + i
+    row = C.list_row(cfg, b, h, i, cfg.nq)
     return b, h // G, code_ref[row * cfg.max_kb + j] // 2, 0
 
   q_blk = lambda b, h, i, j, *_: (b, i)
@@ -187,8 +183,8 @@ def _dq_kernel(code_ref, count_ref, *refs, cfg, names):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   side = dict(zip(names, refs[6:6 + len(names)]))
   dq_ref, dq_scr = refs[6 + len(names):]
-  h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  row = _lh(cfg, h) * cfg.nq + i
+  b, h, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = C.list_row(cfg, b, h, i, cfg.nq)
 
   @pl.when(j == 0)
   def _init():
@@ -218,10 +214,10 @@ def _dkv_kernel(code_ref, count_ref, *refs, cfg, names):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   side = dict(zip(names, refs[6:6 + len(names)]))
   dk_ref, dv_ref, dk_scr, dv_scr = refs[6 + len(names):]
-  kh, kb, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  b, kh, kb, t = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
   h = kh * cfg.G + t // cfg.max_qb
   jj = t % cfg.max_qb
-  row = _lh(cfg, h) * cfg.nk + kb
+  row = C.list_row(cfg, b, h, kb, cfg.nk)
 
   @pl.when(t == 0)
   def _init():
@@ -258,7 +254,7 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
 
   # dQ: CSR lists, grid (B, N, nq, max_kb).
   def kv_block(b, h, i, j, code_ref, count_ref):
-    row = _lh(cfg, h) * cfg.nq + i
+    row = C.list_row(cfg, b, h, i, cfg.nq)
     return b, h // G, code_ref[row * cfg.max_kb + j] // 2, 0
 
   qrow = lambda b, h, i, j, *_: (b, h, i, 0)
@@ -284,7 +280,7 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
   # dK/dV: CSC lists, grid (B, K, nk, G * max_qb).
   def q_block(b, kh, kb, t, code_ref, count_ref):
     h = kh * G + t // cfg.max_qb
-    row = _lh(cfg, h) * cfg.nk + kb
+    row = C.list_row(cfg, b, h, kb, cfg.nk)
     return b, h, code_ref[row * cfg.max_qb + t % cfg.max_qb] // 2, 0
 
   krow = lambda b, kh, kb, t, *_: (b, kh, kb, 0)
@@ -309,6 +305,23 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
       compiler_params=cp, interpret=_interpret_arg(cfg), name="block_sparse_dkv",
   )(lists["bwd_code"], lists["bwd_counts"], qt, kt, vt, dot_, lse4, delta4, *side_arrays)
   return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+
+
+def runtime_lists(cfg, fwd, bwd=None):
+  """Packed scalar-prefetch lists from run-time lists (built under jit).
+
+  ``fwd`` = (k-block indices [B, Hl, nq, max_kb], counts [B, Hl, nq]) and
+  ``bwd`` = (q-block indices [B, Hl, nk, max_qb], counts [B, Hl, nk]), int32,
+  entries past a row's count repeating its last listed block (no new copy).
+  Every block gets the config's kind (full iff there is nothing to mask).
+  """
+  full = 0 if cfg.any_partial else 1
+  out = {}
+  for name, lists in (("fwd", fwd), ("bwd", bwd)):
+    if lists is not None:
+      out[f"{name}_code"] = (lists[0] * 2 + full).reshape(-1)
+      out[f"{name}_counts"] = lists[1].reshape(-1)
+  return out
 
 
 def prepare_lists(layout):
