@@ -1,8 +1,10 @@
 """One chunk of causal linear attention, forward and backward (Lightning Attention-2 #25, papers_1).
 
-Single-head, single-chunk pure functions on float32 arrays. They are the
-shared arithmetic of the XLA scan (vmapped over batch and heads) and of the
-Pallas kernels (called on loaded tiles). Notation for a chunk of C positions:
+Single-head, single-chunk pure functions on float32 arrays: the arithmetic
+the Pallas kernels run on loaded tiles. The XLA backend
+(attnjax.linear.xla_chunked) evaluates the same equations for all heads of a
+chunk at once; tests/test_linear_pallas.py checks the kernels against it.
+Notation for a chunk of C positions:
 
   q [C, F], k [C, F], v [C, E]: feature-mapped queries/keys and values;
   b [C]: inclusive cumulative sum of the per-position log-decays inside the

@@ -6,7 +6,7 @@ Layout inside the engine (the public wrappers transpose from BTNH):
   s0 [B, N, F, E] initial state, T a multiple of the chunk size.
 
 `causal_core` returns (o [B, N, T, E], final state [B, N, F, E]). Its backward
-recomputes the states chunk by chunk (a forward scan for dq and a reverse scan
+recomputes the states chunk by chunk (a forward loop for dq and a reverse loop
 for dk, dv), so memory stays linear in T and no T x T array is formed. The
 gradient of the log-decays comes from the outputs by the identity
   dL/dg_p = sum_{t >= p} do_t . o_t - sum_{j >= p} k_j . dk_j

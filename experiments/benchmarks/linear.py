@@ -4,6 +4,9 @@ B = 1, N = 8, H = 64: causal linear attention (identity features, TNL decay,
 chunk 64, XLA path) forward and forward+backward tokens/s from T = 1k to 64k,
 peak memory from XLA's analysis, the dense causal path at T = 16k for the
 speed ratio, and the per-token decode step time after prefilling T tokens.
+`fwd_gflops` is the arithmetic rate of the chunked forward: per position and
+head 2C(F + E) for the in-chunk C x C products (full blocks, as computed) plus
+4FE for reading and updating the F x E state.
 """
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ FLAGS = flags.FLAGS
 DEFAULT_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 DENSE_T = 16384
 B, N, H = 1, 8, 64
+CHUNK = 64
+
+
+def _chunked_fwd_flops(t: int) -> float:
+  return float(t) * B * N * (2 * CHUNK * (H + H) + 4 * H * H)
 
 
 def _flag(name, default):
@@ -29,9 +37,9 @@ def _flag(name, default):
 
 
 def _fns(dtype):
-  fwd = jax.jit(lambda q, k, v: L.linear_attention(q, k, v, decay="tnl", chunk_size=64,
+  fwd = jax.jit(lambda q, k, v: L.linear_attention(q, k, v, decay="tnl", chunk_size=CHUNK,
                                                    implementation="xla"))
-  loss = lambda q, k, v: jnp.sum(L.linear_attention(q, k, v, decay="tnl", chunk_size=64,
+  loss = lambda q, k, v: jnp.sum(L.linear_attention(q, k, v, decay="tnl", chunk_size=CHUNK,
                                                     implementation="xla").astype(jnp.float32))
   fwdbwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   return fwd, fwdbwd
@@ -57,6 +65,7 @@ def run():
     _, state = L.linear_attention(q, k, v, decay="tnl", return_state=True)
     t_step = common.time_fn(step, state, q[:, -1], k[:, -1], v[:, -1], repeats=max(repeats, 10))
     rows.append({"op": "linear_causal_xla", "T": t, "fwd_s": t_f, "fwd_tokens_per_s": t / t_f,
+                 "fwd_gflops": _chunked_fwd_flops(t) / t_f / 1e9,
                  "fwdbwd_s": t_fb, "fwdbwd_tokens_per_s": t / t_fb,
                  "fwd_peak_bytes": common.peak_bytes(fwd, q, k, v),
                  "fwdbwd_peak_bytes": common.peak_bytes(fwdbwd, q, k, v),
