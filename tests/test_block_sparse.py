@@ -294,6 +294,18 @@ def test_runtime_indices_grouped(monkeypatch):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_runtime_indices_pallas_dispatch():
+  """implementation='pallas' runs the Pallas kernels (interpret mode here) on the lists."""
+  pytest.importorskip("pallas_kernels.block_sparse")
+  q, k, v = qkv(1, 32, 32, 2, 1)
+  idx = jnp.asarray([[[[0, 0], [0, 1], [2, 0], [3, 1]]]], jnp.int32)
+  cnt = jnp.asarray([[[1, 2, 2, 2]]], jnp.int32)
+  kw = dict(block_q=8, block_kv=8, mask=M.Causal())
+  out = block_sparse_attention_indices(q, k, v, idx, cnt, implementation="pallas", **kw)
+  ref = block_sparse_attention_indices(q, k, v, idx, cnt, implementation="reference", **kw)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
 # -- bad input -------------------------------------------------------------------------------
 def test_bad_layout_and_blocks():
   q, k, v = qkv(1, 32, 32, 4, 2)

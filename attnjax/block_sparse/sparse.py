@@ -142,8 +142,10 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
     block_q, block_kv: block sizes; must divide T and S.
     mask: optional ``Mask`` applied element-wise inside the visited blocks
       (e.g. ``Causal()``); positions and segment ids as ``attnjax.attention``.
-    implementation: "xla" (default), None, or "reference" (the dense oracle
-      on the visibility the lists define; O(T * S) memory).
+    implementation: "xla" (default), None, "pallas" (the TPU/GPU kernels of
+      ``pallas_kernels.block_sparse``, scalar-prefetched lists; interpret mode
+      off their platform), or "reference" (the dense oracle on the visibility
+      the lists define; O(T * S) memory).
 
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] float32). Gradients flow to q, k, v
@@ -156,9 +158,10 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
                               segment_ids=segment_ids, return_lse=return_lse)
   implementation = A._check_impl(implementation)  # pylint: disable=protected-access
   if implementation == "pallas":
-    raise NotImplementedError(
-        "block_sparse_attention_indices has no Pallas kernel for run-time block lists yet; "
-        "use implementation='xla'.")
+    return _pallas_indices(query, key, value, kv_block_indices, kv_block_counts,
+                           block_q=block_q, block_kv=block_kv, mask=mask, score=score,
+                           scale=scale, q_positions=q_positions, k_positions=k_positions,
+                           segment_ids=segment_ids, return_lse=return_lse)
   d = V.check_qkv(query, key, value)
   for name, b, L, letter in (("block_q", block_q, d.T, "T"), ("block_kv", block_kv, d.S, "S")):
     V.check_positive_int(name, b)
@@ -202,6 +205,16 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
   return A._run(query, key, value, d, Hl, R, kvh, ((partial, 1, ragged),), (sched,),  # pylint: disable=protected-access
                 bq=block_q, bk=block_kv, Tp=d.T, Sp=d.S, mask=mask, score=score, bias=None, scale=scale,
                 q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=None, return_lse=return_lse)
+
+
+def _pallas_indices(query, key, value, indices, counts, **kwargs):
+  try:
+    from pallas_kernels.block_sparse import block_sparse_pallas_indices  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise NotImplementedError(
+        "implementation='pallas' needs pallas_kernels.block_sparse.block_sparse_pallas_indices, "
+        f"which is not available ({e}).") from e
+  return block_sparse_pallas_indices(query, key, value, indices, counts, **kwargs)
 
 
 def _indices_reference(query, key, value, indices, counts, *, block_q, block_kv, mask, score,
