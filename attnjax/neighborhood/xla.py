@@ -1,15 +1,16 @@
 """Tiled pure-JAX neighborhood attention (spec P2-23): cost O(n * prod(t + k - 1)).
 
-Queries are regrouped (heads first, then pad + reshape + transpose) into
-multi-dimensional tiles of dilation-group members. Tiles are processed in
-chunks: a loop step gathers the union of its tiles' key windows straight from
-the flat key/value tokens (static indices), runs one batched matmul per kv
-head (the Gq query heads sharing it stacked along the rows), and adds the
-static fine mask as a 0/-inf bias looked up per tile from a small table of
-the distinct tile masks. The backward is a custom VJP that recomputes the
-probabilities per chunk from the saved log-sum-exp (FlashAttention style) and
-scatter-adds key/value gradients back to the tokens. Logits never exceed one
-chunk; memory and time grow linearly with the number of tokens.
+Queries are grouped into multi-dimensional tiles of dilation-group members
+(:mod:`attnjax.neighborhood.tiling`). Tiles are processed in chunks: a loop
+step gathers its tiles' queries and the union of their key windows straight
+from the token arrays (static index tables, :mod:`attnjax.neighborhood.tables`),
+runs one batched matmul per kv head (the Gq query heads sharing it stacked
+along the rows), adds the static fine mask as a 0/-inf bias looked up per tile
+in a small table of the distinct tile masks, and scatters its outputs back to
+the tokens. The backward is a custom VJP that recomputes the probabilities per
+chunk from the saved log-sum-exp (FlashAttention style) and scatter-adds the
+key/value gradients. Logits never exceed one chunk; memory and time grow
+linearly with the number of tokens.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnjax.neighborhood.layout import from_tiles, to_tiles
-from attnjax.neighborhood.tiling import plans, spread, tile_counts
+from attnjax.neighborhood.tables import (mask_bias_table, query_index, tile_rpb,
+                                         union_index)
+from attnjax.neighborhood.tiling import plans, tile_counts
 
 __all__ = ["na_xla", "visited_pairs", "to_tiles", "from_tiles", "tile_rpb"]
 
@@ -32,69 +34,33 @@ CHUNK_ELEMENTS = 1 << 20
 _NEG_INF = -jnp.inf
 
 
-@functools.lru_cache(maxsize=64)
-def _mask_classes(plan_key):
-  """Tiles share few distinct fine masks (interior tiles all have the same one).
-
-  Returns ``(per_dim, combos, tile_combo)``: per dimension the distinct masks
-  bool [n_i, t_i, u_i]; the distinct per-dim combinations int [C, D]; the
-  combination of every tile int32 [G] (tiles in the order of ``to_tiles``).
-  """
-  ps = plans(*plan_key)
-  per_dim, ids = [], []
-  for p in ps:
-    m = p.mask.reshape(p.d * p.nt, p.t * p.u)
-    distinct, inv = np.unique(m, axis=0, return_inverse=True)
-    per_dim.append(distinct.reshape(-1, p.t, p.u))
-    ids.append(inv.reshape(-1))
-  grid = np.stack(np.meshgrid(*ids, indexing="ij"), -1).reshape(-1, len(ps))
-  combos, tile_combo = np.unique(grid, axis=0, return_inverse=True)
-  return tuple(per_dim), combos, tile_combo.reshape(-1).astype(np.int32)
+class _Cfg(NamedTuple):
+  plan_key: tuple  # (spatial, kernel, dilation, causal, tile)
+  scale: float
+  K: int  # kv heads
 
 
-def mask_bias_table(plan_key):
-  """(table f32 [C, tq, uk] of 0/-inf fine-mask biases, tile_combo int32 [G]):
-  tile ``g`` uses ``table[tile_combo[g]]``."""
-  per_dim, combos, tile_combo = _mask_classes(plan_key)
-  D = len(per_dim)
-  C = combos.shape[0]
-  out = None
-  for i, m in enumerate(per_dim):
-    shape = [C] + [1] * (2 * D)
-    shape[1 + i], shape[1 + D + i] = m.shape[1], m.shape[2]
-    mi = jnp.asarray(m[combos[:, i]].reshape(shape))
-    out = mi if out is None else out & mi
-  tq = int(np.prod([m.shape[1] for m in per_dim]))
-  uk = int(np.prod([m.shape[2] for m in per_dim]))
-  table = jnp.where(jnp.broadcast_to(out, (C,) + out.shape[1:]).reshape(C, tq, uk),
-                    0.0, _NEG_INF).astype(jnp.float32)
-  return table, jnp.asarray(tile_combo)
+class _Tables(NamedTuple):
+  """Per-call constants: token indices of tile queries/unions, mask biases."""
+  q_get: jax.Array  # int32 [G, tq] (padding -> token 0)
+  q_put: jax.Array  # int32 [G, tq] (padding -> L: dropped by scatters)
+  k_get: jax.Array  # int32 [G, uk]
+  table: jax.Array  # f32 [C, tq, uk]
+  combo: jax.Array  # int32 [G]
+
+  @classmethod
+  def build(cls, plan_key):
+    qi = query_index(plan_key)
+    L = 1
+    for n in plan_key[0]:
+      L *= n
+    table, combo = mask_bias_table(plan_key)
+    return cls(jnp.asarray(qi.clip(0)), jnp.asarray(qi.clip(-1) % (L + 1)),
+               jnp.asarray(union_index(plan_key)), table, combo)
 
 
-def tile_rpb(rpb, ps):
-  """rpb [N, 2k1-1, ...] -> bias [G, N, tq, uk] of every tile (float32)."""
-  D = len(ps)
-  full = _full_shape(ps)
-  idx = tuple(jnp.broadcast_to(jnp.asarray(spread(p.rpb_index, i, D)), full)
-              for i, p in enumerate(ps))
-  G, tq, uk = tile_counts(ps)
-  b = rpb.astype(jnp.float32)[(slice(None),) + idx]  # [N, *full]
-  return b.reshape(rpb.shape[0], G, tq, uk).transpose(1, 0, 2, 3)
-
-
-def _full_shape(ps):
-  shape = []
-  for p in ps:
-    shape += [p.d, p.nt]
-  return tuple(shape + [p.t for p in ps] + [p.u for p in ps])
-
-
-def _ds(x, start, size, axis):
+def _ds(x, start, size, axis=0):
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
-
-
-def _dus(x, update, start, axis):
-  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), start, axis)
 
 
 def _chunked(step, G, chunk, carry):
@@ -109,161 +75,132 @@ def _chunked(step, G, chunk, carry):
   return carry
 
 
-@functools.lru_cache(maxsize=64)
-def _union_index(plan_key):
-  """int32 [G, uk]: flat (row-major) token index of every tile's union slots
-  (slots past a group's end point at a valid token; the fine mask hides them)."""
-  ps = plans(*plan_key)
-  spatial = plan_key[0]
-  D = len(ps)
-  strides = np.cumprod((1,) + tuple(spatial[::-1]))[:D][::-1]
-  out = np.zeros([1] * (2 * D), np.int64)
-  for i, p in enumerate(ps):
-    shape = [1] * (2 * D)
-    shape[i], shape[D + i] = p.d * p.nt, p.u
-    out = out + (p.key_index.reshape(shape) * int(strides[i]))
-  G, _, uk = tile_counts(ps)
-  return out.reshape(G, uk).astype(np.int32)
+def _rows(x, idx, K):
+  """x [B, L, h, ...] at token rows idx [c, r] -> [B, K, c, (h // K) * r, ...]."""
+  B, h = x.shape[0], x.shape[2]
+  c, r = idx.shape
+  y = x.at[:, idx.reshape(-1)].get(mode="promise_in_bounds")  # [B, c * r, h, ...]
+  y = y.reshape((B, c, r, K, h // K) + x.shape[3:])
+  y = jnp.moveaxis(jnp.moveaxis(y, 3, 1), 4, 3)  # [B, K, c, h // K, r, ...]
+  return y.reshape((B, K, c, (h // K) * r) + x.shape[3:])
 
 
-class _Cfg(NamedTuple):
-  plan_key: tuple  # (spatial, kernel, dilation, causal, tile)
-  scale: float
+def _put(acc, upd, idx, K, add):
+  """Inverse of :func:`_rows`: writes (or adds) upd [B, K, c, (h // K) * r, ...]
+  into acc [B, L, h, ...] at token rows idx [c, r]; rows >= L are dropped."""
+  B, h = acc.shape[0], acc.shape[2]
+  c, r = idx.shape
+  u = upd.reshape((B, K, c, h // K, r) + acc.shape[3:])
+  u = jnp.moveaxis(jnp.moveaxis(u, 3, 4), 1, 3).reshape((B, c * r, h) + acc.shape[3:])
+  at = acc.at[:, idx.reshape(-1)]
+  return at.add(u, mode="drop") if add else at.set(u.astype(acc.dtype), mode="drop")
 
 
-class _Tiles(NamedTuple):
-  """Static per-call tile tables: union token indices and fine-mask biases."""
-  index: jax.Array  # int32 [G, uk]
-  table: jax.Array  # f32 [C, tq, uk]
-  combo: jax.Array  # int32 [G]
-
-  @classmethod
-  def build(cls, plan_key):
-    table, combo = mask_bias_table(plan_key)
-    return cls(jnp.asarray(_union_index(plan_key)), table, combo)
+def _chunk_size(B, N, G, tq, uk):
+  return int(max(1, min(G, CHUNK_ELEMENTS // (B * N * tq * uk))))
 
 
-def _chunk_size(qt, uk):
-  B, K, G, Gq, tq, _ = qt.shape
-  return int(max(1, min(G, CHUNK_ELEMENTS // (B * K * Gq * tq * uk))))
-
-
-def _gather(x, tiles, start, size):
-  """x [B, K, L, c] -> the unions of tiles [start, start + size): [B, K, size, uk, c]."""
-  idx = _ds(tiles.index, start, size, 0)
-  y = x.at[:, :, idx.reshape(-1)].get(mode="promise_in_bounds")
-  return y.reshape(x.shape[:2] + idx.shape + x.shape[3:])
-
-
-def _step_inputs(qt, kf, tiles, bias, start, size, scale):
+def _logits(q, k, tabs, bias, start, size, cfg):
   """Tiles [start, start + size): q [B, K, c, M, H], k [B, K, c, uk, H] and the
   masked scaled logits [B, K, c, Gq, tq, uk]."""
-  B, K, _, Gq, tq, H = qt.shape
-  q = _ds(qt, start, size, 2).reshape(B, K, size, Gq * tq, H)
-  k = _gather(kf, tiles, start, size)
-  s = jnp.einsum("bkcmh,bkcuh->bkcmu", q, k, preferred_element_type=jnp.float32)
-  s = s.reshape(B, K, size, Gq, tq, -1) * scale
-  s = s + jnp.take(tiles.table, _ds(tiles.combo, start, size, 0), axis=0)[:, None]
+  qi = _ds(tabs.q_get, start, size)
+  q_ = _rows(q, qi, cfg.K)
+  k_ = _rows(k, _ds(tabs.k_get, start, size), cfg.K)
+  s = jnp.einsum("bkcmh,bkcuh->bkcmu", q_, k_, preferred_element_type=jnp.float32)
+  B, K, c, M, uk = s.shape
+  tq = qi.shape[1]
+  s = s.reshape(B, K, c, M // tq, tq, uk) * cfg.scale
+  s = s + jnp.take(tabs.table, _ds(tabs.combo, start, size), axis=0)[:, None]
   if bias is not None:  # [K, G, Gq, tq, uk]
     s = s + _ds(bias, start, size, 1)[None]
-  return q, k, s
+  return q_, k_, s
 
 
-def _forward(qt, kf, vf, bias, cfg):
-  tiles = _Tiles.build(cfg.plan_key)
-  B, K, G, Gq, tq, _ = qt.shape
-  uk = tiles.index.shape[1]
-  Hv = vf.shape[-1]
+def _forward(q, k, v, bias, cfg):
+  tabs = _Tables.build(cfg.plan_key)
+  B, L, N, _ = q.shape
+  Hv = v.shape[-1]
+  G, tq = tabs.q_get.shape
+  uk = tabs.k_get.shape[1]
 
   def step(start, size, carry):
     o, lse = carry
-    _, _, s = _step_inputs(qt, kf, tiles, bias, start, size, cfg.scale)
+    _, _, s = _logits(q, k, tabs, bias, start, size, cfg)
     mx = jnp.max(s, axis=-1, keepdims=True)
     mx = jnp.where(mx > _NEG_INF, mx, 0.0)
     p = jnp.exp(s - mx)
     l = jnp.sum(p, axis=-1, keepdims=True)
     ok = l > 0
-    lse_ = jnp.where(ok, mx + jnp.log(jnp.where(ok, l, 1.0)), _NEG_INF)[..., 0]
-    v = _gather(vf, tiles, start, size)
+    lse_ = jnp.where(ok, mx + jnp.log(jnp.where(ok, l, 1.0)), _NEG_INF)
+    v_ = _rows(v, _ds(tabs.k_get, start, size), cfg.K)
     # normalise after the PV matmul: one pass less over the logits
-    o_ = jnp.einsum("bkcmu,bkcuh->bkcmh", p.reshape(B, K, size, Gq * tq, uk).astype(v.dtype),
-                    v, preferred_element_type=jnp.float32)
-    o_ = o_.reshape(B, K, size, Gq, tq, Hv) / jnp.where(ok, l, 1.0)
-    return _dus(o, o_, start, 2), _dus(lse, lse_, start, 2)
+    o_ = jnp.einsum("bkcmu,bkcuh->bkcmh", p.reshape(v_.shape[:3] + (-1, uk)).astype(v.dtype),
+                    v_, preferred_element_type=jnp.float32)
+    o_ = o_.reshape(p.shape[:-1] + (Hv,)) / jnp.where(ok, l, 1.0)
+    qi = _ds(tabs.q_put, start, size)
+    return (_put(o, o_.reshape(v_.shape[:3] + (-1, Hv)), qi, cfg.K, False),
+            _put(lse, lse_.reshape(v_.shape[:3] + (-1,)), qi, cfg.K, False))
 
-  init = (jnp.zeros((B, K, G, Gq, tq, Hv), jnp.float32),
-          jnp.zeros((B, K, G, Gq, tq), jnp.float32))
-  return _chunked(step, G, _chunk_size(qt, uk), init)
+  init = (jnp.zeros((B, L, N, Hv), jnp.float32), jnp.zeros((B, L, N), jnp.float32))
+  return _chunked(step, G, _chunk_size(B, N, G, tq, uk), init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(qt, kf, vf, bias, cfg):
-  """Tiled attention core.
-
-  qt [B, K, G, Gq, tq, H] (query tiles), kf [B, K, L, H], vf [B, K, L, Hv]
-  (flat tokens), bias None or [K, G, Gq, tq, uk]
-  -> (o [B, K, G, Gq, tq, Hv] f32, lse [B, K, G, Gq, tq] f32).
-  """
-  return _forward(qt, kf, vf, bias, cfg)
+def _attend(q, k, v, bias, cfg):
+  """Tiled attention on flat tokens: q [B, L, N, H], k [B, L, K, H], v [B, L, K, Hv],
+  bias None or [K, G, Gq, tq, uk] -> (o [B, L, N, Hv] f32, lse [B, L, N] f32)."""
+  return _forward(q, k, v, bias, cfg)
 
 
-def _attend_fwd(qt, kf, vf, bias, cfg):
-  o, lse = _forward(qt, kf, vf, bias, cfg)
-  return (o, lse), (qt, kf, vf, bias, o, lse)
+def _attend_fwd(q, k, v, bias, cfg):
+  o, lse = _forward(q, k, v, bias, cfg)
+  return (o, lse), (q, k, v, bias, o, lse)
 
 
 def _attend_bwd(cfg, res, cts):
-  qt, kf, vf, bias, o, lse = res
+  q, k, v, bias, o, lse = res
   do, dlse = cts
-  tiles = _Tiles.build(cfg.plan_key)
-  B, K, G, Gq, tq, H = qt.shape
-  uk = tiles.index.shape[1]
-  Hv = vf.shape[-1]
-  M = Gq * tq
+  tabs = _Tables.build(cfg.plan_key)
+  B, L, N, _ = q.shape
+  G, tq = tabs.q_get.shape
+  uk = tabs.k_get.shape[1]
+  K = cfg.K
   # d lse / d s = p: an lse cotangent shifts delta, ds = p * (dp - delta + dlse)
-  delta = jnp.sum(o * do, axis=-1) - dlse  # [B, K, G, Gq, tq]
+  delta = jnp.sum(o * do, axis=-1) - dlse  # [B, L, N]
   lse = jnp.where(lse > _NEG_INF, lse, 0.0)
   do = do.astype(jnp.float32)
 
-  def scatter(acc, upd, start, size):  # [B, K, c, uk, h] added into [B, K, L, h]
-    idx = _ds(tiles.index, start, size, 0).reshape(-1)
-    return acc.at[:, :, idx].add(upd.reshape(B, K, size * uk, -1),
-                                 mode="promise_in_bounds")
-
   def step(start, size, carry):
     dq, dk, dv, db = carry
-    q, k, s = _step_inputs(qt, kf, tiles, bias, start, size, cfg.scale)
-    p = jnp.exp(s - _ds(lse, start, size, 2)[..., None])  # [B, K, c, Gq, tq, uk]
-    do_ = _ds(do, start, size, 2).reshape(B, K, size, M, Hv)
-    v = _gather(vf, tiles, start, size)
-    dp = jnp.einsum("bkcmh,bkcuh->bkcmu", do_, v, preferred_element_type=jnp.float32)
-    ds = p * (dp.reshape(p.shape) - _ds(delta, start, size, 2)[..., None])
-    p = p.reshape(B, K, size, M, uk)
-    dv_ = jnp.einsum("bkcmu,bkcmh->bkcuh", p, do_, preferred_element_type=jnp.float32)
+    q_, k_, s = _logits(q, k, tabs, bias, start, size, cfg)
+    qi = _ds(tabs.q_get, start, size)
+    ki = _ds(tabs.k_get, start, size)
+    p = jnp.exp(s - _rows(lse, qi, K).reshape(s.shape[:-1] + (1,)))
+    do_ = _rows(do, qi, K)  # [B, K, c, M, Hv]
+    v_ = _rows(v, ki, K)
+    dp = jnp.einsum("bkcmh,bkcuh->bkcmu", do_, v_, preferred_element_type=jnp.float32)
+    ds = p * (dp.reshape(p.shape) - _rows(delta, qi, K).reshape(s.shape[:-1] + (1,)))
     if db is not None:
-      db = _dus(db, jnp.sum(ds, axis=0), start, 1)
-    ds = ds.reshape(B, K, size, M, uk)
-    dq_ = jnp.einsum("bkcmu,bkcuh->bkcmh", ds.astype(k.dtype), k,
+      db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(ds, axis=0), start, 1)
+    p = p.reshape(dp.shape)
+    ds = ds.reshape(dp.shape)
+    dv_ = jnp.einsum("bkcmu,bkcmh->bkcuh", p, do_, preferred_element_type=jnp.float32)
+    dq_ = jnp.einsum("bkcmu,bkcuh->bkcmh", ds.astype(k_.dtype), k_,
                      preferred_element_type=jnp.float32) * cfg.scale
-    dk_ = jnp.einsum("bkcmu,bkcmh->bkcuh", ds.astype(q.dtype), q,
+    dk_ = jnp.einsum("bkcmu,bkcmh->bkcuh", ds.astype(q_.dtype), q_,
                      preferred_element_type=jnp.float32) * cfg.scale
-    return (_dus(dq, dq_.reshape(B, K, size, Gq, tq, H), start, 2),
-            scatter(dk, dk_, start, size), scatter(dv, dv_, start, size), db)
+    return (_put(dq, dq_, _ds(tabs.q_put, start, size), K, False),
+            _put(dk, dk_, ki, K, True), _put(dv, dv_, ki, K, True), db)
 
-  init = (jnp.zeros(qt.shape, jnp.float32), jnp.zeros(kf.shape, jnp.float32),
-          jnp.zeros(vf.shape, jnp.float32),
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+          jnp.zeros(v.shape, jnp.float32),
           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
-  dq, dk, dv, db = _chunked(step, G, _chunk_size(qt, uk), init)
-  return (dq.astype(qt.dtype), dk.astype(kf.dtype), dv.astype(vf.dtype),
+  dq, dk, dv, db = _chunked(step, G, _chunk_size(B, N, G, tq, uk), init)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
           None if bias is None else db.astype(bias.dtype))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-def _heads_first(x):
-  """[B, *spatial, h, c] -> [B, h, *spatial, c]."""
-  return jnp.moveaxis(x, x.ndim - 2, 1)
 
 
 def na_xla(query, key, value, *, kernel_size, dilation, is_causal, scale,
@@ -288,25 +225,17 @@ def na_xla(query, key, value, *, kernel_size, dilation, is_causal, scale,
     query = (query * scale).astype(query.dtype)
     scale = 1.0
   B = query.shape[0]
-  N, H = query.shape[-2:]
-  K, Hv = value.shape[-2:]
-  Gq = N // K
+  N = query.shape[-2]
+  K = value.shape[-2]
   G, tq, uk = tile_counts(ps)
-  # heads lead, tiles next: a chunk of tiles is one batched matmul per kv
-  # head, the Gq query heads sharing a kv head stacked along its rows
-  qt = to_tiles(_heads_first(query).reshape((B * N,) + spatial + (H,)), ps)
-  qt = qt.reshape(B, K, Gq, G, tq, H).transpose(0, 1, 3, 2, 4, 5)
-  kf = _heads_first(key).reshape(B, K, -1, H)
-  vf = _heads_first(value).reshape(B, K, -1, Hv)
+  flat = lambda x: x.reshape((B, -1) + x.shape[-2:])
   bias = None
   if rpb is not None:
-    bias = tile_rpb(rpb, ps).reshape(G, K, Gq, tq, uk).transpose(1, 0, 2, 3, 4)
-  o, lse = _attend(qt, kf, vf, bias, _Cfg(plan_key, float(scale)))
-  o = o.transpose(0, 1, 3, 2, 4, 5).reshape(B * N, G, tq, Hv)
-  o = from_tiles(o, ps).reshape((B, N) + spatial + (Hv,))
-  lse = from_tiles(lse.transpose(0, 1, 3, 2, 4).reshape(B * N, G, tq), ps)
-  lse = lse.reshape((B, N) + spatial)
-  return jnp.moveaxis(o, 1, D + 1).astype(query.dtype), jnp.moveaxis(lse, 1, D + 1)
+    bias = tile_rpb(rpb, ps).reshape(G, K, N // K, tq, uk).transpose(1, 0, 2, 3, 4)
+  o, lse = _attend(flat(query), flat(key), flat(value), bias,
+                   _Cfg(plan_key, float(scale), K))
+  return (o.reshape(query.shape[:-1] + o.shape[-1:]).astype(query.dtype),
+          lse.reshape(query.shape[:-1]))
 
 
 def visited_pairs(spatial_shape, kernel_size, dilation, is_causal, tile_shape) -> int:
