@@ -68,13 +68,15 @@ def _compare(backend, q, k, v, g, g_lse, idx, counts, *, bq, bk, atol=1e-4, rel=
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_causal_gqa_lists_per_kv_head_batched(backend):
   # B=2 with different lists per batch, one list set per KV head (G=2), rows
-  # with counts below k (some empty), Causal inside the visited blocks.
+  # with counts below k (some empty), Causal inside the visited blocks on
+  # per-batch query positions.
   B, T, N, K, bq = 2, 64, 4, 2, 16
   q, k, v, g, g_lse = _qkv(B, T, T, N, K, 16, jnp.float32, seed=1)
   idx, counts = _lists(B, K, 4, 4, 3, seed=1)
   assert not np.array_equal(idx[0], idx[1]) and (np.asarray(counts) < 3).any()
+  q_pos = jnp.arange(T, dtype=jnp.int32)[None] + jnp.asarray([[0], [7]], jnp.int32)
   out, lse, _ = _compare(backend, q, k, v, g, g_lse, idx, counts, bq=bq, bk=bq,
-                         mask=M.Causal())
+                         mask=M.Causal(), q_positions=q_pos)
   empty = np.repeat(np.repeat(np.asarray(counts) == 0, bq, 2), N // K, 1)   # [B, N, T]
   assert np.all(np.isneginf(np.asarray(lse).transpose(0, 2, 1)[empty]))
 

@@ -29,6 +29,10 @@ loads. Kernel tiles may be smaller than the layout blocks (``tiles``): the
 backward passes in particular want narrow tiles (register pressure of the
 dK/dV accumulators), so a listed block is visited as several tiles.
 
+Run-time lists (``runtime.py``) add a batch axis to the row arrays
+(``cfg.lists_batched``); the row BlockSpecs then index it with the grid's
+batch coordinate.
+
 Compiled use needs power-of-two tiles >= 16; head dims that are not a power
 of two are zero-padded (exact).
 """

@@ -164,10 +164,10 @@ def build(query, key, value, kv_block_indices, kv_block_counts, *, block_q, bloc
   d = V.check_qkv(query, key, value)
   idx, counts = _check_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
   module = A._MODULES[backend]  # pylint: disable=protected-access
+  kernel_tiles = ()
   if backend == "gpu":
-    kernel_tiles = A._gpu_tiles(tiles, block_q, block_kv, interpret)  # pylint: disable=protected-access
-  else:
-    kernel_tiles = ()
+    kernel_tiles = A._gpu_tiles(  # pylint: disable=protected-access
+        tiles, block_q, block_kv, interpret)
   cfg, aux, sinks = _prepare(
       query, key, value, idx.shape[1], idx.shape[-1], block_q=block_q, block_kv=block_kv,
       mask=mask, score=score, scale=scale, q_positions=q_positions, k_positions=k_positions,

@@ -15,6 +15,10 @@ visited blocks are ever copied to VMEM:
   gradients are summed in VMEM without repeating K/V or writing per-query-head
   partial gradients.
 
+Run-time lists (``runtime.py``) add a batch axis to the prefetched lists
+(``cfg.lists_batched``): the list row of grid step (b, h, i) is then
+``(b * layout_heads + list_head(h)) * nq + i``.
+
 Full blocks skip the mask predicate; partial blocks evaluate it from iota
 positions (or from position arrays when given). Real TPUs need
 ``block_q % 8 == 0`` and ``block_kv % 128 == 0`` (checked when not
