@@ -89,13 +89,14 @@ def test_decay_slope_gradient():
   assert _rel(jax.grad(loss("xla"))(slopes), jax.grad(loss("reference"))(slopes)) < 1e-4
 
 
-def test_fast_decay_uses_exact_in_chunk_form():
-  # A chunk whose total log-decay exceeds FACTOR_LIMIT cannot use the
-  # factorised exp(b_r) exp(-b_c) weights; the XLA path switches to the exact
-  # exp(b_r - b_c) form. Outputs and all gradients must still match.
+@pytest.mark.parametrize("fast,exact", [(9.0, False), (12.0, True)])
+def test_fast_decays_factorised_and_exact(fast, exact):
+  # With chunk 8, a slope of 9 gives a chunk log-decay of 72: still factorised
+  # (factors up to exp(36)); 12 gives 96 > FACTOR_LIMIT, so the XLA path uses
+  # the exact exp(b_r - b_c) form. Outputs and all gradients must match.
   q, k, v = _qkv(19)
-  slopes = jnp.array([6.0, 0.3, 0.0, 2.0])
-  assert 8 * 6.0 > xla_chunked.FACTOR_LIMIT
+  slopes = jnp.array([fast, 0.3, 0.0, 2.0])
+  assert (8 * fast > xla_chunked.FACTOR_LIMIT) == exact
   s0 = 0.1 * jnp.ones((B, N, H, H))
 
   def loss(impl):

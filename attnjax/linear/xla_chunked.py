@@ -15,10 +15,11 @@ W_rc = exp(b_r - b_c) for c <= r, 0 above the diagonal):
   o       = (W * q k^T) v + exp(b) q S
   S_next  = exp(b_last) S + (exp(b_last - b) k)^T v
 
-The C x C decay matrix is factorised, W * q k^T = (exp(b) q)(exp(-b) k)^T,
-whenever the chunk's total log-decay is at most FACTOR_LIMIT (then no factor
-exceeds exp(40) ~ 2e17 in float32), which removes C*C exponentials per head
-from every step; chunks that decay faster use the exact exp(b_r - b_c) form.
+The C x C decay matrix is factorised about the chunk's mid-decay m = b_last / 2,
+W * q k^T = (exp(b - m) q)(exp(m - b) k)^T, whenever every chunk's total
+log-decay -b_last is at most FACTOR_LIMIT (then no factor exceeds exp(40) ~
+2e17 in float32), which removes C*C exponentials per head from every step;
+when some chunk decays faster, the exact exp(b_r - b_c) form is used.
 The backward recomputes the states (a forward loop for dq) and carries the
 state cotangent in a reverse loop (dk, dv), so memory stays O(T).
 """
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-FACTOR_LIMIT = 40.0
+FACTOR_LIMIT = 80.0
 
 
 def _tril(c: int) -> jax.Array:
@@ -93,18 +94,20 @@ def _tn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def decayed_scores(x, y, b, safe, transposed: bool = False):
-  """W * x y^T for one chunk of every head, plus x scaled by exp(b).
+  """W * x y^T for one chunk of every head, plus x scaled by exp(b) as (xs, r).
 
   Args:
     x: [B, K, G, C, D] per query head (queries or output cotangents).
     y: [B, K, C, D] per key head (keys or values).
     b: [B, K, G, C] in-chunk inclusive cumsum of the log-decays, or None.
-    safe: Python bool, True when exp(-b) cannot overflow (factorised form).
+    safe: Python bool, True when the factorised form cannot overflow.
     transposed: return (W * x y^T)^T, i.e. [.., key c, query r] (upper
       triangular), formed directly as y x^T so that every product stays an
       (A B^T) or (A B) matmul on token-major tiles.
   Returns:
-    scores [B, K, G, C, C] float32 and exp(b) * x [B, K, G, C, D].
+    scores [B, K, G, C, C] float32, and xs [B, K, G, C, D] with a per-head
+    factor r [B, K, G, 1, 1] (or None for 1) such that exp(b) * x = r * xs;
+    callers apply r to the (smaller or fused) product of xs, not to xs.
   """
   c = x.shape[-2]
   keep = _tril(c).T if transposed else _tril(c)
@@ -119,20 +122,25 @@ def decayed_scores(x, y, b, safe, transposed: bool = False):
     return jnp.einsum(spec_g if grouped else spec, xx, yy, preferred_element_type=jnp.float32)
 
   if b is None:
-    return jnp.where(keep, product(x, y, False), 0.0), x
+    return jnp.where(keep, product(x, y, False), 0.0), x, None
 
   def factorised(x, y, b):
-    xs = x * jnp.exp(b)[..., None]
-    ys = y[:, :, None] * jnp.exp(-b)[..., None]
-    return jnp.where(keep, product(xs, ys, True), 0.0), xs
+    mid = 0.5 * b[..., -1:]
+    xs = x * jnp.exp(b - mid)[..., None]
+    ys = y[:, :, None] * jnp.exp(mid - b)[..., None]
+    return jnp.where(keep, product(xs, ys, True), 0.0), xs, jnp.exp(mid)[..., None]
 
   def exact(x, y, b):
     diff = b[..., :, None] - b[..., None, :]          # [.., r, c] = b_r - b_c
     diff = jnp.swapaxes(diff, -1, -2) if transposed else diff
     w = jnp.exp(jnp.where(keep, diff, 0.0))
-    return jnp.where(keep, product(x, y, False) * w, 0.0), x * jnp.exp(b)[..., None]
+    return jnp.where(keep, product(x, y, False) * w, 0.0), x * jnp.exp(b)[..., None], None
 
   return (factorised if safe else exact)(x, y, b)
+
+
+def _times(x, r):
+  return x if r is None else x * r
 
 
 def _next_state(state, kc, vc, b):
@@ -167,9 +175,9 @@ def forward(q, k, v, g, s0, chunk, has_decay):
       kc = _read_chunk(kt, i, chunk, kh)[:, :, 0]
       vc = _read_chunk(vt, i, chunk, kh)[:, :, 0]
       bc = _chunk_decay(cum, i)
-      scores, qs = decayed_scores(qc, kc, bc, safe)
+      scores, qs, r = decayed_scores(qc, kc, bc, safe)
       o = (jnp.einsum("bkgcd,bkde->bkgce", scores, vc)
-           + jnp.einsum("bkgcf,bkgfe->bkgce", qs, state))
+           + _times(jnp.einsum("bkgcf,bkgfe->bkgce", qs, state), r))
       return _next_state(state, kc, vc, bc), _write_chunk(out, o, i, chunk)
 
     out = jnp.zeros((b, t, n, e), jnp.float32)
@@ -195,9 +203,9 @@ def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
     def body(i, carry):
       state, dq = carry
       kc, vc, doc, bc = read(i)
-      a, dos = decayed_scores(doc, vc, bc, safe)
+      a, dos, r = decayed_scores(doc, vc, bc, safe)
       dqc = (jnp.einsum("bkgcd,bkdf->bkgcf", a, kc)
-             + jnp.einsum("bkgce,bkgfe->bkgcf", dos, state))
+             + _times(jnp.einsum("bkgce,bkgfe->bkgcf", dos, state), r))
       return _next_state(state, kc, vc, bc), _write_chunk(dq, dqc, i, chunk)
 
     dq = jnp.zeros((b, t, n, f), jnp.float32)
@@ -209,19 +217,19 @@ def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
       i = nc - 1 - j
       kc, vc, doc, bc = read(i)
       qc = _read_chunk(qt, i, chunk, kh)
-      a_t, _ = decayed_scores(doc, vc, bc, safe, transposed=True)
-      p_t, qs = decayed_scores(qc, kc, bc, safe, transposed=True)
+      a_t, _, _ = decayed_scores(doc, vc, bc, safe, transposed=True)
+      p_t, qs, r = decayed_scores(qc, kc, bc, safe, transposed=True)
       dk_in = jnp.einsum("bkgcr,bkgrf->bkgcf", a_t, qc)
       dv_in = jnp.einsum("bkgcr,bkgre->bkgce", p_t, doc)
       dk_st = jnp.einsum("bkce,bkgfe->bkgcf", vc, ds)
       dv_st = jnp.einsum("bkcf,bkgfe->bkgce", kc, ds)
       if bc is None:
-        dkc, dvc, ds = dk_in + dk_st, dv_in + dv_st, ds + _tn(qs, doc)
+        dkc, dvc, ds = dk_in + dk_st, dv_in + dv_st, ds + _times(_tn(qs, doc), r)
       else:
         last = bc[..., -1:]
         w_end = jnp.exp(last - bc)[..., None]
         dkc, dvc = dk_in + w_end * dk_st, dv_in + w_end * dv_st
-        ds = jnp.exp(last)[..., None] * ds + _tn(qs, doc)
+        ds = jnp.exp(last)[..., None] * ds + _times(_tn(qs, doc), r)
       return ds, _write_chunk(dk, dkc, i, chunk), _write_chunk(dv, dvc, i, chunk)
 
     init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), jnp.float32),
