@@ -83,6 +83,46 @@ def test_xla_matches_reference_forward_and_grads(shape, kernel, dilation, causal
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
 
 
+def test_xla_chunked_loop_with_remainder_matches_reference(monkeypatch):
+  # two loop steps of 5 tiles plus a remainder step, padded tiles, GQA, rpb
+  from attnjax.neighborhood import xla
+  from attnjax.neighborhood.tiling import plans, tile_counts
+  shape, kernel, dilation, causal, tile = (7, 6), (3, 4), (2, 1), (False, True), (2, 2)
+  G, tq, uk = tile_counts(plans(shape, kernel, dilation, causal, tile))
+  assert G // 5 == 2 and G % 5
+  monkeypatch.setattr(xla, "CHUNK_ELEMENTS", 5 * 2 * 4 * tq * uk)  # B = 2, N = 4
+  q, k, v = _inputs(shape, Hv=5)
+  rpb = jax.random.normal(jax.random.PRNGKey(5), (4, 5, 7))
+
+  def run(impl, q, k, v, rpb):
+    return neighborhood_attention(q, k, v, kernel_size=kernel, dilation=dilation,
+                                  is_causal=causal, rpb=rpb, implementation=impl,
+                                  tile_shape=tile, return_lse=True)
+
+  def loss(impl):
+    def f(*a):
+      o, l = run(impl, *a)
+      return jnp.sum(o ** 2) + jnp.sum(jnp.sin(l))
+    return f
+  for impl_out, ref_out in zip(jax.jit(lambda *a: run("xla", *a))(q, k, v, rpb),
+                               jax.jit(lambda *a: run("reference", *a))(q, k, v, rpb)):
+    np.testing.assert_allclose(impl_out, ref_out, atol=2e-5, rtol=2e-5)
+  g1 = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2, 3)))(q, k, v, rpb)
+  g2 = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2, 3)))(q, k, v, rpb)
+  for a, b in zip(g2, g1):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+
+
+def test_xla_traced_scale_is_folded_into_the_query():
+  q, k, v = _inputs((5, 6))
+  f = lambda s, impl: na2d(q, k, v, kernel_size=3, scale=s, implementation=impl)
+  out = jax.jit(lambda s: f(s, "xla"))(jnp.float32(0.3))
+  np.testing.assert_allclose(out, jax.jit(lambda s: f(s, "reference"))(0.3), atol=2e-5)
+  g1 = jax.jit(jax.grad(lambda s: jnp.sum(f(s, "xla") ** 2)))(jnp.float32(0.3))
+  g2 = jax.jit(jax.grad(lambda s: jnp.sum(f(s, "reference") ** 2)))(jnp.float32(0.3))
+  np.testing.assert_allclose(g1, g2, rtol=1e-4)
+
+
 def test_bfloat16_close_to_float32_oracle():
   q, k, v = _inputs((6, 7), dtype=jnp.bfloat16)
   f = jax.jit(lambda q, k, v, impl: na2d(q, k, v, kernel_size=3, dilation=(2, 1),
