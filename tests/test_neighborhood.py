@@ -83,16 +83,20 @@ def test_xla_matches_reference_forward_and_grads(shape, kernel, dilation, causal
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
 
 
-def test_xla_chunked_loop_with_remainder_matches_reference(monkeypatch):
-  # two loop steps of 5 tiles plus a remainder step, padded tiles, GQA, rpb
+@pytest.mark.parametrize("shape,kernel,dilation,causal,tile,steps,rem", [
+    ((7, 6), (3, 4), (2, 1), (False, True), (2, 2), 3, 0),  # 12 tiles: 3 steps of 4
+    ((7, 6), (3, 2), (1, 2), (False, True), (1, 3), 2, 4),  # 14 tiles: 2 x 5 + 4
+])
+def test_xla_chunked_loop_matches_reference(monkeypatch, shape, kernel, dilation, causal,
+                                            tile, steps, rem):
+  # several loop steps (and a ragged last one), padded tiles, GQA, rpb, lse cotangent
   from attnjax.neighborhood import xla
   from attnjax.neighborhood.tiling import plans, tile_counts
-  shape, kernel, dilation, causal, tile = (7, 6), (3, 4), (2, 1), (False, True), (2, 2)
   G, tq, uk = tile_counts(plans(shape, kernel, dilation, causal, tile))
-  assert G // 5 == 2 and G % 5
   monkeypatch.setattr(xla, "CHUNK_ELEMENTS", 5 * 2 * 4 * tq * uk)  # B = 2, N = 4
+  assert divmod(G, xla._chunk_size(2, 4, G, tq, uk)) == (steps, rem)
   q, k, v = _inputs(shape, Hv=5)
-  rpb = jax.random.normal(jax.random.PRNGKey(5), (4, 5, 7))
+  rpb = jax.random.normal(jax.random.PRNGKey(5), (4,) + tuple(2 * x - 1 for x in kernel))
 
   def run(impl, q, k, v, rpb):
     return neighborhood_attention(q, k, v, kernel_size=kernel, dilation=dilation,

@@ -97,7 +97,13 @@ def _put(acc, upd, idx, K, add):
 
 
 def _chunk_size(B, N, G, tq, uk):
-  return int(max(1, min(G, CHUNK_ELEMENTS // (B * N * tq * uk))))
+  """Tiles per loop step: at most CHUNK_ELEMENTS logits, preferably a divisor of
+  G (a ragged last step compiles to a separate, less efficient program)."""
+  cap = int(max(1, min(G, CHUNK_ELEMENTS // (B * N * tq * uk))))
+  for c in range(cap, (cap - 1) // 2, -1):
+    if G % c == 0:
+      return c
+  return cap
 
 
 def _logits(q, k, tabs, bias, start, size, cfg):
