@@ -30,6 +30,8 @@ CONFIGS = (((64, 64), 7), ((64, 64), 13), ((128, 128), 7), ((128, 128), 13),
 QUICK_CONFIGS = (((16, 16), 3), ((32, 32), 7), ((8, 8, 8), 3))
 #: dense baselines above this many tokens are skipped (O(L^2) memory)
 DENSE_MAX_TOKENS = 16384
+#: larger 2D tile measured next to the default one (efficiency vs visited keys)
+ALT_TILE = (16, 16)
 
 
 def _flag(name, default):
@@ -65,30 +67,40 @@ def _dense_fns(spatial, kernel):
   return jnn, ref, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+def _xla_row(spatial, kernel, tile, repeats, dtype, matmul):
+  D = len(spatial)
+  L = math.prod(spatial)
+  q, k, v = _inputs(spatial, dtype)
+  pairs = visited_pairs(spatial, (kernel,) * D, (1,) * D, (False,) * D, tile)
+  fwd, fwdbwd, raw = _na(spatial, kernel, tile)
+  t_f = common.time_fn(fwd, q, k, v, repeats=repeats)
+  t_fb = common.time_fn(fwdbwd, q, k, v, repeats=repeats)
+  gf = common.attention_flops(pairs, B, N, H) / t_f / 1e9
+  gfb = common.attention_flops(pairs, B, N, H, backward=True) / t_fb / 1e9
+  return {"op": f"na{D}d_xla", "spatial": "x".join(map(str, spatial)), "tokens": L,
+          "kernel": kernel, "tile": "x".join(map(str, tile)),
+          "visited_keys_per_query": pairs / L, "window_keys": kernel ** D,
+          "fwd_s": t_f, "fwdbwd_s": t_fb, "fwd_gflops": gf, "fwdbwd_gflops": gfb,
+          "matmul_gflops": matmul, "fwd_matmul_share": gf / matmul,
+          "fwdbwd_matmul_share": gfb / matmul,
+          "peak_mb": (common.peak_bytes(raw, q, k, v) or 0) / 2 ** 20}
+
+
 def run():
   quick = _flag("quick", False)
   repeats = _flag("repeats", 3)
   dtype = jnp.dtype(_flag("dtype", "float32"))
-  matmul = common.measure_matmul_gflops()
   rows = []
   for spatial, kernel in (QUICK_CONFIGS if quick else CONFIGS):
     D = len(spatial)
     L = math.prod(spatial)
-    q, k, v = _inputs(spatial, dtype)
     tile = default_tile_shape(spatial, (kernel,) * D, (1,) * D)
-    pairs = visited_pairs(spatial, (kernel,) * D, (1,) * D, (False,) * D, tile)
-    fwd, fwdbwd, raw = _na(spatial, kernel)
-    t_f = common.time_fn(fwd, q, k, v, repeats=repeats)
-    t_fb = common.time_fn(fwdbwd, q, k, v, repeats=repeats)
-    gf = common.attention_flops(pairs, B, N, H) / t_f / 1e9
-    gfb = common.attention_flops(pairs, B, N, H, backward=True) / t_fb / 1e9
-    row = {"op": f"na{D}d_xla", "spatial": "x".join(map(str, spatial)), "tokens": L,
-           "kernel": kernel, "tile": "x".join(map(str, tile)),
-           "visited_keys_per_query": pairs / L, "window_keys": kernel ** D,
-           "fwd_s": t_f, "fwdbwd_s": t_fb, "fwd_gflops": gf, "fwdbwd_gflops": gfb,
-           "matmul_gflops": matmul, "fwd_matmul_share": gf / matmul,
-           "fwdbwd_matmul_share": gfb / matmul,
-           "peak_mb": (common.peak_bytes(raw, q, k, v) or 0) / 2 ** 20}
+    # the matmul roofline is re-measured next to every configuration (shared CPUs)
+    matmul = common.measure_matmul_gflops()
+    row = _xla_row(spatial, kernel, tile, repeats, dtype, matmul)
+    row["default_tile"] = True
+    t_f = row["fwd_s"]
+    q, k, v = _inputs(spatial, dtype)
     if L <= DENSE_MAX_TOKENS:
       jnn, ref, jnn_bwd = _dense_fns(spatial, kernel)
       rep = 1 if L >= 8192 else repeats
@@ -98,6 +110,12 @@ def run():
                  speedup_vs_dense_jax=t_d / t_f, speedup_vs_reference=t_r / t_f)
       if L <= 4096:
         t_db = common.time_fn(jnn_bwd, q, k, v, repeats=rep)
-        row.update(dense_jax_fwdbwd_s=t_db, fwdbwd_speedup_vs_dense_jax=t_db / t_fb)
+        row.update(dense_jax_fwdbwd_s=t_db, fwdbwd_speedup_vs_dense_jax=t_db / row["fwdbwd_s"])
     rows.append(row)
+    if D == 2 and not quick and tuple(tile) != ALT_TILE:
+      alt = _xla_row(spatial, kernel, ALT_TILE, repeats, dtype, matmul)
+      alt["default_tile"] = False
+      alt["fwd_s_vs_default_tile"] = alt["fwd_s"] / t_f
+      alt["fwdbwd_s_vs_default_tile"] = alt["fwdbwd_s"] / row["fwdbwd_s"]
+      rows.append(alt)
   return rows
