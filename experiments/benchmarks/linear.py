@@ -6,7 +6,9 @@ peak memory from XLA's analysis, the dense causal path at T = 16k for the
 speed ratio, and the per-token decode step time after prefilling T tokens.
 `fwd_gflops` is the arithmetic rate of the chunked forward: per position and
 head 2C(F + E) for the in-chunk C x C products (full blocks, as computed) plus
-4FE for reading and updating the F x E state.
+4FE for reading and updating the F x E state. Linear-attention timings are
+medians over at least `repeats` calls and at least MIN_TIME seconds, so the
+short calls at small T get enough samples on a shared machine.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ DEFAULT_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 DENSE_T = 16384
 B, N, H = 1, 8, 64
 CHUNK = 64
+MIN_TIME = 0.5
 
 
 def _chunked_fwd_flops(t: int) -> float:
@@ -60,8 +63,8 @@ def run():
   rows = []
   for t in lens:
     q, k, v = common.random_qkv(jax.random.PRNGKey(t), B, t, t, N, N, H, dtype=dtype)
-    t_f = common.time_fn(fwd, q, k, v, repeats=repeats)
-    t_fb = common.time_fn(fwdbwd, q, k, v, repeats=repeats)
+    t_f = common.time_fn(fwd, q, k, v, repeats=repeats, min_time=MIN_TIME)
+    t_fb = common.time_fn(fwdbwd, q, k, v, repeats=repeats, min_time=MIN_TIME)
     _, state = L.linear_attention(q, k, v, decay="tnl", return_state=True)
     t_step = common.time_fn(step, state, q[:, -1], k[:, -1], v[:, -1], repeats=max(repeats, 10))
     rows.append({"op": "linear_causal_xla", "T": t, "fwd_s": t_f, "fwd_tokens_per_s": t / t_f,
@@ -76,8 +79,8 @@ def run():
                               argnums=(0, 1, 2)))
   t_d = common.time_fn(dense, q, k, v, repeats=1)
   t_dfb = common.time_fn(dense_fb, q, k, v, repeats=1)
-  t_l = common.time_fn(fwd, q, k, v, repeats=repeats)
-  t_lfb = common.time_fn(fwdbwd, q, k, v, repeats=repeats)
+  t_l = common.time_fn(fwd, q, k, v, repeats=repeats, min_time=MIN_TIME)
+  t_lfb = common.time_fn(fwdbwd, q, k, v, repeats=repeats, min_time=MIN_TIME)
   rows.append({"op": "dense_causal_xla (attnjax.attention)", "T": dense_t, "fwd_s": t_d,
                "fwd_tokens_per_s": dense_t / t_d, "fwdbwd_s": t_dfb,
                "fwdbwd_tokens_per_s": dense_t / t_dfb,
