@@ -98,7 +98,7 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
     initial_state: [B, N, F, E] float32 state of keys before position 0
       (E = Hv, or Hv + 1 with normalize=True, the last column the normaliser).
     return_state: also return the state after the last key (same shape).
-    implementation: "reference" (dense oracle), "xla" (chunked lax.scan),
+    implementation: "reference" (dense oracle), "xla" (chunked loop over the chunks),
       "pallas" (kernel; interpret mode on CPU) or None (currently "xla" on every
       platform: the kernels have been checked in interpret mode only).
     q_positions, k_positions, segment_ids: only with implementation="reference";
