@@ -117,12 +117,14 @@ def _compiled_peak(compiled) -> Optional[int]:
 
 
 #: Options a family needs before it can run at all (it has no default), as
-#: functions of (T, S); families needing run-time data (document ids) are
-#: reported with the family's own error.
+#: functions of (T, S): anchor gets 4 packed documents of S / 4 tokens and
+#: composite a quarter of the sequence as its visual prefix.
 REQUIRED = {
     "block_local": lambda T, S: {"block_size": 32},
     "combiner": lambda T, S: {"segment_len": 32},
     "hip": lambda T, S: {"top_k": max(16, S // 4)},
+    "anchor": lambda T, S: {"doc_ids": np.repeat(np.arange(4), -(-S // 4))[:S]},
+    "composite": lambda T, S: {"num_visual": S // 4},
 }
 
 
