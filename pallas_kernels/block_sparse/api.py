@@ -81,6 +81,18 @@ def check_score(score):
   return score
 
 
+def position_arrays(q_positions, k_positions, d: V.Dims):
+  """Validated position arrays as [Bq, T] / [Bk, S] int32, or None where not given."""
+  q_pos = k_pos = None
+  if q_positions is not None:
+    q_pos = V.check_positions(q_positions, None, d)[0]
+    q_pos = q_pos if q_pos.ndim == 2 else q_pos[None]
+  if k_positions is not None:
+    k_pos = V.check_positions(None, k_positions, d)[1]
+    k_pos = k_pos if k_pos.ndim == 2 else k_pos[None]
+  return q_pos, k_pos
+
+
 def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_positions,
              segment_ids, interpret, tiles=()):
   """Validates everything; returns (KernelConfig, aux arrays, sinks or None)."""
@@ -102,18 +114,12 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
   if mask is not None and mask.needs_segments and segs is None:
     raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
 
-  q_pos = k_pos = None
-  if q_positions is not None:
-    q_pos = V.check_positions(q_positions, None, d)[0]
-    q_pos = q_pos if q_pos.ndim == 2 else q_pos[None]
-  elif layout.q_offset != d.S - d.T:
+  q_pos, k_pos = position_arrays(q_positions, k_positions, d)
+  if q_positions is None and layout.q_offset != d.S - d.T:
     raise ValueError(
         f"layout was built with q_offset={layout.q_offset} but the default query "
         f"positions start at S - T = {d.S - d.T}: pass q_positions.")
-  if k_positions is not None:
-    k_pos = V.check_positions(None, k_positions, d)[1]
-    k_pos = k_pos if k_pos.ndim == 2 else k_pos[None]
-  elif layout.k_offset != 0:
+  if k_positions is None and layout.k_offset != 0:
     raise ValueError(
         f"layout was built with k_offset={layout.k_offset} but the default key "
         "positions start at 0: pass k_positions.")

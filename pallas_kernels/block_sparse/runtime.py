@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnjax.block_sparse.sparse import check_block_lists
 from attnjax.core import validation as V
 from pallas_kernels.block_sparse import api as A
 from pallas_kernels.block_sparse import common as C
@@ -70,39 +71,6 @@ def csc_from_csr(indices, counts, nq: int, nk: int):
   return jnp.where(q_counts[..., None] > 0, q_idx, 0), q_counts
 
 
-def _check_lists(kv_block_indices, kv_block_counts, d: V.Dims, block_q, block_kv):
-  """Validated (indices int32 [B, Hl, nq, k] in [0, nk), counts int32 [B, Hl, nq] in [0, k])."""
-  for name, b, L, letter in (("block_q", block_q, d.T, "T"), ("block_kv", block_kv, d.S, "S")):
-    V.check_positive_int(name, b)
-    if L % b:
-      raise ValueError(f"{name}={b} does not divide {letter}={L}.")
-  nq, nk = d.T // block_q, d.S // block_kv
-  idx = jnp.asarray(kv_block_indices)
-  if (idx.ndim != 4 or idx.shape[0] != d.B or idx.shape[1] not in (d.N, d.K)
-      or idx.shape[2] != nq or idx.shape[3] < 1):
-    raise ValueError(
-        f"kv_block_indices must have shape [B, N or K, T // block_q, k] = [{d.B}, {d.N} or "
-        f"{d.K}, {nq}, k >= 1], got {idx.shape}.")
-  if not jnp.issubdtype(idx.dtype, jnp.integer):
-    raise ValueError(f"kv_block_indices must be an integer array, got dtype {idx.dtype}.")
-  k = idx.shape[-1]
-  if kv_block_counts is None:
-    counts = jnp.full(idx.shape[:3], k, jnp.int32)
-  else:
-    counts = jnp.asarray(kv_block_counts)
-    if counts.shape != idx.shape[:3]:
-      raise ValueError(
-          f"kv_block_counts must have shape [B, heads, T // block_q] = {idx.shape[:3]} "
-          f"(as kv_block_indices), got {counts.shape}.")
-    if not jnp.issubdtype(counts.dtype, jnp.integer):
-      raise ValueError(f"kv_block_counts must be an integer array, got dtype {counts.dtype}.")
-  # Same conventions as the XLA path: out-of-range block indices are clipped;
-  # counts are taken in [0, k].
-  idx = jax.lax.stop_gradient(jnp.clip(idx.astype(jnp.int32), 0, nk - 1))
-  counts = jax.lax.stop_gradient(jnp.clip(counts.astype(jnp.int32), 0, k))
-  return idx, counts
-
-
 def _prepare(query, key, value, list_heads, max_kb, *, block_q, block_kv, mask, score, scale,
              q_positions, k_positions, segment_ids, interpret, tiles):
   """Validates the rest; returns (KernelConfig, aux arrays, sinks or None)."""
@@ -115,13 +83,7 @@ def _prepare(query, key, value, list_heads, max_kb, *, block_q, block_kv, mask, 
   segs = V.check_segment_ids(segment_ids, d)
   if mask is not None and mask.needs_segments and segs is None:
     raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
-  q_pos = k_pos = None
-  if q_positions is not None:
-    q_pos = V.check_positions(q_positions, None, d)[0]
-    q_pos = q_pos if q_pos.ndim == 2 else q_pos[None]
-  if k_positions is not None:
-    k_pos = V.check_positions(None, k_positions, d)[1]
-    k_pos = k_pos if k_pos.ndim == 2 else k_pos[None]
+  q_pos, k_pos = A.position_arrays(q_positions, k_positions, d)
   if mask is not None:
     dq, dk = V.default_positions(d.T, d.S)
     mask.validate(d.N, dq if q_pos is None else q_pos, dk if k_pos is None else k_pos)
@@ -162,7 +124,7 @@ def build(query, key, value, kv_block_indices, kv_block_counts, *, block_q, bloc
   """(attend, cfg, args): ``attend(*args)`` -> (out [B,T,N,Hv], lse [B,N,T])."""
   backend, interpret = A._resolve_backend(backend, interpret)  # pylint: disable=protected-access
   d = V.check_qkv(query, key, value)
-  idx, counts = _check_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
+  idx, counts = check_block_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
   module = A._MODULES[backend]  # pylint: disable=protected-access
   kernel_tiles = ()
   if backend == "gpu":
