@@ -92,7 +92,7 @@ def _s2_rows(t, repeats):
   for mode in ("fwd", "fwdbwd"):
     back = mode == "fwdbwd"
     t_s2 = common.time_fn(_fn(s2, back), q, k, v, repeats=repeats)
-    t_dense = common.time_fn(_fn(M.Causal(), back), q, k, v, repeats=1)
+    t_dense = common.time_fn(_fn(M.Causal(), back), q, k, v, repeats=repeats)
     row.update({f"{mode}_s2_s": t_s2, f"{mode}_dense_causal_s": t_dense,
                 f"{mode}_ratio_to_density_x_dense": t_s2 / (density * t_dense)})
   return row
