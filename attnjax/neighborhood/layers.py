@@ -63,19 +63,34 @@ class NeighborhoodAttention(nn.Module):
 
 
 class HaloAttention(nn.Module):
-  """HaloNets blocked local self-attention on [B, X, Y, C] (relative logits optional)."""
+  """HaloNets blocked local self-attention on [B, X, Y, C] (relative logits optional).
+
+  ``stride > 1`` is attention downsampling: the output is [B, X/s, Y/s, C]; the
+  query is projected only at the strided pixels ``x[:, ::s, ::s]`` (timm's
+  strided 1x1 query projection) while keys/values cover the full map.
+  ``avg_down=True`` runs stride-1 attention and average-pools the heads' output
+  s x s before the output projection (the projection is affine, so this equals
+  pooling after it).
+  """
   num_heads: int
   block_size: int = 8
   halo: int = 3
   use_rel_pos: bool = True
   pad_mode: str = "mask"
+  stride: int = 1
+  avg_down: bool = False
   dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
     C = x.shape[-1]
     hd = C // self.num_heads
-    q, k, v = _qkv(x, self.num_heads, self.num_heads, hd, False, self.dtype)
+    s = self.stride
+    q_src = x[:, ::s, ::s] if (isinstance(s, int) and s > 1 and not self.avg_down
+                               and self.block_size % s == 0) else x
+    dense = lambda src, name: nn.DenseGeneral((self.num_heads, hd), use_bias=False,
+                                              dtype=self.dtype, name=name)(src)
+    q, k, v = dense(q_src, "query"), dense(x, "key"), dense(x, "value")
     rel = None
     if self.use_rel_pos:
       w = self.block_size + 2 * self.halo
@@ -83,7 +98,7 @@ class HaloAttention(nn.Module):
       rel = (self.param("rel_h", init, (2 * w - 1, hd)),
              self.param("rel_w", init, (2 * w - 1, hd)))
     o = halo_attention(q, k, v, block_size=self.block_size, halo=self.halo, rel_pos=rel,
-                       pad_mode=self.pad_mode)
+                       pad_mode=self.pad_mode, stride=self.stride, avg_down=self.avg_down)
     return _out(o, C, self.dtype)
 
 
