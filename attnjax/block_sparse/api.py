@@ -166,10 +166,9 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
   q = _pad_len(query, 1, Tp)
   k = _pad_len(key, 1, Sp)
   v = _pad_len(value, 1, Sp)
-  q_r = q.reshape(d.B, nq, bq, Hl, R, d.H).transpose(0, 3, 1, 4, 2, 5).reshape(
-      d.B, Hl, nq, R * bq, d.H)
-  k_r = k.reshape(d.B, nk, bk, d.K, d.H).transpose(0, 3, 1, 2, 4)
-  v_r = v.reshape(d.B, nk, bk, d.K, d.Hv).transpose(0, 3, 1, 2, 4)
+  q_r = q.reshape(d.B, nq, bq, Hl, R * d.H)    # token layout, no copy (see tiles)
+  k_r = k.reshape(d.B, nk, bk, d.K, d.H)
+  v_r = v.reshape(d.B, nk, bk, d.K, d.Hv)
   row_count = None
   if getattr(score, "needs_row_count", False):
     row_count = E.row_counts(cfg, kinds, aux, scheds)

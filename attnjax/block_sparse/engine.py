@@ -107,7 +107,7 @@ def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
   def step(carry, x):
     acc, m, l = carry
     qb, kb, slot, _, kval = x
-    qblk = Tl.take_heads(q_r, heads, qb)
+    qblk = Tl.take_queries(q_r, qb, cfg.R)
     kblk = Tl.take_keys(k_r, cfg.kvh, kb)
     vblk = Tl.take_keys(v_r, cfg.kvh, kb)
     t = Tl.raw_logits(cfg, qblk, kblk, bias_r, qb, kb)
@@ -215,7 +215,7 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
   def step(carry, x):
     dq, dk, dv, dbias, dscore = carry
     qb, kb, _, valid, kval = x
-    qblk = Tl.take_heads(q_r, heads, qb)
+    qblk = Tl.take_queries(q_r, qb, cfg.R)
     kblk = Tl.take_keys(k_r, cfg.kvh, kb)
     vblk = Tl.take_keys(v_r, cfg.kvh, kb)
     doblk = Tl.take_heads(do_r, heads, qb)
@@ -311,9 +311,10 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
   delta = (dout.astype(f32) * out.astype(f32)).sum(-1)   # [B, Hl, nq, Rq]
   if dlse is not None and _norm(cfg) != "none":
     delta = delta - dlse.astype(f32)
-  dq = jnp.zeros(q_r.shape, f32)
-  dk = jnp.zeros(k_r.shape, f32)
-  dv = jnp.zeros(v_r.shape, f32)
+  B, Hl, nq, nk, R, bq, bk, K = cfg.B, cfg.Hl, cfg.nq, cfg.nk, cfg.R, cfg.bq, cfg.bk, cfg.K
+  dq = jnp.zeros((B, Hl, nq, R * bq, cfg.H), f32)
+  dk = jnp.zeros((B, K, nk, bk, cfg.H), f32)
+  dv = jnp.zeros((B, K, nk, bk, cfg.Hv), f32)
   dbias = None if bias_r is None else jnp.zeros(bias_r.shape, f32)
   dscore = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), f32), score)
   carry = (dq, dk, dv, dbias, dscore)
@@ -335,6 +336,11 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
       lambda g, x: g.astype(jnp.result_type(x)) if jnp.issubdtype(jnp.result_type(x),
                                                                  jnp.floating) else g,
       dscore, score)
+  # back to the inputs' token layout
+  dq = dq.reshape(B, Hl, nq, R, bq, cfg.H).transpose(0, 2, 4, 1, 3, 5).reshape(
+      B, nq, bq, Hl, R * cfg.H)
+  dk = dk.transpose(0, 2, 3, 1, 4)
+  dv = dv.transpose(0, 2, 3, 1, 4)
   return (dq.astype(q_r.dtype), dk.astype(k_r.dtype), dv.astype(v_r.dtype),
           None if dbias is None else dbias.astype(bias_r.dtype), dscore)
 
@@ -350,7 +356,8 @@ def attend(cfg: Tl.Cfg, kinds: Tuple[Tuple[bool, int], ...], q_r, k_r, v_r, bias
   Args:
     cfg: static ``tiles.Cfg``.
     kinds: per schedule, (partial, number of slot groups, ragged groups).
-    q_r [B, Hl, nq, R*bq, H], k_r [B, K, nk, bk, H], v_r [B, K, nk, bk, Hv].
+    q_r [B, nq, bq, Hl, R*H], k_r [B, nk, bk, K, H], v_r [B, nk, bk, K, Hv]:
+      the token-layout inputs reshaped (see ``tiles``).
     bias_r: regrouped bias or None. score: the score variant (a pytree: its
       learned arrays, e.g. sink logits or temperatures, get gradients).
     aux: ``tiles.Aux``; scheds: tuple of ``Sched``; row_count: visible keys
