@@ -134,9 +134,7 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
   has_add = _check_additional(additional_keys, additional_values, d)
   scale = V.check_scale(scale, d.H)
   if implementation is None:
-    # the fused kernels take no bias table: rpb runs on the tiled XLA path
-    on_cpu = jax.default_backend() == "cpu"
-    implementation = "xla" if on_cpu or rpb is not None else "pallas"
+    implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
                      f"got {implementation!r}.")
@@ -160,12 +158,8 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
                       scale=scale, rpb=rpb, tile_shape=tile_shape)
   else:
     from pallas_kernels.neighborhood.ops import na_pallas  # pylint: disable=g-import-not-at-top
-    if rpb is not None:
-      raise NotImplementedError(
-          "rpb is not supported by implementation='pallas' (the fused kernels take "
-          "no bias table); use implementation='xla', which supports rpb with gradients.")
     out, lse = na_pallas(query, key, value, kernel_size=ks, dilation=ds, is_causal=cs,
-                         scale=scale, tile_shape=tile_shape)
+                         scale=scale, tile_shape=tile_shape, rpb=rpb)
 
   if has_add:
     flat = lambda x: x.reshape((x.shape[0], -1) + x.shape[-2:])

@@ -8,16 +8,17 @@ NEG_INF = float("-inf")
 
 
 def fine_mask(q_lo, q_hi, k_coord):
-  """[tq, D], [tq, D] window bounds and [D, tk] key coordinates -> bool [tq, tk].
+  """Per-dimension window bounds and key coordinates -> bool [tq, tk].
 
-  A key is visible iff, in every dimension, its within-group coordinate lies in
-  the query's half-open window (blocks never mix dilation groups).
+  ``q_lo``, ``q_hi``: length-D lists of int32 [tq, 1] (the query's half-open
+  window); ``k_coord``: length-D list of int32 [1, tk] key coordinates, all in
+  within-group coordinates. A key is visible iff it lies in the window in
+  every dimension (blocks never mix dilation groups). Lists rather than
+  [tq, D] arrays: the Triton lowering cannot slice values.
   """
-  D = k_coord.shape[0]
   mask = None
-  for d in range(D):
-    c = k_coord[d:d + 1, :]
-    m = (c >= q_lo[:, d:d + 1]) & (c < q_hi[:, d:d + 1])
+  for lo, hi, c in zip(q_lo, q_hi, k_coord):
+    m = (c >= lo) & (c < hi)
     mask = m if mask is None else mask & m
   return mask
 
@@ -40,9 +41,12 @@ def dot_nn(a, b):
                              preferred_element_type=jnp.float32)
 
 
-def masked_logits(q, k, mask, scale):
-  """Scaled q k^T with invisible pairs at -inf (float32 [tq, tk])."""
-  return jnp.where(mask, dot_nt(q, k) * scale, NEG_INF)
+def masked_logits(q, k, mask, scale, bias=None):
+  """Scaled q k^T (+ bias [tq, tk] float32) with invisible pairs at -inf."""
+  s = dot_nt(q, k) * scale
+  if bias is not None:
+    s = s + bias
+  return jnp.where(mask, s, NEG_INF)
 
 
 def probs_from_lse(s, lse):

@@ -3,6 +3,11 @@
 ``na_pallas`` permutes [B, *spatial, N, H] tokens into tile-contiguous order
 (pad + reshape, no gather), runs the GPU (Triton) or TPU (Mosaic) kernels and
 permutes back. On CPU the kernels run in interpret mode.
+
+A relative position bias enters the kernels as a small per-class table
+(:mod:`pallas_kernels.neighborhood.bias`), built from rpb by a static jnp
+gather; the custom VJP returns the table's gradient and autodiff of that
+gather carries it to rpb.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import jax.numpy as jnp
 from attnjax.neighborhood.tiling import plans
 from attnjax.neighborhood.xla import from_tiles, to_tiles
 from pallas_kernels.neighborhood import gpu, tpu
+from pallas_kernels.neighborhood.bias import bias_plan, class_table, table_grad
 from pallas_kernels.neighborhood.plan import block_plan
 
 BACKENDS = ("gpu", "tpu")
@@ -29,36 +35,44 @@ def _interpret(backend, interpret):
   return jax.default_backend() == "cpu"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _core(q, k, v, cfg):
-  out, lse = _fwd(q, k, v, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _core(q, k, v, table, cfg):
+  """Tiled q [B,N,L,H], k/v [B,K,L,H|Hv], table None or [N, C, tq, tq] float32."""
+  out, lse = _fwd(q, k, v, table, cfg)[0]
   return out, lse
 
 
-def _fwd(q, k, v, cfg):
+def _bias(table, plan_key):
+  return None if table is None else (table, bias_plan(*plan_key))
+
+
+def _fwd(q, k, v, table, cfg):
   plan_key, scale, backend, interpret = cfg
   plan = block_plan(*plan_key)
-  out, lse = _module(backend).forward(q, k, v, plan, scale=scale, interpret=interpret)
-  return (out, lse), (q, k, v, out, lse)
+  out, lse = _module(backend).forward(q, k, v, plan, scale=scale, interpret=interpret,
+                                      bias=_bias(table, plan_key))
+  return (out, lse), (q, k, v, table, out, lse)
 
 
 def _bwd(cfg, res, cts):
   plan_key, scale, backend, interpret = cfg
-  q, k, v, out, lse = res
+  q, k, v, table, out, lse = res
   do, dlse = cts
   plan = block_plan(*plan_key)
   # d lse / d s = p, so an lse cotangent shifts delta: ds = p * (dp - delta + dlse)
   delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   delta = delta - dlse.astype(jnp.float32)
-  return _module(backend).backward(q, k, v, do.astype(q.dtype), lse, delta, plan,
-                                   scale=scale, interpret=interpret)
+  bias = _bias(table, plan_key)
+  dq, dk, dv, ds = _module(backend).backward(q, k, v, do.astype(q.dtype), lse, delta, plan,
+                                             scale=scale, interpret=interpret, bias=bias)
+  return dq, dk, dv, None if bias is None else table_grad(ds, bias[1])
 
 
 _core.defvjp(_fwd, _bwd)
 
 
 def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, tile_shape,
-              backend=None, interpret=None):
+              rpb=None, backend=None, interpret=None):
   """Fused neighborhood attention.
 
   Args:
@@ -66,6 +80,15 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
     kernel_size, dilation, is_causal, tile_shape: normalised per-dimension tuples
       (validated by :func:`attnjax.neighborhood.neighborhood_attention`).
     scale: logit scale (python float).
+    rpb: optional relative position bias [N, 2*k1-1, ..., 2*kD-1] (per query
+      head; NATTEN indexing ``y' - x' + k - 1`` per dimension in within-group
+      coordinates, as :func:`attnjax.neighborhood.api.dense_rpb`); differentiable.
+      The kernels read it as a table [N, C, tq, tq] of the C distinct bias
+      blocks (tq = prod(tile_shape), C small: one block per tile distance);
+      the backward holds the per-pair logits gradient [B, N, num_pairs, tq, tq]
+      float32 (num_pairs: visited block pairs, ``block_plan(...).visited_blocks``,
+      plus one spare slot per query block without key blocks) before summing it
+      into the table's gradient.
     backend: "gpu" (Triton) or "tpu" (Mosaic); default: the platform's, and the
       GPU kernel on CPU.
     interpret: force interpret mode (default: on CPU only).
@@ -79,6 +102,11 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
   D = query.ndim - 3
   spatial = tuple(query.shape[1:1 + D])
+  if rpb is not None:
+    expected = (query.shape[-2],) + tuple(2 * k - 1 for k in kernel_size)
+    if tuple(rpb.shape) != expected:
+      raise ValueError(f"rpb must have shape [N, 2*k1-1, ...] = {expected} for kernel_size "
+                       f"{tuple(kernel_size)}, got {tuple(rpb.shape)}.")
   plan_key = (spatial, tuple(kernel_size), tuple(dilation), tuple(is_causal),
               tuple(tile_shape))
   ps = plans(*plan_key)
@@ -93,7 +121,8 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
 
   q, k, v = to_blocks(query), to_blocks(key), to_blocks(value)
   cfg = (plan_key, float(scale), backend, interp)
-  out, lse = _core(q, k, v, cfg)
+  table = None if rpb is None else class_table(rpb, plan_key, bias_plan(*plan_key))
+  out, lse = _core(q, k, v, table, cfg)
   G = block_plan(*plan_key).num_blocks
   B, N, L = lse.shape
   tq = L // G

@@ -6,6 +6,12 @@ head (dk/dv); the lists are scalar-prefetched so the index maps DMA only the
 visited blocks. Steps past a list's length repeat its last block (no new DMA)
 and skip compute. Window bounds ride along as small int32 blocks; the fine mask
 is rebuilt in VMEM.
+
+Relative position bias (optional): a scalar-prefetched class list selects the
+[tq, tq] block ``table[n, class(pair)]`` (:mod:`pallas_kernels.neighborhood.bias`)
+that the index maps DMA next to K/V; the dq kernel writes every visited
+pair's dS block (the bias gradient) through a prefetched slot list. Without a
+bias the grids prefetch and read nothing more than before.
 """
 from __future__ import annotations
 
@@ -21,8 +27,22 @@ from pallas_kernels.neighborhood import common as C
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def _fwd_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref,
-                o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale):
+def _mask(qlo_ref, qhi_ref, kc_ref):
+  D = kc_ref.shape[0]
+  return C.fine_mask([qlo_ref[:, d:d + 1] for d in range(D)],
+                     [qhi_ref[:, d:d + 1] for d in range(D)],
+                     [kc_ref[d:d + 1, :] for d in range(D)])
+
+
+def _split(refs, npf, nin):
+  """(prefetch, inputs, outputs + scratch) refs of a kernel."""
+  return refs[:npf], refs[npf:npf + nin], refs[npf + nin:]
+
+
+def _fwd_kernel(*refs, scale, rpb):
+  (_, cnt_ref, *_), ins, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split(
+      refs, 3 if rpb else 2, 7 if rpb else 6)
+  q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref = ins[:6]
   i, s = pl.program_id(2), pl.program_id(3)
 
   @pl.when(s == 0)
@@ -33,8 +53,9 @@ def _fwd_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref,
 
   @pl.when(s < cnt_ref[i])
   def _step():
-    mask = C.fine_mask(qlo_ref[...], qhi_ref[...], kc_ref[...])
-    logits = C.masked_logits(q_ref[...], k_ref[...], mask, scale)
+    bias = ins[6][...] if rpb else None
+    logits = C.masked_logits(q_ref[...], k_ref[...], _mask(qlo_ref, qhi_ref, kc_ref),
+                             scale, bias)
     m, l, acc = C.online_update(m_sc[...], l_sc[...], acc_sc[...], logits, v_ref[...])
     m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
@@ -45,8 +66,10 @@ def _fwd_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref,
     lse_ref[...] = lse
 
 
-def _dq_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, dq_sc, *, scale):
+def _dq_kernel(*refs, scale, rpb):
+  (_, cnt_ref, *_), ins, outs = _split(refs, 4 if rpb else 2, 10 if rpb else 9)
+  (q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, do_ref, lse_ref, delta_ref) = ins[:9]
+  dq_ref, ds_ref, dq_sc = outs if rpb else (outs[0], None, outs[1])
   i, s = pl.program_id(2), pl.program_id(3)
 
   @pl.when(s == 0)
@@ -56,9 +79,12 @@ def _dq_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, 
   @pl.when(s < cnt_ref[i])
   def _step():
     k = k_ref[...]
-    mask = C.fine_mask(qlo_ref[...], qhi_ref[...], kc_ref[...])
-    p = C.probs_from_lse(C.masked_logits(q_ref[...], k, mask, scale), lse_ref[...])
+    bias = ins[9][...] if rpb else None
+    logits = C.masked_logits(q_ref[...], k, _mask(qlo_ref, qhi_ref, kc_ref), scale, bias)
+    p = C.probs_from_lse(logits, lse_ref[...])
     ds = p * (C.dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
+    if rpb:  # the logits' gradient is the bias gradient of this pair
+      ds_ref[...] = ds
     dq_sc[...] += C.dot_nn(ds.astype(k.dtype), k)
 
   @pl.when(s == pl.num_programs(3) - 1)
@@ -66,8 +92,10 @@ def _dq_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, 
     dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, width):
+def _dkv_kernel(*refs, scale, width, rpb):
+  (_, cnt_ref, *_), ins, (dk_ref, dv_ref, dk_sc, dv_sc) = _split(
+      refs, 3 if rpb else 2, 10 if rpb else 9)
+  (q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref, do_ref, lse_ref, delta_ref) = ins[:9]
   j, t = pl.program_id(2), pl.program_id(3)
 
   @pl.when(t == 0)
@@ -78,8 +106,9 @@ def _dkv_kernel(lst_ref, cnt_ref, q_ref, k_ref, v_ref, qlo_ref, qhi_ref, kc_ref,
   @pl.when(t % width < cnt_ref[j])
   def _step():
     q, do = q_ref[...], do_ref[...]
-    mask = C.fine_mask(qlo_ref[...], qhi_ref[...], kc_ref[...])
-    p = C.probs_from_lse(C.masked_logits(q, k_ref[...], mask, scale), lse_ref[...])
+    bias = ins[9][...] if rpb else None
+    logits = C.masked_logits(q, k_ref[...], _mask(qlo_ref, qhi_ref, kc_ref), scale, bias)
+    p = C.probs_from_lse(logits, lse_ref[...])
     dv_sc[...] += C.dot_tn(p.astype(do.dtype), do)
     ds = p * (C.dot_nt(do, v_ref[...]) - delta_ref[...])
     dk_sc[...] += C.dot_tn(ds.astype(q.dtype), q)
@@ -94,86 +123,125 @@ def _row_specs(tq, H, Hv, D, Gq, W):
   """Specs of q, k, v, q_lo, q_hi, k_coord for the CSR grids (fwd, dq)."""
   kvb = lambda i, s, lst: lst[i * W + s]
   return [
-      pl.BlockSpec((None, None, tq, H), lambda b, n, i, s, lst, cnt: (b, n, i, 0)),
+      pl.BlockSpec((None, None, tq, H), lambda b, n, i, s, lst, *_: (b, n, i, 0)),
       pl.BlockSpec((None, None, tq, H),
-                   lambda b, n, i, s, lst, cnt: (b, n // Gq, kvb(i, s, lst), 0)),
+                   lambda b, n, i, s, lst, *_: (b, n // Gq, kvb(i, s, lst), 0)),
       pl.BlockSpec((None, None, tq, Hv),
-                   lambda b, n, i, s, lst, cnt: (b, n // Gq, kvb(i, s, lst), 0)),
-      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, cnt: (i, 0)),
-      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, cnt: (i, 0)),
-      pl.BlockSpec((D, tq), lambda b, n, i, s, lst, cnt: (0, kvb(i, s, lst))),
+                   lambda b, n, i, s, lst, *_: (b, n // Gq, kvb(i, s, lst), 0)),
+      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, *_: (i, 0)),
+      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, *_: (i, 0)),
+      pl.BlockSpec((D, tq), lambda b, n, i, s, lst, *_: (0, kvb(i, s, lst))),
   ]
 
 
-def forward(q, k, v, plan, *, scale, interpret):
-  """q [B, N, L, H], k/v [B, K, L, H|Hv] in tiled order -> (o [B,N,L,Hv], lse [B,N,L])."""
+def _row_bias(bias, W, tq):
+  """(prefetch, inputs, specs) adding the class list and table to a CSR grid."""
+  if bias is None:
+    return [], [], []
+  table, bplan = bias
+  spec = pl.BlockSpec((None, None, tq, tq),
+                      lambda b, n, i, s, lst, cnt, cls, *_: (n, cls[i * W + s], 0, 0))
+  return [jnp.asarray(bplan.kv_class.reshape(-1))], [table], [spec]
+
+
+def forward(q, k, v, plan, *, scale, interpret, bias=None):
+  """q [B, N, L, H], k/v [B, K, L, H|Hv] in tiled order -> (o [B,N,L,Hv], lse [B,N,L]).
+
+  ``bias``: None or (table float32 [N, C, tq, tq], BiasPlan).
+  """
   B, N, L, H = q.shape
   K, Hv = k.shape[1], v.shape[-1]
   G, tq, D = plan.num_blocks, plan.block, plan.k_coord.shape[0]
   W = plan.kv_list.shape[1]
-  row = lambda b, n, i, s, lst, cnt: (b, n, i, 0)
+  pf, extra, specs = _row_bias(bias, W, tq)
+  row = lambda b, n, i, s, *_: (b, n, i, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(B, N, G, W),
-      in_specs=_row_specs(tq, H, Hv, D, N // K, W),
+      num_scalar_prefetch=2 + len(pf), grid=(B, N, G, W),
+      in_specs=_row_specs(tq, H, Hv, D, N // K, W) + specs,
       out_specs=[pl.BlockSpec((None, None, tq, Hv), row),
                  pl.BlockSpec((None, None, tq, 1), row)],
       scratch_shapes=[pltpu.VMEM((tq, 1), jnp.float32), pltpu.VMEM((tq, 1), jnp.float32),
                       pltpu.VMEM((tq, Hv), jnp.float32)])
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, scale=scale), grid_spec=grid_spec,
+      functools.partial(_fwd_kernel, scale=scale, rpb=bias is not None),
+      grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((B, N, L, Hv), q.dtype),
                  jax.ShapeDtypeStruct((B, N, L, 1), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
       interpret=interpret, name="na_fwd_tpu",
-  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), q, k, v,
-    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord))
+  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), *pf, q, k, v,
+    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord), *extra)
   return out, lse[..., 0]
 
 
-def backward(q, k, v, do, lse, delta, plan, *, scale, interpret):
-  """Gradients (dq, dk, dv) given do [B,N,L,Hv], lse and delta [B,N,L] float32."""
+def backward(q, k, v, do, lse, delta, plan, *, scale, interpret, bias=None):
+  """Gradients (dq, dk, dv, ds) given do [B,N,L,Hv], lse and delta [B,N,L] float32.
+
+  With ``bias`` = (table [N, C, tq, tq], BiasPlan), ``ds`` is the float32
+  per-pair logits gradient [B, N, num_slots, tq, tq] (CSR pair order; slots
+  past num_pairs belong to query blocks without key blocks and stay unwritten);
+  without it, None.
+  """
   B, N, L, H = q.shape
   K, Hv = k.shape[1], v.shape[-1]
   G, tq, D = plan.num_blocks, plan.block, plan.k_coord.shape[0]
   Gq = N // K
+  rpb = bias is not None
   lse, delta = lse[..., None], delta[..., None]
   params = pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
-  row = lambda b, n, i, s, lst, cnt: (b, n, i, 0)
+  row = lambda b, n, i, s, *_: (b, n, i, 0)
   W = plan.kv_list.shape[1]
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale),
+  pf, extra, specs = _row_bias(bias, W, tq)
+  out_specs = pl.BlockSpec((None, None, tq, H), row)
+  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  if rpb:
+    bplan = bias[1]
+    pf.append(jnp.asarray(bplan.pair_slot.reshape(-1)))
+    slot = lambda b, n, i, s, lst, cnt, cls, sl: (b, n, sl[i * W + s], 0, 0)
+    out_specs = [out_specs, pl.BlockSpec((None, None, None, tq, tq), slot)]
+    out_shape = [out_shape,
+                 jax.ShapeDtypeStruct((B, N, bplan.num_slots, tq, tq), jnp.float32)]
+  res = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, rpb=rpb),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(B, N, G, W),
+          num_scalar_prefetch=2 + len(pf), grid=(B, N, G, W),
           in_specs=_row_specs(tq, H, Hv, D, Gq, W) + [
               pl.BlockSpec((None, None, tq, Hv), row),
               pl.BlockSpec((None, None, tq, 1), row),
-              pl.BlockSpec((None, None, tq, 1), row)],
-          out_specs=pl.BlockSpec((None, None, tq, H), row),
+              pl.BlockSpec((None, None, tq, 1), row)] + specs,
+          out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((tq, H), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=params,
+      out_shape=out_shape, compiler_params=params,
       interpret=interpret, name="na_dq_tpu",
-  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), q, k, v,
+  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), *pf, q, k, v,
     jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord),
-    do, lse, delta)
+    do, lse, delta, *extra)
+  dq, ds = res if rpb else (res, None)
 
   Wq = plan.q_list.shape[1]
   qb = lambda j, t, lst: lst[j * Wq + t % Wq]
-  qrow = lambda b, h, j, t, lst, cnt: (b, h * Gq + t // Wq, qb(j, t, lst), 0)
-  kvrow = lambda b, h, j, t, lst, cnt: (b, h, j, 0)
+  qrow = lambda b, h, j, t, lst, *_: (b, h * Gq + t // Wq, qb(j, t, lst), 0)
+  kvrow = lambda b, h, j, t, *_: (b, h, j, 0)
+  pf, extra, specs = [], [], []
+  if rpb:
+    table, bplan = bias
+    pf, extra = [jnp.asarray(bplan.q_class.reshape(-1))], [table]
+    specs = [pl.BlockSpec((None, None, tq, tq), lambda b, h, j, t, lst, cnt, cls: (
+        h * Gq + t // Wq, cls[j * Wq + t % Wq], 0, 0))]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, width=Wq),
+      functools.partial(_dkv_kernel, scale=scale, width=Wq, rpb=rpb),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(B, K, G, Gq * Wq),
+          num_scalar_prefetch=2 + len(pf), grid=(B, K, G, Gq * Wq),
           in_specs=[
               pl.BlockSpec((None, None, tq, H), qrow),
               pl.BlockSpec((None, None, tq, H), kvrow),
               pl.BlockSpec((None, None, tq, Hv), kvrow),
-              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, cnt: (qb(j, t, lst), 0)),
-              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, cnt: (qb(j, t, lst), 0)),
-              pl.BlockSpec((D, tq), lambda b, h, j, t, lst, cnt: (0, j)),
+              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, *_: (qb(j, t, lst), 0)),
+              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, *_: (qb(j, t, lst), 0)),
+              pl.BlockSpec((D, tq), lambda b, h, j, t, *_: (0, j)),
               pl.BlockSpec((None, None, tq, Hv), qrow),
               pl.BlockSpec((None, None, tq, 1), qrow),
-              pl.BlockSpec((None, None, tq, 1), qrow)],
+              pl.BlockSpec((None, None, tq, 1), qrow)] + specs,
           out_specs=[pl.BlockSpec((None, None, tq, H), kvrow),
                      pl.BlockSpec((None, None, tq, Hv), kvrow)],
           scratch_shapes=[pltpu.VMEM((tq, H), jnp.float32),
@@ -181,7 +249,7 @@ def backward(q, k, v, do, lse, delta, plan, *, scale, interpret):
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params, interpret=interpret, name="na_dkv_tpu",
-  )(jnp.asarray(plan.q_list.reshape(-1)), jnp.asarray(plan.q_count), q, k, v,
+  )(jnp.asarray(plan.q_list.reshape(-1)), jnp.asarray(plan.q_count), *pf, q, k, v,
     jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord),
-    do, lse, delta)
-  return dq, dk, dv
+    do, lse, delta, *extra)
+  return dq, dk, dv, ds
