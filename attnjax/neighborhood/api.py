@@ -118,7 +118,7 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
     return_lse: also return lse [B, *spatial, N] float32.
     implementation: "reference" (dense oracle, O(n^2)), "xla" (tiled, linear
       in tokens), "pallas" (fused kernel; interpret mode on CPU) or None (xla
-      on CPU or with rpb, pallas on GPU/TPU).
+      on CPU, pallas on GPU/TPU).
     tile_shape: per-dimension query tile of the xla/pallas paths (default: a
       cost model, :func:`attnjax.neighborhood.tiling.default_tile_shape`, for
       xla; power-of-two tiles of 128 queries,
