@@ -211,6 +211,7 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
   heads = range(cfg.Hl)
   norm = _norm(cfg)
   Rq = cfg.R * cfg.bq
+  plain = cfg.plain_softmax and bias_r is None
 
   def step(carry, x):
     dq, dk, dv, dbias, dscore = carry
@@ -221,6 +222,14 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     doblk = Tl.take_heads(do_r, heads, qb)
     lse = Tl.take_heads(lse_r, heads, qb)
     delta = Tl.take_heads(delta_r, heads, qb)
+    if plain:
+      vis = Tl.visibility(cfg, aux, qb, kb, kval if ragged else None, partial)
+      dq_blk, dk_blk, dv_blk = _plain_item_grads(cfg, qblk, kblk, vblk, doblk, lse, delta, vis)
+      ok = valid[..., None, None]
+      dq = put_heads(dq, heads, qb, jnp.where(ok, dq_blk, 0.0), add=True)
+      dk = put_keys(dk, cfg.kvh, kb, jnp.where(ok, dk_blk, 0.0))
+      dv = put_keys(dv, cfg.kvh, kb, jnp.where(ok, dv_blk, 0.0))
+      return (dq, dk, dv, dbias, dscore), None
     s = Tl.raw_logits(cfg, qblk, kblk, bias_r, qb, kb)
     if cfg.plain_softmax:
       t, t_vjp = s, None
@@ -278,6 +287,34 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
 
   carry, _ = jax.lax.scan(step, carry, _steps(sched))
   return carry
+
+
+def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
+  """dq, dk, dv tiles of plain-softmax items, computed with key-major probabilities.
+
+  The logits are formed transposed, [B, Hl, L, W, Rq], so that dS^T Q and
+  P^T dO are plain matmuls; only dS is transposed back (for dS K). The CPU
+  backend's fast matmul path contracts operands on their last axis only, and a
+  transposed-operand product falls back to a path about 2x slower.
+  """
+  Rq, W = qblk.shape[-2], kblk.shape[-2]
+  st = jnp.einsum("bhlkd,bhlqd->bhlkq", kblk, qblk, preferred_element_type=jnp.float32)
+  st = st * jnp.float32(cfg.scale)
+  fin = jnp.isfinite(lse)
+  pt = jnp.exp(st - jnp.where(fin, lse, 0.0)[..., None, :])
+  if vis is not None:
+    vis = jnp.broadcast_to(vis, vis.shape[:3] + (cfg.R, cfg.bq, W)).reshape(
+        vis.shape[:3] + (Rq, W))
+    pt = jnp.where(jnp.swapaxes(vis, 3, 4), pt, 0.0)
+  dpt = jnp.einsum("bhlkd,bhlqd->bhlkq", vblk, doblk, preferred_element_type=jnp.float32)
+  dst = pt * (dpt - delta[..., None, :]) * jnp.float32(cfg.scale)
+  dv_blk = jnp.einsum("bhlkq,bhlqd->bhlkd", pt.astype(doblk.dtype), doblk,
+                      preferred_element_type=jnp.float32)
+  dst = dst.astype(qblk.dtype)
+  dk_blk = jnp.einsum("bhlkq,bhlqd->bhlkd", dst, qblk, preferred_element_type=jnp.float32)
+  dq_blk = jnp.einsum("bhlqk,bhlkd->bhlqd", jnp.swapaxes(dst, 3, 4), kblk,
+                      preferred_element_type=jnp.float32)
+  return dq_blk, dk_blk, dv_blk
 
 
 def _tree_add(acc, upd):
