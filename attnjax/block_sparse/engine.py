@@ -293,9 +293,11 @@ def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
   """dq, dk, dv tiles of plain-softmax items, computed with key-major probabilities.
 
   The logits are formed transposed, [B, Hl, L, W, Rq], so that dS^T Q and
-  P^T dO are plain matmuls; only dS is transposed back (for dS K). The CPU
-  backend's fast matmul path contracts operands on their last axis only, and a
-  transposed-operand product falls back to a path about 2x slower.
+  P^T dO are plain matmuls, and dq is returned transposed, dq^T = K^T dS^T
+  [B, Hl, L, H, Rq] (transposing the [W, H] key tile is much cheaper than
+  transposing dS). The CPU backend's fast matmul path takes operands
+  contracted on their last (lhs) / first (rhs) axis only; a transposed-operand
+  product falls back to a path 2-3x slower.
   """
   Rq, W = qblk.shape[-2], kblk.shape[-2]
   st = jnp.einsum("bhlkd,bhlqd->bhlkq", kblk, qblk, preferred_element_type=jnp.float32)
@@ -312,9 +314,9 @@ def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
                       preferred_element_type=jnp.float32)
   dst = dst.astype(qblk.dtype)
   dk_blk = jnp.einsum("bhlkq,bhlqd->bhlkd", dst, qblk, preferred_element_type=jnp.float32)
-  dq_blk = jnp.einsum("bhlqk,bhlkd->bhlqd", jnp.swapaxes(dst, 3, 4), kblk,
-                      preferred_element_type=jnp.float32)
-  return dq_blk, dk_blk, dv_blk
+  dqt_blk = jnp.einsum("bhldk,bhlkq->bhldq", jnp.swapaxes(kblk, 3, 4), dst,
+                       preferred_element_type=jnp.float32)
+  return dqt_blk, dk_blk, dv_blk
 
 
 def _tree_add(acc, upd):
@@ -349,7 +351,9 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
   if dlse is not None and _norm(cfg) != "none":
     delta = delta - dlse.astype(f32)
   B, Hl, nq, nk, R, bq, bk, K = cfg.B, cfg.Hl, cfg.nq, cfg.nk, cfg.R, cfg.bq, cfg.bk, cfg.K
-  dq = jnp.zeros((B, Hl, nq, R * bq, cfg.H), f32)
+  plain = cfg.plain_softmax and bias_r is None
+  # plain-softmax items accumulate dq transposed, [B, Hl, nq, H, R*bq]
+  dq = jnp.zeros((B, Hl, nq) + ((cfg.H, R * bq) if plain else (R * bq, cfg.H)), f32)
   dk = jnp.zeros((B, K, nk, bk, cfg.H), f32)
   dv = jnp.zeros((B, K, nk, bk, cfg.Hv), f32)
   dbias = None if bias_r is None else jnp.zeros(bias_r.shape, f32)
@@ -374,6 +378,8 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
                                                                  jnp.floating) else g,
       dscore, score)
   # back to the inputs' token layout
+  if plain:
+    dq = jnp.swapaxes(dq, 3, 4)
   dq = dq.reshape(B, Hl, nq, R, bq, cfg.H).transpose(0, 2, 4, 1, 3, 5).reshape(
       B, nq, bq, Hl, R * cfg.H)
   dk = dk.transpose(0, 2, 3, 1, 4)
