@@ -321,3 +321,14 @@ def test_bad_layout_and_blocks():
                                    block_kv=16)
   with pytest.raises(ValueError, match="implementation"):
     fast_attention(q, k, v, implementation="cuda")
+
+
+def test_choose_group_equal_groups_and_full_width_for_tall_tiles():
+  # equal groups of the longest row, at most TILE_KEYS // bk blocks
+  assert P.choose_group(np.array([13, 4]), 64) == 7          # 7 + 6, not 8 + 5
+  assert P.choose_group(np.array([1, 1]), 64) == 1
+  # tiles of >= WIDE_TILE_ROWS rows take the full width when it pads <= 25% more
+  assert P.choose_group(np.array([13, 4]), 64, rows=256) == 8   # 16 + 8 vs 14 + 7
+  assert P.choose_group(np.array([7]), 64, rows=256) == 8
+  assert P.choose_group(np.array([6]), 64, rows=256) == 6       # 8 would pad 33%
+  assert P.choose_group(np.array([13]), 64, rows=64) == 7

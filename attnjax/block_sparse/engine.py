@@ -211,7 +211,7 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
   heads = range(cfg.Hl)
   norm = _norm(cfg)
   Rq = cfg.R * cfg.bq
-  plain = cfg.plain_softmax and bias_r is None
+  plain = _plain(cfg, bias_r)
 
   def step(carry, x):
     dq, dk, dv, dbias, dscore = carry
@@ -289,6 +289,11 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
   return carry
 
 
+def _plain(cfg: Tl.Cfg, bias_r) -> bool:
+  """Plain softmax without bias: the backward runs key-major (``_plain_item_grads``)."""
+  return cfg.plain_softmax and bias_r is None
+
+
 def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
   """dq, dk, dv tiles of plain-softmax items, computed with key-major probabilities.
 
@@ -351,7 +356,7 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
   if dlse is not None and _norm(cfg) != "none":
     delta = delta - dlse.astype(f32)
   B, Hl, nq, nk, R, bq, bk, K = cfg.B, cfg.Hl, cfg.nq, cfg.nk, cfg.R, cfg.bq, cfg.bk, cfg.K
-  plain = cfg.plain_softmax and bias_r is None
+  plain = _plain(cfg, bias_r)
   # plain-softmax items accumulate dq transposed, [B, Hl, nq, H, R*bq]
   dq = jnp.zeros((B, Hl, nq) + ((cfg.H, R * bq) if plain else (R * bq, cfg.H)), f32)
   dk = jnp.zeros((B, K, nk, bk, cfg.H), f32)

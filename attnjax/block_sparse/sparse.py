@@ -210,7 +210,7 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
   else:
     Hl, R, kvh = d.N, 1, tuple(n // G for n in range(d.N))
   partial = mask is not None or segs is not None
-  g = P.choose_group(np.array(k), block_kv)
+  g = P.choose_group(np.array(k), block_kv, R * block_q)
   per_item = d.B * Hl * R * block_q * block_kv * g
   lanes = int(max(1, min(nq, P.STEP_BUDGET // per_item)))
   sched = _runtime_schedule(jax.lax.stop_gradient(idx), jax.lax.stop_gradient(counts), nq,
