@@ -40,6 +40,23 @@ def time_fn(fn: Callable, *args, repeats: int = 3, min_time: float = 0.0) -> flo
   return statistics.median(times)
 
 
+def time_pair(fn_a: Callable, fn_b: Callable, *args, repeats: int = 3):
+  """Median wall seconds of ``fn_a(*args)`` and ``fn_b(*args)``, timed alternately.
+
+  One warm-up call each, then ``repeats`` rounds of (a, b): a burst of load on a
+  shared machine hits both sides of a ratio instead of one.
+  """
+  block(fn_a(*args))
+  block(fn_b(*args))
+  ta, tb = [], []
+  for _ in range(repeats):
+    for fn, out in ((fn_a, ta), (fn_b, tb)):
+      t0 = time.perf_counter()
+      block(fn(*args))
+      out.append(time.perf_counter() - t0)
+  return statistics.median(ta), statistics.median(tb)
+
+
 def measure_matmul_gflops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
   """GFLOP/s of a plain ``jnp`` [n, n] x [n, n] matmul on the default device."""
   ka, kb = jax.random.split(jax.random.PRNGKey(0))
