@@ -163,6 +163,16 @@ def _attend_fwd(q, k, v, bias, cfg):
   return (o, lse), (q, k, v, bias, o, lse)
 
 
+def _keys_grad(x, w):
+  """x [..., M, h], w [..., M, u] -> w^T x [..., u, h] (float32), computed as
+  (x^T w)^T: the transposes land on the small x and on the result, and the
+  product keeps its lhs contracted on the last axis, which XLA:CPU's fast
+  matmul path needs (a transposed-lhs product falls back to a slower dot)."""
+  xt = jnp.swapaxes(x, -1, -2)
+  return jnp.swapaxes(jnp.einsum("...hm,...mu->...hu", xt, w,
+                                 preferred_element_type=jnp.float32), -1, -2)
+
+
 def _attend_bwd(cfg, res, cts):
   q, k, v, bias, o, lse = res
   do, dlse = cts
@@ -190,11 +200,10 @@ def _attend_bwd(cfg, res, cts):
       db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(ds, axis=0), start, 1)
     p = p.reshape(dp.shape)
     ds = ds.reshape(dp.shape)
-    dv_ = jnp.einsum("bkcmu,bkcmh->bkcuh", p, do_, preferred_element_type=jnp.float32)
+    dv_ = _keys_grad(do_, p)
     dq_ = jnp.einsum("bkcmu,bkcuh->bkcmh", ds.astype(k_.dtype), k_,
                      preferred_element_type=jnp.float32) * cfg.scale
-    dk_ = jnp.einsum("bkcmu,bkcmh->bkcuh", ds.astype(q_.dtype), q_,
-                     preferred_element_type=jnp.float32) * cfg.scale
+    dk_ = _keys_grad(q_, ds.astype(q_.dtype)) * cfg.scale
     return (_put(dq, dq_, _ds(tabs.q_put, start, size), K, False),
             _put(dk, dk_, ki, K, True), _put(dv, dv_, ki, K, True), db)
 
