@@ -25,7 +25,7 @@ from attnjax.neighborhood.tables import (mask_bias_table, query_index, tile_rpb,
                                          union_index)
 from attnjax.neighborhood.tiling import plans, tile_counts
 
-__all__ = ["na_xla", "visited_pairs", "to_tiles", "from_tiles", "tile_rpb"]
+__all__ = ["na_xla", "visited_pairs", "step_shape", "to_tiles", "from_tiles", "tile_rpb"]
 
 #: logits elements (float32) per loop step: large enough for efficient batched
 #: matmuls, small enough that a step's probabilities stay in cache
@@ -258,3 +258,12 @@ def visited_pairs(spatial_shape, kernel_size, dilation, is_causal, tile_shape) -
   ps = plans(tuple(spatial_shape), kernel_size, dilation, is_causal, tile_shape)
   G, tq, uk = tile_counts(ps)
   return G * tq * uk
+
+
+def step_shape(spatial_shape, kernel_size, dilation, is_causal, tile_shape, batch: int,
+               heads: int):
+  """(matmuls per loop step, rows, union keys) of the tiled path's batched tile
+  matmuls for ``heads`` query heads without grouping (one kv head per head)."""
+  ps = plans(tuple(spatial_shape), kernel_size, dilation, is_causal, tile_shape)
+  G, tq, uk = tile_counts(ps)
+  return batch * heads * _chunk_size(batch, heads, G, tq, uk), tq, uk

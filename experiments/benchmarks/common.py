@@ -67,6 +67,26 @@ def measure_matmul_gflops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) ->
   return 2.0 * n ** 3 / t / 1e9
 
 
+def tile_matmul_gflops(batch: int, rows: int, keys: int, head_dim: int,
+                       dtype=jnp.float32, repeats: int = 10) -> float:
+  """GFLOP/s of an attention tile's two matmuls alone, batched as a kernel step runs them.
+
+  Times ``S = Q K^T`` ([batch, rows, head_dim] x [batch, keys, head_dim]) and
+  ``O = P V`` ([batch, rows, keys] x [batch, keys, head_dim]) in one jitted call,
+  with nothing else: the ceiling a tiled attention path with these tiles can
+  reach on this device, to set next to :func:`measure_matmul_gflops`.
+  """
+  ks = jax.random.split(jax.random.PRNGKey(1), 4)
+  q = jax.random.normal(ks[0], (batch, rows, head_dim), dtype)
+  k = jax.random.normal(ks[1], (batch, keys, head_dim), dtype)
+  p = jax.random.normal(ks[2], (batch, rows, keys), dtype)
+  v = jax.random.normal(ks[3], (batch, keys, head_dim), dtype)
+  f = jax.jit(lambda q, k, p, v: (jnp.einsum("bmh,bkh->bmk", q, k),
+                                  jnp.einsum("bmk,bkh->bmh", p, v)))
+  t = time_fn(f, q, k, p, v, repeats=repeats)
+  return 4.0 * batch * rows * keys * head_dim / t / 1e9
+
+
 def attention_flops(num_pairs: float, batch: int, heads: int, head_dim: int,
                     value_dim: Optional[int] = None, backward: bool = False) -> float:
   """FLOPs of softmax attention over ``num_pairs`` visited (query, key) pairs per head.

@@ -18,6 +18,10 @@ attention is timed alternately with the dense path (``dense_s``: the paired
 dense time the row's ratios use), so a burst of load hits both. Recall is the
 share of the true softmax mass a layout keeps, on random inputs and on
 inputs with planted structure (a few keys per query carry most of the mass).
+``tile_matmul_gflops`` (engine rows): GFLOP/s of the step's matmuls run alone
+at the row's item shape (a query block against its k selected key blocks; on
+the dense row, the dense path's own tiles), measured in the same process: the
+per-element ceiling of each path on this device.
 Default shape: B=1, N=8, H=64, float32, T=8192.
 """
 from __future__ import annotations
@@ -123,7 +127,10 @@ def _method_rows(T, kb, basis, q, k, v, qp, kp, dense, repeats):
           implementation="gather" if impl == "gather" else None))
       t_att, t_dense = common.time_pair(lambda f=attend: f(q, k, v, idx, cnt),
                                         lambda: dense(q, k, v), repeats=repeats)
-      rows.append(dict(method=name, path=path, T=T, k=kb, density_basis=basis,
+      extra = {}
+      if path == "engine":
+        extra["tile_matmul_gflops"] = _item_matmul_gflops(q.shape[2], bq, kb * bkv, q.shape[3])
+      rows.append(dict(method=name, path=path, T=T, k=kb, density_basis=basis, **extra,
                        density=round(density, 4),
                        density_vs_causal=round(density_causal, 4),
                        select_s=t_sel, attend_s=t_att, dense_s=t_dense,
@@ -131,6 +138,15 @@ def _method_rows(T, kb, basis, q, k, v, qp, kp, dense, repeats):
                        attend_vs_density_x_dense=t_att / (density_causal * t_dense),
                        recall_random=r_rand, recall_planted=r_plant))
   return rows
+
+
+def _item_matmul_gflops(N, bq, width, H):
+  """GFLOP/s of one engine step's matmuls alone: items of [bq, H] x [H, width]
+  (a query block against its ``width`` selected keys), N heads x as many items
+  as fit the engine's logits budget per step."""
+  from attnjax.block_sparse.plan import STEP_BUDGET  # pylint: disable=g-import-not-at-top
+  items = max(1, STEP_BUDGET // (N * bq * width))
+  return common.tile_matmul_gflops(N * items, bq, width, H)
 
 
 def _gate_params(q_shape, hidden=128):
@@ -152,8 +168,13 @@ def run():
     q, k, v = _inputs(T, N, H, planted=False)
     dense_jit = jax.jit(dense)
     t_dense = common.time_fn(dense_jit, q, k, v, repeats=repeats)
+    extra = {}
+    if G.engine():  # the dense path's own tiles (bq, bk) on the engine
+      from attnjax.block_sparse.plan import choose_blocks  # pylint: disable=g-import-not-at-top
+      bq, bk = choose_blocks(T, T)[:2]
+      extra["tile_matmul_gflops"] = _item_matmul_gflops(N, bq, bk, H)
     rows.append(dict(method="dense", path=dense_name, T=T, density=1.0, density_vs_causal=1.0,
-                     dense_s=t_dense,
+                     dense_s=t_dense, **extra,
                      select_s=0.0, attend_s=t_dense, attend_vs_01dense=10.0,
                      attend_vs_density_x_dense=1.0, recall_random=1.0, recall_planted=1.0))
     qp, kp, vp = _inputs(T, N, H, planted=True)

@@ -3,7 +3,10 @@
 float32, B = 1, N = 4, H = 32: na2d on 64x64 and 128x128 tokens with kernel 7
 and 13, na3d on 16x32x32 with kernel 7. For each: forward and forward+backward
 time of the tiled XLA path, achieved GFLOP/s counting the visited (query, key)
-pairs of its tiles (and the share of a plain matmul's GFLOP/s), peak memory
+pairs of its tiles (and the share of a plain matmul's GFLOP/s), the GFLOP/s
+of the path's two batched tile matmuls run alone at its step shape
+(``tile_matmul_gflops``: the ceiling for these tiles on this device, and
+``fwd_tile_matmul_share``, the forward's share of it), peak memory
 from XLA's analysis, and the dense masked baselines
 (``jax.nn.dot_product_attention`` with the dense neighborhood mask, and
 attnjax's reference) where they fit.
@@ -20,7 +23,7 @@ from attnjax.core.reference import reference_attention
 from attnjax.masks.neighborhood import Neighborhood
 from attnjax.neighborhood import neighborhood_attention
 from attnjax.neighborhood.tiling import default_tile_shape
-from attnjax.neighborhood.xla import visited_pairs
+from attnjax.neighborhood.xla import step_shape, visited_pairs
 from experiments.benchmarks import common
 
 FLAGS = flags.FLAGS
@@ -77,12 +80,15 @@ def _xla_row(spatial, kernel, tile, repeats, dtype, matmul):
   t_fb = common.time_fn(fwdbwd, q, k, v, repeats=repeats)
   gf = common.attention_flops(pairs, B, N, H) / t_f / 1e9
   gfb = common.attention_flops(pairs, B, N, H, backward=True) / t_fb / 1e9
+  tile_mm = common.tile_matmul_gflops(
+      *step_shape(spatial, (kernel,) * D, (1,) * D, (False,) * D, tile, B, N), H)
   return {"op": f"na{D}d_xla", "spatial": "x".join(map(str, spatial)), "tokens": L,
           "kernel": kernel, "tile": "x".join(map(str, tile)),
           "visited_keys_per_query": pairs / L, "window_keys": kernel ** D,
           "fwd_s": t_f, "fwdbwd_s": t_fb, "fwd_gflops": gf, "fwdbwd_gflops": gfb,
           "matmul_gflops": matmul, "fwd_matmul_share": gf / matmul,
           "fwdbwd_matmul_share": gfb / matmul,
+          "tile_matmul_gflops": tile_mm, "fwd_tile_matmul_share": gf / tile_mm,
           "peak_mb": (common.peak_bytes(raw, q, k, v) or 0) / 2 ** 20}
 
 
