@@ -18,6 +18,9 @@ attention is timed alternately with the dense path (``dense_s``: the paired
 dense time the row's ratios use), so a burst of load hits both. Recall is the
 share of the true softmax mass a layout keeps, on random inputs and on
 inputs with planted structure (a few keys per query carry most of the mass).
+GQA rows (``kv_heads`` = 2, N = 8): the pooled selector keeps one list per KV
+head, shared by its 4 query heads, which the engine stacks into 256-row tiles;
+their dense reference is dense causal GQA on the same inputs.
 ``tile_matmul_gflops`` (engine rows): GFLOP/s of the step's matmuls run alone
 at the row's item shape (a query block against its k selected key blocks; on
 the dense row, the dense path's own tiles), measured in the same process: the
@@ -38,21 +41,40 @@ from experiments.benchmarks import common
 
 FLAGS = flags.FLAGS
 BLOCK = 64
+#: KV heads of the GQA rows (N = 8 query heads: groups of 4)
+GQA_KV_HEADS = 2
 
 
-def _inputs(T, N, H, planted, seed=0):
+def _inputs(T, N, H, planted, seed=0, K=None):
+  """q [1, T, N, H], k and v [1, T, K, H] (K = N by default)."""
+  K = N if K is None else K
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   q = jax.random.normal(ks[0], (1, T, N, H), jnp.float32)
-  k = jax.random.normal(ks[1], (1, T, N, H), jnp.float32)
-  v = jax.random.normal(ks[2], (1, T, N, H), jnp.float32)
+  k = jax.random.normal(ks[1], (1, T, K, H), jnp.float32)
+  v = jax.random.normal(ks[2], (1, T, K, H), jnp.float32)
   if planted:
-    # Every query block shares a direction with 4 earlier "needle" keys, scaled up.
+    # Every query block shares a direction with 4 earlier "needle" keys, scaled up
+    # (with GQA the needle is the mean direction of the KV head's query heads).
     nq = T // BLOCK
     qb = jnp.repeat(jax.random.normal(ks[3], (1, nq, N, H)), BLOCK, axis=1)
     q = 0.3 * q + qb
     needles = (jnp.arange(nq)[:, None] * BLOCK * jnp.array([0.9, 0.6, 0.3, 0.1])).astype(int)
-    k = k.at[:, needles.reshape(-1)].set(3.0 * jnp.repeat(qb[:, ::BLOCK], 4, axis=1))
+    kb = qb[:, ::BLOCK].reshape(1, nq, K, N // K, H).mean(3)
+    k = k.at[:, needles.reshape(-1)].set(3.0 * jnp.repeat(kb, 4, axis=1))
   return q, k, v
+
+
+def _pooled_select(q, k, kb, bq):
+  """Top-kb key blocks (of BLOCK) per KV head and query block of ``bq`` rows by
+  pooled scores (mean q over the block and over the KV head's query heads,
+  mean k): the cheapest content selector. The diagonal block is always kept."""
+  d = V.check_qkv(q, k, k)
+  nq, nk = d.T // bq, d.S // BLOCK
+  qp = S.pool_blocks(q, bq).reshape(d.B, nq, d.K, d.N // d.K, d.H).mean(3)
+  sc = jnp.einsum("bqnh,bknh->bnqk", qp, S.pool_blocks(k, BLOCK))
+  valid = S.block_validity(*S.normalize_positions(None, None, d), bq, BLOCK, causal=True)
+  diag = (jnp.arange(nk)[None, :] * BLOCK) // bq == jnp.arange(nq)[:, None]
+  return S.topk_blocks(sc, kb, valid=valid, force=diag[None, None])
 
 
 def _dense_fn():
@@ -68,21 +90,6 @@ def _dense_fn():
 
 def _selectors(T, kb):
   """name -> (select(q, k) -> block lists, block_q, block_kv)."""
-  d_pos = lambda q, k: S.normalize_positions(None, None, V.check_qkv(q, k, k))
-  nk = T // BLOCK
-
-  def oracle(q, k):  # top-k by pooled scores (mean q, mean k): the cheapest content selector
-    sc = jnp.einsum("bqnh,bknh->bnqk", S.pool_blocks(q, BLOCK), S.pool_blocks(k, BLOCK))
-    valid = S.block_validity(*d_pos(q, k), BLOCK, BLOCK, causal=True)
-    force = jnp.eye(nk, dtype=bool)[None, None]
-    return S.topk_blocks(sc, kb, valid=valid, force=force)
-
-  def pooled_coarse_q(q, k, bq=4 * BLOCK):  # the same selector on 256-row query blocks
-    sc = jnp.einsum("bqnh,bknh->bnqk", S.pool_blocks(q, bq), S.pool_blocks(k, BLOCK))
-    valid = S.block_validity(*d_pos(q, k), bq, BLOCK, causal=True)
-    diag = (jnp.arange(nk)[None, :] * BLOCK) // bq == jnp.arange(T // bq)[:, None]
-    return S.topk_blocks(sc, kb, valid=valid, force=diag[None, None])
-
   gate = _gate_params(q_shape=(1, T, 8, 64))
 
   def seer(q, k):
@@ -92,8 +99,9 @@ def _selectors(T, kb):
   def hip(q, k):
     return D.hip_mask(q, k, top_k=kb * BLOCK, block_size_q=BLOCK, block_size_k=BLOCK)
 
-  return {"pooled-topk": (oracle, BLOCK, BLOCK),
-          "pooled-topk(q blocks 256)": (pooled_coarse_q, 4 * BLOCK, BLOCK),
+  return {"pooled-topk": (lambda q, k: _pooled_select(q, k, kb, BLOCK), BLOCK, BLOCK),
+          "pooled-topk(q blocks 256)": (lambda q, k: _pooled_select(q, k, kb, 4 * BLOCK),
+                                        4 * BLOCK, BLOCK),
           "seer(untrained gate)": (seer, BLOCK, BLOCK),
           "hip(block_k=64)": (hip, BLOCK, BLOCK)}
 
@@ -104,13 +112,14 @@ def _budgets(nk):
   return (("all blocks", max(1, round(0.1 * nk))), ("causal triangle", max(1, round(0.05 * nk))))
 
 
-def _method_rows(T, kb, basis, q, k, v, qp, kp, dense, repeats):
+def _method_rows(T, kb, basis, q, k, v, qp, kp, dense, repeats, selectors=None):
   """Selection and attention timings and recall of every selector at k blocks per row;
   each attention is timed alternately with the jitted ``dense`` (its ratios use that
   paired dense time, ``dense_s``)."""
   nk = T // BLOCK
   rows = []
-  for name, (select, bq, bkv) in _selectors(T, kb).items():
+  selectors = _selectors(T, kb) if selectors is None else selectors
+  for name, (select, bq, bkv) in selectors.items():
     sel = jax.jit(select)
     t_sel = common.time_fn(sel, q, k, repeats=repeats)
     idx, cnt = sel(q, k)
@@ -129,8 +138,11 @@ def _method_rows(T, kb, basis, q, k, v, qp, kp, dense, repeats):
                                         lambda: dense(q, k, v), repeats=repeats)
       extra = {}
       if path == "engine":
-        extra["tile_matmul_gflops"] = _item_matmul_gflops(q.shape[2], bq, kb * bkv, q.shape[3])
-      rows.append(dict(method=name, path=path, T=T, k=kb, density_basis=basis, **extra,
+        hl = idx.shape[1]  # list heads: a KV head's lists stack its query heads' rows
+        extra["tile_matmul_gflops"] = _item_matmul_gflops(hl, bq * (q.shape[2] // hl),
+                                                          kb * bkv, q.shape[3])
+      rows.append(dict(method=name, path=path, T=T, kv_heads=k.shape[2], k=kb,
+                       density_basis=basis, **extra,
                        density=round(density, 4),
                        density_vs_causal=round(density_causal, 4),
                        select_s=t_sel, attend_s=t_att, dense_s=t_dense,
@@ -173,13 +185,22 @@ def run():
       from attnjax.block_sparse.plan import choose_blocks  # pylint: disable=g-import-not-at-top
       bq, bk = choose_blocks(T, T)[:2]
       extra["tile_matmul_gflops"] = _item_matmul_gflops(N, bq, bk, H)
-    rows.append(dict(method="dense", path=dense_name, T=T, density=1.0, density_vs_causal=1.0,
-                     dense_s=t_dense, **extra,
+    rows.append(dict(method="dense", path=dense_name, T=T, kv_heads=N, density=1.0,
+                     density_vs_causal=1.0, dense_s=t_dense, **extra,
                      select_s=0.0, attend_s=t_dense, attend_vs_01dense=10.0,
                      attend_vs_density_x_dense=1.0, recall_random=1.0, recall_planted=1.0))
     qp, kp, vp = _inputs(T, N, H, planted=True)
     for basis, kb in _budgets(nk):
       rows += _method_rows(T, kb, basis, q, k, v, qp, kp, dense_jit, repeats)
+    # GQA: lists shared by the query heads of a KV head stack them into one
+    # engine tile (GQA_KV_HEADS query heads x 64 rows), against dense GQA.
+    qg, kg, vg = _inputs(T, N, H, planted=False, K=GQA_KV_HEADS)
+    qgp, kgp, _ = _inputs(T, N, H, planted=True, K=GQA_KV_HEADS)
+    for basis, kb in _budgets(nk):
+      gqa = {f"pooled-topk(lists per kv head, K={GQA_KV_HEADS})":
+             (lambda a, b, kb=kb: _pooled_select(a, b, kb, BLOCK), BLOCK, BLOCK)}
+      rows += _method_rows(T, kb, basis, qg, kg, vg, qgp, kgp, dense_jit, repeats,
+                           selectors=gqa)
     # Token-level and whole-method rows: HyperAttention (approximate) and Combiner-Fixed.
     hyper = jax.jit(lambda a, b, c: D.hyper_attention(a, b, c, causal=True, min_seq_len=1024))
     combiner = jax.jit(lambda a, b, c: D.combiner_attention(a, b, c, segment_len=BLOCK * 2))
