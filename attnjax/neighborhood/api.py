@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -117,8 +116,10 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
     additional_values: [B, S_add, K, Hv], with ``additional_keys``.
     return_lse: also return lse [B, *spatial, N] float32.
     implementation: "reference" (dense oracle, O(n^2)), "xla" (tiled, linear
-      in tokens), "pallas" (fused kernel; interpret mode on CPU) or None (xla
-      on CPU, pallas on GPU/TPU).
+      in tokens), "pallas" (fused kernel; interpret mode on CPU) or None
+      ("xla" on every platform: the fused kernels have been checked in
+      interpret mode and for lowering only, never run on a GPU or TPU, so they
+      are opt-in until they are).
     tile_shape: per-dimension query tile of the xla/pallas paths (default: a
       cost model, :func:`attnjax.neighborhood.tiling.default_tile_shape`, for
       xla; power-of-two tiles of 128 queries,
@@ -134,7 +135,7 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
   has_add = _check_additional(additional_keys, additional_values, d)
   scale = V.check_scale(scale, d.H)
   if implementation is None:
-    implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
+    implementation = "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
                      f"got {implementation!r}.")
