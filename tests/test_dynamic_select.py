@@ -141,3 +141,54 @@ def test_attention_mass_recall_full_and_planted():
   assert per.shape == (1, 64, 2) and float(per[0, -1].min()) > 0.95
   tok = jnp.broadcast_to(jnp.arange(64), (1, 64, 2, 64))
   assert abs(float(S.attention_mass_recall(q, k, tok)) - 1) < 1e-5
+
+
+def _pooled_scores_numpy(q, k, bq, bkv, per_kv_head):
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  qp = np.asarray(q).reshape(B, T // bq, bq, N, H).mean(2)
+  kp = np.asarray(k).reshape(B, k.shape[1] // bkv, bkv, K, H).mean(2)
+  if per_kv_head:
+    qp = qp.reshape(B, T // bq, K, N // K, H).mean(3)
+  else:
+    kp = np.repeat(kp, N // K, axis=2)
+  return np.einsum("bqnh,bknh->bnqk", qp, kp)
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_pooled_topk_blocks_matches_numpy_topk_and_keeps_the_diagonal(per_kv_head):
+  q, k, _ = _qkv(B=2, T=64, N=4, K=2, H=8, seed=3)
+  bq, bkv, kb = 8, 8, 3
+  idx, cnt = S.pooled_topk_blocks(q, k, kb, block_q=bq, block_kv=bkv, per_kv_head=per_kv_head)
+  heads = 2 if per_kv_head else 4
+  assert idx.shape == (2, heads, 8, kb) and cnt.shape == (2, heads, 8)
+  sc = _pooled_scores_numpy(q, k, bq, bkv, per_kv_head)
+  for b in range(2):
+    for h in range(heads):
+      for i in range(8):
+        n = int(cnt[b, h, i])
+        assert n == min(kb, i + 1)
+        chosen = set(np.asarray(idx[b, h, i, :n]).tolist())
+        assert i in chosen  # the diagonal block is forced
+        others = np.argsort(-sc[b, h, i, :i])[:n - 1]
+        assert chosen == {i} | set(int(j) for j in others)
+
+
+def test_pooled_topk_blocks_non_causal_and_cross_lengths():
+  q, k, _ = _qkv(B=1, T=32, N=2, K=2, H=8, S_=48, seed=4)
+  idx, cnt = S.pooled_topk_blocks(q, k, 6, block_q=8, block_kv=8, causal=False)
+  assert idx.shape == (1, 2, 4, 6)
+  np.testing.assert_array_equal(np.asarray(cnt), 6)
+  np.testing.assert_array_equal(np.sort(np.asarray(idx), -1),
+                                np.broadcast_to(np.arange(6), (1, 2, 4, 6)))
+  with pytest.raises(ValueError, match="block"):
+    S.pooled_topk_blocks(q, k, 2, block_q=7, block_kv=8)
+
+
+def test_pooled_topk_blocks_forces_the_query_blocks_own_key_blocks():
+  q, k, _ = _qkv(B=1, T=64, N=2, K=2, H=8, seed=5)
+  idx, cnt = S.pooled_topk_blocks(q, k, 5, block_q=32, block_kv=8)
+  for h in range(2):
+    for i in range(2):
+      chosen = set(np.asarray(idx[0, h, i, :int(cnt[0, h, i])]).tolist())
+      assert set(range(4 * i, 4 * i + 4)) <= chosen  # the 4 key blocks inside q-block i

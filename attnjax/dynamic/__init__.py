@@ -21,6 +21,7 @@ from attnjax.dynamic.routing import RoutingAttention, kmeans_ema_update, routing
 from attnjax.dynamic.seer import (SeerAttention, SeerAttnGate, gate_to_layout, seer_attention,
                                   seer_distillation_loss, seer_gate, seer_ground_truth)
 from attnjax.dynamic.select import (attention_mass_recall, block_layout_to_mask, block_validity,
-                                    pool_blocks, token_indices_to_mask, topk_blocks)
+                                    pool_blocks, pooled_topk_blocks, token_indices_to_mask,
+                                    topk_blocks)
 from attnjax.dynamic.sparsifiner import (SparsifinerAttention, connectivity_scores,
                                          sparsifiner_attention, sparsifiner_distillation_loss)

@@ -21,7 +21,7 @@ from attnjax.core import validation as V
 __all__ = [
     "pool_blocks", "block_validity", "topk_blocks", "attention_mass_recall",
     "block_layout_to_mask", "token_indices_to_mask", "expand_block_heads",
-    "normalize_positions",
+    "normalize_positions", "pooled_topk_blocks",
 ]
 
 _POOLS = ("mean", "max", "min")
@@ -126,6 +126,48 @@ def topk_blocks(scores, k: int, *, valid=None, force=None):
   counts = sel_ok.sum(-1).astype(jnp.int32)
   idx = jnp.sort(jnp.where(sel_ok, idx, nk), axis=-1)
   return pad_block_lists(idx.astype(jnp.int32), counts), counts
+
+
+def pooled_topk_blocks(query, key, k: int, *, block_q: int, block_kv: int, causal: bool = True,
+                       per_kv_head: bool = False, q_positions=None, k_positions=None):
+  """Block lists from pooled scores: the cheapest content-based selector.
+
+  A q-block's score for a k-block is the dot product of the mean query of the
+  block (also averaged over the query heads of a KV head when
+  ``per_kv_head``) and the mean key of the k-block. With ``causal``, blocks
+  with no visible pair are never chosen, and the valid k-blocks that overlap
+  the q-block's own positions (the diagonal in self-attention) are always
+  kept (the lowest-index ones if there are more than k).
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; k: static blocks per row.
+    block_q, block_kv: block sizes dividing T and S.
+    per_kv_head: one list per KV head, shared by its N // K query heads (the
+      engine then stacks those heads into one tile) instead of one per head.
+
+  Returns:
+    (indices int32 [B, N or K, T // block_q, k], counts int32 [B, N or K, T // block_q]),
+    as :func:`topk_blocks`.
+  """
+  d = V.check_qkv(query, key, key)
+  _check_block_sizes(d.T, d.S, block_q, block_kv)
+  nq, nk = d.T // block_q, d.S // block_kv
+  qp = pool_blocks(query.astype(jnp.float32), block_q)  # [B, nq, N, H]
+  kp = pool_blocks(key.astype(jnp.float32), block_kv)  # [B, nk, K, H]
+  if per_kv_head:
+    qp = qp.reshape(d.B, nq, d.K, d.N // d.K, d.H).mean(3)
+  else:
+    kp = jnp.repeat(kp, d.N // d.K, axis=2)
+  scores = jnp.einsum("bqnh,bknh->bnqk", qp, kp)
+  if not causal:
+    return topk_blocks(scores, k)
+  q_pos, k_pos = normalize_positions(q_positions, k_positions, d)
+  valid = block_validity(q_pos, k_pos, block_q, block_kv, causal=True)
+  qb = q_pos.reshape(q_pos.shape[0], nq, block_q)
+  kb = k_pos.reshape(k_pos.shape[0], nk, block_kv)
+  own = ((kb.min(-1)[:, None, :] <= qb.max(-1)[:, :, None])
+         & (kb.max(-1)[:, None, :] >= qb.min(-1)[:, :, None]))  # [B|1, nq, nk]
+  return topk_blocks(scores, k, valid=valid, force=own[:, None] & valid)
 
 
 def pad_block_lists(indices, counts):

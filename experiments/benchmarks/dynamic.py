@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from absl import flags
 
 from attnjax import dynamic as D
-from attnjax.core import validation as V
 from attnjax.dynamic import gather as G
 from attnjax.dynamic import select as S
 from experiments.benchmarks import common
@@ -64,17 +63,9 @@ def _inputs(T, N, H, planted, seed=0, K=None):
   return q, k, v
 
 
-def _pooled_select(q, k, kb, bq):
-  """Top-kb key blocks (of BLOCK) per KV head and query block of ``bq`` rows by
-  pooled scores (mean q over the block and over the KV head's query heads,
-  mean k): the cheapest content selector. The diagonal block is always kept."""
-  d = V.check_qkv(q, k, k)
-  nq, nk = d.T // bq, d.S // BLOCK
-  qp = S.pool_blocks(q, bq).reshape(d.B, nq, d.K, d.N // d.K, d.H).mean(3)
-  sc = jnp.einsum("bqnh,bknh->bnqk", qp, S.pool_blocks(k, BLOCK))
-  valid = S.block_validity(*S.normalize_positions(None, None, d), bq, BLOCK, causal=True)
-  diag = (jnp.arange(nk)[None, :] * BLOCK) // bq == jnp.arange(nq)[:, None]
-  return S.topk_blocks(sc, kb, valid=valid, force=diag[None, None])
+def _pooled(q, k, kb, bq, per_kv_head=False):
+  """Pooled top-k lists of 64-key blocks for ``bq``-row query blocks."""
+  return S.pooled_topk_blocks(q, k, kb, block_q=bq, block_kv=BLOCK, per_kv_head=per_kv_head)
 
 
 def _dense_fn():
@@ -99,8 +90,8 @@ def _selectors(T, kb):
   def hip(q, k):
     return D.hip_mask(q, k, top_k=kb * BLOCK, block_size_q=BLOCK, block_size_k=BLOCK)
 
-  return {"pooled-topk": (lambda q, k: _pooled_select(q, k, kb, BLOCK), BLOCK, BLOCK),
-          "pooled-topk(q blocks 256)": (lambda q, k: _pooled_select(q, k, kb, 4 * BLOCK),
+  return {"pooled-topk": (lambda q, k: _pooled(q, k, kb, BLOCK), BLOCK, BLOCK),
+          "pooled-topk(q blocks 256)": (lambda q, k: _pooled(q, k, kb, 4 * BLOCK),
                                         4 * BLOCK, BLOCK),
           "seer(untrained gate)": (seer, BLOCK, BLOCK),
           "hip(block_k=64)": (hip, BLOCK, BLOCK)}
@@ -198,7 +189,7 @@ def run():
     qgp, kgp, _ = _inputs(T, N, H, planted=True, K=GQA_KV_HEADS)
     for basis, kb in _budgets(nk):
       gqa = {f"pooled-topk(lists per kv head, K={GQA_KV_HEADS})":
-             (lambda a, b, kb=kb: _pooled_select(a, b, kb, BLOCK), BLOCK, BLOCK)}
+             (lambda a, b, kb=kb: _pooled(a, b, kb, BLOCK, per_kv_head=True), BLOCK, BLOCK)}
       rows += _method_rows(T, kb, basis, qg, kg, vg, qgp, kgp, dense_jit, repeats,
                            selectors=gqa)
     # Token-level and whole-method rows: HyperAttention (approximate) and Combiner-Fixed.
