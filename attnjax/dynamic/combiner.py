@@ -1,4 +1,10 @@
-"""Combiner-Fixed: direct local attention plus attention to region abstractions (Ren et al., NeurIPS 2021; spec papers_1.md #4).
+"""Combiner: direct local attention plus attention to region abstractions (Ren et al., NeurIPS 2021; spec papers_1.md #4).
+
+Two of the paper's patterns: "fixed" (below) and "axial"
+(:mod:`attnjax.dynamic.combiner_axial`). Logsparse and Mixture are not
+implemented.
+
+Combiner-Fixed:
 
 The sequence is cut into segments of ``segment_len`` tokens. Query i in
 segment g attends directly to its own segment (its causal prefix when
@@ -17,23 +23,44 @@ import jax.numpy as jnp
 
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
+from attnjax.dynamic import combiner_axial as AX
 from attnjax.dynamic.gather import layout_attention, masked_softmax_attend
 from attnjax.dynamic.select import pool_blocks
 
 __all__ = ["combiner_attention", "combiner_effective_matrix"]
 
 
-def _parts(query, key, value, segment_len, pool, causal, scale):
+PATTERNS = ("fixed", "axial")
+
+
+def _check(query, key, value, segment_len, pool, causal, scale, pattern):
+  """Validated (dims, scale) of a Combiner call."""
   d = V.check_qkv(query, key, value)
+  if pattern not in PATTERNS:
+    raise ValueError(f"pattern must be one of {PATTERNS} (Logsparse and Mixture are not "
+                     f"implemented), got {pattern!r}.")
   if d.T != d.S:
     raise NotImplementedError(f"combiner_attention is defined for self-attention only "
                               f"(its pattern has no cross-attention form): T={d.T} must equal S={d.S}.")
+  if pattern == "axial" and not causal:
+    raise NotImplementedError("pattern='axial' is implemented for causal=True only.")
   V.check_positive_int("segment_len", segment_len)
   if d.T % segment_len:
     raise ValueError(f"segment_len={segment_len} must divide the length T={d.T}.")
   if pool not in ("max", "mean"):
     raise ValueError(f"pool must be 'max' or 'mean', got {pool!r}.")
-  scale = V.check_scale(scale, d.H)
+  return d, V.check_scale(scale, d.H)
+
+
+def _axial(query, key, value, segment_len, pool, scale, d):
+  hi = jnp.arange(d.N) // (d.N // d.K)
+  f32 = lambda x: x.astype(jnp.float32)
+  v = f32(value)[:, :, hi]
+  return AX.axial_parts(f32(query), f32(key)[:, :, hi], v, segment_len, pool, scale), v
+
+
+def _parts(query, key, value, segment_len, pool, causal, scale):
+  d, scale = _check(query, key, value, segment_len, pool, causal, scale, "fixed")
   n = d.T // segment_len
   g = d.N // d.K
   q_r = pool_blocks(query.astype(jnp.float32), segment_len, method=pool)  # [B, n, N, H]
@@ -58,19 +85,31 @@ def _parts(query, key, value, segment_len, pool, causal, scale):
 
 def combiner_attention(query, key, value, *, segment_len: int, pool: str = "max",
                        causal: bool = True, scale=None, return_lse: bool = False,
-                       implementation=None):
-  """Combiner-Fixed attention.
+                       implementation=None, pattern: str = "fixed"):
+  """Combiner attention (patterns "fixed" and "axial").
 
   Args:
     query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, K, Hv] (self-attention).
-    segment_len: s, dividing T (about sqrt(T) in the paper).
+    segment_len: s, dividing T (about sqrt(T) in the paper): the segment
+      length ("fixed") or the row length ("axial").
     pool: region pooling of q and k, "max" (default, as the spec) or "mean".
-    causal: direct part = own segment's causal prefix, regions = strictly
-      earlier segments; otherwise own segment and every other segment.
+    causal: "fixed": direct part = own segment's causal prefix, regions =
+      strictly earlier segments; otherwise own segment and every other
+      segment. "axial" is causal only.
+    implementation: the local part's path ("fixed"; see ``layout_attention``).
+    pattern: "fixed" (Combiner-Fixed) or "axial" (Combiner-Axial: row prefix
+      and column above directly, other columns' parts above as regions).
 
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] of the joint softmax).
   """
+  if pattern == "axial":
+    d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
+    parts, v = _axial(query, key, value, segment_len, pool, scale, d)
+    out = AX.axial_output(parts, v).astype(query.dtype)
+    lse = parts["lse"].reshape(d.B, d.T, d.N)
+    return (out, lse) if return_lse else out
+  _check(query, key, value, segment_len, pool, causal, scale, pattern)
   d, scale, _, o_reg, lse_reg, _ = _parts(query, key, value, segment_len, pool, causal, scale)
   n = d.T // segment_len
   diag = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, None, :, None], (d.B, d.K, n, 1))
@@ -85,12 +124,16 @@ def combiner_attention(query, key, value, *, segment_len: int, pool: str = "max"
 
 
 def combiner_effective_matrix(query, key, value, *, segment_len: int, pool: str = "max",
-                              causal: bool = True, scale=None):
-  """The dense weights P_eff [B, N, T, T] that Combiner-Fixed applies to V (test oracle).
+                              causal: bool = True, scale=None, pattern: str = "fixed"):
+  """The dense weights P_eff [B, N, T, T] that Combiner applies to V (test oracle).
 
   ``out == einsum(P_eff, V)``; rows sum to 1; with causal, P_eff[i, j] > 0
   exactly for j <= i.
   """
+  if pattern == "axial":
+    d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
+    return AX.axial_effective_matrix(_axial(query, key, value, segment_len, pool, scale, d)[0])
+  _check(query, key, value, segment_len, pool, causal, scale, pattern)
   d, scale, _, _, lse_reg, vis = _parts(query, key, value, segment_len, pool, causal, scale)
   n = d.T // segment_len
   g = d.N // d.K
