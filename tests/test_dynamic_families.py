@@ -276,23 +276,26 @@ def test_combiner_limits_and_effective_matrix():
     D.combiner_attention(q, k, v, segment_len=5)
 
 
-@pytest.mark.parametrize("pool", ["max", "mean"])
-def test_combiner_axial_limits_effective_matrix_and_gradients(pool):
+@pytest.mark.parametrize("pattern,pool", [("axial", "max"), ("axial", "mean"),
+                                          ("mixture", "max"), ("mixture", "mean")])
+def test_combiner_axial_mixture_limits_effective_matrix_and_gradients(pattern, pool):
   q, k, v = _qkv()  # T = 32, N = 4, K = 2
   for s in (1, 32):  # one column or one row: the direct part is the whole causal prefix
-    np.testing.assert_allclose(J(D.combiner_attention, q, k, v, segment_len=s, pattern="axial",
+    np.testing.assert_allclose(J(D.combiner_attention, q, k, v, segment_len=s, pattern=pattern,
                                  pool=pool), J(ref_causal, q, k, v), atol=2e-5)
-  peff = J(D.combiner_effective_matrix, q, k, v, segment_len=8, pattern="axial", pool=pool)
+  peff = J(D.combiner_effective_matrix, q, k, v, segment_len=8, pattern=pattern, pool=pool)
   np.testing.assert_allclose(peff.sum(-1), 1.0, atol=1e-5)
   assert bool(((peff > 0) == np.tril(np.ones((32, 32), bool))).all())  # full causal support
   via_peff = lambda a, b, c: jnp.einsum(
-      "bnts,bsnh->btnh", D.combiner_effective_matrix(a, b, c, segment_len=8, pattern="axial",
+      "bnts,bsnh->btnh", D.combiner_effective_matrix(a, b, c, segment_len=8, pattern=pattern,
                                                      pool=pool), jnp.repeat(c, 2, axis=2))
-  assert_same(lambda a, b, c: D.combiner_attention(a, b, c, segment_len=8, pattern="axial",
+  assert_same(lambda a, b, c: D.combiner_attention(a, b, c, segment_len=8, pattern=pattern,
                                                    pool=pool), via_peff, q, k, v)
-  # Not the Fixed pattern: the region sets differ.
-  assert float(jnp.abs(J(D.combiner_attention, q, k, v, segment_len=8, pattern="axial")
-                       - J(D.combiner_attention, q, k, v, segment_len=8)).max()) > 1e-3
+  # The three patterns differ (other direct sets and regions).
+  outs = [J(D.combiner_attention, q, k, v, segment_len=8, pattern=p, pool=pool)
+          for p in ("fixed", "axial", "mixture")]
+  assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3
+  assert float(jnp.abs(outs[1] - outs[2]).max()) > 1e-3
 
 
 def test_combiner_axial_tiny_case_weights():
@@ -306,12 +309,24 @@ def test_combiner_axial_tiny_case_weights():
   np.testing.assert_allclose(peff[0, 0, 3], np.exp(logits) / np.exp(logits).sum(), rtol=1e-5)
 
 
+def test_combiner_mixture_tiny_case_two_paths():
+  # 2 rows of 2: key 0 = (0, 0) reaches query 3 = (1, 1) through two single-member regions
+  # (column 0 above row 1, and row 0 left of column 1): twice its softmax weight.
+  q, k, v = _qkv(T=4, N=1, K=1)
+  peff = np.asarray(D.combiner_effective_matrix(q, k, v, segment_len=2, pattern="mixture"))
+  e = np.exp(np.einsum("h,sh->s", np.asarray(q)[0, 3, 0], np.asarray(k)[0, :, 0]) / np.sqrt(8))
+  e[0] *= 2
+  np.testing.assert_allclose(peff[0, 0, 3], e / e.sum(), rtol=1e-5)
+
+
 def test_combiner_pattern_errors():
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="pattern"):
     D.combiner_attention(q, k, v, segment_len=8, pattern="logsparse")
   with pytest.raises(NotImplementedError, match="causal"):
     D.combiner_attention(q, k, v, segment_len=8, pattern="axial", causal=False)
+  with pytest.raises(NotImplementedError, match="causal"):
+    D.combiner_attention(q, k, v, segment_len=8, pattern="mixture", causal=False)
   with pytest.raises(ValueError, match="segment_len=5"):
     D.combiner_attention(q, k, v, segment_len=5, pattern="axial")
 

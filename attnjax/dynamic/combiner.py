@@ -1,8 +1,7 @@
 """Combiner: direct local attention plus attention to region abstractions (Ren et al., NeurIPS 2021; spec papers_1.md #4).
 
-Two of the paper's patterns: "fixed" (below) and "axial"
-(:mod:`attnjax.dynamic.combiner_axial`). Logsparse and Mixture are not
-implemented.
+Three of the paper's patterns: "fixed" (below), "axial" and "mixture"
+(:mod:`attnjax.dynamic.combiner_axial`). Logsparse is not implemented.
 
 Combiner-Fixed:
 
@@ -30,20 +29,20 @@ from attnjax.dynamic.select import pool_blocks
 __all__ = ["combiner_attention", "combiner_effective_matrix"]
 
 
-PATTERNS = ("fixed", "axial")
+PATTERNS = ("fixed", "axial", "mixture")
 
 
 def _check(query, key, value, segment_len, pool, causal, scale, pattern):
   """Validated (dims, scale) of a Combiner call."""
   d = V.check_qkv(query, key, value)
   if pattern not in PATTERNS:
-    raise ValueError(f"pattern must be one of {PATTERNS} (Logsparse and Mixture are not "
-                     f"implemented), got {pattern!r}.")
+    raise ValueError(f"pattern must be one of {PATTERNS} (Logsparse is not implemented), "
+                     f"got {pattern!r}.")
   if d.T != d.S:
     raise NotImplementedError(f"combiner_attention is defined for self-attention only "
                               f"(its pattern has no cross-attention form): T={d.T} must equal S={d.S}.")
-  if pattern == "axial" and not causal:
-    raise NotImplementedError("pattern='axial' is implemented for causal=True only.")
+  if pattern != "fixed" and not causal:
+    raise NotImplementedError(f"pattern={pattern!r} is implemented for causal=True only.")
   V.check_positive_int("segment_len", segment_len)
   if d.T % segment_len:
     raise ValueError(f"segment_len={segment_len} must divide the length T={d.T}.")
@@ -52,11 +51,13 @@ def _check(query, key, value, segment_len, pool, causal, scale, pattern):
   return d, V.check_scale(scale, d.H)
 
 
-def _axial(query, key, value, segment_len, pool, scale, d):
+def _axial(query, key, value, segment_len, pool, scale, d, pattern):
   hi = jnp.arange(d.N) // (d.N // d.K)
   f32 = lambda x: x.astype(jnp.float32)
   v = f32(value)[:, :, hi]
-  return AX.axial_parts(f32(query), f32(key)[:, :, hi], v, segment_len, pool, scale), v
+  parts = AX.axial_parts(f32(query), f32(key)[:, :, hi], v, segment_len, pool, scale,
+                         mixture=pattern == "mixture")
+  return parts, v
 
 
 def _parts(query, key, value, segment_len, pool, causal, scale):
@@ -95,17 +96,19 @@ def combiner_attention(query, key, value, *, segment_len: int, pool: str = "max"
     pool: region pooling of q and k, "max" (default, as the spec) or "mean".
     causal: "fixed": direct part = own segment's causal prefix, regions =
       strictly earlier segments; otherwise own segment and every other
-      segment. "axial" is causal only.
+      segment. "axial" and "mixture" are causal only.
     implementation: the local part's path ("fixed"; see ``layout_attention``).
-    pattern: "fixed" (Combiner-Fixed) or "axial" (Combiner-Axial: row prefix
-      and column above directly, other columns' parts above as regions).
+    pattern: "fixed" (Combiner-Fixed), "axial" (Combiner-Axial: row prefix
+      and column above directly, other columns' parts above as regions) or
+      "mixture" (Combiner-Mixture: Axial plus, per earlier row, its parts
+      left and right of the query's column as regions).
 
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] of the joint softmax).
   """
-  if pattern == "axial":
+  if pattern != "fixed":
     d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
-    parts, v = _axial(query, key, value, segment_len, pool, scale, d)
+    parts, v = _axial(query, key, value, segment_len, pool, scale, d, pattern)
     out = AX.axial_output(parts, v).astype(query.dtype)
     lse = parts["lse"].reshape(d.B, d.T, d.N)
     return (out, lse) if return_lse else out
@@ -130,9 +133,10 @@ def combiner_effective_matrix(query, key, value, *, segment_len: int, pool: str 
   ``out == einsum(P_eff, V)``; rows sum to 1; with causal, P_eff[i, j] > 0
   exactly for j <= i.
   """
-  if pattern == "axial":
+  if pattern != "fixed":
     d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
-    return AX.axial_effective_matrix(_axial(query, key, value, segment_len, pool, scale, d)[0])
+    return AX.axial_effective_matrix(
+        _axial(query, key, value, segment_len, pool, scale, d, pattern)[0])
   _check(query, key, value, segment_len, pool, causal, scale, pattern)
   d, scale, _, _, lse_reg, vis = _parts(query, key, value, segment_len, pool, causal, scale)
   n = d.T // segment_len
