@@ -115,6 +115,45 @@ def test_bi_level_routing_all_regions_is_global_and_tiny_case():
   np.testing.assert_allclose(out.reshape(1, 16, 1, 8), ref, atol=2e-5)
   with pytest.raises(ValueError, match="topk"):
     D.bi_level_routing_attention(x, x, x, num_regions=2, topk=5)
+  with pytest.raises(ValueError, match="divide"):
+    D.bi_level_routing_attention(x, x[:, :3], x[:, :3], num_regions=2, topk=1)
+
+
+def test_bi_level_routing_cross_attention_follows_the_routed_regions():
+  # Queries on a 4x4 grid, keys on 6x2: 2x2 regions each (query regions of 2x2 tokens,
+  # key regions of 3x1); the output equals dense attention restricted to the routed regions.
+  q = _qkv(T=16, N=2, K=1)[0].reshape(1, 4, 4, 2, 8)
+  _, k, v = _qkv(T=12, N=2, K=1, seed=1)
+  k, v = k.reshape(1, 6, 2, 1, 8), v.reshape(1, 6, 2, 1, 8)
+  out, regions = J(D.bi_level_routing_attention, q, k, v, num_regions=2, topk=2,
+                   return_regions=True)
+  q_rid = ((np.arange(4)[:, None] // 2) * 2 + (np.arange(4)[None, :] // 2)).reshape(-1)
+  k_rid = ((np.arange(6)[:, None] // 3) * 2 + (np.arange(2)[None, :] // 1)).reshape(-1)
+  routed = np.asarray(regions)[0][q_rid]  # [16, topk]
+  mask = jnp.asarray((routed[:, :, None] == k_rid[None, None, :]).any(1))
+  ref = J(lambda a, b, c, m: attnjax.reference_attention(a, b, c, mask=m, scale=16 ** -0.5),
+          q.reshape(1, 16, 2, 8), k.reshape(1, 12, 1, 8), v.reshape(1, 12, 1, 8), mask)
+  np.testing.assert_allclose(out.reshape(1, 16, 2, 8), ref, atol=2e-5)
+  assert int(mask.sum(-1).min()) == 6  # 2 routed regions of 3 keys
+
+
+def test_lce_is_a_same_padded_depthwise_convolution():
+  rng = np.random.default_rng(2)
+  v = rng.standard_normal((1, 5, 6, 2, 3)).astype(np.float32)  # [B, H, W, K, Hv]
+  kern = rng.standard_normal((3, 3, 6)).astype(np.float32)
+  bias = rng.standard_normal(6).astype(np.float32)
+  got = np.asarray(D.lce(jnp.asarray(v), jnp.asarray(kern), jnp.asarray(bias)))
+  x = np.pad(v.reshape(1, 5, 6, 6), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros((1, 5, 6, 6), np.float32) + bias
+  for i in range(5):
+    for j in range(6):
+      want[0, i, j] += np.einsum("abc,abc->c", x[0, i:i + 3, j:j + 3], kern)
+  np.testing.assert_allclose(got, want.reshape(v.shape), atol=1e-5)
+  with pytest.raises(ValueError, match="kernel"):
+    D.lce(jnp.asarray(v), jnp.ones((3, 3, 5)))
+
+
+def test_bi_level_routing_layer_shape():
   layer = D.BiLevelRoutingAttention(dim=16, num_heads=2, num_regions=2, topk=2, side_dwconv=3)
   y = jnp.ones((1, 4, 4, 16))
   assert jax.jit(layer.apply)(layer.init(jax.random.PRNGKey(0), y), y).shape == y.shape
@@ -347,5 +386,6 @@ def test_families_registry_signature_and_refusals():
     D.FAMILIES["hip"](q, k, v, causal=True, segment_ids=jnp.zeros((1, 32), jnp.int32))
   with pytest.raises(NotImplementedError, match="causal"):
     D.FAMILIES["longheads"](q, k, v, causal=False)
-  with pytest.raises(NotImplementedError, match="self-attention only"):
-    D.FAMILIES["bi_level_routing"](q, k[:, :16], v[:, :16], causal=False, num_regions=4, topk=2)
+  out = J(D.FAMILIES["bi_level_routing"], q, k[:, :16], v[:, :16], causal=False,
+          num_regions=4, topk=4, scale=8 ** -0.5)  # cross-attention, all regions: global
+  np.testing.assert_allclose(out, J(ref_full, q, k[:, :16], v[:, :16]), atol=2e-5)

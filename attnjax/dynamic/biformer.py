@@ -71,8 +71,13 @@ def bi_level_routing_attention(query, key, value, *, num_regions: Union[int, Seq
   """Bi-level routing attention (no LCE; add :func:`lce` of V separately).
 
   Args:
-    query: [B, *spatial, N, H]; key: [B, *spatial, K, H]; value: [B, *spatial, K, Hv].
-    num_regions: regions per spatial dim (7 x 7 in BiFormer), dividing it.
+    query: [B, *spatial, N, H]; key: [B, *spatial_kv, K, H]; value:
+      [B, *spatial_kv, K, Hv]. Self-attention in BiFormer (spatial_kv =
+      spatial); for cross-attention the key grid (same rank, any extents) is
+      cut into the same number of regions per dim, so query region i routes
+      to key regions of the other grid.
+    num_regions: regions per spatial dim (7 x 7 in BiFormer), dividing it
+      (and the key grid's extents).
     topk: routed regions per query region (<= number of regions).
     scale: default ``(N * H) ** -0.5``, the paper code's full-qk-dim scale
       (kept "for consistency with old models"); pass ``H ** -0.5`` for the usual one.
@@ -81,25 +86,25 @@ def bi_level_routing_attention(query, key, value, *, num_regions: Union[int, Seq
   Returns:
     out [B, *spatial, N, Hv] (and region indices [B, R, topk] when asked).
   """
-  spatial = query.shape[1:-2]
-  if key.shape[1:-2] != spatial or value.shape[1:-2] != spatial:
-    raise ValueError(f"query {query.shape}, key {key.shape} and value {value.shape} must share "
-                     "the spatial shape.")
+  spatial, spatial_kv = query.shape[1:-2], key.shape[1:-2]
+  if value.shape[1:-2] != spatial_kv or len(spatial_kv) != len(spatial):
+    raise ValueError(f"key {key.shape} and value {value.shape} must share a spatial shape of "
+                     f"the query's rank (query {query.shape}).")
   N, H, K = query.shape[-2], query.shape[-1], key.shape[-2]
   qf, kf, vf = (to_regions(x, num_regions) for x in (query, key, value))
   R = math.prod(_grid(spatial, num_regions))
-  r = qf.shape[1] // R
+  r, r_kv = qf.shape[1] // R, kf.shape[1] // R
   if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= R:
     raise ValueError(f"topk must be an int in [1, {R}] (the number of regions), got {topk!r}.")
   qs, ks = (jax.lax.stop_gradient(qf), jax.lax.stop_gradient(kf)) if detach_routing else (qf, kf)
   B = query.shape[0]
   q_r = qs.astype(jnp.float32).reshape(B, R, r, K, N // K, H).mean(axis=(2, 4)).reshape(B, R, K * H)
-  k_r = ks.astype(jnp.float32).reshape(B, R, r, K * H).mean(axis=2)
+  k_r = ks.astype(jnp.float32).reshape(B, R, r_kv, K * H).mean(axis=2)
   affinity = jnp.einsum("bic,bjc->bij", q_r, k_r)[:, None]  # [B, 1, R, R]
   idx, cnt = topk_blocks(affinity, topk)
   idx_n, cnt_n = expand_block_heads(idx, N), expand_block_heads(cnt, N)
   scale = (N * H) ** -0.5 if scale is None else scale
-  out = layout_attention(qf, kf, vf, idx_n, cnt_n, block_q=r, block_kv=r, causal=False,
+  out = layout_attention(qf, kf, vf, idx_n, cnt_n, block_q=r, block_kv=r_kv, causal=False,
                          scale=scale, implementation=implementation)
   out = from_regions(out, spatial, num_regions)
   return (out, idx[:, 0]) if return_regions else out

@@ -48,11 +48,8 @@ def _family(name, fn, *, causal_modes=(True, False), positions=False):
 
 
 def _bi_level_1d(query, key, value, *, num_regions=8, topk=4, **options):
-  """BiFormer routing on a 1D sequence: regions are contiguous blocks."""
-  if query.shape[1] != key.shape[1]:
-    raise NotImplementedError(
-        f"bi_level_routing is defined for self-attention only (queries and keys are cut into "
-        f"the same regions); got T={query.shape[1]} queries and S={key.shape[1]} keys.")
+  """BiFormer routing on a 1D sequence: regions are contiguous blocks (queries and keys
+  are each cut into ``num_regions`` of them, so T and S must both be divisible)."""
   return bi_level_routing_attention(query, key, value, num_regions=num_regions, topk=topk,
                                     **options)
 
