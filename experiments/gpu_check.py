@@ -1,13 +1,15 @@
 """One-shot device check of every Pallas engine: compiled correctness, then GPU timings.
 
     python3 -m experiments.gpu_check [--quick] [--sections=block_sparse,neighborhood,dynamic]
-                                     [--skip_bench] [--sweep] [--out=results]
+                                     [--skip_bench] [--sweep] [--out=results] [--budget_s=S]
     python3 -m experiments.gpu_check --smoke   # tiny shapes; runs anywhere (interpret on CPU)
 
-For each section (modules in ``experiments/gpu_checks``) it runs ``check``
-(compiled kernels vs the dense float32 oracle, forward and gradients, float32
-and bfloat16), then ``bench`` (bfloat16 timings against the XLA paths and
-cuDNN). Prints one table, writes it to ``<out>/bench_gpu.{csv,json}``, and
+It runs every section's ``check`` (modules in ``experiments/gpu_checks``:
+compiled kernels vs the dense float32 oracle, forward and gradients, float32
+and bfloat16), then every section's ``bench`` (bfloat16 timings against the
+XLA paths and cuDNN) while ``--budget_s`` allows. Prints one table, rewrites
+``<out>/bench_gpu.{csv,json}`` after every section (a run stopped at a time
+limit keeps what it measured), and
 exits 0 when every check passed, 1 when one failed, 2 without an NVIDIA GPU
 (unless --smoke). A section that raises is reported as ERROR and the others
 still run, so one run of a few minutes records everything there is.
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
   parser.add_argument("--skip_bench", action="store_true")
   parser.add_argument("--sweep", action="store_true", help="block_sparse: other blocks/tiles")
   parser.add_argument("--out", default="results")
+  parser.add_argument("--budget_s", type=float, default=0.0,
+                      help="skip the benchmarks still to run once this many seconds have "
+                           "passed (0: no limit); results are written after every section")
   args = parser.parse_args(argv)
   names = [s for s in args.sections.split(",") if s]
   unknown = sorted(set(names) - set(SECTIONS))
@@ -68,16 +73,21 @@ def main(argv=None) -> int:
           "GPU with jax[cuda], or pass --smoke for the tiny interpret-mode checks.")
     return 2
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-  rows, ok = [], True
-  for name in names:
-    mod = _section(name)
-    passed = _guarded(rows, f"{name} check", lambda: mod.check(rows, args.smoke))
+  rows, ok, start = [], True, time.perf_counter()
+  for name in names:  # every check first: correctness before any timing
+    passed = _guarded(rows, f"{name} check", lambda m=_section(name): m.check(rows, args.smoke))
     ok &= bool(passed)
-    if on_gpu and not (args.skip_bench or args.smoke):
-      if name == "block_sparse":
-        _guarded(rows, f"{name} bench", lambda: mod.bench(rows, args.quick, args.sweep))
-      else:
-        _guarded(rows, f"{name} bench", lambda: mod.bench(rows, args.quick))
+    write_results("gpu", rows, args.out)  # what a killed run leaves behind
+  if on_gpu and not (args.skip_bench or args.smoke):
+    for name in names:
+      if args.budget_s and time.perf_counter() - start > args.budget_s:
+        rows.append(dict(case=f"{name} bench", result="SKIPPED",
+                         detail=f"--budget_s={args.budget_s:g} s spent"))
+        continue
+      extra = (args.sweep,) if name == "block_sparse" else ()
+      _guarded(rows, f"{name} bench",
+               lambda m=_section(name), e=extra: m.bench(rows, args.quick, *e))
+      write_results("gpu", rows, args.out)
   width = max(len(r["case"]) for r in rows)
   for r in rows:
     print(f"{r['case']:<{width}}  {r['result']:<40}  {r['detail']}", flush=True)
