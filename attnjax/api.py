@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import placement
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
 from attnjax.core.reference import reference_attention
@@ -21,9 +22,13 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas")
 __all__ = ["attention", "dot_product_attention", "merge_attention", "default_implementation"]
 
 
-def default_implementation() -> str:
-  """'pallas' on TPU/GPU, 'xla' on CPU."""
-  return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+def default_implementation(*arrays) -> str:
+  """'pallas' when the computation is placed on a TPU/GPU, 'xla' otherwise.
+
+  Placement follows ``attnjax.core.placement`` (committed inputs, then
+  ``jax.default_device``, then the mesh, then the default backend).
+  """
+  return "pallas" if placement.on_accelerator(*arrays) else "xla"
 
 
 def _fast_attention():
@@ -75,7 +80,7 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
   if implementation is None:
     if fast is not None:
       try:
-        return fast(query, key, value, implementation=default_implementation(), **kwargs)
+        return fast(query, key, value, implementation=default_implementation(query, key, value), **kwargs)
       except NotImplementedError:
         pass  # a combination the fast paths do not cover: the reference does.
     return reference_attention(query, key, value, **kwargs)

@@ -1,10 +1,33 @@
-"""Shared test settings: deterministic hypothesis profile sized for a 2-core CI."""
+"""Shared test settings: deterministic hypothesis profile sized for a 2-core CI.
+
+The suite runs on the CPU whatever plugins are installed (the TPU and CUDA
+compiler toolchains of the ``compile`` extra are used only through
+deviceless topologies, ``pallas_kernels.targets``). ``requires_toolchain``
+skips a compile test when its toolchain is not installed, except under CI
+(``CI=true``), where a missing toolchain fails the test.
+"""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True,
                           print_blob=True)
 settings.load_profile("ci")
+
+
+def requires_toolchain(target: str) -> None:
+  """Skips (or, under CI, fails) when the compiler for ``target`` is not installed."""
+  from pallas_kernels import targets  # pylint: disable=g-import-not-at-top
+  platform = targets.platform_of(target)
+  if targets.toolchain_available(platform):
+    return
+  message = (f"the {platform.upper()} compiler toolchain is not installed "
+             "(pip install -e \".[compile]\")")
+  if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    pytest.fail(message + "; CI installs it through the test extra.")
+  pytest.skip(message)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import placement
 from attnjax.core import scoring
 from attnjax.core import validation as V
 from pallas_kernels.block_sparse import common as C
@@ -15,17 +16,8 @@ BACKENDS = ("tpu", "gpu")
 _MODULES = {"tpu": tpu_kernels, "gpu": gpu_kernels}
 
 
-def _platform_backend() -> str | None:
-  platform = jax.default_backend()
-  if platform == "tpu":
-    return "tpu"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  return None
-
-
-def _resolve_backend(backend, interpret):
-  platform = _platform_backend()
+def resolve_backend(backend, interpret, *arrays):
+  platform = placement.pallas_backend(*arrays)
   if backend is None:
     backend = platform or "tpu"
   if backend not in BACKENDS:
@@ -35,7 +27,7 @@ def _resolve_backend(backend, interpret):
   if not interpret and platform != backend:
     raise ValueError(
         f"backend={backend!r} cannot run compiled on platform "
-        f"{jax.default_backend()!r}: pass interpret=True (or None).")
+        f"{placement.target_platform(*arrays)!r}: pass interpret=True (or None).")
   return backend, bool(interpret)
 
 
@@ -231,7 +223,7 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
     out [B, T, N, Hv] in the query dtype (and lse). Rows with no visible key
     give zeros and lse = -inf.
   """
-  backend, interpret = _resolve_backend(backend, interpret)
+  backend, interpret = resolve_backend(backend, interpret, query, key, value)
   _check_layout(layout, V.check_qkv(query, key, value))
   kernel_tiles = ()
   if backend == "gpu":

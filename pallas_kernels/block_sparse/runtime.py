@@ -122,7 +122,7 @@ def _expander(cfg, module):
 def build(query, key, value, kv_block_indices, kv_block_counts, *, block_q, block_kv, mask,
           score, scale, q_positions, k_positions, segment_ids, interpret, backend, tiles):
   """(attend, cfg, args): ``attend(*args)`` -> (out [B,T,N,Hv], lse [B,N,T])."""
-  backend, interpret = A._resolve_backend(backend, interpret)  # pylint: disable=protected-access
+  backend, interpret = A.resolve_backend(backend, interpret, query, key, value)
   d = V.check_qkv(query, key, value)
   idx, counts = check_block_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
   module = A._MODULES[backend]  # pylint: disable=protected-access

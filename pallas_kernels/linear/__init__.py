@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import placement
 from attnjax.linear import engine
 from pallas_kernels.linear import gpu, tpu
 
@@ -27,20 +28,21 @@ def set_variant(name: Optional[str]) -> None:
   _CHOICE["variant"] = name
 
 
-def current_variant() -> str:
+def current_variant(*arrays) -> str:
+  """The forced variant, else the placed device's ("gpu" off TPU)."""
   if _CHOICE["variant"] is not None:
     return _CHOICE["variant"]
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+  return "tpu" if placement.pallas_backend(*arrays) == "tpu" else "gpu"
 
 
-def _layout():
+def _layout(*arrays):
   """(kernel module, interpret flag, feature/value padding rule).
 
   On hardware the feature and value widths are padded with zeros: to a
   multiple of 128 lanes on TPU, to a power of two >= 16 on GPU (Triton tiles).
   """
-  name = current_variant()
-  interpret = jax.default_backend() not in ("gpu", "tpu")
+  name = current_variant(*arrays)
+  interpret = placement.pallas_backend(*arrays) != name
   rule = None if interpret else name
   return VARIANTS[name], interpret, rule
 
@@ -76,7 +78,7 @@ def _check_chunk(chunk, rule):
 
 
 def _fwd(q, k, v, g, s0, chunk, has_decay):
-  mod, interpret, m = _layout()
+  mod, interpret, m = _layout(q)
   _check_chunk(chunk, m)
   f, e = q.shape[-1], v.shape[-1]
   q, k, v = _pad_last(q, m), _pad_last(k, m), _pad_last(v, m)
@@ -87,7 +89,7 @@ def _fwd(q, k, v, g, s0, chunk, has_decay):
 
 
 def _bwd(q, k, v, g, s0, do, ds_final, chunk, has_decay):
-  mod, interpret, m = _layout()
+  mod, interpret, m = _layout(q)
   f, e = q.shape[-1], v.shape[-1]
   q, k, v, do = (_pad_last(x, m) for x in (q, k, v, do))
   s0, ds_final = (_pad_last(_pad_last(x, m, -2), m) for x in (s0, ds_final))

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import placement
 from attnjax.neighborhood.tiling import plans
 from attnjax.neighborhood.xla import from_tiles, to_tiles
 from pallas_kernels.neighborhood import gpu, tpu
@@ -29,10 +30,10 @@ def _module(backend):
   return gpu if backend == "gpu" else tpu
 
 
-def _interpret(backend, interpret):
+def _interpret(backend, interpret, *arrays):
   if interpret is not None:
     return interpret
-  return jax.default_backend() == "cpu"
+  return placement.pallas_backend(*arrays) != backend
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -97,7 +98,7 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
     (out [B, *spatial, N, Hv] in the query dtype, lse [B, *spatial, N] float32).
   """
   if backend is None:
-    backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    backend = "tpu" if placement.pallas_backend(query, key, value) == "tpu" else "gpu"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
   D = query.ndim - 3
@@ -110,7 +111,7 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
   plan_key = (spatial, tuple(kernel_size), tuple(dilation), tuple(is_causal),
               tuple(tile_shape))
   ps = plans(*plan_key)
-  interp = _interpret(backend, interpret)
+  interp = _interpret(backend, interpret, query, key, value)
   if backend == "tpu" and interp is True:
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
     interp = pltpu.InterpretParams()

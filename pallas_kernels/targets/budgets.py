@@ -1,0 +1,82 @@
+"""On-chip memory budgets per compile target, and the target of a placed device.
+
+The kernels' resource models (one per engine) compare what a block
+configuration needs against these numbers before anything is compiled, so
+that a configuration that cannot fit is refused with a ValueError naming the
+block sizes, the need and the budget, never a Mosaic or Triton crash.
+
+GPU numbers are the ones of the target config files beside this module
+(NVIDIA's published limits). TPU numbers are the limits the compiler enforces
+in this jax/libtpu version, found by compiling probe kernels on each
+generation's topology (``tests/test_compile_budgets.py`` re-checks them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+__all__ = ["Budget", "BUDGETS", "budget", "target_of_device"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """On-chip memory one kernel program may use on a target.
+
+  Attributes:
+    platform: "tpu" or "gpu".
+    vmem_bytes: TPU: scoped VMEM a pallas_call gets by default (its blocks,
+      double-buffered, plus scratch). 0 on GPU.
+    smem_bytes: TPU: scalar memory for scalar-prefetch operands and SMEM
+      scratch. 0 on GPU.
+    shared_bytes: GPU: shared memory one block (CTA) may opt in to. 0 on TPU.
+    registers: GPU: 32-bit registers per block. 0 on TPU.
+  """
+  platform: str
+  vmem_bytes: int = 0
+  smem_bytes: int = 0
+  shared_bytes: int = 0
+  registers: int = 0
+
+
+BUDGETS = {
+    "sm80": Budget("gpu", shared_bytes=166_912, registers=65_536),
+    "sm90": Budget("gpu", shared_bytes=232_448, registers=65_536),
+}
+
+_TPU_KINDS = {
+    "TPU v4": "tpu_v4",
+    "TPU v5 lite": "tpu_v5e",
+    "TPU v5e": "tpu_v5e",
+    "TPU v5": "tpu_v5p",
+    "TPU v5p": "tpu_v5p",
+    "TPU v6 lite": "tpu_v6e",
+    "TPU v6e": "tpu_v6e",
+    "TPU7x": "tpu7x",
+}
+
+
+def target_of_device(device: Optional[jax.Device]) -> Optional[str]:
+  """The compile target name of a device ('tpu_v5e', 'sm90', ...), None if not one of ours.
+
+  GPUs map by compute capability (major 8 -> 'sm80', major 9 -> 'sm90');
+  other GPUs and unknown TPU generations give None.
+  """
+  if device is None:
+    return None
+  platform = str(device.platform).lower()
+  if platform == "tpu":
+    return _TPU_KINDS.get(str(device.device_kind))
+  if platform in ("gpu", "cuda"):
+    cc = str(getattr(device, "compute_capability", "") or "")
+    major = cc.split(".")[0]
+    return {"8": "sm80", "9": "sm90"}.get(major)
+  return None
+
+
+def budget(target: Optional[str]) -> Optional[Budget]:
+  """The Budget of a target name, None for an unknown target (no check is made)."""
+  if target is None:
+    return None
+  return BUDGETS.get(target)
