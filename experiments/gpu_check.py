@@ -1,6 +1,6 @@
 """One-shot device check of every Pallas engine: compiled correctness, then GPU timings.
 
-    python3 -m experiments.gpu_check [--quick] [--sections=block_sparse,neighborhood,dynamic]
+    python3 -m experiments.gpu_check [--quick] [--sections=block_sparse,neighborhood,dynamic,linear]
                                      [--skip_bench] [--sweep] [--out=results] [--budget_s=S]
     python3 -m experiments.gpu_check --smoke   # tiny shapes; runs anywhere (interpret on CPU)
 
@@ -28,7 +28,7 @@ import jax  # noqa: E402
 
 from experiments.benchmarks.common import write_results  # noqa: E402
 
-SECTIONS = ("block_sparse", "neighborhood", "dynamic")
+SECTIONS = ("block_sparse", "neighborhood", "dynamic", "linear")
 
 
 def _section(name):
