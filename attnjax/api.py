@@ -23,12 +23,13 @@ __all__ = ["attention", "dot_product_attention", "merge_attention", "default_imp
 
 
 def default_implementation(*arrays) -> str:
-  """'pallas' when the computation is placed on a TPU/GPU, 'xla' otherwise.
+  """'pallas' on a TPU/GPU target the block-sparse kernels compile for, else 'xla'.
 
   Placement follows ``attnjax.core.placement`` (committed inputs, then
-  ``jax.default_device``, then the mesh, then the default backend).
+  ``jax.default_device``, then the mesh, then the default backend); the
+  targets are those of ``pallas_kernels.targets.support.COMPILES``.
   """
-  return "pallas" if placement.on_accelerator(*arrays) else "xla"
+  return placement.default_kernel_implementation("block_sparse", *arrays)
 
 
 def _fast_attention():

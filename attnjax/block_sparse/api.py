@@ -33,6 +33,7 @@ from attnjax.block_sparse import engine as E
 from attnjax.block_sparse import plan as P
 from attnjax.block_sparse import schedule as SC
 from attnjax.block_sparse import tiles as Tl
+from attnjax.core import placement
 from attnjax.core import scoring
 from attnjax.core import validation as V
 from attnjax.masks import layout as LY
@@ -41,9 +42,10 @@ from attnjax.masks.base import Mask
 IMPLEMENTATIONS = ("xla", "pallas")
 
 
-def _check_impl(implementation):
+def check_impl(implementation, *arrays):
+  """The implementation to run: None picks the kernels where they compile for the placed device."""
   if implementation is None:
-    return "xla"
+    return placement.default_kernel_implementation("block_sparse", *arrays)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
@@ -204,7 +206,7 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
   trace time, empty blocks are skipped too). Raises NotImplementedError for
   combinations this engine does not cover (traced scale, re-weighting scores).
   """
-  implementation = _check_impl(implementation)
+  implementation = check_impl(implementation, query, key, value)
   d = V.check_qkv(query, key, value)
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)

@@ -63,12 +63,13 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
       ``q_offset``/``k_offset`` give the positions the mask is evaluated on),
       or a ``Mask`` (default bottom-right aligned positions).
     score, scale, segment_ids, return_lse: as ``attnjax.attention``.
-    implementation: "xla" (default), "pallas" or None.
+    implementation: "xla", "pallas" or None (the kernels on a TPU/GPU target they
+      compile for, see ``pallas_kernels.targets.support``; "xla" elsewhere).
 
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] float32).
   """
-  implementation = A._check_impl(implementation)  # pylint: disable=protected-access
+  implementation = A.check_impl(implementation, query, key, value)
   d = V.check_qkv(query, key, value)
   if isinstance(layout_or_mask, Mask):
     return A.fast_attention(query, key, value, mask=layout_or_mask, score=score, scale=scale,
@@ -189,7 +190,7 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
                               block_q=block_q, block_kv=block_kv, mask=mask, score=score,
                               scale=scale, q_positions=q_positions, k_positions=k_positions,
                               segment_ids=segment_ids, return_lse=return_lse)
-  implementation = A._check_impl(implementation)  # pylint: disable=protected-access
+  implementation = A.check_impl(implementation, query, key, value)
   if implementation == "pallas":
     return _pallas_indices(query, key, value, kv_block_indices, kv_block_counts,
                            block_q=block_q, block_kv=block_kv, mask=mask, score=score,

@@ -20,7 +20,8 @@ import jax
 
 _GPU_NAMES = ("gpu", "cuda", "rocm")
 
-__all__ = ["target_platform", "pallas_backend", "target_device", "on_accelerator"]
+__all__ = ["target_platform", "pallas_backend", "target_device", "on_accelerator", "device_kind",
+           "default_kernel_implementation"]
 
 
 def _normalise(platform: str) -> str:
@@ -95,3 +96,19 @@ def device_kind(*arrays) -> str:
   if device is None:
     return ""
   return str(getattr(device, "device_kind", ""))
+
+
+def default_kernel_implementation(engine: str, *arrays) -> str:
+  """'pallas' where ``engine``'s kernels are the default for the placed device, else 'xla'.
+
+  The evidence is ``pallas_kernels.targets.support`` (the targets the compile
+  tests show the kernels compile for); without the kernel package, 'xla'.
+  """
+  if not on_accelerator(*arrays):
+    return "xla"
+  try:
+    from pallas_kernels.targets import support  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return "xla"
+  device = target_device(*arrays)
+  return "pallas" if support.kernel_is_default(engine, device) else "xla"
