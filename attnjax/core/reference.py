@@ -18,6 +18,20 @@ def _compute_dtype(query):
   return jnp.float64 if query.dtype == jnp.float64 else jnp.float32
 
 
+def _masked_logsumexp(x):
+  """logsumexp over the last axis: -inf (zero gradient) for rows with no finite entry.
+
+  Unlike ``jax.nn.logsumexp``, a row whose entries are all -inf (masked, or
+  removed by a -inf bias) gets a zero gradient instead of NaN; a NaN entry
+  still makes its row NaN.
+  """
+  m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  m = jnp.where(m == -jnp.inf, 0.0, m)
+  total = jnp.sum(jnp.exp(x - m), axis=-1)
+  empty = total == 0
+  return jnp.where(empty, -jnp.inf, m[..., 0] + jnp.log(jnp.where(empty, 1.0, total)))
+
+
 def dense_visibility(mask, d: V.Dims, q_pos, k_pos, segs):
   """Boolean visibility broadcastable to [B, N, T, S] from a Mask or an array."""
   from attnjax.masks.base import Mask  # pylint: disable=g-import-not-at-top
@@ -105,7 +119,7 @@ def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
 
   if score.normalization == "softmax":
     masked = jnp.where(vis, logits, -jnp.inf)
-    lse = jax.nn.logsumexp(masked, axis=-1)
+    lse = _masked_logsumexp(masked)
     sink = score.sink_logits()
     if sink is not None:
       sink = jnp.broadcast_to(jnp.asarray(sink, cdt), (d.N,))[None, :, None]
