@@ -82,6 +82,9 @@ def device(target: str) -> jax.Device:
         "pip install -e \".[compile]\".")
   if platform == "tpu":
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # several processes (test workers, a compile report beside a test run) may
+    # each open a deviceless topology; libtpu's one-process lock is for chips
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topo = topologies.get_topology_desc(TPU_TARGETS[target], "tpu")
   else:
     topo = topologies.get_topology_desc(
