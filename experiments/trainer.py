@@ -135,8 +135,22 @@ class Experiment:
     if self.mesh.size > 1:
       params = jax.device_put(params, S.param_shardings(self.mesh, params))
     opt_state = self._init_opt(params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-            "acc": self._zero_acc(params)}
+    return self._committed({"step": jnp.zeros((), jnp.int32), "params": params,
+                            "opt_state": opt_state, "acc": self._zero_acc(params)})
+
+  def _committed(self, state):
+    """Every leaf placed explicitly (replicated over a mesh), as restored leaves are.
+
+    A restored checkpoint's arrays are committed to their shardings; a fresh
+    state placed the same way makes a resumed run reuse the compiled steps
+    instead of compiling them again for differently placed inputs.
+    """
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    def place(x):
+      if x.committed:
+        return x
+      return jax.device_put(x, replicated if self.mesh.size > 1 else x.sharding)
+    return jax.tree_util.tree_map(place, state)
 
   # -- loop ---------------------------------------------------------------------
   def evaluate(self, params) -> Dict[str, float]:
