@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Dict
 
@@ -64,10 +65,11 @@ def _sums(task, logits, batch):
 class Experiment:
   """Everything built from a config; ``run()`` trains."""
 
-  def __init__(self, config, workdir: str, echo=None):
+  def __init__(self, config, workdir: str, echo=None, warn=None):
     config_checks.check_config(config)
     self.config, self.workdir = config, workdir
     self.echo = echo or (lambda s: tqdm.write(s))
+    self.warn = warn or (lambda s: tqdm.write(f"warning: {s}", file=sys.stderr))
     self.task = make_task(config.task, config.seed)
     mc = config.mesh
     self.mesh = S.make_mesh(mc.data, mc.heads, mc.context, field="config.mesh")
@@ -186,7 +188,8 @@ class Experiment:
       state, start = ckpt.restore(abstract, fingerprint(cfg),
                                   None if tc.restore_step == -1 else int(tc.restore_step))
       self.echo(f"resumed from checkpoint step {start} in {ckpt.directory}")
-    writer = metrics.MetricWriter(self.workdir, resume_step=start, echo=self.echo)
+    writer = metrics.MetricWriter(self.workdir, resume_step=start, echo=self.echo,
+                                  warn=self.warn)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["params"]))
     self.echo(f"task {json.dumps(self.task.describe())}")
     self.echo(f"model {cfg.model.kind}: {n_params:,} params, layers "
@@ -219,6 +222,7 @@ class Experiment:
           last_eval = self.evaluate(state["params"])
           writer.write(step, "eval", last_eval)
         if step % tc.checkpoint_every == 0 or step == self.num_steps or step == stop:
+          writer.sync()
           ckpt.save(step, state, meta)
     finally:
       bar.close()
@@ -241,13 +245,13 @@ class Experiment:
     if "perf" in writer.last:
       summary["perf"] = writer.last["perf"]
     summary.update(extra)
-    with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1, default=str)
+    metrics.atomic_write(os.path.join(self.workdir, "summary.json"),
+                         lambda f: json.dump(summary, f, indent=1, default=str))
     self.echo(metrics.summary_table(f"summary of {cfg.name} ({step} steps, {wall:.1f} s)",
                                     summary))
     return summary
 
 
-def train(config, workdir: str, echo=None) -> Dict[str, Any]:
+def train(config, workdir: str, echo=None, warn=None) -> Dict[str, Any]:
   """Validates ``config``, trains (resuming from ``workdir``) and returns the summary."""
-  return Experiment(config, workdir, echo).run()
+  return Experiment(config, workdir, echo, warn).run()

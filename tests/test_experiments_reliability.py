@@ -1,0 +1,147 @@
+"""Reliability of the experiments launcher: metrics files, checkpoints, divergence, config errors.
+
+One tiny run (compiled once, module fixture) is reused by the tests that need
+training; the metrics tests need no model at all.
+"""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from experiments import metrics, trainer
+from test_experiments_train import ROOT, tiny_config
+
+
+def _write_csv(path, rows):
+  metrics.atomic_write(path, metrics._write_rows(rows))  # pylint: disable=protected-access
+
+
+def _logged_rows(last_step):
+  return [{"step": s, "split": "train", "metric": m, "value": v}
+          for s in range(2, last_step + 1, 2)
+          for m, v in (("loss", 4.0 - s / 1000 + 1e-9 * s), ("accuracy", s / 7.0))]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A finished 12-step run (checkpoints 4, 8, 12) and its Experiment."""
+  exp = trainer.Experiment(tiny_config(), str(tmp_path_factory.mktemp("ref")),
+                           echo=lambda s: None)
+  summary = exp.run()
+  return exp, summary
+
+
+# -- metrics.csv ---------------------------------------------------------------------------
+
+_KILLER = r"""
+import os, signal, sys
+from experiments import metrics
+point, workdir = sys.argv[1], sys.argv[2]
+
+def kill(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGKILL)
+
+class KilledAtFirstWrite:
+  def __init__(self, f):
+    self.f = f
+  def write(self, text):
+    kill()
+  def __getattr__(self, name):
+    return getattr(self.f, name)
+  def __enter__(self):
+    return self
+  def __exit__(self, *exc):
+    self.f.close()
+
+def opener(path, mode="r", *args, **kwargs):
+  f = open(path, mode, *args, **kwargs)
+  return KilledAtFirstWrite(f) if "w" in mode else f
+
+if point == "first_write":
+  metrics.open = opener
+elif point == "before_rename":
+  metrics.os.replace = kill
+else:
+  metrics._fsync_dir = kill
+metrics.MetricWriter(workdir, resume_step=100, tensorboard=False)
+"""
+
+
+@pytest.mark.parametrize("point", ["first_write", "before_rename", "after_rename"])
+def test_resume_rewrite_killed_at_any_point_keeps_history(tmp_path, point):
+  path = str(tmp_path / "metrics.csv")
+  logged = _logged_rows(292)
+  _write_csv(path, logged)
+  proc = subprocess.run([sys.executable, "-c", _KILLER, point, str(tmp_path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  warned = []
+  on_disk = metrics.read_csv(path, warned.append)
+  assert not warned
+  assert on_disk in (logged, [r for r in logged if r["step"] <= 100])
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=100, tensorboard=False,
+                                warn=warned.append)
+  for s in range(102, 293, 2):
+    writer.write(s, "train", {r["metric"]: r["value"] for r in logged if r["step"] == s},
+                 echo=False)
+  writer.close()
+  assert not warned
+  assert metrics.read_csv(path) == logged
+
+
+_ROWS = "step,split,metric,value\r\n2,train,loss,4.25\r\n2,train,accuracy,0.125\r\n"
+
+
+@pytest.mark.parametrize("text,kept,line", [
+    ("", 0, None),                                        # killed right after creating it
+    (_ROWS + "4,train,lo", 2, 4),                         # torn: fields missing
+    (_ROWS + "4,train,loss,4.1", 2, 4),                   # cut mid-number (was 4.125)
+    (_ROWS + "4,train,loss,", 2, 4),                      # cut before the value
+    (_ROWS + "4,tr\r\n4,train,loss,4.125\r\n", 3, 4),     # a malformed row inside the file
+    (_ROWS.replace("0.125", "nope"), 1, 3),
+])
+def test_damaged_csv_rows_are_dropped_with_a_warning(tmp_path, text, kept, line):
+  path = tmp_path / "metrics.csv"
+  path.write_bytes(text.encode())
+  warned = []
+  rows = metrics.read_csv(str(path), warned.append)
+  assert len(rows) == kept and len(warned) == 1
+  assert str(path) + (f":{line}:" if line else " is empty") in warned[0]
+  expected = [(2, "loss", 4.25), (2, "accuracy", 0.125), (4, "loss", 4.125)]
+  assert [(r["step"], r["metric"], r["value"]) for r in rows] == expected[:kept]
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=4, tensorboard=False,
+                                warn=warned.append)   # resuming never crashes
+  writer.close()
+  assert metrics.read_csv(str(path), warned.append) == rows
+  assert len(warned) == 2 + (kept == 0)               # an empty file: history lost, said so
+
+
+def test_resume_after_a_torn_csv_row_reproduces_the_uninterrupted_run(run, tmp_path):
+  exp, summary = run
+  exp.workdir = str(tmp_path)
+  exp.config.train.stop_after = 7
+  exp.run()
+  # Killed while writing the step-6 eval rows, so before the step-7 checkpoint.
+  ckpt_dir = os.path.join(str(tmp_path), "checkpoints")
+  os.rename(os.path.join(ckpt_dir, "7"), os.path.join(str(tmp_path), "moved_7"))
+  path = os.path.join(str(tmp_path), "metrics.csv")
+  with open(path, "rb") as f:
+    data = f.read()
+  last = data.rstrip(b"\r\n").rfind(b"\n") + 1
+  assert data[last:].startswith(b"6,eval,")
+  with open(path, "wb") as f:
+    f.write(data[:last + len(b"6,eval,") + 2])
+  warned = []
+  exp.warn = warned.append
+  exp.config.train.stop_after = -1
+  try:
+    exp.run()
+  finally:
+    exp.warn = lambda s: None
+  assert len(warned) == 1 and "metrics.csv:" in warned[0] and "torn last row" in warned[0]
+  ref = metrics.read_csv(os.path.join(summary["run"]["workdir"], "metrics.csv"))
+  got = metrics.read_csv(path)
+  strip = lambda rows: [r for r in rows if r["split"] != "perf"]
+  assert strip(got) == strip(ref)
