@@ -41,6 +41,11 @@ class Budget:
 
 
 BUDGETS = {
+    "tpu_v4": Budget("tpu", vmem_bytes=16 << 20),
+    "tpu_v5e": Budget("tpu", vmem_bytes=16 << 20),
+    "tpu_v5p": Budget("tpu", vmem_bytes=16 << 20),
+    "tpu_v6e": Budget("tpu", vmem_bytes=32 << 20),
+    "tpu7x": Budget("tpu", vmem_bytes=32 << 20),
     "sm80": Budget("gpu", shared_bytes=166_912, registers=65_536),
     "sm90": Budget("gpu", shared_bytes=232_448, registers=65_536),
 }
