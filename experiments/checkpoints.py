@@ -1,15 +1,18 @@
 """Orbax checkpoints with resume, integrity checks and clear errors.
 
 Layout: ``<workdir>/checkpoints/<step>/{state,meta}``. ``meta`` (JSON) holds
-the config fingerprint of the model and optimizer and a per-leaf checksum of
-the state, checked after every restore so that a silently damaged file is
-reported instead of training on. Writes are atomic (orbax writes a temporary
-directory and renames it), so a run killed mid-save leaves the previous
-checkpoints intact. Nothing here deletes or overwrites an existing step:
+the config fingerprint of the model and optimizer and a SHA-256 digest of
+every leaf of the state (its path, dtype, shape and raw bytes), computed
+before the save and checked after every restore: any changed bit of any
+value is reported instead of training on (orbax's own reads catch only some
+damage: a flipped bit in a stored array often restores without error).
+Writes are atomic (orbax writes a temporary directory and renames it), so a
+run killed mid-save leaves the previous checkpoints intact. Nothing here deletes or overwrites an existing step:
 a failed restore raises :class:`CheckpointError` before any training step.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,6 +26,17 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable, damaged or does not fit the config."""
 
 
+def digests(state) -> List[List[str]]:
+  """[leaf path, SHA-256 hex digest of dtype, shape and raw bytes] per leaf, in tree order."""
+  out = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    out.append([jax.tree_util.keystr(path), h.hexdigest()])
+  return out
+
+
 @jax.jit
 def _leaf_sums(leaves):
   return [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
@@ -30,9 +44,27 @@ def _leaf_sums(leaves):
 
 
 def checksums(state) -> List[float]:
-  """Per-leaf checksums (sum and sum of squares) of a pytree of arrays."""
+  """Per-leaf sum and sum of squares: the weaker check of checkpoints written without digests."""
   sums = _leaf_sums(jax.tree_util.tree_leaves(state))
   return [float(v) for s in sums for v in np.asarray(s, np.float64)]
+
+
+def _damage(meta: Dict[str, Any], state) -> Optional[str]:
+  """Why ``state`` does not match the digests (or legacy checksums) of ``meta``; None if it does."""
+  if "digests" in meta:
+    want, got = meta["digests"], digests(state)
+    if len(want) != len(got):
+      return f"it has {len(got)} arrays, its digests list {len(want)}"
+    bad = [g[0] for w, g in zip(want, got) if list(w) != g]
+    if bad:
+      return (f"the SHA-256 digests of {len(bad)} of its {len(got)} arrays differ from those "
+              f"written with it (first: {bad[0]})")
+    return None
+  want = np.asarray(meta.get("checksums", []), np.float64)
+  got = np.asarray(checksums(state), np.float64)
+  if want.shape != got.shape or not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+    return "its contents do not match the checksums written with it"
+  return None
 
 
 class Checkpointer:
@@ -53,7 +85,7 @@ class Checkpointer:
     if step in self.manager.all_steps():
       raise CheckpointError(
           f"checkpoint step {step} already exists in {self.directory}; it is never overwritten.")
-    meta = dict(meta, step=int(step), checksums=checksums(state))
+    meta = dict(meta, step=int(step), digests=digests(state))
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
@@ -109,12 +141,11 @@ class Checkpointer:
           f"checkpoint step {step} at {path} was written with a different config (fields "
           f"{diffs}: saved {[(saved_fp or {}).get(k) for k in diffs]}, now "
           f"{[fingerprint.get(k) for k in diffs]}); use another --workdir or the same config.")
-    want = np.asarray(meta.get("checksums", []), np.float64)
-    got = np.asarray(checksums(state), np.float64)
-    if want.shape != got.shape or not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+    damage = _damage(meta, state)
+    if damage:
       raise CheckpointError(
-          f"checkpoint step {step} at {path} is damaged: its contents do not match the "
-          f"checksums written with it; nothing was overwritten.{hint}")
+          f"checkpoint step {step} at {path} is damaged: {damage}; nothing was "
+          f"overwritten.{hint}")
     return state, step
 
 

@@ -4,13 +4,16 @@ One tiny run (compiled once, module fixture) is reused by the tests that need
 training; the metrics tests need no model at all.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from experiments import metrics, trainer
+from experiments import checkpoints, metrics, trainer
 from test_experiments_train import ROOT, tiny_config
 
 
@@ -145,3 +148,61 @@ def test_resume_after_a_torn_csv_row_reproduces_the_uninterrupted_run(run, tmp_p
   got = metrics.read_csv(path)
   strip = lambda rows: [r for r in rows if r["split"] != "perf"]
   assert strip(got) == strip(ref)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+def _files(path):
+  out = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      p = os.path.join(root, name)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, path)] = f.read()
+  return out
+
+
+def _flip(path, offset, bit):
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    byte = f.read(1)[0]
+    f.seek(offset)
+    f.write(bytes([byte ^ (1 << bit)]))
+
+
+def test_single_bit_flips_in_checkpoint_data_stop_the_restore(run, tmp_path):
+  exp, summary = run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(summary["run"]["workdir"], workdir)
+  state = exp.initial_state()
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  fingerprint = trainer.fingerprint(exp.config)
+  ckpt = checkpoints.Checkpointer(workdir)
+  good = [np.asarray(x) for x in jax.tree_util.tree_leaves(ckpt.restore(abstract, fingerprint)[0])]
+  step_dir = os.path.join(ckpt.directory, "12")
+  data = max((p for p in _files(os.path.join(step_dir, "state"))),
+             key=lambda p: os.path.getsize(os.path.join(step_dir, "state", p)))
+  data = os.path.join(step_dir, "state", data)
+  size = os.path.getsize(data)
+  stopped = 0
+  for i in range(16):
+    offset, bit = (size * i) // 16 + 7 * i, i % 8
+    _flip(data, offset, bit)
+    before = _files(ckpt.directory)
+    try:
+      restored, _ = checkpoints.Checkpointer(workdir).restore(abstract, fingerprint)
+    except checkpoints.CheckpointError as e:
+      assert "checkpoint step 12 " in str(e) and "nothing was overwritten" in str(e)
+      stopped += 1
+    else:   # restored: only acceptable when the flip changed no value at all
+      assert all(np.array_equal(np.asarray(a), b)
+                 for a, b in zip(jax.tree_util.tree_leaves(restored), good)), (offset, bit)
+    assert _files(ckpt.directory) == before
+    if i == 0:   # the trainer refuses too, before writing anything
+      exp.workdir = workdir
+      with pytest.raises(checkpoints.CheckpointError, match="checkpoint step 12 "):
+        exp.run()
+      assert _files(ckpt.directory) == before and ckpt.steps() == [4, 8, 12]
+    _flip(data, offset, bit)
+  assert stopped >= 8
