@@ -28,6 +28,8 @@ class Budget:
     platform: "tpu" or "gpu".
     vmem_bytes: TPU: scoped VMEM a pallas_call gets by default (its blocks,
       double-buffered, plus scratch). 0 on GPU.
+    vmem_max_bytes: TPU: the whole VMEM, the most a pallas_call may ask for
+      with ``vmem_limit_bytes``. 0 on GPU.
     smem_bytes: TPU: scalar memory for scalar-prefetch operands and SMEM
       scratch. 0 on GPU.
     shared_bytes: GPU: shared memory one block (CTA) may opt in to. 0 on TPU.
@@ -35,17 +37,31 @@ class Budget:
   """
   platform: str
   vmem_bytes: int = 0
+  vmem_max_bytes: int = 0
   smem_bytes: int = 0
   shared_bytes: int = 0
   registers: int = 0
 
 
+_MIB = 1 << 20
+
+# TPU: measured by compiling probe kernels on each generation's deviceless
+# topology (jax 0.10.2, libtpu 0.0.42): double-buffered blocks of growing size
+# until Mosaic reports a scoped-VMEM OOM (default limit), the same with
+# vmem_limit_bytes raised (whole VMEM), and a scalar-prefetched int32 vector
+# of growing length until SMEM overflows (v4: 262,016 words; v5e: 261,632;
+# the smaller figure is used for every generation).
 BUDGETS = {
-    "tpu_v4": Budget("tpu", vmem_bytes=16 << 20),
-    "tpu_v5e": Budget("tpu", vmem_bytes=16 << 20),
-    "tpu_v5p": Budget("tpu", vmem_bytes=16 << 20),
-    "tpu_v6e": Budget("tpu", vmem_bytes=32 << 20),
-    "tpu7x": Budget("tpu", vmem_bytes=32 << 20),
+    "tpu_v4": Budget("tpu", vmem_bytes=16 * _MIB, vmem_max_bytes=16 * _MIB,
+                     smem_bytes=261_632 * 4),
+    "tpu_v5e": Budget("tpu", vmem_bytes=16 * _MIB, vmem_max_bytes=128 * _MIB,
+                      smem_bytes=261_632 * 4),
+    "tpu_v5p": Budget("tpu", vmem_bytes=16 * _MIB, vmem_max_bytes=64 * _MIB,
+                      smem_bytes=261_632 * 4),
+    "tpu_v6e": Budget("tpu", vmem_bytes=32 * _MIB, vmem_max_bytes=128 * _MIB,
+                      smem_bytes=261_632 * 4),
+    "tpu7x": Budget("tpu", vmem_bytes=32 * _MIB, vmem_max_bytes=64 * _MIB,
+                    smem_bytes=261_632 * 4),
     "sm80": Budget("gpu", shared_bytes=166_912, registers=65_536),
     "sm90": Budget("gpu", shared_bytes=232_448, registers=65_536),
 }
