@@ -40,7 +40,7 @@ def main(argv):
   print(f"workdir: {workdir}", flush=True)
   try:
     trainer.train(config, workdir)
-  except (ValueError, checkpoints.CheckpointError) as e:
+  except (ValueError, checkpoints.CheckpointError, trainer.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
   return 0

@@ -5,11 +5,15 @@ the model and the optimizer, resumes from the latest checkpoint of
 ``workdir`` if there is one, and trains to ``config.train.num_steps``. The
 data of step ``s`` is a pure function of (seed, s) and the logging window's
 metric sums live in the checkpointed state, so a run that is interrupted and
-resumed logs exactly the metrics of an uninterrupted one.
+resumed logs exactly the metrics of an uninterrupted one. A step whose loss or
+gradient norm is not finite stops the run (:class:`TrainingDiverged`, naming
+the step) before that state is logged or saved; the last good checkpoint is
+kept and ``summary.json`` records ``run.status`` "diverged" with the step.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -62,6 +66,22 @@ def _sums(task, logits, batch):
   return objectives.classify_sums(logits, batch)
 
 
+class TrainingDiverged(RuntimeError):
+  """A step's loss or gradient norm was not finite; the diverged state was not saved."""
+
+  def __init__(self, step: int, loss: float, grad_norm: float, detail: str = ""):
+    self.step, self.loss, self.grad_norm = step, loss, grad_norm
+    super().__init__(f"training diverged at step {step}: loss {loss}, gradient norm "
+                     f"{grad_norm}" + (f" ({detail})." if detail else "."))
+
+
+def _check_finite(step: int, stats) -> None:
+  """Raises TrainingDiverged if the loss or gradient norm of ``step`` is not finite."""
+  loss, grad_norm = (float(v) for v in jax.device_get((stats["loss"], stats["grad_norm"])))
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    raise TrainingDiverged(step, loss, grad_norm)
+
+
 class Experiment:
   """Everything built from a config; ``run()`` trains."""
 
@@ -103,14 +123,17 @@ class Experiment:
       logits = _apply(self.model, self.task, params, batch)
       sums = _sums(self.task, logits, batch)
       return objectives.loss_from_sums(sums), sums
-    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    sums = dict(sums, grad_norm_num=optax.tree.norm(grads), grad_norm_den=jnp.float32(1.0),
+    grad_norm = optax.tree.norm(grads)
+    sums = dict(sums, grad_norm_num=grad_norm, grad_norm_den=jnp.float32(1.0),
                 learning_rate_num=self.schedule(state["step"]),
                 learning_rate_den=jnp.float32(1.0))
     acc = jax.tree_util.tree_map(lambda a, b: a + b, state["acc"], sums)
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "acc": acc}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "acc": acc}
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
 
   def _eval(self, params, batch):
     return _sums(self.task, _apply(self.model, self.task, params, batch), batch)
@@ -172,73 +195,125 @@ class Experiment:
       out[name] = objectives.finalize(jax.device_get(total), self.task.extra_metrics)
     return out
 
+  def _restore_or_init(self, ckpt):
+    """(state, step): the latest (or ``restore_step``) checkpoint, else a fresh state at 0."""
+    tc = self.config.train
+    state = self.initial_state()
+    if not ckpt.steps() and tc.restore_step == -1:
+      return state, 0
+    if not ckpt.steps():
+      raise checkpoints.CheckpointError(
+          f"config.train.restore_step={tc.restore_step}: there are no checkpoints in "
+          f"{ckpt.directory}.")
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, start = ckpt.restore(abstract, fingerprint(self.config),
+                                None if tc.restore_step == -1 else int(tc.restore_step))
+    self.echo(f"resumed from checkpoint step {start} in {ckpt.directory}")
+    return state, start
+
+  def _loop(self, state, start: int, stop: int, ckpt, writer, bar):
+    """Trains steps ``start + 1 .. stop``, logging, evaluating and checkpointing.
+
+    Each step's loss and gradient norm are checked for a non-finite value one
+    step late (the host reads them while the next step runs), and always
+    before anything is logged, evaluated or saved, so a diverged state is
+    never written. Returns (state, step, last eval metrics); raises
+    :class:`TrainingDiverged` at the first non-finite step.
+    """
+    tc = self.config.train
+    meta = {"fingerprint": fingerprint(self.config)}
+    tokens = self.task.batch_size * self.task.seq_len
+    step, t_win, steps_win, last_eval, pending = start, time.time(), 0, {}, None
+    while step < stop:
+      batch = self._device_batch(self.task.train_batch(step))
+      state, stats = self._train_step(state, batch)
+      step += 1
+      steps_win += 1
+      bar.update(1)
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step, stats)
+      log = step % tc.log_every == 0 or step == self.num_steps
+      evaluate = step % tc.eval_every == 0 or step == self.num_steps
+      save = step % tc.checkpoint_every == 0 or step == self.num_steps or step == stop
+      if not (log or evaluate or save):
+        continue
+      _check_finite(*pending)
+      pending = None
+      if log:
+        m = objectives.finalize(jax.device_get(state["acc"]), self.task.extra_metrics)
+        writer.write(step, "train", m)
+        dt = max(time.time() - t_win, 1e-9)
+        writer.write(step, "perf", {"steps_per_sec": steps_win / dt,
+                                    "tokens_per_sec": steps_win * tokens / dt}, echo=False)
+        bar.set_postfix(loss=f"{m['loss']:.4f}")
+        state = dict(state, acc=jax.tree_util.tree_map(jnp.zeros_like, state["acc"]))
+        t_win, steps_win = time.time(), 0
+      if evaluate:
+        last_eval = self.evaluate(state["params"])
+        writer.write(step, "eval", last_eval)
+      if save:
+        writer.sync()
+        ckpt.save(step, state, meta)
+    return state, step, last_eval
+
   def run(self) -> Dict[str, Any]:
+    """Trains (resuming from the workdir's checkpoints) and returns the summary.
+
+    Raises:
+      TrainingDiverged: a step's loss or gradient norm was not finite; the
+        summary (``run.status`` "diverged") is written first.
+    """
     cfg, tc = self.config, self.config.train
     t_start = time.time()
-    state = self.initial_state()
     ckpt = checkpoints.Checkpointer(self.workdir, int(tc.keep_checkpoints))
-    start = 0
-    if ckpt.steps() or tc.restore_step != -1:
-      if not ckpt.steps():
-        raise checkpoints.CheckpointError(
-            f"config.train.restore_step={tc.restore_step}: there are no checkpoints in "
-            f"{ckpt.directory}.")
-      abstract = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-      state, start = ckpt.restore(abstract, fingerprint(cfg),
-                                  None if tc.restore_step == -1 else int(tc.restore_step))
-      self.echo(f"resumed from checkpoint step {start} in {ckpt.directory}")
+    state, start = self._restore_or_init(ckpt)
     writer = metrics.MetricWriter(self.workdir, resume_step=start, echo=self.echo,
                                   warn=self.warn)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["params"]))
     self.echo(f"task {json.dumps(self.task.describe())}")
     self.echo(f"model {cfg.model.kind}: {n_params:,} params, layers "
               f"{[f for f, _ in self.layers]}, mesh {dict(self.mesh.shape)}")
-    meta = {"fingerprint": fingerprint(cfg)}
-    tokens = self.task.batch_size * self.task.seq_len
     stop = self.num_steps if tc.stop_after == -1 else min(self.num_steps, start + int(tc.stop_after))
-    step, t_win, steps_win = start, time.time(), 0
     bar = tqdm(total=self.num_steps, initial=start, disable=not tc.progress_bar,
                dynamic_ncols=True, mininterval=1.0, desc=cfg.name)
-    last_eval = {}
+    diverged = None
     try:
-      while step < stop:
-        batch = self._device_batch(self.task.train_batch(step))
-        state = self._train_step(state, batch)
-        step += 1
-        steps_win += 1
-        bar.update(1)
-        if step % tc.log_every == 0 or step == self.num_steps:
-          acc = jax.device_get(state["acc"])
-          m = objectives.finalize(acc, self.task.extra_metrics)
-          writer.write(step, "train", m)
-          dt = max(time.time() - t_win, 1e-9)
-          writer.write(step, "perf", {"steps_per_sec": steps_win / dt,
-                                      "tokens_per_sec": steps_win * tokens / dt}, echo=False)
-          bar.set_postfix(loss=f"{m['loss']:.4f}")
-          state = dict(state, acc=jax.tree_util.tree_map(jnp.zeros_like, state["acc"]))
-          t_win, steps_win = time.time(), 0
-        if step % tc.eval_every == 0 or step == self.num_steps:
-          last_eval = self.evaluate(state["params"])
-          writer.write(step, "eval", last_eval)
-        if step % tc.checkpoint_every == 0 or step == self.num_steps or step == stop:
-          writer.sync()
-          ckpt.save(step, state, meta)
+      state, step, last_eval = self._loop(state, start, stop, ckpt, writer, bar)
+    except TrainingDiverged as e:
+      diverged, step, last_eval = e, e.step - 1, writer.last.get("eval", {})
     finally:
       bar.close()
     extra = {}
-    if step == self.num_steps and step > start:
+    if diverged is None and step == self.num_steps and step > start:
       extra = self.extra_evaluations(state["params"])
       for name, m in extra.items():
         writer.write(step, name, m)
-    elif step == start:   # nothing left to train: report the logged results again
+    elif diverged is None and step == start:   # nothing left to train: report the logged results again
       last_eval = writer.last.get("eval", {})
       extra = {k: v for k, v in writer.last.items() if k not in ("train", "eval", "perf")}
     writer.close()
-    wall = time.time() - t_start
-    summary = {"run": {"name": cfg.name, "workdir": self.workdir, "steps": step,
-                       "finished": step == self.num_steps, "resumed_from": start,
-                       "wall_seconds": wall, "params": n_params},
+    run = {"name": cfg.name, "workdir": self.workdir, "steps": step,
+           "finished": diverged is None and step == self.num_steps,
+           "status": "finished" if step == self.num_steps else "stopped",
+           "resumed_from": start, "wall_seconds": time.time() - t_start, "params": n_params}
+    if diverged is not None:
+      last = max(ckpt.steps(), default=None)
+      run.update(status="diverged", diverged_at_step=diverged.step, last_checkpoint=last)
+      diverged = TrainingDiverged(
+          diverged.step, diverged.loss, diverged.grad_norm,
+          f"config.optim.learning_rate={cfg.optim.learning_rate}; the diverged state was not "
+          "saved, " + (f"the last good checkpoint is step {last} in {ckpt.directory}"
+                       if last is not None else "no checkpoint was written before it"))
+    summary = self._write_summary(run, writer, last_eval, extra)
+    if diverged is not None:
+      raise diverged
+    return summary
+
+  def _write_summary(self, run, writer, last_eval, extra) -> Dict[str, Any]:
+    """Writes ``summary.json`` (atomically), echoes the summary table, returns the summary."""
+    summary = {"run": run,
                "model": {"layers": ",".join(f for f, _ in self.layers),
                          "options": json.dumps([o for _, o in self.layers], default=str)},
                "train": writer.last.get("train", {}), "eval": last_eval}
@@ -247,8 +322,9 @@ class Experiment:
     summary.update(extra)
     metrics.atomic_write(os.path.join(self.workdir, "summary.json"),
                          lambda f: json.dump(summary, f, indent=1, default=str))
-    self.echo(metrics.summary_table(f"summary of {cfg.name} ({step} steps, {wall:.1f} s)",
-                                    summary))
+    self.echo(metrics.summary_table(
+        f"summary of {run['name']} ({run['steps']} steps, {run['wall_seconds']:.1f} s, "
+        f"{run['status']})", summary))
     return summary
 
 

@@ -3,6 +3,7 @@
 One tiny run (compiled once, module fixture) is reused by the tests that need
 training; the metrics tests need no model at all.
 """
+import json
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import checkpoints, metrics, trainer
-from test_experiments_train import ROOT, tiny_config
+from test_experiments_train import ROOT, run_train_cli, tiny_config
 
 
 def _write_csv(path, rows):
@@ -206,3 +207,37 @@ def test_single_bit_flips_in_checkpoint_data_stop_the_restore(run, tmp_path):
       assert _files(ckpt.directory) == before and ckpt.steps() == [4, 8, 12]
     _flip(data, offset, bit)
   assert stopped >= 8
+
+
+# -- the command line: divergence and config errors ----------------------------------------
+
+_TINY = ["--config.task.seq_len=16", "--config.task.batch_size=4", "--config.task.eval_batches=1",
+         "--config.model.num_layers=1", "--config.model.d_model=16", "--config.model.num_heads=2",
+         "--config.model.mlp_ratio=2", "--config.optim.warmup_steps=2",
+         "--config.train.num_steps=12", "--config.train.log_every=2",
+         "--config.train.eval_every=6", "--config.train.checkpoint_every=2",
+         "--config.train.progress_bar=false"]
+
+
+def _error_line(stderr):
+  lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr
+  return lines[0]
+
+
+def test_divergence_stops_at_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(
+    tmp_path):
+  code, _, stderr = run_train_cli(tmp_path, *_TINY, "--config.optim.learning_rate=1e6")
+  assert code == 1
+  line = _error_line(stderr)
+  workdir = str(tmp_path / "run")
+  with open(os.path.join(workdir, "summary.json")) as f:
+    run = json.load(f)["run"]
+  step, last = run["diverged_at_step"], run["last_checkpoint"]
+  assert run["status"] == "diverged" and not run["finished"] and run["steps"] == step - 1
+  assert line.startswith(f"error: training diverged at step {step}: loss ")
+  assert f"the last good checkpoint is step {last} " in line
+  assert last is not None and last < step
+  assert checkpoints.Checkpointer(workdir).steps()[-1] == last   # the diverged state: not saved
+  logged = metrics.read_csv(os.path.join(workdir, "metrics.csv"))
+  assert logged and all(np.isfinite(r["value"]) and r["step"] < step for r in logged)
