@@ -12,4 +12,8 @@ def get_config(arg: str = ""):
   c.model.update(kind="encoder_classifier", use_rope=False)
   common.size(c, num_layers=2, d_model=64, num_heads=4, steps=300, learning_rate=2e-3,
               warmup=20, log_every=50, eval_every=100, batch_size=64, eval_batches=1)
-  return common.apply_family(c, arg)
+  c = common.apply_family(c, arg)
+  if "kernel_size" in c.model.attention_options:
+    # 16 patch tokens: a 7-token neighbourhood (the 1D preset of 33 is longer than the input).
+    c.model.attention_options.kernel_size = 7
+  return c
