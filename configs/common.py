@@ -27,6 +27,8 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   m.mlp_ratio = 4
   m.use_rope = True
   m.attention = "dense"            # family of every layer not listed below
+  # Options of model.attention's family: any key, also from the command line
+  # (--config.model.attention_options.window=16); checked against the family at start-up.
   m.attention_options = ml_collections.ConfigDict()
   m.family_options = ml_collections.ConfigDict()   # {family: {option: value}}
   m.dense_layers = ()              # layer indices that use dense_attention (MASFormer)

@@ -6,12 +6,16 @@ family with fixed options, e.g. ``s2_homo``). Options come, lowest priority
 first, from ``PRESETS`` (small-model sizes; a preset key the family does not
 accept is skipped, so presets never break a family), the variant,
 ``model.family_options.<family>`` and, for layers of ``model.attention``,
-``model.attention_options``.
+``model.attention_options``. :func:`resolve_layers` also records which config
+field (or preset) each option came from, so that a bad option is reported
+under the name the user wrote (``experiments.config_checks``).
 """
 from __future__ import annotations
 
+import ast
 import inspect
-from typing import Dict, List, Tuple
+import textwrap
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 #: Option presets for the small models of ``configs/`` (sequences of 64-512
 #: tokens); the layers' own defaults target long sequences. S2 follows the
@@ -89,34 +93,159 @@ def layer_family_names(model_cfg) -> List[str]:
   return names
 
 
-def resolve(model_cfg) -> List[Tuple[str, Dict[str, object]]]:
-  """(registered family, options) for each layer; ValueError naming the config field.
+class Layer(NamedTuple):
+  """One layer's attention: the registered family and its options, with their origins."""
+  family: str                  # registered family name
+  name: str                    # as configured: the family or a variant of it
+  options: Dict[str, Any]
+  sources: Dict[str, str]      # option -> the config field (or preset) that set it
+  field: str                   # the config field that chose ``name``
+
+
+def _family_field(model_cfg, name: str) -> str:
+  if model_cfg.get("layer_attention"):
+    return "config.model.layer_attention"
+  if name != str(model_cfg.attention):
+    return "config.model.dense_attention"
+  return "config.model.attention"
+
+
+def _check_family_options(family_options: Dict[str, Any]) -> None:
+  names = available()
+  for key in family_options:
+    if key not in names:
+      raise ValueError(
+          f"config.model.family_options.{key}: unknown attention family {key!r}; available: "
+          f"{names}.")
+
+
+def _option_origins(model_cfg, fn, base: str, name: str, use_presets: bool,
+                   family_options: Dict[str, Any], attention_options: Dict[str, Any]
+                   ) -> List[Tuple[Dict[str, Any], str]]:
+  """(options, origin template) pairs of one layer, lowest priority first; ``{}`` is the key."""
+  origins = []
+  if use_presets:
+    origins.append((_accepted(fn, PRESETS.get(base, {})),
+                    f"the {base!r} preset {{}} of experiments.families.PRESETS "
+                    "(config.model.use_presets=False turns presets off)"))
+  origins.append((VARIANTS.get(name, (name, {}))[1],
+                  f"the {{}} of variant {name!r} (experiments.families.VARIANTS)"))
+  for key in dict.fromkeys((base, name)):
+    origins.append((_to_dict(family_options.get(key)),
+                    f"config.model.family_options.{key}.{{}}"))
+  if name == str(model_cfg.attention):
+    origins.append((attention_options, "config.model.attention_options.{}"))
+  return origins
+
+
+def resolve_layers(model_cfg) -> List[Layer]:
+  """Each layer's :class:`Layer`; ValueError naming the config field of a bad family name.
 
   Raises:
-    ValueError: a name is neither a registered family nor a variant.
+    ValueError: a name (or a ``family_options`` key) is neither a registered
+      family nor a variant.
   """
   from attnjax.layers import registry  # pylint: disable=g-import-not-at-top
   fams = registry.list_families()
   family_options = _to_dict(model_cfg.get("family_options"))
   attention_options = _to_dict(model_cfg.get("attention_options"))
   use_presets = bool(model_cfg.get("use_presets", True))
-  field = ("config.model.layer_attention" if model_cfg.get("layer_attention")
-           else "config.model.attention")
   out = []
   for i, name in enumerate(layer_family_names(model_cfg)):
-    base, variant_opts = VARIANTS.get(name, (name, {}))
+    base = VARIANTS.get(name, (name, {}))[0]
+    field = _family_field(model_cfg, name)
     if base not in fams:
-      if name == str(model_cfg.get("dense_attention", "dense")) and name != model_cfg.attention:
-        field = "config.model.dense_attention"
       raise ValueError(
           f"{field}: unknown attention family {name!r} (layer {i}); available: "
           f"{available()}.")
-    opts = dict(_accepted(fams[base], PRESETS.get(base, {}))) if use_presets else {}
-    opts.update(variant_opts)
-    opts.update(_to_dict(family_options.get(base)))
-    if name != base:
-      opts.update(_to_dict(family_options.get(name)))
-    if name == str(model_cfg.attention):
-      opts.update(attention_options)
-    out.append((base, opts))
+    opts: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    for values, template in _option_origins(model_cfg, fams[base], base, name, use_presets,
+                                            family_options, attention_options):
+      for k, v in values.items():
+        opts[k], sources[k] = v, template.format(k)
+    out.append(Layer(base, name, opts, sources, field))
+  _check_family_options(family_options)
   return out
+
+
+def resolve(model_cfg) -> List[Tuple[str, Dict[str, object]]]:
+  """(registered family, options) for each layer; ValueError naming the config field.
+
+  Raises:
+    ValueError: a name is neither a registered family nor a variant.
+  """
+  return [(layer.family, layer.options) for layer in resolve_layers(model_cfg)]
+
+
+#: Arguments every family receives from the layer itself: never options.
+CALL_ARGS = ("query", "key", "value", "causal", "q_positions", "k_positions", "segment_ids")
+_NAMED = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _lookup(expr, scope: Dict[str, Any]) -> Optional[Callable]:
+  """The object a call's target expression (a name or attribute chain) refers to."""
+  if isinstance(expr, ast.Name):
+    return scope.get(expr.id)
+  if isinstance(expr, ast.Attribute):
+    owner = _lookup(expr.value, scope)
+    return None if owner is None else getattr(owner, expr.attr, None)
+  return None
+
+
+def _forwarding_calls(fn, var_kw: str) -> Optional[List[Tuple[Callable, int, List[str]]]]:
+  """(callee, positional argument count, explicit keywords) of each call passing ``**var_kw``.
+
+  None when ``fn``'s source or a callee cannot be found.
+  """
+  try:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    scope = dict(fn.__globals__)
+    scope.update(inspect.getclosurevars(fn).nonlocals)
+  except (OSError, TypeError, SyntaxError, AttributeError):
+    return None
+  calls = []
+  for node in ast.walk(tree):
+    if not isinstance(node, ast.Call) or not any(
+        k.arg is None and isinstance(k.value, ast.Name) and k.value.id == var_kw
+        for k in node.keywords):
+      continue
+    callee = _lookup(node.func, scope)
+    if callee is None or not callable(callee):
+      return None
+    calls.append((callee, len(node.args), [k.arg for k in node.keywords if k.arg]))
+  return calls or None
+
+
+def option_names(fn: Callable, depth: int = 4) -> Tuple[List[str], bool]:
+  """The keyword options family function ``fn`` accepts, and whether that list is complete.
+
+  The named keyword parameters of ``fn`` (not the call arguments of
+  ``CALL_ARGS``) plus, where ``fn`` forwards ``**kwargs``, the options of the
+  functions it forwards them to (found in its source, ``depth`` calls deep),
+  less the keywords it passes itself. Incomplete when a forwarding target
+  cannot be followed.
+  """
+  fn = inspect.unwrap(fn)
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return [], False
+  names = [k for k, p in params.items() if p.kind in _NAMED and k not in CALL_ARGS]
+  var_kw = next((k for k, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD),
+                None)
+  if var_kw is None:
+    return names, True
+  calls = _forwarding_calls(fn, var_kw) if depth > 0 else None
+  if calls is None:
+    return names, False
+  complete = True
+  for callee, positional, explicit in calls:
+    try:
+      bound = list(inspect.signature(callee).parameters)[:positional]
+    except (TypeError, ValueError):
+      return names, False
+    sub, ok = option_names(callee, depth - 1)
+    names += [k for k in sub if k not in explicit and k not in bound and k not in names]
+    complete = complete and ok
+  return names, complete

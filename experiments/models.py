@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from attnjax.layers import MultiHeadAttention
 
-from experiments import families
+from experiments import config_checks, families
 
 LayerSpec = Tuple[str, Tuple[Tuple[str, Any], ...]]
 
@@ -137,6 +137,10 @@ def _mesh_family(name: str, mesh) -> str:
 def build_model(config, task, act_sharding=None, mesh=None) -> nn.Module:
   """The model of ``config.model`` for ``task`` (kinds must match).
 
+  Every layer's attention options are checked first by tracing the family
+  (``config_checks.check_attention``): a bad option is a ValueError naming its
+  config field.
+
   On a multi-device ``mesh`` the S2 layers run context-parallel
   (``attnjax.sharding.context_parallel_attention`` inside ``shard_map``);
   other families are partitioned by XLA from the sharded activations.
@@ -158,6 +162,7 @@ def build_model(config, task, act_sharding=None, mesh=None) -> nn.Module:
     raise ValueError(f"config.model.kind={kind!r} cannot train task {task.name!r} (a "
                      f"{task.kind!r} task); use "
                      f"{'decoder_lm' if task.kind == 'lm' else 'encoder_classifier'}.")
+  config_checks.check_attention(config, task.seq_len)
   trunk = Trunk(layers, int(m.num_heads), kv, int(m.mlp_ratio) * int(m.d_model),
                 causal=(kind == "decoder_lm"), use_rope=bool(m.use_rope), implementation=impl,
                 dtype=dtype, act_sharding=act_sharding, parent=None)

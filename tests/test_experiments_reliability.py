@@ -241,3 +241,45 @@ def test_divergence_stops_at_the_first_nonfinite_step_and_keeps_the_last_good_ch
   assert checkpoints.Checkpointer(workdir).steps()[-1] == last   # the diverged state: not saved
   logged = metrics.read_csv(os.path.join(workdir, "metrics.csv"))
   assert logged and all(np.isfinite(r["value"]) and r["step"] < step for r in logged)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.nope=3"], "error: --config.model.nope: config.model has no field 'nope'"),
+    (["--config.trian.num_steps=3"],
+     "error: --config.trian.num_steps: config has no field 'trian' (did you mean 'train'?)"),
+    (["--config.model.attention=sliding_window", "--config.model.attention_options.window=0"],
+     "error: config.model.attention_options.window=0: SlidingWindow left must be"),
+    # an option set for a family given by --config.model.attention is taken; the next one
+    # the family rejects is named
+    (["--config.model.attention=sliding_window", "--config.model.attention_options.window=8",
+      "--config.model.attention_options.left=-3"],
+     "error: config.model.attention_options.left=-3: "),
+    (["--config=configs/mqar.py:s2", "--config.model.attention_options.blok_size=8"],
+     "error: config.model.attention_options.blok_size: attention family 's2' has no option "
+     "'blok_size' (did you mean 'block_size'?); valid options: block_size, local_blocks, "),
+    (["--config.optim.learning_rate=abc"], "error: flag --config.optim.learning_rate=abc: "),
+    (["--config=configs/no_such_config.py"],
+     "error: --config=configs/no_such_config.py: no such config file."),
+    (["--config.model.family_options.s2.block_size=8"],
+     "error: --config.model.family_options.s2.block_size: config.model.family_options has no "
+     "field 's2'"),
+])
+def test_bad_config_on_the_command_line_is_one_error_line(tmp_path, args, message):
+  code, _, stderr = run_train_cli(tmp_path, *args)
+  assert code == 1
+  assert _error_line(stderr).startswith(message)
+
+
+def test_attention_option_typo_in_python_names_the_option_and_the_valid_ones(tmp_path):
+  c = tiny_config()
+  c.model.attention = "sliding_window"
+  c.model.attention_options.windw = 16
+  with pytest.raises(ValueError, match=r"^config.model.attention_options.windw: attention "
+                     r"family 'sliding_window' has no option 'windw' \(did you mean 'window'\?\); "
+                     r"valid options: window, left, right"):
+    trainer.Experiment(c, str(tmp_path))
+  c.model.attention_options = {}
+  c.model.family_options = {"sliding_windw": {"window": 8}}
+  with pytest.raises(ValueError, match=r"^config.model.family_options.sliding_windw: unknown "
+                     "attention family"):
+    trainer.Experiment(c, str(tmp_path))
