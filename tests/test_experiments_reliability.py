@@ -173,6 +173,8 @@ def _flip(path, offset, bit):
     f.write(bytes([byte ^ (1 << bit)]))
 
 
+# A read that orbax abandons after a damaged shard leaves its pending reads unraisable.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_single_bit_flips_in_checkpoint_data_stop_the_restore(run, tmp_path):
   exp, summary = run
   workdir = str(tmp_path / "copy")
