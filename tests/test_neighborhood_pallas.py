@@ -8,6 +8,7 @@ from attnjax.neighborhood import neighborhood_attention
 from pallas_kernels.neighborhood.bias import bias_plan
 from pallas_kernels.neighborhood.ops import na_pallas
 from pallas_kernels.neighborhood.plan import block_plan
+from pallas_kernels.neighborhood.resources import GpuBlocks
 
 
 def _normal(shape, seed, dtype=jnp.float32):
@@ -32,7 +33,7 @@ def _value_and_grads(f, args):
 
 
 def _check(backend, shape, kernel, dilation, causal, tile, N=2, K=1, H=8, rpb=False,
-           dtype=jnp.float32, tol=5e-5):
+           dtype=jnp.float32, tol=5e-5, gpu_blocks=None):
   q, k, v = _inputs(shape, N, K, H, dtype=dtype)
   spatial, ks, ds, cs = check_neighborhood_args(shape, kernel, dilation, causal)
   args = (q, k, v)
@@ -43,7 +44,7 @@ def _check(backend, shape, kernel, dilation, causal, tile, N=2, K=1, H=8, rpb=Fa
       implementation="reference", return_lse=True)
   pal = lambda q, k, v, *r: na_pallas(
       q, k, v, kernel_size=ks, dilation=ds, is_causal=cs, scale=H ** -0.5, tile_shape=tile,
-      rpb=r[0] if r else None, backend=backend)
+      rpb=r[0] if r else None, backend=backend, gpu_blocks=gpu_blocks)
   f32 = lambda x: np.asarray(x, np.float32)
   o1, l1, g1 = _value_and_grads(ref, args)
   o2, l2, g2 = _value_and_grads(pal, args)
@@ -103,6 +104,20 @@ def test_gpu_kernel_bfloat16_rpb_empty_tile():
 
 def test_gpu_kernel_3d_even_kernel():
   _check("gpu", (4, 5, 4), (2, 3, 2), (1, 1, 2), (True, False, False), (2, 2, 2))
+
+
+def test_gpu_kernel_sub_blocks_2d_rpb_gqa():
+  # 16-query tiles cut into programs of 8 (fwd, dq) or 4 (dk/dv) rows that step
+  # through each key tile in chunks: the bias and dS blocks are read and written
+  # at sub-block offsets of the class table and of the pair slots
+  blocks = (GpuBlocks(8, 4), GpuBlocks(4, 8), GpuBlocks(2, 4))
+  _check("gpu", (9, 8), (3, 5), (1, 1), (False, True), (4, 4), N=4, K=2, rpb=True,
+         gpu_blocks=blocks)
+
+
+def test_gpu_kernel_sub_blocks_3d_dilation():
+  _check("gpu", (4, 6, 5), (3, 3, 2), (1, 2, 1), (True, False, False), (2, 2, 4),
+         gpu_blocks=GpuBlocks(4, 8))
 
 
 def test_tpu_kernel_1d_dilation_causal():

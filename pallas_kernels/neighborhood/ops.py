@@ -8,6 +8,11 @@ A relative position bias enters the kernels as a small per-class table
 (:mod:`pallas_kernels.neighborhood.bias`), built from rpb by a static jnp
 gather; the custom VJP returns the table's gradient and autodiff of that
 gather carries it to rpb.
+
+Before anything is traced into a compiled kernel, the resource model
+(:mod:`pallas_kernels.neighborhood.resources`) prices the configuration
+against the placed target's on-chip memory: it picks the GPU sub-blocks and
+refuses (ValueError) a tile or blocks that cannot fit.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ import jax.numpy as jnp
 from attnjax.core import placement
 from attnjax.neighborhood.tiling import plans
 from attnjax.neighborhood.xla import from_tiles, to_tiles
-from pallas_kernels.neighborhood import gpu, tpu
+from pallas_kernels.neighborhood import gpu, resources, tpu
 from pallas_kernels.neighborhood.bias import bias_plan, class_table, table_grad
 from pallas_kernels.neighborhood.plan import block_plan
+from pallas_kernels.targets.budgets import target_of_device
 
 BACKENDS = ("gpu", "tpu")
 
@@ -47,16 +53,27 @@ def _bias(table, plan_key):
   return None if table is None else (table, bias_plan(*plan_key))
 
 
+def _kernel_args(backend, kcfg, kind):
+  """Per-kernel keyword arguments of the chosen configuration."""
+  if kcfg is None:
+    return {}
+  if backend == "tpu":  # the compiler holds each kernel to the model's price
+    return {"vmem_limit": kcfg.need[0] if kind == "fwd" else kcfg.need[1:]}
+  blocks = kcfg.gpu if isinstance(kcfg, resources.Config) else kcfg
+  return {"blocks": blocks[0] if kind == "fwd" else blocks[1:]}
+
+
 def _fwd(q, k, v, table, cfg):
-  plan_key, scale, backend, interpret = cfg
+  plan_key, scale, backend, interpret, kcfg = cfg
   plan = block_plan(*plan_key)
   out, lse = _module(backend).forward(q, k, v, plan, scale=scale, interpret=interpret,
-                                      bias=_bias(table, plan_key))
+                                      bias=_bias(table, plan_key),
+                                      **_kernel_args(backend, kcfg, "fwd"))
   return (out, lse), (q, k, v, table, out, lse)
 
 
 def _bwd(cfg, res, cts):
-  plan_key, scale, backend, interpret = cfg
+  plan_key, scale, backend, interpret, kcfg = cfg
   q, k, v, table, out, lse = res
   do, dlse = cts
   plan = block_plan(*plan_key)
@@ -65,15 +82,35 @@ def _bwd(cfg, res, cts):
   delta = delta - dlse.astype(jnp.float32)
   bias = _bias(table, plan_key)
   dq, dk, dv, ds = _module(backend).backward(q, k, v, do.astype(q.dtype), lse, delta, plan,
-                                             scale=scale, interpret=interpret, bias=bias)
+                                             scale=scale, interpret=interpret, bias=bias,
+                                             **_kernel_args(backend, kcfg, "bwd"))
   return dq, dk, dv, None if bias is None else table_grad(ds, bias[1])
 
 
 _core.defvjp(_fwd, _bwd)
 
 
+def kernel_config(query, key, value, *, plan, tile_shape, backend, rpb, interpret,
+                  gpu_blocks=None):
+  """The checked kernel configuration of a call (None for the interpreter's defaults).
+
+  Compiled kernels: :func:`resources.configure` for the target of the placed
+  device (ValueError when the tile or the forced blocks cannot fit). Interpret
+  mode has no budget: ``gpu_blocks`` (one GpuBlocks or a (fwd, dq, dkv) tuple)
+  are used as given, whole tiles without them.
+  """
+  if interpret:
+    if gpu_blocks is None or backend != "gpu":
+      return None
+    return (gpu_blocks,) * 3 if isinstance(gpu_blocks, resources.GpuBlocks) else tuple(gpu_blocks)
+  target = target_of_device(placement.target_device(query, key, value))
+  lists = (plan.num_blocks, plan.kv_list.shape[1], plan.q_list.shape[1])
+  return resources.configure(backend, target, tile_shape, query.shape[-1], value.shape[-1],
+                             query.dtype, rpb is not None, gpu_blocks=gpu_blocks, lists=lists)
+
+
 def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, tile_shape,
-              rpb=None, backend=None, interpret=None):
+              rpb=None, backend=None, interpret=None, gpu_blocks=None):
   """Fused neighborhood attention.
 
   Args:
@@ -93,6 +130,10 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
     backend: "gpu" (Triton) or "tpu" (Mosaic); default: the platform's, and the
       GPU kernel on CPU.
     interpret: force interpret mode (default: on CPU only).
+    gpu_blocks: GPU only: force the kernels' sub-blocks (one
+      :class:`resources.GpuBlocks` or a (fwd, dq, dkv) tuple); default: the
+      largest that fit the target's shared memory. Compiled kernels raise a
+      ValueError (need and budget) for blocks, or a TPU tile, that cannot fit.
 
   Returns:
     (out [B, *spatial, N, Hv] in the query dtype, lse [B, *spatial, N] float32).
@@ -112,6 +153,8 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
               tuple(tile_shape))
   ps = plans(*plan_key)
   interp = _interpret(backend, interpret, query, key, value)
+  kcfg = kernel_config(query, key, value, plan=block_plan(*plan_key), tile_shape=tile_shape,
+                       backend=backend, rpb=rpb, interpret=interp, gpu_blocks=gpu_blocks)
   if backend == "tpu" and interp is True:
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
     interp = pltpu.InterpretParams()
@@ -121,7 +164,7 @@ def na_pallas(query, key, value, *, kernel_size, dilation, is_causal, scale, til
     return t.reshape((t.shape[0], -1) + t.shape[3:]).transpose(0, 2, 1, 3)
 
   q, k, v = to_blocks(query), to_blocks(key), to_blocks(value)
-  cfg = (plan_key, float(scale), backend, interp)
+  cfg = (plan_key, float(scale), backend, interp, kcfg)
   table = None if rpb is None else class_table(rpb, plan_key, bias_plan(*plan_key))
   out, lse = _core(q, k, v, table, cfg)
   G = block_plan(*plan_key).num_blocks

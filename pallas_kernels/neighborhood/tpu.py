@@ -7,6 +7,12 @@ visited blocks. Steps past a list's length repeat its last block (no new DMA)
 and skip compute. Window bounds ride along as small int32 blocks; the fine mask
 is rebuilt in VMEM.
 
+Every operand is viewed with a tile axis ([B, N, G, tq, c], bounds [G, tq, D],
+key coordinates [G, D, tq]) so that each block spans whole trailing dims:
+Mosaic then accepts any tile size tq, not only multiples of (8, 128). Each
+kernel is compiled with the scoped VMEM limit its resource model prices
+(:mod:`pallas_kernels.neighborhood.resources`).
+
 Relative position bias (optional): a scalar-prefetched class list selects the
 [tq, tq] block ``table[n, class(pair)]`` (:mod:`pallas_kernels.neighborhood.bias`)
 that the index maps DMA next to K/V; the dq kernel writes every visited
@@ -28,6 +34,7 @@ _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
 def _mask(qlo_ref, qhi_ref, kc_ref):
+  """Fine mask [tq, tk] from the bounds [tq, D] and key coordinates [D, tk] in VMEM."""
   D = kc_ref.shape[0]
   return C.fine_mask([qlo_ref[:, d:d + 1] for d in range(D)],
                      [qhi_ref[:, d:d + 1] for d in range(D)],
@@ -119,18 +126,35 @@ def _dkv_kernel(*refs, scale, width, rpb):
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
+def _tiles(x, G):
+  """[B, N, L, c] -> [B, N, G, tq, c]: every block spans whole trailing dims (any tq)."""
+  return x.reshape(x.shape[:2] + (G, -1) + x.shape[3:])
+
+
+def _meta(plan):
+  """Window bounds [G, tq, D] and key coordinates [G, D, tq] of a plan."""
+  G, tq, D = plan.num_blocks, plan.block, plan.k_coord.shape[0]
+  kc = plan.k_coord.reshape(D, G, tq).transpose(1, 0, 2)
+  return (jnp.asarray(plan.q_lo.reshape(G, tq, D)), jnp.asarray(plan.q_hi.reshape(G, tq, D)),
+          jnp.asarray(kc))
+
+
+def _params(vmem_limit):
+  return pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=vmem_limit)
+
+
 def _row_specs(tq, H, Hv, D, Gq, W):
   """Specs of q, k, v, q_lo, q_hi, k_coord for the CSR grids (fwd, dq)."""
   kvb = lambda i, s, lst: lst[i * W + s]
   return [
-      pl.BlockSpec((None, None, tq, H), lambda b, n, i, s, lst, *_: (b, n, i, 0)),
-      pl.BlockSpec((None, None, tq, H),
-                   lambda b, n, i, s, lst, *_: (b, n // Gq, kvb(i, s, lst), 0)),
-      pl.BlockSpec((None, None, tq, Hv),
-                   lambda b, n, i, s, lst, *_: (b, n // Gq, kvb(i, s, lst), 0)),
-      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, *_: (i, 0)),
-      pl.BlockSpec((tq, D), lambda b, n, i, s, lst, *_: (i, 0)),
-      pl.BlockSpec((D, tq), lambda b, n, i, s, lst, *_: (0, kvb(i, s, lst))),
+      pl.BlockSpec((None, None, None, tq, H), lambda b, n, i, s, lst, *_: (b, n, i, 0, 0)),
+      pl.BlockSpec((None, None, None, tq, H),
+                   lambda b, n, i, s, lst, *_: (b, n // Gq, kvb(i, s, lst), 0, 0)),
+      pl.BlockSpec((None, None, None, tq, Hv),
+                   lambda b, n, i, s, lst, *_: (b, n // Gq, kvb(i, s, lst), 0, 0)),
+      pl.BlockSpec((None, tq, D), lambda b, n, i, s, lst, *_: (i, 0, 0)),
+      pl.BlockSpec((None, tq, D), lambda b, n, i, s, lst, *_: (i, 0, 0)),
+      pl.BlockSpec((None, D, tq), lambda b, n, i, s, lst, *_: (kvb(i, s, lst), 0, 0)),
   ]
 
 
@@ -144,57 +168,65 @@ def _row_bias(bias, W, tq):
   return [jnp.asarray(bplan.kv_class.reshape(-1))], [table], [spec]
 
 
-def forward(q, k, v, plan, *, scale, interpret, bias=None):
+def forward(q, k, v, plan, *, scale, interpret, bias=None, vmem_limit=None):
   """q [B, N, L, H], k/v [B, K, L, H|Hv] in tiled order -> (o [B,N,L,Hv], lse [B,N,L]).
 
-  ``bias``: None or (table float32 [N, C, tq, tq], BiasPlan).
+  ``bias``: None or (table float32 [N, C, tq, tq], BiasPlan). ``vmem_limit``:
+  the scoped VMEM limit in bytes (None: the compiler's default).
   """
   B, N, L, H = q.shape
   K, Hv = k.shape[1], v.shape[-1]
   G, tq, D = plan.num_blocks, plan.block, plan.k_coord.shape[0]
   W = plan.kv_list.shape[1]
   pf, extra, specs = _row_bias(bias, W, tq)
-  row = lambda b, n, i, s, *_: (b, n, i, 0)
+  row = lambda b, n, i, s, *_: (b, n, i, 0, 0)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2 + len(pf), grid=(B, N, G, W),
       in_specs=_row_specs(tq, H, Hv, D, N // K, W) + specs,
-      out_specs=[pl.BlockSpec((None, None, tq, Hv), row),
-                 pl.BlockSpec((None, None, tq, 1), row)],
+      out_specs=[pl.BlockSpec((None, None, None, tq, Hv), row),
+                 pl.BlockSpec((None, None, None, tq, 1), row)],
       scratch_shapes=[pltpu.VMEM((tq, 1), jnp.float32), pltpu.VMEM((tq, 1), jnp.float32),
                       pltpu.VMEM((tq, Hv), jnp.float32)])
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, rpb=bias is not None),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((B, N, L, Hv), q.dtype),
-                 jax.ShapeDtypeStruct((B, N, L, 1), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
-      interpret=interpret, name="na_fwd_tpu",
-  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), *pf, q, k, v,
-    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord), *extra)
-  return out, lse[..., 0]
+      out_shape=[jax.ShapeDtypeStruct((B, N, G, tq, Hv), q.dtype),
+                 jax.ShapeDtypeStruct((B, N, G, tq, 1), jnp.float32)],
+      compiler_params=_params(vmem_limit), interpret=interpret, name="na_fwd_tpu",
+  )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), *pf, _tiles(q, G),
+    _tiles(k, G), _tiles(v, G), *_meta(plan), *extra)
+  return out.reshape(B, N, L, Hv), lse.reshape(B, N, L)
 
 
-def backward(q, k, v, do, lse, delta, plan, *, scale, interpret, bias=None):
+def backward(q, k, v, do, lse, delta, plan, *, scale, interpret, bias=None, vmem_limit=None):
   """Gradients (dq, dk, dv, ds) given do [B,N,L,Hv], lse and delta [B,N,L] float32.
 
   With ``bias`` = (table [N, C, tq, tq], BiasPlan), ``ds`` is the float32
   per-pair logits gradient [B, N, num_slots, tq, tq] (CSR pair order; slots
   past num_pairs belong to query blocks without key blocks and stay unwritten);
-  without it, None.
+  without it, None. ``vmem_limit``: None or the (dq, dk/dv) kernels' scoped
+  VMEM limits in bytes.
   """
   B, N, L, H = q.shape
   K, Hv = k.shape[1], v.shape[-1]
-  G, tq, D = plan.num_blocks, plan.block, plan.k_coord.shape[0]
-  Gq = N // K
-  rpb = bias is not None
-  lse, delta = lse[..., None], delta[..., None]
-  params = pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
-  row = lambda b, n, i, s, *_: (b, n, i, 0)
-  W = plan.kv_list.shape[1]
+  G = plan.num_blocks
+  dq_limit, dkv_limit = (None, None) if vmem_limit is None else vmem_limit
+  tiled = [_tiles(x, G) for x in (q, k, v, do, lse[..., None], delta[..., None])]
+  dq, ds = _dq(*tiled, plan, scale, interpret, bias, dq_limit)
+  dk, dv = _dkv(*tiled, plan, scale, interpret, bias, dkv_limit)
+  return (dq.reshape(B, N, L, H), dk.reshape(B, K, L, H), dv.reshape(B, K, L, Hv), ds)
+
+
+def _dq(q, k, v, do, lse, delta, plan, scale, interpret, bias, vmem_limit):
+  """dq [B, N, G, tq, H] and the per-pair dS (rpb) over the CSR grid."""
+  B, N, G, tq, H = q.shape
+  K, Hv = k.shape[1], v.shape[-1]
+  D, W = plan.k_coord.shape[0], plan.kv_list.shape[1]
+  row = lambda b, n, i, s, *_: (b, n, i, 0, 0)
   pf, extra, specs = _row_bias(bias, W, tq)
-  out_specs = pl.BlockSpec((None, None, tq, H), row)
+  out_specs = pl.BlockSpec((None, None, None, tq, H), row)
   out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  if rpb:
+  if bias is not None:
     bplan = bias[1]
     pf.append(jnp.asarray(bplan.pair_slot.reshape(-1)))
     slot = lambda b, n, i, s, lst, cnt, cls, sl: (b, n, sl[i * W + s], 0, 0)
@@ -202,54 +234,56 @@ def backward(q, k, v, do, lse, delta, plan, *, scale, interpret, bias=None):
     out_shape = [out_shape,
                  jax.ShapeDtypeStruct((B, N, bplan.num_slots, tq, tq), jnp.float32)]
   res = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, rpb=rpb),
+      functools.partial(_dq_kernel, scale=scale, rpb=bias is not None),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2 + len(pf), grid=(B, N, G, W),
-          in_specs=_row_specs(tq, H, Hv, D, Gq, W) + [
-              pl.BlockSpec((None, None, tq, Hv), row),
-              pl.BlockSpec((None, None, tq, 1), row),
-              pl.BlockSpec((None, None, tq, 1), row)] + specs,
+          in_specs=_row_specs(tq, H, Hv, D, N // K, W) + [
+              pl.BlockSpec((None, None, None, tq, Hv), row),
+              pl.BlockSpec((None, None, None, tq, 1), row),
+              pl.BlockSpec((None, None, None, tq, 1), row)] + specs,
           out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((tq, H), jnp.float32)]),
-      out_shape=out_shape, compiler_params=params,
+      out_shape=out_shape, compiler_params=_params(vmem_limit),
       interpret=interpret, name="na_dq_tpu",
   )(jnp.asarray(plan.kv_list.reshape(-1)), jnp.asarray(plan.kv_count), *pf, q, k, v,
-    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord),
-    do, lse, delta, *extra)
-  dq, ds = res if rpb else (res, None)
+    *_meta(plan), do, lse, delta, *extra)
+  return res if bias is not None else (res, None)
 
-  Wq = plan.q_list.shape[1]
+
+def _dkv(q, k, v, do, lse, delta, plan, scale, interpret, bias, vmem_limit):
+  """(dk, dv) [B, K, G, tq, H|Hv] over the CSC grid times the query heads of each KV head."""
+  B, N, G, tq, H = q.shape
+  K, Hv = k.shape[1], v.shape[-1]
+  D, Gq, Wq = plan.k_coord.shape[0], N // K, plan.q_list.shape[1]
   qb = lambda j, t, lst: lst[j * Wq + t % Wq]
-  qrow = lambda b, h, j, t, lst, *_: (b, h * Gq + t // Wq, qb(j, t, lst), 0)
-  kvrow = lambda b, h, j, t, *_: (b, h, j, 0)
+  qrow = lambda b, h, j, t, lst, *_: (b, h * Gq + t // Wq, qb(j, t, lst), 0, 0)
+  kvrow = lambda b, h, j, t, *_: (b, h, j, 0, 0)
   pf, extra, specs = [], [], []
-  if rpb:
+  if bias is not None:
     table, bplan = bias
     pf, extra = [jnp.asarray(bplan.q_class.reshape(-1))], [table]
     specs = [pl.BlockSpec((None, None, tq, tq), lambda b, h, j, t, lst, cnt, cls: (
         h * Gq + t // Wq, cls[j * Wq + t % Wq], 0, 0))]
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, width=Wq, rpb=rpb),
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, width=Wq, rpb=bias is not None),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2 + len(pf), grid=(B, K, G, Gq * Wq),
           in_specs=[
-              pl.BlockSpec((None, None, tq, H), qrow),
-              pl.BlockSpec((None, None, tq, H), kvrow),
-              pl.BlockSpec((None, None, tq, Hv), kvrow),
-              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, *_: (qb(j, t, lst), 0)),
-              pl.BlockSpec((tq, D), lambda b, h, j, t, lst, *_: (qb(j, t, lst), 0)),
-              pl.BlockSpec((D, tq), lambda b, h, j, t, *_: (0, j)),
-              pl.BlockSpec((None, None, tq, Hv), qrow),
-              pl.BlockSpec((None, None, tq, 1), qrow),
-              pl.BlockSpec((None, None, tq, 1), qrow)] + specs,
-          out_specs=[pl.BlockSpec((None, None, tq, H), kvrow),
-                     pl.BlockSpec((None, None, tq, Hv), kvrow)],
+              pl.BlockSpec((None, None, None, tq, H), qrow),
+              pl.BlockSpec((None, None, None, tq, H), kvrow),
+              pl.BlockSpec((None, None, None, tq, Hv), kvrow),
+              pl.BlockSpec((None, tq, D), lambda b, h, j, t, lst, *_: (qb(j, t, lst), 0, 0)),
+              pl.BlockSpec((None, tq, D), lambda b, h, j, t, lst, *_: (qb(j, t, lst), 0, 0)),
+              pl.BlockSpec((None, D, tq), lambda b, h, j, t, *_: (j, 0, 0)),
+              pl.BlockSpec((None, None, None, tq, Hv), qrow),
+              pl.BlockSpec((None, None, None, tq, 1), qrow),
+              pl.BlockSpec((None, None, None, tq, 1), qrow)] + specs,
+          out_specs=[pl.BlockSpec((None, None, None, tq, H), kvrow),
+                     pl.BlockSpec((None, None, None, tq, Hv), kvrow)],
           scratch_shapes=[pltpu.VMEM((tq, H), jnp.float32),
                           pltpu.VMEM((tq, Hv), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params, interpret=interpret, name="na_dkv_tpu",
+      compiler_params=_params(vmem_limit), interpret=interpret, name="na_dkv_tpu",
   )(jnp.asarray(plan.q_list.reshape(-1)), jnp.asarray(plan.q_count), *pf, q, k, v,
-    jnp.asarray(plan.q_lo), jnp.asarray(plan.q_hi), jnp.asarray(plan.k_coord),
-    do, lse, delta, *extra)
-  return dq, dk, dv, ds
+    *_meta(plan), do, lse, delta, *extra)
