@@ -227,6 +227,10 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
     bq, bk, bm0 = P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
     Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
   if implementation == "pallas":
+    blocks = _kernel_blocks(d, query, key, value)
+    if blocks is not None and blocks != (bq, bk):
+      (bq, bk), bm0 = blocks, None
+      Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
     if bias is not None or mask_arr is not None:
       raise NotImplementedError(
           "implementation='pallas' takes neither an additive bias nor a boolean mask array "
@@ -246,6 +250,27 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
   return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
                     bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,
                     mask_array=mask_arr, return_lse=return_lse)
+
+
+def kernel_platform(*arrays):
+  """'tpu' or 'gpu' when the call is placed on a compile target the kernels know, else None."""
+  from pallas_kernels.targets import budgets  # pylint: disable=g-import-not-at-top
+  budget = budgets.budget(budgets.target_of_device(placement.target_device(*arrays)))
+  return None if budget is None else budget.platform
+
+
+def _kernel_blocks(d, query, key, value):
+  """Blocks for the TPU kernels on a TPU target (fit its default scoped VMEM), else None.
+
+  The XLA path's blocks come from a CPU cost model and may be narrower than a
+  TPU kernel accepts (block_kv % 128); GPU kernels tile any of them.
+  """
+  from pallas_kernels.block_sparse import resources  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.targets import budgets  # pylint: disable=g-import-not-at-top
+  if kernel_platform(query, key, value) != "tpu":
+    return None
+  target = budgets.target_of_device(placement.target_device(query, key, value))
+  return resources.choose_tpu_blocks(d.T, d.S, d.H, d.Hv, np.dtype(query.dtype).itemsize, target)
 
 
 def _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0=None):

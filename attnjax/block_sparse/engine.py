@@ -168,21 +168,25 @@ def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
     O = w[:, :, 0, ..., None] * acc[:, :, 0]
     for g in range(1, G):
       O = O + w[:, :, g, ..., None] * acc[:, :, g]
-    lse = jnp.where(L > 0, M_safe + jnp.log(jnp.where(L > 0, L, 1.0)), _NEG_INF)
+    # A row is empty (zeros, lse = -inf) only when it saw no key; a NaN logit
+    # makes L (and M) NaN, and the NaN must reach the output, not become 0.
+    empty = L == 0
+    lse = jnp.where(empty, _NEG_INF, M_safe + jnp.log(jnp.where(empty, 1.0, L)))
     if sink is not None:
       s = sink.reshape(1, Hl, 1, cfg.R, 1)
       lse = jnp.logaddexp(lse.reshape(B, Hl, nq, cfg.R, cfg.bq), s).reshape(B, Hl, nq, Rq)
-    fin = jnp.isfinite(lse)
-    out = jnp.where(fin[..., None], O * jnp.exp(M_safe - jnp.where(fin, lse, 0.0))[..., None],
+    keep = lse != _NEG_INF
+    out = jnp.where(keep[..., None], O * jnp.exp(M_safe - jnp.where(keep, lse, 0.0))[..., None],
                     0.0)
     return out, lse
   L = l.sum(2)
   O = acc[:, :, 0]
   for g in range(1, G):
     O = O + acc[:, :, g]
-  lse = jnp.where(L > 0, jnp.log(jnp.where(L > 0, L, 1.0)), _NEG_INF)
+  empty = L == 0   # NaN weights are not empty: they propagate
+  lse = jnp.where(empty, _NEG_INF, jnp.log(jnp.where(empty, 1.0, L)))
   if norm == "sum":
-    O = O / jnp.where(L > 0, L, 1.0)[..., None]
+    O = O / jnp.where(empty, 1.0, L)[..., None]
   return O, lse
 
 

@@ -8,6 +8,8 @@ visit only the listed blocks, forward and backward.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +86,7 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
   if layout.mask is not None and layout.mask.needs_segments and segs is None:
     raise ValueError(f"layout mask {layout.mask!r} reads segment ids: pass segment_ids.")
   if implementation == "pallas":
+    layout = _kernel_layout(layout, d, query, key, value)
     return A._pallas(query, key, value, layout, score=score, scale=scale,  # pylint: disable=protected-access
                      segment_ids=segment_ids, return_lse=return_lse)
   q_pos = layout.q_offset + jnp.arange(d.T, dtype=jnp.int32)
@@ -95,6 +98,28 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
   return A.run_engine(query, key, value, bm, bq=layout.block_q * f, bk=layout.block_kv,
                       mask=layout.mask, score=score, scale=scale, q_pos=q_pos, k_pos=k_pos,
                       segs=segs, return_lse=return_lse)
+
+
+def _kernel_layout(layout: LY.BlockLayout, d: V.Dims, *arrays) -> LY.BlockLayout:
+  """The layout at blocks a placed TPU's kernels accept, re-derived from its mask.
+
+  TPU kernels need block_q % 8 == 0 and block_kv % 128 == 0; a layout defined
+  on finer blocks (S2-Attention's 64-token blocks) is rebuilt from its Mask at
+  the least multiples of its blocks that qualify, so the element mask keeps
+  the pattern exact. Other targets, qualifying blocks and layouts without a
+  mask are returned unchanged (the kernels then check the blocks themselves).
+  """
+  if A.kernel_platform(*arrays) != "tpu" or layout.mask is None:
+    return layout
+  bq, bk = layout.block_q, layout.block_kv
+  if bq % 8 == 0 and bk % 128 == 0:
+    return layout
+  bq, bk = math.lcm(bq, 8), math.lcm(bk, 128)
+  if d.T % bq or d.S % bk:
+    return layout
+  heads = 1 if layout.num_heads == 1 else d.N
+  return layout.mask.block_layout(d.T, d.S, bq, bk, heads, q_offset=layout.q_offset,
+                                  k_offset=layout.k_offset)
 
 
 def check_block_lists(kv_block_indices, kv_block_counts, d: V.Dims, block_q, block_kv):

@@ -116,7 +116,10 @@ def _logits(q, k, tabs, bias, start, size, cfg):
   B, K, c, M, uk = s.shape
   tq = qi.shape[1]
   s = s.reshape(B, K, c, M // tq, tq, uk) * cfg.scale
-  s = s + jnp.take(tabs.table, _ds(tabs.combo, start, size), axis=0)[:, None]
+  # The fine mask is a 0/-inf table; select rather than add, so that a NaN
+  # logit of a key outside a query's window does not leak into that query.
+  fine = jnp.take(tabs.table, _ds(tabs.combo, start, size), axis=0)[:, None]
+  s = jnp.where(fine == _NEG_INF, _NEG_INF, s)
   if bias is not None:  # [K, G, Gq, tq, uk]
     s = s + _ds(bias, start, size, 1)[None]
   return q_, k_, s
@@ -136,7 +139,7 @@ def _forward(q, k, v, bias, cfg):
     mx = jnp.where(mx > _NEG_INF, mx, 0.0)
     p = jnp.exp(s - mx)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    ok = l > 0
+    ok = l != 0   # a NaN sum is not an empty row: it propagates
     lse_ = jnp.where(ok, mx + jnp.log(jnp.where(ok, l, 1.0)), _NEG_INF)
     v_ = _rows(v, _ds(tabs.k_get, start, size), cfg.K)
     # normalise after the PV matmul: one pass less over the logits

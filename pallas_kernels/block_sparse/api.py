@@ -10,7 +10,9 @@ from attnjax.core import scoring
 from attnjax.core import validation as V
 from pallas_kernels.block_sparse import common as C
 from pallas_kernels.block_sparse import gpu as gpu_kernels
+from pallas_kernels.block_sparse import resources as R
 from pallas_kernels.block_sparse import tpu as tpu_kernels
+from pallas_kernels.targets import budgets as BG
 
 BACKENDS = ("tpu", "gpu")
 _MODULES = {"tpu": tpu_kernels, "gpu": gpu_kernels}
@@ -29,6 +31,12 @@ def resolve_backend(backend, interpret, *arrays):
         f"backend={backend!r} cannot run compiled on platform "
         f"{placement.target_platform(*arrays)!r}: pass interpret=True (or None).")
   return backend, bool(interpret)
+
+
+def fit_config(cfg, query, key, value, tiles_forced: bool):
+  """``resources.fit`` for the target the inputs are placed on (ValueError if too big)."""
+  target = BG.target_of_device(placement.target_device(query, key, value))
+  return R.fit(cfg, target, query.dtype, tiles_forced)
 
 
 def _check_layout(layout, d: V.Dims):
@@ -86,7 +94,7 @@ def position_arrays(q_positions, k_positions, d: V.Dims):
 
 
 def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_positions,
-             segment_ids, interpret, tiles=()):
+             segment_ids, interpret, tiles=(), tiles_forced=False):
   """Validates everything; returns (KernelConfig, aux arrays, sinks or None)."""
   d = V.check_qkv(query, key, value)
   _check_layout(layout, d)
@@ -132,6 +140,7 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
                    k_pos is not None and k_pos.shape[0] == d.B and d.B > 1),
       out_dtype=jnp.float32 if sinks is not None else query.dtype,
       interpret=interpret, tiles=tiles)
+  cfg = fit_config(cfg, query, key, value, tiles_forced)
   aux = (q_pos, k_pos) + (segs if segs is not None else (None, None))
   return cfg, aux, sinks
 
@@ -158,7 +167,7 @@ def make_attention(cfg, module, expand):
     out, lse = module.forward(cfg, expand(lists, False), q, k, v, aux)
     if sinks is not None:
       lse_all = jnp.logaddexp(lse, sinks[None, :, None])
-      w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - lse_all), 0.0)
+      w = jnp.where(lse == C.NEG_INF, 0.0, jnp.exp(lse - lse_all))   # NaN stays NaN
       out = out * jnp.swapaxes(w, 1, 2)[..., None]
       lse = lse_all
     return out.astype(q.dtype), lse
@@ -181,7 +190,7 @@ def make_attention(cfg, module, expand):
     dq, dk, dv = module.backward(cfg, expand(lists, True), q, k, v, aux, d_out, lse, delta)
     d_sinks = None
     if sinks is not None:
-      p_sink = jnp.where(jnp.isfinite(lse), jnp.exp(sinks[None, :, None] - lse), 0.0)
+      p_sink = jnp.where(lse == C.NEG_INF, 0.0, jnp.exp(sinks[None, :, None] - lse))
       d_sinks = -jnp.sum(p_sink * delta, axis=(0, 2))
     d_aux = jax.tree_util.tree_map(lambda _: None, aux)
     d_lists = jax.tree_util.tree_map(lambda _: None, lists)
@@ -229,7 +238,8 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
   if backend == "gpu":
     kernel_tiles = _gpu_tiles(tiles, layout.block_q, layout.block_kv, interpret)
   cfg, aux, sinks = _prepare(query, key, value, layout, mask, score, scale, q_positions,
-                             k_positions, segment_ids, interpret, kernel_tiles)
+                             k_positions, segment_ids, interpret, kernel_tiles,
+                             tiles_forced=tiles is not None)
   if return_lse and cfg.normalization == "none":
     raise ValueError(
         "return_lse is undefined for unnormalised scores (normalization='none'): "

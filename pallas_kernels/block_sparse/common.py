@@ -58,6 +58,12 @@ class KernelConfig:
       divides the layout's (block_q, block_kv). Unused by the TPU kernels.
     lists_batched: the block lists have a leading batch axis (run-time lists,
       ``runtime.py``); static layouts share one list set across the batch.
+    vmem_limit_bytes: TPU scoped-VMEM limit of the kernels (None: the
+      compiler's default); set by ``resources.check`` when a configuration
+      needs more than the default and fits in the physical VMEM.
+    smem_list_entries: TPU: most list entries (code + counts, padded) one
+      pallas_call may scalar-prefetch; longer lists are cut into several calls
+      over the q-block (forward, dQ) or k-block (dK/dV) axis. 0 = no limit.
   """
   B: int
   T: int
@@ -87,6 +93,8 @@ class KernelConfig:
   interpret: bool
   tiles: tuple = ()
   lists_batched: bool = False
+  vmem_limit_bytes: Optional[int] = None
+  smem_list_entries: int = 0
 
   @property
   def nq(self) -> int:
@@ -204,18 +212,20 @@ def online_update(cfg: KernelConfig, s, vis, v, m, l, acc):
 def finalize(cfg: KernelConfig, m, l, acc):
   """(out [bq, Hv] float32, lse [bq, 1] float32) from the running state.
 
-  Rows that saw no key give zeros and lse = -inf. For ``"none"`` the output
-  is the unnormalised sum and lse is the log of the weight sum.
+  Rows that saw no key give zeros and lse = -inf; a NaN logit makes ``l``
+  NaN, which is not an empty row: it reaches the output and the lse. For
+  ``"none"`` the output is the unnormalised sum and lse is the log of the
+  weight sum.
   """
-  positive = l > 0
-  safe_l = jnp.where(positive, l, 1.0)
-  log_l = jnp.where(positive, jnp.log(safe_l), NEG_INF)
+  empty = l == 0
+  safe_l = jnp.where(empty, 1.0, l)
+  log_l = jnp.where(empty, NEG_INF, jnp.log(safe_l))
   if cfg.normalization == "softmax":
-    lse = jnp.where(positive, m + log_l, NEG_INF)
+    lse = jnp.where(empty, NEG_INF, m + log_l)
   else:
     lse = log_l
   out = acc if cfg.normalization == "none" else acc / safe_l
-  return jnp.where(positive, out, 0.0), lse
+  return jnp.where(empty, 0.0, out), lse
 
 
 def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_pos):

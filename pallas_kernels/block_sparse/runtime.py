@@ -72,7 +72,7 @@ def csc_from_csr(indices, counts, nq: int, nk: int):
 
 
 def _prepare(query, key, value, list_heads, max_kb, *, block_q, block_kv, mask, score, scale,
-             q_positions, k_positions, segment_ids, interpret, tiles):
+             q_positions, k_positions, segment_ids, interpret, tiles, tiles_forced=False):
   """Validates the rest; returns (KernelConfig, aux arrays, sinks or None)."""
   from attnjax.masks.base import Mask  # pylint: disable=g-import-not-at-top
   d = V.check_qkv(query, key, value)
@@ -103,6 +103,7 @@ def _prepare(query, key, value, list_heads, max_kb, *, block_q, block_kv, mask, 
                    k_pos is not None and k_pos.shape[0] == d.B and d.B > 1),
       out_dtype=jnp.float32 if sinks is not None else query.dtype,
       interpret=interpret, tiles=tiles, lists_batched=True)
+  cfg = A.fit_config(cfg, query, key, value, tiles_forced)
   aux = (q_pos, k_pos) + (segs if segs is not None else (None, None))
   return cfg, aux, sinks
 
@@ -133,7 +134,8 @@ def build(query, key, value, kv_block_indices, kv_block_counts, *, block_q, bloc
   cfg, aux, sinks = _prepare(
       query, key, value, idx.shape[1], idx.shape[-1], block_q=block_q, block_kv=block_kv,
       mask=mask, score=score, scale=scale, q_positions=q_positions, k_positions=k_positions,
-      segment_ids=segment_ids, interpret=interpret, tiles=kernel_tiles)
+      segment_ids=segment_ids, interpret=interpret, tiles=kernel_tiles,
+      tiles_forced=tiles is not None)
   attend = A.make_attention(cfg, module, _expander(cfg, module))
   return attend, cfg, (query, key, value, aux, sinks, (idx, counts))
 

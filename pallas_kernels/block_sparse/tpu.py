@@ -22,8 +22,14 @@ Run-time lists (``runtime.py``) add a batch axis to the prefetched lists
 Full blocks skip the mask predicate; partial blocks evaluate it from iota
 positions (or from position arrays when given). Real TPUs need
 ``block_q % 8 == 0`` and ``block_kv % 128 == 0`` (checked when not
-interpreting); the packed lists live in SMEM, which bounds
-``layout_heads * nq * max_kb`` (about 256K entries is safe on v4/v5).
+interpreting). The packed lists live in SMEM (about 1 MiB = 261,632 int32
+entries on v5e/v5p/v6e/7x, see ``pallas_kernels.targets.budgets``), shared by
+the code and count arrays of one pallas_call. Longer lists are cut into
+chunks along the q-block axis (forward, dQ) or the k-block axis (dK/dV): one
+pallas_call per chunk, each prefetching only its slice of the lists
+(``cfg.smem_list_entries`` bounds a chunk, ``resources.list_chunks``); the
+chunk outputs are concatenated along the sequence axis (one extra copy of
+the outputs when there is more than one chunk).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import common as C
+from pallas_kernels.block_sparse import resources as R
 
 
 def _interpret_arg(cfg):
@@ -108,12 +115,13 @@ def _run_block(cfg, body, full):
 
 
 # -- forward ---------------------------------------------------------------------
-def _fwd_kernel(code_ref, count_ref, *refs, cfg, names):
+def _fwd_kernel(code_ref, count_ref, *refs, cfg, names, i0, rows):
   q_ref, k_ref, v_ref = refs[:3]
   side = dict(zip(names, refs[3:3 + len(names)]))
   o_ref, lse_ref, m_scr, l_scr, acc_scr = refs[3 + len(names):]
-  b, h, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  row = C.list_row(cfg, b, h, i, cfg.nq)
+  b, h, il, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = C.list_row(cfg, b, h, il, rows)
+  i = il + i0
 
   @pl.when(j == 0)
   def _init():
@@ -141,22 +149,57 @@ def _fwd_kernel(code_ref, count_ref, *refs, cfg, names):
     lse_ref[...] = lse
 
 
+def _params(cfg):
+  return pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=cfg.vmem_limit_bytes)
+
+
+def _list_slices(cfg, code, counts, n, width):
+  """[(start, stop, code slice, counts slice)]: the lists cut along the block axis.
+
+  ``code`` is the flat [Rl * n * width] list, ``counts`` [Rl * n] (Rl = list
+  heads, times B for run-time lists); each chunk keeps rows [start, stop) of
+  every list head, so it fits ``cfg.smem_list_entries`` (``resources``).
+  """
+  bounds = R.list_chunks(cfg, n, width)
+  if len(bounds) == 1:
+    return [(0, n, code, counts)]
+  code3 = code.reshape(-1, n, width)
+  counts2 = counts.reshape(-1, n)
+  return [(a, b, code3[:, a:b].reshape(-1), counts2[:, a:b].reshape(-1)) for a, b in bounds]
+
+
+def _cat(parts, axis):
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis)
+
+
 def forward(cfg, lists, q, k, v, aux):
   """q [B,T,N,H] ... -> (out [B,T,N,Hv] cfg.out_dtype, lse [B,N,T] float32)."""
   check_blocks(cfg)
-  code, counts = lists["fwd_code"], lists["fwd_counts"]
   qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  outs, lses = [], []
+  for i0, i1, code, counts in _list_slices(cfg, lists["fwd_code"], lists["fwd_counts"],
+                                           cfg.nq, cfg.max_kb):
+    out, lse = _forward_chunk(cfg, code, counts, qt, kt, vt, aux, i0, i1 - i0)
+    outs.append(out)
+    lses.append(lse)
+  return jnp.swapaxes(_cat(outs, 2), 1, 2), _cat(lses, 2)[..., 0]
+
+
+def _forward_chunk(cfg, code, counts, qt, kt, vt, aux, i0, rows):
+  """Forward over q-blocks [i0, i0 + rows): (out [B,N,rows*bq,Hv], lse [B,N,rows*bq,1])."""
   G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
 
   def kv_block(b, h, i, j, code_ref, count_ref):
-    row = C.list_row(cfg, b, h, i, cfg.nq)
+    row = C.list_row(cfg, b, h, i, rows)
     return b, h // G, code_ref[row * cfg.max_kb + j] // 2, 0
 
-  q_blk = lambda b, h, i, j, *_: (b, i)
+  q_blk = lambda b, h, i, j, *_: (b, i + i0)
   k_blk = lambda b, h, i, j, code_ref, count_ref: (b, kv_block(b, h, i, j, code_ref, count_ref)[2])
   side_arrays, side_specs, names = _side_inputs(cfg, aux, q_blk, k_blk)
   in_specs = [
-      pl.BlockSpec((None, None, bq, cfg.H), lambda b, h, i, j, *_: (b, h, i, 0)),
+      pl.BlockSpec((None, None, bq, cfg.H), lambda b, h, i, j, *_: (b, h, i + i0, 0)),
       pl.BlockSpec((None, None, bk, cfg.H), kv_block),
       pl.BlockSpec((None, None, bk, cfg.Hv), kv_block),
   ] + side_specs
@@ -165,30 +208,29 @@ def forward(cfg, lists, q, k, v, aux):
       pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, i, 0)),
   ]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(cfg.B, cfg.N, cfg.nq, cfg.max_kb),
+      num_scalar_prefetch=2, grid=(cfg.B, cfg.N, rows, cfg.max_kb),
       in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, cfg.Hv), jnp.float32)])
-  out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names)),
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names), i0=i0, rows=rows),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.T, cfg.Hv), cfg.out_dtype),
-                 jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.T, 1), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      out_shape=[jax.ShapeDtypeStruct((cfg.B, cfg.N, rows * bq, cfg.Hv), cfg.out_dtype),
+                 jax.ShapeDtypeStruct((cfg.B, cfg.N, rows * bq, 1), jnp.float32)],
+      compiler_params=_params(cfg),
       interpret=_interpret_arg(cfg),
       name="block_sparse_fwd",
   )(code, counts, qt, kt, vt, *side_arrays)
-  return jnp.swapaxes(out, 1, 2), lse[..., 0]
 
 
 # -- backward: dQ ------------------------------------------------------------------
-def _dq_kernel(code_ref, count_ref, *refs, cfg, names):
+def _dq_kernel(code_ref, count_ref, *refs, cfg, names, i0, rows):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   side = dict(zip(names, refs[6:6 + len(names)]))
   dq_ref, dq_scr = refs[6 + len(names):]
-  b, h, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  row = C.list_row(cfg, b, h, i, cfg.nq)
+  b, h, il, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  row = C.list_row(cfg, b, h, il, rows)
+  i = il + i0
 
   @pl.when(j == 0)
   def _init():
@@ -214,14 +256,15 @@ def _dq_kernel(code_ref, count_ref, *refs, cfg, names):
 
 
 # -- backward: dK, dV ------------------------------------------------------------
-def _dkv_kernel(code_ref, count_ref, *refs, cfg, names):
+def _dkv_kernel(code_ref, count_ref, *refs, cfg, names, i0, rows):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   side = dict(zip(names, refs[6:6 + len(names)]))
   dk_ref, dv_ref, dk_scr, dv_scr = refs[6 + len(names):]
-  b, kh, kb, t = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  b, kh, kl, t = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
   h = kh * cfg.G + t // cfg.max_qb
   jj = t % cfg.max_qb
-  row = C.list_row(cfg, b, h, kb, cfg.nk)
+  row = C.list_row(cfg, b, h, kl, rows)
+  kb = kl + i0
 
   @pl.when(t == 0)
   def _init():
@@ -251,64 +294,81 @@ def _dkv_kernel(code_ref, count_ref, *refs, cfg, names):
 
 def backward(cfg, lists, q, k, v, aux, do, lse, delta):
   """Gradients (dq, dk, dv) in the input dtypes; lse/delta are [B, N, T] float32."""
-  qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
-  lse4, delta4 = lse[..., None], delta[..., None]
-  G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
-  cp = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+  check_blocks(cfg)
+  arrays = tuple(jnp.swapaxes(x, 1, 2) for x in (q, k, v, do)) + (lse[..., None],
+                                                                   delta[..., None])
+  dq = _cat([_dq_chunk(cfg, code, counts, arrays, aux, a, b - a) for a, b, code, counts in
+             _list_slices(cfg, lists["fwd_code"], lists["fwd_counts"], cfg.nq, cfg.max_kb)], 2)
+  parts = [_dkv_chunk(cfg, code, counts, arrays, aux, a, b - a) for a, b, code, counts in
+           _list_slices(cfg, lists["bwd_code"], lists["bwd_counts"], cfg.nk, cfg.max_qb)]
+  dk = _cat([p[0] for p in parts], 2)
+  dv = _cat([p[1] for p in parts], 2)
+  return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
 
-  # dQ: CSR lists, grid (B, N, nq, max_kb).
+
+def _dq_chunk(cfg, code, counts, arrays, aux, i0, rows):
+  """dQ of q-blocks [i0, i0 + rows): CSR lists, grid (B, N, rows, max_kb) -> [B,N,rows*bq,H]."""
+  qt, kt, vt, dot_, lse4, delta4 = arrays
+  G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
+
   def kv_block(b, h, i, j, code_ref, count_ref):
-    row = C.list_row(cfg, b, h, i, cfg.nq)
+    row = C.list_row(cfg, b, h, i, rows)
     return b, h // G, code_ref[row * cfg.max_kb + j] // 2, 0
 
-  qrow = lambda b, h, i, j, *_: (b, h, i, 0)
+  qrow = lambda b, h, i, j, *_: (b, h, i + i0, 0)
   side_arrays, side_specs, names = _side_inputs(
-      cfg, aux, lambda b, h, i, j, *_: (b, i),
+      cfg, aux, lambda b, h, i, j, *_: (b, i + i0),
       lambda b, h, i, j, c, n: (b, kv_block(b, h, i, j, c, n)[2]))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, names=tuple(names)),
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, names=tuple(names), i0=i0, rows=rows),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(cfg.B, cfg.N, cfg.nq, cfg.max_kb),
+          num_scalar_prefetch=2, grid=(cfg.B, cfg.N, rows, cfg.max_kb),
           in_specs=[pl.BlockSpec((None, None, bq, cfg.H), qrow),
                     pl.BlockSpec((None, None, bk, cfg.H), kv_block),
                     pl.BlockSpec((None, None, bk, cfg.Hv), kv_block),
                     pl.BlockSpec((None, None, bq, cfg.Hv), qrow),
                     pl.BlockSpec((None, None, bq, 1), qrow),
                     pl.BlockSpec((None, None, bq, 1), qrow)] + side_specs,
-          out_specs=pl.BlockSpec((None, None, bq, cfg.H), qrow),
+          out_specs=pl.BlockSpec((None, None, bq, cfg.H), lambda b, h, i, j, *_: (b, h, i, 0)),
           scratch_shapes=[pltpu.VMEM((bq, cfg.H), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
-      compiler_params=cp, interpret=_interpret_arg(cfg), name="block_sparse_dq",
-  )(lists["fwd_code"], lists["fwd_counts"], qt, kt, vt, dot_, lse4, delta4, *side_arrays)
+      out_shape=jax.ShapeDtypeStruct((cfg.B, cfg.N, rows * bq, cfg.H), qt.dtype),
+      compiler_params=_params(cfg), interpret=_interpret_arg(cfg), name="block_sparse_dq",
+  )(code, counts, qt, kt, vt, dot_, lse4, delta4, *side_arrays)
 
-  # dK/dV: CSC lists, grid (B, K, nk, G * max_qb).
+
+def _dkv_chunk(cfg, code, counts, arrays, aux, k0, rows):
+  """dK/dV of k-blocks [k0, k0 + rows): CSC lists, grid (B, K, rows, G * max_qb)."""
+  qt, kt, vt, dot_, lse4, delta4 = arrays
+  G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
+
   def q_block(b, kh, kb, t, code_ref, count_ref):
     h = kh * G + t // cfg.max_qb
-    row = C.list_row(cfg, b, h, kb, cfg.nk)
+    row = C.list_row(cfg, b, h, kb, rows)
     return b, h, code_ref[row * cfg.max_qb + t % cfg.max_qb] // 2, 0
 
-  krow = lambda b, kh, kb, t, *_: (b, kh, kb, 0)
+  krow = lambda b, kh, kb, t, *_: (b, kh, kb + k0, 0)
+  orow = lambda b, kh, kb, t, *_: (b, kh, kb, 0)
   side_arrays, side_specs, names = _side_inputs(
       cfg, aux, lambda b, kh, kb, t, c, n: (b, q_block(b, kh, kb, t, c, n)[2]),
-      lambda b, kh, kb, t, *_: (b, kb))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, names=tuple(names)),
+      lambda b, kh, kb, t, *_: (b, kb + k0))
+  shape = lambda x, width: jax.ShapeDtypeStruct((cfg.B, cfg.K, rows * bk, width), x.dtype)
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, names=tuple(names), i0=k0, rows=rows),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(cfg.B, cfg.K, cfg.nk, G * cfg.max_qb),
+          num_scalar_prefetch=2, grid=(cfg.B, cfg.K, rows, G * cfg.max_qb),
           in_specs=[pl.BlockSpec((None, None, bq, cfg.H), q_block),
                     pl.BlockSpec((None, None, bk, cfg.H), krow),
                     pl.BlockSpec((None, None, bk, cfg.Hv), krow),
                     pl.BlockSpec((None, None, bq, cfg.Hv), q_block),
                     pl.BlockSpec((None, None, bq, 1), q_block),
                     pl.BlockSpec((None, None, bq, 1), q_block)] + side_specs,
-          out_specs=[pl.BlockSpec((None, None, bk, cfg.H), krow),
-                     pl.BlockSpec((None, None, bk, cfg.Hv), krow)],
+          out_specs=[pl.BlockSpec((None, None, bk, cfg.H), orow),
+                     pl.BlockSpec((None, None, bk, cfg.Hv), orow)],
           scratch_shapes=[pltpu.VMEM((bk, cfg.H), jnp.float32),
                           pltpu.VMEM((bk, cfg.Hv), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-      compiler_params=cp, interpret=_interpret_arg(cfg), name="block_sparse_dkv",
-  )(lists["bwd_code"], lists["bwd_counts"], qt, kt, vt, dot_, lse4, delta4, *side_arrays)
-  return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+      out_shape=[shape(kt, cfg.H), shape(vt, cfg.Hv)],
+      compiler_params=_params(cfg), interpret=_interpret_arg(cfg), name="block_sparse_dkv",
+  )(code, counts, qt, kt, vt, dot_, lse4, delta4, *side_arrays)
 
 
 def runtime_lists(cfg, fwd, bwd=None):
