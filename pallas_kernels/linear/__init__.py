@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from attnjax.core import placement
 from attnjax.linear import engine
-from pallas_kernels.linear import gpu, tpu
+from pallas_kernels.linear import gpu, resources, tpu
 
 VARIANTS = {"gpu": gpu, "tpu": tpu}
 _CHOICE = {"variant": None}
@@ -36,7 +36,7 @@ def current_variant(*arrays) -> str:
 
 
 def _layout(*arrays):
-  """(kernel module, interpret flag, feature/value padding rule).
+  """(kernel module, interpret flag, feature/value padding rule, target name or None).
 
   On hardware the feature and value widths are padded with zeros: to a
   multiple of 128 lanes on TPU, to a power of two >= 16 on GPU (Triton tiles).
@@ -44,7 +44,8 @@ def _layout(*arrays):
   name = current_variant(*arrays)
   interpret = placement.pallas_backend(*arrays) != name
   rule = None if interpret else name
-  return VARIANTS[name], interpret, rule
+  target = None if interpret else resources.placed_target(*arrays)
+  return VARIANTS[name], interpret, rule, target
 
 
 def _padded_size(size, rule):
@@ -70,32 +71,43 @@ def _chunk_cumsum(g, chunk):
   return jnp.cumsum(g.reshape(b, n, t // chunk, chunk), axis=-1).reshape(b, n, t)
 
 
-def _check_chunk(chunk, rule):
-  if rule == "gpu" and (chunk < 16 or chunk & (chunk - 1)):
-    raise ValueError(f"chunk_size must be a power of two >= 16 for the GPU kernel, got {chunk}.")
-  if rule == "tpu" and chunk % 8:
-    raise ValueError(f"chunk_size must be a multiple of 8 for the TPU kernel, got {chunk}.")
+def _check(chunk, f, e, rule, target, has_decay):
+  """Refuses (ValueError) a chunk size the kernel cannot tile or a configuration too big for the target.
+
+  f and e are the padded widths; every kernel of the forward and backward
+  pass is checked here, so a refusal comes before any compile.
+  """
+  if rule == "gpu":
+    if chunk < 16 or chunk & (chunk - 1):
+      raise ValueError(f"chunk_size must be a power of two >= 16 for the GPU kernel, got {chunk}.")
+    resources.check_gpu(chunk, f, e, target)
+  if rule == "tpu":
+    if chunk % 8:
+      raise ValueError(f"chunk_size must be a multiple of 8 for the TPU kernel, got {chunk}.")
+    resources.check_tpu(chunk, f, e, target, has_decay)
 
 
 def _fwd(q, k, v, g, s0, chunk, has_decay):
-  mod, interpret, m = _layout(q)
-  _check_chunk(chunk, m)
+  mod, interpret, m, target = _layout(q)
   f, e = q.shape[-1], v.shape[-1]
+  _check(chunk, _padded_size(f, m), _padded_size(e, m), m, target, has_decay)
   q, k, v = _pad_last(q, m), _pad_last(k, m), _pad_last(v, m)
   s0 = _pad_last(_pad_last(s0, m, -2), m)
   bcum = _chunk_cumsum(g, chunk) if has_decay else None
-  o, sf = mod.forward(q, k, v, bcum, s0, chunk=chunk, has_decay=has_decay, interpret=interpret)
+  o, sf = mod.forward(q, k, v, bcum, s0, chunk=chunk, has_decay=has_decay, interpret=interpret,
+                      target=target)
   return o[..., :e], sf[..., :f, :e]
 
 
 def _bwd(q, k, v, g, s0, do, ds_final, chunk, has_decay):
-  mod, interpret, m = _layout(q)
+  mod, interpret, m, target = _layout(q)
   f, e = q.shape[-1], v.shape[-1]
+  _check(chunk, _padded_size(f, m), _padded_size(e, m), m, target, has_decay)
   q, k, v, do = (_pad_last(x, m) for x in (q, k, v, do))
   s0, ds_final = (_pad_last(_pad_last(x, m, -2), m) for x in (s0, ds_final))
   bcum = _chunk_cumsum(g, chunk) if has_decay else None
   dq, dk, dv, ds0 = mod.backward(q, k, v, bcum, s0, do, ds_final, chunk=chunk,
-                                 has_decay=has_decay, interpret=interpret)
+                                 has_decay=has_decay, interpret=interpret, target=target)
   return dq[..., :f], dk[..., :f], dv[..., :e], ds0[..., :f, :e]
 
 

@@ -4,7 +4,9 @@ Grid (B, N, T / C): the chunk axis is sequential ("arbitrary") and the [F, E]
 state lives in a VMEM scratch buffer carried across it; the reverse pass for
 dk, dv walks the chunks backwards through its index maps. Shapes follow
 attnjax.linear.engine; the in-chunk cumulative log-decay comes as a column
-b [B, N, T, 1] so that its tile is (C, 1).
+b [B, N, T, 1] so that its tile is (C, 1); chunk_math builds the [C, C] decay
+matrix from it without a sublane gather, which TPU v4 does not have. The
+wrapper checks the VMEM a configuration needs first (`resources`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _fwd_kernel(*refs, nc, has_decay):
   def _():
     st_ref[...] = s0_ref[...]
 
-  b = b_ref[...][:, 0] if has_decay else None
+  b = b_ref[...] if has_decay else None
   o, state = chunk_math.chunk_forward(q_ref[...], k_ref[...], v_ref[...], st_ref[...], b)
   o_ref[...] = o.astype(o_ref.dtype)
   st_ref[...] = state
@@ -53,7 +55,7 @@ def _dq_kernel(*refs, nc, has_decay):
   def _():
     st_ref[...] = s0_ref[...]
 
-  b = b_ref[...][:, 0] if has_decay else None
+  b = b_ref[...] if has_decay else None
   dq, state = chunk_math.chunk_grad_q(do_ref[...], k_ref[...], v_ref[...], st_ref[...], b)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   st_ref[...] = state
@@ -68,7 +70,7 @@ def _dkv_kernel(*refs, nc, has_decay):
   def _():
     st_ref[...] = dsf_ref[...]
 
-  b = b_ref[...][:, 0] if has_decay else None
+  b = b_ref[...] if has_decay else None
   dk, dv, dstate = chunk_math.chunk_grad_kv(
       q_ref[...], k_ref[...], v_ref[...], do_ref[...], st_ref[...], b)
   dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -99,8 +101,9 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret, name
       interpret=pltpu.InterpretParams() if interpret else False, name=name)
 
 
-def forward(q, k, v, bcum, s0, *, chunk, has_decay, interpret):
-  """(o [B, N, T, E], final state [B, N, F, E])."""
+def forward(q, k, v, bcum, s0, *, chunk, has_decay, interpret, target=None):
+  """(o [B, N, T, E], final state [B, N, F, E]); the wrapper checked VMEM for `target`."""
+  del target
   b, n, t, f = q.shape
   e = v.shape[-1]
   per_q, per_kv, state, nc = _specs(q, k, chunk, False)
@@ -116,8 +119,9 @@ def forward(q, k, v, bcum, s0, *, chunk, has_decay, interpret):
           q, k, v, *dec, s0)
 
 
-def backward(q, k, v, bcum, s0, do, ds_final, *, chunk, has_decay, interpret):
+def backward(q, k, v, bcum, s0, do, ds_final, *, chunk, has_decay, interpret, target=None):
   """(dq [B,N,T,F], dk and dv per query head [B,N,T,F|E], ds0 [B,N,F,E])."""
+  del target
   b, n, t, f = q.shape
   e = v.shape[-1]
   dec = (bcum[..., None],) if has_decay else ()
