@@ -24,6 +24,8 @@ ENGINES = ("block_sparse", "neighborhood", "linear")
 COMPILES = {
     "block_sparse": frozenset(TARGETS),
     "neighborhood": frozenset(TARGETS),
+    # linear: forward + backward (TNL decay, GQA) compile on all seven, v4 included
+    # (tests/test_compile_linear.py); configurations too big for a target are refused
     "linear": frozenset(TARGETS),
 }
 
