@@ -211,6 +211,7 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)
   score = _check_score(score, return_lse)
+  V.check_mask_argument(mask, Mask)
   mask_obj = mask if isinstance(mask, Mask) else None
   mask_arr = None
   if mask is not None and mask_obj is None:

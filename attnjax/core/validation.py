@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,6 +72,9 @@ def check_qkv(query, key, value) -> Dims:
         f"(MHA, GQA or MQA); got query {query.shape}, key {key.shape}.")
   if T < 1 or S < 1:
     raise ValueError(f"empty sequence: query {query.shape}, key {key.shape}.")
+  if H < 1:
+    raise ValueError(
+        f"head_dim H must be >= 1, got query {query.shape} and key {key.shape} (H={H}).")
   return Dims(B, T, S, N, K, H, Hv)
 
 
@@ -140,13 +144,73 @@ def check_broadcastable(name: str, x, target: Tuple[int, ...], letters: str = "[
           f"{name} of shape {shape} does not broadcast to {letters}={target}.")
 
 
-def check_scale(scale, H: int) -> float:
-  """Returns the logit scale: ``scale`` or 1/sqrt(H)."""
+def check_scale(scale, H: int):
+  """Returns the logit scale: ``scale`` (unchanged) or 1/sqrt(H).
+
+  ``scale`` must be a real number or a real array (a Python/NumPy scalar or a
+  jax array; not a string or bool). A concrete scale must be finite and
+  positive. A traced scale (one passed through ``jit``/``grad`` as an
+  argument) has no value at trace time and is not checked: a negative or
+  non-finite traced scale gives what the arithmetic gives.
+  """
   if scale is None:
     return float(H) ** -0.5
-  if isinstance(scale, (int, float)) and not scale > 0:
-    raise ValueError(f"scale must be positive, got {scale}.")
+  if isinstance(scale, (str, bytes, bool, np.bool_)):
+    raise TypeError(
+        f"scale must be a positive real number (or None for 1/sqrt(H)), got "
+        f"{type(scale).__name__} {scale!r}.")
+  if isinstance(scale, jax.core.Tracer):
+    if not jnp.issubdtype(scale.dtype, jnp.integer) and not jnp.issubdtype(
+        scale.dtype, jnp.floating):
+      raise TypeError(f"scale must have a real dtype, got a traced {scale.dtype} value.")
+    return scale
+  try:
+    value = np.asarray(scale)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TypeError(f"scale must be a positive real number, got {scale!r}.") from e
+  if value.dtype == bool or not (np.issubdtype(value.dtype, np.integer)
+                                 or np.issubdtype(value.dtype, np.floating)):
+    raise TypeError(
+        f"scale must be a positive real number, got {type(scale).__name__} {scale!r} "
+        f"(dtype {value.dtype}).")
+  if not np.all(np.isfinite(value) & (value > 0)):
+    raise ValueError(f"scale must be finite and positive, got {scale!r}.")
   return scale
+
+
+def check_mask_argument(mask, mask_class):
+  """Checks ``mask`` is None, a ``mask_class`` instance or a boolean array-like.
+
+  ``mask_class`` is ``attnjax.masks.Mask`` (passed in: core does not import
+  the mask package). Returns ``mask`` unchanged; raises TypeError naming the
+  argument for a string, a Mask class instead of an instance, or an array of
+  another dtype.
+  """
+  if mask is None or isinstance(mask, mask_class):
+    return mask
+  if isinstance(mask, type):
+    hint = f" (did you mean {mask.__name__}(...)?)" if issubclass(mask, mask_class) else ""
+    raise TypeError(
+        f"mask must be a Mask instance or a boolean array broadcastable to "
+        f"[B, N, T, S], got the class {mask.__name__}{hint}.")
+  if isinstance(mask, (str, bytes)):
+    raise TypeError(
+        f"mask must be a Mask instance (e.g. attnjax.masks.Causal()) or a boolean "
+        f"array broadcastable to [B, N, T, S], got the string {mask!r}.")
+  if hasattr(mask, "dtype") and hasattr(mask, "shape"):
+    dtype = mask.dtype
+  else:
+    try:
+      dtype = np.asarray(mask).dtype
+    except Exception as e:  # pylint: disable=broad-except  (ragged lists, objects)
+      raise TypeError(
+          f"mask must be a Mask instance or a boolean array broadcastable to "
+          f"[B, N, T, S], got {type(mask).__name__}.") from e
+  if dtype != bool:
+    raise TypeError(
+        f"mask array must be boolean (True = may attend), got dtype {dtype} "
+        f"({type(mask).__name__} of shape {np.shape(mask)}).")
+  return mask
 
 
 def repeat_kv(x, num_heads: int):

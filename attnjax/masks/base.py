@@ -187,10 +187,23 @@ def is_int(v) -> bool:
   return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer))
 
 
-def check_int(owner: str, name: str, value, minimum: int = 0) -> int:
-  """``value`` as an int >= minimum, else ValueError naming ``owner.name``."""
+#: Largest position offset a mask may hold: positions are int32 (kernels and
+#: the reference compare them in int32), so a window or range bound beyond
+#: this could not be represented. Any bound >= the sequence length already
+#: means "no limit" exactly, so nothing is lost by the cap.
+POSITION_MAX = 2 ** 31 - 1
+
+
+def check_int(owner: str, name: str, value, minimum: int = 0,
+              maximum: Optional[int] = None) -> int:
+  """``value`` as an int in [minimum, maximum], else ValueError naming ``owner.name``."""
   if not is_int(value) or value < minimum:
     raise ValueError(f"{owner} {name} must be an integer >= {minimum}, got {value!r}.")
+  if maximum is not None and value > maximum:
+    raise ValueError(
+        f"{owner} {name}={value} is out of range: positions are int32, so it must be "
+        f"<= {maximum} (2**31 - 1); any value >= the sequence length already sees every "
+        "key on that side.")
   return int(value)
 
 
@@ -414,7 +427,9 @@ class SlidingWindow(Mask):
   """Key visible iff q_pos - left <= k_pos <= q_pos + right.
 
   ``SlidingWindow(left, 0)`` is a causal window of ``left + 1`` keys
-  (the query itself and ``left`` before it).
+  (the query itself and ``left`` before it). ``left`` and ``right`` are
+  integers in [0, 2**31 - 1] (positions are int32); a side wider than the
+  sequence is exactly no limit on that side, not an error.
   """
   left: int
   right: int = 0
@@ -422,7 +437,7 @@ class SlidingWindow(Mask):
 
   def __post_init__(self):
     for name in ("left", "right"):
-      check_int("SlidingWindow", name, getattr(self, name), 0)
+      check_int("SlidingWindow", name, getattr(self, name), 0, POSITION_MAX)
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     d = q_pos - k_pos

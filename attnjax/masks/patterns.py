@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from attnjax.masks.base import (Causal, Composite, Mask, SlidingWindow, check_int,
+from attnjax.masks.base import (POSITION_MAX, Causal, Composite, Mask, SlidingWindow, check_int,
                                 lookup)
 from attnjax.masks.primitives import (DiagonalStride, KeyIn, KeyRange, KeyStride, QueryIn,
                                       SameBlock, grid_bounds, summed_area)
@@ -49,8 +49,8 @@ class SinkWindow(Composite):
   window: int
 
   def __post_init__(self):
-    check_int("SinkWindow", "num_sink", self.num_sink, 0)
-    check_int("SinkWindow", "window", self.window, 0)
+    check_int("SinkWindow", "num_sink", self.num_sink, 0, POSITION_MAX)
+    check_int("SinkWindow", "window", self.window, 0, POSITION_MAX)
 
   def expand(self) -> Mask:
     sinks = KeyRange(0, self.num_sink)

@@ -13,7 +13,7 @@ from typing import Tuple
 
 import numpy as np
 
-from attnjax.masks.base import Mask, check_int, is_int, lookup
+from attnjax.masks.base import POSITION_MAX, Mask, check_int, is_int, lookup
 
 
 def _count_multiples(a, b, m):
@@ -44,6 +44,10 @@ class KeyRange(_OneSided):
     name = type(self).__name__
     if not is_int(self.lo) or not is_int(self.hi) or self.hi < self.lo:
       raise ValueError(f"{name} needs integers lo <= hi, got lo={self.lo!r}, hi={self.hi!r}.")
+    if self.lo < -POSITION_MAX - 1 or self.hi > POSITION_MAX:
+      raise ValueError(
+          f"{name} lo={self.lo}, hi={self.hi} is out of range: positions are int32, so "
+          f"both must lie in [-2**31, 2**31 - 1].")
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     p = self._pick(q_pos, k_pos)

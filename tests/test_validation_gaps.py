@@ -1,0 +1,93 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument (the contract's last rule).
+
+Each test was a crash deep inside JAX/NumPy, a silent truncation or a wrong
+result before the fix it guards. Shapes are tiny.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax import masks as M
+
+IMPLS = ("reference", "xla")
+
+
+def _qkv(T=8, H=4, dtype=jnp.float32):
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  return tuple(jax.random.normal(kk, (1, T, 2, H), dtype) for kk in k)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_head_dim_is_a_value_error(impl):
+  q = jnp.ones((1, 8, 2, 0))
+  with pytest.raises(ValueError, match=r"head_dim H must be >= 1.*H=0"):
+    attnjax.attention(q, q, q, implementation=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask, what", [("causal", "string 'causal'"),
+                                        (M.Causal, r"class Causal \(did you mean Causal"),
+                                        (np.ones((8, 8), np.int32), "dtype int32")])
+def test_mask_of_the_wrong_kind_names_the_argument(impl, mask, what):
+  q, k, v = _qkv()
+  with pytest.raises(TypeError, match="mask.*" + what):
+    attnjax.attention(q, k, v, mask=mask, implementation=impl)
+
+
+def test_mask_as_nested_list_of_bools_is_accepted():
+  q, k, v = _qkv()
+  causal = np.tril(np.ones((8, 8), bool))
+  got = attnjax.attention(q, k, v, mask=causal.tolist(), implementation="reference")
+  want = attnjax.attention(q, k, v, mask=M.Causal(), implementation="reference")
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scale, err, msg", [
+    ("0.5", TypeError, "scale must be a positive real number.*str '0.5'"),
+    (True, TypeError, "scale must be a positive real number.*bool"),
+    (jnp.float32(-1), ValueError, "scale must be finite and positive"),
+    (np.float32(-1), ValueError, "scale must be finite and positive"),
+    (-1, ValueError, "scale must be finite and positive, got -1"),
+    (0.0, ValueError, "scale must be finite and positive"),
+    (float("inf"), ValueError, "scale must be finite and positive, got inf"),
+    (float("nan"), ValueError, "scale must be finite and positive, got nan"),
+])
+def test_bad_concrete_scale(impl, scale, err, msg):
+  q, k, v = _qkv()
+  with pytest.raises(err, match=msg):
+    attnjax.attention(q, k, v, scale=scale, implementation=impl)
+
+
+def test_traced_scale_is_not_checked_but_used():
+  """A traced scale has no value at trace time: it is passed through (documented)."""
+  q, k, v = _qkv()
+  f = jax.jit(lambda s: attnjax.attention(q, k, v, scale=s, implementation="reference"))
+  np.testing.assert_allclose(f(jnp.float32(0.3)),
+                             attnjax.attention(q, k, v, scale=0.3, implementation="reference"),
+                             atol=1e-6)
+  assert f(jnp.float32(-1.0)).shape == q.shape
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda: M.SlidingWindow(2 ** 40), "SlidingWindow left=1099511627776"),
+    (lambda: M.SlidingWindow(left=2 ** 62), "SlidingWindow left=4611686018427387904"),
+    (lambda: M.SlidingWindow(0, 2 ** 31), "SlidingWindow right=2147483648"),
+    (lambda: M.SinkWindow(2, 2 ** 40), "SinkWindow window=1099511627776"),
+    (lambda: M.KeyRange(0, 2 ** 40), "KeyRange lo=0, hi=1099511627776"),
+])
+def test_window_beyond_int32_is_a_clear_value_error(make, what):
+  with pytest.raises(ValueError, match=what + ".*int32"):
+    make()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_window_wider_than_the_sequence_is_no_limit(impl):
+  """Moderately large windows were already exact (no clipping); the int32 maximum is too."""
+  q, k, v = _qkv()
+  want = attnjax.attention(q, k, v, implementation="reference")
+  for w in (100, 2 ** 31 - 1):
+    got = attnjax.attention(q, k, v, mask=M.SlidingWindow(w, w), implementation=impl)
+    np.testing.assert_allclose(got, want, atol=1e-5)
