@@ -119,11 +119,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if is_causal:
     m = M.Causal()
   if local_window_size is not None:
-    if isinstance(local_window_size, int):
-      local_window_size = (local_window_size, local_window_size)
-    if len(local_window_size) != 2:
-      raise ValueError(f"local_window_size must be an int or a pair, got {local_window_size!r}.")
-    w = M.SlidingWindow(*(int(x) for x in local_window_size))
+    w = M.SlidingWindow(*_window_pair(local_window_size))
     m = w if m is None else m & w
   lengths_mask = None
   if query_seq_lengths is not None or key_value_seq_lengths is not None:
@@ -164,10 +160,34 @@ def combine_mask(mask_obj, mask_arr, num_heads: int, q_pos, k_pos):
   return mask_arr & jnp.broadcast_to(dense, (num_heads, T, S))[None]
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _window_pair(local_window_size):
+  """``local_window_size`` (an int or a (left, right) pair of ints >= 0) as a pair."""
+  lws = local_window_size
+  pair = (lws, lws) if _is_int(lws) else lws
+  if not isinstance(pair, (tuple, list)) or not all(_is_int(w) for w in pair):
+    raise TypeError(
+        f"local_window_size must be an int or a pair (left, right) of ints, got "
+        f"{type(lws).__name__} {lws!r}.")
+  if len(pair) != 2 or min(pair) < 0:
+    raise ValueError(
+        f"local_window_size must be an int >= 0 or a pair (left, right) of ints >= 0, "
+        f"got {lws!r}.")
+  return int(pair[0]), int(pair[1])
+
+
 def _lengths(name, x, B, L):
+  """Sequence lengths [B] int32 (an integer array, as ``jax.nn.dot_product_attention`` asks)."""
   if x is None:
     return jnp.full((B,), L, jnp.int32)
   x = jnp.asarray(x)
   if x.shape != (B,):
     raise ValueError(f"{name} must have shape [B]=({B},), got {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(
+        f"{name} must be an integer array of shape [B]=({B},) (lengths are not "
+        f"truncated), got dtype {x.dtype}.")
   return x.astype(jnp.int32)

@@ -91,3 +91,24 @@ def test_window_wider_than_the_sequence_is_no_limit(impl):
   for w in (100, 2 ** 31 - 1):
     got = attnjax.attention(q, k, v, mask=M.SlidingWindow(w, w), implementation=impl)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("lws, err, msg", [
+    (2.5, TypeError, "local_window_size must be an int or a pair.*float 2.5"),
+    ((2.5, 1), TypeError, r"local_window_size must be an int or a pair.*\(2.5, 1\)"),
+    ((1, 2, 3), ValueError, r"local_window_size must be an int >= 0.*\(1, 2, 3\)"),
+    (-1, ValueError, "local_window_size must be an int >= 0.*-1"),
+])
+def test_dot_product_attention_bad_window(lws, err, msg):
+  q, k, v = _qkv()
+  with pytest.raises(err, match=msg):
+    attnjax.dot_product_attention(q, k, v, local_window_size=lws)
+
+
+@pytest.mark.parametrize("arg", ["query_seq_lengths", "key_value_seq_lengths"])
+def test_dot_product_attention_float_lengths_are_rejected_as_jax_does(arg):
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=arg + ".*integer.*float32"):
+    attnjax.dot_product_attention(q, k, v, **{arg: jnp.array([3.5])})
+  with pytest.raises(ValueError):  # the behaviour being matched
+    jax.nn.dot_product_attention(q, k, v, **{arg: jnp.array([3.5])})
