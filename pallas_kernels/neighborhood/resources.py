@@ -15,8 +15,9 @@ GPU program step, H/Hv head dims, s the input itemsize, D spatial dims.
 TPU (Mosaic): every input and output block is double-buffered, scratch is
 single; a VMEM array is laid out in (8 * 4 / s, 128) tiles, so a [tq, 1] lse
 block or a [tq, D] window-bound block occupies tq x 128 words. The kernels'
-[tq, tq] float32 intermediates (logits, probabilities, dS, mask) come on top;
-``_TPU_INTERMEDIATES`` of them are priced. Each kernel is compiled with
+[tq, tq] float32 intermediates (logits, probabilities, dS, a mask compare per
+spatial dim) and the [tq, H] float32 matmul products come on top. Each
+kernel is compiled with
 ``vmem_limit_bytes`` equal to its priced need, so the compiler itself checks
 the model on every compile (it would report a scoped-VMEM OOM); the budget is
 the whole VMEM of the generation less a small reserve. Measured (the smallest
@@ -46,7 +47,8 @@ from pallas_kernels.targets import budgets as _budgets
 
 KINDS = ("fwd", "dq", "dkv")
 #: [tq, tq] float32 intermediates a TPU kernel may hold in VMEM besides its blocks
-_TPU_INTERMEDIATES = 4
+#: (logits, probabilities, dP/dS), plus one per spatial dim for the fine mask
+_TPU_INTERMEDIATES = 3
 #: GPU block sizes tried, largest first (Triton dots need >= 16 rows and columns)
 _GPU_SIZES = (128, 64, 32, 16)
 #: largest bq * bk the GPU chooser starts from (keeps the [bq, bk] tiles in registers)
@@ -131,25 +133,33 @@ def _vmem(rows: int, cols: int, itemsize: int) -> int:
 
 
 def tpu_vmem_bytes(kind: str, p: Problem) -> int:
-  """Scoped VMEM one TPU kernel ('fwd', 'dq' or 'dkv') needs for a problem."""
+  """Scoped VMEM one TPU kernel ('fwd', 'dq' or 'dkv') needs for a problem.
+
+  Blocks double-buffered, scratch once, ``_TPU_INTERMEDIATES + D`` [tq, tq]
+  float32 values (the fine mask compares per spatial dim) and the float32
+  [tq, H|Hv] product of every matmul that updates an accumulator (forward:
+  p v; dq: dS k; dk/dv: dS^T q and p^T dO).
+  """
   tq, H, Hv, s, D = p.tq, p.H, p.Hv, p.itemsize, p.D
   q, kv = _vmem(tq, H, s), _vmem(tq, H, s) + _vmem(tq, Hv, s)
   col = _vmem(tq, 1, 4)  # lse, delta, m, l: [tq, 1] float32
   meta = 2 * _vmem(tq, D, 4) + _vmem(D, tq, 4)  # q_lo, q_hi, k_coord
   square = _vmem(tq, tq, 4)
   bias = square if p.rpb else 0
+  acc_q, acc_v = _vmem(tq, H, 4), _vmem(tq, Hv, 4)
   if kind == "fwd":
     blocks = q + kv + meta + bias + _vmem(tq, Hv, s) + col
-    scratch = 2 * col + _vmem(tq, Hv, 4)
+    scratch = 2 * col + acc_v
+    products = acc_v
   elif kind == "dq":
     blocks = q + kv + meta + bias + _vmem(tq, Hv, s) + 2 * col + q + (square if p.rpb else 0)
-    scratch = _vmem(tq, H, 4)
+    scratch = products = acc_q
   elif kind == "dkv":
     blocks = q + kv + meta + bias + _vmem(tq, Hv, s) + 2 * col + kv
-    scratch = _vmem(tq, H, 4) + _vmem(tq, Hv, 4)
+    scratch = products = acc_q + acc_v
   else:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-  return 2 * blocks + scratch + _TPU_INTERMEDIATES * square
+  return 2 * blocks + scratch + products + (_TPU_INTERMEDIATES + D) * square
 
 
 # -- GPU ---------------------------------------------------------------------------
