@@ -112,3 +112,13 @@ def test_dot_product_attention_float_lengths_are_rejected_as_jax_does(arg):
     attnjax.dot_product_attention(q, k, v, **{arg: jnp.array([3.5])})
   with pytest.raises(ValueError):  # the behaviour being matched
     jax.nn.dot_product_attention(q, k, v, **{arg: jnp.array([3.5])})
+
+
+def test_linear_attention_step_none_state_is_the_zero_state():
+  q, k, v = (x[:, 0] for x in _qkv())
+  o, s = attnjax.linear_attention_step(None, q, k, v, normalize=True)
+  o0, s0 = attnjax.linear_attention_step(jnp.zeros(s.shape), q, k, v, normalize=True)
+  np.testing.assert_array_equal(o, o0)
+  np.testing.assert_array_equal(s, s0)
+  with pytest.raises(ValueError, match=r"state must have shape \[B, N, F, E\]=\(1, 2, 4, 5\)"):
+    attnjax.linear_attention_step(jnp.zeros((1, 2, 4, 4)), q, k, v, normalize=True)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.core.validation import check_positions, check_positive_int, check_qkv, check_segment_ids
 from attnjax.linear import engine, reference
@@ -32,10 +33,11 @@ def _apply_feature_map(phi, x, name):
 def _check_state(state, shape, name="initial_state"):
   if state is None:
     return None
-  if getattr(state, "shape", None) != shape:
+  if tuple(np.shape(state)) != shape:
     raise ValueError(
         f"{name} must have shape [B, N, F, E]={shape} (E = Hv + 1 when normalize=True, "
-        f"the last column holding the normaliser), got {getattr(state, 'shape', None)}.")
+        f"the last column holding the normaliser) or be None (zero state), got "
+        f"{tuple(np.shape(state))}.")
   return jnp.asarray(state, jnp.float32)
 
 
@@ -164,7 +166,9 @@ def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="identity", decay
   """One decoding step with a constant-size state.
 
   Args:
-    state: [B, N, F, E] float32 (E = Hv, or Hv + 1 with normalize=True).
+    state: [B, N, F, E] float32 (E = Hv, or Hv + 1 with normalize=True), or
+      None for the zero state (no key seen yet), as ``initial_state=None``
+      means in :func:`linear_attention`.
     q_t: [B, N, H]; k_t: [B, K, H]; v_t: [B, K, Hv] (one token).
   Returns:
     (o_t [B, N, Hv] in q_t.dtype, new state): the same as the last row of
@@ -182,7 +186,10 @@ def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="identity", decay
   v = v_t.astype(jnp.float32)
   if normalize:
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-  state = _check_state(state, (b, n, qf.shape[-1], v.shape[-1]), "state")
+  shape = (b, n, qf.shape[-1], v.shape[-1])
+  state = _check_state(state, shape, "state")
+  if state is None:
+    state = jnp.zeros(shape, jnp.float32)
   o, state = reference.recurrent_step(state, qf, kf, v, slopes=slopes)
   if normalize:
     o = o[..., :-1] / (o[..., -1:] + eps)
