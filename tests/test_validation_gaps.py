@@ -122,3 +122,29 @@ def test_linear_attention_step_none_state_is_the_zero_state():
   np.testing.assert_array_equal(s, s0)
   with pytest.raises(ValueError, match=r"state must have shape \[B, N, F, E\]=\(1, 2, 4, 5\)"):
     attnjax.linear_attention_step(jnp.zeros((1, 2, 4, 4)), q, k, v, normalize=True)
+
+
+def test_merge_attention_accepts_array_likes():
+  o, lse = attnjax.merge_attention([[[[1.0]]]], [[[0.0]]], np.array([[[[3.0]]]]), [[[0.0]]])
+  np.testing.assert_allclose(o, [[[[2.0]]]])
+  np.testing.assert_allclose(lse, [[[np.log(2.0)]]], rtol=1e-6)
+
+
+def test_merge_attention_plus_inf_lse_is_a_value_error():
+  o = jnp.ones((1, 2, 1, 2))
+  bad = jnp.array([[[0.0], [jnp.inf]]])
+  with pytest.raises(ValueError, match=r"lse2 holds \+inf at \[0, 1, 0\]"):
+    attnjax.merge_attention(o, jnp.zeros((1, 2, 1)), o, bad)
+
+
+def test_merge_attention_nan_lse_propagates():
+  o = jnp.ones((1, 2, 1, 2))
+  lse1 = jnp.array([[[jnp.nan], [0.0]]])
+  for args in ((o, lse1, o, jnp.zeros((1, 2, 1))), (o, jnp.zeros((1, 2, 1)), o, lse1)):
+    out, lse = attnjax.merge_attention(*args)
+    assert np.isnan(lse[0, 0, 0]) and np.isnan(out[0, 0, 0]).all()
+    np.testing.assert_allclose(out[0, 1], 1.0)
+    np.testing.assert_allclose(lse[0, 1], np.log(2.0), rtol=1e-6)
+  empty = jnp.full((1, 2, 1), -jnp.inf)  # rows that saw no key stay zeros, lse -inf
+  out, lse = attnjax.merge_attention(jnp.zeros_like(o), empty, jnp.zeros_like(o), empty)
+  assert (out == 0).all() and (lse == -jnp.inf).all()
