@@ -236,6 +236,10 @@ def budget_bytes(backend: str, target: Optional[str]) -> Tuple[int, Optional[str
   return min(known) if known else (0, None)
 
 
+#: SMEM a neighborhood kernel uses besides its prefetched lists (an upper bound)
+_SMEM_RESERVE = 16 << 10
+
+
 def smem_budget_bytes(target: Optional[str]) -> int:
   """SMEM for scalar-prefetched operands on a TPU target (smallest known if unknown)."""
   b = _budgets.budget(target)
@@ -247,17 +251,19 @@ def smem_budget_bytes(target: Optional[str]) -> int:
 
 
 def tpu_smem_bytes(kind: str, lists: Tuple[int, int, int], rpb: bool) -> int:
-  """SMEM of a TPU kernel's scalar-prefetched int32 block lists.
+  """SMEM of a TPU kernel's scalar-prefetched int32 block lists, plus its own use.
 
   ``lists`` = (G, W, Wq): tiles, CSR and CSC list widths. Each prefetched
   vector occupies whole 128-word rows (measured: three vectors of n words fit
-  while 3 * ceil(n / 128) * 128 <= the single-vector maximum).
+  while 3 * ceil(n / 128) * 128 <= the single-vector maximum), and the kernel
+  keeps ``_SMEM_RESERVE`` for itself (measured on v5e, a 3D forward with lists
+  of 261,632 words, the probe kernel's maximum, fails; 6.5 KiB less compiles).
   """
   G, W, Wq = lists
   lengths = {"fwd": [G * W, G] + [G * W] * rpb,
              "dq": [G * W, G] + [G * W] * (2 * rpb),
              "dkv": [G * Wq, G] + [G * Wq] * rpb}[kind]
-  return sum(-(-n // 128) * 128 * 4 for n in lengths)
+  return sum(-(-n // 128) * 128 * 4 for n in lengths) + _SMEM_RESERVE
 
 
 def _describe(p: Problem, dtype_name: str) -> str:
