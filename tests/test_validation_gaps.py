@@ -148,3 +148,19 @@ def test_merge_attention_nan_lse_propagates():
   empty = jnp.full((1, 2, 1), -jnp.inf)  # rows that saw no key stay zeros, lse -inf
   out, lse = attnjax.merge_attention(jnp.zeros_like(o), empty, jnp.zeros_like(o), empty)
   assert (out == 0).all() and (lse == -jnp.inf).all()
+
+
+@pytest.mark.parametrize("arg", ["valid", "force"])
+def test_topk_blocks_flags_must_be_boolean(arg):
+  scores = jnp.zeros((1, 1, 1, 4))
+  with pytest.raises(TypeError, match=arg + " must be a boolean array.*int32"):
+    attnjax.topk_blocks(scores, 2, **{arg: jnp.array([[[[2, 0, 0, 1]]]], jnp.int32)})
+  with pytest.raises(ValueError, match=arg + r" of shape \(3,\) does not broadcast"):
+    attnjax.topk_blocks(scores, 2, **{arg: jnp.ones((3,), bool)})
+
+
+def test_topk_blocks_counts_never_exceed_k():
+  valid = jnp.array([[[[2, 0, 0, 1]]]]) != 0
+  idx, cnt = attnjax.topk_blocks(jnp.zeros((1, 1, 1, 4)), 2, valid=valid)
+  assert int(cnt[0, 0, 0]) == 2
+  assert sorted(np.asarray(idx[0, 0, 0]).tolist()) == [0, 3]

@@ -113,19 +113,32 @@ def topk_blocks(scores, k: int, *, valid=None, force=None):
     raise ValueError(f"k={k} is larger than the number of key blocks nk={nk} "
                      f"(scores shape {scores.shape}).")
   s = scores.astype(jnp.float32)
-  ok = jnp.ones(s.shape, bool) if valid is None else jnp.broadcast_to(valid, s.shape)
+  ok = jnp.ones(s.shape, bool) if valid is None else _bool_flags("valid", valid, s.shape)
   s = jnp.where(jnp.isnan(s), -jnp.inf, s)
   # Finite ranks keep invalid blocks last and forced blocks first without inf ties.
   big = jnp.float32(3e38)
   s = jnp.clip(s, -1e38, 1e38)
   if force is not None:
-    s = jnp.where(jnp.broadcast_to(force, s.shape), big, s)
+    s = jnp.where(_bool_flags("force", force, s.shape), big, s)
   s = jnp.where(ok, s, -big)
   _, idx = jax.lax.top_k(jax.lax.stop_gradient(s), k)
   sel_ok = jnp.take_along_axis(ok, idx, axis=-1)
   counts = sel_ok.sum(-1).astype(jnp.int32)
   idx = jnp.sort(jnp.where(sel_ok, idx, nk), axis=-1)
   return pad_block_lists(idx.astype(jnp.int32), counts), counts
+
+
+def _bool_flags(name, x, shape):
+  """``x`` broadcast to ``shape``; TypeError unless boolean (an int 2 would count twice)."""
+  x = jnp.asarray(x)
+  if x.dtype != bool:
+    raise TypeError(f"{name} must be a boolean array broadcastable to the scores "
+                    f"{shape}, got dtype {x.dtype} (shape {x.shape}); use {name} != 0.")
+  try:
+    return jnp.broadcast_to(x, shape)
+  except ValueError as e:
+    raise ValueError(f"{name} of shape {x.shape} does not broadcast to the scores "
+                     f"[B, H, nq, nk]={shape}.") from e
 
 
 def pooled_topk_blocks(query, key, k: int, *, block_q: int, block_kv: int, causal: bool = True,
