@@ -99,8 +99,10 @@ def kernel_config(query, key, value, *, plan, tile_shape, backend, rpb, interpre
   mode has no budget: ``gpu_blocks`` (one GpuBlocks or a (fwd, dq, dkv) tuple)
   are used as given, whole tiles without them.
   """
+  if gpu_blocks is not None and backend != "gpu":
+    raise ValueError("gpu_blocks applies to the GPU kernels only (the TPU block is the tile).")
   if interpret:
-    if gpu_blocks is None or backend != "gpu":
+    if gpu_blocks is None:
       return None
     return (gpu_blocks,) * 3 if isinstance(gpu_blocks, resources.GpuBlocks) else tuple(gpu_blocks)
   target = target_of_device(placement.target_device(query, key, value))
