@@ -131,12 +131,14 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     mask = jnp.asarray(mask, bool)
     V.check_broadcastable("mask", mask, (d.B, d.N, d.T, d.S))
   arr = mask if lengths_mask is None else (lengths_mask if mask is None else mask & lengths_mask)
-  full_mask = combine_mask(m, arr, d.N, np.arange(d.T), np.arange(d.S))
+  full_mask = m if arr is None else combine_mask(m, arr, d.N, np.arange(d.T), np.arange(d.S))
+  # Top-left positions. With T == S they are attention's defaults, passed as None
+  # (no O(T) host arrays); else NumPy positions, which stay static under jit, so
+  # the fast path keeps its block layout (traced ones would make every block partial).
+  pos = (None, None) if d.T == d.S else (np.arange(d.T, dtype=np.int32),
+                                         np.arange(d.S, dtype=np.int32))
   out = attention(query, key, value, mask=full_mask, bias=bias, scale=scale,
-                  # NumPy positions stay static under jit, so the fast path keeps its
-                  # block layout (traced positions would make every block partial).
-                  q_positions=np.arange(d.T, dtype=np.int32),
-                  k_positions=np.arange(d.S, dtype=np.int32),
+                  q_positions=pos[0], k_positions=pos[1],
                   return_lse=return_residual, implementation=implementation)
   if unbatched:
     out = jax.tree_util.tree_map(lambda x: x[0], out)

@@ -164,3 +164,22 @@ def test_topk_blocks_counts_never_exceed_k():
   idx, cnt = attnjax.topk_blocks(jnp.zeros((1, 1, 1, 4)), 2, valid=valid)
   assert int(cnt[0, 0, 0]) == 2
   assert sorted(np.asarray(idx[0, 0, 0]).tolist()) == [0, 3]
+
+
+@pytest.mark.parametrize("call", [
+    lambda q: attnjax.attention(q, q, q, mask=M.Causal()),
+    lambda q: attnjax.attention(q, q, q),
+    lambda q: attnjax.dot_product_attention(q, q, q, is_causal=True),
+])
+def test_shape_too_large_to_plan_is_a_value_error_before_allocating(call):
+  """T = S = 2**31 used to build O(T) and O(nq * nk) host arrays (killed at 24 GB)."""
+  q = jax.ShapeDtypeStruct((1, 2 ** 31, 1, 8), jnp.float32)
+  with pytest.raises(ValueError,
+                     match=r"4194304 q-blocks x 4194304 k-blocks.*MAX_BLOCK_ENTRIES = 2\*\*28"):
+    jax.eval_shape(call, q)
+
+
+def test_block_layout_too_large_is_a_value_error():
+  with pytest.raises(ValueError, match=r"2 head\(s\) x 65536 q-blocks x 65536 k-blocks"):
+    M.S2(num_heads=2, block_size=64, vert_stride=2, local_blocks=1).block_layout(
+        2 ** 22, 2 ** 22, 64, 64, 2)

@@ -303,6 +303,8 @@ def _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0=None):
 
 def _offsets(q_positions, k_positions, d):
   """Layout offsets: defaults for omitted positions, else from concrete contiguous ones."""
+  if q_positions is None and k_positions is None:
+    return d.S - d.T, 0  # no O(T + S) host arrays: the shape may be too large to plan
   qp = np.arange(d.T) + (d.S - d.T) if q_positions is None else q_positions
   kp = np.arange(d.S) if k_positions is None else k_positions
   return P.layout_offsets(qp, kp)

@@ -112,6 +112,8 @@ def choose_group(row_counts: np.ndarray, bk: int, rows: int = 0) -> int:
 
 
 def dense_block_mask(nq: int, nk: int, kind: int = LY.FULL) -> np.ndarray:
+  """[1, nq, nk] int8 of one block class (ValueError past ``LY.MAX_BLOCK_ENTRIES``)."""
+  LY.check_block_entries(nq, nk)
   return np.full((1, nq, nk), kind, np.int8)
 
 
@@ -196,10 +198,12 @@ def pick_blocks(mask, T: int, S: int, N: int, q_offset: int, k_offset: int):
   """
   bq, bk, Tp, Sp = choose_blocks(T, S)
   cands = [(cq, ck) for cq, ck in CANDIDATE_BLOCKS if T % cq == 0 and S % ck == 0]
-  if T * S < (1 << 22) or Tp != T or Sp != S or not cands:
+  fq = min((c[0] for c in cands), default=bq)
+  fk = min((c[1] for c in cands), default=bk)
+  too_fine = (N if mask.head_dependent else 1) * (T // fq) * (S // fk) > LY.MAX_BLOCK_ENTRIES
+  if T * S < (1 << 22) or Tp != T or Sp != S or not cands or too_fine:
     return bq, bk, mask_block_mask(mask, Tp, Sp, bq, bk, N, q_offset, k_offset)
   # One layout on the finest grid; every candidate is an exact coarsening of it.
-  fq, fk = min(c[0] for c in cands), min(c[1] for c in cands)
   fine = mask_block_mask(mask, T, S, fq, fk, N, q_offset, k_offset)
   if bq % fq == 0 and bk % fk == 0:
     base = SC.coarsen_block_mask(fine, bq // fq, bk // fk)

@@ -138,6 +138,26 @@ def layout_from_block_mask(block_mask, q_len: int, kv_len: int, block_q: int,
                      int(k_offset), bm, fi, ff, fc, bi, bf, bc, mask)
 
 
+#: Most block entries (layout heads x q-blocks x k-blocks) a layout may hold. A
+#: layout with its CSR/CSC lists, and the schedules built from it, take tens of
+#: bytes per entry on the host (plus O(T + S) position arrays), so 2**28
+#: entries is already several GiB; larger shapes must use larger blocks.
+MAX_BLOCK_ENTRIES = 2 ** 28
+
+
+def check_block_entries(nq: int, nk: int, heads: int = 1, shape: str = "") -> None:
+  """ValueError, before anything is allocated, when heads * nq * nk > MAX_BLOCK_ENTRIES.
+
+  ``shape`` describes the call in the message (lengths and block sizes).
+  """
+  entries = heads * nq * nk
+  if entries > MAX_BLOCK_ENTRIES:
+    raise ValueError(
+        f"a block layout of {heads} head(s) x {nq} q-blocks x {nk} k-blocks = {entries} "
+        f"entries{shape} is more than MAX_BLOCK_ENTRIES = 2**28 ({MAX_BLOCK_ENTRIES}), "
+        "the most that is built on the host; use larger blocks or shorter sequences.")
+
+
 def _check_blocks(q_len, kv_len, block_q, block_kv):
   for name, b, L, lname in (("block_q", block_q, q_len, "q_len"),
                             ("block_kv", block_kv, kv_len, "kv_len")):
@@ -220,6 +240,9 @@ def build_block_layout(mask, q_len: int, kv_len: int, block_q: int, block_kv: in
   from attnjax.masks.base import resolve_num_heads  # pylint: disable=g-import-not-at-top
   _check_blocks(q_len, kv_len, block_q, block_kv)
   num_heads = resolve_num_heads(mask, num_heads)
+  check_block_entries(q_len // block_q, kv_len // block_kv,
+                      num_heads if mask.head_dependent else 1,
+                      f" (q_len={q_len}, kv_len={kv_len}, blocks {block_q} x {block_kv})")
   q_off = kv_len - q_len if q_offset is None else int(q_offset)
   nq, nk = q_len // block_q, kv_len // block_kv
   q_lo = q_off + np.arange(nq) * block_q
