@@ -10,7 +10,8 @@ bottom-right aligned by default.
 """
 from attnjax import masks
 from attnjax import scores
-from attnjax.api import attention, default_implementation, dot_product_attention, merge_attention
+from attnjax.api import (attention, default_implementation, dot_product_attention, explain,
+                         merge_attention)
 from attnjax.core.reference import reference_attention
 
 # Engines and families.

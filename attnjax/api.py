@@ -17,9 +17,10 @@ from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
 from attnjax.core.reference import reference_attention
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
+from attnjax.core.dispatch import IMPLEMENTATIONS, explain  # noqa: F401  (re-exported)
 
-__all__ = ["attention", "dot_product_attention", "merge_attention", "default_implementation"]
+__all__ = ["attention", "dot_product_attention", "merge_attention", "default_implementation",
+           "explain"]
 
 
 def default_implementation(*arrays) -> str:
@@ -32,13 +33,11 @@ def default_implementation(*arrays) -> str:
   return placement.default_kernel_implementation("block_sparse", *arrays)
 
 
-def _fast_attention():
-  """The engine behind the 'xla' and 'pallas' paths (the block-sparse engine)."""
-  try:
-    from attnjax.block_sparse import fast_attention  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return fast_attention
+def _engine():
+  """The block-sparse engine module (imported on first use: it imports this module's
+  families back through ``attnjax.block_sparse``)."""
+  from attnjax.block_sparse import api as engine_api  # pylint: disable=g-import-not-at-top
+  return engine_api
 
 
 def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
@@ -62,33 +61,25 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
       ``merge_attention``).
     implementation: "reference" (dense float32 oracle), "xla" (blocked
       flash-style pure-JAX path that skips fully masked blocks), "pallas"
-      (TPU/GPU kernel; interpret mode on CPU) or None (the best path that
-      supports the arguments on this platform).
+      (TPU/GPU kernel; interpret mode on CPU) or None: the first of
+      ("pallas", "xla") that supports the call on the device it is placed on
+      (``attnjax.explain`` says which and why). The reference never runs
+      unasked: when no fast backend supports a call it runs with a warning.
 
   Returns:
     out [B, T, N, Hv] in the query dtype (and lse when asked). A query row
     that sees no key returns zeros and lse = -inf.
   """
+  query, key, value = V.as_arrays(query, key, value)
   V.check_qkv(query, key, value)
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
+  BA = _engine()
   kwargs = dict(mask=mask, score=score, bias=bias, scale=scale, q_positions=q_positions,
                 k_positions=k_positions, segment_ids=segment_ids, return_lse=return_lse)
-  if implementation == "reference":
+  call = BA.attention_call(query, key, value, mask=mask, score=score, bias=bias, scale=scale)
+  backend = BA.check_impl(implementation, call)
+  if backend == "reference":
     return reference_attention(query, key, value, **kwargs)
-  fast = _fast_attention()
-  if implementation is None:
-    if fast is not None:
-      try:
-        return fast(query, key, value, implementation=default_implementation(query, key, value), **kwargs)
-      except NotImplementedError:
-        pass  # a combination the fast paths do not cover: the reference does.
-    return reference_attention(query, key, value, **kwargs)
-  if fast is None:
-    raise NotImplementedError(
-        f"implementation={implementation!r} needs attnjax.block_sparse, which failed to import.")
-  return fast(query, key, value, implementation=implementation, **kwargs)
+  return BA.run_attention(query, key, value, backend=backend, **kwargs)
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,

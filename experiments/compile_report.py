@@ -29,16 +29,25 @@ import jax.numpy as jnp  # noqa: E402
 import attnjax  # noqa: E402
 from attnjax import masks  # noqa: E402
 from experiments.benchmarks.common import write_results  # noqa: E402
+from attnjax.block_sparse import plan as P  # noqa: E402
+from attnjax.neighborhood.tiling import pallas_tile_shape  # noqa: E402
 from pallas_kernels import targets as TG  # noqa: E402
+from pallas_kernels.block_sparse import resources as BR  # noqa: E402
+from pallas_kernels.linear import resources as LR  # noqa: E402
+from pallas_kernels.neighborhood import resources as NR  # noqa: E402
+from pallas_kernels.targets import budgets as BG  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("targets", list(TG.TARGETS), "compile targets")
 flags.DEFINE_string("out", "results", "directory of bench_compile_targets.{csv,json}")
 flags.DEFINE_string("markdown", "", "markdown file whose compile table is rewritten")
+flags.DEFINE_bool("budgets", False, "only write the chooser's configurations per target with "
+                  "their on-chip memory need vs the budget (no compiling)")
 
 S = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
 MARK = "<!-- compile-table -->"
+BUDGET_MARK = "<!-- budget-table -->"
 
 
 def _grad(fn):
@@ -74,6 +83,64 @@ def compile_row(target: str, name: str, fn: Callable, q, kv, backward: bool) -> 
   return row
 
 
+def _kib(n: int) -> str:
+  return f"{n / 1024:,.0f} KiB"
+
+
+def budget_rows(targets) -> List[Dict]:
+  """Per target and engine: the configuration the chooser picks for bfloat16, H = 128
+  (block-sparse at T = 512 / 8k / 128k, neighborhood na2d with rpb, linear chunk 64)
+  and the largest per-kernel need against the target's budget. Nothing is compiled."""
+  rows = []
+  H, isz = 128, 2
+  for target in targets:
+    bud = BG.budget(target)
+    tpu = bud.platform == "tpu"
+    avail = bud.vmem_bytes if tpu else bud.shared_bytes
+    what = "scoped VMEM" if tpu else "shared memory"
+    for T in (512, 8192, 131072):
+      if tpu:
+        bq, bk = BR.choose_tpu_blocks(T, T, H, H, isz, target)
+        need = BR._tpu_need(bq, bk, H, H, isz, isz, 0)  # pylint: disable=protected-access
+        config = f"blocks {bq}x{bk}"
+      else:
+        bq, bk = P.choose_blocks(T, T)[:2]
+        cfg = _Blocks(H, bq, bk)
+        tiles = BR.choose_gpu_tiles(cfg, bud, jnp.bfloat16)
+        need = BR.gpu_shared_need(cfg, jnp.bfloat16, tiles)
+        config = f"blocks {bq}x{bk}, tiles " + " / ".join(f"{a}x{b}" for a, b in tiles)
+      rows.append(dict(target=target, engine=f"block_sparse T={T}", config=config,
+                       need=max(need.values()), budget=avail, what=what))
+    tile = pallas_tile_shape((64, 64), (7, 7), (1, 1))
+    nc = NR.configure("tpu" if tpu else "gpu", target, tile, H, H, jnp.bfloat16, True)
+    rows.append(dict(target=target, engine="neighborhood na2d k7 rpb", config=f"tile {tile}",
+                     need=max(nc.need), budget=avail, what=what))
+    if tpu:
+      need = LR.check_tpu(64, H, H, target)
+    else:
+      need = max(LR.gpu_plan(k, 64, H, H, target).shared_bytes for k in LR.GPU_KERNELS)
+    rows.append(dict(target=target, engine="linear decay", config="chunk 64", need=need,
+                     budget=avail, what=what))
+  return rows
+
+
+class _Blocks:
+  """The fields of a kernel configuration the GPU tile model reads."""
+
+  def __init__(self, H, block_q, block_kv):
+    self.H = self.Hv = H
+    self.block_q, self.block_kv = block_q, block_kv
+
+
+def budget_markdown(rows: List[Dict]) -> str:
+  lines = ["| target | engine | chosen configuration | largest kernel need | budget |",
+           "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['target']} | {r['engine']} | {r['config']} | {_kib(r['need'])} | "
+                 f"{_kib(r['budget'])} {r['what']} |")
+  return "\n".join(lines)
+
+
 def markdown(rows: List[Dict]) -> str:
   head = "| target | case | pass | compiles | seconds | kernels | code KiB | temp KiB |"
   lines = [head, "|" + "---|" * 8]
@@ -84,14 +151,15 @@ def markdown(rows: List[Dict]) -> str:
   return "\n".join(lines)
 
 
-def rewrite_markdown(path: str, table: str) -> None:
+def rewrite_markdown(path: str, table: str, mark: str = MARK) -> None:
+  """Replaces the text between the two ``mark`` lines of ``path`` with ``table``."""
   with open(path, encoding="utf-8") as f:
     text = f.read()
-  parts = text.split(MARK)
+  parts = text.split(mark)
   if len(parts) != 3:
-    raise ValueError(f"{path} must hold exactly two {MARK} markers around the table.")
+    raise ValueError(f"{path} must hold exactly two {mark} markers around the table.")
   with open(path, "w", encoding="utf-8") as f:
-    f.write(parts[0] + MARK + "\n" + table + "\n" + MARK + parts[2])
+    f.write(parts[0] + mark + "\n" + table + "\n" + mark + parts[2])
 
 
 def main(argv):
@@ -99,6 +167,13 @@ def main(argv):
   unknown = sorted(set(FLAGS.targets) - set(TG.TARGETS))
   if unknown:
     raise app.UsageError(f"--targets: unknown {unknown}; expected names from {TG.TARGETS}.")
+  if FLAGS.budgets:
+    table = budget_markdown(budget_rows(FLAGS.targets))
+    print(table)
+    if FLAGS.markdown:
+      rewrite_markdown(FLAGS.markdown, table, BUDGET_MARK)
+      print("wrote", FLAGS.markdown)
+    return 0
   rows = []
   for target in FLAGS.targets:
     if not TG.toolchain_available(TG.platform_of(target)):

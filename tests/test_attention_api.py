@@ -47,11 +47,12 @@ def test_attention_grads_xla_vs_reference_and_merge():
                                               implementation="reference"), atol=2e-5)
 
 
-def test_attention_falls_back_for_unsupported_scores():
+def test_attention_falls_back_for_unsupported_scores_with_a_warning():
   from attnjax import scores  # pylint: disable=g-import-not-at-top
   q, k, v = qkv(1, 8, 8, 2, 2)
   s = scores.lssar(2.0)
-  out = api.attention(q, k, v, score=s)
+  with pytest.warns(UserWarning, match="reference runs.*re-weights"):
+    out = api.attention(q, k, v, score=s)
   np.testing.assert_allclose(out, api.attention(q, k, v, score=s, implementation="reference"),
                              atol=1e-6)
   with pytest.raises(NotImplementedError):

@@ -205,3 +205,17 @@ def test_chunked_lists_match_one_call_in_tpu_interpret_mode(monkeypatch):
   want = _grad(ref)(q, k, v)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+
+
+class _FakeGpu:
+  platform = "gpu"
+
+  def __init__(self, cc):
+    self.compute_capability = cc
+
+
+def test_gpu_targets_map_by_exact_compute_capability():
+  assert BG.target_of_device(_FakeGpu("8.0")) == "sm80"
+  assert BG.target_of_device(_FakeGpu("9.0")) == "sm90"
+  for cc in ("8.6", "8.9", "7.5", "10.0"):     # ~100 KiB shared memory, or unknown
+    assert BG.target_of_device(_FakeGpu(cc)) is None

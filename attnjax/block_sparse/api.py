@@ -33,7 +33,9 @@ from attnjax.block_sparse import engine as E
 from attnjax.block_sparse import plan as P
 from attnjax.block_sparse import schedule as SC
 from attnjax.block_sparse import tiles as Tl
+from attnjax.core import dispatch
 from attnjax.core import placement
+from attnjax.core import precision
 from attnjax.core import scoring
 from attnjax.core import validation as V
 from attnjax.masks import layout as LY
@@ -42,14 +44,77 @@ from attnjax.masks.base import Mask
 IMPLEMENTATIONS = ("xla", "pallas")
 
 
-def check_impl(implementation, *arrays):
-  """The implementation to run: None picks the kernels where they compile for the placed device."""
-  if implementation is None:
-    return placement.default_kernel_implementation("block_sparse", *arrays)
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
-  return implementation
+def attention_call(query, key, value, *, mask=None, score=None, bias=None, scale=None,
+                   layout=None) -> dispatch.Call:
+  """The facts the attention backends judge a call by (nothing is computed).
+
+  query [B, T, N, H], key [B, S, K, H]; ``mask`` a Mask, a boolean array or
+  None; ``layout`` a BlockLayout given instead of a mask (its blocks decide
+  divisibility).
+  """
+  d = V.check_qkv(query, key, value)
+  score = scoring.resolve_score(score)
+  try:
+    float(V.check_scale(scale, d.H))
+    static_scale = True
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    static_scale = False
+  if layout is not None:
+    divides = True
+  else:
+    blocks = _kernel_blocks(d, query, key, value)
+    if blocks is None and kernel_platform(query, key, value) == "tpu":
+      divides = False
+    else:
+      bq, bk = blocks if blocks is not None else P.choose_blocks(d.T, d.S)[:2]
+      divides = d.T % bq == 0 and d.S % bk == 0
+  facts = dict(
+      T=d.T, S=d.S, bias=bias is not None,
+      mask_array=mask is not None and not isinstance(mask, Mask),
+      static_scale=static_scale, reweight=bool(getattr(score, "has_reweight", False)),
+      row_count=bool(getattr(score, "needs_row_count", False)), divides=divides,
+      kernel_default=placement.default_kernel_implementation(
+          "block_sparse", query, key, value) == "pallas")
+  return dispatch.Call("attention", placement.target_platform(query, key, value),
+                       placement.compile_target(query, key, value), facts)
+
+
+def _pallas_supports(call: dispatch.Call, explicit: bool):
+  if not explicit and not call["kernel_default"]:
+    if call.platform in ("tpu", "gpu"):
+      return (f"the block-sparse kernels are not known to compile for this "
+              f"{call.platform.upper()} ({call.target or 'not a listed target'})")
+    return f"kernels run compiled on TPU/GPU only (this call is placed on {call.platform})"
+  if call["bias"]:
+    return "the kernels take no additive bias"
+  if call["mask_array"]:
+    return "the kernels take no boolean mask array (masks are attnjax Mask objects there)"
+  if call["reweight"] or call["row_count"]:
+    return "the score needs whole rows (reweight / row_count)"
+  if not call["static_scale"]:
+    return "the kernels need a static (Python) scale"
+  if not call["divides"]:
+    return f"T={call['T']}, S={call['S']} are not multiples of a kernel block"
+  return None
+
+
+def _xla_supports(call: dispatch.Call, explicit: bool):
+  del explicit
+  if call["reweight"]:
+    return "the score re-weights whole normalised rows, which a block-streaming engine cannot"
+  if not call["static_scale"]:
+    return "the block-sparse engine needs a static (Python) scale"
+  return None
+
+
+#: The attention op's backends, fastest first.
+ATTENTION_BACKENDS = (dispatch.Backend("pallas", _pallas_supports),
+                      dispatch.Backend("xla", _xla_supports))
+
+
+def check_impl(implementation, call: dispatch.Call) -> str:
+  """The attention backend to run for ``call`` (see ``attnjax.core.dispatch``)."""
+  return dispatch.resolve(call, ATTENTION_BACKENDS, implementation).backend
 
 
 def _static_scale(scale, H):
@@ -134,6 +199,8 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
   nq, nk = Tp // bq, Sp // bk
   score = _check_score(score, return_lse)
   scale = _static_scale(scale, d.H)
+  precision.warn_float32_accumulation("the block-sparse engine (implementation='xla')",
+                                      query, key, value)
   if q_pos is None or k_pos is None:
     dq_, dk_ = V.default_positions(d.T, d.S)
     q_pos = dq_ if q_pos is None else q_pos
@@ -192,21 +259,41 @@ def _pallas(query, key, value, layout, **kwargs):
     raise NotImplementedError(
         "implementation='pallas' needs pallas_kernels.block_sparse.block_sparse_pallas, "
         f"which is not available ({e}).") from e
+  precision.warn_float32_accumulation("the block-sparse kernels (implementation='pallas')",
+                                      query, key, value)
   return block_sparse_pallas(query, key, value, layout, **kwargs)
 
 
 def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
                    q_positions=None, k_positions=None, segment_ids=None, return_lse=False,
                    implementation="xla"):
-  """``attnjax.attention`` for implementation "xla" / "pallas" (same arguments).
+  """``attnjax.attention`` on the "xla" or "pallas" backend (same arguments).
+
+  ``implementation=None`` resolves through the attention backend table
+  (``ATTENTION_BACKENDS``); an explicit backend that cannot run the call
+  raises NotImplementedError saying why.
+  """
+  call = attention_call(query, key, value, mask=mask, score=score, bias=bias, scale=scale)
+  backend = check_impl(implementation, call=call)
+  if backend == "reference":
+    raise ValueError("fast_attention runs the 'xla' or 'pallas' backend; use "
+                     "attnjax.attention for implementation='reference'.")
+  return run_attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
+                       q_positions=q_positions, k_positions=k_positions,
+                       segment_ids=segment_ids, return_lse=return_lse, backend=backend)
+
+
+def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
+                  q_positions=None, k_positions=None, segment_ids=None, return_lse=False,
+                  backend="xla"):
+  """Runs an already chosen backend ("xla" or "pallas") of the attention op.
 
   ``mask`` is None (dense), a ``Mask`` (compiled once per shape into a block
   layout; only visited blocks are computed) or a boolean array broadcastable
   to [B, N, T, S] (its tiles are gathered; when the array is concrete at
-  trace time, empty blocks are skipped too). Raises NotImplementedError for
-  combinations this engine does not cover (traced scale, re-weighting scores).
+  trace time, empty blocks are skipped too). Shapes as ``attnjax.attention``.
   """
-  implementation = check_impl(implementation, query, key, value)
+  implementation = backend
   d = V.check_qkv(query, key, value)
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)

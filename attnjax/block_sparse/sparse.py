@@ -18,7 +18,9 @@ from attnjax.block_sparse import api as A
 from attnjax.block_sparse import engine as E
 from attnjax.block_sparse import plan as P
 from attnjax.block_sparse import schedule as SC
+from attnjax.core import precision
 from attnjax.core import validation as V
+from attnjax.core.reference import reference_attention
 from attnjax.masks import layout as LY
 from attnjax.masks.base import Mask
 
@@ -71,17 +73,26 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] float32).
   """
-  implementation = A.check_impl(implementation, query, key, value)
+  query, key, value = V.as_arrays(query, key, value)
   d = V.check_qkv(query, key, value)
   if isinstance(layout_or_mask, Mask):
-    return A.fast_attention(query, key, value, mask=layout_or_mask, score=score, scale=scale,
-                            segment_ids=segment_ids, return_lse=return_lse,
-                            implementation=implementation)
+    call = A.attention_call(query, key, value, mask=layout_or_mask, score=score, scale=scale)
+    implementation = A.check_impl(implementation, call)
+    kwargs = dict(mask=layout_or_mask, score=score, scale=scale, segment_ids=segment_ids,
+                  return_lse=return_lse)
+    if implementation == "reference":
+      return reference_attention(query, key, value, **kwargs)
+    return A.run_attention(query, key, value, backend=implementation, **kwargs)
   if not isinstance(layout_or_mask, LY.BlockLayout):
     raise TypeError(f"layout_or_mask must be a BlockLayout or a Mask, got "
                     f"{type(layout_or_mask).__name__}.")
   layout = layout_or_mask
   _check_layout(layout, d)
+  call = A.attention_call(query, key, value, score=score, scale=scale, layout=layout)
+  implementation = A.check_impl(implementation, call)
+  if implementation == "reference":
+    return _layout_reference(query, key, value, layout, score=score, scale=scale,
+                             segment_ids=segment_ids, return_lse=return_lse)
   segs = V.check_segment_ids(segment_ids, d)
   if layout.mask is not None and layout.mask.needs_segments and segs is None:
     raise ValueError(f"layout mask {layout.mask!r} reads segment ids: pass segment_ids.")
@@ -98,6 +109,27 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
   return A.run_engine(query, key, value, bm, bq=layout.block_q * f, bk=layout.block_kv,
                       mask=layout.mask, score=score, scale=scale, q_pos=q_pos, k_pos=k_pos,
                       segs=segs, return_lse=return_lse)
+
+
+def _layout_reference(query, key, value, layout, **kwargs):
+  """The dense oracle on a layout's visibility at its positions.
+
+  A layout built from a Mask lists every block that mask touches, so its
+  visibility is the mask's; a layout given as a block array sees its listed
+  blocks whole.
+  """
+  d = V.check_qkv(query, key, value)
+  q_pos = layout.q_offset + np.arange(d.T, dtype=np.int32)
+  k_pos = layout.k_offset + np.arange(d.S, dtype=np.int32)
+  mask = layout.mask
+  if mask is None:
+    bm = np.asarray(layout.block_mask) != LY.EMPTY                    # [Nl, nq, nk]
+    vis = np.repeat(np.repeat(bm, layout.block_q, 1), layout.block_kv, 2)[:, :d.T, :d.S]
+    if layout.num_heads not in (1, d.N):
+      vis = np.repeat(vis, d.N // layout.num_heads, 0)                # per KV head -> query heads
+    mask = jnp.asarray(vis)[None]
+  return reference_attention(query, key, value, mask=mask, q_positions=q_pos,
+                             k_positions=k_pos, **kwargs)
 
 
 def _kernel_layout(layout: LY.BlockLayout, d: V.Dims, *arrays) -> LY.BlockLayout:
@@ -215,7 +247,9 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
                               block_q=block_q, block_kv=block_kv, mask=mask, score=score,
                               scale=scale, q_positions=q_positions, k_positions=k_positions,
                               segment_ids=segment_ids, return_lse=return_lse)
-  implementation = A.check_impl(implementation, query, key, value)
+  query, key, value = V.as_arrays(query, key, value)
+  call = A.attention_call(query, key, value, score=score, scale=scale, layout=True)
+  implementation = A.check_impl(implementation, call)
   if implementation == "pallas":
     return _pallas_indices(query, key, value, kv_block_indices, kv_block_counts,
                            block_q=block_q, block_kv=block_kv, mask=mask, score=score,
@@ -254,6 +288,8 @@ def _pallas_indices(query, key, value, indices, counts, **kwargs):
     raise NotImplementedError(
         "implementation='pallas' needs pallas_kernels.block_sparse.block_sparse_pallas_indices, "
         f"which is not available ({e}).") from e
+  precision.warn_float32_accumulation("the block-sparse kernels (implementation='pallas')",
+                                      query, key, value)
   return block_sparse_pallas_indices(query, key, value, indices, counts, **kwargs)
 
 

@@ -18,10 +18,13 @@ from typing import Optional
 
 import jax
 
+from pallas_kernels.targets import budgets as _budgets
+from pallas_kernels.targets import support as _support
+
 _GPU_NAMES = ("gpu", "cuda", "rocm")
 
 __all__ = ["target_platform", "pallas_backend", "target_device", "on_accelerator", "device_kind",
-           "default_kernel_implementation"]
+           "compile_target", "default_kernel_implementation"]
 
 
 def _normalise(platform: str) -> str:
@@ -98,17 +101,17 @@ def device_kind(*arrays) -> str:
   return str(getattr(device, "device_kind", ""))
 
 
+def compile_target(*arrays) -> Optional[str]:
+  """The kernels' compile-target name of the placed device ('tpu_v5e', 'sm90', ...), or None."""
+  return _budgets.target_of_device(target_device(*arrays))
+
+
 def default_kernel_implementation(engine: str, *arrays) -> str:
   """'pallas' where ``engine``'s kernels are the default for the placed device, else 'xla'.
 
   The evidence is ``pallas_kernels.targets.support`` (the targets the compile
-  tests show the kernels compile for); without the kernel package, 'xla'.
+  tests show the kernels compile for).
   """
   if not on_accelerator(*arrays):
     return "xla"
-  try:
-    from pallas_kernels.targets import support  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return "xla"
-  device = target_device(*arrays)
-  return "pallas" if support.kernel_is_default(engine, device) else "xla"
+  return "pallas" if _support.kernel_is_default(engine, target_device(*arrays)) else "xla"

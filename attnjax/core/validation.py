@@ -33,6 +33,14 @@ def _check_float(name: str, x) -> None:
     raise TypeError(f"{name} must have a floating dtype, got {dt}.")
 
 
+def as_arrays(*xs):
+  """Inputs as jax arrays: NumPy arrays, Python scalars and nested lists are converted
+  once at an op's entry; jax arrays and tracers pass through unchanged (None too)."""
+  convert = lambda x: isinstance(x, (np.ndarray, np.generic, int, float, complex, list, tuple))
+  out = tuple(jnp.asarray(x) if convert(x) and not isinstance(x, bool) else x for x in xs)
+  return out[0] if len(out) == 1 else out
+
+
 def check_qkv(query, key, value) -> Dims:
   """Validates BTNH query/key/value and returns their sizes.
 

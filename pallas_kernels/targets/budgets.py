@@ -81,8 +81,11 @@ _TPU_KINDS = {
 def target_of_device(device: Optional[jax.Device]) -> Optional[str]:
   """The compile target name of a device ('tpu_v5e', 'sm90', ...), None if not one of ours.
 
-  GPUs map by compute capability (major 8 -> 'sm80', major 9 -> 'sm90');
-  other GPUs and unknown TPU generations give None.
+  GPUs map by exact compute capability: 8.0 (A100, A30) -> 'sm80', 9.0
+  (H100, H200, GH200) -> 'sm90'. Other 8.x cards (8.6, 8.7, 8.9) have about
+  100 KiB of shared memory per block, less than sm80's budget, so they and
+  every other GPU or unknown TPU generation give None (no kernel default, no
+  budget to check against).
   """
   if device is None:
     return None
@@ -91,8 +94,7 @@ def target_of_device(device: Optional[jax.Device]) -> Optional[str]:
     return _TPU_KINDS.get(str(device.device_kind))
   if platform in ("gpu", "cuda"):
     cc = str(getattr(device, "compute_capability", "") or "")
-    major = cc.split(".")[0]
-    return {"8": "sm80", "9": "sm90"}.get(major)
+    return {"8.0": "sm80", "9.0": "sm90"}.get(cc)
   return None
 
 
