@@ -68,7 +68,10 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
 
   Returns:
     out [B, T, N, Hv] in the query dtype (and lse when asked). A query row
-    that sees no key returns zeros and lse = -inf.
+    that sees no key returns zeros and lse = -inf. Accumulation is float32;
+    float64 inputs (under ``jax_enable_x64``) are computed in float64 by the
+    reference only: the xla/pallas paths give them float32-level error and
+    warn (``attnjax.core.precision.Float32AccumulationWarning``).
   """
   query, key, value = V.as_arrays(query, key, value)
   V.check_qkv(query, key, value)

@@ -3,6 +3,8 @@
 Each test was a crash deep inside JAX/NumPy, a silent truncation or a wrong
 result before the fix it guards. Shapes are tiny.
 """
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,12 @@ import pytest
 
 import attnjax
 from attnjax import masks as M
+from attnjax.core.precision import Float32AccumulationWarning
 
 IMPLS = ("reference", "xla")
+# Every float32 call here also checks that float32 inputs never warn about float64.
+pytestmark = pytest.mark.filterwarnings(
+    "error::attnjax.core.precision.Float32AccumulationWarning")
 
 
 def _qkv(T=8, H=4, dtype=jnp.float32):
@@ -183,3 +189,63 @@ def test_block_layout_too_large_is_a_value_error():
   with pytest.raises(ValueError, match=r"2 head\(s\) x 65536 q-blocks x 65536 k-blocks"):
     M.S2(num_heads=2, block_size=64, vert_stride=2, local_blocks=1).block_layout(
         2 ** 22, 2 ** 22, 64, 64, 2)
+
+
+# -- float64: the linear xla path computes in float64; the others warn ------------------
+def _naive_linear(q, k, v, slopes, causal=True):
+  """NumPy float64 sum_j exp(-s (i - j)) (q_i . k_j) v_j over visible j (T == S, N == K)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  T = q.shape[1]
+  i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+  w = np.exp(-np.asarray(slopes, np.float64)[:, None, None] * (i - j)) * (j <= i)
+  if not causal:
+    w = np.ones((1, T, T))
+  return np.einsum("nij,bijn,bjne->bine", w, np.einsum("bind,bjnd->bijn", q, k), v)
+
+
+def test_linear_xla_computes_float64_inputs_in_float64():
+  with jax.enable_x64(True):
+    q, k, v = (0.5 * x for x in _qkv(dtype=jnp.float64))
+    slopes = np.array([0.125, 0.75])  # exact in float32, as decay slopes are stored
+    runs = (("xla", True, slopes), ("xla", False, None), ("reference", True, slopes))
+    for impl, causal, decay in runs:
+      out, state = attnjax.linear_attention(q, k, v, causal=causal, decay=decay, chunk_size=4,
+                                            implementation=impl, return_state=True)
+      assert out.dtype == jnp.float64 and state.dtype == jnp.float64
+      np.testing.assert_allclose(out, _naive_linear(q, k, v, slopes, causal), rtol=0,
+                                 atol=1e-12, err_msg=f"{impl} causal={causal}")
+    loss = lambda impl: (lambda q, k, v: attnjax.linear_attention(
+        q, k, v, chunk_size=4, implementation=impl).sum())
+    g_ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    g_xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_xla, g_ref):
+      assert a.dtype == jnp.float64
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    o, s = attnjax.linear_attention_step(None, q[:, 0], k[:, 0], v[:, 0])
+    assert o.dtype == s.dtype == jnp.float64
+
+
+def test_linear_low_precision_inputs_keep_float32_accumulation():
+  q, k, v = _qkv(dtype=jnp.bfloat16)
+  out, state = attnjax.linear_attention(q, k, v, chunk_size=4, return_state=True)
+  assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+
+
+def test_float64_on_float32_engines_warns_and_reference_is_float64():
+  with jax.enable_x64(True):
+    q, k, v = _qkv(dtype=jnp.float64)
+    s = np.einsum("btnh,bsnh->bnts", np.asarray(q), np.asarray(k)) * 0.5
+    s = np.where(np.tril(np.ones((8, 8), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), np.asarray(v))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Float32AccumulationWarning)
+      ref = attnjax.attention(q, k, v, mask=M.Causal(), implementation="reference")
+    np.testing.assert_allclose(ref, want, rtol=0, atol=1e-13)
+    # The warnings come at trace time: eval_shape shows them without compiling.
+    with pytest.warns(Float32AccumulationWarning, match="block-sparse engine.*float32"):
+      out = jax.eval_shape(lambda q: attnjax.attention(q, k, v, mask=M.Causal(),
+                                                       implementation="xla"), q)
+    assert out.dtype == jnp.float64
+    with pytest.warns(Float32AccumulationWarning, match="neighborhood attention"):
+      jax.eval_shape(lambda q: attnjax.na1d(q, k, v, kernel_size=3, implementation="xla"), q)

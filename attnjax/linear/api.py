@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import precision
 from attnjax.core.validation import check_positions, check_positive_int, check_qkv, check_segment_ids
 from attnjax.linear import engine, reference
 from attnjax.linear.decay import resolve_decay
@@ -21,16 +22,25 @@ from attnjax.linear.feature_maps import resolve_feature_map
 IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
 
 
-def _apply_feature_map(phi, x, name):
-  out = phi(x.astype(jnp.float32))
+def _compute_dtype(x, implementation: str = "xla"):
+  """Accumulation dtype: float32 for bfloat16/float16/float32 inputs, float64 for
+  float64 ones (under ``jax_enable_x64``) except on the Pallas kernels, which
+  compute in float32 (and warn)."""
+  if implementation == "pallas":
+    return jnp.dtype(jnp.float32)
+  return precision.accumulation_dtype(x)
+
+
+def _apply_feature_map(phi, x, name, dtype=jnp.float32):
+  out = phi(x.astype(dtype))
   if out.ndim != x.ndim or out.shape[:-1] != x.shape[:-1]:
     raise ValueError(
         f"feature_map applied to {name} of shape {x.shape} returned shape {out.shape}; "
         "expected the same leading dimensions and a feature axis last.")
-  return out.astype(jnp.float32)
+  return out.astype(dtype)
 
 
-def _check_state(state, shape, name="initial_state"):
+def _check_state(state, shape, name="initial_state", dtype=jnp.float32):
   if state is None:
     return None
   if tuple(np.shape(state)) != shape:
@@ -38,7 +48,7 @@ def _check_state(state, shape, name="initial_state"):
         f"{name} must have shape [B, N, F, E]={shape} (E = Hv + 1 when normalize=True, "
         f"the last column holding the normaliser) or be None (zero state), got "
         f"{tuple(np.shape(state))}.")
-  return jnp.asarray(state, jnp.float32)
+  return jnp.asarray(state, dtype)
 
 
 def _pick_implementation(implementation):
@@ -72,10 +82,10 @@ def _causal_chunked(qf, kf, v, slopes, s0, chunk, backend):
   has_decay = slopes is not None
   if has_decay:
     real = (jnp.arange(total) >= front_k) & (jnp.arange(total) < length)
-    g = -slopes[None, :, None] * real[None, None, :].astype(jnp.float32)
+    g = -slopes[None, :, None].astype(qf.dtype) * real[None, None, :].astype(qf.dtype)
     g = jnp.broadcast_to(g, (b, n, total))
   else:
-    g = jnp.zeros((b, n, total), jnp.float32)
+    g = jnp.zeros((b, n, total), qf.dtype)
   o, state = engine.causal_core(q, k, vv, g, s0, chunk, backend, has_decay)
   return _to_heads(o)[:, front_q:front_q + t], state
 
@@ -97,7 +107,7 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
     normalize: divide by phi(q_i) . sum_j lambda^(i-j) phi(k_j) + eps.
     chunk_size: chunk length C of the intra-chunk quadratic / inter-chunk state
       split; T need not be a multiple (the engine pads).
-    initial_state: [B, N, F, E] float32 state of keys before position 0
+    initial_state: [B, N, F, E] state of keys before position 0
       (E = Hv, or Hv + 1 with normalize=True, the last column the normaliser).
     return_state: also return the state after the last key (same shape).
     implementation: "reference" (dense oracle), "xla" (chunked loop over the chunks),
@@ -108,6 +118,10 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
 
   Returns:
     out [B, T, N, Hv] in query.dtype, plus the final state if return_state.
+    Accumulation (and the state) is float32 for bfloat16/float16/float32
+    inputs and float64 for float64 inputs under ``jax_enable_x64`` on the
+    reference and xla paths; the pallas path computes float64 inputs in
+    float32 and warns.
   """
   d = check_qkv(query, key, value)
   check_positive_int("chunk_size", chunk_size)
@@ -122,16 +136,19 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
     raise NotImplementedError(
         "q_positions, k_positions and segment_ids are supported by "
         "implementation='reference' only; the chunked paths use default positions.")
-  qf = _apply_feature_map(phi, query, "query")
-  kf = _apply_feature_map(phi, key, "key")
+  dt = _compute_dtype(query, impl)
+  if impl == "pallas":
+    precision.warn_float32_accumulation("linear_attention(implementation='pallas')", query)
+  qf = _apply_feature_map(phi, query, "query", dt)
+  kf = _apply_feature_map(phi, key, "key", dt)
   f = qf.shape[-1]
   if kf.shape[-1] != f:
     raise ValueError(f"feature_map gave {f} features for query but {kf.shape[-1]} for key.")
-  v = value.astype(jnp.float32)
+  v = value.astype(dt)
   if normalize:
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
   e = v.shape[-1]
-  s0 = _check_state(initial_state, (d.B, d.N, f, e))
+  s0 = _check_state(initial_state, (d.B, d.N, f, e), dtype=dt)
   if impl == "reference":
     q_pos, k_pos = check_positions(q_positions, k_positions, d)
     if q_pos.ndim != 1 or k_pos.ndim != 1:
@@ -143,7 +160,7 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
   else:
     backend = _pallas_backend() if impl == "pallas" else "xla"
     if s0 is None:
-      s0 = jnp.zeros((d.B, d.N, f, e), jnp.float32)
+      s0 = jnp.zeros((d.B, d.N, f, e), dt)
     if causal:
       o, state = _causal_chunked(qf, kf, v, slopes, s0, chunk_size, backend)
     else:
@@ -152,7 +169,7 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
   if normalize:
     o = o[..., :-1] / (o[..., -1:] + eps)
   out = o.astype(query.dtype)
-  return (out, state.astype(jnp.float32)) if return_state else out
+  return (out, state.astype(dt)) if return_state else out
 
 
 def init_state(batch: int, num_heads: int, features: int, value_dim: int, *,
@@ -166,7 +183,8 @@ def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="identity", decay
   """One decoding step with a constant-size state.
 
   Args:
-    state: [B, N, F, E] float32 (E = Hv, or Hv + 1 with normalize=True), or
+    state: [B, N, F, E] (E = Hv, or Hv + 1 with normalize=True; float32, or
+      float64 for float64 inputs), or
       None for the zero state (no key seen yet), as ``initial_state=None``
       means in :func:`linear_attention`.
     q_t: [B, N, H]; k_t: [B, K, H]; v_t: [B, K, Hv] (one token).
@@ -181,15 +199,16 @@ def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="identity", decay
   b, n, _ = q_t.shape
   phi = resolve_feature_map(feature_map)
   slopes = resolve_decay(decay, n)
-  qf = _apply_feature_map(phi, q_t, "q_t")
-  kf = _apply_feature_map(phi, k_t, "k_t")
-  v = v_t.astype(jnp.float32)
+  dt = _compute_dtype(q_t)
+  qf = _apply_feature_map(phi, q_t, "q_t", dt)
+  kf = _apply_feature_map(phi, k_t, "k_t", dt)
+  v = v_t.astype(dt)
   if normalize:
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
   shape = (b, n, qf.shape[-1], v.shape[-1])
-  state = _check_state(state, shape, "state")
+  state = _check_state(state, shape, "state", dt)
   if state is None:
-    state = jnp.zeros(shape, jnp.float32)
+    state = jnp.zeros(shape, dt)
   o, state = reference.recurrent_step(state, qf, kf, v, slopes=slopes)
   if normalize:
     o = o[..., :-1] / (o[..., -1:] + eps)

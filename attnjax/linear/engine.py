@@ -1,7 +1,8 @@
 """Chunked causal linear-attention engine with a custom VJP (Lightning Attention-2 #25, papers_1).
 
 Layout inside the engine (the public wrappers transpose from BTNH):
-  q [B, N, T, F], k [B, K, T, F], v [B, K, T, E] float32 with N % K == 0,
+  q [B, N, T, F], k [B, K, T, F], v [B, K, T, E] float32 (float64 for float64
+  inputs on the xla backend) with N % K == 0,
   g [B, N, T] per-position log-decay (<= 0; ignored when has_decay is False),
   s0 [B, N, F, E] initial state, T a multiple of the chunk size.
 

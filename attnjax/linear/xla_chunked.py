@@ -2,7 +2,8 @@
 
 Same contract as `engine.BACKENDS` (module docstring of attnjax.linear.engine):
   q [B, N, T, F], k [B, K, T, F], v [B, K, T, E], g [B, N, T] log-decays,
-  s0 [B, N, F, E], T a multiple of `chunk`.
+  s0 [B, N, F, E], T a multiple of `chunk`; products accumulate in the
+  inputs' dtype promoted to float32 (float64 inputs stay float64).
 
 One sequential loop step per chunk, all heads at once. Each step reads its
 chunk straight out of the token-major [B, T, heads, D] arrays (the engine's
@@ -28,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from attnjax.core.precision import accumulation_dtype as _acc
 
 FACTOR_LIMIT = 80.0
 
@@ -90,7 +93,7 @@ def _tn(a: jax.Array, b: jax.Array) -> jax.Array:
   nb = a.ndim - 2
   batch = tuple(range(nb))
   return lax.dot_general(a, b, (((nb,), (nb,)), (batch, batch)),
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=_acc(a, b))
 
 
 def decayed_scores(x, y, b, safe, transposed: bool = False):
@@ -118,8 +121,8 @@ def decayed_scores(x, y, b, safe, transposed: bool = False):
 
   def product(xx, yy, grouped):
     if transposed:
-      return jnp.einsum(spec_g if grouped else spec, yy, xx, preferred_element_type=jnp.float32)
-    return jnp.einsum(spec_g if grouped else spec, xx, yy, preferred_element_type=jnp.float32)
+      return jnp.einsum(spec_g if grouped else spec, yy, xx, preferred_element_type=_acc(xx, yy))
+    return jnp.einsum(spec_g if grouped else spec, xx, yy, preferred_element_type=_acc(xx, yy))
 
   if b is None:
     return jnp.where(keep, product(x, y, False), 0.0), x, None
@@ -180,7 +183,7 @@ def forward(q, k, v, g, s0, chunk, has_decay):
            + _times(jnp.einsum("bkgcf,bkgfe->bkgce", qs, state), r))
       return _next_state(state, kc, vc, bc), _write_chunk(out, o, i, chunk)
 
-    out = jnp.zeros((b, t, n, e), jnp.float32)
+    out = jnp.zeros((b, t, n, e), _acc(q, v))
     return lax.fori_loop(0, t // chunk, body, (_grouped_state(s0, kh), out))
 
   state, out = _with_decay_form(run, cum)
@@ -208,7 +211,7 @@ def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
              + _times(jnp.einsum("bkgce,bkgfe->bkgcf", dos, state), r))
       return _next_state(state, kc, vc, bc), _write_chunk(dq, dqc, i, chunk)
 
-    dq = jnp.zeros((b, t, n, f), jnp.float32)
+    dq = jnp.zeros((b, t, n, f), _acc(q, do))
     return lax.fori_loop(0, nc, body, (_grouped_state(s0, kh), dq))[1]
 
   def run_dkv(safe):
@@ -232,8 +235,8 @@ def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
         ds = jnp.exp(last)[..., None] * ds + _times(_tn(qs, doc), r)
       return ds, _write_chunk(dk, dkc, i, chunk), _write_chunk(dv, dvc, i, chunk)
 
-    init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), jnp.float32),
-            jnp.zeros((b, t, n, e), jnp.float32))
+    init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), _acc(k, do)),
+            jnp.zeros((b, t, n, e), _acc(v, do)))
     return lax.fori_loop(0, nc, body, init)
 
   dq = _with_decay_form(run_dq, cum)

@@ -10,6 +10,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import precision
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
 from attnjax.core.reference import reference_attention
@@ -127,6 +128,9 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
 
   Returns:
     out [B, *spatial, N, Hv] in the query dtype (and lse if ``return_lse``).
+    The xla and pallas paths accumulate in float32 also for float64 inputs
+    (float32-level error, with a ``Float32AccumulationWarning``); the
+    reference computes float64 inputs in float64.
   """
   D, d = _check_inputs(query, key, value, None)
   spatial = tuple(query.shape[1:1 + D])
@@ -155,10 +159,14 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
     out = out.reshape(query.shape[:-1] + (d.Hv,))
     lse = lse.reshape(query.shape[:-1])
   elif implementation == "xla":
+    precision.warn_float32_accumulation("neighborhood attention (implementation='xla')",
+                                        query, key, value)
     out, lse = na_xla(query, key, value, kernel_size=ks, dilation=ds, is_causal=cs,
                       scale=scale, rpb=rpb, tile_shape=tile_shape)
   else:
     from pallas_kernels.neighborhood.ops import na_pallas  # pylint: disable=g-import-not-at-top
+    precision.warn_float32_accumulation("neighborhood attention (implementation='pallas')",
+                                        query, key, value)
     out, lse = na_pallas(query, key, value, kernel_size=ks, dilation=ds, is_causal=cs,
                          scale=scale, tile_shape=tile_shape, rpb=rpb)
 
