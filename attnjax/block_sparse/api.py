@@ -54,8 +54,9 @@ def attention_call(query, key, value, *, mask=None, score=None, bias=None, scale
   """
   d = V.check_qkv(query, key, value)
   score = scoring.resolve_score(score)
+  scale = V.check_scale(scale, d.H)  # a bad concrete scale is the caller's error, not a backend's
   try:
-    float(V.check_scale(scale, d.H))
+    float(scale)
     static_scale = True
   except (TypeError, jax.errors.ConcretizationTypeError):
     static_scale = False
