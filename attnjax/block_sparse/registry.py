@@ -106,6 +106,10 @@ def block_local(query, key, value, *, causal, q_positions=None, k_positions=None
 
 for _fn in (sliding_window, s2, streaming, block_local):
   _fn.supports_kv_cache = True
+# A layer's key-padding mask reaches these as segment ids (a padded key's segment matches
+# no query), so their fast paths skip padded keys like other documents' keys.
+for _fn in (sliding_window, longformer, bigbird, s2, streaming, composite, block_local):
+  _fn.key_padding = "segment_ids"
 
 FAMILIES = {
     "sliding_window": sliding_window,

@@ -56,6 +56,49 @@ def _check_options(name, fn, kwargs):
         f"the layer's mask/score/implementation); it accepts {list(params)[3:]}.")
 
 
+_PAD = jnp.iinfo(jnp.int32).min   # the segment of padded keys: no query is in it
+
+
+def _padding_as_segments(family: str, fn, mask, segment_ids, B: int, T: int, S: int):
+  """A key-padding mask as segment ids, for families other than "dense".
+
+  ``mask``: boolean [B, S] or [B, 1, 1, S] (True = a real key). Padded keys
+  get a segment no query belongs to, so every fast path skips them as it
+  skips other documents' keys; ``segment_ids`` (None, [B, T] or a pair) are
+  kept. Families whose pattern is their own mask take no other mask array, so
+  a mask with a query axis, or a family that does not declare
+  ``key_padding = "segment_ids"``, raises.
+
+  Returns:
+    (q_segment_ids [B, T], kv_segment_ids [B, S]) int32.
+  """
+  if not hasattr(mask, "shape") or isinstance(mask, (str, bytes)):
+    raise ValueError(
+        f"attention family {family!r} defines its own pattern; the layer's mask= may only be "
+        f"a key-padding array [B, S] or [B, 1, 1, S] there, got {type(mask).__name__}.")
+  if getattr(fn, "key_padding", None) != "segment_ids":
+    raise NotImplementedError(
+        f"attention family {family!r} does not take a padding mask yet; the softmax "
+        "block-sparse families and 'dense' do.")
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"mask must be boolean (True = a real key), got dtype {mask.dtype}.")
+  if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
+    mask = mask[:, 0, 0]
+  if mask.shape != (B, S):
+    raise ValueError(
+        f"attention family {family!r} takes a key-padding mask of shape [B, S]=({B}, {S}) or "
+        f"[B, 1, 1, S]; got {mask.shape}. A mask that differs per query or head needs the "
+        "'dense' family.")
+  if segment_ids is None:
+    q_seg, k_seg = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+  elif isinstance(segment_ids, (tuple, list)):
+    q_seg, k_seg = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+  else:
+    q_seg = k_seg = jnp.asarray(segment_ids, jnp.int32)
+  return q_seg, jnp.where(mask, k_seg, _PAD)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention with projections, over any attnjax family.
 
@@ -135,8 +178,11 @@ class MultiHeadAttention(nn.Module):
         for causality and RoPE; default ``arange(T)`` for self-attention and
         bottom-right aligned (``arange(T) + S - T``, ``arange(S)``) for cross.
       segment_ids: [B, T] or a pair ([B, T], [B, S]) (packed documents).
-      mask: boolean array broadcastable to [B, N, T, S] (True = may attend),
-        e.g. padding; ANDed with the layer's mask and causality.
+      mask: boolean array (True = may attend), ANDed with the layer's mask and
+        causality. The "dense" family takes a key-padding mask [B, S] or any
+        array broadcastable to [B, N, T, S]; the block-sparse families take a key-padding mask [B, S]
+        or [B, 1, 1, S] (Flax's ``make_attention_mask`` without a query axis),
+        run on their fast paths as segment ids; other families raise.
       head_mask: optional [N] or [B, N] multiplier of each head's output before
         the output projection (1 keep, 0 ablate); circuit analysis (P2-01).
       head_replacement: optional [B, T, N, H] values that ablated heads take
@@ -190,6 +236,12 @@ class MultiHeadAttention(nn.Module):
         raise ValueError("pass either the layer attribute mask or the call argument "
                          "mask, not both (combine them as one boolean array).")
       layer_mask = mask
+    if self.attention == "dense" and getattr(layer_mask, "ndim", None) == 2:
+      layer_mask = jnp.asarray(layer_mask)[:, None, None, :]    # key padding [B, S]
+    if layer_mask is not None and self.attention != "dense":
+      segment_ids = _padding_as_segments(self.attention, fn, layer_mask, segment_ids,
+                                         q.shape[0], T, S)
+      layer_mask = None
     for name, val in (("mask", layer_mask), ("score", score),
                       ("implementation", self.implementation)):
       if val is not None:
