@@ -105,3 +105,29 @@ def test_pallas_kernels_propagate_nan_and_keep_empty_rows_zero(backend):
   got = block_sparse_pallas_indices(q, k, v, idx[None, None], counts[None, None], block_q=16,
                                     block_kv=16, mask=mask, backend=backend, interpret=True)
   np.testing.assert_array_equal(_nan_rows(got), _nan_rows(want))
+
+
+@pytest.mark.parametrize("path", ["xla", "pallas_tpu", "pallas_gpu"])
+def test_nan_reaches_the_gradients_of_the_rows_that_see_it(path):
+  from pallas_kernels.block_sparse import block_sparse_pallas  # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv(64, 64, N=1, K=1)
+  k = k.at[0, 40, 0, 3].set(jnp.nan)
+  mask = masks.Causal()
+  if path == "xla":
+    fn = lambda q, k, v: attnjax.attention(q, k, v, mask=mask, implementation="xla")
+  else:
+    layout = mask.block_layout(64, 64, 16, 16, 1)
+    fn = lambda q, k, v: block_sparse_pallas(q, k, v, layout, backend=path[7:], interpret=True)
+  dq = jax.grad(lambda q: jnp.sum(fn(q, k, v)))(q)
+  # every row that sees the NaN key has a NaN gradient (rows before it may too: a dense
+  # matmul, the reference's and jax.nn's, multiplies the NaN key by their zero weights)
+  assert _nan_rows(dq)[0, 40:].all()
+
+
+def test_neighborhood_pallas_propagates_nan():
+  q, k, v = _qkv(64, 64, N=2, K=2)
+  k = k.at[0, 30, 1, 0].set(jnp.nan)
+  got = attnjax.na1d(q, k, v, kernel_size=7, implementation="pallas")
+  want = attnjax.na1d(q, k, v, kernel_size=7, implementation="reference")
+  np.testing.assert_array_equal(_nan_rows(got), _nan_rows(want))
+  assert _nan_rows(want)[0, 27:34, 1].all() and not _nan_rows(want)[0, :, 0].any()

@@ -249,7 +249,7 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     if vis is not None:
       vis = jnp.broadcast_to(vis, t.shape[:3] + (cfg.R, cfg.bq, W)).reshape(shape)
     dp = jnp.einsum("bhlqd,bhlkd->bhlqk", doblk, vblk, preferred_element_type=jnp.float32)
-    fin = jnp.isfinite(lse)
+    fin = lse != _NEG_INF   # a NaN lse (NaN input) keeps its gradients NaN
     if norm == "softmax":
       p = jnp.exp(t - jnp.where(fin, lse, 0.0)[..., None])
       probs = p
@@ -311,7 +311,7 @@ def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
   Rq, W = qblk.shape[-2], kblk.shape[-2]
   st = jnp.einsum("bhlkd,bhlqd->bhlkq", kblk, qblk, preferred_element_type=jnp.float32)
   st = st * jnp.float32(cfg.scale)
-  fin = jnp.isfinite(lse)
+  fin = lse != _NEG_INF
   pt = jnp.exp(st - jnp.where(fin, lse, 0.0)[..., None, :])
   if vis is not None:
     vis = jnp.broadcast_to(vis, vis.shape[:3] + (cfg.R, cfg.bq, W)).reshape(
@@ -378,7 +378,7 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
     sk = sink.reshape(1, cfg.Hl, 1, cfg.R, 1)
     shp = (cfg.B, cfg.Hl, cfg.nq, cfg.R, cfg.bq)
     lse5 = lse.reshape(shp)
-    p_sink = jnp.where(jnp.isfinite(lse5), jnp.exp(sk - lse5), 0.0)
+    p_sink = jnp.where(lse5 == _NEG_INF, 0.0, jnp.exp(sk - lse5))
     dsink = -(p_sink * delta.reshape(shp)).sum((0, 2, 4)).reshape(cfg.N)
     _, sink_vjp = jax.vjp(lambda sc: _sink(cfg, sc), score)
     dscore = _tree_add(dscore, sink_vjp(dsink)[0])

@@ -1,4 +1,4 @@
-"""Tiled pure-JAX neighborhood attention (spec P2-23): cost O(n * prod(t + k - 1)).
+"""Tiled pure-JAX neighborhood attention (NATTEN FNA, arXiv:2403.04690): cost O(n * prod(t + k - 1)).
 
 Queries are grouped into multi-dimensional tiles of dilation-group members
 (:mod:`attnjax.neighborhood.tiling`). Tiles are processed in chunks: a loop
@@ -186,7 +186,7 @@ def _attend_bwd(cfg, res, cts):
   K = cfg.K
   # d lse / d s = p: an lse cotangent shifts delta, ds = p * (dp - delta + dlse)
   delta = jnp.sum(o * do, axis=-1) - dlse  # [B, L, N]
-  lse = jnp.where(lse > _NEG_INF, lse, 0.0)
+  lse = jnp.where(lse == _NEG_INF, 0.0, lse)   # empty rows; a NaN lse stays NaN
   do = do.astype(jnp.float32)
 
   def step(start, size, carry):

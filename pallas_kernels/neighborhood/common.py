@@ -50,15 +50,16 @@ def masked_logits(q, k, mask, scale, bias=None):
 
 
 def probs_from_lse(s, lse):
-  """exp(s - lse) with -inf rows (padding queries) giving zeros."""
-  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  return jnp.where(jnp.isfinite(s), jnp.exp(s - safe), 0.0)
+  """exp(s - lse): masked logits (-inf) and empty rows (lse = -inf) give zeros; a NaN
+  logit or lse stays NaN (it must reach the gradients, as in the reference)."""
+  safe = jnp.where(lse == NEG_INF, 0.0, lse)
+  return jnp.where(s == NEG_INF, 0.0, jnp.exp(s - safe))
 
 
 def online_update(m, l, acc, s, v):
   """One online-softmax step: running max m [tq, 1], sum l [tq, 1], acc [tq, Hv]."""
   m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-  m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+  m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
   p = jnp.exp(s - m_safe)
   alpha = jnp.exp(m - m_safe)
   l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
@@ -67,8 +68,9 @@ def online_update(m, l, acc, s, v):
 
 
 def finalize(m, l, acc):
-  """(out [tq, Hv], lse [tq, 1]) from the running statistics; empty rows -> 0, -inf."""
-  ok = l > 0
+  """(out [tq, Hv], lse [tq, 1]) from the running statistics; empty rows (l == 0) -> 0,
+  -inf; a NaN sum (a NaN logit) propagates."""
+  ok = l != 0
   out = acc / jnp.where(ok, l, 1.0)
   lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
   return out, lse
