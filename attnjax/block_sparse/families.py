@@ -1,7 +1,12 @@
 """Static sparse families on the block-sparse engine: sliding window, Longformer and
-BigBird (papers_1 #7), StreamingLLM/DuoAttention streaming heads (papers_1 #28),
-AnchorAttention (papers_1 #2), EE-MLLM composite attention (papers_1 #24) and
-MASFormer's block-local layers (papers_1 #6).
+BigBird ("Clinical-Longformer and Clinical-BigBird: Transformers for long clinical
+sequences", arXiv:2201.11838), StreamingLLM/DuoAttention streaming heads ("DuoAttention:
+Efficient Long-Context LLM Inference with Retrieval and Streaming Heads", arXiv:2410.10819),
+AnchorAttention ("When Precision Meets Position: BFloat16 Breaks Down RoPE in Long-Context
+Training", arXiv:2411.13476), EE-MLLM composite attention ("EE-MLLM: A Data-Efficient and
+Compute-Efficient Multimodal Large Language Model", arXiv:2408.11795) and MASFormer's
+block-local layers ("Efficient Long-Range Transformers: You Need to Attend More, but Not
+Necessarily at Every Layer", arXiv:2310.12442).
 
 Every family is a mask from ``attnjax.masks`` run through ``attnjax.attention``
 (so ``implementation`` and the reference fallback behave as there), and
@@ -62,7 +67,7 @@ def _positions_tuple(name, positions, length):
 
 def longformer_attention(query, key, value, *, window: int = 512, global_positions=None,
                          global_qkv=None, causal: bool = False, **kwargs):
-  """Longformer: a symmetric window plus global tokens (papers_1 #7).
+  """Longformer: a symmetric window plus global tokens (Clinical-Longformer, arXiv:2201.11838).
 
   Args:
     window: total window; each query sees ``window // 2`` keys on each side
@@ -110,7 +115,8 @@ def longformer_attention(query, key, value, *, window: int = 512, global_positio
 def bigbird_mask(seq_len: int, *, block_size: int = 64, window_blocks: int = 3,
                  num_global_blocks: int = 1, num_random_blocks: int = 3, seed: int = 0,
                  num_heads: int = 1, causal: bool = False):
-  """BigBird-ITC mask (papers_1 #7): block window, global first/last blocks, random blocks.
+  """BigBird-ITC mask (Clinical-BigBird, arXiv:2201.11838): block window, global first/last
+  blocks, random blocks.
 
   Each query block sees ``window_blocks`` (odd) blocks centred on itself, the
   first and last ``num_global_blocks`` blocks (whose queries see everything),
@@ -170,7 +176,7 @@ def streaming_attention(query, key, value, *, num_sink: int = 4, window: int = 2
 
 
 def anchor_attention(query, key, value, *, doc_ids=None, anchor_id: int = 0, **kwargs):
-  """AnchorAttention (papers_1 #2): causal intra-document attention plus a shared anchor.
+  """AnchorAttention (arXiv:2411.13476): causal intra-document attention plus a shared anchor.
 
   ``M[i, j] = j <= i and (doc[i] == doc[j] or doc[j] == anchor_id)``.
   ``doc_ids``: static ids [S] (a tuple or concrete array; exact block
@@ -203,7 +209,7 @@ def anchor_attention(query, key, value, *, doc_ids=None, anchor_id: int = 0, **k
 
 
 def composite_attention(query, key, value, *, num_visual: int, **kwargs):
-  """EE-MLLM composite attention (papers_1 #24) for a ``[visual; text]`` sequence.
+  """EE-MLLM composite attention (arXiv:2408.11795) for a ``[visual; text]`` sequence.
 
   Text queries attend causally to every visual and earlier text key; a
   visual query attends only to itself, so its output is exactly its own value
@@ -222,7 +228,7 @@ def composite_attention(query, key, value, *, num_visual: int, **kwargs):
 
 def block_local_attention(query, key, value, *, block_size: int, causal: bool = True,
                           include_prev_block: bool = False, **kwargs):
-  """MASFormer's short-span layers (papers_1 #6): attention inside blocks of positions.
+  """MASFormer's short-span layers (arXiv:2310.12442): attention inside blocks of positions.
 
   ``M[i, j] = i // b == j // b`` (and ``j <= i`` when causal);
   ``include_prev_block`` also lets a block see the previous one.
@@ -248,7 +254,7 @@ class LayerSpec(NamedTuple):
 def masformer_layer_specs(num_layers: int, full_layers: Optional[Sequence[int]] = None, *,
                           num_full: int = 2, block_size: int = 1024, kind: str = "block",
                           include_prev_block: bool = False):
-  """MASFormer's per-layer schedule (papers_1 #6): a few full layers, the rest short-span.
+  """MASFormer's per-layer schedule (arXiv:2310.12442): a few full layers, the rest short-span.
 
   Args:
     num_layers: depth.

@@ -1,5 +1,8 @@
-"""S2-Attention heterogeneous context sharding (spec P2-10) and LongLoRA / SinkLoRA shifted
-group attention (spec P2-07) on the block-sparse engine.
+"""S2-Attention heterogeneous context sharding ("Efficient LLM Training and Serving with
+Heterogeneous Context Sharding among Attention Heads", arXiv:2407.17678) and LongLoRA /
+SinkLoRA shifted group attention ("LongLoRA: Efficient Fine-tuning of Long-Context Large
+Language Models", arXiv:2309.12307; "SinkLoRA: Enhanced Efficiency and Chat Capabilities for
+Long-Context Large Language Models", arXiv:2406.05678) on the block-sparse engine.
 
 Shapes: query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] -> [B, T, N, Hv].
 """
@@ -16,7 +19,7 @@ def s2_mask(num_heads: int, *, block_size: int = 64, local_blocks=16, vert_strid
             causal: bool = True, homo_head: bool = False, num_dense_heads: int = 0,
             num_kv_heads: Optional[int] = None, head_sliding_step: Optional[int] = None,
             head_sliding_offset: int = 0, vert_position_type: Optional[str] = None) -> S2:
-  """The ``attnjax.masks.S2`` pattern with the spec's argument names (validated there:
+  """The ``attnjax.masks.S2`` pattern with DKernel's argument names (validated there:
   ``vert_stride < 1`` or ``local_blocks < 1`` raise ValueError)."""
   return S2(num_heads, block_size, local_blocks, vert_stride, causal, homo_head,
             num_dense_heads, num_kv_heads, head_sliding_step, head_sliding_offset,

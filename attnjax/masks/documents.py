@@ -1,5 +1,6 @@
 """Packed-document masks: Documents (static or run-time segment ids) and the
-AnchorAttention shared-anchor mask (papers_1 #2, "When Precision Meets Position").
+AnchorAttention shared-anchor mask ("When Precision Meets Position: BFloat16 Breaks
+Down RoPE in Long-Context Training", arXiv:2411.13476).
 
 ``Documents(ids)`` with static ids (a tuple or 1-D array indexed by position)
 has an exact block layout; ``Documents()`` reads run-time segment ids

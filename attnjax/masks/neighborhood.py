@@ -1,4 +1,4 @@
-"""Neighborhood attention mask (NATTEN semantics; spec P2-23) on flattened tokens.
+"""Neighborhood attention mask (NATTEN semantics; arXiv:2403.04690) on flattened tokens.
 
 The per-dimension window rule lives here so that the mask (the oracle) and the
 fast paths in :mod:`attnjax.neighborhood` share one definition.

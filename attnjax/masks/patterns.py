@@ -1,6 +1,7 @@
 """Static sparse patterns: Longformer global tokens, Sparse-Transformer strides,
-StreamingLLM/DuoAttention sink+window, EE-MLLM composite modality mask (papers_1
-#24), BigBird random blocks (papers_1 #7) and per-head masks.
+StreamingLLM/DuoAttention sink+window (arXiv:2410.10819), EE-MLLM composite modality
+mask (arXiv:2408.11795), BigBird random blocks (Clinical-BigBird, arXiv:2201.11838) and
+per-head masks.
 
 Every pattern is a combination of the exact primitives in
 :mod:`attnjax.masks.primitives`, so block layouts are exact and cheap.
@@ -94,7 +95,7 @@ class Strided(Composite):
 
 @dataclasses.dataclass(frozen=True)
 class Modality(Composite):
-  """EE-MLLM composite attention (papers_1 #24) from per-position modality ids.
+  """EE-MLLM composite attention (arXiv:2408.11795) from per-position modality ids.
 
   Text queries (``modality_ids[i] == text_id``) attend causally to every key
   (visual and text); any other query (a visual token) attends only to itself

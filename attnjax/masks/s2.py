@@ -1,4 +1,7 @@
-"""S2-Attention heterogeneous context sharding among heads (Lin, Zhang et al.; spec P2-10).
+"""S2-Attention heterogeneous context sharding among heads (Lin, Zhang et al.; arXiv:2407.17678).
+
+"Efficient LLM Training and Serving with Heterogeneous Context Sharding among
+Attention Heads".
 
 The pattern follows DKernel's ``get_sparse_attn_mask`` (read in the official
 repository) on blocks of ``block_size`` tokens, ``qb = q_pos // B``,
@@ -37,8 +40,8 @@ def _relu(x):
 class S2(Mask):
   """S2-Attention's per-head local + strided block pattern (see module docstring).
 
-  Defaults are the spec's API defaults (Phi-3-small's released config:
-  block 64, 16 local blocks, stride 8). ``block_size`` may be any positive
+  Defaults are Phi-3-small's released config (block 64, 16 local blocks,
+  stride 8). ``block_size`` may be any positive
   integer for the mask (DKernel's kernels need a power of two >= 16).
   """
   num_heads: int

@@ -1,4 +1,8 @@
-"""LongLoRA shifted sparse attention (S2-Attn) and SinkLoRA's variant (spec P2-07).
+"""LongLoRA shifted sparse attention (S2-Attn, arXiv:2309.12307) and SinkLoRA's variant (arXiv:2406.05678).
+
+"LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models" and
+"SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large
+Language Models".
 
 Heads ``[0, H//2)``: the sequence of length ``L`` is cut into groups of
 ``G`` consecutive tokens; causal attention inside each group. Heads

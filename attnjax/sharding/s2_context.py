@@ -1,4 +1,7 @@
-"""S2-Attention head-sharded context parallelism (Lin, Zhang et al.; spec P2-10).
+"""S2-Attention head-sharded context parallelism (Lin, Zhang et al.; arXiv:2407.17678).
+
+"Efficient LLM Training and Serving with Heterogeneous Context Sharding among
+Attention Heads".
 
 The sequence is split into ``C`` contiguous chunks over the mesh's
 ``context`` axis (and the heads, optionally, over ``heads``). With an
