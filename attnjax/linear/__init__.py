@@ -1,7 +1,9 @@
 """Linear engine: chunked linear attention and the families built on it.
 
-Lightning Attention-2 / TNL (papers_1 #25, #27), Agent Attention (#23),
-Flowformer (P2-02), DSF (P2-05), BASED (P2-09), Titans (P2-27).
+Papers (full titles in each module's docstring): Lightning Attention-2
+(arXiv:2401.04658) / TNL (arXiv:2405.17381), Agent Attention (arXiv:2312.08874),
+Flowformer (arXiv:2202.06258), DSF (arXiv:2405.15731), BASED (arXiv:2402.18668),
+Titans (arXiv:2501.00663).
 """
 from attnjax.linear.agent import agent_attention, pool_agents
 from attnjax.linear.api import init_state, linear_attention, linear_attention_step

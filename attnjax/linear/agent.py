@@ -1,4 +1,6 @@
-"""Agent Attention: softmax attention through n agent tokens (Han et al., ECCV 2024; papers_1 #23).
+"""Agent Attention: softmax attention through n agent tokens (Han et al., ECCV 2024; arXiv:2312.08874).
+
+"Agent Attention: On the Integration of Softmax and Linear Attention".
 
 Agents A [B, n, N, H] (by default adaptive average pooling of the queries)
 first aggregate the keys, V_A = softmax(A K^T * scale + B1) V, then broadcast

@@ -1,4 +1,7 @@
-"""Public linear attention: chunked, recurrent and quadratic forms (Lightning Attention-2 #25, TNL #27, papers_1; BASED P2-09, papers_2).
+"""Public linear attention: chunked, recurrent and quadratic forms.
+
+Lightning Attention-2 (arXiv:2401.04658), TNL (arXiv:2405.17381) and BASED
+(arXiv:2402.18668).
 
 Causality is by positions, bottom-right aligned: query i (position i + S - T)
 sees key j iff j <= i + S - T, so the four CAB patterns (non-causal/causal x

@@ -1,4 +1,6 @@
-"""BASED: Taylor linear attention plus a short exact sliding window (Arora et al., 2024; P2-09, papers_2).
+"""BASED: Taylor linear attention plus a short exact sliding window (Arora et al., 2024; arXiv:2402.18668).
+
+"Simple linear attention language models balance the recall-throughput tradeoff".
 
 BASED's released models place the two mixers in different layers (linear
 attention at layers 1, 6, 11, ...; sliding window at 2, 7, 12, ...). This op

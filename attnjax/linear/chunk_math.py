@@ -1,4 +1,4 @@
-"""One chunk of causal linear attention, forward and backward (Lightning Attention-2 #25, papers_1).
+"""One chunk of causal linear attention, forward and backward (Lightning Attention-2, arXiv:2401.04658).
 
 Single-head, single-chunk pure functions on float32 arrays: the arithmetic
 the Pallas kernels run on loaded tiles. The XLA backend

@@ -1,4 +1,4 @@
-"""Per-head decay slopes for linear attention (Lightning Attention-2 #25, TNL #27, papers_1).
+"""Per-head decay slopes for linear attention (Lightning Attention-2, arXiv:2401.04658; TNL, arXiv:2405.17381).
 
 A slope s_h >= 0 gives the decay lambda_h = exp(-s_h): key j contributes to
 query i with weight lambda_h ** (q_pos[i] - k_pos[j]).

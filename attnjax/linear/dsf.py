@@ -1,4 +1,7 @@
-"""Dynamical Systems Framework utilities (Sieber et al., NeurIPS 2024; P2-05, papers_2).
+"""Dynamical Systems Framework utilities (Sieber et al., NeurIPS 2024; arXiv:2405.15731).
+
+"Understanding the differences in Foundation Models: Attention, State Space Models,
+and Recurrent Neural Networks".
 
 Every layer here is a time-varying linear system h_i = Lambda_i h_{i-1} + B_i u_i,
 y_i = C_i h_i + D_i u_i, hence y = Phi u with Phi_ij = C_i Lambda_i ... Lambda_{j+1} B_j.

@@ -1,4 +1,4 @@
-"""Chunked causal linear-attention engine with a custom VJP (Lightning Attention-2 #25, papers_1).
+"""Chunked causal linear-attention engine with a custom VJP (Lightning Attention-2, arXiv:2401.04658).
 
 Layout inside the engine (the public wrappers transpose from BTNH):
   q [B, N, T, F], k [B, K, T, F], v [B, K, T, E] float32 (float64 for float64

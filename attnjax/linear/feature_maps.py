@@ -1,4 +1,4 @@
-"""Feature maps phi for kernelised linear attention (BASED, P2-09; Katharopoulos et al.).
+"""Feature maps phi for kernelised linear attention (BASED, arXiv:2402.18668; Katharopoulos et al.).
 
 Every map acts on the last axis: x [..., H] -> phi(x) [..., F]. The maps are
 plain functions so that any callable with the same contract can be passed to

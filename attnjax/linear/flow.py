@@ -1,4 +1,6 @@
-"""Flowformer: linear attention with flow-conservation normalisers (Wu et al., ICML 2022; P2-02, papers_2).
+"""Flowformer: Linearizing Transformers with Conservation Flows (Wu et al., ICML 2022; arXiv:2202.06258).
+
+Linear attention with flow-conservation normalisers.
 
 phi = sigmoid on q [B, T, N, D] and k [B, S, K, D]; eps sits inside both
 factors of every dot product, as in the reference code. Non-causal:
@@ -11,7 +13,7 @@ factors of every dot product, as in the reference code. Non-causal:
 Causal (T == S): sums become prefix sums, I_i and O_i are multiplied by
 n_i = i + 1 and the conserved terms divided by it, a_i = sigmoid(Ihat_i),
 c_j = exp(Ohat_j) / sum_{j'<=j} exp(Ohat_j') * n_j and y_i uses I_i / n_i.
-The spec's optional clip of Ohat to [-1, 1] is not in the public copies of the
+A clip of Ohat to [-1, 1] (in some write-ups of the method) is not in the public copies of the
 reference code we could read; it is off by default (clip_outgoing=True adds it).
 """
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Flax Linen layers with parameters for the linear engine: TNL (papers_1 #27), Agent Attention (#23), Titans (P2-27).
+"""Flax Linen layers with parameters for the linear engine: TNL, Agent Attention, Titans.
+
+TNL (arXiv:2405.17381), Agent Attention (arXiv:2312.08874), Titans (arXiv:2501.00663);
+full titles in attnjax.linear.lightning, .agent and .titans.
 
 Parameter-free families (linear, lightning, based, flow, agent without bias)
 are reached through FAMILIES and attnjax.layers.MultiHeadAttention.

@@ -1,4 +1,8 @@
-"""Lightning Attention-2 and TNL's decayed linear attention (papers_1 #25 and #27).
+"""Lightning Attention-2 and TNL's decayed linear attention (arXiv:2401.04658, arXiv:2405.17381).
+
+"Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in
+LLMs" and TNL, "Various Lengths, Constant Speed: Efficient Language Modeling with
+Lightning Attention".
 
 o_t = sum_{j<=t} lambda_h^(t-j) (q_t . k_j) v_j with lambda_h = exp(-s_h); no
 feature map and no denominator (TNL applies SiLU in its projections).

@@ -1,4 +1,4 @@
-"""Dense and recurrent oracles for linear attention (Lightning Attention-2 #25, BASED P2-09).
+"""Dense and recurrent oracles for linear attention (Lightning Attention-2, arXiv:2401.04658; BASED, arXiv:2402.18668).
 
 Both take feature-mapped inputs in BTNH layout: qf [B, T, N, F], kf [B, S, K, F],
 v [B, S, K, E], per-head slopes [N] (or None) and an optional initial state

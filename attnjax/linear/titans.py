@@ -1,4 +1,6 @@
-"""Titans' neural long-term memory, chunked (Behrouz, Zhong, Mirrokni, 2024; P2-27, papers_2).
+"""Titans' neural long-term memory, chunked (Behrouz, Zhong, Mirrokni, 2024; arXiv:2501.00663).
+
+"Titans: Learning to Memorize at Test Time".
 
 Per head, a memory M maps keys to values and is trained online on the loss
 l(M; x_t) = ||M(k_t) - v_t||^2 with momentum and forgetting:

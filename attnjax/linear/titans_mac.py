@@ -1,4 +1,4 @@
-"""Titans' memory-as-context layer (MAC; Behrouz, Zhong, Mirrokni, 2024; P2-27, papers_2).
+"""Titans' memory-as-context layer (MAC; "Titans: Learning to Memorize at Test Time", arXiv:2501.00663).
 
 The sequence is cut into segments of `segment` tokens, processed by a scan
 that carries the matrix memory (M, S) [B, N, Dh, Dh]. For each segment:

@@ -1,4 +1,4 @@
-"""XLA backend of the chunked causal linear-attention engine (Lightning Attention-2 #25, papers_1).
+"""XLA backend of the chunked causal linear-attention engine (Lightning Attention-2, arXiv:2401.04658).
 
 Same contract as `engine.BACKENDS` (module docstring of attnjax.linear.engine):
   q [B, N, T, F], k [B, K, T, F], v [B, K, T, E], g [B, N, T] log-decays,

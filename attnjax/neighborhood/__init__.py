@@ -1,6 +1,7 @@
-"""Neighborhood engine: NATTEN neighborhood attention (P2-23) and local/structured
-vision families: HaloNets (P2-25), HiLo (P2-14), PredFormer (papers_1 #3),
-MagicInfinite temporal sliding windows (papers_1 #1).
+"""Neighborhood engine: NATTEN neighborhood attention (arXiv:2403.04690) and local/structured
+vision families: HaloNets (arXiv:2103.12731), HiLo (arXiv:2205.13213), PredFormer
+(arXiv:2410.04733), MagicInfinite temporal sliding windows (arXiv:2503.05978); full titles
+in each module's docstring.
 """
 from attnjax.masks.neighborhood import Neighborhood
 from attnjax.neighborhood.api import na1d, na2d, na3d, neighborhood_attention

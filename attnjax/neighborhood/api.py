@@ -1,4 +1,7 @@
-"""Neighborhood attention, NATTEN semantics in 1D/2D/3D (Hassani et al.; spec P2-23).
+"""Neighborhood attention, NATTEN semantics in 1D/2D/3D (Hassani et al.; arXiv:2403.04690).
+
+"Faster Neighborhood Attention: Reducing the O(n^2) Cost of Self Attention at the
+Threadblock Level".
 
 Public entry points: :func:`neighborhood_attention` (any spatial rank) and
 :func:`na1d`, :func:`na2d`, :func:`na3d`.

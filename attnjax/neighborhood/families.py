@@ -1,4 +1,4 @@
-"""Parameter-free neighborhood families for the layer registry (NATTEN 1D; spec P2-23).
+"""Parameter-free neighborhood families for the layer registry (NATTEN 1D; arXiv:2403.04690).
 
 ``na1d``: each token attends to a window of ``kernel_size`` tokens (NATTEN
 semantics: shifted at the borders when non-causal, ``[i - k + 1, i]`` when

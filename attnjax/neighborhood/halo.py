@@ -1,4 +1,6 @@
-"""HaloNets blocked local attention with a halo (Vaswani et al., CVPR 2021; spec P2-25).
+"""HaloNets blocked local attention with a halo (Vaswani et al., CVPR 2021; arXiv:2103.12731).
+
+"Scaling Local Self-Attention for Parameter Efficient Visual Backbones".
 
 The map is cut into non-overlapping ``b x b`` query blocks; every query of a
 block attends to the same ``(b + 2h) x (b + 2h)`` region: the block plus an

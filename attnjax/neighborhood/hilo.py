@@ -1,4 +1,6 @@
-"""HiLo attention: local-window Hi-Fi heads + pooled global Lo-Fi heads (LITv2, Pan et al., NeurIPS 2022; spec P2-14).
+"""HiLo attention: local-window Hi-Fi heads + pooled global Lo-Fi heads (LITv2, Pan et al., NeurIPS 2022; arXiv:2205.13213).
+
+"Fast Vision Transformers with HiLo Attention".
 
 ``alpha`` of the heads (Lo-Fi) attend from every position to ``s x s``
 average-pooled keys/values; the rest (Hi-Fi) attend inside non-overlapping

@@ -1,5 +1,6 @@
-"""Flax Linen layers of the neighborhood engine: NATTEN (P2-23), HaloNets (P2-25),
-HiLo (P2-14), PredFormer blocks (papers_1 #3); thin wrappers over the pure functions.
+"""Flax Linen layers of the neighborhood engine: NATTEN (arXiv:2403.04690), HaloNets
+(arXiv:2103.12731), HiLo (arXiv:2205.13213), PredFormer blocks (arXiv:2410.04733); thin
+wrappers over the pure functions.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiled token order of the neighborhood paths (spec P2-23): pad + reshape + transpose.
+"""Tiled token order of the neighborhood paths (NATTEN FNA, arXiv:2403.04690): pad + reshape + transpose.
 
 A spatial dimension of length ``n`` is padded to ``nt * t * d`` and split into
 ``(nt, t, d)`` (see :mod:`attnjax.neighborhood.tiling`); tiles are ordered

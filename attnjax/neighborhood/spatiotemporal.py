@@ -1,5 +1,9 @@
-"""Spatio-temporal attention layouts of PredFormer (Tang et al.; spec papers_1 #3) and
-video helpers of MagicInfinite (papers_1 #1): temporal sliding-window denoising.
+"""Spatio-temporal attention layouts of PredFormer and video helpers of MagicInfinite.
+
+PredFormer (Tang et al., "PredFormer: Transformers Are Effective Spatial-Temporal
+Predictive Learners", arXiv:2410.04733) and temporal sliding-window denoising of
+MagicInfinite ("MagicInfinite: Generating Infinite Talking Videos with Your Words and
+Voice", arXiv:2503.05978).
 
 Tokens are [B, T, S, N, H]: T frames of S spatial tokens. "full" attends over
 all T*S tokens, "spatial" within each frame, "temporal" along time at each

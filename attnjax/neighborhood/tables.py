@@ -1,4 +1,4 @@
-"""Static per-shape tables of the tiled neighborhood path (spec P2-23).
+"""Static per-shape tables of the tiled neighborhood path (NATTEN FNA, arXiv:2403.04690).
 
 Tiles are ordered ``(d_1, nt_1, ..., d_D, nt_D)`` and the queries of a tile
 ``(t_1, ..., t_D)``, as in :func:`attnjax.neighborhood.layout.to_tiles`; union

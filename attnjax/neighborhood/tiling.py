@@ -1,4 +1,4 @@
-"""Static multi-dimensional tiling of neighborhood attention (spec P2-23, FNA).
+"""Static multi-dimensional tiling of neighborhood attention (NATTEN FNA, arXiv:2403.04690).
 
 Every spatial dimension is split into dilation groups, and each group into
 tiles of ``t`` consecutive within-group coordinates. A query tile attends to
