@@ -1,4 +1,10 @@
-"""Content-based sparse attention: layouts chosen from the data at run time (spec: papers_2.md P2-13/16/17/26/29, papers_1.md #4/#12/#13/#32).
+"""Content-based sparse attention: layouts chosen from the data at run time.
+
+Papers (full titles in each module's docstring): BiFormer (arXiv:2303.08810),
+Routing Transformer (arXiv:2003.05997), SeerAttention (arXiv:2410.13276),
+HyperAttention (arXiv:2310.05869), Sparsifiner (arXiv:2303.13755), Combiner
+(arXiv:2107.05768), Landmark Attention (arXiv:2305.16300), HiP Attention
+(arXiv:2406.09827) and LongHeads (arXiv:2402.10685).
 
 Every family scores blocks or tokens from q/k, picks a fixed-size layout
 under ``jit`` (:mod:`attnjax.dynamic.select`) and runs attention on it

@@ -1,4 +1,6 @@
-"""BiFormer's bi-level routing attention with local context enhancement (Zhu et al., CVPR 2023; spec papers_2.md P2-13).
+"""BiFormer's bi-level routing attention with local context enhancement (Zhu et al., CVPR 2023; arXiv:2303.08810).
+
+"BiFormer: Vision Transformer with Bi-Level Routing Attention".
 
 Tokens on a grid ``[B, *spatial, N, H]`` are cut into ``prod(num_regions)``
 regions. Region-level routing: average-pooled region queries and keys (all

@@ -1,4 +1,6 @@
-"""Combiner: direct local attention plus attention to region abstractions (Ren et al., NeurIPS 2021; spec papers_1.md #4).
+"""Combiner: direct local attention plus attention to region abstractions (Ren et al., NeurIPS 2021; arXiv:2107.05768).
+
+"Combiner: Full Attention Transformer with Sparse Computation Cost".
 
 Three of the paper's patterns: "fixed" (below), "axial" and "mixture"
 (:mod:`attnjax.dynamic.combiner_axial`). Logsparse is not implemented.
@@ -93,7 +95,7 @@ def combiner_attention(query, key, value, *, segment_len: int, pool: str = "max"
     query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, K, Hv] (self-attention).
     segment_len: s, dividing T (about sqrt(T) in the paper): the segment
       length ("fixed") or the row length ("axial").
-    pool: region pooling of q and k, "max" (default, as the spec) or "mean".
+    pool: region pooling of q and k, "max" (default) or "mean".
     causal: "fixed": direct part = own segment's causal prefix, regions =
       strictly earlier segments; otherwise own segment and every other
       segment. "axial" and "mixture" are causal only.

@@ -1,4 +1,4 @@
-"""Combiner-Axial and Combiner-Mixture (Ren et al., NeurIPS 2021; spec papers_1.md #4): causal, O(L sqrt L).
+"""Combiner-Axial and Combiner-Mixture (Ren et al., NeurIPS 2021; arXiv:2107.05768): causal, O(L sqrt L).
 
 The sequence is read as rows of ``s = segment_len`` tokens: position i is
 (row a, column c) with i = a * s + c. Query (a, c) attends directly to its

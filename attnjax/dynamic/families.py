@@ -1,4 +1,8 @@
-"""Parameter-free content-sparse families for the layer registry (spec: papers_1.md #4/#12/#13/#32, papers_2.md P2-13/P2-26).
+"""Parameter-free content-sparse families for the layer registry.
+
+Combiner (arXiv:2107.05768), Landmark Attention (arXiv:2305.16300), HiP Attention
+(arXiv:2406.09827), LongHeads (arXiv:2402.10685), BiFormer (arXiv:2303.08810) and
+HyperAttention (arXiv:2310.05869).
 
 Each entry has the registry signature ``fn(query, key, value, *, causal,
 q_positions=None, k_positions=None, segment_ids=None, **options)``.

@@ -1,4 +1,7 @@
-"""Attention over data-chosen keys: token-level gather and block-list paths (spec: papers_2.md P2-15/17/18/29 kernels).
+"""Attention over data-chosen keys: token-level gather and block-list paths.
+
+The kernels of TokenSelect (arXiv:2411.02886), SeerAttention (arXiv:2410.13276),
+TidalDecode (arXiv:2410.05076) and Sparsifiner (arXiv:2303.13755).
 
 - :func:`gather_attention`: each (query, head) attends to its own list of
   key indices ``[B, T, N, k]`` (TokenSelect, TidalDecode, Sparsifiner).

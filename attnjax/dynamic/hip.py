@@ -1,4 +1,6 @@
-"""HiP Attention: training-free hierarchical top-k key-block pruning (Lee et al., 2024; spec papers_1.md #13).
+"""HiP Attention: training-free hierarchical top-k key-block pruning (Lee et al., 2024; arXiv:2406.09827).
+
+"HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning".
 
 For each block of ``block_size_q`` queries, the causal key range (in key
 blocks of ``block_size_k`` tokens) is split into ``m = top_k / block_size_k``
@@ -10,7 +12,7 @@ is one key block; their first blocks form the layout, sorted. Attention then
 runs on the selected blocks (block-sparse, causal inside the blocks).
 
 Everything has static shapes (fixed ``m`` and round count), so the mask is
-built under ``jit``. Defaults as the spec's v1 code: top_k 512,
+built under ``jit``. Defaults as in HiP's v1 code: top_k 512,
 block_size_q 32, block_stride_q 2, block_size_k 2. Later releases add sink
 tokens and a sliding window; those are not part of this function.
 """

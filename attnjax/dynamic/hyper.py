@@ -1,4 +1,6 @@
-"""HyperAttention: sortLSH block-diagonal attention plus sampled columns, merged by lse (Han et al., ICLR 2024; spec papers_2.md P2-26).
+"""HyperAttention: sortLSH block-diagonal attention plus sampled columns, merged by lse (Han et al., ICLR 2024; arXiv:2310.05869).
+
+"HyperAttention: Long-context Attention in Near-Linear Time".
 
 Non-causal: queries and keys are hashed by angular LSH (``lsh_num_projs``
 Gaussian hyperplanes shared by q and k, the bit code mapped through a Gray

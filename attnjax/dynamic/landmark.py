@@ -1,4 +1,6 @@
-"""Landmark Attention: grouped softmax with landmark tokens, top-k block retrieval at inference (Mohtashami & Jaggi, 2023; spec papers_1.md #12).
+"""Landmark Attention: grouped softmax with landmark tokens, top-k block retrieval at inference (Mohtashami & Jaggi, 2023; arXiv:2305.16300).
+
+"Landmark Attention: Random-Access Infinite Context Length for Transformers".
 
 The sequence holds a landmark token after every ``block_size`` tokens
 (period ``P = block_size + 1``; position p is a landmark iff

@@ -1,4 +1,6 @@
-"""LongHeads: per-head chunk selection with RoPE re-applied on the selected chunks (Lu et al., 2024; spec papers_1.md #32).
+"""LongHeads: per-head chunk selection with RoPE re-applied on the selected chunks (Lu et al., 2024; arXiv:2402.10685).
+
+"LongHeads: Multi-Head Attention is Secretly a Long Context Processor".
 
 Training-free context extension. Keys are cut into chunks of ``chunk_size``
 tokens. Chunk representation (per head): non-causal attention inside the

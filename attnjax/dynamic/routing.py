@@ -1,4 +1,6 @@
-"""Routing Transformer: online k-means routing attention (Roy et al., TACL 2021; spec papers_2.md P2-16).
+"""Routing Transformer: online k-means routing attention (Roy et al., TACL 2021; arXiv:2003.05997).
+
+"Efficient Content-Based Sparse Attention with Routing Transformers".
 
 Queries and keys are normalised (LayerNorm without scale/bias, divided by
 sqrt(H) so they are unit vectors) and compared with C unit centroids per

@@ -1,4 +1,6 @@
-"""SeerAttention: a learned block gate driving block-sparse attention (Gao et al., 2024; spec papers_2.md P2-17).
+"""SeerAttention: a learned block gate driving block-sparse attention (Gao et al., 2024; arXiv:2410.13276).
+
+"SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs".
 
 The AttnGate pools queries (average) and keys (max and min, concatenated)
 over blocks of ``block`` tokens, maps them per head to ``hidden`` dims,
@@ -7,8 +9,8 @@ optionally rotates them with block-level RoPE positions, and scores every
 or a fixed top-k) drive the block-sparse attention. The gate is trained with
 the base model frozen, by KL divergence to the max-pooled true attention map.
 
-Defaults follow the spec (block 64, hidden 128, gate type ``Qavg_Kmaxmin``,
-threshold 2e-3, the first quarter of query blocks left out of the loss).
+Defaults: block 64, hidden 128, gate type ``Qavg_Kmaxmin``, threshold 2e-3,
+the first quarter of query blocks left out of the loss.
 Not confirmed: the RoPE base used on block positions (10000 here) and
 whether the released code keeps a minimum of one block per row (we do, so a
 row is never empty).

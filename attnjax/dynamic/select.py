@@ -1,4 +1,4 @@
-"""Selection toolkit shared by the content-based sparse families (spec: papers_2.md P2-13/16/17/26/29, papers_1.md #4/#12/#13/#32).
+"""Selection toolkit shared by the content-based sparse families (papers listed in attnjax.dynamic).
 
 Every content-based method turns scores computed from the data into a
 *layout*: either block lists ``(kv_block_indices [B, N|K, nq, k],

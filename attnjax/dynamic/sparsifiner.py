@@ -1,4 +1,7 @@
-"""Sparsifiner: a low-rank connectivity predictor picks top-k keys per query (Wei et al., CVPR 2023; spec papers_2.md P2-29).
+"""Sparsifiner: a low-rank connectivity predictor picks top-k keys per query (Wei et al., CVPR 2023; arXiv:2303.13755).
+
+"Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision
+Transformers".
 
 Per head, keys are down-projected along the token axis
 (``K_down = W_down K``, ``n_down`` rows, Linformer-style); the approximate
