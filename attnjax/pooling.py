@@ -1,7 +1,7 @@
 """Attention pooling for multiple-instance learning.
 
-ACMIL (papers_1 #33, "Attention-Challenging Multiple Instance Learning for
-Whole Slide Image Classification"): gated attention pooling (ABMIL) with
+ACMIL ("Attention-Challenging Multiple Instance Learning for Whole Slide Image
+Classification", arXiv:2311.07125): gated attention pooling (ABMIL) with
 several branches (MBA), stochastic top-K instance masking during training
 (STKIM) and a diversity loss between the branches' attention maps.
 """

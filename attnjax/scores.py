@@ -1,4 +1,9 @@
-"""Score variants: how scaled logits become weights (spec P2-04, P2-06, P2-24; soft-cap; sinks).
+"""Score variants: how scaled logits become weights (softplus, ReLU, Selective; soft-cap; sinks).
+
+Papers: "Softplus Attention with Re-weighting Boosts Length Extrapolation"
+(arXiv:2501.13428), "Active-Dormant Attention Heads: Demystifying Extreme-Token
+Phenomena" (arXiv:2410.13835) and "Selective Attention: Enhancing Transformer
+through Principled Context Control" (arXiv:2411.12892).
 
 Each variant follows the protocol of ``attnjax.core.scoring`` and composes
 with any mask, bias, GQA and position setting of ``attnjax.attention``:
@@ -125,7 +130,7 @@ def selective_position_factor(q_pos, beta, variant: str = "exp"):
 
 @flax.struct.dataclass
 class Selective(_Score):
-  """Selective Attention's position temperature on the logits (spec P2-24).
+  """Selective Attention's position temperature on the logits (arXiv:2411.12892).
 
   Row i's logits are multiplied by ``1 + exp(-exp(beta)) * log(i + 1)``
   (``variant="exp"``) or ``1 + beta * log(i + 1)`` (``variant="linear"``),
@@ -197,7 +202,7 @@ def selective_temperatures(query, value, q_temp=None, v_temp=None):
 # -- Softplus attention (LSSA / LSSAR) ----------------------------------------------
 @flax.struct.dataclass
 class Softplus(_Score):
-  """Softplus with l1 normalisation, length scaling and optional re-weighting (P2-04).
+  """Softplus with l1 normalisation, length scaling and optional re-weighting (arXiv:2501.13428).
 
   LSSA: ``a_ij = softplus(lambda_i * s_ij)`` over the visible keys,
   ``A_ij = a_ij / sum_j a_ij``, with the length scale
@@ -283,7 +288,7 @@ def lssar(power: float, offset: float = 0.0, length_base: Optional[float] = None
 # -- ReLU attention ---------------------------------------------------------------
 @flax.struct.dataclass
 class ReLU(_Score):
-  """ReLU attention: weights ``relu(s_ij)`` with no row normalisation (P2-06).
+  """ReLU attention: weights ``relu(s_ij)`` with no row normalisation (arXiv:2410.13835).
 
   The fix for attention sinks in Guo et al. (2024): a query can put zero
   total weight on the context (all-negative logits give a zero output),

@@ -1,9 +1,10 @@
 """Inference-time edits of attention logits and probabilities.
 
-VAR (papers_1 #16, "See What You Are Told: Visual Attention Sink in Large
-Multimodal Models"), ACT (#31, "Unveiling and Harnessing Hidden Attention
-Sinks") and the head-specific visual boost of #20 ("Fixing Imbalanced
-Attention to Mitigate In-Context Hallucination"). Each edit is a pure
+VAR ("See What You Are Told: Visual Attention Sink in Large Multimodal Models",
+arXiv:2503.03321), ACT ("Unveiling and Harnessing Hidden Attention Sinks",
+arXiv:2406.15765) and the head-specific visual boost of "Fixing Imbalanced
+Attention to Mitigate In-Context Hallucination of Large Vision-Language Model"
+(arXiv:2501.12206). Each edit is a pure
 function over [B, N, T, S] tensors, used as a ``probs_hook``/``logits_hook``
 of :func:`hooked_attention` (the dense reference path, which materialises the
 rows these methods need).

@@ -1,10 +1,12 @@
 """Per-head analysis tools.
 
-Retrieval heads (papers_1 #19, "Retrieval Head Mechanistically Explains
-Long-Context Factuality"), head ablation for circuit analysis (P2-01,
-"Interpreting and Improving LLMs in Arithmetic Calculation"), vision-aware
-head divergence and re-weighting (#26, VHD/VHR) and extreme-token metrics
-(P2-06, "Active-Dormant Attention Heads").
+Retrieval heads ("Retrieval Head Mechanistically Explains Long-Context
+Factuality", arXiv:2404.15574), head ablation for circuit analysis
+("Interpreting and Improving Large Language Models in Arithmetic Calculation",
+arXiv:2409.01659), vision-aware head divergence and re-weighting (VHD/VHR:
+"Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence",
+arXiv:2412.13949) and extreme-token metrics ("Active-Dormant Attention Heads:
+Demystifying Extreme-Token Phenomena", arXiv:2410.13835).
 """
 from __future__ import annotations
 

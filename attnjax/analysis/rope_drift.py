@@ -1,5 +1,5 @@
-"""RoPE precision drift (AnchorAttention, papers_1 #2: "When Precision Meets Position:
-BFloat16 Breaks Down RoPE in Long-Context Training").
+"""RoPE precision drift (AnchorAttention: "When Precision Meets Position: BFloat16
+Breaks Down RoPE in Long-Context Training", arXiv:2411.13476).
 
 RoPE makes ``q_m . k_n`` depend only on ``m - n`` in exact arithmetic. When the
 rotation is computed in a low-precision dtype the relative property breaks,

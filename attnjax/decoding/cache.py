@@ -1,7 +1,7 @@
 """Decode attention over contiguous and paged KV caches, and a page-allocator simulator.
 
-vAttention (P2-28, "Dynamic Memory Management for Serving LLMs without
-PagedAttention"): the KV cache stays contiguous so unmodified attention code
+vAttention ("vAttention: Dynamic Memory Management for Serving LLMs without
+PagedAttention", arXiv:2405.04437): the KV cache stays contiguous so unmodified attention code
 serves decoding. JAX has no user-level virtual memory, so attnjax offers the
 contiguous decode path, the paged path (identical outputs for any block
 table), and a pure-Python simulator of on-demand page mapping that reports

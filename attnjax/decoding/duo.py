@@ -1,5 +1,5 @@
-"""DuoAttention (papers_1 #28, "Efficient Long-Context LLM Inference with Retrieval and
-Streaming Heads").
+"""DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads
+(arXiv:2410.10819).
 
 Each KV head is either a *retrieval* head (full causal attention, full KV
 cache) or a *streaming* head (the Lambda mask: ``sink`` first tokens plus the

@@ -1,4 +1,6 @@
-"""Heavy-hitter KV eviction (H2O), the inference side of SinkLoRA (P2-07).
+"""Heavy-hitter KV eviction (H2O, arXiv:2306.14048), the inference side of "SinkLoRA:
+Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models"
+(arXiv:2406.05678).
 
 Each KV head keeps its ``recent`` latest tokens plus the ``heavy`` earlier
 tokens with the largest accumulated attention ("heavy hitters"). H2O's

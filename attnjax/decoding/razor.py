@@ -1,4 +1,4 @@
-"""RazorAttention (P2-08, "Efficient KV Cache Compression Through Retrieval Heads").
+"""RazorAttention: Efficient KV Cache Compression Through Retrieval Heads (arXiv:2407.15891).
 
 Retrieval heads keep their whole cache; every other KV head keeps
 ``num_sink`` first tokens and the most recent ``L_h = max(min_buffer,

@@ -184,7 +184,9 @@ class MultiHeadAttention(nn.Module):
         or [B, 1, 1, S] (Flax's ``make_attention_mask`` without a query axis),
         run on their fast paths as segment ids; other families raise.
       head_mask: optional [N] or [B, N] multiplier of each head's output before
-        the output projection (1 keep, 0 ablate); circuit analysis (P2-01).
+        the output projection (1 keep, 0 ablate); circuit analysis as in
+        "Interpreting and Improving Large Language Models in Arithmetic
+        Calculation" (arXiv:2409.01659).
       head_replacement: optional [B, T, N, H] values that ablated heads take
         instead of zero (mean ablation, activation patching).
 

@@ -1,5 +1,5 @@
-"""Training only chosen heads ("precise SFT", P2-01: "Interpreting and Improving Large
-Language Models in Arithmetic Calculation").
+"""Training only chosen heads ("precise SFT" of "Interpreting and Improving Large
+Language Models in Arithmetic Calculation", arXiv:2409.01659).
 
 :func:`head_gradient_mask` marks, inside the parameters of one
 ``attnjax.layers.MultiHeadAttention``, the slices that belong to the chosen

@@ -1,4 +1,5 @@
-"""DiTCtrl: attention control in MM-DiT for multi-prompt video (papers_1 #5).
+"""DiTCtrl: Attention Control in MM-DiT for Tuning-Free Multi-Prompt Longer Video Generation
+(arXiv:2412.18597).
 
 KV-sharing lets the queries of a target prompt's segment attend to the keys
 and values of the source segment; mask-guided KV-sharing splits that into a

@@ -1,4 +1,4 @@
-"""MoH: Multi-Head Attention as Mixture-of-Head Attention (papers_1 #10).
+"""MoH: Multi-Head Attention as Mixture-of-Head Attention (arXiv:2410.11842).
 
 Multi-head attention written as a sum over heads, ``O = sum_h H_h W_o^h``,
 becomes ``O = sum_h g_h(x) H_h W_o^h``: ``shared_heads`` heads are always on,

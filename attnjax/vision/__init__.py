@@ -1,4 +1,13 @@
-"""Vision, structured and non-QK "attention" methods of the seed papers (papers_1 #8, #9, #11, #14, #17, #18, #22, #29, #30; papers_2 P2-03, P2-11, P2-12, P2-19, P2-21, P2-22).
+"""Vision, structured and non-QK "attention" methods of the seed papers.
+
+Papers (full titles in each module's docstring): HyperZ.Z.W (arXiv:2401.17948),
+GridFormer (arXiv:2401.02292), NiNformer (arXiv:2403.02411), ULSAM
+(arXiv:2006.15102), OAT (arXiv:2407.13335), CSA (arXiv:2109.02613), ELA
+(arXiv:2403.01123), ICL vs weight shifting for softmax regression
+(arXiv:2304.13276), Visual Search Asymmetry (arXiv:2106.02953), GAAM
+(arXiv:2401.11143), LSceneLLM (arXiv:2412.01292), MEDUSA (arXiv:2110.06063), DCAL
+(arXiv:2205.02151), TAP + ADL (arXiv:2303.11126) and low-rank factorised
+multi-head self-attention (arXiv:1912.00835).
 
 Pure functions of explicit parameters plus thin Flax modules. Images are NHWC
 ([B, H, W, C]); token tensors are BTNH as everywhere in attnjax.

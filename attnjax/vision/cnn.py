@@ -1,4 +1,10 @@
-"""CNN feature-gating attention: ULSAM (papers_1 #14), ELA (#22), CSA (#18) and GAAM (papers_2 P2-03).
+"""CNN feature-gating attention: ULSAM, ELA, CSA and GAAM (four papers, below).
+
+ULSAM ("ULSAM: Ultra-Lightweight Subspace Attention Module for Compact
+Convolutional Neural Networks", arXiv:2006.15102), ELA ("ELA: Efficient Local
+Attention for Deep Convolutional Neural Networks", arXiv:2403.01123), CSA
+("Class Semantics-based Attention for Action Detection", arXiv:2109.02613) and
+GAAM ("Gaussian Adaptive Attention is All You Need", arXiv:2401.11143).
 
 Images are NHWC ([B, H, W, C], the Flax convention); 1-D feature sequences are
 [B, T, C]. Each method is a pure function of explicit parameters plus a thin

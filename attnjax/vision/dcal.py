@@ -1,7 +1,7 @@
-"""DCAL: attention rollout, global-local and pair-wise cross attention (papers_2 P2-19).
+"""DCAL: attention rollout, global-local and pair-wise cross attention (arXiv:2205.02151).
 
 Zhu et al., "Dual Cross-Attention Learning for Fine-Grained Visual
-Categorization and Object Re-Identification" (CVPR 2022). Tokens are BTNH
+Categorization and Object Re-Identification" (CVPR 2022, arXiv:2205.02151). Tokens are BTNH
 ([B, T, N, H]); token 0..num_prefix-1 are CLS-like tokens. The softmax
 attention itself is ``attnjax.attention``.
 """

@@ -1,6 +1,6 @@
-"""GridFormer point-to-grid attention with a per-cell segment softmax (papers_1 #9).
+"""GridFormer point-to-grid attention with a per-cell segment softmax (arXiv:2401.02292).
 
-Li et al., "GridFormer: Point-Grid Transformer for Surface Reconstruction".
+Li et al., "GridFormer: Point-Grid Transformer for Surface Reconstruction" (arXiv:2401.02292).
 A plane grid [B, R, R, C] is indexed ``grid[b, y, x]``; point coordinates
 ``coords2d[..., 0] = x``, ``[..., 1] = y`` are normalised to [0, 1), so point p
 falls in cell ``(floor(y R), floor(x R))`` (flat id ``x_cell + R * y_cell``,

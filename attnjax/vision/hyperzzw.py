@@ -1,7 +1,7 @@
-"""HyperZ.Z.W operator: context-dependent long convolutions from coordinate hyper-kernels (papers_1 #8).
+"""HyperZ.Z.W operator: context-dependent long convolutions from coordinate hyper-kernels (arXiv:2401.17948).
 
 Zhang et al., "HyperZ.Z.W Operator Connects Slow-Fast Networks for Full Context
-Interaction" (Terminator). A coordinate-based slow net (a SIREN-style MLP on a
+Interaction" (Terminator; arXiv:2401.17948). A coordinate-based slow net (a SIREN-style MLP on a
 [-1, 1] grid) generates a hyper-kernel W; the fast net forms the
 context-dependent kernel ``W * Z`` and convolves Z with it (global, via FFT).
 Not an attention mechanism in the QK sense. Tensors are channels-last

@@ -1,7 +1,7 @@
-"""ICL vs weight shifting for softmax regression (papers_1 #29): loss, GD step, attention data update.
+"""ICL vs weight shifting for softmax regression (arXiv:2304.13276): loss, GD step, attention data update.
 
 Li et al., "The Closeness of In-Context Learning and Weight Shifting for
-Softmax Regression". Loss ``L(A, x, b) = 1/2 || softmax(A x) - b ||^2`` with
+Softmax Regression" (arXiv:2304.13276). Loss ``L(A, x, b) = 1/2 || softmax(A x) - b ||^2`` with
 A [n, d], x [d], b [n] (unbatched; vmap for batches). The harness measures how
 close the prediction after one self-attention update of the data A is to the
 prediction after one gradient step on x, against a provable bound.

@@ -1,8 +1,13 @@
-"""OAT box encoding (papers_1 #17), NiNformer (#11), visual search maps (#30), MEDUSA gates (papers_2 P2-12).
+"""OAT box encoding, NiNformer, visual search maps and MEDUSA gates (four papers, below).
 
-OAT box positional encoding (papers_1 #17), the NiNformer block (#11),
-eccNET-style visual search maps (#30) and MEDUSA's shared multi-scale
-attention gates (papers_2 P2-12). Images are NHWC.
+OAT box positional encoding ("OAT: Object-Level Attention Transformer for Gaze
+Scanpath Prediction", arXiv:2407.13335), the NiNformer block ("NiNformer: A
+Network in Network Transformer with Token Mixing Generated Gating Function",
+arXiv:2403.02411), eccNET-style visual search maps ("Visual Search Asymmetry:
+Deep Nets and Humans Share Similar Inherent Biases", arXiv:2106.02953) and
+MEDUSA's shared multi-scale attention gates ("MEDUSA: Multi-scale
+Encoder-Decoder Self-Attention for Medical Image Analysis", arXiv:2110.06063).
+Images are NHWC.
 """
 from __future__ import annotations
 

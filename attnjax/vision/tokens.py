@@ -1,9 +1,11 @@
-"""TAP + ADL (papers_2 P2-21), low-rank pooling attention (P2-22), LSceneLLM token selection (P2-11).
+"""TAP + ADL, low-rank pooling attention and LSceneLLM token selection (three papers, below).
 
-TAP + ADL (papers_2 P2-21, Guo et al., "Robustifying Token Attention for Vision
-Transformers"), low-rank factorised pooling attention (P2-22, Mehta et al.,
-"Low Rank Factorization for Compact Multi-Head Self-Attention") and
-attention-guided token selection plus coarse/fine fusion (P2-11, LSceneLLM).
+TAP + ADL (Guo et al., "Robustifying Token Attention for Vision Transformers",
+arXiv:2303.11126), low-rank factorised pooling attention (Mehta et al., "Low
+Rank Factorization for Compact Multi-Head Self-Attention", arXiv:1912.00835)
+and attention-guided token selection plus coarse/fine fusion ("LSceneLLM:
+Enhancing Large 3D Scene Understanding Using Adaptive Visual Preferences",
+arXiv:2412.01292).
 """
 from __future__ import annotations
 
