@@ -1,4 +1,4 @@
-"""Merge-Q: coarsen a layout's query blocks (S2-Attention / DKernel, spec P2-10).
+"""Merge-Q: coarsen a layout's query blocks (S2-Attention / DKernel, arXiv:2407.17678).
 
 A fine layout (e.g. 64-token blocks, as S2-Attention defines its pattern) gives
 small kernel tiles. Merging ``factor`` consecutive q-blocks into one row that

@@ -1,4 +1,4 @@
-"""Pallas kernels for chunked linear attention (Lightning Attention-2 #25, papers_1).
+"""Pallas kernels for chunked linear attention (Lightning Attention-2, arXiv:2401.04658).
 
 Importing this package registers the "pallas" backend of
 attnjax.linear.engine. The TPU (Mosaic) variant runs on TPU, the GPU (Triton)

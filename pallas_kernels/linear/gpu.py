@@ -1,4 +1,4 @@
-"""GPU (Triton) Pallas kernels for chunked causal linear attention (Lightning Attention-2 #25, papers_1).
+"""GPU (Triton) Pallas kernels for chunked causal linear attention (Lightning Attention-2, arXiv:2401.04658).
 
 Shapes follow attnjax.linear.engine: q [B, N, T, F], k [B, K, T, F],
 v [B, K, T, E], the in-chunk cumulative log-decay as a column b [B, N, T, 1],

@@ -1,4 +1,4 @@
-"""The one reference both kernel variants are checked against (Lightning Attention-2 #25, papers_1).
+"""The one reference both kernel variants are checked against (Lightning Attention-2, arXiv:2401.04658).
 
 The per-chunk arithmetic the kernels run is attnjax.linear.chunk_math; the
 oracles are the dense quadratic masked form and the token recurrence.

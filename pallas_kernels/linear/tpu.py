@@ -1,4 +1,4 @@
-"""TPU (Mosaic) Pallas kernels for chunked causal linear attention (Lightning Attention-2 #25, papers_1).
+"""TPU (Mosaic) Pallas kernels for chunked causal linear attention (Lightning Attention-2, arXiv:2401.04658).
 
 Grid (B, N, T / C): the chunk axis is sequential ("arbitrary") and the [F, E]
 state lives in a VMEM scratch buffer carried across it; the reverse pass for

@@ -1,4 +1,4 @@
-"""Relative position bias (rpb) of the fused neighborhood kernels (NATTEN; spec P2-23).
+"""Relative position bias (rpb) of the fused neighborhood kernels (NATTEN; arXiv:2403.04690).
 
 The rpb entry of a (query, key) pair is ``rpb[n, y' - x' + k - 1]`` per
 dimension, in within-group coordinates (``attnjax.neighborhood.api.dense_rpb``).

@@ -1,4 +1,4 @@
-"""Element math shared by the GPU and TPU neighborhood kernels (spec P2-23)."""
+"""Element math shared by the GPU and TPU neighborhood kernels (NATTEN FNA, arXiv:2403.04690)."""
 from __future__ import annotations
 
 import jax

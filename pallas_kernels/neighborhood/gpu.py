@@ -1,4 +1,4 @@
-"""GPU (Triton) fused neighborhood attention kernels, forward and backward (spec P2-23).
+"""GPU (Triton) fused neighborhood attention kernels, forward and backward (NATTEN FNA, arXiv:2403.04690).
 
 One program per (batch, head, query sub-block of ``bq`` rows of a tile); it
 loops over the key tiles of its tile's CSR list only (the union of its

@@ -1,4 +1,4 @@
-"""Differentiable fused neighborhood attention (jax.custom_vjp over the kernels; spec P2-23).
+"""Differentiable fused neighborhood attention (jax.custom_vjp over the kernels; NATTEN FNA, arXiv:2403.04690).
 
 ``na_pallas`` permutes [B, *spatial, N, H] tokens into tile-contiguous order
 (pad + reshape, no gather), runs the GPU (Triton) or TPU (Mosaic) kernels and

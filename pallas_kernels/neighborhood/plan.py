@@ -1,4 +1,4 @@
-"""Block lists of the fused neighborhood kernels (NATTEN FNA tiling; spec P2-23).
+"""Block lists of the fused neighborhood kernels (NATTEN FNA tiling; arXiv:2403.04690).
 
 Tokens are permuted into tile-contiguous order (see
 :mod:`attnjax.neighborhood.tiling`): block ``b`` holds the ``tq = prod(t)``

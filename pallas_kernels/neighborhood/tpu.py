@@ -1,4 +1,4 @@
-"""TPU (Mosaic) fused neighborhood attention kernels, forward and backward (spec P2-23).
+"""TPU (Mosaic) fused neighborhood attention kernels, forward and backward (NATTEN FNA, arXiv:2403.04690).
 
 The grid's last axis walks a query block's CSR list of key blocks (forward,
 dq) or a key block's CSC list of query blocks times the query heads of its KV
