@@ -1,4 +1,4 @@
-"""Bigram-Backcopy (Active-Dormant attention heads, spec P2-06) with a 1-layer decoder.
+"""Bigram-Backcopy (Active-Dormant attention heads, arXiv:2410.13835) with a 1-layer decoder.
 
 ``--config=configs/bigram_backcopy.py:<family>``; vocab 64, 64 tokens,
 3 trigger tokens. ``copy_accuracy`` is the accuracy on back-copy positions.

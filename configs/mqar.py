@@ -1,4 +1,4 @@
-"""Multi-query associative recall (Zoology / BASED, spec P2-09) with a small decoder.
+"""Multi-query associative recall (Zoology / BASED, arXiv:2402.18668) with a small decoder.
 
 ``--config=configs/mqar.py:<family>``; vocab 64, 64 tokens, 8 key-value
 pairs, 2 layers of width 64. Reported metrics: ``accuracy`` (recalled values)

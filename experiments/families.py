@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 #: Option presets for the small models of ``configs/`` (sequences of 64-512
 #: tokens); the layers' own defaults target long sequences. S2 follows the
-#: DKernel pattern (spec P2-10) scaled down: 16-token blocks, 2 local blocks,
+#: DKernel pattern (S2-Attention, arXiv:2407.17678) scaled down: 16-token blocks, 2 local blocks,
 #: stride 4.
 PRESETS: Dict[str, Dict[str, object]] = {
     "sliding_window": {"window": 32, "window_size": 32},

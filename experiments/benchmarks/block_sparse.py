@@ -1,4 +1,4 @@
-"""Block-sparse engine on CPU: causal sliding window and S2-Attention (spec P2-10).
+"""Block-sparse engine on CPU: causal sliding window and S2-Attention (arXiv:2407.17678).
 
 B = 1, N = 8, H = 64, float32.
 

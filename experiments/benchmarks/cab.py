@@ -1,4 +1,6 @@
-"""CAB-style benchmark (Zhang et al., ICML 2023; spec P2-20): every family x the four patterns.
+"""CAB-style benchmark (Zhang et al., ICML 2023; arXiv:2210.07661): every family x the four patterns.
+
+"CAB: Comprehensive Attention Benchmarking on Long Sequence Modeling".
 
 ``python -m experiments.bench --family=cab`` times every registered attention
 family (``attnjax.layers.list_families()``) and the peers installed here on

@@ -1,4 +1,4 @@
-"""Neighborhood attention benchmark (NATTEN FNA, spec P2-23): tiled XLA path vs dense.
+"""Neighborhood attention benchmark (NATTEN FNA, arXiv:2403.04690): tiled XLA path vs dense.
 
 float32, B = 1, N = 4, H = 32: na2d on 64x64 and 128x128 tokens with kernel 7
 and 13, na3d on 16x32x32 with kernel 7. For each: forward and forward+backward

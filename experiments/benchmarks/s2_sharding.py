@@ -1,4 +1,4 @@
-"""S2-Attention head-sharded context parallelism: bytes each device receives (spec P2-10).
+"""S2-Attention head-sharded context parallelism: bytes each device receives (arXiv:2407.17678).
 
 ``python -m experiments.bench --family=s2_sharding`` reports, for a
 Phi-3-small-like S2 layer (32 query / 8 KV heads, head_dim 128, blocks of 64,

@@ -1,4 +1,4 @@
-"""Bigram-Backcopy (BB), the synthetic task of Active-Dormant Attention Heads (Guo et al., 2024; spec P2-06).
+"""Bigram-Backcopy (BB), the synthetic task of Active-Dormant Attention Heads (Guo et al., 2024; arXiv:2410.13835).
 
 Token 0 is BOS and starts every sequence. A fixed random bigram transition
 table (a function of the seed) gives each non-trigger token

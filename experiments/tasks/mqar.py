@@ -1,4 +1,4 @@
-"""Multi-query associative recall (MQAR), as in Zoology (Arora et al., 2023) and BASED (spec P2-09).
+"""Multi-query associative recall (MQAR), as in Zoology (Arora et al., 2023) and BASED (arXiv:2402.18668).
 
 A sequence of length ``seq_len`` starts with ``num_kv_pairs`` key-value
 pairs ``k1 v1 k2 v2 ...`` (keys drawn without replacement from
