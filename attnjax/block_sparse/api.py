@@ -12,14 +12,8 @@ on a long sequence (T * S >= 4M) ``plan.pick_blocks`` classifies the mask
 once on the finest candidate grid (256 x 64), derives the candidates
 (512/256 rows x 512/256/128/64 columns) by exact coarsening and keeps the one
 with the lowest estimated cost. Layouts and schedules are cached per (mask,
-shape, blocks, heads), so a jitted call pays this once, at trace time.
-
-Cost of building a layout at T = S = 128k, 8 heads (measured on a shared
-2-core CPU; trace time, paid once): causal 1.2 s, causal sliding window 256
-1.1 s, S2 (block 64, 16 local blocks, stride 8) 1.8 s, BigBird (block 64,
-3 random blocks) 9.9 s; the schedule built from a layout takes 0.01-0.12 s.
-Building a 64 x 64 ``BlockLayout`` directly (``Mask.block_layout``, with its
-CSR/CSC lists) takes 0.5 s (causal) to 6-7 s (S2, BigBird).
+shape, blocks, heads), so a jitted call pays this once, at trace time (seconds
+at 128k tokens; measured build times are in docs/results.md).
 """
 from __future__ import annotations
 

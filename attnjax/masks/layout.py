@@ -11,13 +11,11 @@ valid entries followed by copies of the last valid entry (or 0 for an empty
 row), so a kernel may always gather a valid block and skip by count.
 Head-independent masks give read-only arrays broadcast over heads.
 
-Build cost (``time.perf_counter`` around ``mask.block_layout(T, T, 128, 128, 8)``,
-T = 131072, 8 heads, cache cleared, best of 3 on a shared 2-core CPU under
-load, NumPy): ``Causal()`` 0.11 s (4.2M visited blocks); ``SlidingWindow(4095, 0)``
-0.04 s; ``Causal() & SlidingWindow(4095)`` 0.29 s (its diagonal blocks are
-re-evaluated element-wise, see below); ``S2(8)`` with block 64, 16 local blocks,
-stride 8: 0.82 s; the same with block 128: 0.73 s. The closed forms cost O(1)
-per block; most of the time is building the padded lists.
+A layout is built once per (mask, shape, blocks, heads) and cached. The closed
+forms cost O(1) per block; most of the build time is spent on the padded lists
+(intersections such as ``Causal() & SlidingWindow(w)`` also re-evaluate their
+diagonal blocks element-wise, see below). Measured build times are in
+docs/results.md.
 """
 from __future__ import annotations
 
