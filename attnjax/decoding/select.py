@@ -1,17 +1,16 @@
 """Token-level KV selection for decoding.
 
 TokenSelect ("TokenSelect: Dynamic Token-Level KV Cache Selection",
-arXiv:2411.02886): per query
-chunk, score every candidate cache position by soft voting over heads
-(the sum over query heads of their softmax over candidates), keep the
+arXiv:2411.02886): per query chunk, score every candidate cache position by
+soft voting over heads (the sum over query heads of their softmax over candidates), keep the
 ``top_k`` best plus ``n_init`` initial and ``n_local`` recent positions, and
 attend to that set; a selection cache reuses the last indices when the
 chunk's query fingerprint barely moved (cosine >= 0.9).
 
 TidalDecode ("TidalDecode: Fast and Accurate LLM Decoding with Position
-Persistent Sparse Attention", arXiv:2410.05076): a few layers run full attention; a selection layer also
-picks each KV head's top-k positions, and the following layers reuse those
-positions until a re-selection layer.
+Persistent Sparse Attention", arXiv:2410.05076): a few layers run full
+attention; a selection layer also picks each KV head's top-k positions, and
+the following layers reuse those positions until a re-selection layer.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Attention AT / iAT ("Attention Meets Perturbations: Robust and Interpretable
 Attention with Adversarial Training", arXiv:2009.12064) and Attention VAT / iVAT
 ("Making Attention Mechanisms More Robust and Interpretable with Virtual
-Adversarial Training", arXiv:2104.08763). Both perturb the pre-softmax attention scores
-``a [B, T]`` of a classifier by a direction of norm ``epsilon`` per example;
+Adversarial Training", arXiv:2104.08763). Both perturb the pre-softmax
+attention scores ``a [B, T]`` of a classifier by a direction of norm ``epsilon`` per example;
 iAT/iVAT restrict the direction to the span of the normalised differences of
 the minibatch's score vectors, which keeps perturbed scores interpretable.
 """
