@@ -146,7 +146,7 @@ def act_calibrate(probs, *, threshold: float = 0.1, beta: float = 0.4, keep_firs
 
 
 def boost_token_attention(logits, token_mask, head_strength, *, alpha: float = 1.0):
-  """Head-specific boost of selected keys (#20): logits [B,N,T,S] -> logits.
+  """Head-specific boost of selected keys (arXiv:2501.12206): logits [B,N,T,S] -> logits.
 
   Adds ``alpha * head_strength[h]`` to the logits of keys in ``token_mask``
   (bool [S] or [B, S]); strength 0 is the identity and the attention mass on

@@ -1,4 +1,4 @@
-"""Linear-attention benchmark (Lightning Attention-2 #25 / TNL #27): constant speed over T.
+"""Linear-attention benchmark (Lightning Attention-2, arXiv:2401.04658 / TNL, arXiv:2405.17381): constant speed over T.
 
 B = 1, N = 8, H = 64: causal linear attention (identity features, TNL decay,
 chunk 64, XLA path) forward and forward+backward tokens/s from T = 1k to 64k,
