@@ -13,7 +13,7 @@ once on the finest candidate grid (256 x 64), derives the candidates
 (512/256 rows x 512/256/128/64 columns) by exact coarsening and keeps the one
 with the lowest estimated cost. Layouts and schedules are cached per (mask,
 shape, blocks, heads), so a jitted call pays this once, at trace time (seconds
-at 128k tokens; measured build times are in docs/results.md).
+at 128k tokens; measured build times are in docs/build_costs.md).
 """
 from __future__ import annotations
 

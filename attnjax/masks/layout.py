@@ -15,7 +15,7 @@ A layout is built once per (mask, shape, blocks, heads) and cached. The closed
 forms cost O(1) per block; most of the build time is spent on the padded lists
 (intersections such as ``Causal() & SlidingWindow(w)`` also re-evaluate their
 diagonal blocks element-wise, see below). Measured build times are in
-docs/results.md.
+docs/build_costs.md.
 """
 from __future__ import annotations
 
