@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.block_sparse.api import attention
 from attnjax.core import placement
 from attnjax.core import validation as V
-from attnjax.core.merge import merge_attention
-from attnjax.core.reference import reference_attention
-
 from attnjax.core.dispatch import IMPLEMENTATIONS, explain  # noqa: F401  (re-exported)
+from attnjax.core.merge import merge_attention
+from attnjax import masks as M
 
 __all__ = ["attention", "dot_product_attention", "merge_attention", "default_implementation",
            "explain"]
@@ -31,58 +31,6 @@ def default_implementation(*arrays) -> str:
   targets are those of ``pallas_kernels.targets.support.COMPILES``.
   """
   return placement.default_kernel_implementation("block_sparse", *arrays)
-
-
-def _engine():
-  """The block-sparse engine module (imported on first use: it imports this module's
-  families back through ``attnjax.block_sparse``)."""
-  from attnjax.block_sparse import api as engine_api  # pylint: disable=g-import-not-at-top
-  return engine_api
-
-
-def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
-              q_positions=None, k_positions=None, segment_ids=None,
-              return_lse=False, implementation=None):
-  """Multi-head attention in BTNH layout, with GQA/MQA.
-
-  Args:
-    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; N % K == 0.
-    mask: an ``attnjax.masks.Mask`` (e.g. ``Causal()``,
-      ``SlidingWindow(256)``, their ``&``/``|``/``~`` combinations) or a
-      boolean array broadcastable to [B, N, T, S] (True = may attend).
-    score: a score variant from ``attnjax.scores`` (default: softmax).
-    bias: additive float array broadcastable to [B, N, T, S].
-    scale: logit scale, default 1/sqrt(H).
-    q_positions, k_positions: int [T]/[B, T], [S]/[B, S]; default
-      bottom-right aligned: ``arange(T) + S - T`` and ``arange(S)``.
-    segment_ids: [B, T] (T == S) or a pair ([B, T], [B, S]): queries attend
-      only to keys of their own segment (packed documents).
-    return_lse: also return the log-sum-exp [B, T, N] float32 (for
-      ``merge_attention``).
-    implementation: "reference" (dense float32 oracle), "xla" (blocked
-      flash-style pure-JAX path that skips fully masked blocks), "pallas"
-      (TPU/GPU kernel; interpret mode on CPU) or None: the first of
-      ("pallas", "xla") that supports the call on the device it is placed on
-      (``attnjax.explain`` says which and why). The reference never runs
-      unasked: when no fast backend supports a call it runs with a warning.
-
-  Returns:
-    out [B, T, N, Hv] in the query dtype (and lse when asked). A query row
-    that sees no key returns zeros and lse = -inf. Accumulation is float32;
-    float64 inputs (under ``jax_enable_x64``) are computed in float64 by the
-    reference only: the xla/pallas paths give them float32-level error and
-    warn (``attnjax.core.precision.Float32AccumulationWarning``).
-  """
-  query, key, value = V.as_arrays(query, key, value)
-  V.check_qkv(query, key, value)
-  BA = _engine()
-  kwargs = dict(mask=mask, score=score, bias=bias, scale=scale, q_positions=q_positions,
-                k_positions=k_positions, segment_ids=segment_ids, return_lse=return_lse)
-  call = BA.attention_call(query, key, value, mask=mask, score=score, bias=bias, scale=scale)
-  backend = BA.check_impl(implementation, call)
-  if backend == "reference":
-    return reference_attention(query, key, value, **kwargs)
-  return BA.run_attention(query, key, value, backend=backend, **kwargs)
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
@@ -108,7 +56,6 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if unbatched:
     query, key, value = query[None], key[None], value[None]
   d = V.check_qkv(query, key, value)
-  from attnjax import masks as M  # pylint: disable=g-import-not-at-top
   m = None
   if is_causal:
     m = M.Causal()

@@ -91,7 +91,8 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def result():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600, check=False)

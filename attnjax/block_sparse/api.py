@@ -32,8 +32,12 @@ from attnjax.core import placement
 from attnjax.core import precision
 from attnjax.core import scoring
 from attnjax.core import validation as V
+from attnjax.core.reference import reference_attention
 from attnjax.masks import layout as LY
 from attnjax.masks.base import Mask
+from pallas_kernels.block_sparse import block_sparse_pallas
+from pallas_kernels.block_sparse import resources
+from pallas_kernels.targets import budgets
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -248,15 +252,53 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
 
 
 def _pallas(query, key, value, layout, **kwargs):
-  try:
-    from pallas_kernels.block_sparse import block_sparse_pallas  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NotImplementedError(
-        "implementation='pallas' needs pallas_kernels.block_sparse.block_sparse_pallas, "
-        f"which is not available ({e}).") from e
   precision.warn_float32_accumulation("the block-sparse kernels (implementation='pallas')",
                                       query, key, value)
   return block_sparse_pallas(query, key, value, layout, **kwargs)
+
+
+def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
+              q_positions=None, k_positions=None, segment_ids=None,
+              return_lse=False, implementation=None):
+  """Multi-head attention in BTNH layout, with GQA/MQA.
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; N % K == 0.
+    mask: an ``attnjax.masks.Mask`` (e.g. ``Causal()``,
+      ``SlidingWindow(256)``, their ``&``/``|``/``~`` combinations) or a
+      boolean array broadcastable to [B, N, T, S] (True = may attend).
+    score: a score variant from ``attnjax.scores`` (default: softmax).
+    bias: additive float array broadcastable to [B, N, T, S].
+    scale: logit scale, default 1/sqrt(H).
+    q_positions, k_positions: int [T]/[B, T], [S]/[B, S]; default
+      bottom-right aligned: ``arange(T) + S - T`` and ``arange(S)``.
+    segment_ids: [B, T] (T == S) or a pair ([B, T], [B, S]): queries attend
+      only to keys of their own segment (packed documents).
+    return_lse: also return the log-sum-exp [B, T, N] float32 (for
+      ``merge_attention``).
+    implementation: "reference" (dense float32 oracle), "xla" (blocked
+      flash-style pure-JAX path that skips fully masked blocks), "pallas"
+      (TPU/GPU kernel; interpret mode on CPU) or None: the first of
+      ("pallas", "xla") that supports the call on the device it is placed on
+      (``attnjax.explain`` says which and why). The reference never runs
+      unasked: when no fast backend supports a call it runs with a warning.
+
+  Returns:
+    out [B, T, N, Hv] in the query dtype (and lse when asked). A query row
+    that sees no key returns zeros and lse = -inf. Accumulation is float32;
+    float64 inputs (under ``jax_enable_x64``) are computed in float64 by the
+    reference only: the xla/pallas paths give them float32-level error and
+    warn (``attnjax.core.precision.Float32AccumulationWarning``).
+  """
+  query, key, value = V.as_arrays(query, key, value)
+  V.check_qkv(query, key, value)
+  kwargs = dict(mask=mask, score=score, bias=bias, scale=scale, q_positions=q_positions,
+                k_positions=k_positions, segment_ids=segment_ids, return_lse=return_lse)
+  call = attention_call(query, key, value, mask=mask, score=score, bias=bias, scale=scale)
+  backend = check_impl(implementation, call)
+  if backend == "reference":
+    return reference_attention(query, key, value, **kwargs)
+  return run_attention(query, key, value, backend=backend, **kwargs)
 
 
 def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
@@ -337,7 +379,6 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
 
 def kernel_platform(*arrays):
   """'tpu' or 'gpu' when the call is placed on a compile target the kernels know, else None."""
-  from pallas_kernels.targets import budgets  # pylint: disable=g-import-not-at-top
   budget = budgets.budget(budgets.target_of_device(placement.target_device(*arrays)))
   return None if budget is None else budget.platform
 
@@ -348,8 +389,6 @@ def _kernel_blocks(d, query, key, value):
   The XLA path's blocks come from a CPU cost model and may be narrower than a
   TPU kernel accepts (block_kv % 128); GPU kernels tile any of them.
   """
-  from pallas_kernels.block_sparse import resources  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.targets import budgets  # pylint: disable=g-import-not-at-top
   if kernel_platform(query, key, value) != "tpu":
     return None
   target = budgets.target_of_device(placement.target_device(query, key, value))

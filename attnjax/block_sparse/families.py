@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.block_sparse.api import attention
 from attnjax.core import validation as V
 from attnjax.masks import (AnchorDocuments, Causal, GlobalTokens, Modality, RandomBlocks,
                            SameBlock, SinkWindow, SlidingWindow)
@@ -29,8 +30,7 @@ from attnjax.masks import (AnchorDocuments, Causal, GlobalTokens, Modality, Rand
 def _attend(query, key, value, mask, *, score=None, scale=None, q_positions=None,
             k_positions=None, segment_ids=None, return_lse=False, implementation=None,
             bias=None):
-  from attnjax import api  # pylint: disable=g-import-not-at-top
-  return api.attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
+  return attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
                        q_positions=q_positions, k_positions=k_positions,
                        segment_ids=segment_ids, return_lse=return_lse,
                        implementation=implementation)

@@ -23,6 +23,8 @@ from attnjax.core import validation as V
 from attnjax.core.reference import reference_attention
 from attnjax.masks import layout as LY
 from attnjax.masks.base import Mask
+from attnjax.core.reference import dense_visibility
+from pallas_kernels.block_sparse import block_sparse_pallas_indices
 
 #: q-block merging of small layout blocks ("Merge-Q"): merged rows reach this size.
 MERGE_Q_ROWS = 256
@@ -154,39 +156,6 @@ def _kernel_layout(layout: LY.BlockLayout, d: V.Dims, *arrays) -> LY.BlockLayout
                                   k_offset=layout.k_offset)
 
 
-def check_block_lists(kv_block_indices, kv_block_counts, d: V.Dims, block_q, block_kv):
-  """Validated (indices int32 [B, Hl, nq, k] in [0, nk), counts int32 [B, Hl, nq] in [0, k])."""
-  for name, b, L, letter in (("block_q", block_q, d.T, "T"), ("block_kv", block_kv, d.S, "S")):
-    V.check_positive_int(name, b)
-    if L % b:
-      raise ValueError(f"{name}={b} does not divide {letter}={L}.")
-  nq, nk = d.T // block_q, d.S // block_kv
-  idx = jnp.asarray(kv_block_indices)
-  if (idx.ndim != 4 or idx.shape[0] != d.B or idx.shape[1] not in (d.N, d.K)
-      or idx.shape[2] != nq or idx.shape[3] < 1):
-    raise ValueError(
-        f"kv_block_indices must have shape [B, N or K, T // block_q, k] = [{d.B}, {d.N} or "
-        f"{d.K}, {nq}, k >= 1], got {idx.shape}.")
-  if not jnp.issubdtype(idx.dtype, jnp.integer):
-    raise ValueError(f"kv_block_indices must be an integer array, got dtype {idx.dtype}.")
-  k = idx.shape[-1]
-  if kv_block_counts is None:
-    counts = jnp.full(idx.shape[:3], k, jnp.int32)
-  else:
-    counts = jnp.asarray(kv_block_counts)
-    if counts.shape != idx.shape[:3]:
-      raise ValueError(
-          f"kv_block_counts must have shape [B, heads, T // block_q] = {idx.shape[:3]} "
-          f"(as kv_block_indices), got {counts.shape}.")
-    if not jnp.issubdtype(counts.dtype, jnp.integer):
-      raise ValueError(f"kv_block_counts must be an integer array, got dtype {counts.dtype}.")
-  # Same conventions as the XLA path: out-of-range block indices are clipped;
-  # counts are taken in [0, k].
-  idx = jax.lax.stop_gradient(jnp.clip(idx.astype(jnp.int32), 0, nk - 1))
-  counts = jax.lax.stop_gradient(jnp.clip(counts.astype(jnp.int32), 0, k))
-  return idx, counts
-
-
 def _runtime_schedule(indices, counts, nq: int, lanes: int, group: int):
   """Schedule from lists [B, Hl, nq, k]: rows cut into items of ``group`` k-blocks
   (the last one padded), rows split over lanes -> [B, Hl, lanes, steps(, group)]."""
@@ -256,7 +225,7 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
                            scale=scale, q_positions=q_positions, k_positions=k_positions,
                            segment_ids=segment_ids, return_lse=return_lse)
   d = V.check_qkv(query, key, value)
-  idx, counts = check_block_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
+  idx, counts = V.check_block_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
   nq, k = idx.shape[2], idx.shape[3]
   if mask is not None and not isinstance(mask, Mask):
     raise TypeError(f"mask must be an attnjax Mask or None, got {type(mask).__name__}.")
@@ -282,12 +251,6 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
 
 
 def _pallas_indices(query, key, value, indices, counts, **kwargs):
-  try:
-    from pallas_kernels.block_sparse import block_sparse_pallas_indices  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NotImplementedError(
-        "implementation='pallas' needs pallas_kernels.block_sparse.block_sparse_pallas_indices, "
-        f"which is not available ({e}).") from e
   precision.warn_float32_accumulation("the block-sparse kernels (implementation='pallas')",
                                       query, key, value)
   return block_sparse_pallas_indices(query, key, value, indices, counts, **kwargs)
@@ -296,7 +259,6 @@ def _pallas_indices(query, key, value, indices, counts, **kwargs):
 def _indices_reference(query, key, value, indices, counts, *, block_q, block_kv, mask, score,
                        scale, q_positions, k_positions, segment_ids, return_lse):
   """Dense oracle for ``block_sparse_attention_indices`` (the lists as a [B, N, T, S] mask)."""
-  from attnjax.core.reference import dense_visibility, reference_attention  # pylint: disable=g-import-not-at-top
   d = V.check_qkv(query, key, value)
   nk = d.S // block_kv
   idx = jnp.asarray(indices, jnp.int32)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from attnjax.core import scoring
 from attnjax.core import validation as V
+from attnjax.masks.base import Mask
 
 
 def _compute_dtype(query):
@@ -34,7 +35,6 @@ def _masked_logsumexp(x):
 
 def dense_visibility(mask, d: V.Dims, q_pos, k_pos, segs):
   """Boolean visibility broadcastable to [B, N, T, S] from a Mask or an array."""
-  from attnjax.masks.base import Mask  # pylint: disable=g-import-not-at-top
   V.check_mask_argument(mask, Mask)
   if mask is None:
     vis = jnp.ones((1, 1, d.T, d.S), bool)

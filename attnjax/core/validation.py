@@ -236,3 +236,49 @@ def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
   if value < minimum:
     raise ValueError(f"{name} must be >= {minimum}, got {value}.")
   return int(value)
+
+
+def check_block_lists(kv_block_indices, kv_block_counts, d: Dims, block_q, block_kv):
+  """Run-time block lists, validated.
+
+  Args:
+    kv_block_indices: int [B, N or K, T // block_q, k]: the k-blocks each
+      q-block visits (per query head or per KV head).
+    kv_block_counts: int [B, N or K, T // block_q] listed entries per row, or
+      None (all k).
+    d: the call's sizes; block_q, block_kv: must divide T and S.
+
+  Returns:
+    (indices int32 [B, Hl, nq, k] clipped to [0, nk), counts int32 [B, Hl, nq]
+    clipped to [0, k]), without gradients. Clipping is the engines' documented
+    convention for out-of-range entries.
+  """
+  for name, b, L, letter in (("block_q", block_q, d.T, "T"), ("block_kv", block_kv, d.S, "S")):
+    check_positive_int(name, b)
+    if L % b:
+      raise ValueError(f"{name}={b} does not divide {letter}={L}.")
+  nq, nk = d.T // block_q, d.S // block_kv
+  idx = jnp.asarray(kv_block_indices)
+  if (idx.ndim != 4 or idx.shape[0] != d.B or idx.shape[1] not in (d.N, d.K)
+      or idx.shape[2] != nq or idx.shape[3] < 1):
+    raise ValueError(
+        f"kv_block_indices must have shape [B, N or K, T // block_q, k] = [{d.B}, {d.N} or "
+        f"{d.K}, {nq}, k >= 1], got {idx.shape}.")
+  if not jnp.issubdtype(idx.dtype, jnp.integer):
+    raise ValueError(f"kv_block_indices must be an integer array, got dtype {idx.dtype}.")
+  k = idx.shape[-1]
+  if kv_block_counts is None:
+    counts = jnp.full(idx.shape[:3], k, jnp.int32)
+  else:
+    counts = jnp.asarray(kv_block_counts)
+    if counts.shape != idx.shape[:3]:
+      raise ValueError(
+          f"kv_block_counts must have shape [B, heads, T // block_q] = {idx.shape[:3]} "
+          f"(as kv_block_indices), got {counts.shape}.")
+    if not jnp.issubdtype(counts.dtype, jnp.integer):
+      raise ValueError(f"kv_block_counts must be an integer array, got dtype {counts.dtype}.")
+  # Same conventions as the XLA path: out-of-range block indices are clipped;
+  # counts are taken in [0, k].
+  idx = jax.lax.stop_gradient(jnp.clip(idx.astype(jnp.int32), 0, nk - 1))
+  counts = jax.lax.stop_gradient(jnp.clip(counts.astype(jnp.int32), 0, k))
+  return idx, counts

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from attnjax.core import validation as V
 from attnjax.dynamic.select import expand_block_heads, normalize_positions
+from attnjax.masks import Causal
 
 __all__ = ["gather_attention", "block_gather_attention", "layout_attention",
            "masked_softmax_attend", "engine"]
@@ -128,20 +129,9 @@ def block_gather_attention(query, key, value, kv_block_indices, kv_block_counts,
 
 
 def _check_lists(indices, counts, d, block_q, block_kv):
-  for name, b, L, letter in (("block_q", block_q, d.T, "T"), ("block_kv", block_kv, d.S, "S")):
-    V.check_positive_int(name, b)
-    if L % b:
-      raise ValueError(f"{name}={b} must divide {letter}={L}.")
-  nq = d.T // block_q
-  indices, counts = jnp.asarray(indices), jnp.asarray(counts)
-  if indices.ndim != 4 or indices.shape[0] != d.B or indices.shape[1] not in (d.N, d.K) \
-      or indices.shape[2] != nq:
-    raise ValueError(f"kv_block_indices must have shape [B, N or K, nq, k]=({d.B}, {d.N} or "
-                     f"{d.K}, {nq}, k), got {indices.shape}.")
-  if counts.shape != indices.shape[:3]:
-    raise ValueError(f"kv_block_counts must have shape {indices.shape[:3]}, got {counts.shape}.")
-  idx = jnp.clip(expand_block_heads(indices.astype(jnp.int32), d.N), 0, d.S // block_kv - 1)
-  return idx, expand_block_heads(counts.astype(jnp.int32), d.N)
+  """Validated lists with one list set per query head: [B, N, nq, k] and [B, N, nq]."""
+  idx, cnt = V.check_block_lists(indices, counts, d, block_q, block_kv)
+  return expand_block_heads(idx, d.N), expand_block_heads(cnt, d.N)
 
 
 def engine():
@@ -173,7 +163,6 @@ def layout_attention(query, key, value, kv_block_indices, kv_block_counts, *, bl
   if fn is None:
     raise ValueError(f"implementation={implementation!r} needs attnjax.block_sparse, which "
                      "is not importable; use implementation='gather'.")
-  from attnjax.masks import Causal  # pylint: disable=g-import-not-at-top
   try:
     return fn(query, key, value, kv_block_indices, kv_block_counts,
               mask=Causal() if causal else None, implementation=implementation, **kwargs)

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
 from attnjax.dynamic.gather import masked_softmax_attend
+from attnjax import api
+from attnjax.masks import Causal
 
 __all__ = ["hyper_attention", "sort_lsh_buckets", "gray_code_permutation"]
 
@@ -48,8 +50,6 @@ def sort_lsh_buckets(x, proj):
 
 def _exact(query, key, value, causal, scale, implementation):
   """Exact (causal) attention with lse through ``attnjax.attention``."""
-  from attnjax import api  # pylint: disable=g-import-not-at-top
-  from attnjax.masks import Causal  # pylint: disable=g-import-not-at-top
   return api.attention(query, key, value, mask=Causal() if causal else None, scale=scale,
                        return_lse=True, implementation=implementation)
 

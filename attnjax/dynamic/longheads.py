@@ -30,6 +30,8 @@ from attnjax.core import validation as V
 from attnjax.dynamic.gather import masked_softmax_attend
 from attnjax.dynamic.select import topk_blocks
 from attnjax.layers.rope import apply_rope
+from attnjax import api
+from attnjax.masks import Causal
 
 __all__ = ["longheads_attention", "chunk_representations"]
 
@@ -94,8 +96,6 @@ def longheads_attention(query, key, value, *, chunk_size: int = 256, attn_len: i
                      "least 3 chunks (the first, the previous and the own chunk).")
   begin = attn_len if begin_selective_length is None else begin_selective_length
   if d.S <= begin:
-    from attnjax import api  # pylint: disable=g-import-not-at-top
-    from attnjax.masks import Causal  # pylint: disable=g-import-not-at-top
     pos = jnp.arange(d.T)
     out = api.attention(apply_rope(query, pos, rope_base), apply_rope(key, pos, rope_base),
                         value, mask=Causal(), scale=scale)

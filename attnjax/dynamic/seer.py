@@ -30,6 +30,7 @@ from attnjax.dynamic.gather import layout_attention
 from attnjax.dynamic.select import (block_validity, normalize_positions, pool_blocks,
                                     topk_blocks)
 from attnjax.layers.rope import apply_rope
+from attnjax.masks import Causal
 
 __all__ = ["seer_gate", "seer_ground_truth", "seer_distillation_loss", "gate_to_layout",
            "seer_attention", "SeerAttnGate", "SeerAttention"]
@@ -84,7 +85,6 @@ def seer_ground_truth(query, key, *, block: int = 64, causal: bool = True, scale
   Returns float32 [B, N, T/block, S/block] (rows sum to 1; zero rows stay zero).
   Dense O(T S) memory: a training-time tool for short sequences.
   """
-  from attnjax.masks import Causal  # pylint: disable=g-import-not-at-top
   d = V.check_qkv(query, key, key)
   _, _, probs = reference_attention(query, key, key, mask=Causal() if causal else None,
                                     scale=scale, q_positions=q_positions,

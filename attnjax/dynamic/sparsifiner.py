@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from attnjax.core import validation as V
 from attnjax.core.reference import reference_attention
 from attnjax.dynamic.gather import gather_attention
+from attnjax.masks import Causal
 
 __all__ = ["connectivity_scores", "sparsifiner_attention", "sparsifiner_distillation_loss",
            "SparsifinerAttention"]
@@ -100,7 +101,6 @@ def sparsifiner_distillation_loss(query, key, params, *, up_topk: Optional[int] 
   The dense map is the (stop-gradient) teacher; gradients reach w_down and
   w_up (and q/k through the predictor). Dense O(T S) memory (ViT scale).
   """
-  from attnjax.masks import Causal  # pylint: disable=g-import-not-at-top
   conn = connectivity_scores(query, key, params, up_topk=up_topk, scale=scale)
   _, _, probs = reference_attention(jax.lax.stop_gradient(query), jax.lax.stop_gradient(key),
                                     jax.lax.stop_gradient(key), mask=Causal() if causal else None,

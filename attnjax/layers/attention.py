@@ -9,7 +9,7 @@ family with its ``attention_options``. KV-cache decoding uses Flax's
 """
 from __future__ import annotations
 
-import inspect
+import difflib
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from attnjax.analysis.heads import apply_head_mask
 
 from attnjax.layers import registry
+from attnjax.layers.options import option_names
 from attnjax.layers.rope import apply_rope
 
 __all__ = ["MultiHeadAttention", "bind_score_params"]
@@ -42,18 +43,20 @@ def bind_score_params(module: nn.Module, score, num_heads: int, param_dtype=jnp.
 
 
 def _check_options(name, fn, kwargs):
-  """ValueError naming any keyword the family function does not accept."""
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return
-  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-    return
-  unknown = sorted(set(kwargs) - set(params))
-  if unknown:
+  """ValueError naming any keyword the family function does not accept.
+
+  The accepted options include those the family forwards through ``**options``
+  (``attnjax.layers.options.option_names``); when that forwarding cannot be
+  followed the family itself is left to reject an unknown option.
+  """
+  valid, complete = option_names(fn)
+  unknown = sorted(set(kwargs) - set(valid))
+  if unknown and complete:
+    close = {u: difflib.get_close_matches(u, valid, n=1) for u in unknown}
+    hints = "".join(f" (did you mean {c[0]!r} for {u!r}?)" for u, c in close.items() if c)
     raise ValueError(
         f"attention family {name!r} does not accept {unknown} (from attention_options or "
-        f"the layer's mask/score/implementation); it accepts {list(params)[3:]}.")
+        f"the layer's mask/score/implementation){hints}; it accepts {sorted(valid)}.")
 
 
 _PAD = jnp.iinfo(jnp.int32).min   # the segment of padded keys: no query is in it

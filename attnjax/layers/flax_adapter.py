@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from attnjax import api
 from attnjax.core import validation as V
 from attnjax.core.reference import reference_attention
+from attnjax.masks import Mask
 
 __all__ = ["make_attention_fn"]
 
@@ -50,7 +51,6 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
   attention weights (``module`` given), the dense reference path is used and
   the weights [..., N, T, S] are sown as ``attention_weights``.
   """
-  from attnjax.masks import Mask  # pylint: disable=g-import-not-at-top
   if mask is not None and not isinstance(mask, Mask):
     raise TypeError(
         f"mask must be an attnjax.masks.Mask or None (array masks come from Flax's call), "

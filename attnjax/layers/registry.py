@@ -6,8 +6,9 @@ Each engine package exposes ``FAMILIES: dict[str, callable]`` in its
     fn(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
        segment_ids=None, **options) -> out [B, T, N, Hv]
 
-The packages are imported lazily, on the first lookup, so a missing or
-not-yet-written engine package never breaks the others. ``"dense"``
+The engine packages are imported on the first lookup (they import helpers of
+this package, e.g. rotary embeddings, so they cannot be imported when it is);
+an engine that fails to import raises there. ``"dense"``
 (``attnjax.attention`` with an optional ``Causal()`` mask) is always present.
 A family that handles a KV cache correctly (it honours ``q_positions`` /
 ``k_positions`` for causality over a partly filled cache) sets the attribute
@@ -17,6 +18,10 @@ from __future__ import annotations
 
 import importlib
 from typing import Callable, Dict, Optional
+import jax.numpy as jnp
+from attnjax import api
+from attnjax.core import validation as V
+from attnjax.masks import Causal, Mask
 
 __all__ = ["ENGINE_PACKAGES", "get_family", "list_families", "register_family", "dense_family"]
 
@@ -26,13 +31,11 @@ ENGINE_PACKAGES = (
     "attnjax.linear",
     "attnjax.neighborhood",
     "attnjax.dynamic",
-    "attnjax.content",
     "attnjax.decoding",
     "attnjax.vision",
 )
 
 _USER: Dict[str, Callable] = {}
-_import_errors: Dict[str, str] = {}
 
 
 def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
@@ -44,8 +47,6 @@ def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positio
   [B, T, N, Hv]. ``mask`` is an ``attnjax.masks.Mask`` or a boolean array
   broadcastable to [B, N, T, S]; ``score`` an ``attnjax.scores`` variant.
   """
-  from attnjax import api  # pylint: disable=g-import-not-at-top
-  from attnjax.masks import Causal, Mask  # pylint: disable=g-import-not-at-top
   if causal:
     if mask is None:
       mask = Causal()
@@ -63,8 +64,6 @@ dense_family.supports_kv_cache = True
 
 def _causal_and_array(mask, query, key, q_positions, k_positions):
   """A boolean mask array [.., T, S] and causality by positions, as one array."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from attnjax.core import validation as V  # pylint: disable=g-import-not-at-top
   d = V.Dims(query.shape[0], query.shape[1], key.shape[1], query.shape[2], key.shape[2],
              query.shape[3], query.shape[3])
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
@@ -85,21 +84,8 @@ def register_family(name: str, fn: Callable) -> None:
 def _engine_families() -> Dict[str, Callable]:
   found: Dict[str, Callable] = {}
   for pkg in ENGINE_PACKAGES:
-    try:
-      mod = importlib.import_module(pkg)
-    except ModuleNotFoundError as e:
-      if e.name is not None and (pkg == e.name or pkg.startswith(e.name + ".")):
-        continue  # the engine package is not there (yet): not an error.
-      _import_errors[pkg] = f"{type(e).__name__}: {e}"
-      continue
-    except Exception as e:  # pylint: disable=broad-except
-      _import_errors[pkg] = f"{type(e).__name__}: {e}"
-      continue
-    _import_errors.pop(pkg, None)
-    fams = getattr(mod, "FAMILIES", None)
-    if fams is None:
-      continue
-    for name, fn in dict(fams).items():
+    fams = getattr(importlib.import_module(pkg), "FAMILIES", None)
+    for name, fn in dict(fams or {}).items():
       found.setdefault(name, fn)
   return found
 
@@ -120,9 +106,5 @@ def get_family(name: str) -> Callable:
   fams = list_families()
   fn: Optional[Callable] = fams.get(name)
   if fn is None:
-    msg = f"unknown attention family {name!r}; available: {sorted(fams)}."
-    if _import_errors:
-      msg += " Engine packages that failed to import: " + "; ".join(
-          f"{k} ({v})" for k, v in sorted(_import_errors.items()))
-    raise ValueError(msg)
+    raise ValueError(f"unknown attention family {name!r}; available: {sorted(fams)}.")
   return fn

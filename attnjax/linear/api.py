@@ -16,13 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import dispatch
+from attnjax.core import placement
 from attnjax.core import precision
-from attnjax.core.validation import check_positions, check_positive_int, check_qkv, check_segment_ids
+from attnjax.core.validation import (as_arrays, check_positions, check_positive_int, check_qkv,
+                                     check_segment_ids)
 from attnjax.linear import engine, reference
 from attnjax.linear.decay import resolve_decay
 from attnjax.linear.feature_maps import resolve_feature_map
 
-IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
 
 
 def _compute_dtype(x, implementation: str = "xla"):
@@ -54,14 +56,34 @@ def _check_state(state, shape, name="initial_state", dtype=jnp.float32):
   return jnp.asarray(state, dtype)
 
 
-def _pick_implementation(implementation):
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
-  if implementation is None:
-    # The Pallas kernels are verified in interpret mode only; until they are
-    # timed and checked on hardware, the chunked XLA scan is the default.
-    return "xla"
-  return implementation
+def _chunked_supports(call: dispatch.Call, explicit: bool):
+  del explicit
+  if call["positions_or_segments"]:
+    return ("the chunked paths assume the default positions and a single segment "
+            "(q_positions / k_positions / segment_ids were given)")
+  return None
+
+
+def _pallas_supports(call: dispatch.Call, explicit: bool):
+  if not explicit and not call["kernel_default"]:
+    return ("the linear kernels are opt-in (implementation='pallas') until they have run "
+            "on hardware")
+  return _chunked_supports(call, explicit)
+
+
+#: The linear op's backends, fastest first.
+LINEAR_BACKENDS = (dispatch.Backend("pallas", _pallas_supports),
+                   dispatch.Backend("xla", _chunked_supports))
+
+
+def _pick_implementation(implementation, query, key, value, positions_or_segments: bool):
+  """The backend of a linear_attention call (``attnjax.core.dispatch``)."""
+  facts = dict(positions_or_segments=positions_or_segments,
+               kernel_default=placement.default_kernel_implementation(
+                   "linear", query, key, value) == "pallas")
+  call = dispatch.Call("linear", placement.target_platform(query, key, value),
+                       placement.compile_target(query, key, value), facts)
+  return dispatch.resolve(call, LINEAR_BACKENDS, implementation).backend
 
 
 def _pallas_backend():
@@ -114,10 +136,12 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
       (E = Hv, or Hv + 1 with normalize=True, the last column the normaliser).
     return_state: also return the state after the last key (same shape).
     implementation: "reference" (dense oracle), "xla" (chunked loop over the chunks),
-      "pallas" (kernel; interpret mode on CPU) or None (currently "xla" on every
-      platform: the kernels have been checked in interpret mode only).
-    q_positions, k_positions, segment_ids: only with implementation="reference";
-      the chunked paths assume the default positions and a single segment.
+      "pallas" (kernel; interpret mode on CPU) or None: "xla" on every platform
+      (the kernels compile for every target but have not run on hardware, so they
+      are opt-in); ``attnjax.explain`` shows the choice.
+    q_positions, k_positions, segment_ids: run on the dense reference only (the
+      chunked paths assume the default positions and a single segment); with
+      implementation=None that fallback warns.
 
   Returns:
     out [B, T, N, Hv] in query.dtype, plus the final state if return_state.
@@ -126,19 +150,17 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
     reference and xla paths; the pallas path computes float64 inputs in
     float32 and warns.
   """
+  query, key, value = as_arrays(query, key, value)
   d = check_qkv(query, key, value)
   check_positive_int("chunk_size", chunk_size)
-  impl = _pick_implementation(implementation)
+  impl = _pick_implementation(implementation, query, key, value,
+                              q_positions is not None or k_positions is not None
+                              or segment_ids is not None)
   phi = resolve_feature_map(feature_map)
   slopes = resolve_decay(decay, d.N)
   if slopes is not None and not causal:
     raise NotImplementedError(
         "decay needs causal=True: a non-causal decayed form has no single linear state.")
-  if impl != "reference" and (q_positions is not None or k_positions is not None
-                              or segment_ids is not None):
-    raise NotImplementedError(
-        "q_positions, k_positions and segment_ids are supported by "
-        "implementation='reference' only; the chunked paths use default positions.")
   dt = _compute_dtype(query, impl)
   if impl == "pallas":
     precision.warn_float32_accumulation("linear_attention(implementation='pallas')", query)

@@ -24,8 +24,6 @@ def linear_family(query, key, value, *, causal, q_positions=None, k_positions=No
   """Katharopoulos-style linear attention: elu+1 features, normalised, unless options say otherwise."""
   options.setdefault("feature_map", "elu+1")
   options.setdefault("normalize", True)
-  if q_positions is not None or k_positions is not None or segment_ids is not None:
-    options.setdefault("implementation", "reference")
   return linear_attention(query, key, value, causal=causal, q_positions=q_positions,
                           k_positions=k_positions, segment_ids=segment_ids, **options)
 

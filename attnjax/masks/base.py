@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from attnjax.masks.layout import build_block_layout, resolve_num_heads
+
 
 class Mask:
   """Base class. Subclasses are ``@dataclasses.dataclass(frozen=True)``.
@@ -142,17 +144,8 @@ class Mask:
                    num_heads: Optional[int] = None, *, q_offset: Optional[int] = None,
                    k_offset: int = 0):
     """Compiles the mask into a :class:`BlockLayout` (cached per arguments)."""
-    from attnjax.masks.layout import build_block_layout  # pylint: disable=g-import-not-at-top
     return build_block_layout(self, q_len, kv_len, block_q, block_kv, num_heads,
                               q_offset=q_offset, k_offset=k_offset)
-
-
-def resolve_num_heads(mask: Mask, num_heads) -> int:
-  if num_heads is None:
-    num_heads = mask.num_heads if mask.num_heads is not None else 1
-  if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
-    raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}.")
-  return int(num_heads)
 
 
 def _check_mask(name, m):

@@ -221,6 +221,15 @@ def _classify_head(mask, h, q_pos, k_pos, q_lo, k_lo, block_q, block_kv):
 
 
 @functools.lru_cache(maxsize=256)
+def resolve_num_heads(mask, num_heads) -> int:
+  """``num_heads``, or the mask's own head count (1 when it has none), validated."""
+  if num_heads is None:
+    num_heads = mask.num_heads if mask.num_heads is not None else 1
+  if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+    raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}.")
+  return int(num_heads)
+
+
 def build_block_layout(mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
                        num_heads: Optional[int] = None, *, q_offset: Optional[int] = None,
                        k_offset: int = 0) -> BlockLayout:
@@ -235,7 +244,6 @@ def build_block_layout(mask, q_len: int, kv_len: int, block_q: int, block_kv: in
   and the kernel applies the segment test element-wise. ``num_heads``
   defaults to the mask's own head count (1 for head-independent masks).
   """
-  from attnjax.masks.base import resolve_num_heads  # pylint: disable=g-import-not-at-top
   _check_blocks(q_len, kv_len, block_q, block_kv)
   num_heads = resolve_num_heads(mask, num_heads)
   check_block_entries(q_len // block_q, kv_len // block_kv,

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.core import precision
+from attnjax.core import dispatch
+from attnjax.core import placement
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
 from attnjax.core.reference import reference_attention
@@ -22,7 +24,27 @@ from attnjax.masks.neighborhood import (Neighborhood, check_neighborhood_args,
 from attnjax.neighborhood.tiling import default_tile_shape, pallas_tile_shape
 from attnjax.neighborhood.xla import na_xla
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
+
+
+def _pallas_supports(call: dispatch.Call, explicit: bool):
+  if not explicit and not call["kernel_default"]:
+    return ("the neighborhood kernels are opt-in (implementation='pallas') until they have "
+            "run on hardware")
+  return None
+
+
+#: The neighborhood op's backends, fastest first (the XLA path covers every call).
+NEIGHBORHOOD_BACKENDS = (dispatch.Backend("pallas", _pallas_supports),
+                         dispatch.Backend("xla", lambda call, explicit: None))
+
+
+def _pick_implementation(implementation, query, key, value) -> str:
+  """The backend of a neighborhood call (``attnjax.core.dispatch``)."""
+  facts = dict(kernel_default=placement.default_kernel_implementation(
+      "neighborhood", query, key, value) == "pallas")
+  call = dispatch.Call("neighborhood", placement.target_platform(query, key, value),
+                       placement.compile_target(query, key, value), facts)
+  return dispatch.resolve(call, NEIGHBORHOOD_BACKENDS, implementation).backend
 
 
 def _check_inputs(query, key, value, rank):
@@ -135,17 +157,15 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
     (float32-level error, with a ``Float32AccumulationWarning``); the
     reference computes float64 inputs in float64.
   """
+  query, key, value, rpb, additional_keys, additional_values = V.as_arrays(
+      query, key, value, rpb, additional_keys, additional_values)
   D, d = _check_inputs(query, key, value, None)
   spatial = tuple(query.shape[1:1 + D])
   spatial, ks, ds, cs = check_neighborhood_args(spatial, kernel_size, dilation, is_causal)
   rpb = _check_rpb(rpb, d.N, ks)
   has_add = _check_additional(additional_keys, additional_values, d)
   scale = V.check_scale(scale, d.H)
-  if implementation is None:
-    implementation = "xla"
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
-                     f"got {implementation!r}.")
+  implementation = _pick_implementation(implementation, query, key, value)
   if tile_shape is None:
     tile_shape = (pallas_tile_shape(spatial, ks, ds) if implementation == "pallas"
                   else default_tile_shape(spatial, ks, ds))
@@ -186,6 +206,7 @@ def _fixed_rank(rank):
   def fn(query, key, value, *, kernel_size, dilation=1, is_causal=False, rpb=None,
          scale=None, additional_keys=None, additional_values=None, return_lse=False,
          implementation=None, tile_shape=None):
+    query, key, value = V.as_arrays(query, key, value)
     _check_inputs(query, key, value, rank)
     return neighborhood_attention(
         query, key, value, kernel_size=kernel_size, dilation=dilation,

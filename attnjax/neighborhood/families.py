@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.core.reference import reference_attention
+from attnjax.api import attention
 from attnjax.masks.neighborhood import Neighborhood
 from attnjax.neighborhood.api import na1d
 
@@ -32,11 +32,11 @@ def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None
 
   Options: ``kernel_size`` (default 7), ``dilation``, ``implementation``,
   ``scale``. Positions are token indices: with the default positions
-  (``arange(T)``) the tiled path runs. Explicit positions or segment ids go to
-  the dense reference path, which evaluates the same neighborhood predicate on
-  the given positions (keys of other segments masked). Positions traced under
-  jit are checked at run time: ``lax.cond`` picks the tiled path when they
-  equal ``arange(T)``, the dense path otherwise.
+  (``arange(T)``) the tiled neighborhood path runs. Explicit positions or
+  segment ids run the same neighborhood predicate as an attnjax Mask on the
+  block-sparse engine (``attnjax.attention``; keys of other segments masked).
+  Positions traced under jit are checked at run time: ``lax.cond`` picks the
+  tiled path when they equal ``arange(T)``, the masked path otherwise.
   """
   T, S = query.shape[1], key.shape[1]
   if T != S:
@@ -45,22 +45,24 @@ def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None
   fast = lambda: na1d(query, key, value, kernel_size=kernel_size, dilation=dilation,
                       is_causal=causal, scale=scale, implementation=implementation)
   mask = Neighborhood((T,), kernel_size, dilation, causal)
-  dense = lambda: reference_attention(query, key, value, mask=mask, scale=scale,
-                                      q_positions=q_positions, k_positions=k_positions,
-                                      segment_ids=segment_ids)
+  # The same neighborhood as a Mask on the block-sparse engine: it takes explicit
+  # positions and segment ids (only the blocks the windows touch are visited).
+  masked = lambda: attention(query, key, value, mask=mask, scale=scale,
+                             q_positions=q_positions, k_positions=k_positions,
+                             segment_ids=segment_ids, implementation=implementation)
   if segment_ids is not None:
-    return dense()
+    return masked()
   known = [_static_default(q_positions, T), _static_default(k_positions, S)]
   if all(known):
     return fast()
   if False in known:
-    return dense()
+    return masked()
   ar = jnp.arange(T, dtype=jnp.int32)
   ok = jnp.asarray(True)
   for p in (q_positions, k_positions):
     if p is not None:
       ok = ok & jnp.all(jnp.asarray(p) == ar)
-  return jax.lax.cond(ok, fast, dense)
+  return jax.lax.cond(ok, fast, masked)
 
 
 FAMILIES = {"na1d": na1d_family}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.api import attention
+from attnjax.neighborhood.api import na3d
 
 MODES = ("full", "spatial", "temporal")
 
@@ -134,7 +135,6 @@ def temporal_window_attention(query, key, value, *, window, is_causal=False,
   of the ``window`` frames around it, or before it when ``is_causal``).
   Extra keyword arguments go to :func:`attnjax.neighborhood.neighborhood_attention`.
   """
-  from attnjax.neighborhood.api import na3d  # pylint: disable=g-import-not-at-top
   if getattr(query, "ndim", None) != 6:
     raise ValueError(f"query must have shape [B, T, X, Y, N, H], got "
                      f"{getattr(query, 'shape', None)}.")

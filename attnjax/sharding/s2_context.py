@@ -34,6 +34,8 @@ from jax.sharding import PartitionSpec as P
 
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
+from attnjax import api
+from attnjax.masks import S2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,7 +162,6 @@ def context_parallel_attention(query, key, value, mask, mesh: Mesh, *, scale=Non
   Returns:
     out [B, T, N, Hv], equal to dense attention with ``mask``.
   """
-  from attnjax import api  # pylint: disable=g-import-not-at-top
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
     raise ValueError(f"context parallelism here is for self-attention: query {query.shape} and "
@@ -253,7 +254,6 @@ def s2_family_for_mesh(mesh: Mesh, **axes):
   and calls :func:`context_parallel_attention`. Self-attention with default
   positions only; segment ids are not supported (raises).
   """
-  from attnjax.masks import S2  # pylint: disable=g-import-not-at-top
 
   def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
          implementation=None, scale=None, **options):

@@ -25,10 +25,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.block_sparse.sparse import check_block_lists
 from attnjax.core import validation as V
 from pallas_kernels.block_sparse import api as A
 from pallas_kernels.block_sparse import common as C
+from attnjax.masks.base import Mask
 
 
 def pad_rows(indices, counts):
@@ -74,7 +74,6 @@ def csc_from_csr(indices, counts, nq: int, nk: int):
 def _prepare(query, key, value, list_heads, max_kb, *, block_q, block_kv, mask, score, scale,
              q_positions, k_positions, segment_ids, interpret, tiles, tiles_forced=False):
   """Validates the rest; returns (KernelConfig, aux arrays, sinks or None)."""
-  from attnjax.masks.base import Mask  # pylint: disable=g-import-not-at-top
   d = V.check_qkv(query, key, value)
   score = A.check_score(score)
   scale = C.check_static_scale(V.check_scale(scale, d.H))
@@ -125,7 +124,7 @@ def build(query, key, value, kv_block_indices, kv_block_counts, *, block_q, bloc
   """(attend, cfg, args): ``attend(*args)`` -> (out [B,T,N,Hv], lse [B,N,T])."""
   backend, interpret = A.resolve_backend(backend, interpret, query, key, value)
   d = V.check_qkv(query, key, value)
-  idx, counts = check_block_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
+  idx, counts = V.check_block_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
   module = A._MODULES[backend]  # pylint: disable=protected-access
   kernel_tiles = ()
   if backend == "gpu":
