@@ -1,0 +1,226 @@
+"""Sequence-parallel linear attention: a prefix scan of chunk states across devices.
+
+Lightning Attention-2 (arXiv:2401.04658) / TNL (arXiv:2405.17381) chunking,
+lifted from chunks inside one device to one chunk per device.
+
+The sequence is split into ``C`` contiguous shards over the mesh's
+``context`` axis (heads optionally over ``heads``, batch over ``data``).
+Causal: every device runs the chunked engine (``attnjax.linear_attention``)
+on its shard from a zero state, which gives its local output and the state
+``S_c = sum_j lambda^(Tl - 1 - j) phi(k_j) v_j^T`` [F, E] of its keys. The
+state entering shard ``c`` is the decayed prefix
+``P_c = sum_{c' < c} lambda^(Tl (c - 1 - c')) S_c'`` (the decay of a whole
+shard composes multiplicatively: ``lambda^Tl``), computed by a
+Hillis-Steele scan of ``ppermute`` steps on the states only: one shift and
+``ceil(log2(C - 1))`` doubling steps, each moving one [B, h, F, E] state per
+device, so a device receives ``O(log C * F * E)`` numbers whatever the
+sequence length (never keys or values). Each query then adds its share
+``lambda^(i + 1) phi(q_i) . P_c`` of the incoming state. Without decay the
+states of the query heads of one GQA group are equal and only the KV heads'
+states travel. Non-causal attention needs one ``psum`` of the states.
+Autodiff through ``shard_map`` gives the backward (the transpose of a
+``ppermute`` is the reverse ``ppermute``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from attnjax.core import precision
+from attnjax.core import validation as V
+from attnjax.linear.api import linear_attention
+from attnjax.linear.decay import resolve_decay
+from attnjax.linear.feature_maps import resolve_feature_map
+
+
+def _mesh_axis(mesh: Mesh, name: Optional[str]) -> Optional[str]:
+  return name if name is not None and name in mesh.axis_names else None
+
+
+def check_context_mesh(mesh: Mesh, *, batch: int, num_heads: int, num_kv_heads: int,
+                       context_axis: str, data_axis: Optional[str],
+                       heads_axis: Optional[str]):
+  """Resolves the mesh axes of a context-parallel call; ValueError naming the field.
+
+  Returns (data axis or None, heads axis or None, C, X): the context and
+  heads axis sizes.
+  """
+  if context_axis not in mesh.axis_names:
+    raise ValueError(f"context_axis={context_axis!r} is not an axis of the mesh "
+                     f"{tuple(mesh.axis_names)}.")
+  dax, hax = _mesh_axis(mesh, data_axis), _mesh_axis(mesh, heads_axis)
+  if context_axis in (dax, hax):
+    raise ValueError(f"context_axis={context_axis!r} must differ from data_axis and heads_axis.")
+  if dax and batch % mesh.shape[dax]:
+    raise ValueError(f"batch B={batch} is not divisible by the {dax!r} axis size "
+                     f"{mesh.shape[dax]}.")
+  X = mesh.shape[hax] if hax else 1
+  for field, n in (("num_heads N", num_heads), ("num_kv_heads K", num_kv_heads)):
+    if n % X:
+      raise ValueError(f"{field}={n} is not divisible by the {hax!r} axis size {X}.")
+  return dax, hax, mesh.shape[context_axis], X
+
+
+def scan_steps(num_shards: int) -> int:
+  """``ppermute`` steps of the exclusive state scan over C shards: 1 + ceil(log2(C - 1))."""
+  if num_shards <= 1:
+    return 0
+  return 1 + (math.ceil(math.log2(num_shards - 1)) if num_shards > 2 else 0)
+
+
+def exclusive_state_scan(states, chunk_log_decay, axis_name: str, num_shards: int):
+  """Per device c: ``sum_{c' < c} exp(chunk_log_decay * (c - 1 - c')) states[c']``.
+
+  Inside ``shard_map``. ``states`` [B, h, F, E] (this device's); ``chunk_log_decay``
+  [h] the log-decay of a whole shard (<= 0) or None (no decay). Device 0 gets
+  zeros. :func:`scan_steps` ``ppermute`` calls, each of one state.
+  """
+  C = num_shards
+  if C == 1:
+    return jnp.zeros_like(states)
+  x = jax.lax.ppermute(states, axis_name, [(i, i + 1) for i in range(C - 1)])
+  d = 1
+  while d < C - 1:   # x_c covers the d shards before c; add the d before those
+    y = jax.lax.ppermute(x, axis_name, [(i, i + d) for i in range(C - d)])
+    if chunk_log_decay is not None:
+      y = y * jnp.exp(chunk_log_decay * d).astype(y.dtype)[None, :, None, None]
+    x = x + y
+    d *= 2
+  return x
+
+
+def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
+                                      feature_map="identity", causal: bool = True, decay=None,
+                                      normalize: bool = False, eps: float = 1e-6,
+                                      chunk_size: int = 64, initial_state=None,
+                                      return_state: bool = False,
+                                      implementation: Optional[str] = None,
+                                      data_axis: Optional[str] = "data",
+                                      heads_axis: Optional[str] = "heads",
+                                      context_axis: str = "context"):
+  """``attnjax.linear_attention`` with the sequence split over ``context_axis``.
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; N % K == 0
+      (global arrays; sharded here as P(data, context, heads, None)). Causal
+      needs T == S; T and S must be divisible by the context axis size.
+    mesh: a Mesh with ``context_axis`` (``data_axis`` / ``heads_axis`` are used
+      when the mesh has them; pass None to leave one out).
+    feature_map, causal, decay, normalize, eps, chunk_size, initial_state,
+      return_state, implementation: as :func:`attnjax.linear_attention`
+      (``feature_map="taylor", normalize=True`` is BASED's linear branch);
+      ``chunk_size`` and ``implementation`` apply to each device's shard.
+
+  Returns:
+    out [B, T, N, Hv] in query.dtype (and the final state [B, N, F, E] if
+    return_state), equal to the unsharded :func:`attnjax.linear_attention`.
+  """
+  query, key, value, initial_state = V.as_arrays(query, key, value, initial_state)
+  d = V.check_qkv(query, key, value)
+  V.check_positive_int("chunk_size", chunk_size)
+  dax, hax, C, X = check_context_mesh(mesh, batch=d.B, num_heads=d.N, num_kv_heads=d.K,
+                                      context_axis=context_axis, data_axis=data_axis,
+                                      heads_axis=heads_axis)
+  for field, n in (("query length T", d.T), ("key length S", d.S)):
+    if n % C:
+      raise ValueError(f"{field}={n} is not divisible by the {context_axis!r} axis size {C}.")
+  if causal and d.T != d.S:
+    raise ValueError(f"causal context-parallel linear attention needs T == S (self-attention); "
+                     f"got query {query.shape} and key {key.shape}.")
+  slopes = resolve_decay(decay, d.N)
+  if slopes is not None and not causal:
+    raise NotImplementedError(
+        "decay needs causal=True: a non-causal decayed form has no single linear state.")
+  phi = resolve_feature_map(feature_map)
+  dt = precision.accumulation_dtype(query)
+  f = jax.eval_shape(phi, jax.ShapeDtypeStruct(query.shape, dt)).shape[-1]
+  e = d.Hv + int(normalize)
+  if initial_state is not None and tuple(initial_state.shape) != (d.B, d.N, f, e):
+    raise ValueError(
+        f"initial_state must have shape [B, N, F, E]={(d.B, d.N, f, e)} (E = Hv + 1 when "
+        f"normalize=True), got {tuple(initial_state.shape)}.")
+  has_decay, has_s0 = slopes is not None, initial_state is not None
+  tl, group = d.T // C, d.N // d.K
+  slopes = jnp.zeros((d.N,), jnp.float32) if slopes is None else slopes
+  s0 = jnp.zeros((d.B, d.N, 1, 1), dt) if initial_state is None else initial_state.astype(dt)
+
+  def local_fn(q, k, v, sl, s0):
+    c = jax.lax.axis_index(context_axis)
+    vv = v.astype(dt)
+    if normalize:
+      vv = jnp.concatenate([vv, jnp.ones(vv.shape[:-1] + (1,), dt)], axis=-1)
+    qf = phi(q.astype(dt)).astype(dt)
+    sl = sl.astype(dt)
+    if causal:
+      o, s_loc = linear_attention(q.astype(dt), k.astype(dt), vv, feature_map=phi,
+                                  causal=True, decay=sl if has_decay else None,
+                                  chunk_size=chunk_size, return_state=True,
+                                  implementation=implementation)
+      b, n = s_loc.shape[:2]
+      if has_decay:
+        s_in = exclusive_state_scan(s_loc, -sl * tl, context_axis, C)
+      else:   # the query heads of a GQA group share one state: send the KV heads'
+        s_kv = s_loc.reshape((b, n // group, group) + s_loc.shape[2:])[:, :, 0]
+        s_in = jnp.repeat(exclusive_state_scan(s_kv, None, context_axis, C), group, axis=1)
+      if has_s0:
+        s_in = s_in + s0 * (jnp.exp(-sl * tl * c)[None, :, None, None] if has_decay else 1)
+      carry = jnp.einsum("btnf,bnfe->btne", qf, s_in)
+      if has_decay:
+        carry = carry * jnp.exp(-sl[None, :] * (jnp.arange(tl, dtype=dt)[:, None] + 1))[..., None]
+      o = o + carry
+      if return_state:
+        final = s_in * jnp.exp(-sl * tl)[None, :, None, None] + s_loc
+        state = jax.lax.psum(jnp.where(c == C - 1, final, 0), context_axis)
+    else:
+      kf = phi(k.astype(dt)).astype(dt)
+      kv = jax.lax.psum(jnp.einsum("bskf,bske->bkfe", kf, vv), context_axis)
+      b, t, n = qf.shape[:3]
+      qg = qf.reshape(b, t, n // group, group, qf.shape[-1])
+      o = jnp.einsum("btkgf,bkfe->btkge", qg, kv).reshape(b, t, n, e)
+      if has_s0:
+        o = o + jnp.einsum("btnf,bnfe->btne", qf, s0)
+      if return_state:
+        state = jnp.repeat(kv, group, axis=1) + (s0 if has_s0 else 0)
+    if normalize:
+      o = o[..., :-1] / (o[..., -1:] + eps)
+    out = o.astype(query.dtype)
+    return (out, state.astype(dt)) if return_state else out
+
+  spec = P(dax, context_axis, hax, None)
+  state_spec = P(dax, hax, None, None)
+  out_specs = (spec, state_spec) if return_state else spec
+  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec, P(hax), state_spec),
+                     out_specs=out_specs, check_vma=False)
+  return fn(query, key, value, slopes, s0)
+
+
+def linear_communication_bytes(*, batch: int, seq_len: int, num_heads: int, num_kv_heads: int,
+                               features: int, value_dim: int, head_dim: Optional[int] = None,
+                               num_chunks: int, head_shards: int = 1, causal: bool = True,
+                               decay: bool = True, normalize: bool = False,
+                               state_itemsize: int = 4,
+                               kv_itemsize: int = 2) -> Dict[str, float]:
+  """Forward bytes each device receives: the state scan vs an all-gather of K/V.
+
+  ``state_bytes`` is (C-1)/C of an all-reduce for ``causal=False`` (ring);
+  the scan's :func:`scan_steps` states of [B, h, F, E] otherwise (h: local
+  query heads with decay, local KV heads without). ``allgather_bytes`` is
+  (C - 1) remote shards of K [., K_local, H] and V [., K_local, Hv].
+  """
+  head_dim = features if head_dim is None else head_dim
+  kl, nl = num_kv_heads // head_shards, num_heads // head_shards
+  h = nl if (causal and decay) else kl
+  one_state = batch * h * features * (value_dim + int(normalize)) * state_itemsize
+  if causal:
+    state = scan_steps(num_chunks) * one_state
+  else:
+    state = 2 * (num_chunks - 1) / num_chunks * one_state
+  tl = seq_len // num_chunks
+  allgather = (num_chunks - 1) * batch * tl * kl * (head_dim + value_dim) * kv_itemsize
+  return {"state_bytes": float(state), "allgather_bytes": float(allgather),
+          "ratio": float(state / allgather) if allgather else 0.0}
