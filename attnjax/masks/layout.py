@@ -220,7 +220,6 @@ def _classify_head(mask, h, q_pos, k_pos, q_lo, k_lo, block_q, block_kv):
   return any_, all_
 
 
-@functools.lru_cache(maxsize=256)
 def resolve_num_heads(mask, num_heads) -> int:
   """``num_heads``, or the mask's own head count (1 when it has none), validated."""
   if num_heads is None:
@@ -230,6 +229,7 @@ def resolve_num_heads(mask, num_heads) -> int:
   return int(num_heads)
 
 
+@functools.lru_cache(maxsize=256)
 def build_block_layout(mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
                        num_heads: Optional[int] = None, *, q_offset: Optional[int] = None,
                        k_offset: int = 0) -> BlockLayout:
