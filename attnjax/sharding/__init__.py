@@ -1,5 +1,16 @@
-"""Sharding: named device meshes, parameter/activation rules, S2 head-sharded context parallelism."""
+"""Sharding: named device meshes, parameter/activation rules, context parallelism.
+
+S2 head-sharded context parallelism (softmax attention), a prefix scan of states
+for the linear engine and a halo exchange for the neighborhood engine.
+"""
 from attnjax.sharding.mesh import (AXES, activation_sharding, batch_sharding, check_divisible,
                                    make_mesh, mesh_shape, param_shardings, param_spec)
 from attnjax.sharding.s2_context import (ContextPlan, communication_bytes, s2_family_for_mesh,
                                          context_parallel_attention, kv_block_needs, make_plan)
+from attnjax.sharding.linear_context import (check_context_mesh,
+                                             context_parallel_linear_attention,
+                                             exclusive_state_scan, linear_communication_bytes,
+                                             scan_steps)
+from attnjax.sharding.neighborhood_context import (HaloPlan,
+                                                   context_parallel_neighborhood_attention,
+                                                   halo_plan, neighborhood_communication_bytes)
