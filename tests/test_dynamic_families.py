@@ -361,7 +361,7 @@ def test_combiner_mixture_tiny_case_two_paths():
 def test_combiner_pattern_errors():
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="pattern"):
-    D.combiner_attention(q, k, v, segment_len=8, pattern="logsparse")
+    D.combiner_attention(q, k, v, segment_len=8, pattern="strided")
   with pytest.raises(NotImplementedError, match="causal"):
     D.combiner_attention(q, k, v, segment_len=8, pattern="axial", causal=False)
   with pytest.raises(NotImplementedError, match="causal"):

@@ -2,8 +2,10 @@
 
 "Combiner: Full Attention Transformer with Sparse Computation Cost".
 
-Three of the paper's patterns: "fixed" (below), "axial" and "mixture"
-(:mod:`attnjax.dynamic.combiner_axial`). Logsparse is not implemented.
+The paper's four patterns: "fixed" (below), "axial" and "mixture"
+(:mod:`attnjax.dynamic.combiner_axial`), "logsparse"
+(:mod:`attnjax.dynamic.combiner_logsparse`, which states the span rule the
+project chose).
 
 Combiner-Fixed:
 
@@ -25,26 +27,27 @@ import jax.numpy as jnp
 from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
 from attnjax.dynamic import combiner_axial as AX
+from attnjax.dynamic import combiner_logsparse as LS
 from attnjax.dynamic.gather import layout_attention, masked_softmax_attend
 from attnjax.dynamic.select import pool_blocks
 
 __all__ = ["combiner_attention", "combiner_effective_matrix"]
 
 
-PATTERNS = ("fixed", "axial", "mixture")
+PATTERNS = ("fixed", "axial", "mixture", "logsparse")
 
 
 def _check(query, key, value, segment_len, pool, causal, scale, pattern):
   """Validated (dims, scale) of a Combiner call."""
   d = V.check_qkv(query, key, value)
   if pattern not in PATTERNS:
-    raise ValueError(f"pattern must be one of {PATTERNS} (Logsparse is not implemented), "
-                     f"got {pattern!r}.")
+    raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}.")
   if d.T != d.S:
     raise NotImplementedError(f"combiner_attention is defined for self-attention only "
                               f"(its pattern has no cross-attention form): T={d.T} must equal S={d.S}.")
   if pattern != "fixed" and not causal:
-    raise NotImplementedError(f"pattern={pattern!r} is implemented for causal=True only.")
+    raise NotImplementedError(f"pattern={pattern!r} is implemented for causal=True only "
+                              "(its regions are parts of the causal past).")
   V.check_positive_int("segment_len", segment_len)
   if d.T % segment_len:
     raise ValueError(f"segment_len={segment_len} must divide the length T={d.T}.")
@@ -86,28 +89,64 @@ def _parts(query, key, value, segment_len, pool, causal, scale):
   return d, scale, summ, o_reg, lse_reg, vis
 
 
+def _local(query, key, value, segment_len, causal, scale, implementation, d):
+  """Direct part of "fixed" and "logsparse": each segment's (causal) self-attention."""
+  n = d.T // segment_len
+  diag = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, None, :, None], (d.B, d.K, n, 1))
+  ones = jnp.ones((d.B, d.K, n), jnp.int32)
+  return layout_attention(query, key, value, diag, ones, block_q=segment_len,
+                          block_kv=segment_len, causal=causal, scale=scale,
+                          return_lse=True, implementation=implementation)
+
+
+def _heads_first(query, key, value, d):
+  """float32 q [B, N, T, H], k [B, N, T, H], v [B, N, T, Hv] (KV heads repeated)."""
+  hi = jnp.arange(d.N) // (d.N // d.K)
+  tr = lambda x: jnp.transpose(x.astype(jnp.float32), (0, 2, 1, 3))
+  return tr(query), tr(key)[:, hi], tr(value)[:, hi]
+
+
+def _logsparse(query, key, value, segment_len, pool, scale, implementation, d):
+  o_loc, lse_loc = _local(query, key, value, segment_len, True, scale, implementation, d)
+  if LS.num_levels(d.T // segment_len) == 0:  # one segment: dense causal attention
+    return o_loc, lse_loc
+  q, k, v = _heads_first(query, key, value, d)
+  o_reg, lse_reg = LS.region_attention(q, LS.logsparse_regions(q, k, v, segment_len, pool, scale),
+                                       scale)
+  return merge_attention(o_loc, lse_loc, jnp.transpose(o_reg, (0, 2, 1, 3)).astype(query.dtype),
+                         jnp.transpose(lse_reg, (0, 2, 1)))
+
+
 def combiner_attention(query, key, value, *, segment_len: int, pool: str = "max",
                        causal: bool = True, scale=None, return_lse: bool = False,
                        implementation=None, pattern: str = "fixed"):
-  """Combiner attention (patterns "fixed" and "axial").
+  """Combiner attention (patterns "fixed", "axial", "mixture" and "logsparse").
 
   Args:
     query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, K, Hv] (self-attention).
     segment_len: s, dividing T (about sqrt(T) in the paper): the segment
-      length ("fixed") or the row length ("axial").
+      length ("fixed", "logsparse") or the row length ("axial", "mixture");
+      "logsparse" with s = 1 is the paper's O(L log L) form.
     pool: region pooling of q and k, "max" (default) or "mean".
     causal: "fixed": direct part = own segment's causal prefix, regions =
       strictly earlier segments; otherwise own segment and every other
-      segment. "axial" and "mixture" are causal only.
+      segment. "axial", "mixture" and "logsparse" are causal only.
     implementation: the local part's path ("fixed"; see ``layout_attention``).
     pattern: "fixed" (Combiner-Fixed), "axial" (Combiner-Axial: row prefix
       and column above directly, other columns' parts above as regions) or
       "mixture" (Combiner-Mixture: Axial plus, per earlier row, its parts
-      left and right of the query's column as regions).
+      left and right of the query's column as regions) or "logsparse"
+      (Combiner-Logsparse: own segment's causal prefix directly, the earlier
+      segments in dyadic spans by the binary expansion of the segment index,
+      one region each; see :mod:`attnjax.dynamic.combiner_logsparse`).
 
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] of the joint softmax).
   """
+  if pattern == "logsparse":
+    d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
+    out, lse = _logsparse(query, key, value, segment_len, pool, scale, implementation, d)
+    return (out, lse) if return_lse else out
   if pattern != "fixed":
     d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
     parts, v = _axial(query, key, value, segment_len, pool, scale, d, pattern)
@@ -116,12 +155,7 @@ def combiner_attention(query, key, value, *, segment_len: int, pool: str = "max"
     return (out, lse) if return_lse else out
   _check(query, key, value, segment_len, pool, causal, scale, pattern)
   d, scale, _, o_reg, lse_reg, _ = _parts(query, key, value, segment_len, pool, causal, scale)
-  n = d.T // segment_len
-  diag = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, None, :, None], (d.B, d.K, n, 1))
-  ones = jnp.ones((d.B, d.K, n), jnp.int32)
-  o_loc, lse_loc = layout_attention(query, key, value, diag, ones, block_q=segment_len,
-                                    block_kv=segment_len, causal=causal, scale=scale,
-                                    return_lse=True, implementation=implementation)
+  o_loc, lse_loc = _local(query, key, value, segment_len, causal, scale, implementation, d)
   o_reg = jnp.transpose(o_reg, (0, 2, 1, 3)).astype(query.dtype)
   lse_reg = jnp.transpose(lse_reg, (0, 2, 1))
   out, lse = merge_attention(o_loc, lse_loc, o_reg, lse_reg)
@@ -135,6 +169,11 @@ def combiner_effective_matrix(query, key, value, *, segment_len: int, pool: str 
   ``out == einsum(P_eff, V)``; rows sum to 1; with causal, P_eff[i, j] > 0
   exactly for j <= i.
   """
+  if pattern == "logsparse":
+    d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
+    q, k, v = _heads_first(query, key, value, d)
+    return LS.logsparse_effective_matrix(
+        q, k, LS.logsparse_regions(q, k, v, segment_len, pool, scale), segment_len, scale)
   if pattern != "fixed":
     d, scale = _check(query, key, value, segment_len, pool, causal, scale, pattern)
     return AX.axial_effective_matrix(
