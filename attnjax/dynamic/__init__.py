@@ -16,6 +16,7 @@ state are Flax modules (``SeerAttention``, ``RoutingAttention``,
 """
 from attnjax.dynamic.biformer import BiLevelRoutingAttention, bi_level_routing_attention, lce
 from attnjax.dynamic.combiner import combiner_attention, combiner_effective_matrix
+from attnjax.dynamic.combiner_logsparse import logsparse_spans
 from attnjax.dynamic.families import FAMILIES
 from attnjax.dynamic.gather import block_gather_attention, gather_attention, layout_attention
 from attnjax.dynamic.hip import hip_attention, hip_mask
