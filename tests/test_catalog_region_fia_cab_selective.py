@@ -79,3 +79,101 @@ def test_region_masked_cross_attention_validation_and_region_ids():
   masks[0, 1, 1, 1:] = True
   masks[0, 1, 0, 1] = True                      # overlaps region 0: the first region wins
   np.testing.assert_array_equal(region_ids_from_masks(masks), [[0, 0, -1, -1, 1, 1]])
+
+
+# -- Fixing Imbalanced Attention: dual-stream selection + head-specific boost ------------------
+from attnjax.analysis import (boost_token_attention, cls_attention_scores,  # noqa: E402
+                              dual_stream_token_selection, fix_imbalanced_attention,
+                              hooked_attention, iqr_outliers, received_attention_scores,
+                              top_fraction, visual_key_mask, visual_sensitivity)
+
+
+def _vit_layer(P, cls_row, received):
+  """A synthetic ViT layer's probs [1, 2, 1 + P, 1 + P]: CLS row given, patch rows
+  weighted towards the patches in ``received``."""
+  L = 1 + P
+  rows = np.ones((L, L))
+  rows[1:, 1 + np.asarray(received, int)] = 8.0
+  rows[0] = np.concatenate([[1.0], cls_row])
+  probs = rows / rows.sum(-1, keepdims=True)
+  return jnp.asarray(np.broadcast_to(probs, (1, 2, L, L)))
+
+
+def test_dual_stream_selection_rules():
+  P = 8
+  first = _vit_layer(P, cls_row=np.array([1, 9, 1, 1, 1, 8, 1, 1.0]), received=[3])
+  penult = _vit_layer(P, cls_row=np.array([1, 1, 1, 1, 1, 30, 1, 1.0]), received=[])
+
+  @jax.jit
+  def run(first, penult):
+    local = cls_attention_scores(first, P)
+    spatial = received_attention_scores(first, P)
+    sinks = iqr_outliers(cls_attention_scores(penult, P))
+    sel = dual_stream_token_selection(local, spatial, local_ratio=0.25, spatial_ratio=1 / P,
+                                      sinks=sinks)
+    return (top_fraction(local, 0.25), top_fraction(spatial, 1 / P), sinks, sel,
+            dual_stream_token_selection(local, spatial, local_ratio=1.0),
+            dual_stream_token_selection(local, spatial, local_ratio=0.0, spatial_ratio=0.0),
+            visual_key_mask(sel, 2, 14))
+  top_local, top_spatial, sinks, sel, every, none, keys = (np.asarray(x)[0]
+                                                           for x in run(first, penult))
+  idx = np.arange(P)
+  np.testing.assert_array_equal(top_local, np.isin(idx, [1, 5]))
+  np.testing.assert_array_equal(top_spatial, idx == 3)
+  np.testing.assert_array_equal(sinks, idx == 5)
+  np.testing.assert_array_equal(sel, np.isin(idx, [1, 3]))     # ({1, 5} | {3}) - {5}
+  assert every.all() and not none.any()
+  assert keys.shape == (14,) and np.array_equal(np.nonzero(keys)[0], [3, 5])
+
+
+@pytest.mark.parametrize("form", ["relative", "additive"])
+def test_fix_imbalanced_attention_limits(form):
+  B, N, T, S = 1, 2, 3, 6
+  logits = jax.random.normal(jax.random.PRNGKey(3), (B, N, T, S))
+  sel = np.array([0, 1, 1, 0, 0, 1], bool)
+  sinks = np.array([0, 0, 0, 1, 0, 0], bool)
+  every = np.ones(S, bool)
+  s = jnp.array([1.0, 0.5])
+
+  @jax.jit
+  def run(logits):
+    edit = lambda a, b, m=sel, k=sinks: fix_imbalanced_attention(logits, m, s, alpha=a, sinks=k,
+                                                                   beta=b, form=form)
+    uniform = (boost_token_attention(logits, every, s, alpha=0.7) if form == "additive"
+               else logits + 0.7 * s[:, None, None] * jnp.abs(logits))
+    mass = jnp.stack([jnp.sum(jax.nn.softmax(edit(a, 0.0))[..., sel]) for a in (0.0, 0.5, 1.0)])
+    return (edit(0.0, 0.0), fix_imbalanced_attention(logits, sel, jnp.zeros(2), form=form),
+            edit(0.7, 0.0, every, None), uniform, mass,
+            fix_imbalanced_attention(logits, sel, s, rows="last", form=form),
+            edit(0.7, 0.0, sel, None))
+  no_boost, zero_strength, all_sel, uniform, mass, last, full = run(logits)
+  np.testing.assert_array_equal(no_boost, logits)                      # no boost: identity
+  np.testing.assert_array_equal(zero_strength, logits)
+  np.testing.assert_allclose(all_sel, uniform, atol=1e-6)             # all selected: uniform
+  if form == "additive":   # a uniform additive boost leaves the probabilities unchanged
+    np.testing.assert_allclose(jax.nn.softmax(all_sel), jax.nn.softmax(logits), atol=1e-6)
+  assert mass[0] < mass[1] < mass[2]
+  np.testing.assert_array_equal(last[:, :, :-1], logits[:, :, :-1])
+  np.testing.assert_array_equal(last[:, :, -1], full[:, :, -1])
+
+
+def test_fix_imbalanced_attention_as_hook_and_sensitivity():
+  B, T, S, N, H = 1, 4, 6, 2, 4
+  q, k, v = _qkv(4, B, T, S, N, N, H)
+  vis = np.array([0, 1, 1, 1, 1, 0], bool)
+  sel = vis & np.array([0, 1, 0, 1, 0, 0], bool)
+
+  @jax.jit
+  def run(q, k, v):
+    probs = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0)
+    s = visual_sensitivity(probs, vis)
+    seen = []
+    out = hooked_attention(q, k, v, logits_hook=lambda l: fix_imbalanced_attention(l, sel, s),
+                           probs_hook=lambda p: seen.append(p) or p)
+    plain = hooked_attention(q, k, v, probs_hook=lambda p: seen.append(p) or p)
+    return s, out, seen[0], seen[1]
+  s, out, probs, plain = run(q, k, v)
+  assert s.shape == (N,) and float(jnp.max(s)) == 1.0 and float(jnp.min(s)) > 0
+  np.testing.assert_allclose(jnp.sum(probs, -1), 1.0, atol=1e-6)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  assert bool(jnp.all(jnp.sum(probs[..., sel], -1) > jnp.sum(plain[..., sel], -1)))

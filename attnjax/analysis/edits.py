@@ -150,8 +150,8 @@ def boost_token_attention(logits, token_mask, head_strength, *, alpha: float = 1
 
   Adds ``alpha * head_strength[h]`` to the logits of keys in ``token_mask``
   (bool [S] or [B, S]); strength 0 is the identity and the attention mass on
-  the selected keys grows monotonically with alpha. The token selection rules
-  of the paper (local + spatial saliency) are not public; pass any mask.
+  the selected keys grows monotonically with alpha. The paper's dual-stream
+  token selection and its modulation rule are in ``attnjax.analysis.imbalance``.
   """
   tm = _key_mask("token_mask", token_mask, logits)
   N = logits.shape[1]
