@@ -95,3 +95,102 @@ def test_combiner_logsparse_errors():
     D.combiner_attention(q, k, v, segment_len=5, pattern="logsparse")
   with pytest.raises(ValueError, match="pattern"):
     D.combiner_attention(q, k, v, segment_len=4, pattern="log")
+
+
+# -- TNL: srms_norm, SGLU, LRPE, token mixer --------------------------------------------
+import attnjax.linear as L  # noqa: E402
+
+
+def test_srms_norm_direct():
+  x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+  want = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6)  # x / (||x||_2 / sqrt(d))
+  np.testing.assert_allclose(L.srms_norm(x), want, rtol=1e-5)
+  np.testing.assert_allclose(L.srms_norm(3.0 * x), want, rtol=1e-4)  # scale-invariant
+  np.testing.assert_allclose(np.sqrt(np.mean(np.asarray(L.srms_norm(x)) ** 2, -1)), 1.0, rtol=1e-5)
+  y = L.srms_norm(jnp.asarray(x, jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=3e-2)
+  np.testing.assert_allclose(L.srms_norm(np.zeros((1, 4), np.float32)), 0.0)  # eps: no NaN
+
+
+def test_sglu_function_and_layer():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+  layer = L.SGLU(hidden_dim=12)
+  params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
+  p = params["params"]
+  assert set(p) == {"u", "v", "out"} and "bias" not in p["u"]
+  w = {"w_u": p["u"]["kernel"], "w_v": p["v"]["kernel"], "w_o": p["out"]["kernel"]}
+  out, out_fn, out_2x = jax.jit(lambda x: (layer.apply(params, x), L.sglu(x, w),
+                                            L.sglu(2.0 * x, w)))(x)
+  np.testing.assert_allclose(out, out_fn, rtol=1e-5, atol=1e-6)
+  xn, wn = np.asarray(x), {kk: np.asarray(vv) for kk, vv in w.items()}
+  np.testing.assert_allclose(out, ((xn @ wn["w_u"]) * (xn @ wn["w_v"])) @ wn["w_o"],
+                             rtol=1e-4, atol=1e-5)
+  # no activation: bilinear, sglu(c x) = c^2 sglu(x)
+  np.testing.assert_allclose(out_2x, 4.0 * out_fn, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="w_o"):
+    L.sglu(x, {"w_u": w["w_u"], "w_v": w["w_v"]})
+
+
+def test_lrpe_relative_rotation():
+  rng = np.random.default_rng(2)
+  theta = L.lrpe_thetas(2, 4)
+  assert theta.shape == (2, 4)
+  np.testing.assert_allclose(theta.reshape(-1), 10000.0 ** (-2 * np.arange(8) / 8), rtol=1e-6)
+  q = rng.standard_normal((1, 1, 2, 4)).astype(np.float32)
+  k = rng.standard_normal((1, 1, 2, 4)).astype(np.float32)
+  for s, t in ((5, 2), (9, 6), (3, 3), (40, 1)):
+    qs = np.asarray(L.lrpe_rotate(q, theta, [s]))[0, 0]
+    kt = np.asarray(L.lrpe_rotate(k, theta, [t]))[0, 0]
+    want = np.sum(q[0, 0] * k[0, 0] * np.cos(theta * (s - t)), -1)  # Re sum q k e^{i theta (s-t)}
+    np.testing.assert_allclose(np.sum(qs * kt, -1), want, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="theta"):
+    L.lrpe_rotate(q, theta[:1], [0])
+
+
+def _tnl_oracle(p, x, num_heads, slopes, use_lrpe):
+  """TNL's token mixer composed from lightning_attention, lrpe_rotate, srms_norm and the gates."""
+  b, t, dim = x.shape
+  dense = lambda name, z: z @ p[name]["kernel"] + p[name].get("bias", 0.0)
+  heads = lambda z: z.reshape(b, t, num_heads, dim // num_heads)
+  q, k, v = (heads(jax.nn.silu(dense(nm, x))) for nm in ("query", "key", "value"))
+  if use_lrpe:
+    q, k = (L.lrpe_rotate(z, p["lrpe_theta"], jnp.arange(t)) for z in (q, k))
+  o = L.lightning_attention(q, k, v, slopes=slopes, implementation="reference")
+  o = L.srms_norm(o.reshape(b, t, dim))
+  gate = jax.nn.sigmoid(dense("gate_up", dense("gate_down", x)))
+  return dense("out", o * gate)
+
+
+def test_tnl_token_mixer_oracle_and_decode():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8))
+  layers = {lrpe: L.TNLTokenMixer(2, layer_idx=1, num_layers=3, chunk_size=4, use_lrpe=lrpe)
+            for lrpe in (False, True)}
+  params = jax.jit(lambda x: {lrpe: lay.init(jax.random.PRNGKey(1), x)
+                              for lrpe, lay in layers.items()})(x)
+  assert "lrpe_theta" in params[True]["params"] and "lrpe_theta" not in params[False]["params"]
+  slopes = L.tnl_decay_slopes(2, 1, 3)
+  layer = layers[True]
+
+  @jax.jit
+  def prefill(params, x):
+    plain = layers[False].apply(params[False], x)
+    plain_ref = _tnl_oracle(params[False]["params"], x, 2, slopes, False)
+    ref = _tnl_oracle(params[True]["params"], x, 2, slopes, True)
+    head, state = layer.apply(params[True], x[:, :6], return_state=True)
+    rest = layer.apply(params[True], x[:, 6:], initial_state=state, offset=6)  # chunked continuation
+    return plain, plain_ref, layer.apply(params[True], x), ref, jnp.concatenate([head, rest], 1)
+
+  plain, plain_ref, full, ref, resumed = prefill(params, x)
+  np.testing.assert_allclose(plain, plain_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(full, ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(resumed, full, rtol=1e-4, atol=1e-5)
+  step = jax.jit(lambda xt, state, pos: layer.apply(
+      params[True], xt, initial_state=state, offset=pos, return_state=True))
+  state = jnp.zeros((2, 2, 2 * 4, 4), jnp.float32)  # LRPE doubles the key features
+  outs = []
+  for i in range(x.shape[1]):  # token-by-token recurrence (linear_attention_step) == prefill
+    o, state = step(x[:, i:i + 1], state, i)
+    outs.append(o)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)

@@ -14,8 +14,9 @@ from attnjax.linear.dsf import (dsf_scan, linear_attention_dsf, linear_attention
 from attnjax.linear.families import FAMILIES
 from attnjax.linear.feature_maps import elu_plus_one, identity, relu, resolve_feature_map, taylor
 from attnjax.linear.flow import flow_attention
-from attnjax.linear.lightning import lightning_attention, srms_norm
+from attnjax.linear.lightning import (lightning_attention, lrpe_rotate, lrpe_thetas, sglu,
+                                      srms_norm)
 from attnjax.linear.titans import linear_memory, memory_recurrence, neural_memory
-from attnjax.linear.layers import (AgentAttention, SlidingWindowBlock, TitansMAG, TitansMAL,
+from attnjax.linear.layers import (SGLU, AgentAttention, SlidingWindowBlock, TitansMAG, TitansMAL,
                                    TitansMemory, TNLTokenMixer)
 from attnjax.linear.titans_mac import TitansMAC

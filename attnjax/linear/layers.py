@@ -1,4 +1,4 @@
-"""Flax Linen layers with parameters for the linear engine: TNL, Agent Attention, Titans.
+"""Flax Linen layers with parameters for the linear engine: TNL (token mixer, SGLU), Agent Attention, Titans.
 
 TNL (arXiv:2405.17381), Agent Attention (arXiv:2312.08874), Titans (arXiv:2501.00663);
 full titles in attnjax.linear.lightning, .agent and .titans.
@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.linear.agent import agent_attention, pool_agents
-from attnjax.linear.lightning import lightning_attention, srms_norm
+from attnjax.linear.api import linear_attention_step
+from attnjax.linear.decay import tnl_decay_slopes
+from attnjax.linear.lightning import lightning_attention, lrpe_rotate, lrpe_thetas, srms_norm
 from attnjax.block_sparse.families import sliding_window_attention
 from attnjax.linear.based import window_sides
 from attnjax.linear.titans import linear_memory
@@ -133,20 +135,58 @@ class TitansMAL(nn.Module):
 
 
 class TNLTokenMixer(nn.Module):
-  """TNL's token mixer on x [B, T, D]: SiLU q, k, v, lightning attention with the
-  layer's decay slopes, SRMSNorm, a low-rank sigmoid output gate, then W_o."""
+  """TNL's token mixer on x [B, T, D] (TNL, arXiv:2405.17381).
+
+  q, k, v = SiLU(x W_q), SiLU(x W_k), SiLU(x W_v) split into N heads; with
+  ``use_lrpe`` q and k get LRPE's relative rotation (doubled features,
+  learnable theta [N, H] "lrpe_theta"; see :mod:`attnjax.linear.lightning`);
+  o = lightning attention with the layer's decay slopes; SRMSNorm over D; a
+  low-rank sigmoid output gate sigmoid((x W_down) W_up); then W_o.
+
+  Decoding: ``initial_state`` [B, N, H (2H with LRPE), H] is the state after
+  ``offset`` tokens and ``return_state`` returns the state after x; with
+  T == 1 the step runs the recurrence (``linear_attention_step``), so
+  feeding tokens one by one reproduces the prefill.
+  """
   num_heads: int
   layer_idx: int = 0
   num_layers: int = 1
   chunk_size: int = 64
+  use_lrpe: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, initial_state=None, return_state: bool = False, offset=0):
     b, t, dim = x.shape
     n = self.num_heads
     q, k, v = (_heads(jax.nn.silu(nn.Dense(dim, name=nm)(x)), n) for nm in ("query", "key", "value"))
-    o = lightning_attention(q, k, v, layer_idx=self.layer_idx, num_layers=self.num_layers,
-                            block_size=self.chunk_size)
+    if self.use_lrpe:
+      theta = self.param("lrpe_theta", lambda _, s: jnp.asarray(lrpe_thetas(*s)), (n, dim // n))
+      pos = offset + jnp.arange(t)
+      q, k = lrpe_rotate(q, theta, pos), lrpe_rotate(k, theta, pos)
+    slopes = jnp.asarray(tnl_decay_slopes(n, self.layer_idx, self.num_layers))
+    if t == 1:
+      o, state = linear_attention_step(initial_state, q[:, 0], k[:, 0], v[:, 0], decay=slopes)
+      o = o[:, None]
+    else:
+      o, state = lightning_attention(q, k, v, slopes=slopes, block_size=self.chunk_size,
+                                     initial_state=initial_state, return_state=True)
     o = srms_norm(o.reshape(b, t, dim))
     gate = nn.Dense(dim, name="gate_up")(nn.Dense(dim // n, use_bias=False, name="gate_down")(x))
-    return nn.Dense(dim, name="out")(o * jax.nn.sigmoid(gate))
+    out = nn.Dense(dim, name="out")(o * jax.nn.sigmoid(gate))
+    return (out, state) if return_state else out
+
+
+class SGLU(nn.Module):
+  """TNL's SGLU channel mixer on x [..., D]: ((x W_u) * (x W_v)) W_o, no activation.
+
+  ``hidden_dim`` F (D when None); no biases, as TNL's code. Parameters
+  "u", "v", "out" map onto :func:`attnjax.linear.sglu`'s w_u, w_v, w_o.
+  """
+  hidden_dim: Optional[int] = None
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    f = self.hidden_dim or x.shape[-1]
+    dense = lambda width, nm: nn.Dense(width, use_bias=self.use_bias, name=nm)
+    return dense(x.shape[-1], "out")(dense(f, "u")(x) * dense(f, "v")(x))
