@@ -125,9 +125,11 @@ def test_kv_cache_decoding_equals_full_causal_forward(chunks=(3, 1, 2)):
     outs.append(o)
     start += n
   np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=1e-5, atol=1e-5)
-  assert int(cache["cache_index"]) == T
-  over, _ = step(cache, x[:, :1])  # past max_len: loud NaN, not a silent overwrite
-  assert bool(jnp.all(jnp.isnan(over)))
+  np.testing.assert_array_equal(cache["cache_index"], T)
+  with pytest.raises(Exception, match="KV cache overflow"):  # past max_len: an error
+    jax.block_until_ready(step(cache, x[:, :1]))
+  with pytest.raises(ValueError, match="max_len"):     # concrete index: at the call
+    dec.apply({"params": params["params"], "cache": cache}, x[:, :1], mutable=["cache"])
 
 
 def test_decode_errors():

@@ -10,11 +10,13 @@ family with its ``attention_options``. KV-cache decoding uses Flax's
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.analysis.heads import apply_head_mask
 
@@ -124,10 +126,15 @@ class MultiHeadAttention(nn.Module):
     implementation: "reference" | "xla" | "pallas" | None, given to the family.
     decode: KV-cache decoding. The first ``init`` (with a full-length input)
       creates ``cache/cached_key``, ``cached_value`` [B, max_len, K, H] and
-      ``cache_index``; later calls append T >= 1 tokens at ``cache_index``
-      with positions ``cache_index + arange(T)``. Needs ``causal=True``, self
-      attention, and a family with ``supports_kv_cache``. Writing past
-      ``max_len`` makes the output NaN (the cache cannot grow under jit).
+      ``cache_index`` int32 [B] (tokens held per example); later calls
+      append T >= 1 tokens of example b at ``cache_index[b]`` with positions
+      ``cache_index[b] + arange(T)``, so the examples of a batch may hold
+      different lengths (right-padded prompts: pass ``input_lengths``). Needs
+      ``causal=True``, self attention, and a family with
+      ``supports_kv_cache``. Appending past ``max_len`` raises ValueError
+      naming the lengths (at trace time when T > max_len or the index is
+      concrete, else from a host callback when the jitted step runs; the
+      output is NaN as well, the cache cannot grow under jit).
     dtype: computation dtype of the projections (default: inferred);
       param_dtype: dtype of the parameters.
   """
@@ -172,7 +179,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, q_positions=None, k_positions=None,
-               segment_ids=None, mask=None, head_mask=None, head_replacement=None):
+               segment_ids=None, mask=None, head_mask=None, head_replacement=None,
+               input_lengths=None):
     """Attends ``inputs_q`` [B, T, D] to ``inputs_kv`` [B, S, D'] (default itself).
 
     Args:
@@ -192,6 +200,9 @@ class MultiHeadAttention(nn.Module):
         Calculation" (arXiv:2409.01659).
       head_replacement: optional [B, T, N, H] values that ablated heads take
         instead of zero (mean ablation, activation patching).
+      input_lengths: decode=True only: int [B], how many of the T new tokens
+        of each example are real (right padding); ``cache_index`` advances by
+        it, and the padded tail is overwritten by the next call. Default T.
 
     The per-head outputs [B, T, N, H] are sown as ``intermediates/head_outputs``.
 
@@ -223,8 +234,11 @@ class MultiHeadAttention(nn.Module):
             f"attention family {self.attention!r} does not declare KV-cache support "
             "(supports_kv_cache); decode=True is available for the softmax families.")
       q, k, v, q_positions, k_positions, overflow = self._use_cache(
-          q, k, v, q_positions, k_positions, segment_ids, mask)
-    elif self.use_rope:
+          q, k, v, q_positions, k_positions, segment_ids, mask, input_lengths)
+    elif input_lengths is not None:
+      raise ValueError("input_lengths is for decode=True; without a KV cache pass a "
+                       "key-padding mask [B, S] as mask=.")
+    if not self.decode and self.use_rope:
       # Default self-attention positions arange(T) are what every family assumes when
       # none are passed, so they are used for RoPE only (families that cannot take
       # explicit positions, such as the linear ones, keep working in the layer).
@@ -275,12 +289,13 @@ class MultiHeadAttention(nn.Module):
     k = apply_rope(k, k_positions, self.rope_base, self.rope_fraction)
     return q, k
 
-  def _use_cache(self, q, k, v, q_positions, k_positions, segment_ids, mask):
+  def _use_cache(self, q, k, v, q_positions, k_positions, segment_ids, mask, input_lengths):
     """Appends k/v to the cache; returns the cached k/v and their positions."""
     initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    cache_index = self.variable("cache", "cache_index",
+                                lambda: jnp.zeros((k.shape[0],), jnp.int32))
     T = q.shape[1]
     if not initialized:  # the init call: a plain causal forward over the input.
       if q_positions is None and k_positions is None:
@@ -289,25 +304,69 @@ class MultiHeadAttention(nn.Module):
         q, k = self._rope(q, k, q_positions, k_positions, T, k.shape[1])
       return q, k, v, q_positions, k_positions, None
     if segment_ids is not None or mask is not None:
-      raise ValueError("segment_ids and mask are not supported with a KV cache.")
+      raise ValueError("segment_ids and mask are not supported with a KV cache; pad on the "
+                       "right and pass input_lengths [B].")
     B, max_len, kh, h = cached_key.value.shape
     if k.shape != (B, T, kh, h):
       raise ValueError(
           f"cache holds keys [B, max_len, K, H]={cached_key.value.shape}; new keys "
           f"{k.shape} must be [{B}, T, {kh}, {h}].")
-    idx = cache_index.value
-    pos = idx + jnp.arange(T, dtype=jnp.int32)
+    if T > max_len:
+      raise ValueError(f"{T} new tokens do not fit a KV cache of max_len={max_len}; "
+                       "initialise the cache with a longer input.")
     if q_positions is not None or k_positions is not None:
       raise ValueError("positions come from cache_index when decoding; do not pass "
                        "q_positions/k_positions.")
+    idx = jnp.broadcast_to(cache_index.value, (B,))
+    if input_lengths is None:
+      n_new = jnp.full((B,), T, jnp.int32)
+    else:
+      n_new = jnp.asarray(input_lengths)
+      if n_new.shape != (B,) or not jnp.issubdtype(n_new.dtype, jnp.integer):
+        raise ValueError(f"input_lengths must be an int array of shape [B]=({B},), got "
+                         f"{n_new.shape} {n_new.dtype}.")
+      n_new = n_new.astype(jnp.int32)
+    pos = idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]     # [B, T]
     if self.use_rope:
       q = apply_rope(q, pos, self.rope_base, self.rope_fraction)
       k = apply_rope(k, pos, self.rope_base, self.rope_fraction)
-    start = (jnp.zeros((), jnp.int32), idx, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    keys = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
-    values = jax.lax.dynamic_update_slice(cached_value.value,
-                                          v.astype(cached_value.value.dtype), start)
+    rows = jnp.arange(B)[:, None]
+    # Padded tokens past max_len are dropped; those inside are overwritten later.
+    keys = cached_key.value.at[rows, pos].set(k.astype(cached_key.value.dtype), mode="drop")
+    values = cached_value.value.at[rows, pos].set(v.astype(cached_value.value.dtype),
+                                                 mode="drop")
     cached_key.value, cached_value.value = keys, values
-    cache_index.value = idx + T
-    overflow = idx + T > max_len
+    cache_index.value = idx + n_new
+    overflow = _check_cache_fits(idx, n_new, max_len)
     return q, keys, values, pos, jnp.arange(max_len, dtype=jnp.int32), overflow
+
+
+def _cache_overflow_error(idx, n_new, max_len):
+  bad = [int(b) for b in np.nonzero(np.asarray(idx) + np.asarray(n_new) > max_len)[0]]
+  b = bad[0]
+  return ValueError(
+      f"KV cache overflow: example {b} holds {int(np.asarray(idx)[b])} tokens and appends "
+      f"{int(np.asarray(n_new)[b])}, past the cache's max_len={max_len} (examples {bad} "
+      "overflow); initialise the cache with a longer input or decode fewer tokens.")
+
+
+def _raise_on_overflow(idx, n_new, max_len):
+  if np.any(np.asarray(idx) + np.asarray(n_new) > max_len):
+    raise _cache_overflow_error(idx, n_new, max_len)
+
+
+def _check_cache_fits(idx, n_new, max_len: int):
+  """Overflow flag (scalar bool) of appending n_new [B] tokens at idx [B].
+
+  Raises ValueError now when the values are concrete; under jit a host
+  callback raises it when the step runs.
+  """
+  overflow = jnp.any(idx + n_new > max_len)
+  try:
+    concrete = bool(overflow)
+  except jax.errors.ConcretizationTypeError:
+    jax.debug.callback(functools.partial(_raise_on_overflow, max_len=max_len), idx, n_new)
+    return overflow
+  if concrete:
+    raise _cache_overflow_error(idx, n_new, max_len)
+  return overflow

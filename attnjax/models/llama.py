@@ -1,0 +1,160 @@
+"""A Llama-style decoder built from ``attnjax.layers.MultiHeadAttention``.
+
+Llama ("LLaMA: Open and Efficient Foundation Language Models",
+arXiv:2302.13971): pre-RMSNorm blocks ``x + Attn(RMSNorm(x))``,
+``x + SwiGLU(RMSNorm(x))``, rotary embeddings (rotate-half), grouped-query
+attention, optionally tied input/output embeddings. With ``decode=True`` the
+attention layers keep a KV cache (``attnjax.layers.MultiHeadAttention``);
+``attnjax.models.generate`` runs the decoding loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax.layers import MultiHeadAttention
+from attnjax.models.common import layer_attention
+
+__all__ = ["LlamaConfig", "LlamaDecoder", "init_cache"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Sizes of a Llama decoder; defaults are SmolLM2-135M's."""
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  intermediate_size: int = 1536
+  rope_base: float = 100000.0
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_position_embeddings: int = 8192
+  attention: Union[str, Sequence[str]] = "dense"
+  attention_options: Any = None
+  implementation: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_gguf_metadata(cls, meta: Mapping[str, Any], **overrides) -> "LlamaConfig":
+    """From GGUF key/values (``llama.*``; see ``attnjax.models.checkpoints``)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+      raise ValueError(f"GGUF general.architecture is {arch!r}; LlamaDecoder loads 'llama'.")
+    g = lambda k, d=None: meta.get(f"llama.{k}", d)
+    width, heads = int(g("embedding_length")), int(g("attention.head_count"))
+    head_dim = int(g("attention.key_length", width // heads))
+    rot = g("rope.dimension_count", head_dim)
+    if int(rot) != head_dim:
+      raise ValueError(f"llama.rope.dimension_count={rot} != head_dim={head_dim}: partial "
+                       "rotary GGUF models are not supported.")
+    kw = dict(vocab_size=int(g("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))),
+              hidden_size=width, num_layers=int(g("block_count")), num_heads=heads,
+              num_kv_heads=int(g("attention.head_count_kv", heads)), head_dim=head_dim,
+              intermediate_size=int(g("feed_forward_length")),
+              rope_base=float(g("rope.freq_base", 10000.0)),
+              rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+              max_position_embeddings=int(g("context_length", 2048)))
+    kw.update(overrides)
+    return cls(**kw)
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "LlamaConfig":
+    """From a Hugging Face ``config.json`` dict of a Llama model."""
+    if hf.get("model_type") != "llama":
+      raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; LlamaConfig "
+                       "reads 'llama' configs.")
+    if hf.get("rope_scaling"):
+      raise ValueError(f"rope_scaling={hf['rope_scaling']!r} is not supported yet.")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+      raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported.")
+    heads = hf["num_attention_heads"]
+    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+              num_layers=hf["num_hidden_layers"], num_heads=heads,
+              num_kv_heads=hf.get("num_key_value_heads", heads),
+              head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+              intermediate_size=hf["intermediate_size"],
+              rope_base=float(hf.get("rope_theta", 10000.0)),
+              rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+              tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+              max_position_embeddings=hf.get("max_position_embeddings", 2048))
+    kw.update(overrides)
+    return cls(**kw)
+
+
+class LlamaBlock(nn.Module):
+  """One pre-norm block over x [B, T, D]."""
+  config: LlamaConfig
+  attention: str = "dense"
+  attention_options: Any = ()
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, input_lengths=None):
+    c = self.config
+    norm = lambda name: nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, name=name)
+    h = MultiHeadAttention(
+        num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+        qkv_features=c.num_heads * c.head_dim, out_features=c.hidden_size, use_bias=False,
+        use_rope=True, rope_base=c.rope_base, causal=True, attention=self.attention,
+        attention_options=dict(self.attention_options), implementation=c.implementation,
+        decode=self.decode, dtype=c.dtype, name="attention")(
+            norm("attention_norm")(x), input_lengths=input_lengths)
+    x = x + h
+    h = norm("mlp_norm")(x)
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=c.dtype, name=name)
+    h = nn.silu(dense(c.intermediate_size, "gate")(h)) * dense(c.intermediate_size, "up")(h)
+    return x + dense(c.hidden_size, "down")(h)
+
+
+class LlamaDecoder(nn.Module):
+  """Causal LM: tokens [B, T] int -> logits [B, T, vocab] float32.
+
+  Without a cache, right padding needs no mask (causality hides the padded
+  tail from real tokens). With ``decode=True`` each call appends T tokens to
+  every example's cache; ``input_lengths`` [B] says how many of them are
+  real (right-padded prompts of different lengths).
+  """
+  config: LlamaConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens, input_lengths=None):
+    c = self.config
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be an int array [B, T], got {tokens.shape} {tokens.dtype}.")
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, name="embed_tokens")
+    x = embed(tokens)
+    for i, (fam, opts) in enumerate(layer_attention(c.attention, c.attention_options,
+                                                    c.num_layers)):
+      x = LlamaBlock(c, fam, opts, self.decode, name=f"layer_{i}")(x, input_lengths)
+    x = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, name="norm")(x)
+    if c.tie_embeddings:
+      return embed.attend(x).astype(jnp.float32)
+    return nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
+                    name="lm_head")(x).astype(jnp.float32)
+
+
+def init_cache(model: LlamaDecoder, batch_size: int, max_len: int, dtype=None):
+  """An empty KV cache for ``model`` (decode=True): ``batch_size`` x ``max_len`` tokens.
+
+  Shapes come from ``jax.eval_shape`` (nothing is computed); keys/values in
+  ``dtype`` (default the model's compute dtype).
+  """
+  if not model.decode:
+    model = model.clone(decode=True)
+  if max_len < 1 or batch_size < 1:
+    raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}.")
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((batch_size, max_len), jnp.int32)))
+  dt = jnp.dtype(dtype or model.config.dtype)
+  return jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype if jnp.issubdtype(s.dtype, jnp.integer) else dt),
+      shapes["cache"])
