@@ -14,3 +14,8 @@ from attnjax.sharding.linear_context import (check_context_mesh,
 from attnjax.sharding.neighborhood_context import (HaloPlan,
                                                    context_parallel_neighborhood_attention,
                                                    halo_plan, neighborhood_communication_bytes)
+from attnjax.sharding.block_sparse_context import (BlockSparseContextPlan,
+                                                   block_sparse_context_plan,
+                                                   communication_report,
+                                                   context_parallel_block_sparse,
+                                                   sequence_permutation)

@@ -1,0 +1,486 @@
+"""Context parallelism for the block-sparse engine with any static mask.
+
+The sequence of a self-attention call is split over a mesh axis (context
+parallelism, as Ring Attention, Liu et al., arXiv:2310.01889) and, optionally,
+the heads over another. Instead of passing every K/V block around the ring,
+the plan reads the static mask's ``BlockLayout`` at trace time and computes,
+for every device and KV head, exactly which key blocks of other devices its
+query rows visit; those blocks, and only those, are exchanged with one
+``ppermute`` per device distance that has something to send (distances with
+nothing needed are skipped). Each device then runs the block-sparse XLA
+engine once, over its queries and a key buffer [own blocks, received blocks]:
+a query's attention to its own and to remote keys is one online softmax, so
+there are no partial results to merge inside the call (``return_lse=True``
+gives the lse, to merge with other key sets through
+``attnjax.merge_attention``). Causality is by global positions: the engine
+evaluates the mask on the global positions of the local queries and of every
+buffered key. Forward and backward (the engine's custom VJP; the transpose of
+a ``ppermute`` is the reverse ``ppermute``) run only the visited blocks.
+
+Assignments of the sequence to the context axis (P devices):
+
+* ``"contiguous"``: device d holds tokens [d T/P, (d+1) T/P).
+* ``"zigzag"`` (the causal load balance of Llama 3's context parallelism,
+  arXiv:2407.21783): the sequence is cut into 2P chunks and device d holds
+  chunks d and 2P-1-d, so under a causal mask every device visits the same
+  number of blocks.
+
+``sequence_permutation`` returns the order in which the sharded arrays hold
+the tokens. With ``sequence_order="natural"`` (default) the function takes
+and returns arrays in natural token order and permutes them itself (for
+zig-zag this reshards q/k/v and the output); with
+``sequence_order="assignment"`` the caller passes and receives arrays already
+in that order (``x[:, perm]``), e.g. a whole model kept in zig-zag order
+(positional encodings then take ``perm`` as the positions).
+
+SPMD execution: every device runs the same program on its own static work
+list. The plan builds, for every device, the engine's work items (q-block,
+k-blocks) from its exact block classes and pads the lists to the longest, so
+a device runs ``executed_blocks`` = the busiest device's blocks (plus the
+engine's item padding): balanced assignments cost no more than their mean.
+The ``"xla"`` engine runs inside ``shard_map``; Pallas kernels are not used
+here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from attnjax.block_sparse import engine as E
+from attnjax.block_sparse import plan as BP
+from attnjax.block_sparse import schedule as SC
+from attnjax.block_sparse import tiles as Tl
+from attnjax.core import scoring
+from attnjax.core import validation as V
+from attnjax.masks import layout as LY
+from attnjax.masks.base import Mask
+
+ASSIGNMENTS = ("contiguous", "zigzag")
+SEQUENCE_ORDERS = ("natural", "assignment")
+
+
+def _chunks(num_shards: int, assignment: str) -> np.ndarray:
+  """int [P, c]: chunk ids of each device, in its local order (c = 1 or 2 chunks)."""
+  if assignment not in ASSIGNMENTS:
+    raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}.")
+  d = np.arange(num_shards)
+  if assignment == "contiguous":
+    return d[:, None]
+  return np.stack([d, 2 * num_shards - 1 - d], 1)
+
+
+def sequence_permutation(seq_len: int, num_shards: int,
+                         assignment: str = "zigzag") -> np.ndarray:
+  """int [T]: token position held at each place of the sharded sequence.
+
+  ``x[:, perm]`` puts a natural-order sequence in the order whose contiguous
+  split over ``num_shards`` devices is the assignment; ``np.argsort(perm)``
+  undoes it. Identity for ``"contiguous"``.
+  """
+  chunks = _chunks(num_shards, assignment)
+  n = chunks.size
+  V.check_positive_int("seq_len", seq_len)
+  if seq_len % n:
+    raise ValueError(f"sequence length {seq_len} is not divisible by the {n} chunks of the "
+                     f"{assignment!r} assignment over {num_shards} context shards.")
+  c = seq_len // n
+  return (chunks.reshape(-1)[:, None] * c + np.arange(c)).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockSparseContextPlan:
+  """Static plan of one (mask, shape, mesh) for ``context_parallel_block_sparse``.
+
+  Every device keeps a key buffer of ``buffer_blocks`` slots per local KV
+  head: its own ``local_blocks`` blocks, then the blocks received at each
+  distance of ``shifts`` (``send[s].shape[2]`` slots each, padded). Inside the
+  engine call the KV heads are laid side by side along the key axis (slot
+  ``g * buffer_blocks + j``), so each layout head visits only its KV head's
+  slots.
+
+  Attributes:
+    num_shards: P (context axis size); head_shards: X (head axis size).
+    seq_len, block_size, assignment; local_blocks: blocks per device (nbl);
+    buffer_blocks: nbuf; kv_heads_local: Kl = K / X; group: G = N / K.
+    layout_heads, fold: the engine's layout heads Hl and folded heads R
+      (Hl = Kl, R = G when the query heads of a KV head visit the same
+      blocks on every device, else Hl = N / X, R = 1).
+    positions: int32 [P, T/P] global position of each local token.
+    send: {s: int32 [P, X, M_s, Kl]} local block index that device (c, x)
+      sends to device c + s, per local KV head (padding 0).
+    pairs: {s: ((src, dst), ...)} the ppermute of distance s.
+    slot_blocks: int32 [P, X, Kl, nbuf] global block of each slot (-1 padding).
+    kinds: per schedule, (partial, slot groups, ragged) as the engine takes them.
+    schedules: per kind, a tuple (qb, kb, slot, valid, kval) of arrays
+      [P, X, Hl, lanes, steps(, g)]: the work items of every device.
+    needed_blocks: int [P, X] remote key blocks each device needs (x KV heads);
+      received_blocks: int [P, X] blocks it receives (padded per distance).
+    visited_blocks: int [P, X] (query head, q-block, k-block) triples each
+      device needs; ``executed_blocks``: those the schedules run on every
+      device (the maximum over devices, plus padding of the items).
+  """
+  num_shards: int
+  head_shards: int
+  seq_len: int
+  block_size: int
+  assignment: str
+  local_blocks: int
+  buffer_blocks: int
+  kv_heads_local: int
+  group: int
+  layout_heads: int
+  fold: int
+  positions: np.ndarray
+  send: Dict[int, np.ndarray]
+  pairs: Dict[int, Tuple[Tuple[int, int], ...]]
+  slot_blocks: np.ndarray
+  kinds: Tuple[Tuple[bool, int, bool], ...]
+  schedules: Tuple[Tuple[np.ndarray, ...], ...]
+  needed_blocks: np.ndarray
+  received_blocks: np.ndarray
+  visited_blocks: np.ndarray
+  executed_blocks: int
+
+  @property
+  def shifts(self) -> Tuple[int, ...]:
+    return tuple(sorted(self.send))
+
+  def transferred_blocks(self) -> int:
+    """Blocks (x local KV heads) in the receive buffers of a device, padding included."""
+    return int(sum(s.shape[2] * s.shape[3] for s in self.send.values()))
+
+  def imbalance(self) -> float:
+    """max / mean of ``visited_blocks`` over devices (1.0 = balanced)."""
+    v = self.visited_blocks.astype(np.float64)
+    return float(v.max() / v.mean()) if v.mean() else 1.0
+
+
+def _check_mask(mask):
+  if not isinstance(mask, Mask):
+    raise TypeError(f"mask must be an attnjax Mask, got {type(mask).__name__}.")
+  if mask.needs_segments:
+    raise NotImplementedError(
+        f"mask {mask!r} reads segment ids, which context_parallel_block_sparse does not take.")
+
+
+def default_block_size(mask, chunk_len: int) -> int:
+  """The mask's own ``block_size`` when it divides ``chunk_len``, else the largest power
+  of two <= 512 (and >= 16) dividing it, else ``chunk_len``."""
+  bs = int(getattr(mask, "block_size", 0) or 0)
+  if bs > 0 and chunk_len % bs == 0:
+    return bs
+  b = SC.choose_block(chunk_len, 512, minimum=16)
+  return b if b > 0 else chunk_len
+
+
+@functools.lru_cache(maxsize=32)
+def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: int,
+                              num_shards: int, head_shards: int = 1,
+                              block_size: Optional[int] = None, assignment: str = "contiguous",
+                              batch: int = 1) -> BlockSparseContextPlan:
+  """The plan of ``mask`` for ``num_shards`` context and ``head_shards`` head shards (cached).
+
+  ``batch`` (per device) only sizes the engine's scan steps. Raises
+  ValueError naming the field when the sequence, the heads or the block size
+  do not divide.
+  """
+  _check_mask(mask)
+  chunks = _chunks(num_shards, assignment)
+  perm = sequence_permutation(seq_len, num_shards, assignment)
+  chunk = seq_len // chunks.size
+  bs = default_block_size(mask, chunk) if block_size is None else block_size
+  V.check_positive_int("block_size", bs)
+  if chunk % bs:
+    raise ValueError(f"block_size={bs} must divide the chunk length {chunk} (sequence length "
+                     f"{seq_len} in {chunks.size} chunks of the {assignment!r} assignment).")
+  for name, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+    V.check_positive_int(name, n)
+    if n % head_shards:
+      raise ValueError(f"{name}={n} is not divisible by the head axis size {head_shards}.")
+  if num_heads % num_kv_heads:
+    raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}.")
+  nb, cb = seq_len // bs, chunk // bs
+  G, Kl = num_heads // num_kv_heads, num_kv_heads // head_shards
+  own = (chunks[..., None] * cb + np.arange(cb)).reshape(num_shards, -1)   # [P, nbl]
+  nbl = own.shape[1]
+  owner = np.empty(nb, np.int64)
+  local = np.empty(nb, np.int64)
+  owner[own] = np.arange(num_shards)[:, None]
+  local[own] = np.arange(nbl)[None, :]
+  cls = np.asarray(mask.block_layout(seq_len, seq_len, bs, bs, num_heads).block_mask)
+  cls = np.broadcast_to(cls, (num_heads,) + cls.shape[1:])
+
+  # -- remote blocks each (device, head shard, local KV head) needs, by distance -------
+  devices = [(d, x) for d in range(num_shards) for x in range(head_shards)]
+  recv = {}                                   # s -> {(d, x, g): blocks from device d - s}
+  needed = np.zeros((num_shards, head_shards), np.int64)
+  for d, x in devices:
+    for g in range(Kl):
+      gk = x * Kl + g
+      need = (cls[gk * G:(gk + 1) * G][:, own[d]] != LY.EMPTY).any((0, 1))
+      need[own[d]] = False
+      for b in np.nonzero(need)[0]:
+        recv.setdefault(d - int(owner[b]), {}).setdefault((d, x, g), []).append(int(b))
+      needed[d, x] += int(need.sum())
+  send, pairs, width, received = {}, {}, {}, np.zeros_like(needed)
+  for s in sorted(recv):
+    width[s] = max(len(v) for v in recv[s].values())
+    snd = np.zeros((num_shards, head_shards, width[s], Kl), np.int32)
+    for (d, x, g), blocks in recv[s].items():
+      snd[d - s, x, :len(blocks), g] = local[blocks]
+    send[s] = snd
+    dst = sorted({k[0] for k in recv[s]})
+    pairs[s] = tuple((d - s, d) for d in dst)
+    received[dst] += width[s] * Kl
+  nbuf = nbl + sum(width.values())
+  slot_blocks = np.full((num_shards, head_shards, Kl, nbuf), -1, np.int32)
+  slot_blocks[..., :nbl] = own[:, None, None, :]
+  off = nbl
+  for s in sorted(recv):
+    for (d, x, g), blocks in recv[s].items():
+      slot_blocks[d, x, g, off:off + len(blocks)] = blocks
+    off += width[s]
+
+  # -- every device's exact block classes on its slots -> work items -------------------
+  dev_cls = {}
+  for d, x in devices:
+    sb = slot_blocks[d, x]                                           # [Kl, nbuf]
+    heads = (x * Kl + np.arange(Kl))[:, None] * G + np.arange(G)     # [Kl, G]
+    c = cls[heads[:, :, None, None], own[d][None, None, :, None], np.maximum(sb, 0)[:, None,
+                                                                                  None, :]]
+    dev_cls[d, x] = np.where(sb[:, None, None, :] >= 0, c, LY.EMPTY)  # [Kl, G, nbl, nbuf]
+  shared = all((c == c[:, :1]).all() for c in dev_cls.values())
+  Hl, R = (Kl, G) if shared else (Kl * G, 1)
+  visited = np.zeros((num_shards, head_shards), np.int64)
+  for (d, x), c in dev_cls.items():
+    visited[d, x] = np.count_nonzero(c)
+    c = c[:, :1] if shared else c
+    # layout head hl reads KV head hl // (Hl // Kl): its slots start at g * nbuf
+    dev_cls[d, x] = np.concatenate(
+        [np.pad(c[g], ((0, 0), (0, 0), (g * nbuf, (Kl - 1 - g) * nbuf))) for g in range(Kl)])
+  kinds, schedules, executed = [], [], 0
+  for kind in (LY.PARTIAL, LY.FULL):
+    sched = _device_schedules({k: c == kind for k, c in dev_cls.items()}, devices, nbl, bs,
+                              R, batch * Hl * R * bs * bs)
+    if sched is not None:
+      arrays, groups, ragged, items = sched
+      kinds.append((kind == LY.PARTIAL, groups, ragged))
+      schedules.append(arrays)
+      executed += items * R
+  positions = perm.reshape(num_shards, -1).astype(np.int32)
+  return BlockSparseContextPlan(num_shards, head_shards, seq_len, bs, assignment, nbl, nbuf, Kl,
+                                G, Hl, R, positions, send, pairs, slot_blocks, tuple(kinds),
+                                tuple(schedules), needed, received, visited, executed)
+
+
+def _device_schedules(sel, devices, nq, bs, R, per_block):
+  """Engine schedules of one block kind for every device, padded to one shape.
+
+  ``sel[(d, x)]``: bool [Hl, nq, nk] blocks of this kind. Returns ((qb, kb,
+  slot, valid, kval) arrays [P, X, Hl, lanes, steps(, g)], slot groups,
+  ragged, blocks run per device), or None when no device has such a block.
+  """
+  counts = np.stack([m.sum(-1) for m in sel.values()])
+  if not counts.any():
+    return None
+  g = BP.choose_group(counts, bs, R * bs)
+  items = {k: SC.items_from_block_mask(m.astype(np.int8), 1) for k, m in sel.items()}
+  most = int((-(-counts // g)).sum(-1).max())      # grouped items of the busiest head
+  lanes = SC.choose_lanes(most, per_block * g, BP.STEP_BUDGET)
+  steps = -(-most // lanes)
+  P_, X_ = max(d for d, _ in devices) + 1, max(x for _, x in devices) + 1
+  Hl = next(iter(sel.values())).shape[0]
+  shape = (P_, X_, Hl, lanes, steps)
+  qb = np.zeros(shape, np.int32)
+  kb = np.zeros(shape + (g,), np.int32)
+  slot = np.zeros(shape, np.int32)
+  valid = np.zeros(shape, bool)
+  kval = np.zeros(shape + (g,), bool)
+  groups, ragged = 1, False
+  for (d, x), its in items.items():
+    s = SC.build_schedule(its, nq, lanes, steps, group=g)
+    if s is None:
+      continue
+    n = s.qb.shape[2]                                # lanes (fewer when few items)
+    qb[d, x, :, :n], kb[d, x, :, :n], slot[d, x, :, :n] = s.qb[0], s.kb[0], s.slot[0]
+    valid[d, x, :, :n], kval[d, x, :, :n] = s.valid[0], s.kval[0]
+    groups, ragged = max(groups, s.num_slot_groups), ragged or s.ragged
+  return (qb, kb, slot, valid, kval), groups, ragged, Hl * lanes * steps * g
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadOffset(Mask):
+  """``inner`` on global heads: the engine's head index plus the query segment id.
+
+  Inside the device function the query segment ids hold the first global
+  query head of the device's head shard (``x * N / X``); keys carry the same.
+  """
+  inner: Mask
+  needs_segments = True
+
+  @property
+  def head_dependent(self):
+    return True
+
+  def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
+    return jnp.asarray(self.inner.predicate(q_seg + head, q_pos, k_pos), bool)
+
+
+def _take_blocks(blocks, idx):
+  """blocks [B, n, bs, Kl, D] at idx int [M, Kl] (per KV head) -> [B, M, bs, Kl, D]."""
+  i = jnp.moveaxis(idx, 0, 1)[None, :, :, None, None]                  # [1, Kl, M, 1, 1]
+  g = jnp.take_along_axis(jnp.moveaxis(blocks, 3, 1), i, axis=2)      # [B, Kl, M, bs, D]
+  return jnp.moveaxis(g, 1, 3)
+
+
+def _mesh_axis(mesh: Mesh, name, field):
+  if name is None:
+    return None, 1
+  if name not in mesh.axis_names:
+    raise ValueError(f"{field}={name!r} is not an axis of the mesh {mesh.axis_names}.")
+  return name, int(mesh.shape[name])
+
+
+def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: str = "context",
+                                  head_axis: Optional[str] = None,
+                                  data_axis: Optional[str] = None,
+                                  assignment: str = "contiguous",
+                                  sequence_order: str = "natural",
+                                  block_size: Optional[int] = None, scale=None,
+                                  return_lse: bool = False):
+  """Self-attention with any static mask, the sequence split over the mesh axis ``axis``.
+
+  Args:
+    query: [B, T, N, H]; key: [B, T, K, H]; value: [B, T, K, Hv] (global
+      arrays, sharded here as P(data_axis, axis, head_axis, None)).
+    mask: a static ``attnjax.masks.Mask`` (causal, sliding window, Longformer,
+      BigBird, S2, ...), evaluated on global positions ``arange(T)``.
+    mesh: a ``jax.sharding.Mesh``; ``axis`` splits the sequence (P devices),
+      ``head_axis`` (optional) the heads (X devices: N and K divisible by X),
+      ``data_axis`` (optional) the batch.
+    assignment: "contiguous" or "zigzag" (device d holds chunks d and 2P-1-d
+      of 2P: balanced work under causal masks).
+    sequence_order: "natural" (arrays in token order; permuted inside when the
+      assignment is not contiguous) or "assignment" (arrays already in
+      ``sequence_permutation(T, P, assignment)`` order; the output too).
+    block_size: exchange and engine block (default ``default_block_size``);
+      must divide T / P (T / 2P for zigzag).
+    scale: logit scale, default 1/sqrt(H).
+    return_lse: also return the lse [B, T, N] float32.
+
+  Returns:
+    out [B, T, N, Hv] (and lse), equal to ``attnjax.attention(q, k, v,
+    mask=mask)``, in the order of the inputs.
+  """
+  _check_mask(mask)
+  d = V.check_qkv(query, key, value)
+  if d.T != d.S:
+    raise ValueError(f"context parallelism here is for self-attention: query {query.shape} and "
+                     f"key {key.shape} must have the same length.")
+  if sequence_order not in SEQUENCE_ORDERS:
+    raise ValueError(f"sequence_order must be one of {SEQUENCE_ORDERS}, got {sequence_order!r}.")
+  if axis is None or axis not in mesh.axis_names:
+    raise ValueError(f"axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
+  hax, X = _mesh_axis(mesh, head_axis, "head_axis")
+  dax, D = _mesh_axis(mesh, data_axis, "data_axis")
+  if len({axis, hax, dax} - {None}) != len([a for a in (axis, hax, dax) if a is not None]):
+    raise ValueError(f"axis, head_axis and data_axis must differ, got {axis!r}, {head_axis!r}, "
+                     f"{data_axis!r}.")
+  Pn = int(mesh.shape[axis])
+  if d.B % D:
+    raise ValueError(f"batch {d.B} is not divisible by the data axis {dax!r} size {D}.")
+  if d.T % (Pn * (2 if assignment == "zigzag" else 1)):
+    raise ValueError(f"sequence length T={d.T} is not divisible by the context axis {axis!r} "
+                     f"size {Pn}" + (" x 2 chunks (zigzag)." if assignment == "zigzag" else "."))
+  if d.N % X:
+    raise ValueError(f"num_heads N={d.N} is not divisible by the head axis {hax!r} size {X}.")
+  if d.K % X:
+    raise ValueError(f"num_kv_heads K={d.K} is not divisible by the head axis {hax!r} size {X}.")
+  plan = block_sparse_context_plan(mask, d.T, d.N, d.K, Pn, X, block_size, assignment,
+                                   d.B // D)
+  scale = float(V.check_scale(scale, d.H))
+  bs, nbl, nbuf, Kl = plan.block_size, plan.local_blocks, plan.buffer_blocks, plan.kv_heads_local
+  Nl, Hl, R = d.N // X, plan.layout_heads, plan.fold
+  head_offset = hax is not None and mask.head_dependent
+  cfg = Tl.Cfg(B=d.B // D, N=Nl, K=1, H=d.H, Hv=d.Hv, bq=bs, bk=bs, nq=nbl, nk=Kl * nbuf, Hl=Hl,
+               R=R, kvh=(0,) * Hl, kv_len=Kl * nbuf * bs, scale=scale, norm="softmax",
+               mask=_HeadOffset(mask) if head_offset else mask, segments=head_offset,
+               pair_shape=None, bias_shape=None, plain_softmax=True)
+  score = E.as_pytree(scoring.resolve_score(None))
+
+  def local_fn(q, k, v):
+    c = jax.lax.axis_index(axis)
+    x = jax.lax.axis_index(hax) if hax else 0
+    Bl, Tl_ = q.shape[:2]
+    kb = k.reshape(Bl, nbl, bs, Kl, d.H)
+    vb = v.reshape(Bl, nbl, bs, Kl, d.Hv)
+    ks, vs = [kb], [vb]
+    for s in plan.shifts:
+      idx = jnp.asarray(plan.send[s])[c, x]
+      ks.append(jax.lax.ppermute(_take_blocks(kb, idx), axis, plan.pairs[s]))
+      vs.append(jax.lax.ppermute(_take_blocks(vb, idx), axis, plan.pairs[s]))
+    # KV heads side by side along the key axis: [Bl, Kl * nbuf, bs, 1, D]
+    k_r = jnp.moveaxis(jnp.concatenate(ks, 1), 3, 1).reshape(Bl, Kl * nbuf, bs, 1, d.H)
+    v_r = jnp.moveaxis(jnp.concatenate(vs, 1), 3, 1).reshape(Bl, Kl * nbuf, bs, 1, d.Hv)
+    q_r = q.reshape(Bl, nbl, bs, Hl, R * d.H)
+    sb = jnp.asarray(plan.slot_blocks)[c, x].reshape(1, Kl * nbuf, 1)
+    k_pos = jnp.maximum(sb, 0) * bs + jnp.arange(bs, dtype=jnp.int32)
+    q_pos = jnp.asarray(plan.positions)[c].reshape(1, nbl, bs)
+    q_seg = k_seg = None
+    if head_offset:
+      q_seg = jnp.full((1, nbl, bs), x * Nl, jnp.int32)
+      k_seg = jnp.full((1, Kl * nbuf, bs), x * Nl, jnp.int32)
+    scheds = tuple(E.Sched(*(jnp.asarray(a)[c, x][None] for a in arrays))
+                   for arrays in plan.schedules)
+    out, lse = E.attend(cfg, plan.kinds, q_r, k_r, v_r, None, score,
+                        Tl.Aux(q_pos, k_pos, q_seg, k_seg, None), scheds, None)
+    out = out.reshape(Bl, Hl, nbl, R, bs, d.Hv).transpose(0, 2, 4, 1, 3, 5)
+    lse = lse.reshape(Bl, Hl, nbl, R, bs).transpose(0, 2, 4, 1, 3)
+    return out.reshape(Bl, Tl_, Nl, d.Hv).astype(q.dtype), lse.reshape(Bl, Tl_, Nl)
+
+  spec = P(dax, axis, hax, None)
+  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec),
+                     out_specs=(spec, P(dax, axis, hax)), check_vma=False)
+  permute = sequence_order == "natural" and assignment != "contiguous"
+  if permute:
+    perm = jnp.asarray(plan.positions.reshape(-1))
+    query, key, value = query[:, perm], key[:, perm], value[:, perm]
+  out, lse = fn(query, key, value)
+  if permute:
+    inv = jnp.asarray(np.argsort(plan.positions.reshape(-1)))
+    out, lse = out[:, inv], lse[:, inv]
+  return (out, lse) if return_lse else out
+
+
+def communication_report(plan: BlockSparseContextPlan, *, batch: int, head_dim: int,
+                         value_dim: Optional[int] = None, itemsize: int = 2) -> Dict[str, float]:
+  """Bytes of K/V each device receives with ``plan`` vs an all-gather, and work balance.
+
+  Keys: ``allgather_bytes`` ((P-1)/P of the local heads' K/V), ``needed_bytes_max``
+  / ``_mean`` (valid blocks), ``transferred_bytes`` (receive buffers with
+  padding, what the compiled collective-permutes move), their ratios to the
+  all-gather, ``imbalance`` (max / mean visited blocks) and
+  ``executed_over_mean`` (union blocks run per device / mean visited).
+  """
+  value_dim = head_dim if value_dim is None else value_dim
+  per_block = batch * plan.block_size * (head_dim + value_dim) * itemsize
+  allgather = (plan.num_shards - 1) * plan.local_blocks * plan.kv_heads_local * per_block
+  need = plan.needed_blocks * per_block
+  moved = plan.transferred_blocks() * per_block
+  ratio = lambda b: float(b / allgather) if allgather else 0.0
+  got = plan.received_blocks * per_block
+  mean_visit = float(plan.visited_blocks.mean())
+  return {"allgather_bytes": float(allgather), "needed_bytes_max": float(need.max()),
+          "needed_bytes_mean": float(need.mean()), "received_bytes_max": float(got.max()),
+          "received_bytes_mean": float(got.mean()), "transferred_bytes": float(moved),
+          "needed_ratio_max": ratio(need.max()), "received_ratio_max": ratio(got.max()),
+          "transferred_ratio": ratio(moved),
+          "imbalance": plan.imbalance(),
+          "executed_over_mean": plan.executed_blocks / mean_visit if mean_visit else 1.0}
