@@ -1,4 +1,7 @@
 """Analysis tools and inference-time attention edits (probability/logit hooks, head tools)."""
+from attnjax.analysis.causality import (CausalityResult, check_causal_cross,
+                                        check_causal_decode, check_causal_prefix,
+                                        check_causal_self)
 from attnjax.analysis.edits import (act_calibrate, boost_token_attention, find_hidden_sinks,
                                     find_sink_tokens, hooked_attention, image_centric_rows,
                                     redistribute_attention)

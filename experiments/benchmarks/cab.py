@@ -15,6 +15,11 @@ CAB's *efficiency length* per family and pattern: dense attention's time
 the length where they cross (``efficiency_length``). Results:
 ``results/bench_cab.{csv,json}`` (by experiments.bench) and ``results/cab.png``.
 
+Also here: CAB's *compositional index* (``compositional_index``,
+``cab_compositional_index`` with CAB's fixed normalisers ``CI_METRICS``) and
+``pattern_support``, which fills a family's row of CAB's pattern matrix by
+running it and CAB's causality checks (``attnjax.analysis.causality``).
+
 Peers, in the same process: ``jax.nn.dot_product_attention`` (XLA; cuDNN on
 GPU), splash attention on TPU, tokamax when importable.
 """
@@ -28,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from attnjax.analysis import causality
 from experiments import families as fam_lib
 from experiments.benchmarks import common
 
@@ -60,6 +66,78 @@ def efficiency_length(lengths, dense_cost, family_cost) -> Optional[float]:
   if diff(big) <= 0:
     return None
   return float(real[-1])
+
+
+#: CAB's compositional-index definition: for each pattern, its tasks and their metrics as
+#: (task, metric, mu, sigma, sign), sign +1 where higher is better. mu/sigma are CAB's fixed
+#: normalisers (Shark-NLP/CAB, scripts/compositional_index); metric order as CAB's score files.
+CI_METRICS = {
+    "NS": (("TTS", "FastSpeech2 MCD", 3.4245, 0.06832, -1),
+           ("TTS", "FastSpeech2 MSD", 1.97429, 0.0361768, -1),
+           ("TTS", "Transformer-TTS MCD", 4.06947, 0.09422, -1),
+           ("TTS", "Transformer-TTS MSD", 2.19021, 0.03866, -1),
+           ("Sum", "R-1", 34.88667, 1.39697, 1), ("Sum", "R-2", 6.79333, 1.41078, 1),
+           ("Sum", "R-L", 31.96889, 1.31499, 1), ("SR", "PSNR", 23.208, 0.27499, 1),
+           ("SR", "SSIM", 0.6758, 0.01557, 1), ("MLM", "PPL", 36.292, 62.30827, -1)),
+    "CS": (("TTS", "Transformer-TTS MCD", 4.08325, 0.04529, -1),
+           ("TTS", "Transformer-TTS MSD", 2.20085, 0.01372, -1),
+           ("Sum", "R-1", 32.9575, 1.92754, 1), ("Sum", "R-2", 6.0925, 0.41007, 1),
+           ("Sum", "R-L", 30.2575, 1.61951, 1), ("LM", "PPL", 22.26, 8.29944, -1)),
+    "NC": (("PCC", "CD-l1", 7.7025, 0.64789, -1), ("PCC", "CD-l2", 0.24775, 0.03366, -1),
+           ("PCC", "F-Score", 0.7625, 0.03906, 1),
+           ("LSTF", "ETT MSE", 1.18933, 0.05615, -1), ("LSTF", "ETT MAE", 0.80625, 0.02193, -1),
+           ("LSTF", "ECL MSE", 0.47575, 0.01057, -1), ("LSTF", "ECL MAE", 0.511, 0.00601, -1),
+           ("LSTF", "Weather MSE", 0.62025, 0.18948, -1),
+           ("LSTF", "Weather MAE", 0.58075, 0.10312, -1)),
+    "CC": (("TTS", "Transformer-TTS MCD", 5.5037, 1.29239, -1),
+           ("TTS", "Transformer-TTS MSD", 2.6278, 0.42726, -1),
+           ("Sum", "R-1", 31.35, 3.77103, 1), ("Sum", "R-2", 5.26, 1.26028, 1),
+           ("Sum", "R-L", 28.8, 3.28638, 1)),
+}
+
+
+def compositional_index(scores, mu, sigma, sign, tasks=None):
+  """CAB's compositional index: the mean over tasks of the mean over a task's metrics of
+  ``sign * (score - mu) / sigma``.
+
+  Args:
+    scores, mu, sigma, sign: one value per metric (sign +1 where higher is
+      better, -1 where lower is better). A missing score is None or NaN.
+    tasks: the task of each metric (default: every metric its own task).
+
+  Returns:
+    (ci, per_task): ``per_task`` maps each task (in first-seen order) to its
+    normalised mean; a task with a missing metric is NaN, and so is ``ci``
+    (CAB's leaderboard prints "-" there).
+  """
+  x = np.asarray([np.nan if s is None else s for s in scores], np.float64)
+  mu, sigma, sign = (np.asarray(a, np.float64) for a in (mu, sigma, sign))
+  if not x.shape == mu.shape == sigma.shape == sign.shape or x.ndim != 1:
+    raise ValueError(f"scores {x.shape}, mu {mu.shape}, sigma {sigma.shape} and sign "
+                     f"{sign.shape} must be 1-D of one length.")
+  if np.any(sigma <= 0):
+    raise ValueError(f"sigma must be positive, got {sigma.tolist()}.")
+  tasks = list(range(len(x))) if tasks is None else list(tasks)
+  if len(tasks) != len(x):
+    raise ValueError(f"tasks has {len(tasks)} entries for {len(x)} metrics.")
+  z = sign * (x - mu) / sigma
+  per_task = {}
+  for t in dict.fromkeys(tasks):
+    per_task[t] = float(np.mean(z[[i for i, u in enumerate(tasks) if u == t]]))
+  return float(np.mean(list(per_task.values()))), per_task
+
+
+def cab_compositional_index(pattern: str, scores):
+  """:func:`compositional_index` with CAB's normalisers for ``pattern`` (NS, CS, NC or CC);
+  ``scores`` in the metric order of ``CI_METRICS[pattern]``."""
+  if pattern not in CI_METRICS:
+    raise ValueError(f"pattern must be one of {sorted(CI_METRICS)}, got {pattern!r}.")
+  rows = CI_METRICS[pattern]
+  if len(scores) != len(rows):
+    raise ValueError(f"pattern {pattern} has {len(rows)} metrics "
+                     f"({[f'{t} {m}' for t, m, *_ in rows]}); got {len(scores)} scores.")
+  tasks, _, mu, sigma, sign = zip(*rows)
+  return compositional_index(scores, mu, sigma, sign, tasks)
 
 
 def _peers() -> Dict[str, callable]:
@@ -130,11 +208,44 @@ REQUIRED = {
 }
 
 
-def _family_fn(name, fn):
+def family_fn(name, fn):
+  """Family ``fn`` with its small-model presets and required options bound:
+  ``(q, k, v, *, causal) -> out``."""
   opts = fam_lib._accepted(fn, fam_lib.PRESETS.get(name, {}))  # pylint: disable=protected-access
   extra = REQUIRED.get(name, lambda T, S: {})
   return lambda q, k, v, *, causal: fn(q, k, v, causal=causal, **opts,
                                        **extra(q.shape[1], k.shape[1]))
+
+
+def pattern_support(fn, *, patterns=tuple(PATTERNS), T: int = 64, heads: int = 2,
+                    head_dim: int = 16, tol: float = 1e-5) -> Dict[str, str]:
+  """A family's row of CAB's pattern matrix, from running it (tiny shapes, float32).
+
+  ``fn(q, k, v, *, causal)`` as :func:`family_fn` returns. Per pattern:
+  "ok"; "leaks: ..." when a causal pattern fails CAB's causality check
+  (``check_causal_self`` for CS, T == S; ``check_causal_cross`` for CC, T/2
+  queries over T keys); or "unsupported: <its NotImplementedError>".
+  """
+  q, k, v = common.random_qkv(jax.random.PRNGKey(0), 1, T, T, heads, heads, head_dim,
+                              jnp.float32)
+  out = {}
+  for pattern in patterns:
+    causal, cross = PATTERNS[pattern]
+    qq = q[:, :T // 2] if cross else q
+    bound = lambda q, k, v, c=causal: fn(q, k, v, causal=c)
+    try:
+      if not causal:
+        jax.block_until_ready(jax.jit(bound)(qq, k, v))
+        out[pattern] = "ok"
+        continue
+      check = causality.check_causal_cross if cross else causality.check_causal_self
+      r = check(bound, qq, k, v, tol=tol)
+    except NotImplementedError as e:
+      out[pattern] = "unsupported: " + str(e).splitlines()[0][:160]
+      continue
+    out[pattern] = "ok" if r.ok else (f"leaks: max |change| {r.max_diff:.3g} at (split, query) "
+                                      f"{r.where}")
+  return out
 
 
 def measure(name, fn, T, pattern, dtype, repeats) -> Dict[str, object]:
@@ -220,7 +331,7 @@ def run():
   lens = [int(x) for x in FLAGS.seq_lens] if FLAGS.seq_lens else (
       QUICK_LENS if FLAGS.quick else DEFAULT_LENS)
   dtype = jnp.dtype(FLAGS.dtype)
-  candidates = {n: _family_fn(n, f) for n, f in sorted(registry.list_families().items())}
+  candidates = {n: family_fn(n, f) for n, f in sorted(registry.list_families().items())}
   candidates.update(_peers())
   rows = []
   for name, fn in candidates.items():
