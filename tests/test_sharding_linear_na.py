@@ -5,7 +5,7 @@ and a pytest-xdist worker may have imported jax already). Every case compares
 the sharded op with the unsharded one, forward and gradients of q, k, v, on
 context axes of 2, 4 and 8 (with data and heads axes in some cases): linear
 attention with decay (and an initial/final state), plain normalised linear
-in bfloat16, BASED's Taylor linear branch, non-causal linear, na1d (dilated,
+in bfloat16, BASED (Taylor linear branch + sliding window), non-causal linear, na1d (dilated,
 causal, a window as long as the axis) and na2d split along either spatial
 axis. Errors name the field; the communication formulas are checked here.
 """
@@ -21,9 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np
-from attnjax.linear import linear_attention
+from attnjax.linear import based_attention, linear_attention
 from attnjax.neighborhood import neighborhood_attention
-from attnjax.sharding import (make_mesh, context_parallel_linear_attention,
+from attnjax.sharding import (make_mesh, context_parallel_based_attention,
+                              context_parallel_linear_attention,
                               context_parallel_neighborhood_attention)
 out = {"devices": jax.device_count()}
 
@@ -72,11 +73,11 @@ compare("linear_normalized_bf16_data2_c4",
         lambda q, k, v: linear_attention(q, k, v, **kw), qb, kb, vb, w)
 
 qs, ks_, vs, ws = inputs((B, 32), N, K, 4, jnp.float32, seed=2)   # BASED: Taylor, F = 21
-kw = dict(feature_map="taylor", normalize=True, eps=1e-12, chunk_size=8)
+kw = dict(window=(6, 0), chunk_size=8)
 m = mesh_of((1, 2, 2))
-compare("based_linear_heads2_c2",
-        lambda q, k, v: context_parallel_linear_attention(q, k, v, m, **kw),
-        lambda q, k, v: linear_attention(q, k, v, **kw), qs, ks_, vs, ws)
+compare("based_heads2_c2",
+        lambda q, k, v: context_parallel_based_attention(q, k, v, m, **kw),
+        lambda q, k, v: based_attention(q, k, v, **kw), qs, ks_, vs, ws)
 
 kw = dict(feature_map="elu+1", normalize=True, causal=False)
 m = mesh_of((1, 1, 8))
@@ -114,6 +115,8 @@ err("seq", lambda: context_parallel_linear_attention(q, k, v, mesh_of((1, 1, 8))
 err("heads", lambda: context_parallel_linear_attention(q[:, :32], k[:, :32], v[:, :32],
                                                        mesh_of((1, 2, 4))))
 q, k, v, _ = inputs((2, 16), 4, 4, 8, jnp.float32)
+err("window", lambda: context_parallel_based_attention(q, k, v,
+                                                        mesh_of((1, 1, 8)), window=5))
 err("halo", lambda: context_parallel_neighborhood_attention(q, k, v, mesh_of((1, 1, 8)),
                                                             kernel_size=7))
 err("na_extent", lambda: context_parallel_neighborhood_attention(
@@ -124,7 +127,7 @@ out["errors"] = errs
 print("RESULT" + json.dumps(out))
 '''
 
-LINEAR = ["linear_decay_state_c8", "linear_normalized_bf16_data2_c4", "based_linear_heads2_c2",
+LINEAR = ["linear_decay_state_c8", "linear_normalized_bf16_data2_c4", "based_heads2_c2",
           "linear_noncausal_c8"]
 NEIGHBORHOOD = ["na1d_dilated_c8", "na1d_causal_c4", "na1d_full_window_c2",
                 "na2d_axis0_data2_heads2_c2", "na2d_axis1_data2_c4"]
@@ -158,6 +161,8 @@ def test_errors_name_the_field(result):
   e = result["errors"]
   assert "query length T=36 is not divisible by the 'context' axis size 8" in e["seq"]
   assert "num_heads N=3 is not divisible by the 'heads' axis size 2" in e["heads"]
+  assert "window: the left side of 5 keys is longer than the local shard of 2 tokens" in (
+      e["window"])
   assert "spatial axis 0: the left halo of 5 rows" in e["halo"]
   assert "larger than the local shard of 2 rows" in e["halo"]
   assert "spatial axis 0: spatial extent 12 is not divisible by the context axis size 8" in (

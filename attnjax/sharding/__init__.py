@@ -8,6 +8,7 @@ from attnjax.sharding.mesh import (AXES, activation_sharding, batch_sharding, ch
 from attnjax.sharding.s2_context import (ContextPlan, communication_bytes, s2_family_for_mesh,
                                          context_parallel_attention, kv_block_needs, make_plan)
 from attnjax.sharding.linear_context import (check_context_mesh,
+                                             context_parallel_based_attention,
                                              context_parallel_linear_attention,
                                              exclusive_state_scan, linear_communication_bytes,
                                              scan_steps)

@@ -28,12 +28,15 @@ from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from attnjax.block_sparse.families import sliding_window_attention
 from attnjax.core import precision
 from attnjax.core import validation as V
 from attnjax.linear.api import linear_attention
+from attnjax.linear.based import BRANCHES, window_sides
 from attnjax.linear.decay import resolve_decay
 from attnjax.linear.feature_maps import resolve_feature_map
 
@@ -197,6 +200,85 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
   fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec, P(hax), state_spec),
                      out_specs=out_specs, check_vma=False)
   return fn(query, key, value, slopes, s0)
+
+
+def context_parallel_based_attention(query, key, value, mesh: Mesh, *, causal: bool = True,
+                                     window=None, feature_map="taylor", eps: float = 1e-12,
+                                     chunk_size: int = 64, branch: str = "sum", scale=None,
+                                     implementation: Optional[str] = None,
+                                     data_axis: Optional[str] = "data",
+                                     heads_axis: Optional[str] = "heads",
+                                     context_axis: str = "context"):
+  """``attnjax.based_attention`` (BASED, arXiv:2402.18668) with the sequence split.
+
+  The linear branch is :func:`context_parallel_linear_attention` (state scan);
+  the sliding-window branch receives the ``left`` key/value rows before the
+  shard from the previous device and the ``right`` rows after it from the
+  next (two ``ppermute`` calls; a window longer than a shard raises), and
+  attends on the block-sparse engine with the shard's positions, the rows
+  past the global borders in a segment no query has. Self-attention (T == S);
+  arguments and result as :func:`attnjax.based_attention`.
+  """
+  if branch not in BRANCHES:
+    raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}.")
+  query, key, value = V.as_arrays(query, key, value)
+  d = V.check_qkv(query, key, value)
+  axes = dict(data_axis=data_axis, heads_axis=heads_axis, context_axis=context_axis)
+  out = None
+  if branch in ("sum", "linear"):
+    out = context_parallel_linear_attention(
+        query, key, value, mesh, feature_map=feature_map, causal=causal, normalize=True,
+        eps=eps, chunk_size=chunk_size, implementation=implementation, **axes)
+  if branch in ("sum", "window"):
+    local = _window_branch(query, key, value, mesh, d, window_sides(window, causal), causal,
+                           scale, **axes)
+    out = local if out is None else out + local
+  return out
+
+
+def _window_branch(query, key, value, mesh, d, sides, causal, scale, *, data_axis, heads_axis,
+                   context_axis):
+  dax, hax, C, _ = check_context_mesh(mesh, batch=d.B, num_heads=d.N, num_kv_heads=d.K,
+                                      context_axis=context_axis, data_axis=data_axis,
+                                      heads_axis=heads_axis)
+  if d.T != d.S:
+    raise ValueError(f"context-parallel BASED needs T == S (self-attention); got query "
+                     f"{query.shape} and key {key.shape}.")
+  if d.T % C:
+    raise ValueError(f"query length T={d.T} is not divisible by the {context_axis!r} axis "
+                     f"size {C}.")
+  tl = d.T // C
+  left, right = sides if C > 1 else (0, 0)
+  for side, h in (("left", left), ("right", right)):
+    if h > tl:
+      raise ValueError(f"window: the {side} side of {h} keys is longer than the local shard "
+                       f"of {tl} tokens ({d.T} / {C} shards); use fewer shards.")
+  q_pos = left + np.arange(tl)
+  k_pos = np.arange(left + tl + right)
+
+  def local_fn(q, k, v):
+    c = jax.lax.axis_index(context_axis)
+
+    def halo(x):
+      parts = [x]
+      if left:
+        parts.insert(0, jax.lax.ppermute(x[:, tl - left:], context_axis,
+                                         [(i, i + 1) for i in range(C - 1)]))
+      if right:
+        parts.append(jax.lax.ppermute(x[:, :right], context_axis,
+                                      [(i + 1, i) for i in range(C - 1)]))
+      return jnp.concatenate(parts, axis=1)
+
+    outside = ((k_pos < left) & (c == 0)) | ((k_pos >= left + tl) & (c == C - 1))
+    k_seg = jnp.broadcast_to(outside.astype(jnp.int32), (q.shape[0], k_pos.size))
+    q_seg = jnp.zeros((q.shape[0], tl), jnp.int32)
+    return sliding_window_attention(q, halo(k), halo(v), left=sides[0], right=sides[1],
+                                    causal=causal, scale=scale, q_positions=q_pos,
+                                    k_positions=k_pos, segment_ids=(q_seg, k_seg))
+
+  spec = P(dax, context_axis, hax, None)
+  return jax.shard_map(local_fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)(query, key, value)
 
 
 def linear_communication_bytes(*, batch: int, seq_len: int, num_heads: int, num_kv_heads: int,
