@@ -126,7 +126,7 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
   query, key, value, initial_state = V.as_arrays(query, key, value, initial_state)
   d = V.check_qkv(query, key, value)
   V.check_positive_int("chunk_size", chunk_size)
-  dax, hax, C, X = check_context_mesh(mesh, batch=d.B, num_heads=d.N, num_kv_heads=d.K,
+  dax, hax, C, _ = check_context_mesh(mesh, batch=d.B, num_heads=d.N, num_kv_heads=d.K,
                                       context_axis=context_axis, data_axis=data_axis,
                                       heads_axis=heads_axis)
   for field, n in (("query length T", d.T), ("key length S", d.S)):
