@@ -14,7 +14,9 @@ with any mask, bias, GQA and position setting of ``attnjax.attention``:
   no value (gpt-oss; StreamingLLM's sink token without the token).
 - ``Selective(beta)``: Selective Attention's position temperature
   (Zhang et al., NeurIPS 2024); the token temperatures tau_q / tau_v are
-  applied by ``selective_temperatures`` (pre-scaling q and v).
+  applied by ``selective_temperatures`` (pre-scaling q and v), and computed
+  from the tokens by ``selective_token_temperatures`` (the learned networks;
+  ``MultiHeadAttention(selective_token_temperatures=True)``).
 - ``Softplus(...)`` / ``lssar(power)``: softplus with l1 normalisation and
   length scaling (LSSA), optional re-weighting (LSSAR) (Gao & Spratling 2025).
 - ``ReLU(normalize)``: ReLU attention without normalisation (Guo et al. 2024,
@@ -44,7 +46,8 @@ from attnjax.core import scoring
 from attnjax.core.scoring import DEFAULT_SCORE, SoftmaxScore
 
 __all__ = ["DEFAULT_SCORE", "SoftmaxScore", "SoftCap", "Sink", "Selective", "Softplus",
-           "ReLU", "lssar", "selective_temperatures", "selective_position_factor"]
+           "ReLU", "lssar", "selective_temperatures", "selective_position_factor",
+           "selective_token_temperatures", "init_selective_token_params"]
 
 Scalar = Union[float, jax.Array, np.ndarray]
 
@@ -143,9 +146,10 @@ class Selective(_Score):
   fine-tuning script uses 2.0) and 1e-5 for ``"linear"``. In a layer beta is
   a learned param initialised to this value.
 
-  The token terms tau_q(x_i), tau_v(x_j) are functions of the embeddings: apply
-  them with :func:`selective_temperatures` (pre-scaled q and v), which works
-  with every engine.
+  The token terms tau_q(x_i), tau_v(x_j) are functions of the embeddings:
+  :func:`selective_token_temperatures` computes them (learned, zero-init),
+  :func:`selective_temperatures` applies them (pre-scaled q and v), which
+  works with every engine.
   """
   beta: Optional[Scalar] = None
   variant: str = flax.struct.field(pytree_node=False, default="exp")
@@ -197,6 +201,68 @@ def selective_temperatures(query, value, q_temp=None, v_temp=None):
     return (x.astype(jnp.float32) * t.astype(jnp.float32)[..., None]).astype(x.dtype)
   return (scale(query, q_temp, "q_temp", "[B, T, N]"),
           scale(value, v_temp, "v_temp", "[B, S, K]"))
+
+
+def init_selective_token_params(num_heads: int, num_kv_heads: int, head_dim: int,
+                                value_dim: Optional[int] = None):
+  """Initial (zero) params of :func:`selective_token_temperatures`.
+
+  Returns:
+    {"tau_q_kernel": [N, H], "tau_q_bias": [N], "tau_v_kernel": [K, Hv],
+    "tau_v_bias": [K]} float32 zeros: both temperatures start at exactly 1,
+    so a layer starts as the position-temperature variant (or plain attention).
+  """
+  value_dim = head_dim if value_dim is None else value_dim
+  for name, x in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                  ("head_dim", head_dim), ("value_dim", value_dim)):
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+      raise ValueError(f"{name} must be a positive int, got {x!r}.")
+  z = lambda *shape: np.zeros(shape, np.float32)
+  return {"tau_q_kernel": z(num_heads, head_dim), "tau_q_bias": z(num_heads),
+          "tau_v_kernel": z(num_kv_heads, value_dim), "tau_v_bias": z(num_kv_heads)}
+
+
+def selective_token_temperatures(query, value, params):
+  """Selective Attention's learned token temperatures tau_q(x_i), tau_v(x_j) (arXiv:2411.12892).
+
+  ``tau_q = 1 + tanh(q_i . u_h + b_h)`` per query head and
+  ``tau_v = 1 + tanh(v_j . w_h + c_h)`` per key/value head, where q_i, v_j
+  are the head's projected query and value (before rotary embeddings).
+
+  The paper describes small learned, bounded (tanh-type) scalar functions of
+  the token embedding per head, shared with the existing projections so that
+  they add < 0.5% parameters, and multiplies logits row-wise by tau_q and
+  values by tau_v; its released code holds only the position term. The form
+  above is the project's reading: a linear read-out of the head's own
+  projection (H + 1 params per head: the weight sharing), ``1 + tanh`` so
+  the temperature lies in (0, 2) and is exactly 1 at zero init, and a
+  *product* with the position temperature of :class:`Selective`
+  (``tau_pos(i) * tau_q(x_i)``) so the layer starts as the position variant.
+
+  Args:
+    query: [B, T, N, H]; value: [B, S, K, Hv].
+    params: as :func:`init_selective_token_params` (tau_q_kernel [N, H],
+      tau_q_bias [N], tau_v_kernel [K, Hv], tau_v_bias [K]).
+
+  Returns:
+    (q_temp [B, T, N], v_temp [B, S, K]) float32, for
+    :func:`selective_temperatures`.
+  """
+  N, H = query.shape[2:]
+  K, Hv = value.shape[2:]
+  want = {"tau_q_kernel": (N, H), "tau_q_bias": (N,), "tau_v_kernel": (K, Hv),
+          "tau_v_bias": (K,)}
+  for name, shape in want.items():
+    got = jnp.shape(params.get(name)) if name in params else None
+    if got != shape:
+      raise ValueError(f"params[{name!r}] must have shape {shape} for query {query.shape} and "
+                       f"value {value.shape}, got {got}.")
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  q_t = 1.0 + jnp.tanh(jnp.einsum("btnh,nh->btn", f32(query), f32(params["tau_q_kernel"]))
+                       + f32(params["tau_q_bias"]))
+  v_t = 1.0 + jnp.tanh(jnp.einsum("bskh,kh->bsk", f32(value), f32(params["tau_v_kernel"]))
+                       + f32(params["tau_v_bias"]))
+  return q_t, v_t
 
 
 # -- Softplus attention (LSSA / LSSAR) ----------------------------------------------

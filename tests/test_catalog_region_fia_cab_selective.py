@@ -265,3 +265,54 @@ def test_cab_causality_every_registered_family(name):
       assert status.startswith("leaks"), (name, pattern, status)   # the checker catches it
     else:
       assert status == "ok" or status.startswith("unsupported"), (name, pattern, status)
+
+
+# -- Selective Attention: learned token temperatures ------------------------------------------
+from attnjax import scores  # noqa: E402
+from attnjax.layers import MultiHeadAttention  # noqa: E402
+
+
+def test_selective_token_temperatures_layer_option():
+  B, T, D, N = 2, 8, 16, 2
+  x = jax.random.normal(jax.random.PRNGKey(6), (B, T, D))
+  # The temperatures pre-scale q and v, so the backend does not matter: the dense
+  # reference keeps this test's compilation small.
+  on = MultiHeadAttention(num_heads=N, num_kv_heads=1, causal=True, score=scores.Selective(),
+                          selective_token_temperatures=True, implementation="reference")
+  off = on.clone(selective_token_temperatures=False)
+  params = jax.jit(on.init)(jax.random.PRNGKey(0), x)["params"]
+  tau = {k: params[k] for k in ("tau_q_kernel", "tau_q_bias", "tau_v_kernel", "tau_v_bias")}
+  assert {k: v.shape for k, v in tau.items()} == {
+      "tau_q_kernel": (N, D // N), "tau_q_bias": (N,), "tau_v_kernel": (1, D // N),
+      "tau_v_bias": (1,)}
+  base = {k: v for k, v in params.items() if k not in tau}
+  rs = np.random.RandomState(0)
+  trained = dict(params, **{k: jnp.asarray(0.3 * rs.randn(*v.shape), jnp.float32)
+                            for k, v in tau.items()})
+
+  @jax.jit
+  def run(params, base, trained):
+    loss = lambda p: jnp.sum(on.apply({"params": p}, x) ** 2)
+    # The trained layer by hand: project, scale q and v by 1 + tanh(read-out), then
+    # the position temperature (Selective) on the dense reference.
+    b = lambda name: trained[name]
+    q = jnp.einsum("btd,dnh->btnh", x, b("query")["kernel"]) + b("query")["bias"]
+    k = jnp.einsum("btd,dnh->btnh", x, b("key")["kernel"]) + b("key")["bias"]
+    v = jnp.einsum("btd,dnh->btnh", x, b("value")["kernel"]) + b("value")["bias"]
+    qt, vt = scores.selective_token_temperatures(q, v, trained)
+    q2, v2 = scores.selective_temperatures(q, v, qt, vt)
+    o = reference_attention(q2, k, v2, mask=attnjax.masks.Causal(),
+                            score=scores.Selective(beta=b("score_beta")))
+    by_hand = jnp.einsum("btnh,nhd->btd", o, b("out")["kernel"]) + b("out")["bias"]
+    return (on.apply({"params": params}, x), off.apply({"params": base}, x),
+            jax.grad(loss)(params), on.apply({"params": trained}, x), by_hand)
+  y_on, y_off, grads, y_trained, y_hand = run(params, base, trained)
+  # At initialisation tau_q = tau_v = 1: exactly the position-temperature layer.
+  np.testing.assert_array_equal(y_on, y_off)
+  for k in tau:
+    g = np.asarray(grads[k])
+    assert np.all(np.isfinite(g)) and np.any(g != 0), k
+  np.testing.assert_allclose(y_trained, y_hand, atol=2e-5)
+  with pytest.raises(ValueError, match="tau_q_kernel"):
+    scores.selective_token_temperatures(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 1, 4)),
+                                        scores.init_selective_token_params(3, 1, 4))

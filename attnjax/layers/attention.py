@@ -18,13 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax import scores as scores_lib
 from attnjax.analysis.heads import apply_head_mask
 
 from attnjax.layers import registry
 from attnjax.layers.options import option_names
 from attnjax.layers.rope import apply_rope
 
-__all__ = ["MultiHeadAttention", "bind_score_params"]
+__all__ = ["MultiHeadAttention", "bind_score_params", "apply_selective_token_temperatures"]
 
 
 def bind_score_params(module: nn.Module, score, num_heads: int, param_dtype=jnp.float32):
@@ -42,6 +43,23 @@ def bind_score_params(module: nn.Module, score, num_heads: int, param_dtype=jnp.
     arrays[name] = module.param(
         f"score_{name}", lambda _, v=init: jnp.asarray(v, param_dtype))
   return score.bind(**arrays)
+
+
+def apply_selective_token_temperatures(module: nn.Module, query, value,
+                                       param_dtype=jnp.float32):
+  """Selective Attention's learned token temperatures as params of ``module``, applied.
+
+  Creates ``tau_q_kernel`` [N, H], ``tau_q_bias`` [N], ``tau_v_kernel``
+  [K, Hv], ``tau_v_bias`` [K] (zeros) and returns ``(query * tau_q, value *
+  tau_v)`` (``attnjax.scores.selective_token_temperatures``; arXiv:2411.12892).
+  At initialisation both temperatures are exactly 1.
+  """
+  init = scores_lib.init_selective_token_params(query.shape[2], value.shape[2],
+                                                query.shape[3], value.shape[3])
+  params = {name: module.param(name, lambda _, x=x: jnp.asarray(x, param_dtype))
+            for name, x in init.items()}
+  q_temp, v_temp = scores_lib.selective_token_temperatures(query, value, params)
+  return scores_lib.selective_temperatures(query, value, q_temp, v_temp)
 
 
 def _check_options(name, fn, kwargs):
@@ -123,6 +141,14 @@ class MultiHeadAttention(nn.Module):
     mask: extra ``attnjax.masks.Mask`` (dense family; ANDed with causality).
     score: ``attnjax.scores`` variant (dense family). Scores with learned
       arrays get them as params ``score_<name>``.
+    selective_token_temperatures: Selective Attention's learned token
+      temperatures tau_q(x_i), tau_v(x_j) (``attnjax.scores.
+      selective_token_temperatures``; the form is the project's reading of
+      arXiv:2411.12892): queries and values are scaled per token and head
+      before the attention (and before RoPE and the KV cache), so every
+      family takes them. Params ``tau_q_*``/``tau_v_*`` start at zero, i.e.
+      temperature 1: with ``score=Selective()`` the layer starts as the
+      position-temperature variant. Default off.
     implementation: "reference" | "xla" | "pallas" | None, given to the family.
     decode: KV-cache decoding. The first ``init`` (with a full-length input)
       creates ``cache/cached_key``, ``cached_value`` [B, max_len, K, H] and
@@ -151,6 +177,7 @@ class MultiHeadAttention(nn.Module):
   attention_options: Optional[Mapping[str, Any]] = None
   mask: Any = None
   score: Any = None
+  selective_token_temperatures: bool = False
   implementation: Optional[str] = None
   decode: bool = False
   dtype: Any = None
@@ -223,6 +250,8 @@ class MultiHeadAttention(nn.Module):
     q = self._dense((n, h), "query")(inputs_q)
     k = self._dense((kh, h), "key")(inputs_kv)
     v = self._dense((kh, h), "value")(inputs_kv)
+    if self.selective_token_temperatures:
+      q, v = apply_selective_token_temperatures(self, q, v, self.param_dtype)
     T, S = q.shape[1], k.shape[1]
     fn = registry.get_family(self.attention)
     overflow = None
