@@ -76,6 +76,19 @@ for name, (mask, axes, opts, dtype) in cases.items():
                            for a, b in zip(g1, g2)),
                "dtype": str(o1.dtype)}
 
+# bytes each device receives in the compiled HLO (forward) == the plan's
+from attnjax.sharding import block_sparse_context_plan
+from experiments.benchmarks.context_parallel_block_sparse import received_bytes
+mesh = Mesh(np.asarray(jax.devices()), ("context",))
+window = M.Causal() & M.SlidingWindow(20, 0)
+f = jax.jit(lambda q, k, v: context_parallel_block_sparse(q, k, v, mask=window, mesh=mesh,
+                                                          block_size=8))
+hlo = f.lower(q, k, v).compile().as_text()
+plan = block_sparse_context_plan(window, T, N, K, 8, 1, 8)
+out["hlo_bytes"] = received_bytes(hlo, 8).tolist()
+out["plan_bytes"] = (plan.received_blocks[:, 0] * B * 8 * 2 * H * 4).tolist()
+out["needed_bytes"] = (plan.needed_blocks[:, 0] * B * 8 * 2 * H * 4).tolist()
+
 mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("heads", "context"))
 errs = {}
 checks = {
@@ -132,6 +145,15 @@ def test_sharded_equals_unsharded_bfloat16_gqa(result):
   assert r["grad"] < 3e-2
 
 
+def test_compiled_exchange_moves_exactly_the_needed_blocks(result):
+  """Window of 21 keys, 16-token shards, blocks of 8: device d >= 2 receives, per KV head, both
+  blocks of device d - 1 and the last block of d - 2 (device 1 two, device 0 none); the
+  compiled permutes move exactly that."""
+  assert result["hlo_bytes"] == result["plan_bytes"] == result["needed_bytes"]
+  per_block = 2 * 8 * 2 * 8 * 4                 # batch x block x (k, v) x head_dim x float32
+  assert [b // per_block for b in result["hlo_bytes"]] == [0, 4] + [6] * 6   # x 2 KV heads
+
+
 @pytest.mark.parametrize("field, words", [
     ("seq_len", "sequence length T=34 is not divisible by the context axis 'context' size 4"),
     ("zigzag", "T=36 is not divisible by the context axis 'context' size 4 x 2 chunks"),
@@ -156,7 +178,7 @@ def test_plan_exchanges_exactly_the_needed_blocks():
   """Each device receives the blocks its rows visit and nothing else (window: one neighbour)."""
   mask = M.Causal() & M.SlidingWindow(63, 0)
   plan = block_sparse_context_plan(mask, 1024, 4, 2, 8, 1, 32, "contiguous")
-  assert plan.shifts == (1,)                   # only the left neighbour sends
+  assert plan.pairs == (tuple((i, i + 1) for i in range(7)),)   # one ppermute: left neighbour
   lay = mask.block_layout(1024, 1024, 32, 32, 4).block_mask[0] != 0
   for d in range(8):
     rows = lay[d * 4:(d + 1) * 4]

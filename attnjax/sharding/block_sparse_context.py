@@ -99,8 +99,8 @@ class BlockSparseContextPlan:
   """Static plan of one (mask, shape, mesh) for ``context_parallel_block_sparse``.
 
   Every device keeps a key buffer of ``buffer_blocks`` slots per local KV
-  head: its own ``local_blocks`` blocks, then the blocks received at each
-  distance of ``shifts`` (``send[s].shape[2]`` slots each, padded). Inside the
+  head: its own ``local_blocks`` blocks, then the blocks received in each
+  ppermute round (``send[i].shape[2]`` slots each, padded). Inside the
   engine call the KV heads are laid side by side along the key axis (slot
   ``g * buffer_blocks + j``), so each layout head visits only its KV head's
   slots.
@@ -113,9 +113,10 @@ class BlockSparseContextPlan:
       (Hl = Kl, R = G when the query heads of a KV head visit the same
       blocks on every device, else Hl = N / X, R = 1).
     positions: int32 [P, T/P] global position of each local token.
-    send: {s: int32 [P, X, M_s, Kl]} local block index that device (c, x)
-      sends to device c + s, per local KV head (padding 0).
-    pairs: {s: ((src, dst), ...)} the ppermute of distance s.
+    send: per ppermute round, int32 [P, X, M, Kl]: local block index that
+      device (c, x) sends in that round, per local KV head (padding 0).
+    pairs: per round, its ((src, dst), ...): one device distance s (dst = src
+      + s), or the distances r and r - P together when both move M blocks.
     slot_blocks: int32 [P, X, Kl, nbuf] global block of each slot (-1 padding).
     kinds: per schedule, (partial, slot groups, ragged) as the engine takes them.
     schedules: per kind, a tuple (qb, kb, slot, valid, kval) of arrays
@@ -138,8 +139,8 @@ class BlockSparseContextPlan:
   layout_heads: int
   fold: int
   positions: np.ndarray
-  send: Dict[int, np.ndarray]
-  pairs: Dict[int, Tuple[Tuple[int, int], ...]]
+  send: Tuple[np.ndarray, ...]
+  pairs: Tuple[Tuple[Tuple[int, int], ...], ...]
   slot_blocks: np.ndarray
   kinds: Tuple[Tuple[bool, int, bool], ...]
   schedules: Tuple[Tuple[np.ndarray, ...], ...]
@@ -148,13 +149,9 @@ class BlockSparseContextPlan:
   visited_blocks: np.ndarray
   executed_blocks: int
 
-  @property
-  def shifts(self) -> Tuple[int, ...]:
-    return tuple(sorted(self.send))
-
   def transferred_blocks(self) -> int:
     """Blocks (x local KV heads) in the receive buffers of a device, padding included."""
-    return int(sum(s.shape[2] * s.shape[3] for s in self.send.values()))
+    return int(sum(s.shape[2] * s.shape[3] for s in self.send))
 
   def imbalance(self) -> float:
     """max / mean of ``visited_blocks`` over devices (1.0 = balanced)."""
@@ -229,24 +226,34 @@ def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: 
       for b in np.nonzero(need)[0]:
         recv.setdefault(d - int(owner[b]), {}).setdefault((d, x, g), []).append(int(b))
       needed[d, x] += int(need.sum())
-  send, pairs, width, received = {}, {}, {}, np.zeros_like(needed)
-  for s in sorted(recv):
-    width[s] = max(len(v) for v in recv[s].values())
-    snd = np.zeros((num_shards, head_shards, width[s], Kl), np.int32)
-    for (d, x, g), blocks in recv[s].items():
-      snd[d - s, x, :len(blocks), g] = local[blocks]
-    send[s] = snd
-    dst = sorted({k[0] for k in recv[s]})
-    pairs[s] = tuple((d - s, d) for d in dst)
-    received[dst] += width[s] * Kl
-  nbuf = nbl + sum(width.values())
-  slot_blocks = np.full((num_shards, head_shards, Kl, nbuf), -1, np.int32)
+  # one ppermute per distance; distances r and r - P (disjoint destinations) share one
+  # cyclic ppermute when they move the same number of blocks (fewer, smaller buffers)
+  rounds = []
+  for r in range(1, num_shards):
+    a, b = recv.get(r), recv.get(r - num_shards)
+    if a and b and _width(a) == _width(b):
+      rounds.append({**a, **b})
+    else:
+      rounds += [x for x in (a, b) if x]
+  send, pairs, received = [], [], np.zeros_like(needed)
+  slot_blocks = np.full((num_shards, head_shards, Kl, nbl + sum(map(_width, rounds))), -1,
+                        np.int32)
   slot_blocks[..., :nbl] = own[:, None, None, :]
   off = nbl
-  for s in sorted(recv):
-    for (d, x, g), blocks in recv[s].items():
+  for rnd in rounds:
+    w = _width(rnd)
+    snd = np.zeros((num_shards, head_shards, w, Kl), np.int32)
+    links = set()
+    for (d, x, g), blocks in rnd.items():
+      src = int(owner[blocks[0]])
+      snd[src, x, :len(blocks), g] = local[blocks]
       slot_blocks[d, x, g, off:off + len(blocks)] = blocks
-    off += width[s]
+      links.add((src, d))
+    send.append(snd)
+    pairs.append(tuple(sorted(links)))
+    received[sorted({d for _, d in links})] += w * Kl
+    off += w
+  nbuf = off
 
   # -- every device's exact block classes on its slots -> work items -------------------
   dev_cls = {}
@@ -276,8 +283,13 @@ def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: 
       executed += items * R
   positions = perm.reshape(num_shards, -1).astype(np.int32)
   return BlockSparseContextPlan(num_shards, head_shards, seq_len, bs, assignment, nbl, nbuf, Kl,
-                                G, Hl, R, positions, send, pairs, slot_blocks, tuple(kinds),
+                                G, Hl, R, positions, tuple(send), tuple(pairs), slot_blocks,
+                                tuple(kinds),
                                 tuple(schedules), needed, received, visited, executed)
+
+
+def _width(round_lists) -> int:
+  return max(len(v) for v in round_lists.values())
 
 
 def _device_schedules(sel, devices, nq, bs, R, per_block):
@@ -422,10 +434,10 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     kb = k.reshape(Bl, nbl, bs, Kl, d.H)
     vb = v.reshape(Bl, nbl, bs, Kl, d.Hv)
     ks, vs = [kb], [vb]
-    for s in plan.shifts:
-      idx = jnp.asarray(plan.send[s])[c, x]
-      ks.append(jax.lax.ppermute(_take_blocks(kb, idx), axis, plan.pairs[s]))
-      vs.append(jax.lax.ppermute(_take_blocks(vb, idx), axis, plan.pairs[s]))
+    for snd, links in zip(plan.send, plan.pairs):
+      idx = jnp.asarray(snd)[c, x]
+      ks.append(jax.lax.ppermute(_take_blocks(kb, idx), axis, links))
+      vs.append(jax.lax.ppermute(_take_blocks(vb, idx), axis, links))
     # KV heads side by side along the key axis: [Bl, Kl * nbuf, bs, 1, D]
     k_r = jnp.moveaxis(jnp.concatenate(ks, 1), 3, 1).reshape(Bl, Kl * nbuf, bs, 1, d.H)
     v_r = jnp.moveaxis(jnp.concatenate(vs, 1), 3, 1).reshape(Bl, Kl * nbuf, bs, 1, d.Hv)
