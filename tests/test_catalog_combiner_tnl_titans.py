@@ -1,6 +1,7 @@
 """Combiner-Logsparse, TNL (SGLU, LRPE, token mixer) and Titans (MAC, MAG, MAL) oracles."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,3 +195,115 @@ def test_tnl_token_mixer_oracle_and_decode():
     o, state = step(x[:, i:i + 1], state, i)
     outs.append(o)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
+
+
+# -- Titans: short causal conv, MAC, MAG, MAL ---------------------------------------------
+from attnjax.linear.layers import SlidingWindowBlock, TitansMemory  # noqa: E402
+
+
+def test_short_causal_conv_matches_depthwise_conv_and_streams():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 7, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)
+  y, state = L.short_causal_conv(x, kernel)
+  xn, kn = np.asarray(x), np.asarray(kernel)
+  want = np.zeros_like(xn)
+  for t in range(7):  # y_t = sum_i kernel[i] x_{t - 3 + i}, zeros before the start
+    for i in range(4):
+      if t - 3 + i >= 0:
+        want[:, t] += kn[i] * xn[:, t - 3 + i]
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state, xn[:, -3:])
+  conv = nn.Conv(6, (4,), padding=((3, 0),), feature_group_count=6, use_bias=False)
+  np.testing.assert_allclose(conv.apply({"params": {"kernel": kernel[:, None, :]}}, x), want,
+                             rtol=1e-5, atol=1e-6)
+  y1, s1 = L.short_causal_conv(x[:, :2], kernel)  # pieces shorter than the kernel
+  y2, _ = L.short_causal_conv(x[:, 2:], kernel, s1)
+  np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="channels"):
+    L.short_causal_conv(x, kernel[:, :5])
+
+
+def _layer_norm(p, z):
+  mu = z.mean(-1, keepdims=True)
+  var = ((z - mu) ** 2).mean(-1, keepdims=True)
+  return (z - mu) / jnp.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def test_titans_mag_mal_oracles():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 10, 8))
+  mag = L.TitansMAG(2, window=(3, 0), chunk_size=4, num_persistent=2)
+  mal = L.TitansMAL(2, window=(3, 0), chunk_size=4, num_persistent=2)
+  pa = jax.jit(lambda x: mag.init(jax.random.PRNGKey(1), x))(x)
+  assert pa["params"]["memory"]["conv_query"].shape == (4, 8)
+  assert pa["params"]["persistent"]["persistent"].shape == (2, 8)
+  # MAL has the same sub-layers ("persistent", "memory", "attention"): reuse them
+  pl = {"params": {nm: pa["params"][nm] for nm in ("persistent", "memory", "attention")}}
+  swa_sink, swa, mem = SlidingWindowBlock(2, (3, 0), 2), SlidingWindowBlock(2, (3, 0)), TitansMemory(2, 4)
+  sub = lambda p, name: {"params": p["params"][name]}
+
+  @jax.jit
+  def oracles(pa, x):
+    xt = jnp.concatenate([pa["params"]["persistent"]["persistent"][None], x], 1)  # [P || x]
+    y, m = swa_sink.apply(sub(pa, "attention"), xt), mem.apply(sub(pa, "memory"), xt)
+    attention_branch = _layer_norm(pa["params"]["norm_attention"], y)
+    gate = jax.nn.sigmoid(_layer_norm(pa["params"]["norm_memory"], m))
+    h = xt + m
+    return dict(mag=(attention_branch * gate)[:, 2:], attention_branch=attention_branch[:, 2:],
+                mal=(h + swa.apply(sub(pa, "attention"), h))[:, 2:],
+                attention_on_x=(xt + swa.apply(sub(pa, "attention"), xt))[:, 2:],
+                plain_window=_layer_norm(pa["params"]["norm_attention"],
+                                         swa.apply(sub(pa, "attention"), xt))[:, 2:])
+
+  def with_norm(p, scale, bias):
+    p = jax.tree.map(lambda a: a, p)
+    p["params"]["norm_memory"] = {"scale": jnp.full((8,), scale), "bias": jnp.full((8,), bias)}
+    return p
+
+  def zero_memory_out(p):
+    p = jax.tree.map(lambda a: a, p)
+    p["params"]["memory"]["out"] = jax.tree.map(jnp.zeros_like, p["params"]["memory"]["out"])
+    return p
+
+  mag_apply, mal_apply = jax.jit(mag.apply), jax.jit(mal.apply)  # one compile each
+  r = oracles(pa, x)
+  tol = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mag_apply(pa, x), r["mag"], **tol)  # MAG from its composed parts
+  np.testing.assert_allclose(mag_apply(with_norm(pa, 0.0, 30.0), x), r["attention_branch"], **tol)
+  np.testing.assert_allclose(mag_apply(with_norm(pa, 0.0, -30.0), x), 0.0, atol=1e-10)
+  np.testing.assert_allclose(mal_apply(pl, x), r["mal"], **tol)  # MAL: SWA on [P || x] + M
+  # a memory that outputs nothing (identity through the residual): the attention layer on [P || x]
+  np.testing.assert_allclose(mal_apply(zero_memory_out(pl), x), r["attention_on_x"], **tol)
+  # SW-Attn*: the persistent tokens stay visible beyond the window (a plain window loses them)
+  assert float(jnp.abs(r["attention_branch"] - r["plain_window"])[:, 4:].max()) > 1e-4
+
+
+def test_titans_mac_zero_memory_is_attention_over_persistent_and_segment():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 10, 8))  # 3 segments of 4, the last padded
+  mac = L.TitansMAC(2, segment=4, num_persistent=2)
+  params = jax.jit(lambda x: mac.init(jax.random.PRNGKey(1), x))(x)
+  p = dict(params["params"])
+  p["mem_q"] = jnp.zeros_like(p["mem_q"])  # retrieves nothing: h = M(0) = 0 and M(y) = 0
+
+  def oracle(p, x):
+    """(0.5 y) W_out, y = attention over [persistent || segment] plus the zero tokens h."""
+    b, t, dim = x.shape
+    heads = lambda z: z.reshape(z.shape[:-1] + (2, 4))
+    xp = jnp.pad(x, ((0, 0), (0, 2), (0, 0)))
+    outs = []
+    for s0 in range(0, 12, 4):
+      seg = xp[:, s0:s0 + 4]
+      z = jnp.concatenate([jnp.broadcast_to(p["persistent"], (b, 2, dim)), seg], 1)
+      mask = jnp.concatenate([jnp.ones((4, 2), bool), jnp.tril(jnp.ones((4, 4), bool))], 1)
+      o, lse = attnjax.reference_attention(heads(seg @ p["wq"]), heads(z @ p["wk"]),
+                                           heads(z @ p["wv"]), mask=mask, return_lse=True)
+      # the i + 1 visible memory tokens are zero vectors: logit 0, value 0
+      o = o * jax.nn.sigmoid(lse - jnp.log(jnp.arange(1.0, 5.0))[None, :, None])[..., None]
+      outs.append((0.5 * (o.reshape(b, 4, dim) @ p["wo"])) @ p["w_out"])
+    return jnp.concatenate(outs, 1)[:, :t]
+
+  mac_apply = jax.jit(mac.apply)  # compiled once for both parameter sets
+  out = mac_apply({"params": p}, x)
+  np.testing.assert_allclose(out, jax.jit(oracle)(p, x), rtol=1e-5, atol=1e-5)
+  out_mem = mac_apply(params, x)  # a live memory changes the output
+  assert float(jnp.abs(out_mem - out).max()) > 1e-4

@@ -16,7 +16,8 @@ from attnjax.linear.feature_maps import elu_plus_one, identity, relu, resolve_fe
 from attnjax.linear.flow import flow_attention
 from attnjax.linear.lightning import (lightning_attention, lrpe_rotate, lrpe_thetas, sglu,
                                       srms_norm)
-from attnjax.linear.titans import linear_memory, memory_recurrence, neural_memory
+from attnjax.linear.titans import (linear_memory, memory_recurrence, neural_memory,
+                                   short_causal_conv)
 from attnjax.linear.layers import (SGLU, AgentAttention, SlidingWindowBlock, TitansMAG, TitansMAL,
                                    TitansMemory, TNLTokenMixer)
 from attnjax.linear.titans_mac import TitansMAC

@@ -18,9 +18,9 @@ from attnjax.linear.agent import agent_attention, pool_agents
 from attnjax.linear.api import linear_attention_step
 from attnjax.linear.decay import tnl_decay_slopes
 from attnjax.linear.lightning import lightning_attention, lrpe_rotate, lrpe_thetas, srms_norm
-from attnjax.block_sparse.families import sliding_window_attention
+from attnjax.block_sparse.families import sliding_window_attention, streaming_attention
 from attnjax.linear.based import window_sides
-from attnjax.linear.titans import linear_memory
+from attnjax.linear.titans import linear_memory, short_causal_conv
 
 
 def _heads(x, n):
@@ -73,21 +73,37 @@ class AgentAttention(nn.Module):
     return nn.Dense(dim, name="out")(out)
 
 
+def conv_kernel_init(key, shape, dtype=jnp.float32):
+  """Init of a short causal conv kernel [W, C]: normal with std 1/sqrt(W) (fan-in W)."""
+  return jax.random.normal(key, shape, dtype) / jnp.sqrt(shape[0]).astype(dtype)
+
+
 class TitansMemory(nn.Module):
   """Titans' long-term memory as a layer on x [B, T, D] (matrix memory, chunked).
 
-  q, k, v = SiLU projections (q and k l2-normalised), alpha, theta, eta =
-  sigmoid of per-head linear maps of x; y_t = M_t(q_t) then an output Dense.
-  The paper's short depthwise convolution after the projections is omitted.
+  q, k, v = SiLU(conv(x W)) with conv the paper's short depthwise causal
+  convolution (``conv_size`` taps, 0 for none; parameters "conv_query",
+  "conv_key", "conv_value" [W, D]; the order projection -> conv -> SiLU is
+  our reading, as in the linear recurrent models the paper follows); q and k
+  l2-normalised; alpha, theta, eta = sigmoid of per-head linear maps of x;
+  y_t = M_t(q_t) then an output Dense.
   """
   num_heads: int
   chunk_size: int = 64
+  conv_size: int = 4
 
   @nn.compact
   def __call__(self, x):
     b, t, dim = x.shape
     n = self.num_heads
-    proj = lambda nm: _heads(jax.nn.silu(nn.Dense(dim, name=nm)(x)), n)
+
+    def proj(nm):
+      z = nn.Dense(dim, name=nm)(x)
+      if self.conv_size:
+        z = short_causal_conv(z, self.param(f"conv_{nm}", conv_kernel_init,
+                                            (self.conv_size, dim)))[0]
+      return _heads(jax.nn.silu(z), n)
+
     l2 = lambda z: z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-6)
     q, k, v = l2(proj("query")), l2(proj("key")), proj("value")
     alpha, theta, eta = (jax.nn.sigmoid(nn.Dense(n, name=nm)(x)) for nm in ("alpha", "theta", "eta"))
@@ -96,42 +112,85 @@ class TitansMemory(nn.Module):
 
 
 class SlidingWindowBlock(nn.Module):
-  """Causal sliding-window softmax attention on x [B, T, D] (projections + banded op)."""
+  """Causal sliding-window softmax attention on x [B, T, D] (projections + banded op).
+
+  With ``num_sink`` > 0 the first ``num_sink`` positions stay visible to
+  every query (Titans' SW-Attn* over persistent tokens + x).
+  """
   num_heads: int
   window: Tuple[int, int] = (64, 0)
+  num_sink: int = 0
 
   @nn.compact
   def __call__(self, x):
     b, t, dim = x.shape
     q, k, v = (_heads(nn.Dense(dim, name=nm)(x), self.num_heads) for nm in ("query", "key", "value"))
     left, right = window_sides(self.window, True)
-    out = sliding_window_attention(q, k, v, left=left, right=right, causal=True)
+    if self.num_sink:
+      out = streaming_attention(q, k, v, num_sink=self.num_sink, window=left + 1)
+    else:
+      out = sliding_window_attention(q, k, v, left=left, right=right, causal=True)
     return nn.Dense(dim, name="out")(out.reshape(b, t, dim))
 
 
-class TitansMAG(nn.Module):
-  """Memory as a gate: norm(SWA(x)) * sigmoid(norm(memory(x))) (our reading of the gate)."""
-  num_heads: int
-  window: Tuple[int, int] = (64, 0)
-  chunk_size: int = 64
+class _Persistent(nn.Module):
+  """Prepends Titans' learnable persistent tokens: x [B, T, D] -> [B, Np + T, D]."""
+  num_tokens: int
 
   @nn.compact
   def __call__(self, x):
-    y = SlidingWindowBlock(self.num_heads, self.window, name="attention")(x)
-    m = TitansMemory(self.num_heads, self.chunk_size, name="memory")(x)
-    return nn.LayerNorm(name="norm_attention")(y) * jax.nn.sigmoid(nn.LayerNorm(name="norm_memory")(m))
+    if not self.num_tokens:
+      return x
+    p = self.param("persistent", nn.initializers.normal(0.02), (self.num_tokens, x.shape[-1]))
+    return jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (x.shape[0],) + p.shape), x], 1)
+
+
+class TitansMAG(nn.Module):
+  """Memory as a gate on x [B, T, D] -> [B, T, D] (Titans, arXiv:2501.00663).
+
+  x~ = [persistent || x]; y = SW-Attn*(x~) (sliding window, persistent
+  tokens always visible); o = LayerNorm(y) * sigmoid(LayerNorm(M(x~))), the
+  rows of x kept. The paper writes o = y (x) M(x~) with a non-linear gating
+  that normalises both branches with learnable vector-valued weights
+  followed by a non-linearity; we read the non-linearity as a sigmoid on the
+  memory branch, so the memory gates the attention branch (gate 1 passes
+  it, 0 closes it).
+  """
+  num_heads: int
+  window: Tuple[int, int] = (64, 0)
+  chunk_size: int = 64
+  conv_size: int = 4
+  num_persistent: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    npst = self.num_persistent
+    xt = _Persistent(npst, name="persistent")(x)
+    y = SlidingWindowBlock(self.num_heads, self.window, npst, name="attention")(xt)
+    m = TitansMemory(self.num_heads, self.chunk_size, self.conv_size, name="memory")(xt)
+    o = nn.LayerNorm(name="norm_attention")(y) * jax.nn.sigmoid(nn.LayerNorm(name="norm_memory")(m))
+    return o[:, npst:]
 
 
 class TitansMAL(nn.Module):
-  """Memory as a layer: the memory's output feeds the sliding-window attention (with residuals)."""
+  """Memory as a layer on x [B, T, D] -> [B, T, D] (Titans, arXiv:2501.00663).
+
+  x~ = [persistent || x]; h = x~ + M(x~); o = h + SW-Attn(h), the rows of x
+  kept: the paper's y = M(x~), o = SW-Attn(y) with the block's residual
+  connections written in (plain sliding window, as the paper writes it).
+  """
   num_heads: int
   window: Tuple[int, int] = (64, 0)
   chunk_size: int = 64
+  conv_size: int = 4
+  num_persistent: int = 4
 
   @nn.compact
   def __call__(self, x):
-    x = x + TitansMemory(self.num_heads, self.chunk_size, name="memory")(x)
-    return x + SlidingWindowBlock(self.num_heads, self.window, name="attention")(x)
+    xt = _Persistent(self.num_persistent, name="persistent")(x)
+    h = xt + TitansMemory(self.num_heads, self.chunk_size, self.conv_size, name="memory")(xt)
+    o = h + SlidingWindowBlock(self.num_heads, self.window, name="attention")(h)
+    return o[:, self.num_persistent:]
 
 
 class TNLTokenMixer(nn.Module):

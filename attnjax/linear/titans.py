@@ -16,6 +16,10 @@ chunk_size = 1 is the token recurrence. For a matrix memory G_j = 2 (M_0 k_j -
 v_j) k_j^T and the chunk is a few matmuls; an MLP memory takes per-token
 jax.grad at M_0 inside a scan over chunks. Defaults and the paper's exact
 gating are unconfirmed (no official code was available to us).
+
+``short_causal_conv`` is the paper's 1D depthwise convolution after the
+query, key and value projections (Section 4.4, following modern linear
+recurrent models), causal so that decoding stays token by token.
 """
 from __future__ import annotations
 
@@ -28,6 +32,36 @@ from jax import lax
 from attnjax.core.validation import check_positive_int
 
 _LOG_FLOOR = -60.0  # log of a factor treated as zero (alpha = 1 or eta = 0)
+
+
+def short_causal_conv(x, kernel, state=None):
+  """Depthwise causal convolution y_t = sum_i kernel[i] x_{t - (W - 1) + i}.
+
+  Args:
+    x: [B, T, C].
+    kernel: [W, C]; kernel[W - 1] weighs the current token (the layout of a
+      depthwise ``flax.linen.Conv`` kernel [W, 1, C] with left padding W - 1).
+    state: the W - 1 inputs before x, [B, W - 1, C]; zeros (a sequence start)
+      when None.
+  Returns:
+    (y [B, T, C] in x.dtype, new state [B, W - 1, C]: the last W - 1 inputs),
+    so running x in pieces with the state gives the same y as one call.
+  """
+  if getattr(x, "ndim", None) != 3 or getattr(kernel, "ndim", None) != 2:
+    raise ValueError(f"short_causal_conv takes x [B, T, C] and kernel [W, C]; got x "
+                     f"{getattr(x, 'shape', None)}, kernel {getattr(kernel, 'shape', None)}.")
+  w, c = kernel.shape
+  if x.shape[2] != c:
+    raise ValueError(f"kernel has {c} channels but x has {x.shape[2]} (x {x.shape}).")
+  b, t = x.shape[:2]
+  if state is None:
+    state = jnp.zeros((b, w - 1, c), x.dtype)
+  if state.shape != (b, w - 1, c):
+    raise ValueError(f"state must have shape [B, W - 1, C]={(b, w - 1, c)}, got {state.shape}.")
+  xp = jnp.concatenate([state.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
+  k32 = kernel.astype(jnp.float32)
+  y = sum(k32[i] * xp[:, i:i + t] for i in range(w))
+  return y.astype(x.dtype), xp[:, t:].astype(x.dtype)
 
 
 def _ratios(log_cum):
