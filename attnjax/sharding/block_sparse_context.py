@@ -256,31 +256,38 @@ def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: 
   nbuf = off
 
   # -- every device's exact block classes on its slots -> work items -------------------
-  dev_cls = {}
-  for d, x in devices:
-    sb = slot_blocks[d, x]                                           # [Kl, nbuf]
-    heads = (x * Kl + np.arange(Kl))[:, None] * G + np.arange(G)     # [Kl, G]
-    c = cls[heads[:, :, None, None], own[d][None, None, :, None], np.maximum(sb, 0)[:, None,
-                                                                                  None, :]]
-    dev_cls[d, x] = np.where(sb[:, None, None, :] >= 0, c, LY.EMPTY)  # [Kl, G, nbl, nbuf]
-  shared = all((c == c[:, :1]).all() for c in dev_cls.values())
-  Hl, R = (Kl, G) if shared else (Kl * G, 1)
+  def classes(d, x):                                                # int8 [Kl, G, nbl, nbuf]
+    sb = slot_blocks[d, x]
+    heads = (x * Kl + np.arange(Kl))[:, None] * G + np.arange(G)
+    c = cls[heads[:, :, None, None], own[d][None, None, :, None],
+            np.maximum(sb, 0)[:, None, None, :]]
+    return np.where(sb[:, None, None, :] >= 0, c, LY.EMPTY)
+
   visited = np.zeros((num_shards, head_shards), np.int64)
-  for (d, x), c in dev_cls.items():
+  shared = True
+  for d, x in devices:
+    c = classes(d, x)
     visited[d, x] = np.count_nonzero(c)
-    c = c[:, :1] if shared else c
-    # layout head hl reads KV head hl // (Hl // Kl): its slots start at g * nbuf
-    dev_cls[d, x] = np.concatenate(
-        [np.pad(c[g], ((0, 0), (0, 0), (g * nbuf, (Kl - 1 - g) * nbuf))) for g in range(Kl)])
+    shared = shared and bool((c == c[:, :1]).all())
+  Hl, R = (Kl, G) if shared else (Kl * G, 1)
+  items = {LY.PARTIAL: {}, LY.FULL: {}}      # kind -> (d, x) -> ([Hl] items, counts [Hl, nbl])
+  for d, x in devices:
+    c = classes(d, x)
+    c = (c[:, :1] if shared else c).reshape(Hl, nbl, nbuf)
+    for kind, per_dev in items.items():
+      sel = c == kind
+      # layout head hl reads KV head hl // (Hl // Kl), whose slots start at g * nbuf
+      per_dev[d, x] = ([np.stack([r, k + (h // (Hl // Kl)) * nbuf], -1).astype(np.int32)
+                        for h, (r, k) in enumerate(map(np.nonzero, sel))], sel.sum(-1))
   kinds, schedules, executed = [], [], 0
   for kind in (LY.PARTIAL, LY.FULL):
-    sched = _device_schedules({k: c == kind for k, c in dev_cls.items()}, devices, nbl, bs,
-                              R, batch * Hl * R * bs * bs)
+    sched = _device_schedules(items[kind], (num_shards, head_shards, Hl), nbl, bs, R,
+                              batch * Hl * R * bs * bs)
     if sched is not None:
-      arrays, groups, ragged, items = sched
+      arrays, groups, ragged, blocks = sched
       kinds.append((kind == LY.PARTIAL, groups, ragged))
       schedules.append(arrays)
-      executed += items * R
+      executed += blocks * R
   positions = perm.reshape(num_shards, -1).astype(np.int32)
   return BlockSparseContextPlan(num_shards, head_shards, seq_len, bs, assignment, nbl, nbuf, Kl,
                                 G, Hl, R, positions, tuple(send), tuple(pairs), slot_blocks,
@@ -292,31 +299,29 @@ def _width(round_lists) -> int:
   return max(len(v) for v in round_lists.values())
 
 
-def _device_schedules(sel, devices, nq, bs, R, per_block):
+def _device_schedules(items, shape, nq, bs, R, per_block):
   """Engine schedules of one block kind for every device, padded to one shape.
 
-  ``sel[(d, x)]``: bool [Hl, nq, nk] blocks of this kind. Returns ((qb, kb,
-  slot, valid, kval) arrays [P, X, Hl, lanes, steps(, g)], slot groups,
-  ragged, blocks run per device), or None when no device has such a block.
+  ``items[(d, x)]``: (per layout head, int32 [n, 2] (q-block, k-block) sorted
+  by row; block counts per row [Hl, nq]); ``shape`` = (P, X, Hl). Returns
+  ((qb, kb, slot, valid, kval) arrays [P, X, Hl, lanes, steps(, g)], slot
+  groups, ragged, blocks run per device), or None when no device has such a block.
   """
-  counts = np.stack([m.sum(-1) for m in sel.values()])
+  counts = np.stack([c for _, c in items.values()])
   if not counts.any():
     return None
   g = BP.choose_group(counts, bs, R * bs)
-  items = {k: SC.items_from_block_mask(m.astype(np.int8), 1) for k, m in sel.items()}
   most = int((-(-counts // g)).sum(-1).max())      # grouped items of the busiest head
   lanes = SC.choose_lanes(most, per_block * g, BP.STEP_BUDGET)
   steps = -(-most // lanes)
-  P_, X_ = max(d for d, _ in devices) + 1, max(x for _, x in devices) + 1
-  Hl = next(iter(sel.values())).shape[0]
-  shape = (P_, X_, Hl, lanes, steps)
-  qb = np.zeros(shape, np.int32)
-  kb = np.zeros(shape + (g,), np.int32)
-  slot = np.zeros(shape, np.int32)
-  valid = np.zeros(shape, bool)
-  kval = np.zeros(shape + (g,), bool)
+  full = tuple(shape) + (lanes, steps)
+  qb = np.zeros(full, np.int32)
+  kb = np.zeros(full + (g,), np.int32)
+  slot = np.zeros(full, np.int32)
+  valid = np.zeros(full, bool)
+  kval = np.zeros(full + (g,), bool)
   groups, ragged = 1, False
-  for (d, x), its in items.items():
+  for (d, x), (its, _) in items.items():
     s = SC.build_schedule(its, nq, lanes, steps, group=g)
     if s is None:
       continue
@@ -324,7 +329,7 @@ def _device_schedules(sel, devices, nq, bs, R, per_block):
     qb[d, x, :, :n], kb[d, x, :, :n], slot[d, x, :, :n] = s.qb[0], s.kb[0], s.slot[0]
     valid[d, x, :, :n], kval[d, x, :, :n] = s.valid[0], s.kval[0]
     groups, ragged = max(groups, s.num_slot_groups), ragged or s.ragged
-  return (qb, kb, slot, valid, kval), groups, ragged, Hl * lanes * steps * g
+  return (qb, kb, slot, valid, kval), groups, ragged, shape[2] * lanes * steps * g
 
 
 @dataclasses.dataclass(frozen=True)
