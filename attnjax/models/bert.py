@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.layers import MultiHeadAttention
-from attnjax.models.common import layer_attention
+from attnjax.models.common import layer_attention, scans_layers
 
 __all__ = ["BertConfig", "BertEncoder", "mean_pool", "l2_normalize", "sentence_embedding"]
 
@@ -36,6 +36,7 @@ class BertConfig:
   attention_options: Any = None
   implementation: Optional[str] = None
   dtype: Any = jnp.float32
+  scan_layers: bool = True
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "BertConfig":
@@ -79,12 +80,21 @@ class BertLayer(nn.Module):
     return ln("output_norm")(x + h)
 
 
+class _ScannedLayer(BertLayer):
+  """BertLayer with the (carry, output) signature ``nn.scan`` needs."""
+
+  def __call__(self, x, mask):  # pylint: disable=arguments-renamed
+    return super().__call__(x, mask), None
+
+
 class BertEncoder(nn.Module):
   """token ids [B, T] -> hidden states [B, T, D] (float32 unless config.dtype).
 
   ``attention_mask`` [B, T] (1/True = real token, default all) masks padded
   keys in every layer; ``token_type_ids`` default 0. The attention family of
-  each layer is ``config.attention`` (one name, or one per layer).
+  each layer is ``config.attention`` (one name, or one per layer); the layers
+  are one ``nn.scan`` with params stacked under "layers" when they all have
+  the same attention (``config.scan_layers``), else "layer_0", ...
   """
   config: BertConfig
 
@@ -109,9 +119,14 @@ class BertEncoder(nn.Module):
          + embed(c.type_vocab_size, "token_type_embeddings")(types))
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, use_fast_variance=False, dtype=c.dtype,
                      name="embeddings_norm")(x.astype(c.dtype))
-    for i, (fam, opts) in enumerate(layer_attention(c.attention, c.attention_options,
-                                                    c.num_layers)):
-      x = BertLayer(c, fam, opts, name=f"layer_{i}")(x, mask)
+    specs = layer_attention(c.attention, c.attention_options, c.num_layers)
+    if scans_layers(c):
+      stack = nn.scan(_ScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=nn.broadcast, length=c.num_layers)
+      x, _ = stack(c, specs[0][0], specs[0][1], name="layers")(x, mask)
+    else:
+      for i, (fam, opts) in enumerate(specs):
+        x = BertLayer(c, fam, opts, name=f"layer_{i}")(x, mask)
     return x
 
 

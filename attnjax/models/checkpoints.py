@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.models.bert import BertConfig
+from attnjax.models.common import scans_layers, stack_layers
 from attnjax.models.llama import LlamaConfig
 
 __all__ = ["bert_tensor_map", "llama_tensor_map", "gguf_llama_tensor_map", "load_params",
@@ -203,7 +204,7 @@ def load_bert_safetensors(model_dir: str, dtype=jnp.float32, **config_overrides)
               if k.startswith(prefix)}
     params = load_params(bert_tensor_map(config), shapes, lambda k: f.get_tensor(prefix + k),
                          dtype, source=path)
-  return config, params
+  return config, _layout(params, config)
 
 
 class GGUFFile(NamedTuple):
@@ -248,4 +249,9 @@ def load_llama_gguf(path_or_file, dtype=jnp.float32, **config_overrides):
   shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in g.tensors.items()}
   params = load_params(gguf_llama_tensor_map(config), shapes,
                        lambda k: _gguf_array(g.tensors[k]), dtype, source=g.path)
-  return config, params
+  return config, _layout(params, config)
+
+
+def _layout(params, config):
+  """Stacks the per-layer params when the model scans its layers (``scans_layers``)."""
+  return stack_layers(params, config.num_layers) if scans_layers(config) else params

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence, Tuple, Union
 
-__all__ = ["LayerAttention", "layer_attention"]
+import jax
+import jax.numpy as jnp
+
+__all__ = ["LayerAttention", "layer_attention", "scans_layers", "stack_layers"]
 
 #: (family name, options as sorted (key, value) pairs): hashable, one per layer.
 LayerAttention = Tuple[str, Tuple[Tuple[str, Any], ...]]
@@ -31,3 +34,22 @@ def layer_attention(attention: Union[str, Sequence[str]],
       raise ValueError(f"attention_options must be one mapping or {num_layers} mappings "
                        f"(one per layer), got {len(opts)}.")
   return tuple((n, tuple(sorted(o.items()))) for n, o in zip(names, opts))
+
+
+def scans_layers(config) -> bool:
+  """Whether a model runs its layers as one ``nn.scan`` (params stacked under "layers").
+
+  True when ``config.scan_layers`` and every layer has the same attention
+  family and options: the layer is traced and compiled once instead of
+  ``num_layers`` times. Otherwise the layers are unrolled as "layer_0", ...
+  """
+  specs = layer_attention(config.attention, config.attention_options, config.num_layers)
+  return bool(config.scan_layers) and len(set(specs)) == 1
+
+
+def stack_layers(params, num_layers: int):
+  """Per-layer params {"layer_0": p0, ...} -> {"layers": stack(p0, ...)} (leading axis L)."""
+  layers = [params[f"layer_{i}"] for i in range(num_layers)]
+  out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return out

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.layers import MultiHeadAttention
-from attnjax.models.common import layer_attention
+from attnjax.models.common import layer_attention, scans_layers
 
 __all__ = ["LlamaConfig", "LlamaDecoder", "init_cache"]
 
@@ -40,6 +40,7 @@ class LlamaConfig:
   attention_options: Any = None
   implementation: Optional[str] = None
   dtype: Any = jnp.float32
+  scan_layers: bool = True
 
   @classmethod
   def from_gguf_metadata(cls, meta: Mapping[str, Any], **overrides) -> "LlamaConfig":
@@ -113,8 +114,19 @@ class LlamaBlock(nn.Module):
     return x + dense(c.hidden_size, "down")(h)
 
 
+class _ScannedBlock(LlamaBlock):
+  """LlamaBlock with the (carry, output) signature ``nn.scan`` needs."""
+
+  def __call__(self, x, input_lengths=None):  # pylint: disable=arguments-renamed
+    return super().__call__(x, input_lengths), None
+
+
 class LlamaDecoder(nn.Module):
   """Causal LM: tokens [B, T] int -> logits [B, T, vocab] float32.
+
+  Params: "embed_tokens", "norm" (and "lm_head" untied) and the blocks,
+  stacked under "layers" (leading axis L) when every layer has the same
+  attention (``config.scan_layers``), else "layer_0" ... "layer_{L-1}".
 
   Without a cache, right padding needs no mask (causality hides the padded
   tail from real tokens). With ``decode=True`` each call appends T tokens to
@@ -132,9 +144,14 @@ class LlamaDecoder(nn.Module):
       raise ValueError(f"tokens must be an int array [B, T], got {tokens.shape} {tokens.dtype}.")
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, name="embed_tokens")
     x = embed(tokens)
-    for i, (fam, opts) in enumerate(layer_attention(c.attention, c.attention_options,
-                                                    c.num_layers)):
-      x = LlamaBlock(c, fam, opts, self.decode, name=f"layer_{i}")(x, input_lengths)
+    specs = layer_attention(c.attention, c.attention_options, c.num_layers)
+    if scans_layers(c):
+      stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True}, in_axes=nn.broadcast, length=c.num_layers)
+      x, _ = stack(c, specs[0][0], specs[0][1], self.decode, name="layers")(x, input_lengths)
+    else:
+      for i, (fam, opts) in enumerate(specs):
+        x = LlamaBlock(c, fam, opts, self.decode, name=f"layer_{i}")(x, input_lengths)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, name="norm")(x)
     if c.tie_embeddings:
       return embed.attend(x).astype(jnp.float32)
