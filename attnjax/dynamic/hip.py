@@ -11,6 +11,14 @@ the best ``m`` children. After ``ceil(log2(n_blocks / m))`` rounds every node
 is one key block; their first blocks form the layout, sorted. Attention then
 runs on the selected blocks (block-sparse, causal inside the blocks).
 
+Causality: no output reads a future key or value, but the key blocks of a
+query block are scored with the block's own (strided) queries, so a query's
+selection depends on up to ``block_size_q - 1`` later queries of its block.
+That is HiP's design (prefill and decoding, where all queries of a block are
+known together); a causal model trained through this function can see that
+far ahead through the selection, which CAB's causal-self check reports
+(tests/test_catalog_region_fia_cab_selective.py). ``block_size_q=1`` removes it.
+
 Everything has static shapes (fixed ``m`` and round count), so the mask is
 built under ``jit``. Defaults as in HiP's v1 code: top_k 512,
 block_size_q 32, block_stride_q 2, block_size_k 2. Later releases add sink
