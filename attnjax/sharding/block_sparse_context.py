@@ -57,6 +57,7 @@ from attnjax.block_sparse import engine as E
 from attnjax.block_sparse import plan as BP
 from attnjax.block_sparse import schedule as SC
 from attnjax.block_sparse import tiles as Tl
+from attnjax.core import precision
 from attnjax.core import scoring
 from attnjax.core import validation as V
 from attnjax.masks import layout as LY
@@ -397,6 +398,7 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     mask=mask)``, in the order of the inputs.
   """
   _check_mask(mask)
+  query, key, value = V.as_arrays(query, key, value)
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
     raise ValueError(f"context parallelism here is for self-attention: query {query.shape} and "
@@ -407,7 +409,8 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     raise ValueError(f"axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
   hax, X = _mesh_axis(mesh, head_axis, "head_axis")
   dax, D = _mesh_axis(mesh, data_axis, "data_axis")
-  if len({axis, hax, dax} - {None}) != len([a for a in (axis, hax, dax) if a is not None]):
+  named = [a for a in (axis, hax, dax) if a is not None]
+  if len(set(named)) != len(named):
     raise ValueError(f"axis, head_axis and data_axis must differ, got {axis!r}, {head_axis!r}, "
                      f"{data_axis!r}.")
   Pn = int(mesh.shape[axis])
@@ -423,6 +426,8 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
   plan = block_sparse_context_plan(mask, d.T, d.N, d.K, Pn, X, block_size, assignment,
                                    d.B // D)
   scale = float(V.check_scale(scale, d.H))
+  precision.warn_float32_accumulation("context_parallel_block_sparse (the block-sparse XLA "
+                                      "engine)", query, key, value)
   bs, nbl, nbuf, Kl = plan.block_size, plan.local_blocks, plan.buffer_blocks, plan.kv_heads_local
   Nl, Hl, R = d.N // X, plan.layout_heads, plan.fold
   head_offset = hax is not None and mask.head_dependent
