@@ -23,7 +23,7 @@ from attnjax.analysis.heads import apply_head_mask
 
 from attnjax.layers import registry
 from attnjax.layers.options import option_names
-from attnjax.layers.rope import apply_rope
+from attnjax.layers.rope import apply_rope, as_rope_scaling
 
 __all__ = ["MultiHeadAttention", "bind_score_params", "apply_selective_token_temperatures"]
 
@@ -134,6 +134,13 @@ class MultiHeadAttention(nn.Module):
     use_bias: biases in the four projections.
     use_rope: rotary embeddings on queries and keys (``attnjax.layers.rope``).
     rope_base, rope_fraction: RoPE frequency base and rotated share of H.
+    rotary_dim: number of rotated dimensions (even), instead of rope_fraction.
+    rope_scaling: None, an ``attnjax.layers.rope.RopeScaling`` or a Hugging
+      Face ``rope_scaling`` dict ("linear", "dynamic", "yarn", "llama3").
+      "dynamic" takes L from the keys' largest position + 1 of each call (as
+      transformers does; with a KV cache, the keys already cached keep the
+      rotation of the call that wrote them).
+    rope_interleaved: GPT-J pairs ``(x[2i], x[2i+1])`` instead of rotate-half.
     causal: key j visible to query i iff k_pos[j] <= q_pos[i].
     attention: family name: ``"dense"`` or one of
       ``attnjax.layers.registry.list_families()``.
@@ -172,6 +179,9 @@ class MultiHeadAttention(nn.Module):
   use_rope: bool = False
   rope_base: float = 10000.0
   rope_fraction: float = 1.0
+  rotary_dim: Optional[int] = None
+  rope_scaling: Any = None
+  rope_interleaved: bool = False
   causal: bool = False
   attention: str = "dense"
   attention_options: Optional[Mapping[str, Any]] = None
@@ -314,9 +324,15 @@ class MultiHeadAttention(nn.Module):
       dq, dk = jnp.arange(T) + S - T, jnp.arange(S)
       q_positions = dq if q_positions is None else q_positions
       k_positions = dk if k_positions is None else k_positions
-    q = apply_rope(q, q_positions, self.rope_base, self.rope_fraction)
-    k = apply_rope(k, k_positions, self.rope_base, self.rope_fraction)
-    return q, k
+    return self._rope_at(q, q_positions, k, k_positions)
+
+  def _rope_at(self, q, q_positions, k, k_positions):
+    kw = dict(rotary_dim=self.rotary_dim, scaling=self.rope_scaling,
+              interleaved=self.rope_interleaved)
+    if as_rope_scaling(self.rope_scaling) is not None:
+      kw["seq_len"] = jnp.max(jnp.asarray(k_positions)) + 1
+    return (apply_rope(q, q_positions, self.rope_base, self.rope_fraction, **kw),
+            apply_rope(k, k_positions, self.rope_base, self.rope_fraction, **kw))
 
   def _use_cache(self, q, k, v, q_positions, k_positions, segment_ids, mask, input_lengths):
     """Appends k/v to the cache; returns the cached k/v and their positions."""
@@ -357,8 +373,7 @@ class MultiHeadAttention(nn.Module):
       n_new = n_new.astype(jnp.int32)
     pos = idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]     # [B, T]
     if self.use_rope:
-      q = apply_rope(q, pos, self.rope_base, self.rope_fraction)
-      k = apply_rope(k, pos, self.rope_base, self.rope_fraction)
+      q, k = self._rope_at(q, pos, k, pos)
     rows = jnp.arange(B)[:, None]
     # Padded tokens past max_len are dropped; those inside are overwritten later.
     keys = cached_key.value.at[rows, pos].set(k.astype(cached_key.value.dtype), mode="drop")

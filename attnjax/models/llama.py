@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.layers import MultiHeadAttention
+from attnjax.layers.rope import RopeScaling
 from attnjax.models.common import layer_attention, scans_layers
 
 __all__ = ["LlamaConfig", "LlamaDecoder", "init_cache"]
@@ -33,6 +34,7 @@ class LlamaConfig:
   head_dim: int = 64
   intermediate_size: int = 1536
   rope_base: float = 100000.0
+  rope_scaling: Any = None      # None or an attnjax.layers.rope.RopeScaling
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = True
   max_position_embeddings: int = 8192
@@ -67,12 +69,14 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "LlamaConfig":
-    """From a Hugging Face ``config.json`` dict of a Llama model."""
+    """From a Hugging Face ``config.json`` dict of a Llama model.
+
+    ``rope_scaling`` ("linear", "dynamic", "yarn", "llama3") becomes an
+    ``attnjax.layers.rope.RopeScaling``.
+    """
     if hf.get("model_type") != "llama":
       raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; LlamaConfig "
                        "reads 'llama' configs.")
-    if hf.get("rope_scaling"):
-      raise ValueError(f"rope_scaling={hf['rope_scaling']!r} is not supported yet.")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
       raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported.")
     heads = hf["num_attention_heads"]
@@ -85,6 +89,8 @@ class LlamaConfig:
               rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
               max_position_embeddings=hf.get("max_position_embeddings", 2048))
+    if hf.get("rope_scaling"):
+      kw["rope_scaling"] = RopeScaling.from_hf(hf["rope_scaling"], kw["max_position_embeddings"])
     kw.update(overrides)
     return cls(**kw)
 
@@ -103,8 +109,8 @@ class LlamaBlock(nn.Module):
     h = MultiHeadAttention(
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         qkv_features=c.num_heads * c.head_dim, out_features=c.hidden_size, use_bias=False,
-        use_rope=True, rope_base=c.rope_base, causal=True, attention=self.attention,
-        attention_options=dict(self.attention_options), implementation=c.implementation,
+        use_rope=True, rope_base=c.rope_base, rope_scaling=c.rope_scaling, causal=True,
+        attention=self.attention, attention_options=dict(self.attention_options), implementation=c.implementation,
         decode=self.decode, dtype=c.dtype, name="attention")(
             norm("attention_norm")(x), input_lengths=input_lengths)
     x = x + h

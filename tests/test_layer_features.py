@@ -1,0 +1,140 @@
+"""MultiHeadAttention features: RoPE scalings and conventions, per-projection biases,
+fused qkv, attention dropout. Oracles are NumPy transcriptions or the dense reference."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax import masks
+from attnjax.layers import MultiHeadAttention
+from attnjax.layers.rope import (RopeScaling, apply_rope, rope_attention_factor,
+                                 rope_frequencies)
+
+B, T, D = 2, 5, 16
+R, BASE = 16, 10000.0
+
+
+def _np_inv(rot=R, base=BASE):
+  return 1.0 / base ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+
+
+def _np_yarn(factor, L0, rot=R, base=BASE, beta_fast=32.0, beta_slow=1.0):
+  inv = _np_inv(rot, base)
+  cd = lambda n: rot * math.log(L0 / (n * 2 * math.pi)) / (2 * math.log(base))
+  lo, hi = max(math.floor(cd(beta_fast)), 0), min(math.ceil(cd(beta_slow)), rot - 1)
+  hi = hi + 0.001 if lo == hi else hi
+  ramp = np.clip((np.arange(rot // 2) - lo) / (hi - lo), 0, 1)
+  return inv / factor * ramp + inv * (1 - ramp)
+
+
+def _np_llama3(factor, L0, lo_f=1.0, hi_f=4.0, rot=R, base=BASE):
+  out = []
+  for f in _np_inv(rot, base):
+    wave = 2 * math.pi / f
+    if wave < L0 / hi_f:
+      out.append(f)
+    elif wave > L0 / lo_f:
+      out.append(f / factor)
+    else:
+      sm = (L0 / wave - lo_f) / (hi_f - lo_f)
+      out.append((1 - sm) * f / factor + sm * f)
+  return np.array(out)
+
+
+def _np_rope(x, pos, inv, rot, interleaved, mult=1.0):
+  x = np.asarray(x, np.float64).copy()
+  ang = pos[:, None] * inv[None]                    # [T, rot/2]
+  c, s = np.cos(ang)[None, :, None] * mult, np.sin(ang)[None, :, None] * mult
+  if interleaved:
+    i1, i2 = np.arange(0, rot, 2), np.arange(1, rot, 2)
+  else:
+    i1, i2 = np.arange(rot // 2), np.arange(rot // 2, rot)
+  a, b = x[..., i1].copy(), x[..., i2].copy()
+  x[..., i1], x[..., i2] = a * c - b * s, b * c + a * s
+  return x
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
+def test_rope_scaling_frequencies_match_numpy(kind):
+  L0, f = 16, 4.0
+  s = RopeScaling(kind, factor=f, original_max_position_embeddings=L0)
+  L = 40
+  want = {"linear": _np_inv() / f,
+          "dynamic": _np_inv(base=BASE * (f * L / L0 - (f - 1)) ** (R / (R - 2))),
+          "yarn": _np_yarn(f, L0), "llama3": _np_llama3(f, L0)}[kind]
+  got = rope_frequencies(R, BASE, s, seq_len=L)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)
+  # factor 1 is unscaled (dynamic: up to L0 only, it still stretches longer sequences)
+  one = RopeScaling(kind, factor=1.0, original_max_position_embeddings=L0)
+  L1 = L0 if kind == "dynamic" else L
+  np.testing.assert_allclose(np.asarray(rope_frequencies(R, BASE, one, seq_len=L1)),
+                             _np_inv(), rtol=2e-5)
+  if kind == "dynamic":
+    np.testing.assert_allclose(np.asarray(rope_frequencies(R, BASE, s, seq_len=L0 // 2)),
+                               _np_inv(), rtol=2e-5)
+  if kind == "yarn":
+    assert rope_attention_factor(s) == pytest.approx(0.1 * math.log(f) + 1)
+    assert rope_attention_factor(one) == 1.0
+
+
+def test_llama3_scaling_is_smooth_band_with_hf_defaults():
+  s = RopeScaling.from_hf({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+  got = np.asarray(rope_frequencies(64, 500000.0, s))
+  np.testing.assert_allclose(got, _np_llama3(8.0, 8192, rot=64, base=500000.0), rtol=2e-5)
+  assert RopeScaling.from_hf({"rope_type": "default"}) is None
+  with pytest.raises(ValueError, match="not supported"):
+    RopeScaling.from_hf({"type": "linear", "factor": 2.0, "bogus": 1})
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim,kind", [(16, None), (8, "yarn"), (6, "linear")])
+def test_apply_rope_matches_numpy_and_partial_rotary(interleaved, rotary_dim, kind):
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (B, T, 3, 16)))
+  pos = np.arange(T) + 3.0
+  s = None if kind is None else RopeScaling(kind, 4.0, original_max_position_embeddings=16)
+  got = np.asarray(apply_rope(x, pos, BASE, rotary_dim=rotary_dim, scaling=s,
+                              interleaved=interleaved))
+  inv = _np_inv(rotary_dim)
+  if kind == "yarn":
+    inv = _np_yarn(4.0, 16, rot=rotary_dim)
+  elif kind == "linear":
+    inv = inv / 4.0
+  mult = rope_attention_factor(s)
+  want = _np_rope(x, pos, inv, rotary_dim, interleaved, mult)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[..., rotary_dim:], x[..., rotary_dim:])
+  with pytest.raises(ValueError, match="rotary_dim"):
+    apply_rope(x, pos, rotary_dim=5)
+
+
+def test_layer_rope_options_match_projections_plus_reference():
+  s = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 4}
+  m = MultiHeadAttention(num_heads=2, qkv_features=16, use_rope=True, rotary_dim=4,
+                         rope_scaling=s, rope_interleaved=True, causal=True,
+                         implementation="reference")
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
+  params = m.init(jax.random.PRNGKey(2), x)
+  p = params["params"]
+  proj = lambda n: jnp.einsum("btd,dnh->btnh", x, p[n]["kernel"]) + p[n]["bias"]
+  pos = jnp.arange(T)
+  kw = dict(rotary_dim=4, scaling=s, interleaved=True, seq_len=T)
+  q, k = apply_rope(proj("query"), pos, **kw), apply_rope(proj("key"), pos, **kw)
+  o = attnjax.reference_attention(q, k, proj("value"), mask=masks.Causal())
+  want = jnp.einsum("btnh,nhd->btd", o, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(m.apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_config_reads_hf_rope_scaling():
+  from attnjax.models.llama import LlamaConfig
+  hf = dict(model_type="llama", vocab_size=11, hidden_size=8, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
+            max_position_embeddings=32,
+            rope_scaling={"rope_type": "yarn", "factor": 2.0})
+  c = LlamaConfig.from_hf(hf)
+  assert c.rope_scaling == RopeScaling("yarn", 2.0, original_max_position_embeddings=32)
+  hf["rope_scaling"] = {"type": "llama3", "factor": 8.0}
+  assert LlamaConfig.from_hf(hf).rope_scaling.original_max_position_embeddings == 8192
