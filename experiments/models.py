@@ -119,19 +119,38 @@ class EncoderClassifier(nn.Module):
     return nn.Dense(self.num_classes, name="head")(pooled)
 
 
-#: Families that run context-parallel on a multi-device mesh (head-sharded S2).
+#: Families that run context-parallel on every multi-device mesh (head-sharded S2); the
+#: others run context-parallel (``attnjax.sharding.context_parallel_family``) when the
+#: mesh's context axis is larger than 1.
 CONTEXT_PARALLEL = ("s2",)
 
 
 def _mesh_family(name: str, mesh) -> str:
-  """Registers (once per mesh) the context-parallel version of ``name``; returns its name."""
+  """Registers (once per mesh) the context-parallel version of ``name``; returns its name.
+
+  A family with no context-parallel route is a ValueError naming it (and why).
+  """
   from attnjax.layers import registry  # pylint: disable=g-import-not-at-top
-  from attnjax.sharding import s2_family_for_mesh  # pylint: disable=g-import-not-at-top
+  from attnjax import sharding  # pylint: disable=g-import-not-at-top
   shape = "x".join(f"{k}{v}" for k, v in mesh.shape.items())
   sharded = f"{name}@{shape}#{id(mesh)}"
   if sharded not in registry.list_families():
-    registry.register_family(sharded, s2_family_for_mesh(mesh))
+    if name in CONTEXT_PARALLEL:
+      fn = sharding.s2_family_for_mesh(mesh)
+    else:
+      try:
+        fn = sharding.context_parallel_family(name, mesh, axis="context", head_axis="heads",
+                                              data_axis="data")
+      except NotImplementedError as e:
+        raise ValueError(f"config.mesh.context={mesh.shape['context']}: {e}") from None
+    registry.register_family(sharded, fn)
   return sharded
+
+
+def _runs_context_parallel(name: str, mesh) -> bool:
+  if mesh is None or mesh.size <= 1:
+    return False
+  return name in CONTEXT_PARALLEL or mesh.shape.get("context", 1) > 1
 
 
 def build_model(config, task, act_sharding=None, mesh=None) -> nn.Module:
@@ -142,13 +161,16 @@ def build_model(config, task, act_sharding=None, mesh=None) -> nn.Module:
   config field.
 
   On a multi-device ``mesh`` the S2 layers run context-parallel
-  (``attnjax.sharding.context_parallel_attention`` inside ``shard_map``);
-  other families are partitioned by XLA from the sharded activations.
+  (``attnjax.sharding.context_parallel_attention`` inside ``shard_map``); with
+  ``config.mesh.context > 1`` every other family runs context-parallel too
+  (``attnjax.sharding.context_parallel_family``: block-sparse, linear or
+  neighborhood route), and a family that cannot is a ValueError naming it.
+  Otherwise families are partitioned by XLA from the sharded activations.
   """
   m = config.model
   resolved = families.resolve(m)
-  if mesh is not None and mesh.size > 1:
-    resolved = [(_mesh_family(f, mesh) if f in CONTEXT_PARALLEL else f, o) for f, o in resolved]
+  resolved = [(_mesh_family(f, mesh) if _runs_context_parallel(f, mesh) else f, o)
+              for f, o in resolved]
   layers = tuple((fam, tuple(sorted(opts.items()))) for fam, opts in resolved)
   impl = None if m.implementation in ("auto", "", None) else str(m.implementation)
   dtype = jnp.dtype(m.dtype)

@@ -8,20 +8,16 @@ combined with a data axis and a head axis (GQA, float32 and bfloat16);
 errors name the field. In this process (NumPy only): the plans exchange
 exactly the needed blocks and zig-zag balances causal work.
 """
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+import multidevice
 
 from attnjax import masks as M
 from attnjax.block_sparse import bigbird_mask
 from attnjax.sharding import (block_sparse_context_plan, communication_report,
                               sequence_permutation)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r'''
 import json
@@ -114,16 +110,12 @@ print("RESULT" + json.dumps(out))
 '''
 
 
+multidevice.register("block_sparse", SCRIPT)
+
+
 @pytest.fixture(scope="module")
 def result():
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, XLA_FLAGS=flags.strip(),
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULT"):])
+  return multidevice.result("block_sparse")
 
 
 def test_eight_devices(result):

@@ -9,14 +9,10 @@ in bfloat16, BASED (Taylor linear branch + sliding window), non-causal linear, n
 causal, a window as long as the axis) and na2d split along either spatial
 axis. Errors name the field; the communication formulas are checked here.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import multidevice
 
 SCRIPT = r'''
 import json
@@ -133,16 +129,12 @@ NEIGHBORHOOD = ["na1d_dilated_c8", "na1d_causal_c4", "na1d_full_window_c2",
                 "na2d_axis0_data2_heads2_c2", "na2d_axis1_data2_c4"]
 
 
+multidevice.register("linear_na", SCRIPT)
+
+
 @pytest.fixture(scope="module")
 def result():
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, XLA_FLAGS=flags.strip(),
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULT"):])
+  return multidevice.result("linear_na")
 
 
 def test_eight_devices(result):

@@ -5,15 +5,11 @@ gradients) on several meshes; a model trained on a (data, heads, context) =
 (2, 2, 2) mesh matches the single-device run; mesh errors name the field;
 the communication plan receives less than an all-gather.
 """
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import multidevice
 
 SCRIPT = r'''
 import json, os, tempfile
@@ -89,16 +85,12 @@ print("RESULT" + json.dumps(out))
 '''
 
 
+multidevice.register("s2", SCRIPT)
+
+
 @pytest.fixture(scope="module")
 def result():
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, XLA_FLAGS=flags.strip(),
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULT"):])
+  return multidevice.result("s2")
 
 
 def test_eight_devices(result):

@@ -20,3 +20,5 @@ from attnjax.sharding.block_sparse_context import (BlockSparseContextPlan,
                                                    communication_report,
                                                    context_parallel_block_sparse,
                                                    sequence_permutation)
+from attnjax.sharding.context_parallel import (context_parallel, context_parallel_family,
+                                               context_parallel_support)

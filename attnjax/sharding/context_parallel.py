@@ -1,0 +1,288 @@
+"""One entry for context parallelism: a registered attention family, its sequence split.
+
+``context_parallel(family, mesh, ...)`` returns ``f(query, key, value)`` that
+runs the layer registry's family ``family`` (``attnjax.layers.registry``) with
+the sequence split over the mesh axis ``axis``, on the engine's own
+context-parallel path:
+
+* ``"block_sparse"``: families that are a static ``Mask`` (dense/causal,
+  sliding window, Longformer, BigBird, LongLoRA/SinkLoRA shifted groups,
+  streaming, composite, block-local) run
+  :func:`context_parallel_block_sparse` (only the visited remote key blocks
+  are exchanged).
+* ``"s2"``: S2-Attention runs its head-sharded plan
+  (:func:`context_parallel_attention` through :func:`s2_family_for_mesh`).
+* ``"linear"``: linear attention, Lightning/TNL and BASED run the state scan
+  of :func:`context_parallel_linear_attention` /
+  :func:`context_parallel_based_attention`.
+* ``"neighborhood"``: ``na1d`` runs the halo exchange of
+  :func:`context_parallel_neighborhood_attention`.
+
+Every other family raises ``NotImplementedError`` saying why
+(``context_parallel_support()`` lists the route or the reason per family).
+All routes are self-attention (T == S) with default positions ``arange(T)``
+and no segment ids; T must be divisible by the context axis size.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import numpy as np
+from jax.sharding import Mesh
+
+from attnjax.block_sparse import bigbird_mask
+from attnjax.layers import registry
+from attnjax.linear.decay import tnl_decay_slopes
+from attnjax.masks import (Causal, Full, GlobalTokens, Mask, Modality, SameBlock, ShiftedGroups,
+                           SinkWindow, SlidingWindow)
+from attnjax.sharding.block_sparse_context import context_parallel_block_sparse
+from attnjax.sharding.linear_context import (context_parallel_based_attention,
+                                             context_parallel_linear_attention)
+from attnjax.sharding.neighborhood_context import context_parallel_neighborhood_attention
+from attnjax.sharding.s2_context import s2_family_for_mesh
+
+__all__ = ["context_parallel", "context_parallel_family", "context_parallel_support"]
+
+_CONTENT = ("selects keys from the data (content-based selection), so every query needs "
+            "all keys on its device; there is no static exchange plan")
+
+#: Families with no context-parallel route, and why.
+REASONS: Dict[str, str] = {
+    "anchor": ("its document ids are run-time data (segment ids); the block-sparse context "
+               "plan is built from a static mask and takes no segment ids"),
+    "flow": ("Flowformer's flow-conservation normalisation needs sums over all keys and all "
+             "queries before the attention; no context-parallel form is implemented"),
+    "agent": ("its agent tokens pool all queries and attend to all keys before the queries "
+              "read them; no context-parallel form is implemented"),
+    "hip": "HiP " + _CONTENT,
+    "hyper": "HyperAttention " + _CONTENT + " (LSH buckets over the whole sequence)",
+    "combiner": ("Combiner summarises every span of the whole sequence for every query; no "
+                 "context-parallel form is implemented"),
+    "longheads": "LongHeads " + _CONTENT,
+    "landmark": "landmark attention " + _CONTENT,
+    "bi_level_routing": "bi-level routing (BiFormer) " + _CONTENT,
+}
+
+_BLOCK_SPARSE = ("dense", "sliding_window", "longformer", "bigbird", "shifted_group",
+                 "longlora", "sinklora", "streaming", "composite", "block_local")
+_LINEAR = ("linear", "lightning", "based")
+_ROUTES = dict([(f, "block_sparse") for f in _BLOCK_SPARSE] + [(f, "linear") for f in _LINEAR]
+               + [("s2", "s2"), ("na1d", "neighborhood")])
+
+
+def context_parallel_support() -> Dict[str, str]:
+  """Every registered family -> ``"block_sparse"``, ``"s2"``, ``"linear"``,
+  ``"neighborhood"`` (its context-parallel route) or the reason it has none."""
+  out = {}
+  for name in registry.list_families():
+    out[name] = _ROUTES.get(name) or REASONS.get(
+        name, "not a built-in family of attnjax: no context-parallel route is known for it")
+  return out
+
+
+def _route(family: str) -> str:
+  if not isinstance(family, str):
+    raise TypeError(f"family must be a registered family name (str), got {family!r}.")
+  registry.get_family(family)   # ValueError listing the choices for an unknown name
+  route = context_parallel_support()[family]
+  if route not in ("block_sparse", "s2", "linear", "neighborhood"):
+    raise NotImplementedError(f"attention family {family!r} cannot run context-parallel: "
+                              f"{route}.")
+  return route
+
+
+def _take(options: dict, family: str, allowed) -> dict:
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"context-parallel {family!r} got unknown options {unknown}; expected "
+                     f"some of {sorted(allowed)}.")
+  return options
+
+
+def _check_inputs(family, query, key, q_positions, k_positions, segment_ids):
+  if query.shape[1] != key.shape[1]:
+    raise NotImplementedError(f"context-parallel {family!r} is self-attention: query length "
+                              f"T={query.shape[1]} must equal key length S={key.shape[1]}.")
+  if segment_ids is not None:
+    raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids (or key "
+                              "padding mask).")
+  T = query.shape[1]
+  for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
+    if pos is None:
+      continue
+    try:
+      ok = np.array_equal(np.asarray(pos).reshape(-1, T), np.tile(np.arange(T), (
+          np.asarray(pos).size // T, 1)))
+    except Exception as e:  # traced positions cannot be checked at trace time
+      raise NotImplementedError(f"context-parallel {family!r} uses the default positions "
+                                f"arange(T); {name} must be None or a concrete arange.") from e
+    if not ok:
+      raise NotImplementedError(f"context-parallel {family!r} uses the default positions "
+                                f"arange(T); got custom {name}.")
+
+
+def _causal_only(family, causal):
+  if not causal:
+    raise NotImplementedError(f"the {family} family is defined for causal attention only.")
+
+
+def _global_positions(positions, length):
+  if positions is None:
+    return ()
+  arr = np.asarray(positions)
+  if arr.dtype == bool:
+    arr = np.nonzero(arr.reshape(-1))[0]
+  return tuple(int(p) for p in arr.reshape(-1))
+
+
+def _mask(family: str, causal: bool, N: int, T: int, o: dict) -> Mask:
+  """The static Mask of a block-sparse family, as its registry entry builds it."""
+  if family == "dense":
+    _take(o, family, ("mask",))
+    m = o.get("mask")
+    if m is not None and not isinstance(m, Mask):
+      raise NotImplementedError("context-parallel 'dense' takes a static attnjax Mask as "
+                                f"mask=, not {type(m).__name__}.")
+    m = Full() if m is None else m
+    return Causal() & m if causal else m
+  if family == "sliding_window":
+    _take(o, family, ("window", "left", "right"))
+    w = o.get("window", 256)
+    left = o.get("left", w - 1 if causal else w // 2)
+    right = o.get("right", 0 if causal else w // 2)
+    m = SlidingWindow(left, right)
+  elif family == "longformer":
+    _take(o, family, ("window", "global_positions"))
+    w = o.get("window", 512)
+    m = SlidingWindow(w // 2, w // 2)
+    glob = _global_positions(o.get("global_positions"), T)
+    if glob:
+      m = m | GlobalTokens(glob)
+  elif family == "bigbird":
+    _take(o, family, ("block_size", "window_blocks", "num_global_blocks", "num_random_blocks",
+                      "seed"))
+    return bigbird_mask(T, num_heads=N if o.get("num_random_blocks", 3) else 1, causal=causal,
+                        **o)
+  elif family in ("shifted_group", "longlora", "sinklora"):
+    _causal_only(family, causal)
+    _take(o, family, ("group_ratio", "group_size", "wrap", "num_sink"))
+    sink = family == "sinklora"
+    g = o.get("group_size") or int(round(T * o.get("group_ratio", 0.25)))
+    return ShiftedGroups(g, T, N, wrap=o.get("wrap", "none" if sink else "cyclic"),
+                         num_sink=o.get("num_sink", 4 if sink else 0))
+  elif family == "streaming":
+    _causal_only(family, causal)
+    _take(o, family, ("num_sink", "window"))
+    return SinkWindow(o.get("num_sink", 4), o.get("window", 256))
+  elif family == "composite":
+    _causal_only(family, causal)
+    _take(o, family, ("num_visual",))
+    return Modality.vision_then_text(o["num_visual"], T - o["num_visual"])
+  else:   # block_local
+    _take(o, family, ("block_size", "include_prev_block"))
+    b = o["block_size"]
+    m = SameBlock(b)
+    if o.get("include_prev_block", False):
+      _causal_only("block_local (include_prev_block)", causal)
+      m = SameBlock(2 * b) | SameBlock(2 * b, b)
+  return m & Causal() if causal else m
+
+
+def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
+                            head_axis: Optional[str] = None,
+                            data_axis: Optional[str] = None) -> Callable:
+  """``family`` context-parallel on ``mesh``, with the layer registry's signature.
+
+  ``fn(query, key, value, *, causal, q_positions=None, k_positions=None,
+  segment_ids=None, **options)`` (options as the family's registry entry;
+  ``scale``, ``implementation`` where the route takes them; ``assignment``
+  and ``block_size`` for block-sparse routes), so it can be registered with
+  ``attnjax.layers.registry.register_family`` and used by
+  ``MultiHeadAttention``. Raises ``NotImplementedError`` now when the family
+  has no context-parallel route.
+  """
+  route = _route(family)
+  if axis not in mesh.axis_names:
+    raise ValueError(f"axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
+  if route == "s2":
+    s2 = s2_family_for_mesh(mesh, data_axis=data_axis, heads_axis=head_axis, context_axis=axis)
+
+  def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
+         **options):
+    if route == "s2":
+      return s2(query, key, value, causal=causal, q_positions=q_positions,
+                k_positions=k_positions, segment_ids=segment_ids, **options)
+    _check_inputs(family, query, key, q_positions, k_positions, segment_ids)
+    o = dict(options)
+    scale, impl = o.pop("scale", None), o.pop("implementation", None)
+    axes = dict(data_axis=data_axis, heads_axis=head_axis, context_axis=axis)
+    if route == "block_sparse":
+      if impl not in (None, "xla", "reference"):
+        raise NotImplementedError(f"context-parallel {family!r} runs the block-sparse XLA "
+                                  f"engine inside shard_map; implementation={impl!r} is not "
+                                  "available there.")
+      extra = {k: o.pop(k) for k in ("assignment", "block_size") if k in o
+               and not (family in ("bigbird", "block_local") and k == "block_size")}
+      mask = _mask(family, bool(causal), query.shape[2], query.shape[1], o)
+      return context_parallel_block_sparse(query, key, value, mask=mask, mesh=mesh, axis=axis,
+                                           head_axis=head_axis, data_axis=data_axis,
+                                           scale=scale, **extra)
+    if route == "neighborhood":
+      _take(o, family, ("kernel_size", "dilation"))
+      return context_parallel_neighborhood_attention(
+          query, key, value, mesh, kernel_size=o.get("kernel_size", 7),
+          dilation=o.get("dilation", 1), is_causal=bool(causal), scale=scale,
+          implementation=impl, **axes)
+    if family == "based":
+      _take(o, family, ("window", "feature_map", "eps", "chunk_size", "branch"))
+      return context_parallel_based_attention(query, key, value, mesh, causal=bool(causal),
+                                              scale=scale, implementation=impl, **o, **axes)
+    if scale is not None:
+      raise ValueError(f"the {family!r} family takes no scale.")
+    if family == "lightning":
+      _take(o, family, ("slopes", "layer_idx", "num_layers", "block_size"))
+      slopes = o.get("slopes")
+      if slopes is None:
+        slopes = tnl_decay_slopes(query.shape[2], o.get("layer_idx", 0), o.get("num_layers", 1))
+      return context_parallel_linear_attention(
+          query, key, value, mesh, feature_map="identity", causal=bool(causal),
+          decay=slopes if causal else None, chunk_size=o.get("block_size", 64),
+          implementation=impl, **axes)
+    _take(o, family, ("feature_map", "decay", "normalize", "eps", "chunk_size"))
+    o.setdefault("feature_map", "elu+1")
+    o.setdefault("normalize", True)
+    return context_parallel_linear_attention(query, key, value, mesh, causal=bool(causal),
+                                             implementation=impl, **o, **axes)
+
+  fn.__name__ = f"{family}_context_parallel"
+  fn.__doc__ = f"Registry family {family!r} on the {route!r} context-parallel route."
+  return fn
+
+
+def context_parallel(family: str, mesh: Mesh, *, axis: str = "context",
+                     head_axis: Optional[str] = None, data_axis: Optional[str] = None,
+                     **family_options) -> Callable:
+  """``f(query, key, value) -> out [B, T, N, Hv]``: the registry's ``family``, context-parallel.
+
+  Args:
+    family: a name from ``attnjax.layers.registry.list_families()``.
+    mesh: a ``jax.sharding.Mesh``; ``axis`` splits the sequence, ``head_axis``
+      (optional) the heads, ``data_axis`` (optional) the batch.
+    **family_options: ``causal`` (default False, as ``MultiHeadAttention``)
+      and the family's registry options (e.g. ``window=`` for
+      ``"sliding_window"``, ``kernel_size=`` for ``"na1d"``).
+
+  q [B, T, N, H], k [B, T, K, H], v [B, T, K, Hv] (global arrays, T divisible
+  by the ``axis`` size); the result equals the unsharded family. Raises
+  ``NotImplementedError`` naming the family and why when it has no
+  context-parallel route (see ``context_parallel_support``).
+  """
+  causal = bool(family_options.pop("causal", False))
+  fn = context_parallel_family(family, mesh, axis=axis, head_axis=head_axis,
+                               data_axis=data_axis)
+
+  def f(query, key, value):
+    return fn(query, key, value, causal=causal, **family_options)
+
+  f.__name__ = fn.__name__
+  return f

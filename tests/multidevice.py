@@ -1,0 +1,75 @@
+"""Runs test scripts on 8 simulated CPU devices, all in one shared subprocess.
+
+XLA_FLAGS must set the device count before jax is imported (and a pytest-xdist
+worker may have imported jax already), so the multi-device checks run in a
+child process. A test module calls ``register(name, SCRIPT)`` at import and
+reads the script's result with ``result(name)`` (a module-scoped fixture
+usually wraps it). The first ``result`` call starts one child that executes
+every script registered so far, each in its own fresh namespace, so the test
+modules collected together pay for one jax start-up instead of one each. A
+script reports by printing one line ``"RESULT" + json.dumps(dict)``; a script
+that raises fails only the tests that read its result.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 8
+
+_SCRIPTS = {}
+_RESULTS = {}
+
+RUNNER = r'''
+import contextlib, io, json, sys, traceback
+scripts = json.loads(sys.stdin.read())
+for name, src in scripts.items():
+  buf = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(buf):
+      exec(compile(src, "<multidevice:" + name + ">", "exec"), {"__name__": "__main__"})
+    lines = [l for l in buf.getvalue().splitlines() if l.startswith("RESULT")]
+    if not lines:
+      raise RuntimeError("the script printed no RESULT line; its output:\n" + buf.getvalue()[-2000:])
+    report = {"ok": json.loads(lines[-1][len("RESULT"):])}
+  except BaseException:  # pylint: disable=broad-except
+    report = {"error": traceback.format_exc()[-3000:]}
+  sys.__stdout__.write("MULTIDEVICE" + json.dumps([name, report]) + "\n")
+  sys.__stdout__.flush()
+'''
+
+
+def register(name: str, script: str) -> None:
+  """Adds ``script`` (Python source) under ``name`` to the next shared run."""
+  if name in _SCRIPTS and _SCRIPTS[name] != script:
+    raise ValueError(f"multidevice script {name!r} is already registered with other source.")
+  _SCRIPTS[name] = script
+
+
+def _run(names) -> None:
+  flags = os.environ.get("XLA_FLAGS", "") + \
+      f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(),
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  payload = json.dumps({n: _SCRIPTS[n] for n in names})
+  proc = subprocess.run([sys.executable, "-c", RUNNER], input=payload, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith("MULTIDEVICE"):
+      name, report = json.loads(line[len("MULTIDEVICE"):])
+      _RESULTS[name] = report
+  for n in names:   # a crash of the child itself (e.g. killed) fails every script not reported
+    _RESULTS.setdefault(n, {"error": f"the child exited with {proc.returncode}:\n"
+                                     f"{proc.stderr[-3000:]}"})
+
+
+def result(name: str) -> dict:
+  """The dict printed by script ``name``; runs every pending script in one child first."""
+  if name not in _SCRIPTS:
+    raise KeyError(f"no multidevice script {name!r} is registered.")
+  if name not in _RESULTS:
+    _run([n for n in _SCRIPTS if n not in _RESULTS])
+  report = _RESULTS[name]
+  assert "ok" in report, f"multidevice script {name!r} failed:\n{report['error']}"
+  return report["ok"]

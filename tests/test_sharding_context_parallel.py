@@ -1,0 +1,85 @@
+"""``attnjax.sharding.context_parallel``: one entry for every registered family.
+
+On 8 simulated CPU devices (the shared ``multidevice`` child): sliding window
+(block-sparse route, heads axis too), linear (state scan) and na1d (halo)
+equal the unsharded registry family, i.e. the function the layer calls; the
+launcher gives a config error naming a family that cannot run
+context-parallel. In this process: the support table covers every registered
+family and an unsupported family raises, naming itself.
+"""
+import pytest
+
+import multidevice
+from attnjax.layers import registry
+from attnjax.sharding import context_parallel, context_parallel_support, make_mesh
+
+SCRIPT = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from attnjax.layers import registry
+from attnjax.sharding import context_parallel, make_mesh
+out = {"devices": jax.device_count()}
+B, T, N, K, H = 2, 32, 4, 2, 8
+ks = jax.random.split(jax.random.PRNGKey(0), 3)
+q = jax.random.normal(ks[0], (B, T, N, H)); k = jax.random.normal(ks[1], (B, T, K, H))
+v = jax.random.normal(ks[2], (B, T, K, H))
+cases = {
+    "sliding_window": ((1, 2, 4), dict(causal=True, window=6), dict(head_axis="heads")),
+    "linear": ((1, 1, 8), dict(causal=True), {}),
+    "na1d": ((2, 1, 4), dict(causal=False, kernel_size=5), dict(data_axis="data")),
+}
+for fam, (shape, opts, axes) in cases.items():
+  f = jax.jit(context_parallel(fam, make_mesh(*shape), **axes, **opts))
+  o = dict(opts); causal = o.pop("causal")
+  ref = registry.get_family(fam)(q, k, v, causal=causal, **o)
+  out[fam] = float(jnp.abs(f(q, k, v) - ref).max())
+
+from configs import common
+from experiments import models, tasks
+c = common.base_config("t")
+c.task.name = "stdlib_lm"; c.task.seq_len = 32; c.task.batch_size = 4
+c.model.num_layers = 1; c.model.d_model = 32; c.model.num_heads = 4; c.model.num_kv_heads = 2
+c.model.layer_attention = ("hip",)
+try:
+  models.build_model(c, tasks.make_task(c.task, 0), mesh=make_mesh(1, 1, 8))
+  out["launcher_error"] = None
+except ValueError as e:
+  out["launcher_error"] = str(e)
+print("RESULT" + json.dumps(out))
+'''
+
+multidevice.register("context_parallel", SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def result():
+  return multidevice.result("context_parallel")
+
+
+def test_eight_devices(result):
+  assert result["devices"] == 8
+
+
+@pytest.mark.parametrize("family", ["sliding_window", "linear", "na1d"])
+def test_context_parallel_equals_unsharded_family(result, family):
+  assert result[family] < 2e-5
+
+
+def test_launcher_names_a_family_that_cannot_run_context_parallel(result):
+  e = result["launcher_error"]
+  assert e is not None and "config.mesh.context=8" in e and "'hip'" in e, e
+  assert "\n" not in e
+
+
+def test_support_table_covers_every_registered_family():
+  table = context_parallel_support()
+  assert set(table) == set(registry.list_families())
+  routes = {"block_sparse", "s2", "linear", "neighborhood"}
+  assert table["sliding_window"] == "block_sparse" and table["s2"] == "s2"
+  assert table["lightning"] == "linear" and table["na1d"] == "neighborhood"
+  assert all(r in routes or len(r) > 20 for r in table.values())
+
+
+def test_unsupported_family_raises_naming_it():
+  with pytest.raises(NotImplementedError, match="'hip' cannot run context-parallel: .*keys"):
+    context_parallel("hip", make_mesh())
