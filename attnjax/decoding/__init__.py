@@ -2,7 +2,8 @@
 from attnjax.decoding.cache import (PageAllocator, decode_attention, gather_pages,
                                     paged_decode_attention, simulate_trace)
 from attnjax.decoding.razor import RazorCache, razor_compress, razor_decode_attention, razor_keep_mask
-from attnjax.decoding.duo import (SinkRecentKVCache, duo_attention, duo_gate_loss, duo_mask, mix_heads,
+from attnjax.decoding.duo import (DuoGateFit, SinkRecentKVCache, duo_attention, duo_gate_loss, duo_mask,
+                                  duo_mixed_attention, fit_duo_gates, mix_heads,
                                   select_retrieval_heads)
 from attnjax.decoding.select import (SelectionCache, TidalSchedule, sparse_decode_attention,
                                      tidal_decode_step, tokenselect_indices, topk_positions)

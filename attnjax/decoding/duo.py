@@ -7,15 +7,20 @@ cache) or a *streaming* head (the Lambda mask: ``sink`` first tokens plus the
 mixes both, ``o = alpha * full + (1 - alpha) * stream``, and only the gates
 ``alpha`` are trained (an L2 distillation loss plus ``0.05 * L1(alpha)``).
 Defaults: sink 64 and recent 256 at deployment (128 + 256 during gate
-training), gate threshold 0.5.
+training), gate threshold 0.5. :func:`fit_duo_gates` is the identification
+step: gates initialised at 1, Adam with lr 0.02 on the distillation loss,
+each gate projected back to [0, 1] after every step, then thresholded.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import itertools
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from attnjax import masks
 from attnjax.api import attention
@@ -58,21 +63,179 @@ def mix_heads(full, stream, alpha):
   return a * full + (1 - a) * stream
 
 
-def duo_gate_loss(alpha, reference_out, mixed_out, *, reg: float = 0.05):
-  """Distillation loss of the gates: mean squared error + reg * mean |alpha|."""
-  return jnp.mean((reference_out - mixed_out) ** 2) + reg * jnp.mean(jnp.abs(alpha))
+def duo_gate_loss(alpha, reference_out, mixed_out, *, reg: float = 0.05, loss_mask=None):
+  """Distillation loss of the gates: ``distill + reg * mean(|alpha|)``.
+
+  Args:
+    alpha: the gates, any shape (e.g. [L, K]); the L1 term is their mean
+      absolute value.
+    reference_out, mixed_out: [B, T, ...] outputs (final hidden states, or a
+      layer's attention output) of the original model (every gate 1) and of
+      the gated model.
+    reg: weight of the L1 term (the paper's 0.05).
+    loss_mask: optional [B, T] weights (1 on the answer positions the paper
+      supervises). ``distill`` is the squared error averaged over the feature
+      axes, summed over positions and divided by the number (total weight) of
+      supervised positions; without a mask every position counts, i.e. the
+      plain mean of the squared error.
+  """
+  ref = jnp.asarray(reference_out, jnp.float32)
+  mix = jnp.asarray(mixed_out, jnp.float32)
+  if ref.shape != mix.shape or ref.ndim < 2:
+    raise ValueError(f"reference_out {ref.shape} and mixed_out {mix.shape} must have the same "
+                     "shape [B, T, ...].")
+  sq = (ref - mix) ** 2
+  per_pos = jnp.mean(sq.reshape(sq.shape[:2] + (-1,)), axis=-1)  # [B, T]
+  if loss_mask is None:
+    distill = jnp.mean(per_pos)
+  else:
+    w = jnp.asarray(loss_mask, jnp.float32)
+    if w.shape != per_pos.shape:
+      raise ValueError(f"loss_mask must have shape [B, T]={per_pos.shape}, got {w.shape}.")
+    distill = jnp.sum(per_pos * w) / jnp.maximum(jnp.sum(w), 1e-9)
+  a = jnp.asarray(alpha, jnp.float32)
+  return distill + reg * jnp.mean(jnp.abs(a))
+
+
+def duo_mixed_attention(query, key, value, alpha, *, sink: int = 128, recent: int = 256,
+                        scale=None, implementation=None):
+  """The gated attention of gate training: ``alpha * full + (1 - alpha) * streaming``.
+
+  query [B, T, N, H], key/value [B, S, K, H], alpha [K] (one gate per KV
+  head) -> [B, T, N, Hv]. ``full`` is causal attention, ``streaming`` the
+  Lambda mask (``sink`` first + ``recent`` latest keys). Defaults are the
+  paper's training sizes (128 + 256).
+  """
+  full = attention(query, key, value, mask=masks.Causal(), scale=scale,
+                   implementation=implementation)
+  stream = attention(query, key, value, mask=masks.SinkWindow(sink, recent), scale=scale,
+                     implementation=implementation)
+  return mix_heads(full, stream, alpha)
+
+
+class DuoGateFit(NamedTuple):
+  """Result of :func:`fit_duo_gates`.
+
+  gates: the fitted gates (shape ``gate_shape``, float32, in [0, 1]).
+  retrieval_heads: bool, same shape: the heads kept at full attention.
+  loss, distill: [steps] float32 histories of the total and distillation losses.
+  """
+  gates: jax.Array
+  retrieval_heads: jax.Array
+  loss: np.ndarray
+  distill: np.ndarray
+
+
+def _duo_schedule(lr: float, steps: int):
+  """Linear warm-up over steps//5, flat, linear decay over the last steps//5; floor 0.1*lr."""
+  ramp = max(steps // 5, 1)
+
+  def schedule(count):
+    c = jnp.asarray(count, jnp.float32)
+    up = jnp.maximum((c + 1) / ramp, 0.1)
+    down = jnp.maximum((steps - c) / ramp, 0.1)
+    return lr * jnp.minimum(1.0, jnp.minimum(up, down))
+  return schedule
+
+
+def fit_duo_gates(forward: Callable[[Any, jax.Array, Any], Any], params, data, *,
+                  gate_shape: Sequence[int], steps: int = 2000, reg: float = 0.05,
+                  lr: float = 0.02, init: float = 1.0, threshold: float = 0.5,
+                  streaming_fraction: Optional[float] = None,
+                  loss_mask_fn: Optional[Callable[[Any], Any]] = None,
+                  optimizer: Optional[optax.GradientTransformation] = None) -> DuoGateFit:
+  """DuoAttention's retrieval-head identification: fits the per-head gates.
+
+  The model stays frozen; only the gates ``alpha`` (shape ``gate_shape``,
+  e.g. [L, K]: one per layer and KV head) are trained. Each step computes
+  the original model's output ``forward(params, ones, batch)`` (every head at
+  full attention; no gradient) and the gated output
+  ``forward(params, alpha, batch)``, and descends
+  :func:`duo_gate_loss` (squared error between the two on the supervised
+  positions + ``reg * mean|alpha|``). The gates are then projected back to
+  [0, 1]. Finally :func:`select_retrieval_heads` picks the heads
+  (``alpha >= threshold``, or a target ``streaming_fraction`` over all heads).
+
+  Args:
+    forward: ``forward(params, gates, batch) -> out [B, T, ...]``, a pure
+      function whose attention layers mix full and streaming attention with
+      the given gates (for one layer: :func:`duo_mixed_attention` on that
+      layer's q/k/v; for a model: each layer uses its row of ``gates``).
+      ``out`` is what is distilled: final hidden states in the paper.
+    params: frozen model parameters, passed through to ``forward``.
+    data: a sequence of batches (cycled) or a callable ``step -> batch``,
+      e.g. synthetic passkey sequences. Every batch must have the same shapes
+      (the step is compiled once).
+    gate_shape: shape of the gates.
+    steps: optimisation steps (the paper: 2,000 at batch size 1).
+    reg: L1 weight (the paper: 0.05). lr: peak learning rate (the paper: 0.02).
+    init: initial gate value (the paper: 1.0, every head full).
+    threshold, streaming_fraction: see :func:`select_retrieval_heads`.
+    loss_mask_fn: optional ``batch -> [B, T]`` weights of the supervised
+      (answer) positions; default all positions.
+    optimizer: an optax transformation; default Adam (no weight decay) with
+      ``lr`` warmed up linearly over the first ``steps // 5`` steps and
+      decayed linearly over the last ``steps // 5`` (floor ``0.1 * lr``), the
+      schedule of the authors' release.
+
+  Returns:
+    :class:`DuoGateFit`.
+  """
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}.")
+  if not 0.0 <= init <= 1.0:
+    raise ValueError(f"init must be in [0, 1], got {init}.")
+  gate_shape = tuple(int(d) for d in gate_shape)
+  if callable(data):
+    get_batch = data
+  else:
+    batches = list(data)
+    if not batches:
+      raise ValueError("data must hold at least one batch.")
+    get_batch = lambda i: batches[i % len(batches)]
+  opt = optimizer if optimizer is not None else optax.adam(_duo_schedule(lr, steps))
+  ones = jnp.ones(gate_shape, jnp.float32)
+
+  def loss_fn(gates, batch):
+    ref = jax.lax.stop_gradient(forward(params, ones, batch))
+    mixed = forward(params, gates, batch)
+    mask = None if loss_mask_fn is None else loss_mask_fn(batch)
+    distill = duo_gate_loss(jnp.zeros(()), ref, mixed, reg=0.0, loss_mask=mask)
+    return distill + reg * jnp.mean(jnp.abs(gates)), distill
+
+  @jax.jit
+  def step(gates, opt_state, batch):
+    (loss, distill), grad = jax.value_and_grad(loss_fn, has_aux=True)(gates, batch)
+    updates, opt_state = opt.update(grad, opt_state, gates)
+    gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
+    return gates, opt_state, loss, distill
+
+  gates = jnp.full(gate_shape, init, jnp.float32)
+  opt_state = opt.init(gates)
+  losses, distills = [], []
+  for i in itertools.islice(itertools.count(), steps):
+    gates, opt_state, loss, distill = step(gates, opt_state, get_batch(i))
+    losses.append(loss)
+    distills.append(distill)
+  heads = select_retrieval_heads(gates, threshold=threshold, streaming_fraction=streaming_fraction)
+  return DuoGateFit(gates, heads, np.asarray(jnp.stack(losses)), np.asarray(jnp.stack(distills)))
 
 
 def select_retrieval_heads(alpha, *, threshold: float = 0.5, streaming_fraction=None):
-  """Bool [K] retrieval heads: alpha >= threshold, or the top (1 - streaming_fraction) by alpha."""
+  """Bool retrieval heads, same shape as alpha ([K] or [L, K]).
+
+  ``alpha >= threshold``, or, with ``streaming_fraction``, the top
+  ``1 - streaming_fraction`` of all gates (ranked over every layer and head).
+  """
   alpha = jnp.asarray(alpha)
   if streaming_fraction is None:
     return alpha >= threshold
   if not 0.0 <= streaming_fraction <= 1.0:
     raise ValueError(f"streaming_fraction must be in [0, 1], got {streaming_fraction}.")
-  n_keep = alpha.shape[0] - int(round(streaming_fraction * alpha.shape[0]))
-  order = jnp.argsort(-alpha, stable=True)
-  return jnp.zeros(alpha.shape, bool).at[order[:n_keep]].set(True)
+  flat = jnp.ravel(alpha)
+  n_keep = flat.shape[0] - int(round(streaming_fraction * flat.shape[0]))
+  order = jnp.argsort(-flat, stable=True)
+  return jnp.zeros(flat.shape, bool).at[order[:n_keep]].set(True).reshape(alpha.shape)
 
 
 @jax.tree_util.register_dataclass
