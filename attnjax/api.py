@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.block_sparse import padding as PD
 from attnjax.block_sparse.api import attention
 from attnjax.core import placement
 from attnjax.core import validation as V
@@ -62,25 +63,22 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if local_window_size is not None:
     w = M.SlidingWindow(*_window_pair(local_window_size))
     m = w if m is None else m & w
-  lengths_mask = None
-  if query_seq_lengths is not None or key_value_seq_lengths is not None:
-    qlen = _lengths("query_seq_lengths", query_seq_lengths, d.B, d.T)
-    klen = _lengths("key_value_seq_lengths", key_value_seq_lengths, d.B, d.S)
-    lengths_mask = ((jnp.arange(d.T)[None, :, None] < qlen[:, None, None])
-                    & (jnp.arange(d.S)[None, None, :] < klen[:, None, None]))[:, None]
+  # Lengths stay per-batch bounds (no dense mask): the fast path skips padded blocks.
+  qlen = PD.check_lengths("query_seq_lengths", query_seq_lengths, d.B)
+  klen = PD.check_lengths("key_value_seq_lengths", key_value_seq_lengths, d.B)
   if mask is not None:
     mask = jnp.asarray(mask, bool)
     V.check_broadcastable("mask", mask, (d.B, d.N, d.T, d.S))
-  arr = mask if lengths_mask is None else (lengths_mask if mask is None else mask & lengths_mask)
-  full_mask = m if arr is None else combine_mask(m, arr, d.N, np.arange(d.T), np.arange(d.S))
+  full_mask = m if mask is None else combine_mask(m, mask, d.N, np.arange(d.T), np.arange(d.S))
   # Top-left positions. With T == S they are attention's defaults, passed as None
   # (no O(T) host arrays); else NumPy positions, which stay static under jit, so
   # the fast path keeps its block layout (traced ones would make every block partial).
   pos = (None, None) if d.T == d.S else (np.arange(d.T, dtype=np.int32),
                                          np.arange(d.S, dtype=np.int32))
   out = attention(query, key, value, mask=full_mask, bias=bias, scale=scale,
-                  q_positions=pos[0], k_positions=pos[1],
-                  return_lse=return_residual, implementation=implementation)
+                  q_positions=pos[0], k_positions=pos[1], query_seq_lengths=qlen,
+                  key_value_seq_lengths=klen, return_lse=return_residual,
+                  implementation=implementation)
   if unbatched:
     out = jax.tree_util.tree_map(lambda x: x[0], out)
   return out
@@ -120,17 +118,3 @@ def _window_pair(local_window_size):
         f"local_window_size must be an int >= 0 or a pair (left, right) of ints >= 0, "
         f"got {lws!r}.")
   return int(pair[0]), int(pair[1])
-
-
-def _lengths(name, x, B, L):
-  """Sequence lengths [B] int32 (an integer array, as ``jax.nn.dot_product_attention`` asks)."""
-  if x is None:
-    return jnp.full((B,), L, jnp.int32)
-  x = jnp.asarray(x)
-  if x.shape != (B,):
-    raise ValueError(f"{name} must have shape [B]=({B},), got {x.shape}.")
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(
-        f"{name} must be an integer array of shape [B]=({B},) (lengths are not "
-        f"truncated), got dtype {x.dtype}.")
-  return x.astype(jnp.int32)

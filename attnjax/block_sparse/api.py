@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.block_sparse import engine as E
+from attnjax.block_sparse import padding as PD
 from attnjax.block_sparse import plan as P
 from attnjax.block_sparse import schedule as SC
 from attnjax.block_sparse import tiles as Tl
@@ -32,7 +33,7 @@ from attnjax.core import placement
 from attnjax.core import precision
 from attnjax.core import scoring
 from attnjax.core import validation as V
-from attnjax.core.reference import reference_attention
+from attnjax.core.reference import dense_visibility, reference_attention
 from attnjax.masks import layout as LY
 from attnjax.masks.base import Mask
 from pallas_kernels.block_sparse import block_sparse_pallas
@@ -43,12 +44,12 @@ IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def attention_call(query, key, value, *, mask=None, score=None, bias=None, scale=None,
-                   layout=None) -> dispatch.Call:
+                   layout=None, lengths=False) -> dispatch.Call:
   """The facts the attention backends judge a call by (nothing is computed).
 
   query [B, T, N, H], key [B, S, K, H]; ``mask`` a Mask, a boolean array or
   None; ``layout`` a BlockLayout given instead of a mask (its blocks decide
-  divisibility).
+  divisibility); ``lengths``: per-batch sequence lengths are given.
   """
   d = V.check_qkv(query, key, value)
   score = scoring.resolve_score(score)
@@ -68,7 +69,7 @@ def attention_call(query, key, value, *, mask=None, score=None, bias=None, scale
       bq, bk = blocks if blocks is not None else P.choose_blocks(d.T, d.S)[:2]
       divides = d.T % bq == 0 and d.S % bk == 0
   facts = dict(
-      T=d.T, S=d.S, bias=bias is not None,
+      T=d.T, S=d.S, bias=bias is not None, lengths=bool(lengths),
       mask_array=mask is not None and not isinstance(mask, Mask),
       static_scale=static_scale, reweight=bool(getattr(score, "has_reweight", False)),
       row_count=bool(getattr(score, "needs_row_count", False)), divides=divides,
@@ -88,6 +89,8 @@ def _pallas_supports(call: dispatch.Call, explicit: bool):
     return "the kernels take no additive bias"
   if call["mask_array"]:
     return "the kernels take no boolean mask array (masks are attnjax Mask objects there)"
+  if call["lengths"]:
+    return "the kernels take no per-batch sequence lengths yet"
   if call["reweight"] or call["row_count"]:
     return "the score needs whole rows (reweight / row_count)"
   if not call["static_scale"]:
@@ -176,25 +179,28 @@ def _pad_pos(pos, new):
 
 def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, bias=None,
                scale=None, q_pos=None, k_pos=None, segs=None, mask_array=None,
-               return_lse=False):
+               return_lse=False, lengths=None):
   """Runs the XLA engine on a static block classification of the padded lengths.
 
   ``block_mask`` int8 [Nl, Tp/bq, Sp/bk] (Nl in {1, K, N}); ``q_pos``/``k_pos``
-  int32 [T]/[B, T] and [S]/[B, S]; ``segs`` (q_seg, k_seg) or None.
+  int32 [T]/[B, T] and [S]/[B, S]; ``segs`` (q_seg, k_seg) or None; ``lengths``
+  (q_len, kv_len) int32 [B] or None: the engine then runs per batch element over
+  the items inside the lengths (``padding``).
   """
   d = V.check_qkv(query, key, value)
   nq, nk = block_mask.shape[1:]
   Tp, Sp = nq * bq, nk * bk
-  plan = P.make_plan(block_mask, d.N, d.K, bq, bk, d.B)
-  scheds = tuple(E.Sched(*(jnp.asarray(a) for a in s[:5])) for s in plan.scheds)
+  plan = P.make_plan(block_mask, d.N, d.K, bq, bk, 1 if lengths is not None else d.B)
+  scheds = plan.scheds if lengths is not None else tuple(
+      E.Sched(*(jnp.asarray(a) for a in s[:5])) for s in plan.scheds)
   return _run(query, key, value, d, plan.Hl, plan.R, plan.kvh, plan.kinds, scheds,
               bq=bq, bk=bk, Tp=Tp, Sp=Sp, mask=mask, score=score, bias=bias, scale=scale,
               q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=mask_array,
-              return_lse=return_lse)
+              return_lse=return_lse, lengths=lengths)
 
 
 def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mask, score,
-         bias, scale, q_pos, k_pos, segs, mask_array, return_lse):
+         bias, scale, q_pos, k_pos, segs, mask_array, return_lse, lengths=None):
   nq, nk = Tp // bq, Sp // bk
   score = _check_score(score, return_lse)
   scale = _static_scale(scale, d.H)
@@ -229,7 +235,8 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
     pair = Tl.regroup_pair(ma, cfg)
   if bias is not None:
     bias_r = Tl.regroup_pair(bp, cfg)
-  aux = Tl.Aux(q_pos.reshape(-1, nq, bq), k_pos.reshape(-1, nk, bk), q_seg, k_seg, pair)
+  aux = Tl.Aux(q_pos.reshape(-1, nq, bq), k_pos.reshape(-1, nk, bk), q_seg, k_seg, pair,
+               lengths)
 
   q = _pad_len(query, 1, Tp)
   k = _pad_len(key, 1, Sp)
@@ -237,12 +244,17 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
   q_r = q.reshape(d.B, nq, bq, Hl, R * d.H)    # token layout, no copy (see tiles)
   k_r = k.reshape(d.B, nk, bk, d.K, d.H)
   v_r = v.reshape(d.B, nk, bk, d.K, d.Hv)
-  row_count = None
-  if getattr(score, "needs_row_count", False):
-    row_count = E.row_counts(cfg, kinds, aux, scheds)
-    row_count = jax.lax.stop_gradient(row_count)
-  out, lse = E.attend(cfg, kinds, q_r, k_r, v_r, bias_r, E.as_pytree(score), aux, scheds,
-                      row_count)
+  needs_row_count = bool(getattr(score, "needs_row_count", False))
+  if lengths is not None:   # scheds: the plan's numpy schedules, compacted per batch element
+    out, lse = PD.attend_by_batch(cfg, kinds, scheds, q_r, k_r, v_r, bias_r,
+                                  E.as_pytree(score), aux, needs_row_count)
+  else:
+    row_count = None
+    if needs_row_count:
+      row_count = E.row_counts(cfg, kinds, aux, scheds)
+      row_count = jax.lax.stop_gradient(row_count)
+    out, lse = E.attend(cfg, kinds, q_r, k_r, v_r, bias_r, E.as_pytree(score), aux, scheds,
+                        row_count)
   out = out.reshape(d.B, Hl, nq, R, bq, d.Hv).transpose(0, 2, 4, 1, 3, 5)
   out = out.reshape(d.B, Tp, d.N, d.Hv)[:, :d.T].astype(query.dtype)
   if not return_lse:
@@ -259,6 +271,7 @@ def _pallas(query, key, value, layout, **kwargs):
 
 def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
               q_positions=None, k_positions=None, segment_ids=None,
+              query_seq_lengths=None, key_value_seq_lengths=None,
               return_lse=False, implementation=None):
   """Multi-head attention in BTNH layout, with GQA/MQA.
 
@@ -274,6 +287,10 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
       bottom-right aligned: ``arange(T) + S - T`` and ``arange(S)``.
     segment_ids: [B, T] (T == S) or a pair ([B, T], [B, S]): queries attend
       only to keys of their own segment (packed documents).
+    query_seq_lengths, key_value_seq_lengths: int [B] (padded batches): queries
+      at index >= ``query_seq_lengths[b]`` see no key (zeros), keys at index >=
+      ``key_value_seq_lengths[b]`` are seen by no query. On the XLA path the
+      padded blocks are skipped: the cost follows the real lengths.
     return_lse: also return the log-sum-exp [B, T, N] float32 (for
       ``merge_attention``).
     implementation: "reference" (dense float32 oracle), "xla" (blocked
@@ -291,14 +308,30 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
     warn (``attnjax.core.precision.Float32AccumulationWarning``).
   """
   query, key, value = V.as_arrays(query, key, value)
-  V.check_qkv(query, key, value)
+  d = V.check_qkv(query, key, value)
+  lens = PD.full_lengths(PD.check_lengths("query_seq_lengths", query_seq_lengths, d.B),
+                         PD.check_lengths("key_value_seq_lengths", key_value_seq_lengths, d.B),
+                         d.B, d.T, d.S)
   kwargs = dict(mask=mask, score=score, bias=bias, scale=scale, q_positions=q_positions,
                 k_positions=k_positions, segment_ids=segment_ids, return_lse=return_lse)
-  call = attention_call(query, key, value, mask=mask, score=score, bias=bias, scale=scale)
+  call = attention_call(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
+                        lengths=lens is not None)
   backend = check_impl(implementation, call)
   if backend == "reference":
+    if lens is not None:
+      kwargs.update(_reference_lengths(d, lens, mask, q_positions, k_positions, segment_ids))
     return reference_attention(query, key, value, **kwargs)
-  return run_attention(query, key, value, backend=backend, **kwargs)
+  return run_attention(query, key, value, backend=backend, lengths=lens, **kwargs)
+
+
+def _reference_lengths(d, lens, mask, q_positions, k_positions, segment_ids):
+  """mask/segment_ids arguments of the dense oracle with the lengths folded in."""
+  q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
+  segs = V.check_segment_ids(segment_ids, d)
+  vis = dense_visibility(mask, d, q_pos, k_pos, segs)
+  if segs is not None and not (isinstance(mask, Mask) and mask.needs_segments):
+    vis = vis & (segs[0][:, None, :, None] == segs[1][:, None, None, :])
+  return dict(mask=vis & PD.lengths_mask(lens, d.T, d.S), segment_ids=None)
 
 
 def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
@@ -322,13 +355,14 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
 
 def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
                   q_positions=None, k_positions=None, segment_ids=None, return_lse=False,
-                  backend="xla"):
+                  backend="xla", lengths=None):
   """Runs an already chosen backend ("xla" or "pallas") of the attention op.
 
   ``mask`` is None (dense), a ``Mask`` (compiled once per shape into a block
   layout; only visited blocks are computed) or a boolean array broadcastable
   to [B, N, T, S] (its tiles are gathered; when the array is concrete at
-  trace time, empty blocks are skipped too). Shapes as ``attnjax.attention``.
+  trace time, empty blocks are skipped too). ``lengths``: None or (q_len, kv_len)
+  int32 [B] each (``padding``). Shapes as ``attnjax.attention``.
   """
   implementation = backend
   d = V.check_qkv(query, key, value)
@@ -352,6 +386,9 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
     bq, bk, bm0 = P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
     Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
   if implementation == "pallas":
+    if lengths is not None:
+      raise NotImplementedError("implementation='pallas' takes no per-batch sequence lengths "
+                                "yet; use implementation='xla'.")
     blocks = _kernel_blocks(d, query, key, value)
     if blocks is not None and blocks != (bq, bk):
       (bq, bk), bm0 = blocks, None
@@ -374,7 +411,7 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
   bm = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
   return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
                     bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,
-                    mask_array=mask_arr, return_lse=return_lse)
+                    mask_array=mask_arr, return_lse=return_lse, lengths=lengths)
 
 
 def kernel_platform(*arrays):

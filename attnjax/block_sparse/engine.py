@@ -34,9 +34,36 @@ class Sched(NamedTuple):
   kval: jax.Array
 
 
+class DynSched(NamedTuple):
+  """Items of a schedule compacted at run time (``padding``): qb, slot, valid [1, Hl, n];
+  kb, kval [1, Hl, n, g]. Item i runs in lane i // steps at step i % steps; ``steps``
+  is a traced int32 scalar (the loop's trip count), ``lane`` the lanes' ids [lanes]."""
+  qb: jax.Array
+  kb: jax.Array
+  slot: jax.Array
+  valid: jax.Array
+  kval: jax.Array
+  steps: jax.Array
+  lane: jax.Array
+
+
 def _steps(s: Sched):
   """Per-step slices: the steps axis (3) moved to the front."""
   return tuple(jnp.moveaxis(jnp.asarray(x), 3, 0) for x in s)
+
+
+def _loop(step, carry, sched):
+  """Runs ``step(carry, item slices)`` over a schedule's steps: a scan over a static
+  ``Sched``, a loop with a run-time trip count over a ``DynSched``."""
+  if not isinstance(sched, DynSched):
+    carry, _ = jax.lax.scan(step, carry, _steps(sched))
+    return carry
+
+  def body(i, c):
+    idx = sched.lane * sched.steps + i
+    return step(c, tuple(x[:, :, idx] for x in sched[:5]))[0]
+
+  return jax.lax.fori_loop(0, sched.steps, body, carry)
 
 
 def put_heads(x_r, heads, idx, val, add=False):
@@ -142,8 +169,7 @@ def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     l = put_heads(l, heads, slot, l_new)
     return (acc, m, l), None
 
-  carry, _ = jax.lax.scan(step, carry, _steps(sched))
-  return carry
+  return _loop(step, carry, sched)
 
 
 def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
@@ -289,8 +315,7 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
       dbias = _add_dbias(cfg, dbias, jnp.where(valid[..., None, None, None], ds6, 0.0), qb, kb)
     return (dq, dk, dv, dbias, dscore), None
 
-  carry, _ = jax.lax.scan(step, carry, _steps(sched))
-  return carry
+  return _loop(step, carry, sched)
 
 
 def _plain(cfg: Tl.Cfg, bias_r) -> bool:
@@ -455,5 +480,5 @@ def row_counts(cfg: Tl.Cfg, kinds, aux, scheds):
         n = jnp.full((cfg.B, cfg.Hl, L, Rq), float(W), jnp.float32)
       n = jnp.where(jnp.broadcast_to(valid[..., None], n.shape), n, 0.0)
       return put_heads(c, heads, qb, n, add=True), None
-    cnt, _ = jax.lax.scan(step, cnt, _steps(s))
+    cnt = _loop(step, cnt, s)
   return cnt

@@ -165,17 +165,24 @@ class Aux(NamedTuple):
   q_seg: Any        # int32 [B, nq, bq] or None
   k_seg: Any        # int32 [B, nk, bk] or None
   pair: Any         # regrouped bool mask array or None
+  lens: Any = None  # (q_len, kv_len) int32 [B] each: real lengths per batch, or None
 
 
 def visibility(cfg: Cfg, aux: Aux, qb, kb, kval=None, partial=True):
   """Element visibility of the items' tiles, broadcastable to [B, Hl, L, R, bq, W], or None.
 
   ``partial`` evaluates the mask, segments, mask array and key padding;
-  ``kval`` [Bi, Hl, L, g] (or None) masks the padding sub-blocks of groups.
+  ``kval`` [Bi, Hl, L, g] (or None) masks the padding sub-blocks of groups;
+  per-batch lengths (``aux.lens``) mask every item, partial or not.
   """
   vis = None
   if kval is not None:
     vis = jnp.repeat(kval, cfg.bk, axis=-1)[:, :, :, None, None, :]
+  if aux.lens is not None:  # per-batch lengths: applied to full items too
+    q_len, kv_len = (x.reshape(-1, 1, 1, 1, 1, 1) for x in aux.lens)
+    qidx = (qb[..., None] * cfg.bq + jnp.arange(cfg.bq))[:, :, :, None, :, None]
+    kidx = flat_keys(kb[..., None] * cfg.bk + jnp.arange(cfg.bk))[:, :, :, None, None, :]
+    vis = _and(vis, (qidx < q_len) & (kidx < kv_len))
   if not partial:
     return vis
   qp = take_rows(aux.q_pos, qb)[:, :, :, None, :, None]
