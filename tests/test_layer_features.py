@@ -138,3 +138,41 @@ def test_llama_config_reads_hf_rope_scaling():
   assert c.rope_scaling == RopeScaling("yarn", 2.0, original_max_position_embeddings=32)
   hf["rope_scaling"] = {"type": "llama3", "factor": 8.0}
   assert LlamaConfig.from_hf(hf).rope_scaling.original_max_position_embeddings == 8192
+
+
+def test_per_projection_bias_flags_and_old_flag():
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
+  has = lambda m: {k: "bias" in v for k, v in
+                   jax.eval_shape(m.init, jax.random.PRNGKey(0), x)["params"].items()}
+  assert has(MultiHeadAttention(2, use_bias=False)) == dict.fromkeys(
+      ("query", "key", "value", "out"), False)
+  assert has(MultiHeadAttention(2, use_bias=False, use_key_bias=True, use_out_bias=True)) == {
+      "query": False, "key": True, "value": False, "out": True}
+  assert has(MultiHeadAttention(2, use_value_bias=False)) == {
+      "query": True, "key": True, "value": False, "out": True}
+
+
+def test_fused_qkv_equals_separate_projections_with_copied_weights(bias=True):
+  n, kh, h = 4, 2, 4
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
+  kw = dict(num_heads=n, num_kv_heads=kh, qkv_features=n * h, causal=True,
+            use_bias=bias, implementation="reference")
+  fused = MultiHeadAttention(fused_qkv=True, **kw)
+  pf = fused.init(jax.random.PRNGKey(2), x)["params"]
+  assert pf["qkv"]["kernel"].shape == (D, n + 2 * kh, h)
+  assert ("bias" in pf["qkv"]) == bias and "query" not in pf
+  sl = {"query": slice(0, n), "key": slice(n, n + kh), "value": slice(n + kh, None)}
+  ps = {name: {k: a[:, s] if k == "kernel" else a[s] for k, a in pf["qkv"].items()}
+        for name, s in sl.items()}
+  ps["out"] = pf["out"]
+  got = fused.apply({"params": pf}, x)
+  want = MultiHeadAttention(**kw).apply({"params": ps}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="self-attention"):
+    fused.apply({"params": pf}, x, x)
+  with pytest.raises(ValueError, match="must be equal"):
+    MultiHeadAttention(fused_qkv=True, use_key_bias=not bias, **kw).init(
+        jax.random.PRNGKey(0), x)
+  nobias = jax.eval_shape(MultiHeadAttention(fused_qkv=True, **dict(kw, use_bias=False)).init,
+                          jax.random.PRNGKey(0), x)["params"]
+  assert set(nobias["qkv"]) == {"kernel"}

@@ -131,7 +131,13 @@ class MultiHeadAttention(nn.Module):
     qkv_features: total query features N * H (default: the input features);
       the head dimension is ``qkv_features // num_heads``.
     out_features: output features (default: the query input's features).
-    use_bias: biases in the four projections.
+    use_bias: biases in the four projections (the default of the four flags below).
+    use_query_bias, use_key_bias, use_value_bias, use_out_bias: a bias in that
+      projection; None (default) follows ``use_bias``.
+    fused_qkv: one projection ``qkv`` (kernel [D, N + 2K, H], bias [N + 2K, H])
+      whose head axis holds the N query heads, then the K key heads, then the K
+      value heads, in place of ``query``/``key``/``value`` (self-attention
+      only; its bias needs the three q/k/v bias flags equal).
     use_rope: rotary embeddings on queries and keys (``attnjax.layers.rope``).
     rope_base, rope_fraction: RoPE frequency base and rotated share of H.
     rotary_dim: number of rotated dimensions (even), instead of rope_fraction.
@@ -176,6 +182,11 @@ class MultiHeadAttention(nn.Module):
   qkv_features: Optional[int] = None
   out_features: Optional[int] = None
   use_bias: bool = True
+  use_query_bias: Optional[bool] = None
+  use_key_bias: Optional[bool] = None
+  use_value_bias: Optional[bool] = None
+  use_out_bias: Optional[bool] = None
+  fused_qkv: bool = False
   use_rope: bool = False
   rope_base: float = 10000.0
   rope_fraction: float = 1.0
@@ -209,8 +220,28 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={n}.")
     return n, kh, qkv // n
 
-  def _dense(self, features, name):
-    return nn.DenseGeneral(features, use_bias=self.use_bias, dtype=self.dtype,
+  def _bias(self, name):
+    flag = getattr(self, f"use_{name}_bias")
+    return self.use_bias if flag is None else bool(flag)
+
+  def _project(self, inputs_q, inputs_kv, self_attn, n, kh, h):
+    """q [B, T, N, H], k, v [B, S, K, H] from the separate or the fused projection."""
+    if not self.fused_qkv:
+      return (self._dense((n, h), "query")(inputs_q), self._dense((kh, h), "key")(inputs_kv),
+              self._dense((kh, h), "value")(inputs_kv))
+    if not self_attn:
+      raise ValueError("fused_qkv=True projects one input; it needs self-attention "
+                       "(inputs_kv=None).")
+    flags = {self._bias(x) for x in ("query", "key", "value")}
+    if len(flags) != 1:
+      raise ValueError("fused_qkv=True has one bias for q, k and v: use_query_bias, "
+                       "use_key_bias and use_value_bias must be equal.")
+    qkv = self._dense((n + 2 * kh, h), "qkv", flags.pop())(inputs_q)
+    return qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+
+  def _dense(self, features, name, use_bias=None, axis=-1):
+    use_bias = self._bias(name) if use_bias is None else use_bias
+    return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                            bias_init=self.bias_init, precision=self.precision, name=name)
 
@@ -257,9 +288,7 @@ class MultiHeadAttention(nn.Module):
           f"{inputs_kv.shape}.")
     n, kh, h = self._dims(inputs_q.shape[-1])
     out_features = self.out_features or inputs_q.shape[-1]
-    q = self._dense((n, h), "query")(inputs_q)
-    k = self._dense((kh, h), "key")(inputs_kv)
-    v = self._dense((kh, h), "value")(inputs_kv)
+    q, k, v = self._project(inputs_q, inputs_kv, self_attn, n, kh, h)
     if self.selective_token_temperatures:
       q, v = apply_selective_token_temperatures(self, q, v, self.param_dtype)
     T, S = q.shape[1], k.shape[1]
@@ -314,10 +343,7 @@ class MultiHeadAttention(nn.Module):
       out = apply_head_mask(out, head_mask, head_replacement)
     elif head_replacement is not None:
       raise ValueError("head_replacement needs head_mask (0 marks the heads to replace).")
-    return nn.DenseGeneral(out_features, axis=(-2, -1), use_bias=self.use_bias,
-                           dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=self.kernel_init, bias_init=self.bias_init,
-                           precision=self.precision, name="out")(out)
+    return self._dense(out_features, "out", axis=(-2, -1))(out)
 
   def _rope(self, q, k, q_positions, k_positions, T, S):
     if q_positions is None or k_positions is None:
