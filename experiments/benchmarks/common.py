@@ -10,8 +10,10 @@ import csv
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +161,27 @@ def random_qkv(key, B, T, S, N, K, H, dtype=jnp.float32, Hv=None):
   return (jax.random.normal(kq, (B, T, N, H), dtype),
           jax.random.normal(kk, (B, S, K, H), dtype),
           jax.random.normal(kv, (B, S, K, Hv), dtype))
+
+
+def run_on_simulated_devices(module: str, function: str, args: Sequence = (),
+                             num_devices: int = 8, timeout: float = 1800) -> Any:
+  """``experiments.benchmarks.<module>.<function>(*args)`` in a child process with
+  ``num_devices`` simulated CPU devices (XLA_FLAGS must be set before jax is imported).
+
+  The result must be JSON-serialisable (rows); RuntimeError with the child's stderr
+  when it fails.
+  """
+  flags = os.environ.get("XLA_FLAGS", "") + \
+      f" --xla_force_host_platform_device_count={int(num_devices)}"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  code = (f"import json; from experiments.benchmarks import {module} as m; "
+          f"print('RESULT' + json.dumps(m.{function}(*{tuple(args)!r})))")
+  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=timeout, check=False)
+  out = [json.loads(l[6:]) for l in p.stdout.splitlines() if l.startswith("RESULT")]
+  if p.returncode or not out:
+    raise RuntimeError(f"measuring on {num_devices} simulated devices failed:\n"
+                       f"{p.stderr[-2000:]}")
+  return out[-1]

@@ -20,15 +20,13 @@ equal. Nothing runs: the functions are only compiled.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from typing import Dict
 
 import numpy as np
 from absl import flags
+
+from experiments.benchmarks import common
 
 FLAGS = flags.FLAGS
 DEFAULT_LENS = (8192, 16384, 32768, 65536)
@@ -125,23 +123,11 @@ def measured_rows(seq_lens=DEFAULT_LENS):
   return rows
 
 
-def _measured_in_subprocess(seq_lens):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  code = ("import json; from experiments.benchmarks import context_parallel as c; "
-          f"print('ROWS' + json.dumps(c.measured_rows({tuple(seq_lens)!r})))")
-  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                     timeout=1800, check=False)
-  rows = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROWS")]
-  if not rows:
-    raise RuntimeError(f"measuring on 8 simulated devices failed:\n{p.stderr[-2000:]}")
-  return rows[0]
-
 
 def run():
   lens = [int(x) for x in FLAGS.seq_lens] if FLAGS.seq_lens else (
       QUICK_LENS if FLAGS.quick else DEFAULT_LENS)
   import jax  # pylint: disable=g-import-not-at-top
-  return measured_rows(lens) if jax.device_count() >= CHUNKS else _measured_in_subprocess(lens)
+  if jax.device_count() >= CHUNKS:
+    return measured_rows(lens)
+  return common.run_on_simulated_devices("context_parallel", "measured_rows", (tuple(lens),))

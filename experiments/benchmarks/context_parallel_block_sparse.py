@@ -20,11 +20,7 @@ the compiled HLO; they must equal the plan's received bytes.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 from absl import flags
@@ -32,6 +28,8 @@ from absl import flags
 from attnjax import masks as M
 from attnjax.block_sparse import bigbird_mask
 from attnjax.sharding import block_sparse_context_plan, communication_report
+
+from experiments.benchmarks import common
 
 FLAGS = flags.FLAGS
 DEFAULT_LENS = (8192, 32768, 131072)
@@ -113,24 +111,12 @@ def measured_rows(cases=(("window_4k", 32768, "contiguous"), ("causal", 32768, "
   return rows
 
 
-def _measured_in_subprocess():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  code = ("import json; from experiments.benchmarks import context_parallel_block_sparse as b; "
-          "print('ROWS' + json.dumps(b.measured_rows()))")
-  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                     timeout=1800, check=False)
-  rows = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROWS")]
-  if not rows:
-    raise RuntimeError(f"measuring on 8 simulated devices failed:\n{p.stderr[-2000:]}")
-  return rows[0]
-
 
 def run():
   lens = [int(x) for x in FLAGS.seq_lens] if FLAGS.seq_lens else (
       QUICK_LENS if FLAGS.quick else DEFAULT_LENS)
   rows = analytic_rows(lens)
   import jax  # pylint: disable=g-import-not-at-top
-  rows += measured_rows() if jax.device_count() >= CHUNKS else _measured_in_subprocess()
+  rows += measured_rows() if jax.device_count() >= CHUNKS else common.run_on_simulated_devices(
+      "context_parallel_block_sparse", "measured_rows")
   return rows

@@ -12,17 +12,15 @@ buffers in the compiled HLO, which must equal the plan's transferred bytes.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 from absl import flags
 
 from attnjax import masks as M
 from attnjax.sharding import communication_bytes
+
+from experiments.benchmarks import common
 
 FLAGS = flags.FLAGS
 DEFAULT_LENS = (4096, 16384, 65536)
@@ -87,24 +85,12 @@ def measured_row(seq_len=1024):
           "transferred_ratio": _permute_bytes(hlo) / plan["allgather_bytes"]}
 
 
-def _measured_in_subprocess():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  code = ("import json; from experiments.benchmarks import s2_sharding as s; "
-          "print('ROW' + json.dumps(s.measured_row()))")
-  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                     timeout=600, check=False)
-  rows = [json.loads(l[3:]) for l in p.stdout.splitlines() if l.startswith("ROW")]
-  if not rows:
-    raise RuntimeError(f"measuring on 8 simulated devices failed:\n{p.stderr[-2000:]}")
-  return rows[0]
-
 
 def run():
   lens = [int(x) for x in FLAGS.seq_lens] if FLAGS.seq_lens else (
       QUICK_LENS if FLAGS.quick else DEFAULT_LENS)
   rows = analytic_rows(lens)
   import jax  # pylint: disable=g-import-not-at-top
-  rows.append(measured_row() if jax.device_count() >= CHUNKS else _measured_in_subprocess())
+  rows.append(measured_row() if jax.device_count() >= CHUNKS else
+              common.run_on_simulated_devices("s2_sharding", "measured_row", timeout=600))
   return rows
