@@ -6,7 +6,8 @@ child process. A test module calls ``register(name, SCRIPT)`` at import and
 reads the script's result with ``result(name)`` (a module-scoped fixture
 usually wraps it). The first ``result`` call starts one child that executes
 every script registered so far, each in its own fresh namespace, so the test
-modules collected together pay for one jax start-up instead of one each. A
+modules collected together pay for one jax start-up instead of one each
+(under pytest-xdist each worker runs only the scripts its tests read). A
 script reports by printing one line ``"RESULT" + json.dumps(dict)``; a script
 that raises fails only the tests that read its result.
 """
@@ -69,7 +70,10 @@ def result(name: str) -> dict:
   if name not in _SCRIPTS:
     raise KeyError(f"no multidevice script {name!r} is registered.")
   if name not in _RESULTS:
-    _run([n for n in _SCRIPTS if n not in _RESULTS])
+    # Under pytest-xdist a worker runs only some of the registered modules' tests (load
+    # scheduling is dynamic), so it runs only the script asked for.
+    shared = not os.environ.get("PYTEST_XDIST_WORKER")
+    _run([n for n in _SCRIPTS if n not in _RESULTS] if shared else [name])
   report = _RESULTS[name]
   assert "ok" in report, f"multidevice script {name!r} failed:\n{report['error']}"
   return report["ok"]
