@@ -79,3 +79,97 @@ def test_select_retrieval_heads_over_layers():
   np.testing.assert_array_equal(D.select_retrieval_heads(a), [[True, False], [True, False]])
   np.testing.assert_array_equal(D.select_retrieval_heads(a, streaming_fraction=0.25),
                                 [[True, False], [True, True]])
+
+
+# --- RazorAttention -----------------------------------------------------------
+
+def _hand_probs():
+  """tokens a b c d a b c d; heads: pure echo, pure induction, local (previous token), half echo/half self."""
+  T, P = 8, 4
+  ids = jnp.array([0, 1, 2, 3, 0, 1, 2, 3], jnp.int32)
+  probs = np.zeros((1, 4, T, T), np.float32)
+  for i in range(T):
+    probs[0, 2, i, max(i - 1, 0)] = 1.0
+    if i < P:
+      probs[0, 0, i, i] = probs[0, 1, i, i] = probs[0, 3, i, i] = 1.0
+    else:
+      probs[0, 0, i, i - P] = 1.0
+      probs[0, 1, i, i - P + 1] = 1.0
+      probs[0, 3, i, i - P] = probs[0, 3, i, i] = 0.5
+  return jnp.asarray(probs), ids
+
+
+def test_retrieval_head_scores_hand_built_heads():
+  probs, ids = _hand_probs()
+  s = D.retrieval_head_scores(probs, ids)
+  np.testing.assert_allclose(s["echo"], [[1.0, 0.0, 0.0, 0.5]], atol=1e-7)
+  np.testing.assert_allclose(s["induction"], [[0.0, 1.0, 0.0, 0.0]], atol=1e-7)
+  # Per-example token ids [B, T] against probs [B, N, T, T].
+  s2 = D.retrieval_head_scores(jnp.concatenate([probs, probs]), jnp.stack([ids, ids + 7]))
+  np.testing.assert_allclose(s2["echo"], [[1.0, 0.0, 0.0, 0.5]] * 2, atol=1e-7)
+  keep = D.select_protected_heads(s, echo_fraction=0.25, induction_fraction=0.25)
+  np.testing.assert_array_equal(keep, [[True, True, False, False]])
+  np.testing.assert_array_equal(
+      D.select_protected_heads(s, echo_fraction=0.25, induction_fraction=0.25, num_kv_heads=2),
+      [[True, False]])
+  # Paper-style defaults on 4 heads: ceil(1%) = 1 echo head, ceil(14%) = 1 induction head.
+  np.testing.assert_array_equal(D.select_protected_heads(s), [[True, True, False, False]])
+  # Latest earlier occurrence; an adjacent repeat (j + 1 = i) is not an induction query.
+  ids3 = jnp.array([5, 5, 3, 5], jnp.int32)
+  p3 = jnp.tril(jnp.ones((4, 4))) / jnp.arange(1, 5)[:, None]  # uniform causal
+  s3 = D.retrieval_head_scores(p3, ids3)
+  np.testing.assert_allclose(s3["echo"], (1 / 2 + 1 / 4) / 2, rtol=1e-6)   # i=1 -> j=0, i=3 -> j=1
+  np.testing.assert_allclose(s3["induction"], 1 / 4, rtol=1e-6)            # only i=3 -> key 2
+  with pytest.raises(ValueError, match="token_ids"):
+    D.retrieval_head_scores(probs, ids[:5])
+
+
+def test_retrieval_head_scores_of_a_tiny_model_through_the_probs_hook():
+  from attnjax import masks
+  from attnjax.analysis import hooked_attention
+  from attnjax.layers import register_family
+  from attnjax.models.llama import LlamaConfig, LlamaDecoder
+
+  captured = []
+
+  def probe(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None):
+    del q_positions, k_positions, segment_ids
+    def keep(p):
+      captured.append(p)
+      return p
+    return hooked_attention(query, key, value, mask=masks.Causal() if causal else None,
+                            probs_hook=keep)
+
+  register_family("razor_probe_test", probe)
+  cfg = LlamaConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=8, intermediate_size=32, attention="razor_probe_test",
+                    scan_layers=False)
+  model = LlamaDecoder(cfg)
+  ids = D.repeated_random_tokens(jax.random.PRNGKey(1), 2, 6, cfg.vocab_size, low=1)
+  assert ids.shape == (2, 12) and np.array_equal(ids[:, :6], ids[:, 6:])
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
+
+  @jax.jit
+  def layer_probs(params, ids):  # the hook's weights, returned from the same trace
+    captured.clear()
+    model.apply(params, ids)
+    return jnp.stack(captured, axis=1)  # [B, L, N, T, T]
+
+  probs = layer_probs(params, ids)
+  assert len(captured) == 2
+  s = D.retrieval_head_scores(probs, ids)
+  assert s["echo"].shape == s["induction"].shape == (2, 2, 4)
+  # Oracle: an explicit loop over the queries of the second copy.
+  p, t = np.asarray(probs), np.asarray(ids)
+  for b in range(2):
+    prev = [max([j for j in range(i) if t[b, j] == t[b, i]], default=-1) for i in range(12)]
+    e = [p[b, ..., i, prev[i]] for i in range(12) if prev[i] >= 0]
+    n = [p[b, ..., i, prev[i] + 1] for i in range(12) if 0 <= prev[i] and prev[i] + 1 < i]
+    np.testing.assert_allclose(s["echo"][b], np.mean(e, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(s["induction"][b], np.mean(n, axis=0), rtol=1e-5)
+  mean = jax.tree.map(lambda x: x.mean(0), s)  # [L, N]
+  keep_q = D.select_protected_heads(mean)  # 8 heads: ceil(8%) = 1 echo, ceil(112%) = 2 induction
+  assert keep_q.shape == (2, 4) and 2 <= int(keep_q.sum()) <= 3
+  assert keep_q.ravel()[int(jnp.argmax(mean["echo"]))]
+  keep_kv = D.select_protected_heads(mean, num_kv_heads=2)
+  np.testing.assert_array_equal(keep_kv, np.asarray(keep_q).reshape(2, 2, 2).any(-1))

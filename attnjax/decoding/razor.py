@@ -7,11 +7,18 @@ compensation token (mean key, mean value) whose logit gets ``+log|D|``. The
 compressed cache is stored padded to the cache length with a per-key
 validity mask and bias (static shapes); ``kept_fraction`` reports the
 compression actually achieved per head.
+
+Which heads are retrieval heads comes from :func:`retrieval_head_scores` on
+a random token sequence repeated (:func:`repeated_random_tokens`): the echo
+score (attention a token pays to the previous occurrence of itself) and the
+induction score (attention to the token that followed that occurrence);
+:func:`select_protected_heads` keeps the top echo and top induction heads.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +92,144 @@ def razor_decode_attention(query, cache: RazorCache, *, scale=None, implementati
   bias = jnp.repeat(cache.bias, g, axis=0)[None, :, None, :]
   return attention(query, cache.k, cache.v, mask=valid, bias=bias, scale=scale,
                    implementation=implementation)
+
+
+def repeated_random_tokens(rng, batch: int, length: int, vocab_size: int, *, repeats: int = 2,
+                           low: int = 0):
+  """int32 [batch, length * repeats]: ``length`` random tokens in [low, vocab_size) tiled.
+
+  The probe sequence of the head scores (the paper repeats random tokens;
+  the length and the excluded special ids, via ``low``, are the caller's).
+  """
+  if length < 1 or repeats < 2 or batch < 1:
+    raise ValueError(f"need batch >= 1, length >= 1 and repeats >= 2, got {batch}, {length}, "
+                     f"{repeats}.")
+  if not 0 <= low < vocab_size:
+    raise ValueError(f"low must be in [0, vocab_size={vocab_size}), got {low}.")
+  ids = jax.random.randint(rng, (batch, length), low, vocab_size, dtype=jnp.int32)
+  return jnp.tile(ids, (1, repeats))
+
+
+def _previous_occurrence(ids):
+  """[..., T] -> [..., T]: index of the latest earlier equal token, -1 if none."""
+  T = ids.shape[-1]
+  pos = jnp.arange(T)
+  same = (ids[..., :, None] == ids[..., None, :]) & (pos[None, :] < pos[:, None])
+  return jnp.max(jnp.where(same, pos[None, :], -1), axis=-1)
+
+
+def _causal_probs(query, key, scale):
+  B, T, N, H = query.shape
+  if key.ndim != 4 or key.shape[0] != B or key.shape[1] != T or key.shape[3] != H or N % key.shape[2]:
+    raise ValueError(f"query {query.shape} and key {key.shape} must be [B, T, N, H] and "
+                     "[B, T, K, H] with N % K == 0 (self-attention over the token sequence).")
+  k = jnp.repeat(key, N // key.shape[2], axis=2)
+  s = (1.0 / math.sqrt(H)) if scale is None else scale
+  logits = jnp.einsum("btnh,bsnh->bnts", query.astype(jnp.float32), k.astype(jnp.float32)) * s
+  causal = jnp.tril(jnp.ones((T, T), bool))
+  return jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+
+
+def retrieval_head_scores(probs=None, token_ids=None, *, query=None, key=None, scale=None):
+  """RazorAttention's echo and induction scores of each head.
+
+  For every query i whose token occurred before, let j be the latest earlier
+  position with the same token. The echo score is the attention weight on
+  key j, the induction score the weight on key j + 1 (the token that followed
+  it; queries with j + 1 = i are left out of the induction average). Each
+  score is averaged over the eligible queries. On a random sequence repeated
+  (:func:`repeated_random_tokens`) j is the query's copy one period back.
+
+  Args:
+    probs: attention weights [..., T, T] of a causal self-attention over
+      ``token_ids`` (e.g. [B, N, T, T] from ``probs_hook`` of
+      ``attnjax.analysis.hooked_attention``, or [B, L, N, T, T]).
+    token_ids: int [T], or [B, T] when ``probs``' leading axis is the batch.
+    query, key: instead of ``probs``, the post-RoPE query [B, T, N, H] and
+      key [B, T, K, H]; the causal softmax weights are computed here
+      (``scale`` defaults to 1/sqrt(H)).
+
+  Returns:
+    dict with ``"echo"`` and ``"induction"``, float32 of shape
+    ``probs.shape[:-2]`` (e.g. [B, N]; average over the batch yourself).
+    A sequence without repeats gives 0.
+  """
+  if token_ids is None:
+    raise ValueError("token_ids is required.")
+  if probs is None:
+    if query is None or key is None:
+      raise ValueError("pass either probs or both query and key.")
+    probs = _causal_probs(jnp.asarray(query), jnp.asarray(key), scale)
+  elif query is not None or key is not None:
+    raise ValueError("pass either probs or query/key, not both.")
+  probs = jnp.asarray(probs, jnp.float32)
+  ids = jnp.asarray(token_ids)
+  if probs.ndim < 2 or probs.shape[-1] != probs.shape[-2]:
+    raise ValueError(f"probs must be [..., T, T] (self-attention), got {probs.shape}.")
+  T = probs.shape[-1]
+  if ids.ndim not in (1, 2) or ids.shape[-1] != T or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"token_ids must be int [T] or [B, T] with T={T}, got {ids.shape} {ids.dtype}.")
+  if ids.ndim == 2 and (probs.ndim < 3 or probs.shape[0] != ids.shape[0]):
+    raise ValueError(f"token_ids [B, T]={ids.shape} needs probs [B, ..., T, T], got {probs.shape}.")
+  prev = _previous_occurrence(ids)  # [(B,) T]
+  pos = jnp.arange(T)
+  keys = pos[None, :]
+  echo_w = (keys == prev[..., :, None]) & (prev[..., :, None] >= 0)
+  ind_ok = (prev >= 0) & (prev + 1 < pos)
+  ind_w = (keys == prev[..., :, None] + 1) & ind_ok[..., :, None]
+  n_echo = jnp.sum(prev >= 0, axis=-1).astype(jnp.float32)
+  n_ind = jnp.sum(ind_ok, axis=-1).astype(jnp.float32)
+  if ids.ndim == 2:  # [B, T, S] -> [B, 1.., T, S] against probs [B, ..., T, T]
+    extra = (1,) * (probs.ndim - 3)
+    echo_w = echo_w.reshape(echo_w.shape[:1] + extra + echo_w.shape[1:])
+    ind_w = ind_w.reshape(ind_w.shape[:1] + extra + ind_w.shape[1:])
+    n_echo = n_echo.reshape(n_echo.shape + extra)
+    n_ind = n_ind.reshape(n_ind.shape + extra)
+  echo = jnp.sum(probs * echo_w, axis=(-2, -1)) / jnp.maximum(n_echo, 1.0)
+  ind = jnp.sum(probs * ind_w, axis=(-2, -1)) / jnp.maximum(n_ind, 1.0)
+  return {"echo": echo, "induction": ind}
+
+
+def _top_fraction(scores, fraction: float, name: str):
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {fraction}.")
+  flat = jnp.ravel(jnp.asarray(scores, jnp.float32))
+  k = math.ceil(fraction * flat.size - 1e-9)
+  ranks = jnp.argsort(jnp.argsort(-flat, stable=True), stable=True)  # 0 = highest score
+  return (ranks < k).reshape(jnp.shape(scores))
+
+
+def select_protected_heads(scores, *, echo_fraction: float = 0.01,
+                           induction_fraction: float = 0.14,
+                           num_kv_heads: Optional[int] = None):
+  """Retrieval heads to protect: top echo heads plus top induction heads.
+
+  Args:
+    scores: the dict of :func:`retrieval_head_scores` with arrays of shape
+      [..., N] (e.g. [L, N] after averaging over the batch; ranking is over
+      all entries, i.e. over every layer and head).
+    echo_fraction, induction_fraction: shares of all heads kept by each
+      score. Defaults 1% echo and 14% induction heads (about 15% in all) are
+      this project's reading of the paper [verify]. The count is
+      ``ceil(fraction * number_of_heads)``, so any positive fraction keeps at
+      least one head (the project's choice for small models).
+    num_kv_heads: with grouped-query attention the cache is per KV head:
+      a KV head is protected when any of its N / K query heads is, and the
+      result is [..., K] (what ``razor_compress``'s ``keep_heads`` takes for
+      one layer).
+
+  Returns:
+    bool [..., N] (or [..., K]).
+  """
+  echo = jnp.asarray(scores["echo"])
+  ind = jnp.asarray(scores["induction"])
+  if echo.shape != ind.shape or echo.ndim < 1:
+    raise ValueError(f"echo {echo.shape} and induction {ind.shape} scores must have one shape [..., N].")
+  keep = (_top_fraction(echo, echo_fraction, "echo_fraction")
+          | _top_fraction(ind, induction_fraction, "induction_fraction"))
+  if num_kv_heads is None:
+    return keep
+  N = keep.shape[-1]
+  if num_kv_heads < 1 or N % num_kv_heads:
+    raise ValueError(f"num_kv_heads={num_kv_heads} must divide the N={N} query heads.")
+  return jnp.any(keep.reshape(keep.shape[:-1] + (num_kv_heads, N // num_kv_heads)), axis=-1)
