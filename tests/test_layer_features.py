@@ -176,3 +176,54 @@ def test_fused_qkv_equals_separate_projections_with_copied_weights(bias=True):
   nobias = jax.eval_shape(MultiHeadAttention(fused_qkv=True, **dict(kw, use_bias=False)).init,
                           jax.random.PRNGKey(0), x)["params"]
   assert set(nobias["qkv"]) == {"kernel"}
+
+
+def _dropout_layer(**kw):
+  return MultiHeadAttention(num_heads=2, qkv_features=8, causal=True, **kw)
+
+
+def test_dropout_off_equals_no_dropout_and_fast_families_raise():
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
+  base = _dropout_layer()
+  params = base.init(jax.random.PRNGKey(2), x)
+  want = base.apply(params, x)
+  rng = {"dropout": jax.random.PRNGKey(3)}
+  np.testing.assert_allclose(_dropout_layer(dropout_rate=0.5).apply(params, x,
+                                                                    deterministic=True), want)
+  np.testing.assert_allclose(_dropout_layer(dropout_rate=0.0).apply(
+      params, x, deterministic=False), want)
+  for kw, match in (({"attention": "sliding_window",
+                      "attention_options": {"window_size": 2}}, "sliding_window"),
+                    ({"implementation": "xla"}, "implementation='xla'")):
+    with pytest.raises(NotImplementedError, match=match):
+      _dropout_layer(dropout_rate=0.1, **kw).apply(params, x, deterministic=False, rngs=rng)
+  with pytest.raises(ValueError, match="dropout_rate"):
+    _dropout_layer(dropout_rate=1.0).apply(params, x, deterministic=False, rngs=rng)
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_dropout_hook_equals_numpy_with_the_same_mask(broadcast):
+  from attnjax.layers.dropout import dropout_hook
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, 2, 4)) for i in range(3))
+  key, rate = jax.random.PRNGKey(7), 0.3
+  got = attnjax.reference_attention(q, k, v, mask=masks.Causal(),
+                                    probs_hook=dropout_hook(key, rate, broadcast))
+  _, probs = attnjax.reference_attention(q, k, v, mask=masks.Causal(), return_probs=True)
+  shape = (1, 1, T, T) if broadcast else (B, 2, T, T)
+  keep = np.asarray(jax.random.bernoulli(key, 1 - rate, shape), np.float64)
+  want = np.einsum("bnts,bsnh->btnh", np.asarray(probs, np.float64) * keep / (1 - rate),
+                   np.asarray(v, np.float64))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_dropout_mean_over_masks_is_no_dropout():
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, T, D))
+  m = _dropout_layer(dropout_rate=0.5, broadcast_dropout=False)
+  params = m.init(jax.random.PRNGKey(2), x, deterministic=True)
+  want = np.asarray(m.apply(params, x, deterministic=True))
+  keys = jax.random.split(jax.random.PRNGKey(5), 512)
+  outs = np.asarray(jax.jit(jax.vmap(lambda r: m.apply(params, x, deterministic=False,
+                                                       rngs={"dropout": r})))(keys))
+  assert np.abs(outs[0] - want).max() > 0.05            # a single mask changes the output
+  err = np.abs(outs.mean(0) - want).max()
+  assert err < 4 * outs.std(0).max() / np.sqrt(len(keys)) + 1e-6, err

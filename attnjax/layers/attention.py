@@ -22,6 +22,7 @@ from attnjax import scores as scores_lib
 from attnjax.analysis.heads import apply_head_mask
 
 from attnjax.layers import registry
+from attnjax.layers.dropout import check_dropout_rate, dropout_hook
 from attnjax.layers.options import option_names
 from attnjax.layers.rope import apply_rope, as_rope_scaling
 
@@ -163,6 +164,14 @@ class MultiHeadAttention(nn.Module):
       temperature 1: with ``score=Selective()`` the layer starts as the
       position-temperature variant. Default off.
     implementation: "reference" | "xla" | "pallas" | None, given to the family.
+    dropout_rate, broadcast_dropout, deterministic: attention-weight dropout
+      with Flax's conventions (rng stream ``'dropout'``; one mask [T, S] for
+      the batch and heads when ``broadcast_dropout``; ``deterministic`` here or
+      at the call). It needs the weights, so only a family that takes a
+      ``probs_hook`` applies it: ``"dense"``, which then runs the dense
+      reference (``attnjax.reference_attention``; implementation None or
+      "reference"). Other families and backends raise NotImplementedError
+      when dropout is active (rate > 0 and not deterministic).
     decode: KV-cache decoding. The first ``init`` (with a full-length input)
       creates ``cache/cached_key``, ``cached_value`` [B, max_len, K, H] and
       ``cache_index`` int32 [B] (tokens held per example); later calls
@@ -200,6 +209,9 @@ class MultiHeadAttention(nn.Module):
   score: Any = None
   selective_token_temperatures: bool = False
   implementation: Optional[str] = None
+  dropout_rate: float = 0.0
+  broadcast_dropout: bool = True
+  deterministic: Optional[bool] = None
   decode: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -248,7 +260,7 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, q_positions=None, k_positions=None,
                segment_ids=None, mask=None, head_mask=None, head_replacement=None,
-               input_lengths=None):
+               input_lengths=None, deterministic=None):
     """Attends ``inputs_q`` [B, T, D] to ``inputs_kv`` [B, S, D'] (default itself).
 
     Args:
@@ -271,6 +283,8 @@ class MultiHeadAttention(nn.Module):
       input_lengths: decode=True only: int [B], how many of the T new tokens
         of each example are real (right padding); ``cache_index`` advances by
         it, and the padded tail is overwritten by the next call. Default T.
+      deterministic: no attention dropout (Flax's ``merge_param`` with the
+        attribute; needed only when ``dropout_rate > 0``).
 
     The per-head outputs [B, T, N, H] are sown as ``intermediates/head_outputs``.
 
@@ -333,6 +347,9 @@ class MultiHeadAttention(nn.Module):
                       ("implementation", self.implementation)):
       if val is not None:
         kwargs[name] = val
+    hook = self._dropout(fn, deterministic)
+    if hook is not None:
+      kwargs["probs_hook"] = hook
     _check_options(self.attention, fn, kwargs)
     out = fn(q, k, v, causal=self.causal, q_positions=q_positions, k_positions=k_positions,
              segment_ids=segment_ids, **kwargs)
@@ -344,6 +361,19 @@ class MultiHeadAttention(nn.Module):
     elif head_replacement is not None:
       raise ValueError("head_replacement needs head_mask (0 marks the heads to replace).")
     return self._dense(out_features, "out", axis=(-2, -1))(out)
+
+  def _dropout(self, fn, deterministic):
+    """The dropout probs_hook, or None when dropout is off; raises where unsupported."""
+    if check_dropout_rate(self.dropout_rate) == 0.0:
+      return None
+    if nn.merge_param("deterministic", self.deterministic, deterministic):
+      return None
+    if "probs_hook" not in option_names(fn)[0]:
+      raise NotImplementedError(
+          f"attention family {self.attention!r} cannot apply attention dropout "
+          f"(dropout_rate={self.dropout_rate}): its kernels never form the attention weights. "
+          "Use attention='dense', dropout_rate=0, or deterministic=True.")
+    return dropout_hook(self.make_rng("dropout"), self.dropout_rate, self.broadcast_dropout)
 
   def _rope(self, q, k, q_positions, k_positions, T, S):
     if q_positions is None or k_positions is None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from attnjax import api
 from attnjax.core import validation as V
 from attnjax.core.reference import reference_attention
+from attnjax.layers.dropout import check_dropout_rate, dropout_hook
 from attnjax.masks import Mask
 
 __all__ = ["make_attention_fn"]
@@ -44,8 +45,13 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
   One deliberate difference from Flax's default: a query row that sees no key
   (e.g. a padded query) returns zeros, where Flax returns the uniform average
   of all values.
-  Attention-weight dropout (``dropout_rate > 0`` and not ``deterministic``) and
-  custom einsum hooks are not supported and raise ``NotImplementedError``;
+  Attention-weight dropout (``dropout_rate > 0`` and not ``deterministic``,
+  Flax's ``dropout_rng`` and ``broadcast_dropout``) needs the weights, so it
+  runs the dense reference (``attnjax.reference_attention``) when
+  ``implementation`` is None or "reference" and raises
+  ``NotImplementedError`` for "xla" and "pallas", as
+  ``attnjax.layers.MultiHeadAttention`` does. Custom einsum hooks raise
+  ``NotImplementedError``;
   ``precision`` and ``force_fp32_for_softmax`` are accepted and have no
   effect (attnjax always accumulates in float32). When Flax asks to sow the
   attention weights (``module`` given), the dense reference path is used and
@@ -62,11 +68,18 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
                    precision=None, module=None, force_fp32_for_softmax=False,
                    qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
                    is_causal=False):
-    del broadcast_dropout, dropout_rng, precision, force_fp32_for_softmax
-    if dropout_rate > 0.0 and not deterministic:
-      raise NotImplementedError(
-          f"attention-weight dropout (dropout_rate={dropout_rate}, deterministic=False) is "
-          "not supported by attnjax's attention_fn: set dropout_rate=0 or deterministic=True.")
+    del precision, force_fp32_for_softmax
+    hook = None
+    if check_dropout_rate(dropout_rate) > 0.0 and not deterministic:
+      if implementation not in (None, "reference"):
+        raise NotImplementedError(
+            f"attention-weight dropout (dropout_rate={dropout_rate}, deterministic=False) "
+            f"needs the attention weights, which implementation={implementation!r} never "
+            "forms: use implementation=None or 'reference', dropout_rate=0 or "
+            "deterministic=True.")
+      if dropout_rng is None:
+        raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng.")
+      hook = dropout_hook(dropout_rng, dropout_rate, broadcast_dropout)
     if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
       raise NotImplementedError(
           "custom qk_attn_weights_einsum / attn_weights_value_einsum are not supported by "
@@ -93,8 +106,11 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
     m = api.combine_mask(mask_obj, arr, d.N, q_pos, k_pos)
     if module is not None:
       out, weights = reference_attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
-                                         return_probs=True)
+                                         return_probs=True, probs_hook=hook)
       _sow(module, weights.reshape(batch + weights.shape[1:]))
+    elif hook is not None:
+      out = reference_attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
+                                probs_hook=hook)
     else:
       out = api.attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
                           implementation=implementation)

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 import jax.numpy as jnp
 from attnjax import api
 from attnjax.core import validation as V
+from attnjax.core.reference import reference_attention
 from attnjax.masks import Causal, Mask
 
 __all__ = ["ENGINE_PACKAGES", "get_family", "list_families", "register_family", "dense_family"]
@@ -40,12 +41,16 @@ _USER: Dict[str, Callable] = {}
 
 def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
                  segment_ids=None, mask=None, score=None, bias=None, scale=None,
-                 implementation=None):
+                 implementation=None, probs_hook=None):
   """``attnjax.attention`` with ``Causal()`` (and ``mask``) when ``causal``.
 
   Shapes: query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] ->
   [B, T, N, Hv]. ``mask`` is an ``attnjax.masks.Mask`` or a boolean array
   broadcastable to [B, N, T, S]; ``score`` an ``attnjax.scores`` variant.
+  ``probs_hook`` (``f(probs [B, N, T, S]) -> probs``, e.g. attention dropout)
+  needs the weights, so it runs the dense reference
+  (``attnjax.reference_attention``): implementation must be None or
+  "reference", other backends raise NotImplementedError.
   """
   if causal:
     if mask is None:
@@ -54,6 +59,15 @@ def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positio
       mask = Causal() & mask
     else:
       mask = _causal_and_array(mask, query, key, q_positions, k_positions)
+  if probs_hook is not None:
+    if implementation not in (None, "reference"):
+      raise NotImplementedError(
+          f"probs_hook (e.g. attention dropout) needs the attention weights, which only the "
+          f"dense reference materialises; implementation={implementation!r} cannot apply it. "
+          "Use implementation=None or 'reference'.")
+    return reference_attention(query, key, value, mask=mask, score=score, bias=bias,
+                               scale=scale, q_positions=q_positions, k_positions=k_positions,
+                               segment_ids=segment_ids, probs_hook=probs_hook)
   return api.attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
                        q_positions=q_positions, k_positions=k_positions,
                        segment_ids=segment_ids, implementation=implementation)
