@@ -20,9 +20,10 @@ def test_duo_gate_loss_value_and_gradient_by_hand():
 
   # full - mixed = (1 - a) * (full - stream) = [0.5 * -2, 0 * -3] = [-1, 0]
   # mean square = 0.5, L1 = 0.05 * mean(0.5, 1.0) = 0.0375
-  np.testing.assert_allclose(loss(alpha), 0.5375, rtol=1e-6)
+  value, grad = jax.jit(jax.value_and_grad(loss))(alpha)
+  np.testing.assert_allclose(value, 0.5375, rtol=1e-6)
   # d/da_h = -(1 - a_h) * d_h^2 (mean over 2 elements, factor 2 cancels) + 0.05 / 2
-  np.testing.assert_allclose(jax.grad(loss)(alpha), [-0.5 * 4 + 0.025, 0.0 + 0.025], rtol=1e-6)
+  np.testing.assert_allclose(grad, [-0.5 * 4 + 0.025, 0.0 + 0.025], rtol=1e-6)
 
 
 def test_duo_gate_loss_mask_supervises_answer_positions_only():
@@ -40,13 +41,11 @@ def test_duo_gate_loss_mask_supervises_answer_positions_only():
 
 def _planted_heads(T=16, H=16, far=6, c2=80.0, seed=0):
   """q/k/v [1, T, 4, H]: heads 0 and 2 look up key ``far`` from every later query; 1 and 3 attend to themselves."""
-  eye = jnp.eye(T, H) * np.sqrt(c2)
-  k_head = eye  # key j = c * e_j
-  q_local = eye
-  q_far = jnp.where((jnp.arange(T) >= far)[:, None], eye[far][None, :], eye)
-  q = jnp.stack([q_far, q_local, q_far, q_local], axis=1)[None]
-  k = jnp.stack([k_head] * 4, axis=1)[None]
-  v = jax.random.normal(jax.random.PRNGKey(seed), (1, T, 4, H))
+  eye = np.eye(T, H, dtype=np.float32) * np.sqrt(c2)  # key j = c * e_j: logits c2 / sqrt(H) = 20
+  q_far = np.where((np.arange(T) >= far)[:, None], eye[far][None, :], eye)
+  q = np.stack([q_far, eye, q_far, eye], axis=1)[None]
+  k = np.stack([eye] * 4, axis=1)[None]
+  v = np.random.default_rng(seed).standard_normal((1, T, 4, H)).astype(np.float32)
   return q, k, v
 
 
@@ -68,9 +67,11 @@ def test_fit_duo_gates_keeps_long_range_heads_and_streams_local_ones():
                                 [True, False, True, False])
   assert fit.loss.shape == (160,) and np.all(np.isfinite(fit.loss))
   # The chosen heads reproduce full attention: duo_attention with them == the gated model at alpha=1.
-  full = forward(None, jnp.ones(4), (q, k, v))
-  duo = D.duo_attention(q, k, v, retrieval_heads=tuple(bool(x) for x in fit.retrieval_heads),
-                        sink=sink, recent=recent, implementation="reference")
+  heads = tuple(bool(x) for x in fit.retrieval_heads)
+  full, duo = jax.jit(lambda q, k, v: (
+      forward(None, jnp.ones(4), (q, k, v)),
+      D.duo_attention(q, k, v, retrieval_heads=heads, sink=sink, recent=recent,
+                      implementation="reference")))(q, k, v)
   np.testing.assert_allclose(duo, full, atol=1e-5)
 
 
@@ -122,6 +123,15 @@ def test_retrieval_head_scores_hand_built_heads():
   np.testing.assert_allclose(s3["induction"], 1 / 4, rtol=1e-6)            # only i=3 -> key 2
   with pytest.raises(ValueError, match="token_ids"):
     D.retrieval_head_scores(probs, ids[:5])
+  # From q/k (GQA: 4 query heads on 2 KV heads): the causal softmax is taken here.
+  q = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (1, 8, 4, 4)))
+  k = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (1, 8, 2, 4)))
+  logits = np.einsum("btnh,bsnh->bnts", q, np.repeat(k, 2, axis=2)) / 2.0
+  logits = np.where(np.tril(np.ones((8, 8), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  sq = D.retrieval_head_scores(token_ids=ids, query=q, key=k)
+  np.testing.assert_allclose(sq["echo"], D.retrieval_head_scores(p, ids)["echo"], rtol=1e-5)
 
 
 def test_retrieval_head_scores_of_a_tiny_model_through_the_probs_hook():
@@ -147,15 +157,14 @@ def test_retrieval_head_scores_of_a_tiny_model_through_the_probs_hook():
   model = LlamaDecoder(cfg)
   ids = D.repeated_random_tokens(jax.random.PRNGKey(1), 2, 6, cfg.vocab_size, low=1)
   assert ids.shape == (2, 12) and np.array_equal(ids[:, :6], ids[:, 6:])
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
-
   @jax.jit
-  def layer_probs(params, ids):  # the hook's weights, returned from the same trace
+  def layer_probs(rng, ids):  # random weights; the hook's weights returned from the same trace
+    params = model.init(rng, ids)
     captured.clear()
     model.apply(params, ids)
     return jnp.stack(captured, axis=1)  # [B, L, N, T, T]
 
-  probs = layer_probs(params, ids)
+  probs = layer_probs(jax.random.PRNGKey(0), ids)
   assert len(captured) == 2
   s = D.retrieval_head_scores(probs, ids)
   assert s["echo"].shape == s["induction"].shape == (2, 2, 4)

@@ -17,11 +17,13 @@ induction score (attention to the token that followed that occurrence);
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.api import attention
 
@@ -118,6 +120,7 @@ def _previous_occurrence(ids):
   return jnp.max(jnp.where(same, pos[None, :], -1), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _causal_probs(query, key, scale):
   B, T, N, H = query.shape
   if key.ndim != 4 or key.shape[0] != B or key.shape[1] != T or key.shape[3] != H or N % key.shape[2]:
@@ -131,7 +134,7 @@ def _causal_probs(query, key, scale):
 
 
 def retrieval_head_scores(probs=None, token_ids=None, *, query=None, key=None, scale=None):
-  """RazorAttention's echo and induction scores of each head.
+  """RazorAttention's echo and induction scores of each head (compiled once per shape).
 
   For every query i whose token occurred before, let j be the latest earlier
   position with the same token. The echo score is the attention weight on
@@ -171,6 +174,12 @@ def retrieval_head_scores(probs=None, token_ids=None, *, query=None, key=None, s
     raise ValueError(f"token_ids must be int [T] or [B, T] with T={T}, got {ids.shape} {ids.dtype}.")
   if ids.ndim == 2 and (probs.ndim < 3 or probs.shape[0] != ids.shape[0]):
     raise ValueError(f"token_ids [B, T]={ids.shape} needs probs [B, ..., T, T], got {probs.shape}.")
+  return _echo_induction(probs, ids)
+
+
+@jax.jit
+def _echo_induction(probs, ids):
+  T = probs.shape[-1]
   prev = _previous_occurrence(ids)  # [(B,) T]
   pos = jnp.arange(T)
   keys = pos[None, :]
@@ -193,10 +202,10 @@ def retrieval_head_scores(probs=None, token_ids=None, *, query=None, key=None, s
 def _top_fraction(scores, fraction: float, name: str):
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"{name} must be in [0, 1], got {fraction}.")
-  flat = jnp.ravel(jnp.asarray(scores, jnp.float32))
+  flat = np.ravel(np.asarray(scores, np.float32))
   k = math.ceil(fraction * flat.size - 1e-9)
-  ranks = jnp.argsort(jnp.argsort(-flat, stable=True), stable=True)  # 0 = highest score
-  return (ranks < k).reshape(jnp.shape(scores))
+  ranks = np.argsort(np.argsort(-flat, kind="stable"), kind="stable")  # 0 = highest score
+  return (ranks < k).reshape(np.shape(scores))
 
 
 def select_protected_heads(scores, *, echo_fraction: float = 0.01,
@@ -221,15 +230,16 @@ def select_protected_heads(scores, *, echo_fraction: float = 0.01,
   Returns:
     bool [..., N] (or [..., K]).
   """
-  echo = jnp.asarray(scores["echo"])
-  ind = jnp.asarray(scores["induction"])
+  echo = np.asarray(scores["echo"])
+  ind = np.asarray(scores["induction"])
   if echo.shape != ind.shape or echo.ndim < 1:
     raise ValueError(f"echo {echo.shape} and induction {ind.shape} scores must have one shape [..., N].")
   keep = (_top_fraction(echo, echo_fraction, "echo_fraction")
           | _top_fraction(ind, induction_fraction, "induction_fraction"))
   if num_kv_heads is None:
-    return keep
+    return jnp.asarray(keep)
   N = keep.shape[-1]
   if num_kv_heads < 1 or N % num_kv_heads:
     raise ValueError(f"num_kv_heads={num_kv_heads} must divide the N={N} query heads.")
-  return jnp.any(keep.reshape(keep.shape[:-1] + (num_kv_heads, N // num_kv_heads)), axis=-1)
+  return jnp.asarray(np.any(keep.reshape(keep.shape[:-1] + (num_kv_heads, N // num_kv_heads)),
+                            axis=-1))
