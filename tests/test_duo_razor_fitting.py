@@ -182,3 +182,27 @@ def test_retrieval_head_scores_of_a_tiny_model_through_the_probs_hook():
   assert keep_q.ravel()[int(jnp.argmax(mean["echo"]))]
   keep_kv = D.select_protected_heads(mean, num_kv_heads=2)
   np.testing.assert_array_equal(keep_kv, np.asarray(keep_q).reshape(2, 2, 2).any(-1))
+
+
+def test_alibi_buffer_length_bounds_the_dropped_attention():
+  T, K, H = 64, 4, 8
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((T, K, H)).astype(np.float32)
+  k = rng.standard_normal((T, K, H)).astype(np.float32)
+  a = np.einsum("tkh,skh->kts", q, k) / np.sqrt(H)
+  bound = float(np.abs(a).max())
+  slopes = 2.0 ** (-8.0 * np.arange(1, K + 1) / K) * 8  # steep slopes so the buffers are short
+  d = np.arange(T)[:, None] - np.arange(T)[None, :]
+  logits = np.where(d >= 0, a - slopes[:, None, None] * d, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  for total, eps in ((False, 1e-3), (True, 1e-3)):
+    L = np.asarray(D.alibi_buffer_length(slopes, bound, eps=eps, total_mass=total))
+    assert L.shape == (K,) and np.all(np.diff(L) >= 0)  # flatter slope, longer buffer
+    dropped = d[None] >= L[:, None, None]
+    if total:
+      assert np.sum(p * dropped, axis=-1).max() <= eps
+    else:
+      assert np.max(p * dropped) <= eps
+  keep = D.razor_keep_mask(T, jnp.zeros(K, bool), num_sink=1, recent=L)
+  np.testing.assert_array_equal(np.asarray(keep).sum(-1), np.minimum(L, T - 1) + 1)

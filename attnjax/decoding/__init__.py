@@ -1,8 +1,8 @@
 """Decoding and KV-cache methods: contiguous/paged decode, RazorAttention, DuoAttention."""
 from attnjax.decoding.cache import (PageAllocator, decode_attention, gather_pages,
                                     paged_decode_attention, simulate_trace)
-from attnjax.decoding.razor import (RazorCache, razor_compress, razor_decode_attention, razor_keep_mask,
-                                    repeated_random_tokens, retrieval_head_scores,
+from attnjax.decoding.razor import (RazorCache, alibi_buffer_length, razor_compress,
+                                    razor_decode_attention, razor_keep_mask, repeated_random_tokens, retrieval_head_scores,
                                     select_protected_heads)
 from attnjax.decoding.duo import (DuoGateFit, SinkRecentKVCache, duo_attention, duo_gate_loss, duo_mask,
                                   duo_mixed_attention, fit_duo_gates, mix_heads,

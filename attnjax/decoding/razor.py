@@ -45,8 +45,14 @@ class RazorCache:
 
 
 def razor_keep_mask(seq_len: int, keep_heads, *, num_sink: int = 4, min_buffer: int = 0,
-                    ratio: float = 5.0):
-  """bool [K, S]: the tokens each KV head keeps (retrieval heads keep all)."""
+                    ratio: float = 5.0, recent=None):
+  """bool [K, S]: the tokens each KV head keeps (retrieval heads keep all).
+
+  A non-retrieval head keeps the first ``num_sink`` tokens and the last
+  ``max(min_buffer, ceil(S / ratio))`` (RoPE models), or, when ``recent``
+  (int [K], e.g. :func:`alibi_buffer_length`) is given, its own last
+  ``recent[h]`` tokens (ALiBi models).
+  """
   keep_heads = jnp.asarray(keep_heads, bool)
   if keep_heads.ndim != 1:
     raise ValueError(f"keep_heads must be bool [K], got shape {keep_heads.shape}.")
@@ -54,21 +60,61 @@ def razor_keep_mask(seq_len: int, keep_heads, *, num_sink: int = 4, min_buffer: 
     raise ValueError(f"ratio must be >= 1, got {ratio}.")
   if num_sink < 0 or min_buffer < 0:
     raise ValueError(f"num_sink and min_buffer must be >= 0, got {num_sink}, {min_buffer}.")
-  recent = max(min_buffer, math.ceil(seq_len / ratio))
   pos = jnp.arange(seq_len)
-  window = (pos < num_sink) | (pos >= seq_len - recent)
-  return keep_heads[:, None] | window[None, :]
+  if recent is None:
+    n_recent = jnp.full(keep_heads.shape, max(min_buffer, math.ceil(seq_len / ratio)))
+  else:
+    n_recent = jnp.asarray(recent)
+    if n_recent.shape != keep_heads.shape:
+      raise ValueError(f"recent must be int [K]={keep_heads.shape}, got shape {n_recent.shape}.")
+  window = (pos[None, :] < num_sink) | (pos[None, :] >= seq_len - n_recent[:, None])
+  return keep_heads[:, None] | window
+
+
+def alibi_buffer_length(slopes, logit_bound, *, eps: float = 1e-3, total_mass: bool = False):
+  """Per-head buffer of RazorAttention for ALiBi models: int32 [K].
+
+  With ALiBi the logit of key j for query i is ``a_ij - m_h (i - j)``. If
+  every content logit satisfies ``|a_ij| <= logit_bound`` (for instance
+  ``scale * ||W_q^h W_k^h^T||_2 * r^2`` when the normalised hidden states
+  have norm <= r), the weight on a key at distance d is at most
+  ``exp(2 logit_bound - m_h d)`` (compare it with the query's own key, d = 0).
+  So ``L_h = ceil((2 logit_bound - log eps) / m_h)`` recent tokens leave
+  every dropped key with weight <= ``eps``; with ``total_mass=True`` the sum
+  of the dropped weights is <= ``eps`` (the geometric tail adds
+  ``-log(1 - exp(-m_h))`` to the numerator). This is the project's
+  derivation of the paper's slope bound [verify the paper's exact constant].
+
+  Args:
+    slopes: ALiBi slopes m_h > 0, [K].
+    logit_bound: scalar or [K] bound on ``|a_ij|`` (the scaled q.k).
+    eps: the bound on each dropped weight (or on their sum).
+  """
+  m = jnp.asarray(slopes, jnp.float32)
+  if m.ndim != 1:
+    raise ValueError(f"slopes must be [K], got shape {m.shape}.")
+  if not 0.0 < eps < 1.0:
+    raise ValueError(f"eps must be in (0, 1), got {eps}.")
+  if bool(jnp.any(m <= 0)):
+    raise ValueError("slopes must be > 0.")
+  b = jnp.broadcast_to(jnp.asarray(logit_bound, jnp.float32), m.shape)
+  num = 2.0 * b - math.log(eps)
+  if total_mass:
+    num = num - jnp.log1p(-jnp.exp(-m))
+  return jnp.maximum(jnp.ceil(num / m), 1).astype(jnp.int32)
 
 
 def razor_compress(key, value, keep_heads, *, num_sink: int = 4, min_buffer: int = 0,
-                   ratio: float = 5.0) -> RazorCache:
+                   ratio: float = 5.0, recent=None) -> RazorCache:
   """Compresses key [B, S, K, H] / value [B, S, K, Hv] into a :class:`RazorCache`.
 
   Defaults: 4 sink tokens [verify] and ratio 5 (the paper reports >70% KV
-  reduction; choose ratio and min_buffer per model).
+  reduction; choose ratio and min_buffer per model). ``recent`` (int [K])
+  replaces the ratio rule by per-head buffers (ALiBi: :func:`alibi_buffer_length`).
   """
   B, S, K, _ = key.shape
-  keep = razor_keep_mask(S, keep_heads, num_sink=num_sink, min_buffer=min_buffer, ratio=ratio)
+  keep = razor_keep_mask(S, keep_heads, num_sink=num_sink, min_buffer=min_buffer, ratio=ratio,
+                         recent=recent)
   if keep.shape[0] != K:
     raise ValueError(f"keep_heads has {keep.shape[0]} entries but key has K={K} heads.")
   dropped = (~keep).T[None, :, :, None]  # [1, S, K, 1]
