@@ -51,28 +51,33 @@ def _planted_heads(T=16, H=16, far=6, c2=80.0, seed=0):
 
 def test_fit_duo_gates_keeps_long_range_heads_and_streams_local_ones():
   q, k, v = _planted_heads()
+  q1 = q[:, :, [1, 0, 3, 2]]  # layer 1: heads 1 and 3 are the long-range ones
   sink, recent = 2, 4
 
-  def forward(params, gates, batch):
+  def forward(params, gates, batch):  # two "layers" on their own q/k/v; out [B, T, 2 * N * H]
     del params
-    return D.duo_mixed_attention(*batch, gates, sink=sink, recent=recent,
-                                 implementation="reference")
+    outs = [D.duo_mixed_attention(qq, kk, vv, gates[l], sink=sink, recent=recent,
+                                  implementation="reference")
+            for l, (qq, kk, vv) in enumerate(batch)]
+    return jnp.concatenate([o.reshape(o.shape[:2] + (-1,)) for o in outs], axis=-1)
 
-  fit = D.fit_duo_gates(forward, None, [(q, k, v)], gate_shape=(4,), steps=160)
+  batch = ((q, k, v), (q1, k, v))
+  answer = lambda batch: (jnp.arange(16) >= 8)[None].astype(jnp.float32)  # supervised positions
+  fit = D.fit_duo_gates(forward, None, [batch], gate_shape=(2, 4), steps=160, loss_mask_fn=answer)
   gates = np.asarray(fit.gates)
-  assert gates[[0, 2]].min() > 0.9, gates
-  assert gates[[1, 3]].max() < 0.1, gates
-  np.testing.assert_array_equal(fit.retrieval_heads, [True, False, True, False])
-  np.testing.assert_array_equal(D.select_retrieval_heads(fit.gates, streaming_fraction=0.5),
-                                [True, False, True, False])
+  expected = np.array([[True, False, True, False], [False, True, False, True]])
+  assert gates[expected].min() > 0.9, gates
+  assert gates[~expected].max() < 0.1, gates
+  np.testing.assert_array_equal(fit.retrieval_heads, expected)
+  np.testing.assert_array_equal(D.select_retrieval_heads(fit.gates, streaming_fraction=0.5), expected)
   assert fit.loss.shape == (160,) and np.all(np.isfinite(fit.loss))
   # The chosen heads reproduce full attention: duo_attention with them == the gated model at alpha=1.
-  heads = tuple(bool(x) for x in fit.retrieval_heads)
+  heads = tuple(bool(x) for x in fit.retrieval_heads[0])
   full, duo = jax.jit(lambda q, k, v: (
-      forward(None, jnp.ones(4), (q, k, v)),
+      forward(None, jnp.ones((2, 4)), ((q, k, v),)),
       D.duo_attention(q, k, v, retrieval_heads=heads, sink=sink, recent=recent,
                       implementation="reference")))(q, k, v)
-  np.testing.assert_allclose(duo, full, atol=1e-5)
+  np.testing.assert_allclose(duo.reshape(full.shape), full, atol=1e-5)
 
 
 def test_select_retrieval_heads_over_layers():
