@@ -3,4 +3,4 @@ from attnjax.layers.attention import (MultiHeadAttention, apply_selective_token_
                                       bind_score_params)
 from attnjax.layers.flax_adapter import make_attention_fn
 from attnjax.layers.registry import get_family, list_families, register_family
-from attnjax.layers.rope import apply_rope, rotary_dims
+from attnjax.layers.rope import RopeScaling, apply_rope, rotary_dims
