@@ -204,8 +204,8 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
   route = _route(family)
   if axis not in mesh.axis_names:
     raise ValueError(f"axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
-  if route == "s2":
-    s2 = s2_family_for_mesh(mesh, data_axis=data_axis, heads_axis=head_axis, context_axis=axis)
+  s2 = (s2_family_for_mesh(mesh, data_axis=data_axis, heads_axis=head_axis, context_axis=axis)
+        if route == "s2" else None)
 
   def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
          **options):
