@@ -1,7 +1,8 @@
 """Sharding: named device meshes, parameter/activation rules, context parallelism.
 
 S2 head-sharded context parallelism (softmax attention), a prefix scan of states
-for the linear engine and a halo exchange for the neighborhood engine.
+for the linear engine and a halo exchange for the neighborhood engine;
+``context_parallel(family, mesh)`` picks the route of any registered family.
 """
 from attnjax.sharding.mesh import (AXES, activation_sharding, batch_sharding, check_divisible,
                                    make_mesh, mesh_shape, param_shardings, param_spec)
