@@ -441,7 +441,8 @@ def write_doc(path, rows, meta, analysis):
            "| " + " | ".join(cols + ["notes"]) + " |",
            "|" + "---|" * (len(cols) + 1)]
   for r in rows:
-    note = r.get("note", "") + (f"; ERROR {r['error']}" if "error" in r else "")
+    note = r.get("note", "") + (f"; failed after the columns shown: {r['error']}"
+                                if "error" in r else "")
     lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + f" | {note} |")
   if analysis:
     sink = np.asarray(analysis["sink_mass"])
