@@ -65,6 +65,20 @@ def _positions_tuple(name, positions, length):
   return tuple(int(p) for p in arr)
 
 
+def longformer_mask(seq_len: int, *, window: int = 512, global_positions=None,
+                    causal: bool = False):
+  """Longformer's Mask: ``window // 2`` keys each side, global tokens, optionally causal.
+
+  ``global_positions``: ints or a boolean mask [seq_len] (checked to lie in [0, seq_len)).
+  """
+  V.check_positive_int("window", window, minimum=0)
+  glob = _positions_tuple("global_positions", global_positions, seq_len)
+  mask = SlidingWindow(window // 2, window // 2)
+  if glob:
+    mask = mask | GlobalTokens(glob)
+  return mask & Causal() if causal else mask
+
+
 def longformer_attention(query, key, value, *, window: int = 512, global_positions=None,
                          global_qkv=None, causal: bool = False, **kwargs):
   """Longformer: a symmetric window plus global tokens (Clinical-Longformer, arXiv:2201.11838).
@@ -82,13 +96,8 @@ def longformer_attention(query, key, value, *, window: int = 512, global_positio
     causal: add ``k_pos <= q_pos``.
   """
   d = V.check_qkv(query, key, value)
-  V.check_positive_int("window", window, minimum=0)
   glob = _positions_tuple("global_positions", global_positions, d.S)
-  mask = SlidingWindow(window // 2, window // 2)
-  if glob:
-    mask = mask | GlobalTokens(glob)
-  if causal:
-    mask = mask & Causal()
+  mask = longformer_mask(d.S, window=window, global_positions=glob, causal=causal)
   return_lse = kwargs.get("return_lse", False)
   out = _attend(query, key, value, mask, **kwargs)
   if global_qkv is None or not glob:
@@ -233,6 +242,13 @@ def block_local_attention(query, key, value, *, block_size: int, causal: bool = 
   ``M[i, j] = i // b == j // b`` (and ``j <= i`` when causal);
   ``include_prev_block`` also lets a block see the previous one.
   """
+  mask = block_local_mask(block_size=block_size, causal=causal,
+                          include_prev_block=include_prev_block)
+  return _attend(query, key, value, mask, **kwargs)
+
+
+def block_local_mask(*, block_size: int, causal: bool = True, include_prev_block: bool = False):
+  """The Mask of :func:`block_local_attention`."""
   V.check_positive_int("block_size", block_size)
   mask = SameBlock(block_size)
   if include_prev_block:
@@ -240,9 +256,7 @@ def block_local_attention(query, key, value, *, block_size: int, causal: bool = 
     if not causal:
       raise NotImplementedError(
           "include_prev_block is defined for causal block-local attention only.")
-  if causal:
-    mask = mask & Causal()
-  return _attend(query, key, value, mask, **kwargs)
+  return mask & Causal() if causal else mask
 
 
 class LayerSpec(NamedTuple):

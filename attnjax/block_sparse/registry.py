@@ -14,14 +14,21 @@ def _causal_only(name, causal):
     raise NotImplementedError(f"the {name} family is defined for causal attention only.")
 
 
-def sliding_window(query, key, value, *, causal, q_positions=None, k_positions=None,
-                   segment_ids=None, window: int = 256, left=None, right=None, **kw):
-  """Causal: ``window`` keys (the query and ``window - 1`` before it); non-causal:
-  ``window // 2`` on each side. ``left``/``right`` override."""
+def sliding_window_sides(causal: bool, window: int = 256, left=None, right=None):
+  """(left, right) of the registry's ``window``: causal ``window - 1`` before the query,
+  else ``window // 2`` each side; explicit ``left``/``right`` win."""
   if left is None:
     left = window - 1 if causal else window // 2
   if right is None:
     right = 0 if causal else window // 2
+  return left, right
+
+
+def sliding_window(query, key, value, *, causal, q_positions=None, k_positions=None,
+                   segment_ids=None, window: int = 256, left=None, right=None, **kw):
+  """Causal: ``window`` keys (the query and ``window - 1`` before it); non-causal:
+  ``window // 2`` on each side. ``left``/``right`` override."""
+  left, right = sliding_window_sides(causal, window, left, right)
   return F.sliding_window_attention(query, key, value, left=left, right=right, causal=causal,
                                     q_positions=q_positions, k_positions=k_positions,
                                     segment_ids=segment_ids, **kw)

@@ -30,11 +30,12 @@ from typing import Callable, Dict, Optional
 import numpy as np
 from jax.sharding import Mesh
 
-from attnjax.block_sparse import bigbird_mask
+from attnjax.block_sparse.families import bigbird_mask, block_local_mask, longformer_mask
+from attnjax.block_sparse.registry import sliding_window_sides
 from attnjax.layers import registry
 from attnjax.linear.decay import tnl_decay_slopes
-from attnjax.masks import (Causal, Full, GlobalTokens, Mask, Modality, SameBlock, ShiftedGroups,
-                           SinkWindow, SlidingWindow)
+from attnjax.masks import (Causal, Full, Mask, Modality, ShiftedGroups, SinkWindow,
+                           SlidingWindow)
 from attnjax.sharding.block_sparse_context import context_parallel_block_sparse
 from attnjax.sharding.linear_context import (context_parallel_based_attention,
                                              context_parallel_linear_attention)
@@ -126,15 +127,6 @@ def _causal_only(family, causal):
     raise NotImplementedError(f"the {family} family is defined for causal attention only.")
 
 
-def _global_positions(positions, length):
-  if positions is None:
-    return ()
-  arr = np.asarray(positions)
-  if arr.dtype == bool:
-    arr = np.nonzero(arr.reshape(-1))[0]
-  return tuple(int(p) for p in arr.reshape(-1))
-
-
 def _mask(family: str, causal: bool, N: int, T: int, o: dict) -> Mask:
   """The static Mask of a block-sparse family, as its registry entry builds it."""
   if family == "dense":
@@ -147,17 +139,10 @@ def _mask(family: str, causal: bool, N: int, T: int, o: dict) -> Mask:
     return Causal() & m if causal else m
   if family == "sliding_window":
     _take(o, family, ("window", "left", "right"))
-    w = o.get("window", 256)
-    left = o.get("left", w - 1 if causal else w // 2)
-    right = o.get("right", 0 if causal else w // 2)
-    m = SlidingWindow(left, right)
+    m = SlidingWindow(*sliding_window_sides(causal, **o))
   elif family == "longformer":
     _take(o, family, ("window", "global_positions"))
-    w = o.get("window", 512)
-    m = SlidingWindow(w // 2, w // 2)
-    glob = _global_positions(o.get("global_positions"), T)
-    if glob:
-      m = m | GlobalTokens(glob)
+    return longformer_mask(T, causal=causal, **o)
   elif family == "bigbird":
     _take(o, family, ("block_size", "window_blocks", "num_global_blocks", "num_random_blocks",
                       "seed"))
@@ -180,11 +165,7 @@ def _mask(family: str, causal: bool, N: int, T: int, o: dict) -> Mask:
     return Modality.vision_then_text(o["num_visual"], T - o["num_visual"])
   else:   # block_local
     _take(o, family, ("block_size", "include_prev_block"))
-    b = o["block_size"]
-    m = SameBlock(b)
-    if o.get("include_prev_block", False):
-      _causal_only("block_local (include_prev_block)", causal)
-      m = SameBlock(2 * b) | SameBlock(2 * b, b)
+    return block_local_mask(causal=causal, **o)
   return m & Causal() if causal else m
 
 
