@@ -68,15 +68,14 @@ def _inputs(B, T, N, K, H, dtype, seed=0):
 def check(rows, smoke: bool) -> bool:
   ok = True
   B, T, N, K, H, blk = (1, 128, 4, 2, 16, 32) if smoke else (2, 1024, 8, 2, 128, 64)
-  for dtype in (jnp.float32, jnp.bfloat16):
-    for name, (layout, mask) in (("causal", causal_layout(T, blk)),
-                                 ("s2", s2_layout(T, N, blk, 1, 2))):
-      q, k, v, g = _inputs(B, T, N, K, H, dtype)
-      kern = C.fwd_bwd(lambda q, k, v: block_sparse_pallas(q, k, v, layout, mask=mask), g)
-      ref = C.fwd_bwd(lambda q, k, v: reference_attention(q, k, v, mask=mask), g)
-      f32 = [a.astype(jnp.float32) for a in (q, k, v)]
-      ok &= C.compare(rows, f"block-sparse {name}", kern(q, k, v), ref(*f32), dtype,
-                      "out/dq/dk/dv")
+  cases = (("causal", causal_layout(T, blk)), ("s2", s2_layout(T, N, blk, 1, 2)))
+  for dtype, (name, (layout, mask)) in C.check_cases(smoke, (jnp.float32, jnp.bfloat16), cases):
+    q, k, v, g = _inputs(B, T, N, K, H, dtype)
+    kern = C.fwd_bwd(lambda q, k, v: block_sparse_pallas(q, k, v, layout, mask=mask), g)
+    ref = C.fwd_bwd(lambda q, k, v: reference_attention(q, k, v, mask=mask), g)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    ok &= C.compare(rows, f"block-sparse {name}", kern(q, k, v), ref(*f32), dtype,
+                    "out/dq/dk/dv")
   return ok
 
 

@@ -26,6 +26,15 @@ def fwd_bwd(fn: Callable, cotangent, argnums: int = 3) -> Callable:
   return jax.jit(run)
 
 
+def check_cases(smoke: bool, dtypes: Sequence, cases: Sequence) -> List[tuple]:
+  """(dtype, case) pairs a check runs: every pair on a device; in smoke mode each
+  case once, the dtypes taken in turn (every dtype still appears when there are
+  at least as many cases), which keeps the interpret-mode plumbing test short."""
+  if not smoke:
+    return [(dt, c) for dt in dtypes for c in cases]
+  return [(dtypes[i % len(dtypes)], c) for i, c in enumerate(cases)]
+
+
 def median_time(f: Callable, *args, repeats: int = 5) -> float:
   """Median wall seconds of ``f(*args)`` after one warm-up (compiling) call."""
   jax.block_until_ready(f(*args))

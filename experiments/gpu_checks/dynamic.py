@@ -24,21 +24,20 @@ from pallas_kernels.block_sparse import block_sparse_pallas_indices
 def check(rows, smoke: bool) -> bool:
   B, T, N, K, H, blk, kb = (1, 128, 2, 1, 16, 32, 2) if smoke else (2, 1024, 8, 2, 64, 64, 4)
   ok = True
-  for dtype in (jnp.float32, jnp.bfloat16):
-    for per_kv in (False, True):
-      shapes = [(B, T, N, H), (B, T, K, H), (B, T, K, H), (B, T, N, H)]
-      q, k, v, g = C.normal(jax.random.PRNGKey(3), shapes, dtype)
-      idx, cnt = S.pooled_topk_blocks(q, k, kb, block_q=blk, block_kv=blk,
-                                      per_kv_head=per_kv)
-      kw = dict(block_q=blk, block_kv=blk, mask=M.Causal())
-      got = C.fwd_bwd(lambda q, k, v, i, n: block_sparse_pallas_indices(q, k, v, i, n, **kw),
-                      g)(q, k, v, idx, cnt)
-      ref = lambda q, k, v, i, n: block_sparse_attention_indices(
-          q, k, v, i, n, implementation="reference", **kw)
-      f32 = [a.astype(jnp.float32) for a in (q, k, v)]
-      want = C.fwd_bwd(ref, g.astype(jnp.float32))(*f32, idx, cnt)
-      ok &= C.compare(rows, f"lists per {'kv' if per_kv else 'query'} head", got, want, dtype,
-                      "out/dq/dk/dv")
+  for dtype, per_kv in C.check_cases(smoke, (jnp.float32, jnp.bfloat16), (False, True)):
+    shapes = [(B, T, N, H), (B, T, K, H), (B, T, K, H), (B, T, N, H)]
+    q, k, v, g = C.normal(jax.random.PRNGKey(3), shapes, dtype)
+    idx, cnt = S.pooled_topk_blocks(q, k, kb, block_q=blk, block_kv=blk,
+                                    per_kv_head=per_kv)
+    kw = dict(block_q=blk, block_kv=blk, mask=M.Causal())
+    got = C.fwd_bwd(lambda q, k, v, i, n: block_sparse_pallas_indices(q, k, v, i, n, **kw),
+                    g)(q, k, v, idx, cnt)
+    ref = lambda q, k, v, i, n: block_sparse_attention_indices(
+        q, k, v, i, n, implementation="reference", **kw)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    want = C.fwd_bwd(ref, g.astype(jnp.float32))(*f32, idx, cnt)
+    ok &= C.compare(rows, f"lists per {'kv' if per_kv else 'query'} head", got, want, dtype,
+                    "out/dq/dk/dv")
   return ok
 
 

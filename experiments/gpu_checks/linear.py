@@ -30,22 +30,22 @@ BENCH_T = (8192, 32768)
 def check(rows, smoke: bool) -> bool:
   ok = True
   chunk = 8 if smoke else 64
-  for dtype in (jnp.float32, jnp.bfloat16):
-    for name, T, N, K, H, decay, normalize in (SMOKE_CASES if smoke else CASES):
-      shapes = [(1, T, N, H), (1, T, K, H), (1, T, K, H), (1, T, N, H)]
-      q, k, v, g = C.normal(jax.random.PRNGKey(T + N), shapes, dtype)
-      # Scaled inputs keep the unnormalised sums of O(T) terms in a range
-      # where the bfloat16 comparison measures the kernel, not the overflow.
-      q, k = q * 0.25, k * 0.25
-      fmap = "elu+1" if normalize else "identity"
+  for dtype, (name, T, N, K, H, decay, normalize) in C.check_cases(
+      smoke, (jnp.float32, jnp.bfloat16), SMOKE_CASES if smoke else CASES):
+    shapes = [(1, T, N, H), (1, T, K, H), (1, T, K, H), (1, T, N, H)]
+    q, k, v, g = C.normal(jax.random.PRNGKey(T + N), shapes, dtype)
+    # Scaled inputs keep the unnormalised sums of O(T) terms in a range
+    # where the bfloat16 comparison measures the kernel, not the overflow.
+    q, k = q * 0.25, k * 0.25
+    fmap = "elu+1" if normalize else "identity"
 
-      def attn(q, k, v, impl="pallas", fmap=fmap, decay=decay, normalize=normalize):
-        return linear_attention(q, k, v, feature_map=fmap, decay=decay, normalize=normalize,
-                                chunk_size=chunk, implementation=impl)
-      got = C.fwd_bwd(attn, g)(q, k, v)
-      f32 = [a.astype(jnp.float32) for a in (q, k, v)]
-      want = C.fwd_bwd(lambda *a: attn(*a, impl="reference"), g.astype(jnp.float32))(*f32)
-      ok &= C.compare(rows, f"linear {name}", got, want, dtype, "out/dq/dk/dv")
+    def attn(q, k, v, impl="pallas", fmap=fmap, decay=decay, normalize=normalize):
+      return linear_attention(q, k, v, feature_map=fmap, decay=decay, normalize=normalize,
+                              chunk_size=chunk, implementation=impl)
+    got = C.fwd_bwd(attn, g)(q, k, v)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    want = C.fwd_bwd(lambda *a: attn(*a, impl="reference"), g.astype(jnp.float32))(*f32)
+    ok &= C.compare(rows, f"linear {name}", got, want, dtype, "out/dq/dk/dv")
   return ok
 
 

@@ -38,26 +38,26 @@ def _rpb_shape(N, kernel, D):
 def check(rows, smoke: bool) -> bool:
   B, N, K, H = (1, 2, 1, 16) if smoke else (2, 4, 2, 32)
   ok = True
-  for dtype in (jnp.float32, jnp.bfloat16):
-    for name, spatial, kernel, dil, causal, has_rpb in (SMOKE_CASES if smoke else CASES):
-      D = len(spatial)
-      shapes = [(B,) + spatial + (N, H), (B,) + spatial + (K, H), (B,) + spatial + (K, H),
-                (B,) + spatial + (N, H)]
-      q, k, v, g = C.normal(jax.random.PRNGKey(len(name)), shapes, dtype)
-      args = [q, k, v]
-      if has_rpb:
-        args.append(0.5 * jax.random.normal(jax.random.PRNGKey(7), _rpb_shape(N, kernel, D)))
+  for dtype, (name, spatial, kernel, dil, causal, has_rpb) in C.check_cases(
+      smoke, (jnp.float32, jnp.bfloat16), SMOKE_CASES if smoke else CASES):
+    D = len(spatial)
+    shapes = [(B,) + spatial + (N, H), (B,) + spatial + (K, H), (B,) + spatial + (K, H),
+              (B,) + spatial + (N, H)]
+    q, k, v, g = C.normal(jax.random.PRNGKey(len(name)), shapes, dtype)
+    args = [q, k, v]
+    if has_rpb:
+      args.append(0.5 * jax.random.normal(jax.random.PRNGKey(7), _rpb_shape(N, kernel, D)))
 
-      def attn(q, k, v, rpb=None, impl="pallas"):
-        return neighborhood_attention(q, k, v, kernel_size=kernel, dilation=dil,
-                                      is_causal=causal, rpb=rpb, implementation=impl)
-      n = len(args)
-      got = C.fwd_bwd(attn, g, argnums=n)(*args)
-      f32 = [a.astype(jnp.float32) for a in args]
-      want = C.fwd_bwd(lambda *a: attn(*a, impl="reference"), g.astype(jnp.float32),
-                       argnums=n)(*f32)
-      ok &= C.compare(rows, f"neighborhood {name}", got, want, dtype,
-                      "out/dq/dk/dv" + ("/drpb" if has_rpb else ""))
+    def attn(q, k, v, rpb=None, impl="pallas"):
+      return neighborhood_attention(q, k, v, kernel_size=kernel, dilation=dil,
+                                    is_causal=causal, rpb=rpb, implementation=impl)
+    n = len(args)
+    got = C.fwd_bwd(attn, g, argnums=n)(*args)
+    f32 = [a.astype(jnp.float32) for a in args]
+    want = C.fwd_bwd(lambda *a: attn(*a, impl="reference"), g.astype(jnp.float32),
+                     argnums=n)(*f32)
+    ok &= C.compare(rows, f"neighborhood {name}", got, want, dtype,
+                    "out/dq/dk/dv" + ("/drpb" if has_rpb else ""))
   return ok
 
 
