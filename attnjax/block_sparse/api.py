@@ -85,12 +85,6 @@ def _pallas_supports(call: dispatch.Call, explicit: bool):
       return (f"the block-sparse kernels are not known to compile for this "
               f"{call.platform.upper()} ({call.target or 'not a listed target'})")
     return f"kernels run compiled on TPU/GPU only (this call is placed on {call.platform})"
-  if call["bias"]:
-    return "the kernels take no additive bias"
-  if call["mask_array"]:
-    return "the kernels take no boolean mask array (masks are attnjax Mask objects there)"
-  if call["lengths"]:
-    return "the kernels take no per-batch sequence lengths yet"
   if call["reweight"] or call["row_count"]:
     return "the score needs whole rows (reweight / row_count)"
   if not call["static_scale"]:
@@ -386,28 +380,24 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
     bq, bk, bm0 = P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
     Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
   if implementation == "pallas":
-    if lengths is not None:
-      raise NotImplementedError("implementation='pallas' takes no per-batch sequence lengths "
-                                "yet; use implementation='xla'.")
     blocks = _kernel_blocks(d, query, key, value)
     if blocks is not None and blocks != (bq, bk):
       (bq, bk), bm0 = blocks, None
       Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
-    if bias is not None or mask_arr is not None:
-      raise NotImplementedError(
-          "implementation='pallas' takes neither an additive bias nor a boolean mask array "
-          "(masks are Mask objects there); use implementation='xla'.")
     layout = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
     if Tp != d.T or Sp != d.S:
       raise NotImplementedError(
           f"implementation='pallas' needs lengths divisible by a block size; got T={d.T}, "
           f"S={d.S}.")
     q_off, k_off = offs if offs is not None else (d.S - d.T, 0)
+    q_len, kv_len = lengths if lengths is not None else (None, None)
     return _pallas(query, key, value, LY.layout_from_block_mask(
         layout, d.T, d.S, bq, bk, q_offset=q_off, k_offset=k_off, mask=mask_obj),
                    mask=mask_obj, score=score, scale=scale,
                    q_positions=q_positions, k_positions=k_positions,
-                   segment_ids=segment_ids, return_lse=return_lse)
+                   segment_ids=segment_ids, bias=bias4, mask_array=mask_arr,
+                   query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
+                   return_lse=return_lse)
   bm = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
   return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
                     bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,

@@ -93,23 +93,64 @@ def position_arrays(q_positions, k_positions, d: V.Dims):
   return q_pos, k_pos
 
 
+def pair_array(name, x, d: V.Dims, kind: str):
+  """A bias ("float") or mask array ("bool") broadcastable to [B, N, T, S], as 4-D.
+
+  Returns None for None; the mask comes back as int8 (1 = may attend), a
+  non-float bias as float32.
+  """
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  V.check_broadcastable(name, x, (d.B, d.N, d.T, d.S))
+  if kind == "bool" and x.dtype != jnp.bool_:
+    raise TypeError(f"{name} must be a boolean array (True = may attend), got {x.dtype}.")
+  if kind == "float" and not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)     # as the reference adds it
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  return x.astype(jnp.int8) if kind == "bool" else x
+
+
+def check_lengths(name, x, B: int):
+  """Per-batch sequence lengths as int32 [B], or None (a length >= the sequence keeps
+  everything, one <= 0 keeps nothing)."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  if x.shape != (B,) or not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array of shape [B]=({B},), got "
+                     f"{x.dtype}{list(x.shape)}.")
+  return x.astype(jnp.int32)
+
+
 def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_positions,
-             segment_ids, interpret, tiles=(), tiles_forced=False):
-  """Validates everything; returns (KernelConfig, aux arrays, sinks or None)."""
+             segment_ids, interpret, tiles=(), tiles_forced=False, bias4=None, mask_array=None,
+             lengths=(None, None)):
+  """Validates everything; returns (KernelConfig, Aux, sinks or None).
+
+  ``bias4``: the bias as ``pair_array`` returns it (4-D), or None.
+  """
   d = V.check_qkv(query, key, value)
   _check_layout(layout, d)
   score = check_score(score)
   scale = C.check_static_scale(V.check_scale(scale, d.H))
+  mask4 = pair_array("mask_array", mask_array, d, "bool")
+  q_len = check_lengths("query_seq_lengths", lengths[0], d.B)
+  kv_len = check_lengths("key_value_seq_lengths", lengths[1], d.B)
+  lens = None
+  if q_len is not None or kv_len is not None:
+    lens = (jnp.full((d.B,), d.T, jnp.int32) if q_len is None else q_len,
+            jnp.full((d.B,), d.S, jnp.int32) if kv_len is None else kv_len)
   mask = mask if mask is not None else layout.mask
   listed = np.arange(layout.fwd_indices.shape[-1]) < layout.fwd_counts[..., None]
   any_partial = bool(np.any(listed & ~layout.fwd_full))
   any_full = bool(np.any(layout.fwd_full))
-  if any_partial and mask is None:
+  if any_partial and mask is None and mask4 is None:
     raise ValueError(
         "layout has partial blocks but no mask to evaluate inside them: pass mask= "
-        "(the attnjax Mask the layout was built from).")
+        "(the attnjax Mask the layout was built from) or mask_array=.")
   if not any_partial:
-    mask = None
+    mask = mask4 = None    # full blocks skip the mask and the mask array
   segs = V.check_segment_ids(segment_ids, d)
   if mask is not None and mask.needs_segments and segs is None:
     raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
@@ -139,32 +180,57 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
       pos_batched=(q_pos is not None and q_pos.shape[0] == d.B and d.B > 1,
                    k_pos is not None and k_pos.shape[0] == d.B and d.B > 1),
       out_dtype=jnp.float32 if sinks is not None else query.dtype,
-      interpret=interpret, tiles=tiles)
+      interpret=interpret, tiles=tiles, has_lengths=lens is not None,
+      bias_shape=None if bias4 is None else tuple(bias4.shape),
+      mask_shape=None if mask4 is None else tuple(mask4.shape))
   cfg = fit_config(cfg, query, key, value, tiles_forced)
-  aux = (q_pos, k_pos) + (segs if segs is not None else (None, None))
+  aux = C.Aux(q_pos, k_pos, *(segs if segs is not None else (None, None)), mask4, lens)
   return cfg, aux, sinks
 
 
 def _make_attention(cfg, lists, module):
-  """custom_vjp function (q, k, v, aux, sinks) -> (out [B,T,N,Hv], lse [B,N,T]).
+  """custom_vjp function (q, k, v, aux, sinks, bias) -> (out [B,T,N,Hv], lse [B,N,T]).
 
   ``lists``: the kernel block lists of a static layout (``module.prepare_lists``).
   """
   attend = make_attention(cfg, module, lambda lists, backward: lists)
-  return lambda q, k, v, aux, sinks: attend(q, k, v, aux, sinks, lists)
+  return lambda q, k, v, aux, sinks, bias=None: attend(q, k, v, aux, sinks, lists, bias)
+
+
+def _unwrap(x):
+  return x.value if isinstance(x, jax.custom_derivatives.CustomVJPPrimal) else x
+
+
+def _dense_cotangent(ct, like):
+  if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+    return jnp.zeros(like.shape, like.dtype)
+  return ct
+
+
+def reduce_pair_grad(ds, shape, dtype):
+  """dS [B, N, T, S] float32 summed over the dims where the bias broadcasts (size 1)."""
+  axes = tuple(a for a in range(4) if shape[a] == 1 and ds.shape[a] != 1)
+  if axes:
+    ds = jnp.sum(ds, axis=axes, keepdims=True)
+  return ds.astype(dtype)
 
 
 def make_attention(cfg, module, expand):
-  """custom_vjp function (q, k, v, aux, sinks, lists) -> (out [B,T,N,Hv], lse [B,N,T]).
+  """custom_vjp function (q, k, v, aux, sinks, lists, bias) -> (out [B,T,N,Hv], lse [B,N,T]).
 
   ``lists`` is a pytree of integer arrays (no gradient);
   ``expand(lists, backward)`` turns it into the dict the module's kernels read
   (with the backward lists too when ``backward``). Static layouts pass their
-  finished lists; run-time lists are expanded under jit.
+  finished lists; run-time lists are expanded under jit. ``aux`` is a
+  ``common.Aux`` (no gradient); ``bias`` the 4-D additive bias or None. The
+  bias gradient is computed only when the bias is differentiated: the dQ
+  kernel then also writes dL/d(logits) of the visited blocks into a float32
+  [B, N, T, S] array (zeros elsewhere), which is summed over the bias's
+  broadcast dims.
   """
 
-  def fwd_impl(q, k, v, aux, sinks, lists):
-    out, lse = module.forward(cfg, expand(lists, False), q, k, v, aux)
+  def fwd_impl(q, k, v, aux, sinks, lists, bias):
+    out, lse = module.forward(cfg, expand(lists, False), q, k, v, aux, bias)
     if sinks is not None:
       lse_all = jnp.logaddexp(lse, sinks[None, :, None])
       w = jnp.where(lse == C.NEG_INF, 0.0, jnp.exp(lse - lse_all))   # NaN stays NaN
@@ -173,35 +239,45 @@ def make_attention(cfg, module, expand):
     return out.astype(q.dtype), lse
 
   @jax.custom_vjp
-  def attend(q, k, v, aux, sinks, lists):
-    return fwd_impl(q, k, v, aux, sinks, lists)
+  def attend(q, k, v, aux, sinks, lists, bias=None):
+    return fwd_impl(q, k, v, aux, sinks, lists, bias)
 
-  def attend_fwd(q, k, v, aux, sinks, lists):
-    out, lse = fwd_impl(q, k, v, aux, sinks, lists)
-    return (out, lse), (q, k, v, aux, sinks, lists, out, lse)
+  def attend_fwd(q, k, v, aux, sinks, lists, bias=None):
+    # symbolic_zeros: each leaf arrives as CustomVJPPrimal(value, perturbed)
+    want_dbias = bias is not None and bool(getattr(bias, "perturbed", False))
+    q, k, v, aux, sinks, lists, bias = jax.tree_util.tree_map(
+        _unwrap, (q, k, v, aux, sinks, lists, bias),
+        is_leaf=lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal))
+    out, lse = fwd_impl(q, k, v, aux, sinks, lists, bias)
+    flag = () if want_dbias else None   # a static marker in the residuals' structure
+    return (out, lse), (q, k, v, aux, sinks, lists, bias, out, lse, flag)
 
   def attend_bwd(res, cts):
-    q, k, v, aux, sinks, lists, out, lse = res
+    q, k, v, aux, sinks, lists, bias, out, lse, flag = res
     d_out, d_lse = cts
-    d_out = d_out.astype(q.dtype)
+    d_out = _dense_cotangent(d_out, out).astype(q.dtype)
+    d_lse = _dense_cotangent(d_lse, lse)
     delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if cfg.normalization != "none":
       delta = delta - d_lse.astype(jnp.float32)
-    dq, dk, dv = module.backward(cfg, expand(lists, True), q, k, v, aux, d_out, lse, delta)
+    dq, dk, dv, ds = module.backward(cfg, expand(lists, True), q, k, v, aux, bias, d_out, lse,
+                                     delta, flag is not None)
+    d_bias = None if ds is None else reduce_pair_grad(ds, bias.shape, bias.dtype)
     d_sinks = None
     if sinks is not None:
       p_sink = jnp.where(lse == C.NEG_INF, 0.0, jnp.exp(sinks[None, :, None] - lse))
       d_sinks = -jnp.sum(p_sink * delta, axis=(0, 2))
     d_aux = jax.tree_util.tree_map(lambda _: None, aux)
     d_lists = jax.tree_util.tree_map(lambda _: None, lists)
-    return dq, dk, dv, d_aux, d_sinks, d_lists
+    return dq, dk, dv, d_aux, d_sinks, d_lists, d_bias
 
-  attend.defvjp(attend_fwd, attend_bwd)
+  attend.defvjp(attend_fwd, attend_bwd, symbolic_zeros=True)
   return attend
 
 
 def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, scale=None,
-                        q_positions=None, k_positions=None, segment_ids=None,
+                        q_positions=None, k_positions=None, segment_ids=None, bias=None,
+                        mask_array=None, query_seq_lengths=None, key_value_seq_lengths=None,
                         return_lse=False, interpret=None, backend=None, tiles=None):
   """Block-sparse flash attention with the Pallas TPU (Mosaic) or GPU (Triton) kernels.
 
@@ -221,6 +297,23 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
       come from iota and must match the layout's offsets (bottom-right aligned).
       With explicit positions the layout must list every visible block.
     segment_ids: [B, T] (T == S) or a pair ([B, T], [B, S]).
+    bias: additive float array broadcastable to [B, N, T, S], added to the
+      scaled logits before the score transform. The kernels read it tile by
+      tile (broadcast dims of size 1 are read as such, never expanded). It is
+      differentiable: when it is differentiated, the dQ kernel also writes
+      the logit gradients of the visited blocks into a float32 [B, N, T, S]
+      array, summed over the bias's broadcast dims (so a differentiated bias
+      costs B*N*T*S*4 bytes of HBM; an undifferentiated one costs nothing).
+    mask_array: boolean array broadcastable to [B, N, T, S] (True = may
+      attend), combined (and) with ``mask``; read tile by tile as int8 on
+      the layout's partial blocks only (full blocks skip it, as they skip
+      ``mask``), so every block where the array has a False must be partial
+      in ``layout`` (``attnjax``'s entry points build the layout that way).
+    query_seq_lengths, key_value_seq_lengths: int [B] (padded batches):
+      queries at index >= ``query_seq_lengths[b]`` see no key (zeros, lse =
+      -inf, zero gradients), keys at index >= ``key_value_seq_lengths[b]``
+      are seen by no query. Blocks wholly past a length are neither computed
+      nor (TPU) copied; the blocks across it are masked element-wise.
     return_lse: also return lse [B, T, N] float32 (differentiable).
     interpret: None = interpret unless running on the backend's platform.
     backend: "tpu" | "gpu" | None (the platform's; "tpu" on CPU).
@@ -237,16 +330,18 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
   kernel_tiles = ()
   if backend == "gpu":
     kernel_tiles = _gpu_tiles(tiles, layout.block_q, layout.block_kv, interpret)
-  cfg, aux, sinks = _prepare(query, key, value, layout, mask, score, scale, q_positions,
-                             k_positions, segment_ids, interpret, kernel_tiles,
-                             tiles_forced=tiles is not None)
+  bias4 = pair_array("bias", bias, V.check_qkv(query, key, value), "float")
+  cfg, aux, sinks = _prepare(
+      query, key, value, layout, mask, score, scale, q_positions, k_positions, segment_ids,
+      interpret, kernel_tiles, tiles_forced=tiles is not None, bias4=bias4, mask_array=mask_array,
+      lengths=(query_seq_lengths, key_value_seq_lengths))
   if return_lse and cfg.normalization == "none":
     raise ValueError(
         "return_lse is undefined for unnormalised scores (normalization='none'): "
         "their outputs do not merge through a log-sum-exp.")
   module = _MODULES[backend]
   attend = _make_attention(cfg, module.prepare_lists(layout), module)
-  out, lse = attend(query, key, value, aux, sinks)
+  out, lse = attend(query, key, value, aux, sinks, bias4)
   if return_lse:
     return out, jnp.swapaxes(lse, 1, 2)
   return out

@@ -4,9 +4,11 @@ Both backends (``tpu.py``: Mosaic, ``gpu.py``: Triton) run the same per-block
 arithmetic, written here on plain ``jnp`` values so it lowers through either
 compiler and through the interpreters:
 
-- ``block_logits``: scaled ``q @ k^T`` in float32, the score transform, and
-  the element visibility (mask predicate on positions from iota or arrays,
-  segment ids) - evaluated only on partial blocks; full blocks skip the mask.
+- ``block_logits``: scaled ``q @ k^T`` in float32 plus the additive bias tile,
+  the score transform, and the element visibility (mask predicate on
+  positions from iota or arrays, segment ids, the boolean mask-array tile,
+  the per-batch sequence lengths) - evaluated only on partial blocks; full
+  blocks skip the mask.
 - ``online_update``: one step of the flash recurrence (running max for
   softmax; plain sums for the ``"sum"``/``"none"`` normalisations).
 - ``block_grads``: gradients of one block with respect to the raw logits and
@@ -18,7 +20,7 @@ are [bq, 1] float32 (running max and normaliser), ``acc`` [bq, Hv] float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,10 @@ class KernelConfig:
     smem_list_entries: TPU: most list entries (code + counts, padded) one
       pallas_call may scalar-prefetch; longer lists are cut into several calls
       over the q-block (forward, dQ) or k-block (dK/dV) axis. 0 = no limit.
+    has_lengths: per-batch sequence lengths are given (``Aux.lens``): blocks
+      past them are not visited, blocks across them are masked element-wise.
+    bias_shape, mask_shape: the 4-D shapes [Bx, Nx, Tx, Sx] (each dim 1 or the
+      full size) of the additive bias and of the boolean mask array, or None.
   """
   B: int
   T: int
@@ -95,6 +101,14 @@ class KernelConfig:
   lists_batched: bool = False
   vmem_limit_bytes: Optional[int] = None
   smem_list_entries: int = 0
+  has_lengths: bool = False
+  bias_shape: Optional[tuple] = None
+  mask_shape: Optional[tuple] = None
+
+  @property
+  def masks_blocks(self) -> bool:
+    """Some visited block may need the element mask (layout partial or lengths)."""
+    return self.any_partial or self.has_lengths
 
   @property
   def nq(self) -> int:
@@ -112,6 +126,41 @@ class KernelConfig:
   @property
   def normalization(self) -> str:
     return self.score.normalization
+
+
+class Aux(NamedTuple):
+  """Non-differentiable side inputs of the kernels.
+
+  q_pos [Bp, T], k_pos [Bp, S] int32 or None; q_seg [B, T], k_seg [B, S] or
+  None; mask: int8 [Bx, Nx, Tx, Sx] (nonzero = may attend) or None; lens:
+  (q_len, kv_len) int32 [B] each, or None.
+  """
+  q_pos: Any = None
+  k_pos: Any = None
+  q_seg: Any = None
+  k_seg: Any = None
+  mask: Any = None
+  lens: Any = None
+
+
+def pair_index(shape, b, h, i, kb):
+  """Block index of a [Bx, Nx, Tx, Sx] pair array (bias / mask) for block (b, h, i, kb).
+
+  Broadcast dims (size 1) always read block 0.
+  """
+  return tuple(x if n > 1 else 0 for x, n in zip((b, h, i, kb), shape))
+
+
+def pair_block(shape, bq: int, bk: int):
+  """[rows, cols] block shape of a pair array: 1 where the array broadcasts."""
+  return (bq if shape[2] > 1 else 1, bk if shape[3] > 1 else 1)
+
+
+def length_visibility(q_start, bq: int, k_start, bk: int, q_len, kv_len):
+  """[bq, bk] bool: query index < q_len and key index < kv_len (indices, not positions)."""
+  qi = lax.broadcasted_iota(jnp.int32, (bq, 1), 0) + q_start
+  ki = lax.broadcasted_iota(jnp.int32, (1, bk), 1) + k_start
+  return (qi < q_len) & (ki < kv_len)
 
 
 def list_head(cfg: KernelConfig, h):
@@ -165,29 +214,50 @@ def _transform(cfg: KernelConfig, raw, head, q_pos, k_pos):
   return cfg.score.transform(raw, head=head, q_pos=q_pos, k_pos=k_pos, row_count=None)
 
 
-def visibility(cfg: KernelConfig, head, q_pos, k_pos, q_seg, k_seg, full: bool):
+def visibility(cfg: KernelConfig, head, q_pos, k_pos, q_seg, k_seg, full: bool,
+               mask_tile=None, len_vis=None):
   """Element visibility [bq, bk] of one block, or None when nothing is masked.
 
-  ``full`` blocks skip the mask predicate; the segment-id test still applies
-  to them when segment ids are given and the mask does not read them.
+  ``full`` blocks skip the mask predicate, the mask-array tile and the length
+  test; the segment-id test still applies to them when segment ids are given
+  and the mask does not read them. ``mask_tile``: the block's tile of the
+  boolean mask array (int8, broadcastable to [bq, bk]); ``len_vis``: the
+  block's ``length_visibility``.
   """
   vis = None
+  shape = (q_pos.shape[0], k_pos.shape[1])
   reads_segments = cfg.mask is not None and cfg.mask.needs_segments
   if not full:
-    if reads_segments:
-      vis = cfg.mask.predicate(head, q_pos, k_pos, q_seg, k_seg)
-    else:
-      vis = cfg.mask.predicate(head, q_pos, k_pos)
-    vis = jnp.broadcast_to(jnp.asarray(vis, jnp.bool_), (q_pos.shape[0], k_pos.shape[1]))
+    if cfg.mask is not None:
+      if reads_segments:
+        vis = cfg.mask.predicate(head, q_pos, k_pos, q_seg, k_seg)
+      else:
+        vis = cfg.mask.predicate(head, q_pos, k_pos)
+      vis = jnp.broadcast_to(jnp.asarray(vis, jnp.bool_), shape)
+    for extra in (mask_tile, len_vis):
+      if extra is not None:
+        extra = jnp.broadcast_to(extra != 0 if extra.dtype != jnp.bool_ else extra, shape)
+        vis = extra if vis is None else vis & extra
   if cfg.has_segments and (cfg.segment_test_on_full or not full) and not reads_segments:
     same = q_seg == k_seg
     vis = same if vis is None else vis & same
   return vis
 
 
-def block_logits(cfg: KernelConfig, q, k, head, q_pos, k_pos):
-  """Raw scaled logits [bq, bk] float32 and their transform."""
+def _raw(cfg: KernelConfig, q, k, bias_tile):
   raw = dot_nt(q, k) * cfg.scale
+  if bias_tile is not None:
+    raw = raw + bias_tile.astype(jnp.float32)
+  return raw
+
+
+def block_logits(cfg: KernelConfig, q, k, head, q_pos, k_pos, bias_tile=None):
+  """Raw scaled (and biased) logits [bq, bk] float32 and their transform.
+
+  ``bias_tile``: the block's tile of the additive bias (broadcastable to
+  [bq, bk]), added before the score transform, as the reference does.
+  """
+  raw = _raw(cfg, q, k, bias_tile)
   return raw, _transform(cfg, raw, head, q_pos, k_pos)
 
 
@@ -228,19 +298,23 @@ def finalize(cfg: KernelConfig, m, l, acc):
   return jnp.where(empty, 0.0, out), lse
 
 
-def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_pos):
+def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_pos,
+                bias_tile=None, with_dlogits=False):
   """Per-block backward quantities.
 
   Args:
     q [bq, H], k [bk, H], v [bk, Hv], do [bq, Hv]; lse, delta [bq, 1] float32
       (``delta`` = rowsum(dO * O) - dlse, see ``api.py``).
     vis: [bq, bk] bool or None.
+    bias_tile: the block's bias tile (broadcastable to [bq, bk]) or None.
+    with_dlogits: also return dL/d(biased logits) (the bias gradient tile).
 
   Returns:
     (ds [bq, bk] float32: dL/d(raw logits) already multiplied by the scale,
-     p [bq, bk] float32: the normalised weights, for dV = p^T dO).
+     p [bq, bk] float32: the normalised weights, for dV = p^T dO), plus
+    dL/d(logits) [bq, bk] float32 when ``with_dlogits``.
   """
-  raw = dot_nt(q, k) * cfg.scale
+  raw = _raw(cfg, q, k, bias_tile)
   dp = dot_nt(do, v)
   norm = cfg.normalization
   finite = lse != NEG_INF
@@ -273,6 +347,8 @@ def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_
     if vis is not None:
       dsx = jnp.where(vis, dsx, 0.0)
   ds = dsx if pullback is None else pullback(dsx)[0]
+  if with_dlogits:
+    return ds * cfg.scale, p, ds
   return ds * cfg.scale, p
 
 
@@ -280,6 +356,25 @@ def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_
 def encoded_lists(indices: np.ndarray, full: np.ndarray) -> np.ndarray:
   """Packs block indices and full flags into one int32: ``2 * index + full``."""
   return (indices.astype(np.int64) * 2 + full.astype(np.int64)).astype(np.int32)
+
+
+def ascending_lists(indices: np.ndarray, full: np.ndarray, counts: np.ndarray):
+  """Padded lists with each row's listed entries in ascending block order.
+
+  Entries past a row's count repeat its last listed entry (0 for an empty
+  row). With lengths, the kernels keep a prefix of each row (the blocks that
+  start inside the length), which needs ascending rows.
+  """
+  width = indices.shape[-1]
+  listed = np.arange(width) < counts[..., None]
+  key = np.where(listed, indices.astype(np.int64), np.iinfo(np.int64).max)
+  order = np.argsort(key, axis=-1, kind="stable")
+  idx = np.take_along_axis(indices, order, -1)
+  fl = np.take_along_axis(full, order, -1)
+  last = np.maximum(counts - 1, 0)[..., None]
+  idx = np.where(listed, idx, np.take_along_axis(idx, last, -1) * (counts[..., None] > 0))
+  fl = listed & fl
+  return idx.astype(np.int32), fl, counts
 
 
 def decode(code):

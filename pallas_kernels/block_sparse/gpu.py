@@ -33,6 +33,16 @@ Run-time lists (``runtime.py``) add a batch axis to the row arrays
 (``cfg.lists_batched``); the row BlockSpecs then index it with the grid's
 batch coordinate.
 
+Padded batches: each program also reads, for its row and batch element, how
+many listed blocks start inside the lengths and how many of the full ones lie
+wholly inside them (lists are ascending within the full and the partial
+parts, so these are prefixes): the walk visits full blocks inside the lengths
+unmasked, the other kept blocks masked with the length test, and skips the
+rest. Additive bias and boolean mask arrays ([Bx, Nx, Tx, Sx], dims of 1
+broadcast) are read per tile pair as strided loads; the mask as int8. When
+the bias is differentiated the dQ kernel also stores each visited tile's
+logit gradient into a zero-initialised (aliased) [B, N, T, S] float32 array.
+
 Compiled use needs power-of-two tiles >= 16; head dims that are not a power
 of two are zero-padded (exact).
 """
@@ -104,7 +114,7 @@ def _padded_dims(cfg):
 
 def _side(cfg, aux, q_spec_fn, k_spec_fn):
   """Position / segment arrays with BlockSpecs; returns (arrays, specs, names)."""
-  q_pos, k_pos, q_seg, k_seg = aux
+  q_pos, k_pos, q_seg, k_seg = aux[:4]
   items = []
   if cfg.has_q_pos:
     items.append(("q_pos", q_pos, cfg.pos_batched[0], q_spec_fn))
@@ -148,11 +158,11 @@ def _context(cfg, side, q_start, tq, k_start, tk, q_local, k_local):
   return qp, kp, qs, ks
 
 
-def _walk(cfg, entry, n_full, n_listed, sub_tiles, visit, carry):
-  """Runs visit(block, sub_tile, is_full, carry) over a list row.
+def _walk(cfg, entry, ranges, sub_tiles, visit, carry):
+  """Runs visit(block, sub_tile, is_full, carry) over list entries.
 
-  ``entry(j)`` reads the j-th listed block; full blocks (the first
-  ``n_full``) and partial ones run in two separate branch-free loops.
+  ``entry(j)`` reads the j-th listed block; ``ranges``: [(lo, hi, is_full)]
+  entry ranges, each walked by its own branch-free loop (``_ranges``).
   """
   def loop(lo, hi, is_full, carry):
     def one(j, c):
@@ -162,11 +172,83 @@ def _walk(cfg, entry, n_full, n_listed, sub_tiles, visit, carry):
       return lax.fori_loop(0, sub_tiles, lambda s, c2: visit(blk, s, is_full, c2), c)
     return lax.fori_loop(lo, hi, one, carry)
 
-  if cfg.any_full:
-    carry = loop(0, n_full, True, carry)
-  if cfg.any_partial:
-    carry = loop(n_full, n_listed, False, carry)
+  for lo, hi, is_full in ranges:
+    carry = loop(lo, hi, is_full, carry)
   return carry
+
+
+def _ranges(cfg, n_full, n_listed, kept, live):
+  """[(lo, hi, is_full)] of a list row.
+
+  Without lengths: the full blocks, then the partial ones. With lengths
+  (``kept`` = the row's (full inside, full kept, partial kept) counts;
+  ``live``: the program's tile starts inside its length): full blocks
+  inside both lengths, full blocks across one (masked), partial blocks kept.
+  """
+  if not cfg.has_lengths:
+    return (([(0, n_full, True)] if cfg.any_full else [])
+            + ([(n_full, n_listed, False)] if cfg.any_partial else []))
+  f_in, f_kept, p_kept = (jnp.where(live, x, 0) for x in kept)
+  out = []
+  if cfg.any_full:
+    out += [(0, f_in, True), (f_in, f_kept, False)]
+  if cfg.any_partial:
+    out.append((n_full, n_full + p_kept, False))
+  return out
+
+
+def _length_rows(cfg, rows, lens, forward):
+  """[B, Hl, n, 8] int32: per batch element and list row (full inside, full kept,
+  partial kept, q_len, kv_len, 0, 0, 0).
+
+  ``rows`` [Hl, n, 2 + width] as ``_rows`` makes them; rows are q-blocks
+  (entries k-blocks) when ``forward``, else the reverse.
+  """
+  q_len, kv_len = lens
+  n_full, n_listed, idx = rows[..., 0:1], rows[..., 1:2], rows[..., 2:]
+  j = jnp.arange(idx.shape[-1], dtype=jnp.int32)
+  is_full, is_part = j < n_full, (j >= n_full) & (j < n_listed)
+  row_len, ent_len = (q_len, kv_len) if forward else (kv_len, q_len)
+  rs, es = (cfg.block_q, cfg.block_kv) if forward else (cfg.block_kv, cfg.block_q)
+  r = jnp.arange(rows.shape[1], dtype=jnp.int32)[None, None, :, None]
+  bl = lambda x: x[:, None, None, None]
+  row_in, row_kept = (r + 1) * rs <= bl(row_len), r * rs < bl(row_len)
+  ent_in, ent_kept = (idx[None] + 1) * es <= bl(ent_len), idx[None] * es < bl(ent_len)
+  count = lambda m: jnp.sum(m, axis=-1, dtype=jnp.int32)
+  f_in = count(is_full & ent_in & row_in)
+  f_kept = count(is_full & ent_kept & row_kept)
+  p_kept = count(is_part & ent_kept & row_kept)
+  shape = f_in.shape
+  qk = [jnp.broadcast_to(bl(x)[..., 0], shape) for x in (q_len, kv_len)]
+  zero = jnp.zeros(shape, jnp.int32)
+  return jnp.stack([f_in, f_kept, p_kept] + qk + [zero] * 3, -1)
+
+
+def _pair_arrays(cfg, aux, bias):
+  """[(name, 4-D array, shape)] of the bias and mask array present."""
+  return [(name, x, shape) for name, x, shape in
+          (("bias", bias, cfg.bias_shape), ("mask", aux.mask, cfg.mask_shape))
+          if shape is not None]
+
+
+def _row_pair(cfg, aux, bias, tq):
+  """Bias / mask operands for the row kernels (grid (i, b, h)): [tq|1, S|1] blocks."""
+  arrays, specs, names = [], [], []
+  for name, x, shape in _pair_arrays(cfg, aux, bias):
+    block = (tq if shape[2] > 1 else 1, shape[3])
+    arrays.append(x)
+    specs.append(pl.BlockSpec((None, None) + block,
+                              lambda i, b, h, shape=shape: C.pair_index(shape, b, h, i, 0)))
+    names.append(name)
+  return arrays, specs, names
+
+
+def _row_tile(side, name, shape, k_start, tk):
+  """The [tq|1, tk|1] tile of a row kernel's pair block at key ``k_start``."""
+  if name not in side:
+    return None
+  ref = side[name]
+  return ref[:, pl.ds(k_start, tk)] if shape[3] > 1 else ref[...]
 
 
 # -- forward -------------------------------------------------------------------
@@ -177,6 +259,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rows_ref, *refs, cfg, names):
   it, h = pl.program_id(0), pl.program_id(2)
   q_start = it * tq
   q = q_ref[...]
+  lens = (side["lens"][3], side["lens"][4]) if cfg.has_lengths else None
 
   def visit(kb, sub, is_full, carry):
     m, l, acc = carry
@@ -184,17 +267,41 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rows_ref, *refs, cfg, names):
     sl = pl.ds(k_start, tk)
     k, v = k_ref[sl, :], v_ref[sl, :]
     qp, kp, qs, ks = _context(cfg, side, q_start, tq, k_start, tk, True, False)
-    _, s = C.block_logits(cfg, q, k, h, qp, kp)
-    vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full)
+    _, s = C.block_logits(cfg, q, k, h, qp, kp,
+                          _row_tile(side, "bias", cfg.bias_shape, k_start, tk))
+    vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full,
+                       _row_tile(side, "mask", cfg.mask_shape, k_start, tk),
+                       _len_vis(lens, is_full, q_start, tq, k_start, tk))
     return C.online_update(cfg, s, vis, v, m, l, acc)
 
   init = (jnp.full((tq, 1), C.NEG_INF, jnp.float32), jnp.zeros((tq, 1), jnp.float32),
           jnp.zeros((tq, o_ref.shape[-1]), jnp.float32))
-  m, l, acc = _walk(cfg, lambda j: rows_ref[j + 2], rows_ref[0], rows_ref[1],
+  m, l, acc = _walk(cfg, lambda j: rows_ref[j + 2],
+                    _row_ranges(cfg, rows_ref, side, q_start, lens),
                     cfg.block_kv // tk, visit, init)
   out, lse = C.finalize(cfg, m, l, acc)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
+
+
+def _len_vis(lens, is_full, q_start, tq, k_start, tk):
+  if lens is None or is_full:
+    return None
+  return C.length_visibility(q_start, tq, k_start, tk, *lens)
+
+
+def _row_ranges(cfg, rows_ref, side, q_start, lens):
+  kept = None
+  if cfg.has_lengths:
+    kept = (side["lens"][0], side["lens"][1], side["lens"][2])
+  live = None if lens is None else q_start < lens[0]
+  return _ranges(cfg, rows_ref[0], rows_ref[1], kept, live)
+
+
+def _lens_spec(cfg, rq):
+  """BlockSpec of a row program's [8] length entry (``_length_rows``)."""
+  return pl.BlockSpec((None, None, None, 8),
+                      lambda i, b, h: (b, C.list_head(cfg, h), i // rq, 0))
 
 
 def _row_spec(cfg, rows, rq):
@@ -215,7 +322,7 @@ def _col_spec(cfg, rows_b, rk):
                       lambda kt, b, kh: (0, kt // rk, 0))
 
 
-def forward(cfg, lists, q, k, v, aux):
+def forward(cfg, lists, q, k, v, aux, bias=None):
   """q [B,T,N,H] ... -> (out [B,T,N,Hv] cfg.out_dtype, lse [B,N,T] float32)."""
   check_tiles(cfg)
   Hp, Hvp = _padded_dims(cfg)
@@ -224,6 +331,13 @@ def forward(cfg, lists, q, k, v, aux):
   G, S = cfg.G, cfg.S
   rows = lists["fwd_rows"]
   side_arrays, side_specs, names = _side(cfg, aux, _tile_side(tq, 1, 0), _full_side(S, 1))
+  pair_arrays, pair_specs, pair_names = _row_pair(cfg, aux, bias, tq)
+  side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
+                                    names + pair_names)
+  if cfg.has_lengths:
+    side_arrays.append(_length_rows(cfg, rows, aux.lens, True))
+    side_specs.append(_lens_spec(cfg, rq))
+    names.append("lens")
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names)),
       grid=(cfg.T // tq, cfg.B, cfg.N),
@@ -245,26 +359,36 @@ def forward(cfg, lists, q, k, v, aux):
 
 
 # -- backward: dQ ------------------------------------------------------------------
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs, cfg, names):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs, cfg, names,
+               with_ds):
   side = dict(zip(names, refs[:len(names)]))
-  (dq_ref,) = refs[len(names):]
+  refs = refs[len(names):]
+  if with_ds:   # the aliased zeros input of dS (never read)
+    refs = refs[1:]
+  dq_ref, ds_ref = (refs[0], refs[1]) if with_ds else (refs[0], None)
   (tq, tk) = cfg.tiles[1]
   it, h = pl.program_id(0), pl.program_id(2)
   q_start = it * tq
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+  lens = (side["lens"][3], side["lens"][4]) if cfg.has_lengths else None
 
   def visit(kb, sub, is_full, dq):
     k_start = kb * cfg.block_kv + sub * tk
     sl = pl.ds(k_start, tk)
     k, v = k_ref[sl, :], v_ref[sl, :]
     qp, kp, qs, ks = _context(cfg, side, q_start, tq, k_start, tk, True, False)
-    vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full)
-    ds, _ = C.block_grads(cfg, q, k, v, do, lse, delta, vis, h, qp, kp)
-    return dq + C.dot_nn(ds.astype(k.dtype), k)
+    vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full,
+                       _row_tile(side, "mask", cfg.mask_shape, k_start, tk),
+                       _len_vis(lens, is_full, q_start, tq, k_start, tk))
+    grads = C.block_grads(cfg, q, k, v, do, lse, delta, vis, h, qp, kp,
+                          _row_tile(side, "bias", cfg.bias_shape, k_start, tk), with_ds)
+    if with_ds:
+      ds_ref[:, sl] = grads[2]
+    return dq + C.dot_nn(grads[0].astype(k.dtype), k)
 
-  dq = _walk(cfg, lambda j: rows_ref[j + 2], rows_ref[0], rows_ref[1], cfg.block_kv // tk,
-             visit, jnp.zeros(dq_ref.shape, jnp.float32))
+  dq = _walk(cfg, lambda j: rows_ref[j + 2], _row_ranges(cfg, rows_ref, side, q_start, lens),
+             cfg.block_kv // tk, visit, jnp.zeros(dq_ref.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -280,6 +404,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs
   def head_loop(g, carry):
     h = kh * cfg.G + g
     lh = C.list_head(cfg, h)
+    lens = (side["lens"][lh, 3], side["lens"][lh, 4]) if cfg.has_lengths else None
+
+    def pair(name, shape, q_start):
+      if name not in side:
+        return None
+      return side[name][g if shape[1] > 1 else 0,
+                        pl.ds(q_start, tq) if shape[2] > 1 else slice(None), :]
 
     def visit(qb, sub, is_full, carry):
       dk, dv = carry
@@ -288,11 +419,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs
       q, do = q_ref[sl, g, :], do_ref[sl, g, :]
       lse, delta = lse_ref[g, sl][:, None], delta_ref[g, sl][:, None]
       qp, kp, qs, ks = _context(cfg, side, q_start, tq, k_start, tk, False, True)
-      vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full)
-      ds, p = C.block_grads(cfg, q, k, v, do, lse, delta, vis, h, qp, kp)
+      vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full, pair("mask", cfg.mask_shape, q_start),
+                         _len_vis(lens, is_full, q_start, tq, k_start, tk))
+      ds, p = C.block_grads(cfg, q, k, v, do, lse, delta, vis, h, qp, kp,
+                            pair("bias", cfg.bias_shape, q_start))
       return dk + C.dot_tn(ds.astype(q.dtype), q), dv + C.dot_tn(p.astype(do.dtype), do)
 
-    return _walk(cfg, lambda j: rows_ref[lh, j + 2], rows_ref[lh, 0], rows_ref[lh, 1],
+    kept = live = None
+    if cfg.has_lengths:
+      kept = tuple(side["lens"][lh, c] for c in range(3))
+      live = k_start < lens[1]
+    return _walk(cfg, lambda j: rows_ref[lh, j + 2],
+                 _ranges(cfg, rows_ref[lh, 0], rows_ref[lh, 1], kept, live),
                  cfg.block_q // tq, visit, carry)
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
@@ -301,21 +439,57 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(cfg, lists, q, k, v, aux, do, lse, delta):
-  """Gradients (dq, dk, dv) in the input dtypes; lse/delta are [B, N, T] float32."""
+def _col_pair(cfg, aux, bias, tk):
+  """Bias / mask operands of the dK/dV kernel (grid (kt, b, kh)) as [Bx, K|1, G|1, Tx, Sx]
+  arrays with [G|1, T|1, tk|1] blocks."""
+  arrays, specs, names = [], [], []
+  for name, x, shape in _pair_arrays(cfg, aux, bias):
+    Bx, Nx, Tx, Sx = shape
+    heads = (cfg.K, cfg.G) if Nx > 1 else (1, 1)
+    arrays.append(x.reshape(Bx, *heads, Tx, Sx))
+    block = (None, None, heads[1], Tx, tk if Sx > 1 else 1)
+    specs.append(pl.BlockSpec(block, lambda kt, b, kh, shape=shape: (
+        b if shape[0] > 1 else 0, kh if shape[1] > 1 else 0, 0, 0, kt if shape[3] > 1 else 0)))
+    names.append(name)
+  return arrays, specs, names
+
+
+def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
+  """Gradients (dq, dk, dv, ds); lse/delta are [B, N, T] float32.
+
+  ``ds``: with ``want_dbias`` (and a bias), dL/d(logits) as float32 [B, N, T, S]
+  (zero outside the visited blocks), else None.
+  """
   check_tiles(cfg)
   Hp, Hvp = _padded_dims(cfg)
   qp_, kp_, vp_, dop = _pad_last(q, Hp), _pad_last(k, Hp), _pad_last(v, Hvp), _pad_last(do, Hvp)
   B, T, S, N, K, G = cfg.B, cfg.T, cfg.S, cfg.N, cfg.K, cfg.G
+  with_ds = bool(want_dbias) and bias is not None
 
   (tq, tk) = cfg.tiles[1]
   rq = cfg.block_q // tq
   rows = lists["fwd_rows"]
   side_arrays, side_specs, names = _side(cfg, aux, _tile_side(tq, 1, 0), _full_side(S, 1))
+  pair_arrays, pair_specs, pair_names = _row_pair(cfg, aux, bias, tq)
+  side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
+                                    names + pair_names)
+  if cfg.has_lengths:
+    side_arrays.append(_length_rows(cfg, rows, aux.lens, True))
+    side_specs.append(_lens_spec(cfg, rq))
+    names.append("lens")
   qrow = lambda i, b, h: (b, i, h, 0)
   lrow = lambda i, b, h: (b, h, i)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, names=tuple(names)),
+  out_specs = [pl.BlockSpec((None, tq, None, Hp), qrow)]
+  out_shape = [jax.ShapeDtypeStruct((B, T, N, Hp), q.dtype)]
+  aliases = {}
+  if with_ds:
+    side_specs.append(pl.BlockSpec((None, None, tq, S), lambda i, b, h: (b, h, i, 0)))
+    out_specs.append(side_specs[-1])
+    out_shape.append(jax.ShapeDtypeStruct((B, N, T, S), jnp.float32))
+    aliases = {7 + len(side_arrays): 1}
+    side_arrays.append(jnp.zeros((B, N, T, S), jnp.float32))
+  res = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, names=tuple(names), with_ds=with_ds),
       grid=(T // tq, B, N),
       in_specs=[
           pl.BlockSpec((None, tq, None, Hp), qrow),
@@ -326,17 +500,26 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
           pl.BlockSpec((None, None, tq), lrow),
           _row_spec(cfg, rows, rq),
       ] + side_specs,
-      out_specs=pl.BlockSpec((None, tq, None, Hp), qrow),
-      out_shape=jax.ShapeDtypeStruct((B, T, N, Hp), q.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=_compiler_params(cfg, tq, tk),
       interpret=cfg.interpret, name="block_sparse_dq_gpu",
   )(qp_, kp_, vp_, dop, lse, delta, rows, *side_arrays)
+  dq, ds = (res[0], res[1]) if with_ds else (res[0], None)
 
   # dK/dV: query-side arrays expose the GQA group axis: [B, T, K, G, H].
   (tq, tk) = cfg.tiles[2]
   rk = cfg.block_kv // tk
   rows_b = lists["bwd_rows"]
   side_arrays, side_specs, names = _side(cfg, aux, _full_side(T, 1), _tile_side(tk, 1, 0))
+  pair_arrays, pair_specs, pair_names = _col_pair(cfg, aux, bias, tk)
+  side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
+                                    names + pair_names)
+  if cfg.has_lengths:
+    side_arrays.append(_length_rows(cfg, rows_b, aux.lens, False))
+    side_specs.append(pl.BlockSpec((None, rows_b.shape[0], None, 8),
+                                   lambda kt, b, kh: (b, 0, kt // rk, 0)))
+    names.append("lens")
   krow = lambda kt, b, kh: (b, kt, kh, 0)
   grow = lambda kt, b, kh: (b, kh, 0, 0)
   dk, dv = pl.pallas_call(
@@ -359,7 +542,7 @@ def backward(cfg, lists, q, k, v, aux, do, lse, delta):
       interpret=cfg.interpret, name="block_sparse_dkv_gpu",
   )(qp_.reshape(B, T, K, G, Hp), kp_, vp_, dop.reshape(B, T, K, G, Hvp),
     lse.reshape(B, K, G, T), delta.reshape(B, K, G, T), rows_b, *side_arrays)
-  return dq[..., :cfg.H], dk[..., :cfg.H], dv[..., :cfg.Hv]
+  return dq[..., :cfg.H], dk[..., :cfg.H], dv[..., :cfg.Hv], ds
 
 
 def _rows(indices, full, counts):
@@ -367,8 +550,9 @@ def _rows(indices, full, counts):
   width = indices.shape[-1]
   listed = np.arange(width) < counts[..., None]
   is_full = full & listed
-  # Stable order: full blocks first, then partial ones, then the padding.
-  key = np.where(is_full, 0, np.where(listed, 1, 2))
+  # Full blocks first, then partial ones (each ascending), then the padding.
+  key = np.where(is_full, 0, np.where(listed, 1, 2)) * (int(indices.max(initial=0)) + 1)
+  key = key + np.where(listed, indices, 0)
   order = np.argsort(key, axis=-1, kind="stable")
   entries = np.take_along_axis(indices, order, -1).astype(np.int32)
   head = np.stack([is_full.sum(-1), counts], -1).astype(np.int32)

@@ -103,7 +103,7 @@ def _prepare(query, key, value, list_heads, max_kb, *, block_q, block_kv, mask, 
       out_dtype=jnp.float32 if sinks is not None else query.dtype,
       interpret=interpret, tiles=tiles, lists_batched=True)
   cfg = A.fit_config(cfg, query, key, value, tiles_forced)
-  aux = (q_pos, k_pos) + (segs if segs is not None else (None, None))
+  aux = C.Aux(q_pos, k_pos, *(segs if segs is not None else (None, None)))
   return cfg, aux, sinks
 
 
