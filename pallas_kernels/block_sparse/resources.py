@@ -13,7 +13,8 @@ alone and compares with the target's budget (``pallas_kernels.targets.budgets``)
   budget are cut into several pallas_calls (``list_chunks``).
 - GPU (Triton): shared memory = the software-pipelined K/V (forward, dQ) or
   Q/dO (dK/dV) tiles, the resident tile of the other side and the [tile_q,
-  tile_k] operands of the later matmuls. The coefficients are fitted to what
+  tile_k] operands of the later matmuls (plus two stages of the bias and
+  mask-array tiles, an estimate not fitted to Triton). The coefficients are fitted to what
   Triton itself requested for 36 (head dim, dtype, tile) configurations of
   each kernel on sm_80 (head dims 128/256, bfloat16/float32, tiles 32-128):
   the model is never below Triton's figure there and at most ~1.6x above it
@@ -62,21 +63,36 @@ def _side_bytes(cfg, q_rows: int, k_cols: int) -> int:
   return n_q * _tile_bytes(q_rows, 1, 4) + n_k * _tile_bytes(1, k_cols, 4)
 
 
+def _pair_bytes(cfg, rows: int, cols: int) -> int:
+  """Bias (counted as float32) and mask-array (int8) tiles: [rows|1, cols|1] each."""
+  total = 0
+  for shape, isz in ((getattr(cfg, "bias_shape", None), 4),
+                     (getattr(cfg, "mask_shape", None), 1)):
+    if shape is not None:
+      total += _tile_bytes(rows if shape[2] > 1 else 1, cols if shape[3] > 1 else 1, isz)
+  return total
+
+
 def tpu_vmem_need(cfg, in_dtype) -> Dict[str, int]:
   """VMEM bytes of the forward, dQ and dK/dV kernels of a TPU configuration.
 
   Args:
-    cfg: the ``common.KernelConfig`` (block sizes, head dims, side inputs).
+    cfg: the ``common.KernelConfig`` (block sizes, head dims, side inputs,
+      bias / mask-array tiles; with a bias the dQ kernel may also write the
+      [block_q, block_kv] float32 logit-gradient tile).
     in_dtype: dtype of q/k/v (and of dO and the gradients).
 
   Returns:
     {"forward": bytes, "dq": bytes, "dkv": bytes}.
   """
-  return _tpu_need(cfg.block_q, cfg.block_kv, cfg.H, cfg.Hv, _itemsize(in_dtype),
-                   _itemsize(cfg.out_dtype), _side_bytes(cfg, cfg.block_q, cfg.block_kv))
+  bq, bk = cfg.block_q, cfg.block_kv
+  side = _side_bytes(cfg, bq, bk) + _pair_bytes(cfg, bq, bk)
+  ds = _tile_bytes(bq, bk, 4) if getattr(cfg, "bias_shape", None) is not None else 0
+  return _tpu_need(bq, bk, cfg.H, cfg.Hv, _itemsize(in_dtype), _itemsize(cfg.out_dtype), side,
+                   ds)
 
 
-def _tpu_need(bq, bk, H, Hv, isz, osz, side) -> Dict[str, int]:
+def _tpu_need(bq, bk, H, Hv, isz, osz, side, ds=0) -> Dict[str, int]:
   t = _tile_bytes
   vec = t(bq, 1, 4)                          # lse / delta / m / l: [bq, 1] float32
   step = lambda name: TPU_STEP_VALUES[name] * t(bq, bk, 4)
@@ -84,7 +100,7 @@ def _tpu_need(bq, bk, H, Hv, isz, osz, side) -> Dict[str, int]:
   fwd = 2 * fwd_blocks + 2 * vec + t(bq, Hv, 4) + step("forward")
   grad_in = (t(bq, H, isz) + t(bk, H, isz) + t(bk, Hv, isz) + t(bq, Hv, isz) + 2 * vec
              + side)
-  dq = 2 * (grad_in + t(bq, H, isz)) + t(bq, H, 4) + step("dq")
+  dq = 2 * (grad_in + t(bq, H, isz) + ds) + t(bq, H, 4) + step("dq")
   dkv = 2 * (grad_in + t(bk, H, isz) + t(bk, Hv, isz)) + t(bk, H, 4) + t(bk, Hv, 4) + step("dkv")
   return {"forward": fwd, "dq": dq, "dkv": dkv}
 
@@ -112,6 +128,10 @@ def gpu_shared_need(cfg, in_dtype, tiles=None) -> Dict[str, int]:
   fwd = isz * (5 * fk * width // 2 + fq * fk + fq * _pow2_at_least(cfg.H))
   dq = isz * (2 * dqk * width + dqq * width + 2 * dqq * dqk)
   dkv = isz * (kq * width + kk * width + min(kq, kk) * width) + 4 * kq * kk
+  # bias / mask-array tiles, loaded in the pipelined loops: two stages each
+  fwd += 2 * _pair_bytes(cfg, fq, fk)
+  dq += 2 * _pair_bytes(cfg, dqq, dqk)
+  dkv += 2 * _pair_bytes(cfg, kq, kk)
   return {"forward": fwd, "dq": dq, "dkv": dkv}
 
 
@@ -134,6 +154,10 @@ def list_chunks(cfg, n: int, width: int) -> List[Tuple[int, int]]:
   """
   limit = cfg.smem_list_entries
   per_block = list_entries(1, width, _list_heads(cfg))
+  if getattr(cfg, "has_lengths", False):
+    # counts are per batch element, and the lengths [2B] are prefetched too
+    per_block += _list_heads(cfg) * (cfg.B - 1)
+    limit = max(1, limit - 2 * cfg.B) if limit else limit
   if not limit or per_block * n <= limit:
     return [(0, n)]
   rows = limit // per_block
