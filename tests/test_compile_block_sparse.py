@@ -5,7 +5,8 @@ through the public API, so block sizes, GPU tiles, VMEM limits and list chunks
 are the ones a user on that chip gets; each gradient program holds the
 forward, dQ and dK/dV kernels. Every target compiles the representative case;
 the sweep over head dims, dtypes, score variants, segment ids, run-time lists
-and lengths runs on one TPU generation and on the smaller GPU (sm80), and the
+and lengths runs on one TPU generation and on the smaller GPU (sm80) (per-batch
+lengths with a bias and a mask array on tpu_v5e and sm90), and the
 resource model is checked against the compilers at its boundaries.
 """
 import dataclasses
@@ -96,6 +97,25 @@ def test_chooser_at_512_and_128k_compiles(target):
   TG.require_kernels(TG.compile_on(target, _grad(_window), q, kv, kv), 3)
   q, kv = _specs(131072, 128, N=2, K=1)
   TG.require_kernels(TG.compile_on(target, _window, q, kv, kv), 1)
+
+
+@pytest.mark.parametrize("target", ["tpu_v5e", "sm90"])
+def test_lengths_bias_gradient_and_mask_array_compile(target):
+  """Per-batch lengths (scalar-prefetched / kernel inputs), a differentiated key bias
+  (tile reads + the dS output) and a [B, 1, T, S] boolean mask array (int8 tiles)."""
+  requires_toolchain(target)
+  q, kv = _specs(1024, 128, B=2)
+  bias = S((2, 1, 1, 1024), BF16)
+  keep = S((2, 1, 1024, 1024), jnp.bool_)
+  lens = S((2,), jnp.int32)
+
+  def fn(q, k, v, bias, keep, q_len, kv_len):
+    def loss(q, k, v, bias):
+      out = attnjax.attention(q, k, v, mask=keep, bias=bias, query_seq_lengths=q_len,
+                              key_value_seq_lengths=kv_len)
+      return jnp.sum(out.astype(jnp.float32))
+    return jax.grad(loss, (0, 1, 2, 3))(q, k, v, bias)
+  TG.require_kernels(TG.compile_on(target, fn, q, kv, kv, bias, keep, lens, lens), 3)
 
 
 def test_lists_longer_than_smem_are_cut_into_kernel_calls():
