@@ -1,57 +1,143 @@
-"""A padding mask reaches every family the layer offers it to, on the fast paths."""
+"""Every registered family either takes a padded batch in MultiHeadAttention or says why not.
+
+A padded batch's real positions must equal each example run alone, unpadded, with
+the same params; where the family has a reference backend, the padded batch must
+equal it too.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax.layers import MultiHeadAttention
+from attnjax.layers import MultiHeadAttention, list_families
+from attnjax.layers import padding as padding_lib
 
-FAMILIES = {
-    "dense": None,
-    "sliding_window": {"window": 16},
-    "longformer": None,
-    "bigbird": None,
-    "s2": {"block_size": 16, "local_blocks": 1, "vert_stride": 2},
-    "streaming": None,
-    "block_local": {"block_size": 16},
+T, D, L = 16, 16, 8                       # example 0 is T long, example 1 L long
+X = jax.random.normal(jax.random.PRNGKey(0), (2, T, D))
+LENGTHS = jnp.array([T, L])
+VALID = jnp.arange(T)[None] < LENGTHS[:, None]
+DOCS = (jnp.arange(T)[None] >= 5).astype(jnp.int32).repeat(2, 0)    # "anchor": doc 0, doc 1
+
+# family -> (options, causal, how the padding is given, reference backend to compare with)
+CASES = {
+    "dense": ({}, True, "lengths", "reference"),
+    "sliding_window": ({"window": 4}, True, "lengths", "reference"),
+    "longformer": ({"window": 4, "global_positions": (0,)}, False, "mask", "reference"),
+    "bigbird": ({"block_size": 4, "window_blocks": 1, "num_random_blocks": 1}, False, "mask",
+                "reference"),
+    "s2": ({"block_size": 4, "local_blocks": 1, "vert_stride": 2}, True, "mask", "reference"),
+    "streaming": ({"num_sink": 2, "window": 4}, True, "lengths", "reference"),
+    "anchor": ({}, True, "mask", "reference"),
+    "composite": ({"num_visual": 4}, True, "mask", "reference"),
+    "block_local": ({"block_size": 4}, True, "mask", "reference"),
+    "na1d": ({"kernel_size": 5}, False, "mask", "reference"),
+    "linear": ({"chunk_size": 4}, True, "mask", "reference"),
+    "lightning": ({"block_size": 4}, True, "mask", "reference"),
+    "based": ({"window": 3, "chunk_size": 4}, False, "lengths", None),
+    "flow": ({}, True, "lengths", None),
+    "combiner": ({"segment_len": 4}, True, "lengths", None),
+    "longheads": ({"chunk_size": 4, "attn_len": 12}, True, "lengths", None),
+    "landmark": ({"block_size": 3}, True, "lengths", None),
 }
+# family -> (options, causal, what its error says)
+CANNOT = {
+    "shifted_group": ({}, True, "G/2 tokens into one group with the last G/2"),
+    "longlora": ({}, True, "G/2 tokens into one group with the last G/2"),
+    "sinklora": ({}, True, "takes no segment ids or mask"),
+    "agent": ({"num_agents": 4}, False, "pools its agent tokens from the queries"),
+    "hip": ({}, True, "padded keys compete for the budget"),
+    "hyper": ({}, False, "LSH buckets"),
+    "bi_level_routing": ({"num_regions": 4, "topk": 2}, False, "region means"),
+}
+PARAMS = MultiHeadAttention(num_heads=2, num_kv_heads=1).init(jax.random.PRNGKey(1), X[:1, :4])
 
 
-def _setup(family, impl=None):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 32))
-  valid = jnp.arange(64)[None] < jnp.array([[40], [64]])
-  make = lambda impl: MultiHeadAttention(num_heads=4, num_kv_heads=2, causal=True,
-                                         attention=family, attention_options=FAMILIES[family],
-                                         implementation=impl)
-  params = make(None).init(jax.random.PRNGKey(1), x)
-  return x, valid, params, make
+def _layer(family, options, causal, implementation=None):
+  return MultiHeadAttention(num_heads=2, num_kv_heads=1, causal=causal, attention=family,
+                            attention_options=options, implementation=implementation)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_key_padding_mask_matches_the_reference_and_ignores_padded_tokens(family):
-  x, valid, params, make = _setup(family)
-  fast = jax.jit(lambda p, x, m: make(None).apply(p, x, mask=m))
-  got = fast(params, x, valid)
-  want = make("reference").apply(params, x, mask=valid)
-  np.testing.assert_allclose(got, want, atol=3e-5, rtol=3e-5)
-  # Flax's [B, 1, 1, S] form is the same mask; padded tokens do not reach real rows
-  np.testing.assert_allclose(fast(params, x, valid[:, None, None]), got, atol=1e-6)
-  moved = fast(params, x.at[0, 40:].set(7.0), valid)
-  np.testing.assert_allclose(moved[0, :40], got[0, :40], atol=1e-5)
-  grads = jax.grad(lambda p: jnp.sum(fast(p, x, valid) ** 2))(params)
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+def test_every_registered_family_has_a_case():
+  assert set(CASES) | set(CANNOT) == set(list_families())
 
 
-def test_a_mask_with_a_query_axis_needs_the_dense_family():
-  x, valid, params, make = _setup("sliding_window")
-  mask = valid[:, None, None, :] & jnp.tril(jnp.ones((64, 64), bool))[None, None]
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_padded_batch_equals_each_example_alone(family):
+  options, causal, given, ref = CASES[family]
+  m = _layer(family, options, causal)
+  pad = dict(input_lengths=LENGTHS) if given == "lengths" else dict(mask=VALID)
+  docs = (lambda b, n: dict(segment_ids=DOCS[b:b + 1, :n])) if family == "anchor" else (
+      lambda b, n: {})
+  full = dict(pad, **({"segment_ids": DOCS} if family == "anchor" else {}))
+
+  def run(p, x):
+    out = [m.apply(p, x, **full)] + [m.apply(p, x[b:b + 1, :n], **docs(b, n))
+                                     for b, n in enumerate((T, L))]
+    if ref is not None:
+      out.append(_layer(family, options, causal, ref).apply(p, x, **full))
+    return out
+
+  got, alone0, alone1, *want = jax.jit(run)(PARAMS, X)
+  # non-causal na1d keeps the padded sequence's windows (neighborhood AND padding): the
+  # last kernel_size // 2 real queries see fewer keys than unpadded; the oracle checks them
+  real = L - options["kernel_size"] // 2 if family == "na1d" else L
+  np.testing.assert_allclose(got[0], alone0[0], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(got[1, :real], alone1[0, :real], atol=2e-5, rtol=2e-5)
+  if want:
+    np.testing.assert_allclose(got[0], want[0][0], atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(got[1, :L], want[0][1, :L], atol=2e-5, rtol=2e-5)
+  if family == "na1d":
+    assert np.abs(got[1, real:L] - alone1[0, real:]).max() > 1e-3   # the windows differ
+
+
+@pytest.mark.parametrize("family", sorted(CANNOT))
+def test_families_that_cannot_take_padding_say_why(family):
+  options, causal, why = CANNOT[family]
+  m = _layer(family, options, causal)
+  for pad in (dict(mask=VALID), dict(input_lengths=LENGTHS)):
+    with pytest.raises(ValueError, match=f"'{family}' cannot take a key-padding mask.*{why}"):
+      m.apply(PARAMS, X, **pad)
+
+
+def test_causal_prefix_families_take_right_padding_in_causal_self_attention_only():
+  flow = _layer("flow", {}, True)
+  with pytest.raises(ValueError, match="traced mask cannot be checked.*input_lengths"):
+    jax.jit(lambda m: flow.apply(PARAMS, X, mask=m))(VALID)
+  with pytest.raises(ValueError, match="padded key before a real one"):
+    flow.apply(PARAMS, X, mask=np.asarray(VALID[:, ::-1]))
+  with pytest.raises(ValueError, match="'flow' cannot take.*non-causal flow attention"):
+    _layer("flow", {}, False).apply(PARAMS, X, input_lengths=LENGTHS)
+  with pytest.raises(ValueError, match="'landmark' cannot take.*causal self-attention only"):
+    _layer("landmark", {}, True).apply(PARAMS, X, X, mask=VALID)
+
+
+def test_padding_arguments_and_errors():
+  np.testing.assert_array_equal(padding_lib.key_padding_mask("x", VALID[:, None, None], 2, T),
+                                VALID)
+  m = _layer("sliding_window", {"window": 4}, True)
   with pytest.raises(ValueError, match=r"key-padding mask of shape \[B, S\].*'dense'"):
-    make(None).apply(params, x, mask=mask)
+    m.apply(PARAMS, X, mask=VALID[:, None, None, :] & jnp.tril(jnp.ones((T, T), bool)))
+  with pytest.raises(ValueError, match=r"input_lengths must lie in \[0, 16\]"):
+    m.apply(PARAMS, X, input_lengths=jnp.array([T + 1, 3]))
+  with pytest.raises(ValueError, match="for cross-attention pass the keys' padding"):
+    m.apply(PARAMS, X, X, input_lengths=LENGTHS)
+  # lengths reach the block-sparse functions as lengths (their XLA path skips padded
+  # blocks); a mask as segment ids in which padded keys are in no query's segment
+  fn = list_families()["sliding_window"]
+  segs, extra = padding_lib.padding_arguments(
+      "sliding_window", fn, key_mask=None, lengths=LENGTHS, segment_ids=None, causal=True,
+      self_attn=True, batch=2, q_len=T, kv_len=T)
+  assert segs is None and set(extra) == {"query_seq_lengths", "key_value_seq_lengths"}
+  segs, extra = padding_lib.padding_arguments(
+      "na1d", list_families()["na1d"], key_mask=VALID, lengths=None, segment_ids=None,
+      causal=False, self_attn=True, batch=2, q_len=T, kv_len=T)
+  np.testing.assert_array_equal(segs, np.where(VALID, 0, padding_lib.PAD_SEGMENT))
+  assert extra == {}
 
 
-def test_families_without_padding_support_say_so():
-  x = jnp.zeros((1, 32, 16))
-  layer = MultiHeadAttention(num_heads=2, causal=True, attention="linear")
-  params = layer.init(jax.random.PRNGKey(0), x)
-  with pytest.raises(NotImplementedError, match="'linear' does not take a padding mask"):
-    layer.apply(params, x, mask=jnp.ones((1, 32), bool))
+def test_gradients_through_a_padded_fast_path_are_finite_and_skip_padding():
+  m = _layer("block_local", {"block_size": 4}, True)
+  loss = lambda p, x: jnp.sum(m.apply(p, x, mask=VALID)[1, :L] ** 2)
+  g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(PARAMS, X)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(g_params))
+  assert np.abs(g_x[1, L:]).max() == 0.0 and np.abs(g_x[1, :L]).max() > 0.0

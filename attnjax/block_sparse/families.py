@@ -29,11 +29,12 @@ from attnjax.masks import (AnchorDocuments, Causal, GlobalTokens, Modality, Rand
 
 def _attend(query, key, value, mask, *, score=None, scale=None, q_positions=None,
             k_positions=None, segment_ids=None, return_lse=False, implementation=None,
-            bias=None):
+            bias=None, query_seq_lengths=None, key_value_seq_lengths=None):
   return attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
-                       q_positions=q_positions, k_positions=k_positions,
-                       segment_ids=segment_ids, return_lse=return_lse,
-                       implementation=implementation)
+                   q_positions=q_positions, k_positions=k_positions,
+                   segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
+                   key_value_seq_lengths=key_value_seq_lengths, return_lse=return_lse,
+                   implementation=implementation)
 
 
 def sliding_window_attention(query, key, value, *, left: int, right: int = 0,
@@ -114,7 +115,7 @@ def longformer_attention(query, key, value, *, window: int = 512, global_positio
   g_qpos = q_pos[..., rows]
   g_out = _attend(qg[:, rows], kg, vg, Causal() if causal else None, q_positions=g_qpos,
                   k_positions=k_pos, **{k: v for k, v in g_kwargs.items()
-                                        if k != "segment_ids"})
+                                        if k not in ("segment_ids", "query_seq_lengths")})
   if return_lse:
     (o, lse), (go, glse) = out, g_out
     return o.at[:, rows].set(go), lse.at[:, rows].set(glse)

@@ -115,8 +115,18 @@ for _fn in (sliding_window, s2, streaming, block_local):
   _fn.supports_kv_cache = True
 # A layer's key-padding mask reaches these as segment ids (a padded key's segment matches
 # no query), so their fast paths skip padded keys like other documents' keys.
-for _fn in (sliding_window, longformer, bigbird, s2, streaming, composite, block_local):
+for _fn in (sliding_window, longformer, bigbird, s2, streaming, anchor, composite, block_local):
   _fn.key_padding = "segment_ids"
+shifted_group.no_key_padding = (
+    "shifted-group attention's pattern is a function of the padded length T: groups of "
+    "G = group_ratio * T tokens, and LongLoRA's shifted heads wrap the first G/2 tokens "
+    "into one group with the last G/2 (which would be padding), so a padded sequence cannot "
+    "equal the unpadded one; the function also takes no segment ids. LongLoRA uses it for "
+    "training on full-length sequences (pack documents instead of padding).")
+sinklora.no_key_padding = (
+    "SinkLoRA's shifted groups are fixed to positions [0, T) of the padded sequence (groups "
+    "of G = group_ratio * T tokens unless group_size is given) and the shifted-group function "
+    "takes no segment ids or mask, so padded keys would stay in the groups of real queries.")
 
 FAMILIES = {
     "sliding_window": sliding_window,

@@ -66,3 +66,28 @@ FAMILIES = {
     "landmark": _family("landmark", landmark_grouped_attention, causal_modes=(True,)),
     "bi_level_routing": _family("bi_level_routing", _bi_level_1d, causal_modes=(False,)),
 }
+
+# How MultiHeadAttention hands these families a padded batch (attnjax.layers.padding).
+# Causal Combiner, LongHeads and Landmark compute query i from tokens <= i only (spans,
+# chunks and landmark blocks are read once they lie wholly before the query), so right
+# padding needs nothing; the others pick keys from the whole padded sequence.
+for _name in ("combiner", "longheads", "landmark"):
+  FAMILIES[_name].key_padding = "causal_prefix"
+_NO_KEY_PADDING = {
+    "hip": "HiP picks the top_k key blocks of each query block from the content, one "
+           "selection shared by block_size_q queries, and takes no mask: padded keys compete "
+           "for the budget and padded queries share a selection with real ones.",
+    "hyper": "HyperAttention sorts all queries and keys into LSH buckets and samples "
+             "sample_size keys from the whole sequence, and takes no mask: padded keys land in "
+             "real queries' buckets and samples.",
+    "combiner": "non-causal Combiner summarises every span of segment_len keys, future ones "
+                "included, by pooling, and takes no mask: the spans that hold padding pool "
+                "padded keys into summaries every query reads (causal Combiner takes right "
+                "padding).",
+    "bi_level_routing": "bi-level routing cuts queries and keys into num_regions regions of "
+                        "the padded length and routes by region means, so padded tokens enter "
+                        "the region means that every query's routing reads (and the regions "
+                        "differ from the unpadded sequence's); the function takes no mask.",
+}
+for _name, _why in _NO_KEY_PADDING.items():
+  FAMILIES[_name].no_key_padding = _why

@@ -21,6 +21,7 @@ import numpy as np
 from attnjax import scores as scores_lib
 from attnjax.analysis.heads import apply_head_mask
 
+from attnjax.layers import padding as padding_lib
 from attnjax.layers import registry
 from attnjax.layers.dropout import check_dropout_rate, dropout_hook
 from attnjax.layers.options import option_names
@@ -78,49 +79,6 @@ def _check_options(name, fn, kwargs):
     raise ValueError(
         f"attention family {name!r} does not accept {unknown} (from attention_options or "
         f"the layer's mask/score/implementation){hints}; it accepts {sorted(valid)}.")
-
-
-_PAD = jnp.iinfo(jnp.int32).min   # the segment of padded keys: no query is in it
-
-
-def _padding_as_segments(family: str, fn, mask, segment_ids, B: int, T: int, S: int):
-  """A key-padding mask as segment ids, for families other than "dense".
-
-  ``mask``: boolean [B, S] or [B, 1, 1, S] (True = a real key). Padded keys
-  get a segment no query belongs to, so every fast path skips them as it
-  skips other documents' keys; ``segment_ids`` (None, [B, T] or a pair) are
-  kept. Families whose pattern is their own mask take no other mask array, so
-  a mask with a query axis, or a family that does not declare
-  ``key_padding = "segment_ids"``, raises.
-
-  Returns:
-    (q_segment_ids [B, T], kv_segment_ids [B, S]) int32.
-  """
-  if not hasattr(mask, "shape") or isinstance(mask, (str, bytes)):
-    raise ValueError(
-        f"attention family {family!r} defines its own pattern; the layer's mask= may only be "
-        f"a key-padding array [B, S] or [B, 1, 1, S] there, got {type(mask).__name__}.")
-  if getattr(fn, "key_padding", None) != "segment_ids":
-    raise NotImplementedError(
-        f"attention family {family!r} does not take a padding mask yet; the softmax "
-        "block-sparse families and 'dense' do.")
-  mask = jnp.asarray(mask)
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"mask must be boolean (True = a real key), got dtype {mask.dtype}.")
-  if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
-    mask = mask[:, 0, 0]
-  if mask.shape != (B, S):
-    raise ValueError(
-        f"attention family {family!r} takes a key-padding mask of shape [B, S]=({B}, {S}) or "
-        f"[B, 1, 1, S]; got {mask.shape}. A mask that differs per query or head needs the "
-        "'dense' family.")
-  if segment_ids is None:
-    q_seg, k_seg = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
-  elif isinstance(segment_ids, (tuple, list)):
-    q_seg, k_seg = (jnp.asarray(x, jnp.int32) for x in segment_ids)
-  else:
-    q_seg = k_seg = jnp.asarray(segment_ids, jnp.int32)
-  return q_seg, jnp.where(mask, k_seg, _PAD)
 
 
 class MultiHeadAttention(nn.Module):
@@ -259,8 +217,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, q_positions=None, k_positions=None,
-               segment_ids=None, mask=None, head_mask=None, head_replacement=None,
-               input_lengths=None, deterministic=None):
+               segment_ids=None, mask=None, bias=None, head_mask=None, head_replacement=None,
+               input_lengths=None, deterministic=None, sow_weights=False):
     """Attends ``inputs_q`` [B, T, D] to ``inputs_kv`` [B, S, D'] (default itself).
 
     Args:
@@ -271,20 +229,43 @@ class MultiHeadAttention(nn.Module):
       segment_ids: [B, T] or a pair ([B, T], [B, S]) (packed documents).
       mask: boolean array (True = may attend), ANDed with the layer's mask and
         causality. The "dense" family takes a key-padding mask [B, S] or any
-        array broadcastable to [B, N, T, S]; the block-sparse families take a key-padding mask [B, S]
-        or [B, 1, 1, S] (Flax's ``make_attention_mask`` without a query axis),
-        run on their fast paths as segment ids; other families raise.
+        array broadcastable to [B, N, T, S]; the other families take a
+        key-padding mask [B, S] or [B, 1, 1, S] (Flax's ``make_attention_mask``
+        without a query axis) through their ``key_padding`` route
+        (``attnjax.layers.padding``): segment ids on the block-sparse
+        families and "na1d" (whose windows are the neighborhood AND the
+        padding: a non-causal window near the padding is not re-shifted into
+        the real length), a ``key_mask`` that zeroes the padded keys'
+        features and values on "linear", "lightning" and "based", and right
+        padding only on the causal prefix families ("flow", "combiner",
+        "longheads", "landmark" with causal=True). Families that cannot take
+        padding raise ValueError saying why. Outputs at padded query
+        positions are unspecified (zeros where lengths reach the kernel).
+      bias: additive float array broadcastable to [B, N, T, S] (ALiBi, T5
+        relative bias; [B, N, T, max_len] when decoding with a cache), for the
+        families whose function takes ``bias`` ("dense" and the block-sparse
+        masks, through ``attnjax.attention``); other families raise ValueError.
       head_mask: optional [N] or [B, N] multiplier of each head's output before
         the output projection (1 keep, 0 ablate); circuit analysis as in
         "Interpreting and Improving Large Language Models in Arithmetic
         Calculation" (arXiv:2409.01659).
       head_replacement: optional [B, T, N, H] values that ablated heads take
         instead of zero (mean ablation, activation patching).
-      input_lengths: decode=True only: int [B], how many of the T new tokens
-        of each example are real (right padding); ``cache_index`` advances by
-        it, and the padded tail is overwritten by the next call. Default T.
+      input_lengths: int [B], how many of the T tokens of each example are
+        real (right padding). decode=True: ``cache_index`` advances by it, and
+        the padded tail is overwritten by the next call (default T). Without a
+        cache (self-attention): the padding of the batch, given to "dense" and
+        the block-sparse families as ``query_seq_lengths`` /
+        ``key_value_seq_lengths`` (their XLA path skips the padded blocks) and
+        to the other families as a key-padding mask (see ``mask``).
       deterministic: no attention dropout (Flax's ``merge_param`` with the
         attribute; needed only when ``dropout_rate > 0``).
+      sow_weights: also sow the attention weights [B, N, T, S] float32 as
+        ``intermediates/attention_weights`` (before dropout, as Flax). They
+        are computed by the dense reference (``attnjax.reference_attention``
+        with the same mask, score, bias, segments and padding), which
+        materialises [B, N, T, S]: for analysis, not long sequences. The
+        output still comes from the call's own backend. "dense" family only.
 
     The per-head outputs [B, T, N, H] are sown as ``intermediates/head_outputs``.
 
@@ -317,9 +298,13 @@ class MultiHeadAttention(nn.Module):
             "(supports_kv_cache); decode=True is available for the softmax families.")
       q, k, v, q_positions, k_positions, overflow = self._use_cache(
           q, k, v, q_positions, k_positions, segment_ids, mask, input_lengths)
-    elif input_lengths is not None:
-      raise ValueError("input_lengths is for decode=True; without a KV cache pass a "
-                       "key-padding mask [B, S] as mask=.")
+    lengths = None
+    if not self.decode and input_lengths is not None:
+      if not self_attn:
+        raise ValueError("input_lengths gives the padding of inputs_q, which is the keys' "
+                         "only in self-attention; for cross-attention pass the keys' padding "
+                         "as mask=[B, S].")
+      lengths = padding_lib.check_lengths(input_lengths, q.shape[0], T)
     if not self.decode and self.use_rope:
       # Default self-attention positions arange(T) are what every family assumes when
       # none are passed, so they are used for RoPE only (families that cannot take
@@ -337,17 +322,31 @@ class MultiHeadAttention(nn.Module):
         raise ValueError("pass either the layer attribute mask or the call argument "
                          "mask, not both (combine them as one boolean array).")
       layer_mask = mask
-    if self.attention == "dense" and getattr(layer_mask, "ndim", None) == 2:
-      layer_mask = jnp.asarray(layer_mask)[:, None, None, :]    # key padding [B, S]
-    if layer_mask is not None and self.attention != "dense":
-      segment_ids = _padding_as_segments(self.attention, fn, layer_mask, segment_ids,
-                                         q.shape[0], T, S)
+    if self.attention == "dense":
+      if getattr(layer_mask, "ndim", None) == 2:
+        layer_mask = jnp.asarray(layer_mask)[:, None, None, :]    # key padding [B, S]
+      if lengths is not None:
+        kwargs.update(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    elif layer_mask is not None or lengths is not None:
+      key_mask = None if layer_mask is None else padding_lib.key_padding_mask(
+          self.attention, layer_mask, q.shape[0], S)
+      segment_ids, extra = padding_lib.padding_arguments(
+          self.attention, fn, key_mask=key_mask, lengths=lengths, segment_ids=segment_ids,
+          causal=self.causal, self_attn=self_attn, batch=q.shape[0], q_len=T, kv_len=S)
+      kwargs.update(extra)
       layer_mask = None
-    for name, val in (("mask", layer_mask), ("score", score),
+    if bias is not None and "bias" not in option_names(fn)[0]:
+      raise ValueError(
+          f"attention family {self.attention!r} takes no additive bias (bias=): its function "
+          "has no bias argument. 'dense' and the block-sparse mask families take one.")
+    for name, val in (("mask", layer_mask), ("score", score), ("bias", bias),
                       ("implementation", self.implementation)):
       if val is not None:
         kwargs[name] = val
     hook = self._dropout(fn, deterministic)
+    if sow_weights:
+      hook = self._sow_weights(fn, hook, q, k, v, q_positions, k_positions, segment_ids,
+                               kwargs)
     if hook is not None:
       kwargs["probs_hook"] = hook
     _check_options(self.attention, fn, kwargs)
@@ -374,6 +373,30 @@ class MultiHeadAttention(nn.Module):
           f"(dropout_rate={self.dropout_rate}): its kernels never form the attention weights. "
           "Use attention='dense', dropout_rate=0, or deterministic=True.")
     return dropout_hook(self.make_rng("dropout"), self.dropout_rate, self.broadcast_dropout)
+
+  def _sow_weights(self, fn, dropout, q, k, v, q_positions, k_positions, segment_ids,
+                   kwargs):
+    """Sows the dense reference's weights; returns the call's probs_hook.
+
+    With dropout the call already runs the reference: the weights are sown by
+    its hook before the dropout. Otherwise the reference runs beside the call
+    (its output unused) so the call keeps its backend.
+    """
+    if "probs_hook" not in option_names(fn)[0]:
+      raise ValueError(
+          f"sow_weights=True needs the attention weights, which attention family "
+          f"{self.attention!r} never forms (its kernels skip them); use attention='dense'.")
+
+    def sow(probs):
+      self.sow("intermediates", "attention_weights", probs)
+      return probs
+
+    if dropout is not None:
+      return lambda probs: dropout(sow(probs))
+    ref = dict(kwargs, implementation="reference", probs_hook=sow)
+    fn(q, k, v, causal=self.causal, q_positions=q_positions, k_positions=k_positions,
+       segment_ids=segment_ids, **ref)
+    return None
 
   def _rope(self, q, k, q_positions, k_positions, T, S):
     if q_positions is None or k_positions is None:

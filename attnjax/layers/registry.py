@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from attnjax import api
 from attnjax.core import validation as V
 from attnjax.core.reference import reference_attention
+from attnjax.layers.padding import lengths_as_segments
 from attnjax.masks import Causal, Mask
 
 __all__ = ["ENGINE_PACKAGES", "get_family", "list_families", "register_family", "dense_family"]
@@ -41,16 +42,20 @@ _USER: Dict[str, Callable] = {}
 
 def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
                  segment_ids=None, mask=None, score=None, bias=None, scale=None,
-                 implementation=None, probs_hook=None):
+                 implementation=None, probs_hook=None, query_seq_lengths=None,
+                 key_value_seq_lengths=None):
   """``attnjax.attention`` with ``Causal()`` (and ``mask``) when ``causal``.
 
   Shapes: query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] ->
   [B, T, N, Hv]. ``mask`` is an ``attnjax.masks.Mask`` or a boolean array
-  broadcastable to [B, N, T, S]; ``score`` an ``attnjax.scores`` variant.
+  broadcastable to [B, N, T, S]; ``score`` an ``attnjax.scores`` variant;
+  ``bias`` an additive float array broadcastable to [B, N, T, S];
+  ``query_seq_lengths`` / ``key_value_seq_lengths`` int [B] (right padding,
+  as ``attnjax.attention``: the XLA path skips the padded blocks).
   ``probs_hook`` (``f(probs [B, N, T, S]) -> probs``, e.g. attention dropout)
   needs the weights, so it runs the dense reference
-  (``attnjax.reference_attention``): implementation must be None or
-  "reference", other backends raise NotImplementedError.
+  (``attnjax.reference_attention``, lengths as segment ids): implementation
+  must be None or "reference", other backends raise NotImplementedError.
   """
   if causal:
     if mask is None:
@@ -65,12 +70,16 @@ def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positio
           f"probs_hook (e.g. attention dropout) needs the attention weights, which only the "
           f"dense reference materialises; implementation={implementation!r} cannot apply it. "
           "Use implementation=None or 'reference'.")
+    segment_ids = lengths_as_segments(segment_ids, query_seq_lengths, key_value_seq_lengths,
+                                      query.shape[0], query.shape[1], key.shape[1])
     return reference_attention(query, key, value, mask=mask, score=score, bias=bias,
                                scale=scale, q_positions=q_positions, k_positions=k_positions,
                                segment_ids=segment_ids, probs_hook=probs_hook)
   return api.attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
                        q_positions=q_positions, k_positions=k_positions,
-                       segment_ids=segment_ids, implementation=implementation)
+                       segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
+                       key_value_seq_lengths=key_value_seq_lengths,
+                       implementation=implementation)
 
 
 dense_family.supports_kv_cache = True

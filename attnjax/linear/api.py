@@ -56,6 +56,16 @@ def _check_state(state, shape, name="initial_state", dtype=jnp.float32):
   return jnp.asarray(state, dtype)
 
 
+def _drop_padded_keys(key_mask, kf, v, batch, seq):
+  """Zeroes the features [B, S, K, F] and values [B, S, K, Hv] of padded keys."""
+  m = jnp.asarray(key_mask)
+  if m.shape != (batch, seq) or m.dtype != jnp.bool_:
+    raise ValueError(f"key_mask must be a boolean array [B, S]=({batch}, {seq}) (True = a "
+                     f"real key), got {m.dtype} {m.shape}.")
+  m = m[:, :, None, None]
+  return jnp.where(m, kf, jnp.zeros((), kf.dtype)), jnp.where(m, v, jnp.zeros((), v.dtype))
+
+
 def _chunked_supports(call: dispatch.Call, explicit: bool):
   del explicit
   if call["positions_or_segments"]:
@@ -119,7 +129,7 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
                      decay=None, normalize: bool = False, eps: float = 1e-6,
                      chunk_size: int = 64, initial_state=None, return_state: bool = False,
                      implementation: Optional[str] = None, q_positions=None,
-                     k_positions=None, segment_ids=None):
+                     k_positions=None, segment_ids=None, key_mask=None):
   """Kernelised linear attention o_i = sum_{j visible} lambda^(i-j) phi(q_i).phi(k_j) v_j.
 
   Args:
@@ -142,6 +152,12 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
     q_positions, k_positions, segment_ids: run on the dense reference only (the
       chunked paths assume the default positions and a single segment); with
       implementation=None that fallback warns.
+    key_mask: optional boolean [B, S] (True = a real key; padded batches): a
+      padded key's features and value are zeroed, so it adds nothing to the
+      state or the normaliser on every path. Decay still counts positions: a
+      padded position is a step of time (right or left padding therefore
+      leaves the real tokens' outputs as without padding; a hole inside a
+      sequence decays the state across it).
 
   Returns:
     out [B, T, N, Hv] in query.dtype, plus the final state if return_state.
@@ -170,6 +186,8 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
   if kf.shape[-1] != f:
     raise ValueError(f"feature_map gave {f} features for query but {kf.shape[-1]} for key.")
   v = value.astype(dt)
+  if key_mask is not None:
+    kf, v = _drop_padded_keys(key_mask, kf, v, d.B, d.S)
   if normalize:
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
   e = v.shape[-1]

@@ -5,9 +5,12 @@ k_positions=None, segment_ids=None, **options) -> [B, T, N, Hv].
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
+from attnjax.block_sparse.families import sliding_window_attention
 from attnjax.linear.agent import agent_attention
 from attnjax.linear.api import linear_attention
-from attnjax.linear.based import based_attention
+from attnjax.linear.based import BRANCHES, based_attention, window_sides
 from attnjax.linear.flow import flow_attention
 from attnjax.linear.lightning import lightning_attention
 
@@ -38,10 +41,59 @@ def _wrap(name, fn):
   return family
 
 
+def based_family(query, key, value, *, causal, q_positions=None, k_positions=None,
+                 segment_ids=None, key_mask=None, window=None, feature_map="taylor",
+                 eps: float = 1e-12, chunk_size: int = 64, branch: str = "sum", scale=None,
+                 implementation=None):
+  """Registry entry for based_attention (same options), plus ``key_mask`` [B, S].
+
+  A padded key (``key_mask`` False) is removed from both branches: its
+  features and value are zeroed in the linear branch (``linear_attention``'s
+  ``key_mask``) and it sits in a segment no query belongs to in the window
+  branch, whose fast path skips it.
+  """
+  _no_positions("based", q_positions, k_positions, segment_ids)
+  kw = dict(window=window, feature_map=feature_map, eps=eps, chunk_size=chunk_size,
+            scale=scale, implementation=implementation)
+  if key_mask is None:
+    return based_attention(query, key, value, causal=causal, branch=branch, **kw)
+  if branch not in BRANCHES:
+    raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}.")
+  out = None
+  if branch in ("sum", "linear"):
+    out = linear_attention(query, key, value, feature_map=feature_map, causal=causal,
+                           normalize=True, eps=eps, chunk_size=chunk_size,
+                           implementation=implementation, key_mask=key_mask)
+  if branch in ("sum", "window"):
+    left, right = window_sides(window, causal)
+    b, t = query.shape[:2]
+    segs = (jnp.zeros((b, t), jnp.int32), jnp.where(jnp.asarray(key_mask), 0, -1))
+    local = sliding_window_attention(query, key, value, left=left, right=right, causal=causal,
+                                     scale=scale, segment_ids=segs)
+    out = local if out is None else out + local
+  return out
+
+
 FAMILIES = {
     "linear": linear_family,
     "lightning": _wrap("lightning", lightning_attention),
-    "based": _wrap("based", based_attention),
+    "based": based_family,
     "flow": _wrap("flow", flow_attention),
     "agent": _wrap("agent", agent_attention),
 }
+
+# How MultiHeadAttention hands these families a padded batch (attnjax.layers.padding).
+for _name in ("linear", "lightning", "based"):
+  FAMILIES[_name].key_padding = "key_mask"
+FAMILIES["flow"].key_padding = "causal_prefix"
+FAMILIES["flow"].no_key_padding = (
+    "non-causal flow attention normalises over every token: the incoming and outgoing flows "
+    "sum phi(k_j) over all S keys and phi(q_i) over all T queries, the competition is a "
+    "softmax over the S keys scaled by S and the allocation is scaled by T/S, so a padded "
+    "token changes the output of every real one, and the flow function takes no mask. "
+    "Causal flow attention (prefix sums only) takes right padding.")
+FAMILIES["agent"].no_key_padding = (
+    "agent attention pools its agent tokens from the queries over fixed bins of the padded "
+    "length T (adaptive average pooling), so padded positions enter every agent and the "
+    "bins differ from those of the unpadded sequence: every output mixes all positions by "
+    "construction, and the agent function takes no mask.")

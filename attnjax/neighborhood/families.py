@@ -37,6 +37,14 @@ def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None
   block-sparse engine (``attnjax.attention``; keys of other segments masked).
   Positions traced under jit are checked at run time: ``lax.cond`` picks the
   tiled path when they equal ``arange(T)``, the masked path otherwise.
+
+  Key padding (the layer passes it as segment ids) is the neighborhood mask AND
+  the key-padding mask: each query keeps the window it has in the padded
+  sequence of length T, less its padded keys. The window does not shift back
+  inside the real length L, so a non-causal query within
+  ``(kernel_size // 2) * dilation`` tokens of the padding sees fewer keys than
+  in the unpadded sequence; causal windows ``[i - (k - 1) d, i]`` never reach
+  the right padding and equal the unpadded ones.
   """
   T, S = query.shape[1], key.shape[1]
   if T != S:
@@ -64,5 +72,7 @@ def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None
       ok = ok & jnp.all(jnp.asarray(p) == ar)
   return jax.lax.cond(ok, fast, masked)
 
+
+na1d_family.key_padding = "segment_ids"
 
 FAMILIES = {"na1d": na1d_family}
