@@ -99,8 +99,8 @@ def test_compacted_items_skip_the_padded_blocks():
   assert n == 6
 
 
-def test_pallas_declines_lengths_with_a_reason():
+def test_pallas_runs_lengths_as_the_xla_path_does():
   q, k, v = _qkv(1, 64, 64, 2, 2, 8)
-  with pytest.raises(NotImplementedError, match="lengths"):
-    attnjax.attention(q, k, v, mask=M.Causal(), key_value_seq_lengths=np.array([9]),
-                      implementation="pallas")
+  run = lambda impl: attnjax.attention(q, k, v, mask=M.Causal(),
+                                       key_value_seq_lengths=np.array([9]), implementation=impl)
+  np.testing.assert_allclose(run("pallas"), run("xla"), atol=2e-5)
