@@ -95,21 +95,25 @@ def test_reference_runs_with_a_warning_naming_every_reason_when_nothing_else_can
 
 def test_explicit_backends_that_cannot_run_say_why():
   q, k, v = _qkv()
-  with pytest.raises(NotImplementedError, match="implementation='pallas'.*bias"):
-    attnjax.attention(q, k, v, bias=jnp.zeros((1, 1, 64, 64)), implementation="pallas")
+  with pytest.raises(NotImplementedError, match="implementation='pallas'.*row_count"):
+    attnjax.attention(q, k, v, score=attnjax.scores.ReLU(normalize="length"),
+                      implementation="pallas")
   with pytest.raises(ValueError, match="implementation must be one of"):
     attnjax.attention(q, k, v, implementation="triton")
 
 
-def test_on_a_tpu_target_kernels_are_chosen_and_bias_moves_to_xla():
+def test_on_a_tpu_target_kernels_are_chosen_and_row_count_scores_move_to_xla():
   requires_toolchain("tpu_v5e")
   q, kv = S((1, 1024, 4, 128), jnp.bfloat16), S((1, 1024, 2, 128), jnp.bfloat16)
   with jax.default_device(TG.device("tpu_v5e")):
     (d,) = attnjax.explain(lambda q, k, v: attnjax.attention(q, k, v, mask=M.Causal()), q, kv, kv)
     assert (d.backend, d.target) == ("pallas", "tpu_v5e")
-    (d,) = attnjax.explain(lambda q, k, v: attnjax.attention(
+    (d,) = attnjax.explain(lambda q, k, v: attnjax.attention(   # bias: kernels read it too
         q, k, v, mask=M.Causal(), bias=jnp.zeros((1, 1, 1024, 1024))), q, kv, kv)
-    assert d.backend == "xla" and "bias" in d.passed_over[0][1]
+    assert d.backend == "pallas"
+    (d,) = attnjax.explain(lambda q, k, v: attnjax.attention(
+        q, k, v, mask=M.Causal(), score=attnjax.scores.ReLU(normalize="length")), q, kv, kv)
+    assert d.backend == "xla" and "row_count" in d.passed_over[0][1]
 
 
 def test_resolution_rules_on_a_toy_table():

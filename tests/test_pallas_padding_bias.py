@@ -15,6 +15,7 @@ from attnjax import masks as M
 from attnjax import reference_attention
 from attnjax.masks.layout import PARTIAL, layout_from_block_mask
 from pallas_kernels.block_sparse import block_sparse_pallas
+from pallas_kernels.block_sparse import lists as L
 from pallas_kernels.block_sparse import tpu as tpu_kernels
 
 
@@ -160,18 +161,24 @@ def test_attention_pallas_causal_cross_numpy_inputs_full_bias():
 
 
 def test_blocks_past_the_lengths_are_not_visited():
-  # The TPU kernels' per-batch counts of visited list entries (no kernel runs).
+  # The kernels' per-batch counts of visited list entries (no kernel runs).
   mask = M.Causal()
   layout = mask.block_layout(256, 256, 64, 64, 1)          # 4 x 4 blocks, lower triangle
   lists = tpu_kernels.prepare_lists(layout)
   cfg = type("Cfg", (), dict(block_q=64, block_kv=64))
   lens = (jnp.asarray([256, 100, 0]), jnp.asarray([256, 65, 256]))
-  fwd = tpu_kernels._length_counts(cfg, lists["fwd_code"], lists["fwd_counts"], 4, 4, lens,
-                                   True).reshape(3, 4)
+  fwd = L.tpu_length_counts(cfg, lists["fwd_code"], lists["fwd_counts"], 4, 4, lens,
+                            True).reshape(3, 4)
   np.testing.assert_array_equal(fwd, [[1, 2, 3, 4], [1, 2, 0, 0], [0, 0, 0, 0]])
-  bwd = tpu_kernels._length_counts(cfg, lists["bwd_code"], lists["bwd_counts"], 4, 4, lens,
-                                   False).reshape(3, 4)
+  bwd = L.tpu_length_counts(cfg, lists["bwd_code"], lists["bwd_counts"], 4, 4, lens,
+                            False).reshape(3, 4)
   np.testing.assert_array_equal(bwd, [[4, 3, 2, 1], [2, 1, 0, 0], [0, 0, 0, 0]])
+  # GPU rows: (full blocks inside both lengths, full blocks kept, partial blocks kept)
+  rows = L.gpu_prepare_lists(layout)["fwd_rows"]
+  got = np.asarray(L.gpu_length_rows(cfg, rows, lens, True))[:, 0, :, :3]
+  np.testing.assert_array_equal(got[0], [[0, 0, 1], [1, 1, 1], [2, 2, 1], [3, 3, 1]])
+  np.testing.assert_array_equal(got[1], [[0, 0, 1], [0, 1, 1], [0, 0, 0], [0, 0, 0]])
+  assert not got[2].any()
 
 
 def test_bad_lengths_bias_and_mask_array_are_refused_by_name():

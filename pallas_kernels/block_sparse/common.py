@@ -25,7 +25,6 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from attnjax.core.scoring import SoftmaxScore
 
@@ -350,31 +349,6 @@ def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_
   if with_dlogits:
     return ds * cfg.scale, p, ds
   return ds * cfg.scale, p
-
-
-# -- layout lists ----------------------------------------------------------------
-def encoded_lists(indices: np.ndarray, full: np.ndarray) -> np.ndarray:
-  """Packs block indices and full flags into one int32: ``2 * index + full``."""
-  return (indices.astype(np.int64) * 2 + full.astype(np.int64)).astype(np.int32)
-
-
-def ascending_lists(indices: np.ndarray, full: np.ndarray, counts: np.ndarray):
-  """Padded lists with each row's listed entries in ascending block order.
-
-  Entries past a row's count repeat its last listed entry (0 for an empty
-  row). With lengths, the kernels keep a prefix of each row (the blocks that
-  start inside the length), which needs ascending rows.
-  """
-  width = indices.shape[-1]
-  listed = np.arange(width) < counts[..., None]
-  key = np.where(listed, indices.astype(np.int64), np.iinfo(np.int64).max)
-  order = np.argsort(key, axis=-1, kind="stable")
-  idx = np.take_along_axis(indices, order, -1)
-  fl = np.take_along_axis(full, order, -1)
-  last = np.maximum(counts - 1, 0)[..., None]
-  idx = np.where(listed, idx, np.take_along_axis(idx, last, -1) * (counts[..., None] > 0))
-  fl = listed & fl
-  return idx.astype(np.int32), fl, counts
 
 
 def decode(code):

@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-import numpy as np
 
 from pallas_kernels.block_sparse import common as C
+from pallas_kernels.block_sparse import lists as L
 
 try:  # the Triton dialect is importable on CPU builds too; guard anyway.
   from jax.experimental.pallas import triton as plgpu
@@ -197,33 +197,6 @@ def _ranges(cfg, n_full, n_listed, kept, live):
   return out
 
 
-def _length_rows(cfg, rows, lens, forward):
-  """[B, Hl, n, 8] int32: per batch element and list row (full inside, full kept,
-  partial kept, q_len, kv_len, 0, 0, 0).
-
-  ``rows`` [Hl, n, 2 + width] as ``_rows`` makes them; rows are q-blocks
-  (entries k-blocks) when ``forward``, else the reverse.
-  """
-  q_len, kv_len = lens
-  n_full, n_listed, idx = rows[..., 0:1], rows[..., 1:2], rows[..., 2:]
-  j = jnp.arange(idx.shape[-1], dtype=jnp.int32)
-  is_full, is_part = j < n_full, (j >= n_full) & (j < n_listed)
-  row_len, ent_len = (q_len, kv_len) if forward else (kv_len, q_len)
-  rs, es = (cfg.block_q, cfg.block_kv) if forward else (cfg.block_kv, cfg.block_q)
-  r = jnp.arange(rows.shape[1], dtype=jnp.int32)[None, None, :, None]
-  bl = lambda x: x[:, None, None, None]
-  row_in, row_kept = (r + 1) * rs <= bl(row_len), r * rs < bl(row_len)
-  ent_in, ent_kept = (idx[None] + 1) * es <= bl(ent_len), idx[None] * es < bl(ent_len)
-  count = lambda m: jnp.sum(m, axis=-1, dtype=jnp.int32)
-  f_in = count(is_full & ent_in & row_in)
-  f_kept = count(is_full & ent_kept & row_kept)
-  p_kept = count(is_part & ent_kept & row_kept)
-  shape = f_in.shape
-  qk = [jnp.broadcast_to(bl(x)[..., 0], shape) for x in (q_len, kv_len)]
-  zero = jnp.zeros(shape, jnp.int32)
-  return jnp.stack([f_in, f_kept, p_kept] + qk + [zero] * 3, -1)
-
-
 def _pair_arrays(cfg, aux, bias):
   """[(name, 4-D array, shape)] of the bias and mask array present."""
   return [(name, x, shape) for name, x, shape in
@@ -299,7 +272,7 @@ def _row_ranges(cfg, rows_ref, side, q_start, lens):
 
 
 def _lens_spec(cfg, rq):
-  """BlockSpec of a row program's [8] length entry (``_length_rows``)."""
+  """BlockSpec of a row program's [8] length entry (``lists.gpu_length_rows``)."""
   return pl.BlockSpec((None, None, None, 8),
                       lambda i, b, h: (b, C.list_head(cfg, h), i // rq, 0))
 
@@ -335,7 +308,7 @@ def forward(cfg, lists, q, k, v, aux, bias=None):
   side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
                                     names + pair_names)
   if cfg.has_lengths:
-    side_arrays.append(_length_rows(cfg, rows, aux.lens, True))
+    side_arrays.append(L.gpu_length_rows(cfg, rows, aux.lens, True))
     side_specs.append(_lens_spec(cfg, rq))
     names.append("lens")
   out, lse = pl.pallas_call(
@@ -474,7 +447,7 @@ def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
   side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
                                     names + pair_names)
   if cfg.has_lengths:
-    side_arrays.append(_length_rows(cfg, rows, aux.lens, True))
+    side_arrays.append(L.gpu_length_rows(cfg, rows, aux.lens, True))
     side_specs.append(_lens_spec(cfg, rq))
     names.append("lens")
   qrow = lambda i, b, h: (b, i, h, 0)
@@ -516,7 +489,7 @@ def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
   side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
                                     names + pair_names)
   if cfg.has_lengths:
-    side_arrays.append(_length_rows(cfg, rows_b, aux.lens, False))
+    side_arrays.append(L.gpu_length_rows(cfg, rows_b, aux.lens, False))
     side_specs.append(pl.BlockSpec((None, rows_b.shape[0], None, 8),
                                    lambda kt, b, kh: (b, 0, kt // rk, 0)))
     names.append("lens")
@@ -545,39 +518,5 @@ def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
   return dq[..., :cfg.H], dk[..., :cfg.H], dv[..., :cfg.Hv], ds
 
 
-def _rows(indices, full, counts):
-  """[heads, rows, 2 + width]: n_full, n_listed, then full blocks, then partial ones."""
-  width = indices.shape[-1]
-  listed = np.arange(width) < counts[..., None]
-  is_full = full & listed
-  # Full blocks first, then partial ones (each ascending), then the padding.
-  key = np.where(is_full, 0, np.where(listed, 1, 2)) * (int(indices.max(initial=0)) + 1)
-  key = key + np.where(listed, indices, 0)
-  order = np.argsort(key, axis=-1, kind="stable")
-  entries = np.take_along_axis(indices, order, -1).astype(np.int32)
-  head = np.stack([is_full.sum(-1), counts], -1).astype(np.int32)
-  return np.concatenate([head, entries], axis=-1)
-
-
-def runtime_lists(cfg, fwd, bwd=None):
-  """Row lists from run-time lists (built under jit), see ``_rows``.
-
-  ``fwd`` = (k-block indices [B, Hl, nq, max_kb], counts [B, Hl, nq]) and
-  ``bwd`` = (q-block indices [B, Hl, nk, max_qb], counts [B, Hl, nk]), int32.
-  Every block gets the config's kind (full iff there is nothing to mask).
-  """
-  out = {}
-  for name, lists in (("fwd", fwd), ("bwd", bwd)):
-    if lists is not None:
-      idx, counts = lists
-      n_full = counts if cfg.any_full else jnp.zeros_like(counts)
-      out[f"{name}_rows"] = jnp.concatenate([n_full[..., None], counts[..., None], idx], -1)
-  return out
-
-
-def prepare_lists(layout):
-  """Per-row lists for the kernels (see ``_rows``)."""
-  return {
-      "fwd_rows": jnp.asarray(_rows(layout.fwd_indices, layout.fwd_full, layout.fwd_counts)),
-      "bwd_rows": jnp.asarray(_rows(layout.bwd_indices, layout.bwd_full, layout.bwd_counts)),
-  }
+prepare_lists = L.gpu_prepare_lists
+runtime_lists = L.gpu_runtime_lists

@@ -47,12 +47,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import common as C
-from pallas_kernels.block_sparse import resources as R
+from pallas_kernels.block_sparse import lists as L
 
 
 def _interpret_arg(cfg):
@@ -75,25 +74,6 @@ def check_blocks(cfg, bias_dtype=None):
       raise ValueError(
           f"the TPU kernel reads {name} in [block_q, block_kv] tiles, which needs block_q % "
           f"{sub} == 0 for its dtype; got block_q={cfg.block_q}: use larger blocks.")
-
-
-# -- per-batch lengths -------------------------------------------------------------
-def _length_counts(cfg, code, counts, n, width, lens, forward):
-  """[B * Rl * n] int32: per batch, the listed entries of each row inside the lengths.
-
-  Rows are q-blocks and entries k-blocks (``forward``), or the reverse. Lists
-  are ascending, so the kept entries are the first ones of each row.
-  """
-  q_len, kv_len = lens
-  idx = (code // 2).reshape(-1, n, width)
-  listed = jnp.arange(width, dtype=jnp.int32) < counts.reshape(-1, n)[..., None]
-  row_len, ent_len = (q_len, kv_len) if forward else (kv_len, q_len)
-  row_size, ent_size = ((cfg.block_q, cfg.block_kv) if forward
-                        else (cfg.block_kv, cfg.block_q))
-  row_ok = jnp.arange(n, dtype=jnp.int32)[None, :] * row_size < row_len[:, None]   # [B, n]
-  ent_ok = idx[None] * ent_size < ent_len[:, None, None, None]                   # [B,Rl,n,w]
-  keep = listed[None] & ent_ok & row_ok[:, None, :, None]
-  return jnp.sum(keep, axis=-1, dtype=jnp.int32).reshape(-1)
 
 
 def _count_row(cfg, b, row, rows):
@@ -263,21 +243,6 @@ def _params(cfg):
       vmem_limit_bytes=cfg.vmem_limit_bytes)
 
 
-def _list_slices(cfg, code, counts, n, width):
-  """[(start, stop, code slice, counts slice)]: the lists cut along the block axis.
-
-  ``code`` is the flat [Rl * n * width] list, ``counts`` [Rl * n] (Rl = list
-  heads, times B for run-time lists); each chunk keeps rows [start, stop) of
-  every list head, so it fits ``cfg.smem_list_entries`` (``resources``).
-  """
-  bounds = R.list_chunks(cfg, n, width)
-  if len(bounds) == 1:
-    return [(0, n, code, counts)]
-  code3 = code.reshape(-1, n, width)
-  counts2 = counts.reshape(-1, n)
-  return [(a, b, code3[:, a:b].reshape(-1), counts2[:, a:b].reshape(-1)) for a, b in bounds]
-
-
 def _cat(parts, axis):
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis)
 
@@ -286,8 +251,8 @@ def _lists(cfg, lists, aux, name, n, width, forward):
   """List chunks (start, stop, code, counts); counts are per batch with lengths."""
   code, counts = lists[f"{name}_code"], lists[f"{name}_counts"]
   if cfg.has_lengths:
-    counts = _length_counts(cfg, code, counts, n, width, aux.lens, forward)
-  return _list_slices(cfg, code, counts, n, width)
+    counts = L.tpu_length_counts(cfg, code, counts, n, width, aux.lens, forward)
+  return L.tpu_list_slices(cfg, code, counts, n, width)
 
 
 def forward(cfg, lists, q, k, v, aux, bias=None):
@@ -544,30 +509,5 @@ def _dkv_chunk(cfg, code, counts, arrays, aux, bias, k0, rows):
   )(*scalars, qt, kt, vt, dot_, lse4, delta4, *side_arrays, *pair_arrays)
 
 
-def runtime_lists(cfg, fwd, bwd=None):
-  """Packed scalar-prefetch lists from run-time lists (built under jit).
-
-  ``fwd`` = (k-block indices [B, Hl, nq, max_kb], counts [B, Hl, nq]) and
-  ``bwd`` = (q-block indices [B, Hl, nk, max_qb], counts [B, Hl, nk]), int32,
-  entries past a row's count repeating its last listed block (no new copy).
-  Every block gets the config's kind (full iff there is nothing to mask).
-  """
-  full = 0 if cfg.any_partial else 1
-  out = {}
-  for name, lists in (("fwd", fwd), ("bwd", bwd)):
-    if lists is not None:
-      out[f"{name}_code"] = (lists[0] * 2 + full).reshape(-1)
-      out[f"{name}_counts"] = lists[1].reshape(-1)
-  return out
-
-
-def prepare_lists(layout):
-  """Flattened packed lists for scalar prefetch (int32 1-D arrays), rows ascending."""
-  out = {}
-  for name in ("fwd", "bwd"):
-    idx, full, counts = C.ascending_lists(getattr(layout, f"{name}_indices"),
-                                          getattr(layout, f"{name}_full"),
-                                          getattr(layout, f"{name}_counts"))
-    out[f"{name}_code"] = jnp.asarray(C.encoded_lists(idx, full).reshape(-1))
-    out[f"{name}_counts"] = jnp.asarray(counts.reshape(-1).astype("int32"))
-  return out
+prepare_lists = L.tpu_prepare_lists
+runtime_lists = L.tpu_runtime_lists
