@@ -1,4 +1,6 @@
 """Adversarial training of attention scores (AT/iAT, VAT/iVAT)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,21 +70,22 @@ def test_head_ablation_patching_and_head_restricted_training():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
   layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, causal=True)
   params = layer.init(jax.random.PRNGKey(1), x)
-  y, st = layer.apply(params, x, mutable=["intermediates"])
+  apply = jax.jit(layer.apply)   # one program per argument structure, not eager op by op
+  y, st = jax.jit(functools.partial(layer.apply, mutable=["intermediates"]))(params, x)
   heads = st["intermediates"]["head_outputs"][0]
-  np.testing.assert_allclose(layer.apply(params, x, head_mask=jnp.ones(4)), y, atol=1e-6)
+  np.testing.assert_allclose(apply(params, x, head_mask=jnp.ones(4)), y, atol=1e-6)
   # zeroing head 1 equals deleting its slice of W_o
   p = params["params"]
   w_o = p["out"]["kernel"].at[1].set(0.0)
   manual = jnp.einsum("btnh,nhd->btd", heads, w_o) + p["out"]["bias"]
-  np.testing.assert_allclose(layer.apply(params, x, head_mask=jnp.array([1, 0, 1, 1])), manual, atol=1e-5)
+  np.testing.assert_allclose(apply(params, x, head_mask=jnp.array([1, 0, 1, 1])), manual, atol=1e-5)
   # patching a run's own activations back in is the identity
-  np.testing.assert_allclose(layer.apply(params, x, head_mask=jnp.zeros(4), head_replacement=heads), y,
+  np.testing.assert_allclose(apply(params, x, head_mask=jnp.zeros(4), head_replacement=heads), y,
                              atol=1e-5)
   # only heads 0 and 1 (KV head 0) train
   mask = {"params": head_gradient_mask(p, [0, 1], num_heads=4)}
   tx = optax.chain(mask_updates(mask), optax.sgd(0.1))
-  grads = jax.grad(lambda prm: jnp.sum(layer.apply(prm, x) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda prm: jnp.sum(layer.apply(prm, x) ** 2)))(params)
   upd, _ = tx.update(grads, tx.init(params), params)
   u = upd["params"]
   assert float(jnp.abs(u["query"]["kernel"][:, 2:]).max()) == 0.0
