@@ -20,9 +20,8 @@ from attnjax.layers import registry
 from attnjax.sharding import make_mesh, context_parallel_attention, communication_bytes
 out = {"devices": jax.device_count()}
 B, T, N, K, H = 2, 64, 4, 2, 8
-ks = jax.random.split(jax.random.PRNGKey(0), 3)
-q = jax.random.normal(ks[0], (B, T, N, H)); k = jax.random.normal(ks[1], (B, T, K, H))
-v = jax.random.normal(ks[2], (B, T, K, H))
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H), np.float32)) for n in (N, K, K))
 cases = [((1, 1, 8), M.S2(N, block_size=8, local_blocks=2, vert_stride=4, num_kv_heads=K)),
          ((2, 2, 2), M.S2(N, block_size=8, local_blocks=2, vert_stride=4, num_kv_heads=K)),
          ((1, 2, 4), M.S2(N, block_size=8, local_blocks=(2, 1), vert_stride=3, causal=False,
@@ -30,11 +29,11 @@ cases = [((1, 1, 8), M.S2(N, block_size=8, local_blocks=2, vert_stride=4, num_kv
 loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) ** 2))
 for shape, m in cases:
   mesh = make_mesh(*shape)
-  f = jax.jit(lambda q, k, v: context_parallel_attention(q, k, v, m, mesh, implementation="reference"))
-  r = jax.jit(lambda q, k, v: reference_attention(q, k, v, mask=m))
-  g1 = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
-  g2 = jax.jit(jax.grad(loss(r), argnums=(0, 1, 2)))(q, k, v)
-  out[str(shape)] = {"fwd": float(jnp.abs(f(q, k, v) - r(q, k, v)).max()),
+  f = lambda q, k, v: context_parallel_attention(q, k, v, m, mesh, implementation="reference")
+  r = lambda q, k, v: reference_attention(q, k, v, mask=m)
+  both = jax.jit(lambda *a: [(g(*a), jax.grad(loss(g), argnums=(0, 1, 2))(*a)) for g in (f, r)])
+  (o1, g1), (o2, g2) = both(q, k, v)    # one compile per case
+  out[str(shape)] = {"fwd": float(jnp.abs(o1 - o2).max()),
                      "grad": max(float(jnp.abs(a - b).max()) for a, b in zip(g1, g2))}
 s2 = M.S2(8, block_size=16, local_blocks=2, vert_stride=8)
 kw = dict(batch=1, seq_len=1024, num_heads=8, num_kv_heads=8, head_dim=64, num_chunks=8)
@@ -52,12 +51,12 @@ from experiments import metrics, trainer
 def cfg(mesh):
   c = common.base_config("t")
   c.task.name = "stdlib_lm"; c.task.seq_len = 32; c.task.batch_size = 4; c.task.eval_batches = 1
-  c.model.num_layers = 2; c.model.d_model = 32; c.model.num_heads = 4; c.model.num_kv_heads = 2
-  c.model.layer_attention = ("s2", "dense")
+  c.model.num_layers = 1; c.model.d_model = 32; c.model.num_heads = 4; c.model.num_kv_heads = 2
+  c.model.layer_attention = ("s2",)
   c.model.family_options = {"s2": {"block_size": 4, "local_blocks": 2, "vert_stride": 4}}
   c.model.use_presets = False
-  c.optim.warmup_steps = 1; c.train.num_steps = 3; c.train.log_every = 1; c.train.eval_every = 3
-  c.train.checkpoint_every = 3; c.train.progress_bar = False
+  c.optim.warmup_steps = 0; c.train.num_steps = 1; c.train.log_every = 1; c.train.eval_every = 1
+  c.train.checkpoint_every = 1; c.train.progress_bar = False
   c.mesh.data, c.mesh.heads, c.mesh.context = mesh
   return c
 losses = {}
@@ -112,7 +111,9 @@ def test_s2_receives_less_than_an_allgather(result):
 
 def test_training_on_a_mesh_matches_one_device(result):
   one, mesh = result["train_losses"]["(1, 1, 1)"], result["train_losses"]["(2, 2, 2)"]
-  assert len(one) == len(mesh) == 4      # 3 train steps + 1 eval
+  # one step (its loss before the update) and the eval after the update: one compile of
+  # the train step per mesh (a second step recompiles for the updated state's shardings)
+  assert len(one) == len(mesh) == 2
   np.testing.assert_allclose(mesh, one, rtol=2e-5)
 
 
