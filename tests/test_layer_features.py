@@ -90,23 +90,24 @@ def test_llama3_scaling_is_smooth_band_with_hf_defaults():
     RopeScaling.from_hf({"type": "linear", "factor": 2.0, "bogus": 1})
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("rotary_dim,kind", [(16, None), (8, "yarn"), (6, "linear")])
-def test_apply_rope_matches_numpy_and_partial_rotary(interleaved, rotary_dim, kind):
+def test_apply_rope_matches_numpy_and_partial_rotary():
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (B, T, 3, 16)))
   pos = np.arange(T) + 3.0
-  s = None if kind is None else RopeScaling(kind, 4.0, original_max_position_embeddings=16)
-  got = np.asarray(apply_rope(x, pos, BASE, rotary_dim=rotary_dim, scaling=s,
-                              interleaved=interleaved))
-  inv = _np_inv(rotary_dim)
-  if kind == "yarn":
-    inv = _np_yarn(4.0, 16, rot=rotary_dim)
-  elif kind == "linear":
-    inv = inv / 4.0
-  mult = rope_attention_factor(s)
-  want = _np_rope(x, pos, inv, rotary_dim, interleaved, mult)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(got[..., rotary_dim:], x[..., rotary_dim:])
+  cases = [(i, r, k) for i in (False, True) for r, k in ((16, None), (8, "yarn"), (6, "linear"))]
+  scaling = lambda k: None if k is None else RopeScaling(k, 4.0,
+                                                         original_max_position_embeddings=16)
+  got = jax.jit(lambda x: [apply_rope(x, pos, BASE, rotary_dim=r, scaling=scaling(k),
+                                      interleaved=i) for i, r, k in cases])(x)
+  for (interleaved, rotary_dim, kind), out in zip(cases, got):
+    inv = _np_inv(rotary_dim)
+    if kind == "yarn":
+      inv = _np_yarn(4.0, 16, rot=rotary_dim)
+    elif kind == "linear":
+      inv = inv / 4.0
+    mult = rope_attention_factor(scaling(kind))
+    want = _np_rope(x, pos, inv, rotary_dim, interleaved, mult)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out)[..., rotary_dim:], x[..., rotary_dim:])
   with pytest.raises(ValueError, match="rotary_dim"):
     apply_rope(x, pos, rotary_dim=5)
 
@@ -117,15 +118,22 @@ def test_layer_rope_options_match_projections_plus_reference():
                          rope_scaling=s, rope_interleaved=True, causal=True,
                          implementation="reference")
   x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
-  params = m.init(jax.random.PRNGKey(2), x)
-  p = params["params"]
-  proj = lambda n: jnp.einsum("btd,dnh->btnh", x, p[n]["kernel"]) + p[n]["bias"]
-  pos = jnp.arange(T)
-  kw = dict(rotary_dim=4, scaling=s, interleaved=True, seq_len=T)
-  q, k = apply_rope(proj("query"), pos, **kw), apply_rope(proj("key"), pos, **kw)
-  o = attnjax.reference_attention(q, k, proj("value"), mask=masks.Causal())
-  want = jnp.einsum("btnh,nhd->btd", o, p["out"]["kernel"]) + p["out"]["bias"]
-  np.testing.assert_allclose(m.apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+  def want(params, x):
+    p = params["params"]
+    proj = lambda n: jnp.einsum("btd,dnh->btnh", x, p[n]["kernel"]) + p[n]["bias"]
+    pos = jnp.arange(T)
+    kw = dict(rotary_dim=4, scaling=s, interleaved=True, seq_len=T)
+    q, k = apply_rope(proj("query"), pos, **kw), apply_rope(proj("key"), pos, **kw)
+    o = attnjax.reference_attention(q, k, proj("value"), mask=masks.Causal())
+    return jnp.einsum("btnh,nhd->btd", o, p["out"]["kernel"]) + p["out"]["bias"]
+
+  def run(x):
+    params = m.init(jax.random.PRNGKey(2), x)
+    return m.apply(params, x), want(params, x)
+
+  got, expected = jax.jit(run)(x)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_llama_config_reads_hf_rope_scaling():
@@ -158,71 +166,83 @@ def test_fused_qkv_equals_separate_projections_with_copied_weights(bias=True):
   kw = dict(num_heads=n, num_kv_heads=kh, qkv_features=n * h, causal=True,
             use_bias=bias, implementation="reference")
   fused = MultiHeadAttention(fused_qkv=True, **kw)
-  pf = fused.init(jax.random.PRNGKey(2), x)["params"]
+  pf = jax.jit(fused.init)(jax.random.PRNGKey(2), x)["params"]
   assert pf["qkv"]["kernel"].shape == (D, n + 2 * kh, h)
   assert ("bias" in pf["qkv"]) == bias and "query" not in pf
   sl = {"query": slice(0, n), "key": slice(n, n + kh), "value": slice(n + kh, None)}
   ps = {name: {k: a[:, s] if k == "kernel" else a[s] for k, a in pf["qkv"].items()}
         for name, s in sl.items()}
   ps["out"] = pf["out"]
-  got = fused.apply({"params": pf}, x)
-  want = MultiHeadAttention(**kw).apply({"params": ps}, x)
+  got, want = jax.jit(lambda x: (fused.apply({"params": pf}, x),
+                                 MultiHeadAttention(**kw).apply({"params": ps}, x)))(x)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="self-attention"):
-    fused.apply({"params": pf}, x, x)
+    jax.eval_shape(lambda x: fused.apply({"params": pf}, x, x), x)
   with pytest.raises(ValueError, match="must be equal"):
-    MultiHeadAttention(fused_qkv=True, use_key_bias=not bias, **kw).init(
-        jax.random.PRNGKey(0), x)
+    jax.eval_shape(MultiHeadAttention(fused_qkv=True, use_key_bias=not bias, **kw).init,
+                   jax.random.PRNGKey(0), x)
   nobias = jax.eval_shape(MultiHeadAttention(fused_qkv=True, **dict(kw, use_bias=False)).init,
                           jax.random.PRNGKey(0), x)["params"]
   assert set(nobias["qkv"]) == {"kernel"}
 
 
 def _dropout_layer(**kw):
+  kw.setdefault("implementation", "reference")
   return MultiHeadAttention(num_heads=2, qkv_features=8, causal=True, **kw)
 
 
 def test_dropout_off_equals_no_dropout_and_fast_families_raise():
   x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
-  base = _dropout_layer()
-  params = base.init(jax.random.PRNGKey(2), x)
-  want = base.apply(params, x, deterministic=False)   # rate 0: no dropout, no rng needed
+
+  def run(x):
+    params = _dropout_layer().init(jax.random.PRNGKey(2), x)
+    # rate 0 needs no rng even when not deterministic; deterministic=True turns dropout off
+    return (params, _dropout_layer().apply(params, x, deterministic=False),
+            _dropout_layer(dropout_rate=0.5).apply(params, x, deterministic=True))
+
+  params, want, got = jax.jit(run)(x)
+  np.testing.assert_allclose(got, want)
   rng = {"dropout": jax.random.PRNGKey(3)}
-  np.testing.assert_allclose(_dropout_layer(dropout_rate=0.5).apply(params, x,
-                                                                    deterministic=True), want)
   for kw, match in (({"attention": "sliding_window",
                       "attention_options": {"window_size": 2}}, "sliding_window"),
                     ({"implementation": "xla"}, "implementation='xla'")):
     with pytest.raises(NotImplementedError, match=match):
-      _dropout_layer(dropout_rate=0.1, **kw).apply(params, x, deterministic=False, rngs=rng)
+      jax.eval_shape(lambda x: _dropout_layer(dropout_rate=0.1, **kw).apply(
+          params, x, deterministic=False, rngs=rng), x)
   from attnjax.layers.dropout import check_dropout_rate
   with pytest.raises(ValueError, match="dropout_rate"):
     check_dropout_rate(1.0)
 
 
-@pytest.mark.parametrize("broadcast", [True, False])
-def test_dropout_hook_equals_numpy_with_the_same_mask(broadcast):
+def test_dropout_hook_equals_numpy_with_the_same_mask():
   from attnjax.layers.dropout import dropout_hook
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, 2, 4)) for i in range(3))
   key, rate = jax.random.PRNGKey(7), 0.3
-  got = attnjax.reference_attention(q, k, v, mask=masks.Causal(),
-                                    probs_hook=dropout_hook(key, rate, broadcast))
-  _, probs = attnjax.reference_attention(q, k, v, mask=masks.Causal(), return_probs=True)
-  shape = (1, 1, T, T) if broadcast else (B, 2, T, T)
-  keep = np.asarray(jax.random.bernoulli(key, 1 - rate, shape), np.float64)
-  want = np.einsum("bnts,bsnh->btnh", np.asarray(probs, np.float64) * keep / (1 - rate),
-                   np.asarray(v, np.float64))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  shapes = {True: (1, 1, T, T), False: (B, 2, T, T)}
+
+  def run(q, k, v):
+    out = {b: attnjax.reference_attention(q, k, v, mask=masks.Causal(),
+                                          probs_hook=dropout_hook(key, rate, b)) for b in shapes}
+    keep = {b: jax.random.bernoulli(key, 1 - rate, s) for b, s in shapes.items()}
+    return out, keep, attnjax.reference_attention(q, k, v, mask=masks.Causal(),
+                                                  return_probs=True)[1]
+
+  out, keep, probs = jax.jit(run)(q, k, v)
+  for b in shapes:
+    want = np.einsum("bnts,bsnh->btnh", np.asarray(probs, np.float64) * np.asarray(keep[b])
+                     / (1 - rate), np.asarray(v, np.float64))
+    np.testing.assert_allclose(out[b], want, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_dropout_mean_over_masks_is_no_dropout():
   x = jax.random.normal(jax.random.PRNGKey(1), (1, T, D))
   m = _dropout_layer(dropout_rate=0.5, broadcast_dropout=False)
-  params = m.init(jax.random.PRNGKey(2), x, deterministic=True)
-  want = np.asarray(m.apply(params, x, deterministic=True))
+  params = jax.jit(lambda r, x: m.init(r, x, deterministic=True))(jax.random.PRNGKey(2), x)
   keys = jax.random.split(jax.random.PRNGKey(5), 512)
-  outs = np.asarray(jax.jit(jax.vmap(lambda r: m.apply(params, x, deterministic=False,
-                                                       rngs={"dropout": r})))(keys))
+  want, outs = jax.jit(lambda x: (
+      m.apply(params, x, deterministic=True),
+      jax.vmap(lambda r: m.apply(params, x, deterministic=False, rngs={"dropout": r}))(keys)))(x)
+  want, outs = np.asarray(want), np.asarray(outs)
   assert np.abs(outs[0] - want).max() > 0.05            # a single mask changes the output
   err = np.abs(outs.mean(0) - want).max()
   assert err < 4 * outs.std(0).max() / np.sqrt(len(keys)) + 1e-6, err

@@ -56,7 +56,8 @@ def key_padding_mask(family: str, mask, batch: int, seq: int):
     raise ValueError(
         f"attention family {family!r} defines its own pattern; the layer's mask= may only be "
         f"a key-padding array [B, S] or [B, 1, 1, S] there, got {type(mask).__name__}.")
-  mask = jnp.asarray(mask)
+  # NumPy stays NumPy: a concrete mask can be checked while tracing (causal_prefix)
+  mask = mask if isinstance(mask, np.ndarray) else jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
     raise TypeError(f"mask must be boolean (True = a real key), got dtype {mask.dtype}.")
   if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
