@@ -13,7 +13,8 @@ from attnjax.models.bert import (BertConfig, BertEncoder, l2_normalize, mean_poo
                                  sentence_embedding)
 from attnjax.models.checkpoints import (GGUFFile, bert_tensor_map, gguf_llama_tensor_map,
                                         llama_tensor_map, load_bert_safetensors,
-                                        load_llama_gguf, load_params, read_gguf)
+                                        load_llama_gguf, load_llama_safetensors, load_params,
+                                        read_gguf)
 from attnjax.models.common import layer_attention
 from attnjax.models.sampling import generate, pad_prompts, sample_logits
 from attnjax.models.llama import LlamaConfig, LlamaDecoder, init_cache

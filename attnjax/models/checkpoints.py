@@ -21,7 +21,8 @@ from attnjax.models.common import scans_layers, stack_layers
 from attnjax.models.llama import LlamaConfig
 
 __all__ = ["bert_tensor_map", "llama_tensor_map", "gguf_llama_tensor_map", "load_params",
-           "load_bert_safetensors", "read_gguf", "load_llama_gguf", "GGUFFile"]
+           "load_bert_safetensors", "load_llama_safetensors", "read_gguf", "load_llama_gguf",
+           "GGUFFile"]
 
 
 class Tensor(NamedTuple):
@@ -111,10 +112,25 @@ def llama_tensor_map(c: LlamaConfig, names: Optional[Mapping[str, str]] = None) 
         Tensor(f("up"), (F, D), (L, "up", "kernel"), _t),
         Tensor(f("down"), (D, F), (L, "down", "kernel"), _t),
     ]
+    if c.qkv_bias:  # [n*h] -> DenseGeneral bias [n, h]
+      out += [Tensor(_bias_name(f(part)), (m * h,), (L, "attention", ours, "bias"),
+                     lambda x, m=m, fix=fix: fix(x[:, None])[:, 0].reshape(m, h))
+              for part, ours, m, fix in (("q", "query", n, q_fix), ("k", "key", k, k_fix),
+                                         ("v", "value", k, _id))]
+    if c.out_bias:
+      out.append(Tensor(_bias_name(f("o")), (D,), (L, "attention", "out", "bias"), _id))
+    if c.mlp_bias:
+      out += [Tensor(_bias_name(f(part)), (size,), (L, part, "bias"), _id)
+              for part, size in (("gate", F), ("up", F), ("down", D))]
   out.append(Tensor(nm["norm"], (D,), ("norm", "scale"), _id))
   if not c.tie_embeddings:
     out.append(Tensor(nm["lm_head"], (c.vocab_size, D), ("lm_head", "kernel"), _t))
   return out
+
+
+def _bias_name(weight_name: str) -> str:
+  """The checkpoint name of a projection's bias: "...q_proj.weight" -> "...q_proj.bias"."""
+  return weight_name[:-len("weight")] + "bias"
 
 
 _HF_LLAMA = {
@@ -207,6 +223,40 @@ def load_bert_safetensors(model_dir: str, dtype=jnp.float32, **config_overrides)
   return config, _layout(params, config)
 
 
+def _safetensors_files(model_dir: str) -> List[str]:
+  """model.safetensors, or the shards listed by model.safetensors.index.json."""
+  index = os.path.join(model_dir, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(model_dir, s) for s in shards]
+  path = os.path.join(model_dir, "model.safetensors")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor "
+                            "model.safetensors.index.json is there.")
+  return [path]
+
+
+def load_llama_safetensors(model_dir: str, dtype=jnp.float32, **config_overrides):
+  """(LlamaConfig, params) from a Hugging Face Llama or Qwen2 folder.
+
+  Reads config.json and model.safetensors (or the shards of
+  model.safetensors.index.json); projection biases follow the config
+  (``LlamaConfig.from_hf``). A missing tensor or one of another shape raises
+  ValueError naming it, before any data is read.
+  """
+  from safetensors import safe_open  # optional dependency  # pylint: disable=g-import-not-at-top
+  config_overrides.setdefault("dtype", dtype)
+  with open(os.path.join(model_dir, "config.json")) as f:
+    config = LlamaConfig.from_hf(json.load(f), **config_overrides)
+  handles = [safe_open(p, "np") for p in _safetensors_files(model_dir)]
+  where = {name: h for h in handles for name in h.keys()}
+  shapes = {name: tuple(h.get_slice(name).get_shape()) for name, h in where.items()}
+  params = load_params(llama_tensor_map(config), shapes,
+                       lambda name: where[name].get_tensor(name), dtype, source=model_dir)
+  return config, _layout(params, config)
+
+
 class GGUFFile(NamedTuple):
   """A GGUF file's metadata (key -> Python value) and its tensors by name."""
   path: str
@@ -243,6 +293,10 @@ def load_llama_gguf(path_or_file, dtype=jnp.float32, **config_overrides):
   meta = dict(g.metadata)
   if "output.weight" in g.tensors:
     config_overrides.setdefault("tie_embeddings", False)
+  for flag, name in (("qkv_bias", "blk.0.attn_q.bias"), ("out_bias", "blk.0.attn_output.bias"),
+                     ("mlp_bias", "blk.0.ffn_up.bias")):
+    if name in g.tensors:
+      config_overrides.setdefault(flag, True)
   meta.setdefault("tokenizer.ggml.tokens", ())
   config_overrides.setdefault("dtype", dtype)
   config = LlamaConfig.from_gguf_metadata(meta, **config_overrides)

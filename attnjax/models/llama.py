@@ -3,7 +3,10 @@
 Llama ("LLaMA: Open and Efficient Foundation Language Models",
 arXiv:2302.13971): pre-RMSNorm blocks ``x + Attn(RMSNorm(x))``,
 ``x + SwiGLU(RMSNorm(x))``, rotary embeddings (rotate-half), grouped-query
-attention, optionally tied input/output embeddings. With ``decode=True`` the
+attention, optionally tied input/output embeddings. The projection bias
+flags cover the Llama-family checkpoints that carry biases: Hugging Face
+Llama's ``attention_bias`` (q, k, v and o) and ``mlp_bias``, and Qwen2
+("Qwen2 Technical Report", arXiv:2407.10671: q, k, v only). With ``decode=True`` the
 attention layers keep a KV cache (``attnjax.layers.MultiHeadAttention``);
 ``attnjax.models.generate`` runs the decoding loop.
 """
@@ -37,6 +40,9 @@ class LlamaConfig:
   rope_scaling: Any = None      # None or an attnjax.layers.rope.RopeScaling
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = True
+  qkv_bias: bool = False        # bias in the q, k and v projections (Qwen2, Llama attention_bias)
+  out_bias: bool = False        # bias in the output projection (Llama attention_bias)
+  mlp_bias: bool = False        # bias in gate/up/down (Llama mlp_bias)
   max_position_embeddings: int = 8192
   attention: Union[str, Sequence[str]] = "dense"
   attention_options: Any = None
@@ -69,16 +75,22 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "LlamaConfig":
-    """From a Hugging Face ``config.json`` dict of a Llama model.
+    """From a Hugging Face ``config.json`` dict of a Llama or Qwen2 model.
 
     ``rope_scaling`` ("linear", "dynamic", "yarn", "llama3") becomes an
-    ``attnjax.layers.rope.RopeScaling``.
+    ``attnjax.layers.rope.RopeScaling``. Llama's ``attention_bias`` sets
+    ``qkv_bias`` and ``out_bias``, ``mlp_bias`` sets ``mlp_bias``; Qwen2 has
+    q/k/v biases. Qwen2's sliding-window layers (``use_sliding_window``) are
+    not modelled and raise.
     """
-    if hf.get("model_type") != "llama":
-      raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; LlamaConfig "
-                       "reads 'llama' configs.")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-      raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported.")
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "qwen2"):
+      raise ValueError(f"config.json has model_type={model_type!r}; LlamaConfig reads "
+                       "'llama' and 'qwen2' configs.")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+      raise ValueError("config.json: use_sliding_window=True (Qwen2 sliding-window layers) is "
+                       "not supported; LlamaDecoder attends to the whole causal prefix.")
+    attention_bias = bool(hf.get("attention_bias", False))
     heads = hf["num_attention_heads"]
     kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
               num_layers=hf["num_hidden_layers"], num_heads=heads,
@@ -88,7 +100,9 @@ class LlamaConfig:
               rope_base=float(hf.get("rope_theta", 10000.0)),
               rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-              max_position_embeddings=hf.get("max_position_embeddings", 2048))
+              max_position_embeddings=hf.get("max_position_embeddings", 2048),
+              qkv_bias=model_type == "qwen2" or attention_bias, out_bias=attention_bias,
+              mlp_bias=bool(hf.get("mlp_bias", False)))
     if hf.get("rope_scaling"):
       kw["rope_scaling"] = RopeScaling.from_hf(hf["rope_scaling"], kw["max_position_embeddings"])
     kw.update(overrides)
@@ -108,14 +122,15 @@ class LlamaBlock(nn.Module):
     norm = lambda name: nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, name=name)
     h = MultiHeadAttention(
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-        qkv_features=c.num_heads * c.head_dim, out_features=c.hidden_size, use_bias=False,
+        qkv_features=c.num_heads * c.head_dim, out_features=c.hidden_size,
+        use_bias=c.qkv_bias, use_out_bias=c.out_bias,
         use_rope=True, rope_base=c.rope_base, rope_scaling=c.rope_scaling, causal=True,
         attention=self.attention, attention_options=dict(self.attention_options), implementation=c.implementation,
         decode=self.decode, dtype=c.dtype, name="attention")(
             norm("attention_norm")(x), input_lengths=input_lengths)
     x = x + h
     h = norm("mlp_norm")(x)
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=c.dtype, name=name)
+    dense = lambda n, name: nn.Dense(n, use_bias=c.mlp_bias, dtype=c.dtype, name=name)
     h = nn.silu(dense(c.intermediate_size, "gate")(h)) * dense(c.intermediate_size, "up")(h)
     return x + dense(c.hidden_size, "down")(h)
 
