@@ -242,18 +242,7 @@ NA = {
         q, k, v, kernel_size=5, additional_keys=k[:, :4], additional_values=v[:, :4]),
                              (B, 48)),
 }
-NA_XFAIL = {
-    "na1d_additional_keys": (
-        "attnjax/neighborhood/api.py:198 (neighborhood_attention) attends to "
-        "additional_keys with reference_attention whatever backend was chosen: the dense "
-        "oracle runs for implementation=None (and for 'xla' / 'pallas') without a warning"),
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=OracleReached,
-                                            reason=NA_XFAIL[n])) if n in NA_XFAIL else n
-    for n in sorted(NA)])
+@pytest.mark.parametrize("name", sorted(NA))
 def test_neighborhood(name, no_oracle):
   fn, lead = NA[name]
   _trace(fn, _spec(*lead, N, H), _spec(*lead, K, H), _spec(*lead, K, H))

@@ -13,6 +13,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.block_sparse.api import run_attention
 from attnjax.core import precision
 from attnjax.core import dispatch
 from attnjax.core import placement
@@ -194,9 +195,16 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
                          scale=scale, tile_shape=tile_shape, rpb=rpb)
 
   if has_add:
+    # The extra keys are seen by every query: plain attention over S_add keys, on the
+    # reference when it was asked for, else on the block-sparse XLA engine (any S_add;
+    # also under implementation="pallas", whose kernels want block multiples).
     flat = lambda x: x.reshape((x.shape[0], -1) + x.shape[-2:])
-    o2, lse2 = reference_attention(flat(query), additional_keys, additional_values,
-                                   scale=scale, return_lse=True)
+    if implementation == "reference":
+      o2, lse2 = reference_attention(flat(query), additional_keys, additional_values,
+                                     scale=scale, return_lse=True)
+    else:
+      o2, lse2 = run_attention(flat(query), additional_keys, additional_values, scale=scale,
+                               return_lse=True, backend="xla")
     o, l = merge_attention(flat(out), lse.reshape(lse.shape[0], -1, lse.shape[-1]), o2, lse2)
     out, lse = o.reshape(out.shape), l.reshape(lse.shape)
   return (out, lse) if return_lse else out
