@@ -149,3 +149,23 @@ def test_gradients_through_a_padded_fast_path_are_finite_and_skip_padding():
   g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(PARAMS, X)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(g_params))
   assert np.abs(g_x[1, L:]).max() == 0.0 and np.abs(g_x[1, :L]).max() > 0.0
+
+
+def test_linear_key_mask_with_decay_keeps_left_and_right_padded_outputs():
+  from attnjax.linear.api import linear_attention
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, T, 2, 4)) for i in range(3))
+  n = 10                                  # example 0 left-padded, example 1 right-padded
+  mask = jnp.stack([jnp.arange(T) >= T - n, jnp.arange(T) < n])
+  kw = dict(decay="tnl", chunk_size=4)
+
+  def run(q, k, v):
+    alone = lambda x, s: linear_attention(*(y[x, s] for y in (q, k, v)), **kw,
+                                          implementation="reference")
+    return (linear_attention(q, k, v, key_mask=mask, **kw), alone(slice(0, 1), slice(T - n, T)),
+            alone(slice(1, 2), slice(0, n)))
+
+  out, left, right = jax.jit(run)(q, k, v)
+  np.testing.assert_allclose(out[0, T - n:], left[0], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(out[1, :n], right[0], atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match=r"key_mask must be a boolean array \[B, S\]"):
+    jax.eval_shape(lambda q: linear_attention(q, k, v, key_mask=mask[:, :4]), q)
