@@ -14,8 +14,8 @@ Features. A subclass declares the features its backend must support in
 ``FEATURES`` (a frozenset of the names in :data:`FEATURES`). A case that uses
 only declared features must match the oracle; a case that uses an undeclared
 one must make the explicit request raise ``NotImplementedError`` whose
-message names the missing feature (nothing is skipped). Extending a backend
-is adding names to its frozenset.
+message names the missing feature (an undeclared feature is never skipped).
+Extending a backend is adding names to its frozenset.
 
 Covering set. A product over every factor (mask kinds x lengths x bias x mask
 arrays x segment ids x 3 head layouts x 2 dtypes x 4 CAB patterns x NumPy
@@ -26,7 +26,8 @@ backward kernels in interpret mode, several seconds each):
 - rows 1-6 are a pairwise design over the eight binary factors lengths, bias,
   mask array, segment ids, GQA (K < N), bfloat16, cross (T != S) and causal:
   every pair of factors occurs in all four on/off combinations (six rows is
-  the fewest that can do this for more than four factors);
+  the fewest that can do this for 5 to 10 factors; ``uncovered_pairs``
+  checks it);
 - NumPy q/k/v: row 6 (they are converted once at the entry, so pairing them
   with every factor would buy nothing; every case passes its masks, bias,
   segment ids and lengths as NumPy arrays);
@@ -46,14 +47,18 @@ backward kernels in interpret mode, several seconds each):
 Every case has T, S <= 80 in multiples of 16 and is one ``jit`` of forward +
 VJP per backend (the NumPy case adds the forward on NumPy q/k/v to that same
 ``jit``, or only traces it where ``NUMPY_VALUES`` is False); the oracle of a
-case is computed once and shared by all backends.
+case is computed once and shared by all backends. A backend may skip cases
+(``SKIP``, with the reason) as long as every feature it declares and every
+CAB pattern stays in a case it runs (``test_declared_features_are_known``
+checks this): the TPU interpret class runs rows 1, 2, 3, 6 and 7.
 At these lengths the block-sparse backends use one block per sequence;
 multi-block layouts are the engines' own tests' subject.
 
 Tolerances. float32: ``1e-4 * max(1, max |oracle|)``. bfloat16 follows the
 FlashAttention rule: at most twice the error of a naive bfloat16
-implementation (softmax and matmuls in bfloat16, same dense mask) against the
-float32 oracle, plus ``2e-3 * max(1, max |oracle|)``.
+implementation (``naive_low_precision``: every intermediate rounded to
+bfloat16, same dense mask) against the float32 oracle, plus
+``2e-3 * max(1, max |oracle|)``.
 """
 from __future__ import annotations
 
@@ -358,13 +363,16 @@ class AttentionConformance:
     return attnjax.attention(q, k, v, implementation=self.IMPLEMENTATION, **extra)
 
   def test_declared_features_are_known(self):
-    """Declared features are known names, each in a case this backend runs."""
+    """Declared features are known names, each (and each CAB pattern) in a case run here."""
     assert self.FEATURES <= set(FEATURES), sorted(self.FEATURES - set(FEATURES))
     for table in (self.XFAIL, self.SKIP):
       assert set(table) <= set(CASE_NAMES), sorted(set(table) - set(CASE_NAMES))
     run = [c for c in CASES if c.name not in self.SKIP and c.name not in self.XFAIL]
     assert set().union(*(c.features for c in run)) >= self.FEATURES, (
         "a declared feature is in no case this backend runs")
+    patterns = {(c.causal, c.T != c.S) for c in run}
+    want = {(a, b) for a in (False, True) for b in (False, "cross" in self.FEATURES)}
+    assert patterns >= want, f"CAB patterns (causal, cross) not run: {sorted(want - patterns)}"
 
   @pytest.mark.parametrize("name", CASE_NAMES)
   def test_case(self, name, request):
