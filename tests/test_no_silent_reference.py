@@ -49,7 +49,6 @@ class OracleReached(AssertionError):
 @pytest.fixture
 def no_oracle(monkeypatch):
   """Makes every module-level handle on the dense oracles raise OracleReached."""
-  import attnjax.layers.flax_adapter  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   originals = {"reference_attention": R.reference_attention,
                "dense_linear_attention": LR.dense_linear_attention}
 
@@ -295,10 +294,12 @@ def test_multi_head_attention_layer(attention, options, no_oracle):
   layer = MultiHeadAttention(num_heads=N, num_kv_heads=K, qkv_features=N * H, causal=True,
                              attention=attention, attention_options=options)
   x = _spec(B, T, 32)
+  padding = np.arange(S)[None] < np.array([[S], [40]])         # key-padding mask [B, S]
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     params = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x)
     jax.eval_shape(jax.grad(lambda p, x: layer.apply(p, x).sum()), params, x)
+    jax.eval_shape(jax.grad(lambda p, x: layer.apply(p, x, mask=padding).sum()), params, x)
 
 
 # -- a TPU target: the kernels are the default, lengths / bias / mask arrays included --------
