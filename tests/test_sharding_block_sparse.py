@@ -3,7 +3,8 @@
 In a subprocess (XLA_FLAGS must precede the jax import): sharded attention
 equals unsharded ``attnjax.attention`` with the same mask, forward and
 gradients, for dense causal, sliding window, Longformer and BigBird masks, on
-context axes of 2, 4 and 8 devices, contiguous and zig-zag assignments,
+context axes of 2, 4 and 8 devices, contiguous and zig-zag assignments, with
+document (segment) ids, on the Pallas kernels (interpret mode) inside shard_map,
 combined with a data axis and a head axis (GQA, float32 and bfloat16);
 errors name the field. In this process (NumPy only): the plans exchange
 exactly the needed blocks and zig-zag balances causal work.
@@ -32,15 +33,19 @@ B, T, N, K, H = 2, 128, 4, 2, 8
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H), np.float32)) for n in (N, K, K))
 longformer = M.SlidingWindow(10, 10) | M.GlobalTokens((0, 70))
+docs = jnp.asarray(np.sort(rng.integers(0, 6, (B, T)), axis=1))   # packed documents
 cases = {  # name: (mask, mesh axes, options, dtype)
-    "causal_zigzag_c8": (M.Causal(), {"context": 8}, dict(assignment="zigzag"), "float32"),
+    "causal_docs_zigzag_c8": (M.Causal(), {"context": 8}, dict(assignment="zigzag",
+                                                             segment_ids=docs), "float32"),
+    "window_pallas_c4": (M.SlidingWindow(12, 0), {"context": 4}, dict(implementation="pallas"),
+                         "float32"),
     "window_contiguous_d2c4": (M.SlidingWindow(20, 0), {"data": 2, "context": 4},
                                dict(data_axis="data"), "float32"),
     "longformer_zigzag_d2h2c2": (longformer, {"data": 2, "heads": 2, "context": 2},
                                  dict(data_axis="data", head_axis="heads", assignment="zigzag",
                                       sequence_order="assignment"), "bfloat16"),
-    "bigbird_contiguous_h2c4": (bigbird_mask(T, block_size=8, num_heads=N), {"heads": 2, "context": 4},
-                                dict(head_axis="heads"), "float32"),
+    "bigbird_docs_h2c4": (bigbird_mask(T, block_size=8, num_heads=N), {"heads": 2, "context": 4},
+                          dict(head_axis="heads", segment_ids=docs), "float32"),
 }
 
 def value_and_grads(fn):
@@ -62,7 +67,8 @@ for name, (mask, axes, opts, dtype) in cases.items():
     o = context_parallel_block_sparse(q[:, perm], k[:, perm], v[:, perm], mask=mask,
                                       mesh=mesh, block_size=8, **opts)
     return o[:, np.argsort(perm)]
-  ref = lambda q, k, v: attnjax.attention(q, k, v, mask=mask, implementation="reference")
+  ref = lambda q, k, v: attnjax.attention(q, k, v, mask=mask, segment_ids=opts.get("segment_ids"),
+                                          implementation="reference")
   ((_, o1), g1), ((_, o2), g2) = jax.jit(
       lambda *a: (value_and_grads(sharded)(*a), value_and_grads(ref)(*a)))(*x)
   f32 = lambda a: np.asarray(a, np.float32)
@@ -121,8 +127,8 @@ def test_eight_devices(result):
   assert result["devices"] == 8
 
 
-@pytest.mark.parametrize("case", ["causal_zigzag_c8", "window_contiguous_d2c4",
-                                  "bigbird_contiguous_h2c4"])
+@pytest.mark.parametrize("case", ["causal_docs_zigzag_c8", "window_contiguous_d2c4",
+                                  "bigbird_docs_h2c4", "window_pallas_c4"])
 def test_sharded_equals_unsharded_float32(result, case):
   assert result[case]["fwd"] < 1e-5
   assert result[case]["grad"] < 1e-5

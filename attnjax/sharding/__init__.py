@@ -1,7 +1,8 @@
 """Sharding: named device meshes, parameter/activation rules, context parallelism.
 
-S2 head-sharded context parallelism (softmax attention), a prefix scan of states
-for the linear engine and a halo exchange for the neighborhood engine;
+S2 head-sharded context parallelism (softmax attention), the exchange of visited K/V
+blocks for static masks and for run-time block lists, a prefix scan of states for the
+linear engine and a halo exchange for the neighborhood engine;
 ``context_parallel(family, mesh)`` picks the route of any registered family.
 """
 from attnjax.sharding.mesh import (AXES, activation_sharding, batch_sharding, check_divisible,
@@ -21,5 +22,8 @@ from attnjax.sharding.block_sparse_context import (BlockSparseContextPlan,
                                                    communication_report,
                                                    context_parallel_block_sparse,
                                                    sequence_permutation)
+from attnjax.sharding.block_list_context import (BlockListPlan, block_list_capacity,
+                                                 block_list_plan, block_list_report,
+                                                 context_parallel_block_lists)
 from attnjax.sharding.context_parallel import (context_parallel, context_parallel_family,
                                                context_parallel_support)

@@ -53,6 +53,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from attnjax.block_sparse import block_sparse_attention_indices
 from attnjax.block_sparse import engine as E
 from attnjax.block_sparse import plan as BP
 from attnjax.block_sparse import schedule as SC
@@ -127,6 +128,9 @@ class BlockSparseContextPlan:
     visited_blocks: int [P, X] (query head, q-block, k-block) triples each
       device needs; ``executed_blocks``: those the schedules run on every
       device (the maximum over devices, plus padding of the items).
+    lists, list_counts: int32 [P, X, Hl, nbl, k], [P, X, Hl, nbl]: the same
+      work as run-time block lists (slots on the side-by-side key axis), for
+      the list engine (``implementation="pallas"``).
   """
   num_shards: int
   head_shards: int
@@ -149,6 +153,8 @@ class BlockSparseContextPlan:
   received_blocks: np.ndarray
   visited_blocks: np.ndarray
   executed_blocks: int
+  lists: np.ndarray
+  list_counts: np.ndarray
 
   def transferred_blocks(self) -> int:
     """Blocks (x local KV heads) in the receive buffers of a device, padding included."""
@@ -182,10 +188,12 @@ def default_block_size(mask, chunk_len: int) -> int:
 def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: int,
                               num_shards: int, head_shards: int = 1,
                               block_size: Optional[int] = None, assignment: str = "contiguous",
-                              batch: int = 1) -> BlockSparseContextPlan:
+                              batch: int = 1, segments: bool = False) -> BlockSparseContextPlan:
   """The plan of ``mask`` for ``num_shards`` context and ``head_shards`` head shards (cached).
 
-  ``batch`` (per device) only sizes the engine's scan steps. Raises
+  ``batch`` (per device) only sizes the engine's scan steps. ``segments``:
+  segment ids will be given, so no block is full (a document boundary may
+  cut any block; the exchange is the mask's, a superset). Raises
   ValueError naming the field when the sequence, the heads or the block size
   do not divide.
   """
@@ -214,6 +222,8 @@ def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: 
   local[own] = np.arange(nbl)[None, :]
   cls = np.asarray(mask.block_layout(seq_len, seq_len, bs, bs, num_heads).block_mask)
   cls = np.broadcast_to(cls, (num_heads,) + cls.shape[1:])
+  if segments:
+    cls = np.where(cls == LY.FULL, LY.PARTIAL, cls)
 
   # -- remote blocks each (device, head shard, local KV head) needs, by distance -------
   devices = [(d, x) for d in range(num_shards) for x in range(head_shards)]
@@ -290,10 +300,31 @@ def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: 
       schedules.append(arrays)
       executed += blocks * R
   positions = perm.reshape(num_shards, -1).astype(np.int32)
+  lists, counts = _lists(items, (num_shards, head_shards, Hl), nbl)
   return BlockSparseContextPlan(num_shards, head_shards, seq_len, bs, assignment, nbl, nbuf, Kl,
                                 G, Hl, R, positions, tuple(send), tuple(pairs), slot_blocks,
                                 tuple(kinds),
-                                tuple(schedules), needed, received, visited, executed)
+                                tuple(schedules), needed, received, visited, executed, lists,
+                                counts)
+
+
+def _lists(items, shape, nq):
+  """Partial and full work items of every device as padded sorted block lists per row."""
+  rows = {}
+  for per_dev in items.values():
+    for (d, x), (its, _) in per_dev.items():
+      for h, it in enumerate(its):
+        for r, k in it:
+          rows.setdefault((d, x, h, int(r)), []).append(int(k))
+  width = max([len(v) for v in rows.values()] + [1])
+  lists = np.zeros(tuple(shape) + (nq, width), np.int32)
+  counts = np.zeros(tuple(shape) + (nq,), np.int32)
+  for (d, x, h, r), ks in rows.items():
+    ks = sorted(ks)
+    lists[d, x, h, r, :len(ks)] = ks
+    lists[d, x, h, r, len(ks):] = ks[-1]
+    counts[d, x, h, r] = len(ks)
+  return lists, counts
 
 
 def _width(round_lists) -> int:
@@ -335,12 +366,16 @@ def _device_schedules(items, shape, nq, bs, R, per_block):
 
 @dataclasses.dataclass(frozen=True)
 class _HeadOffset(Mask):
-  """``inner`` on global heads: the engine's head index plus the query segment id.
+  """``inner`` on global heads (and documents): the engine's segment ids carry both.
 
-  Inside the device function the query segment ids hold the first global
-  query head of the device's head shard (``x * N / X``); keys carry the same.
+  Inside the device function a segment id is ``document * heads + x * N / X``
+  (``heads`` = N, the first global query head of the device's head shard);
+  the predicate adds the second part to the engine's local head and, when
+  ``documents``, requires the same document .
   """
   inner: Mask
+  heads: int
+  documents: bool
   needs_segments = True
 
   @property
@@ -348,7 +383,9 @@ class _HeadOffset(Mask):
     return True
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
-    return jnp.asarray(self.inner.predicate(q_seg + head, q_pos, k_pos), bool)
+    qd, kd = q_seg // self.heads, k_seg // self.heads
+    vis = jnp.asarray(self.inner.predicate(q_seg % self.heads + head, q_pos, k_pos), bool)
+    return vis & (qd == kd) if self.documents else vis
 
 
 def _take_blocks(blocks, idx):
@@ -372,7 +409,8 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
                                   assignment: str = "contiguous",
                                   sequence_order: str = "natural",
                                   block_size: Optional[int] = None, scale=None,
-                                  return_lse: bool = False):
+                                  segment_ids=None, return_lse: bool = False,
+                                  implementation: Optional[str] = None):
   """Self-attention with any static mask, the sequence split over the mesh axis ``axis``.
 
   Args:
@@ -391,7 +429,13 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     block_size: exchange and engine block (default ``default_block_size``);
       must divide T / P (T / 2P for zigzag).
     scale: logit scale, default 1/sqrt(H).
+    segment_ids: optional int [B, T] document ids (packed sequences): a query
+      sees only keys of its document; they travel with the K/V blocks.
     return_lse: also return the lse [B, T, N] float32.
+    implementation: None or "xla" (the engine's static schedules) or "pallas"
+      (the plan's work as run-time block lists to the Pallas kernels; interpret
+      mode off TPU/GPU; head-dependent masks with a head axis are not
+      supported there).
 
   Returns:
     out [B, T, N, Hv] (and lse), equal to ``attnjax.attention(q, k, v,
@@ -423,31 +467,52 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     raise ValueError(f"num_heads N={d.N} is not divisible by the head axis {hax!r} size {X}.")
   if d.K % X:
     raise ValueError(f"num_kv_heads K={d.K} is not divisible by the head axis {hax!r} size {X}.")
+  if implementation not in (None, "xla", "pallas"):
+    raise ValueError(f"implementation must be None, 'xla' or 'pallas', got {implementation!r}.")
+  segs = None
+  if segment_ids is not None:
+    segs = jnp.asarray(segment_ids)
+    if segs.shape != (d.B, d.T) or not jnp.issubdtype(segs.dtype, jnp.integer):
+      raise ValueError(f"segment_ids must be an int array [B, T] = [{d.B}, {d.T}], got "
+                       f"{segs.dtype} {segs.shape}.")
+    segs = segs.astype(jnp.int32)
   plan = block_sparse_context_plan(mask, d.T, d.N, d.K, Pn, X, block_size, assignment,
-                                   d.B // D)
+                                   d.B // D, segs is not None)
   scale = float(V.check_scale(scale, d.H))
   precision.warn_float32_accumulation("context_parallel_block_sparse (the block-sparse XLA "
                                       "engine)", query, key, value)
   bs, nbl, nbuf, Kl = plan.block_size, plan.local_blocks, plan.buffer_blocks, plan.kv_heads_local
   Nl, Hl, R = d.N // X, plan.layout_heads, plan.fold
   head_offset = hax is not None and mask.head_dependent
+  pallas = implementation == "pallas"
+  if pallas and head_offset:
+    raise NotImplementedError(
+        f"implementation='pallas' with head_axis={hax!r}: mask {mask!r} depends on the head and "
+        "the kernels see local head numbers; use implementation='xla' or split no heads.")
+  wrap = head_offset or (segs is not None and pallas is False)
+  local_mask = _HeadOffset(mask, d.N, segs is not None) if wrap else mask
   cfg = Tl.Cfg(B=d.B // D, N=Nl, K=1, H=d.H, Hv=d.Hv, bq=bs, bk=bs, nq=nbl, nk=Kl * nbuf, Hl=Hl,
                R=R, kvh=(0,) * Hl, kv_len=Kl * nbuf * bs, scale=scale, norm="softmax",
-               mask=_HeadOffset(mask) if head_offset else mask, segments=head_offset,
-               pair_shape=None, bias_shape=None, plain_softmax=True)
+               mask=local_mask, segments=wrap, pair_shape=None, bias_shape=None,
+               plain_softmax=True)
   score = E.as_pytree(scoring.resolve_score(None))
 
-  def local_fn(q, k, v):
+  def local_fn(q, k, v, *seg):
     c = jax.lax.axis_index(axis)
     x = jax.lax.axis_index(hax) if hax else 0
     Bl, Tl_ = q.shape[:2]
     kb = k.reshape(Bl, nbl, bs, Kl, d.H)
     vb = v.reshape(Bl, nbl, bs, Kl, d.Hv)
     ks, vs = [kb], [vb]
+    sb_ = (jnp.broadcast_to(seg[0].reshape(Bl, nbl, bs, 1, 1), (Bl, nbl, bs, Kl, 1))
+           if seg else None)
+    ss = [sb_]
     for snd, links in zip(plan.send, plan.pairs):
       idx = jnp.asarray(snd)[c, x]
       ks.append(jax.lax.ppermute(_take_blocks(kb, idx), axis, links))
       vs.append(jax.lax.ppermute(_take_blocks(vb, idx), axis, links))
+      if seg:    # document ids travel with their blocks
+        ss.append(jax.lax.ppermute(_take_blocks(sb_, idx), axis, links))
     # KV heads side by side along the key axis: [Bl, Kl * nbuf, bs, 1, D]
     k_r = jnp.moveaxis(jnp.concatenate(ks, 1), 3, 1).reshape(Bl, Kl * nbuf, bs, 1, d.H)
     v_r = jnp.moveaxis(jnp.concatenate(vs, 1), 3, 1).reshape(Bl, Kl * nbuf, bs, 1, d.Hv)
@@ -456,9 +521,15 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     k_pos = jnp.maximum(sb, 0) * bs + jnp.arange(bs, dtype=jnp.int32)
     q_pos = jnp.asarray(plan.positions)[c].reshape(1, nbl, bs)
     q_seg = k_seg = None
-    if head_offset:
-      q_seg = jnp.full((1, nbl, bs), x * Nl, jnp.int32)
-      k_seg = jnp.full((1, Kl * nbuf, bs), x * Nl, jnp.int32)
+    if seg:
+      q_seg = seg[0].reshape(Bl, nbl, bs)
+      k_seg = jnp.moveaxis(jnp.concatenate(ss, 1)[..., 0], 3, 1).reshape(Bl, Kl * nbuf, bs)
+    if pallas:
+      return _list_engine(plan, c, x, q, k_r, v_r, q_pos, k_pos, q_seg, k_seg, mask, scale, Nl)
+    if wrap:
+      q_seg = (0 if q_seg is None else q_seg * d.N) + jnp.full((1, nbl, bs), x * Nl, jnp.int32)
+      k_seg = (0 if k_seg is None else k_seg * d.N) + jnp.full((1, Kl * nbuf, bs), x * Nl,
+                                                               jnp.int32)
     scheds = tuple(E.Sched(*(jnp.asarray(a)[c, x][None] for a in arrays))
                    for arrays in plan.schedules)
     out, lse = E.attend(cfg, plan.kinds, q_r, k_r, v_r, None, score,
@@ -468,17 +539,41 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     return out.reshape(Bl, Tl_, Nl, d.Hv).astype(q.dtype), lse.reshape(Bl, Tl_, Nl)
 
   spec = P(dax, axis, hax, None)
-  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec),
-                     out_specs=(spec, P(dax, axis, hax)), check_vma=False)
+  extra = () if segs is None else (segs,)
+  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec) + (P(dax, axis),) * len(
+      extra), out_specs=(spec, P(dax, axis, hax)), check_vma=False)
+  if pallas:     # the kernels' custom VJP traces inside shard_map only under jit
+    fn = jax.jit(fn)
   permute = sequence_order == "natural" and assignment != "contiguous"
   if permute:
     perm = jnp.asarray(plan.positions.reshape(-1))
     query, key, value = query[:, perm], key[:, perm], value[:, perm]
-  out, lse = fn(query, key, value)
+    extra = tuple(e[:, perm] for e in extra)
+  out, lse = fn(query, key, value, *extra)
   if permute:
     inv = jnp.asarray(np.argsort(plan.positions.reshape(-1)))
     out, lse = out[:, inv], lse[:, inv]
   return (out, lse) if return_lse else out
+
+
+def _list_engine(plan, c, x, q, k_r, v_r, q_pos, k_pos, q_seg, k_seg, mask, scale, Nl):
+  """The device's work as run-time lists on the Pallas kernels: (out, lse) [Bl, T/P, Nl(, Hv)]."""
+  Bl, Tl_ = q.shape[:2]
+  lists = jnp.asarray(plan.lists)[c, x]                          # [Hl, nbl, k]
+  counts = jnp.asarray(plan.list_counts)[c, x]
+  if lists.shape[0] not in (1, Nl):                              # per KV head: per query head
+    lists, counts = (jnp.repeat(a, plan.group, axis=0) for a in (lists, counts))
+  lists = jnp.broadcast_to(lists[None], (Bl,) + lists.shape)
+  counts = jnp.broadcast_to(counts[None], (Bl,) + counts.shape)
+  segment_ids = None
+  if q_seg is not None:
+    segment_ids = (q_seg.reshape(Bl, Tl_), k_seg.reshape(Bl, -1))
+  return block_sparse_attention_indices(
+      q, k_r[:, :, :, 0].reshape(Bl, -1, 1, k_r.shape[-1]),
+      v_r[:, :, :, 0].reshape(Bl, -1, 1, v_r.shape[-1]), lists, counts, block_q=plan.block_size,
+      block_kv=plan.block_size, mask=mask, scale=scale, q_positions=q_pos.reshape(-1),
+      k_positions=k_pos.reshape(-1), segment_ids=segment_ids, return_lse=True,
+      implementation="pallas")
 
 
 def communication_report(plan: BlockSparseContextPlan, *, batch: int, head_dim: int,

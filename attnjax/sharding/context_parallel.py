@@ -20,8 +20,10 @@ context-parallel path:
 
 Every other family raises ``NotImplementedError`` saying why
 (``context_parallel_support()`` lists the route or the reason per family).
-All routes are self-attention (T == S) with default positions ``arange(T)``
-and no segment ids; T must be divisible by the context axis size.
+All routes are self-attention (T == S) with default positions ``arange(T)``;
+the block-sparse route takes segment ids (document ids travel with the K/V
+blocks) and ``implementation="pallas"``; T must be divisible by the context
+axis size.
 """
 from __future__ import annotations
 
@@ -100,13 +102,13 @@ def _take(options: dict, family: str, allowed) -> dict:
   return options
 
 
-def _check_inputs(family, query, key, q_positions, k_positions, segment_ids):
+def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route):
   if query.shape[1] != key.shape[1]:
     raise NotImplementedError(f"context-parallel {family!r} is self-attention: query length "
                               f"T={query.shape[1]} must equal key length S={key.shape[1]}.")
-  if segment_ids is not None:
-    raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids (or key "
-                              "padding mask).")
+  if segment_ids is not None and route != "block_sparse":
+    raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids (only the "
+                              "block-sparse route carries document ids with its K/V blocks).")
   T = query.shape[1]
   for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
     if pos is None:
@@ -193,21 +195,29 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
     if route == "s2":
       return s2(query, key, value, causal=causal, q_positions=q_positions,
                 k_positions=k_positions, segment_ids=segment_ids, **options)
-    _check_inputs(family, query, key, q_positions, k_positions, segment_ids)
+    _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route)
     o = dict(options)
     scale, impl = o.pop("scale", None), o.pop("implementation", None)
     axes = dict(data_axis=data_axis, heads_axis=head_axis, context_axis=axis)
     if route == "block_sparse":
-      if impl not in (None, "xla", "reference"):
-        raise NotImplementedError(f"context-parallel {family!r} runs the block-sparse XLA "
-                                  f"engine inside shard_map; implementation={impl!r} is not "
+      if impl not in (None, "xla", "reference", "pallas"):
+        raise NotImplementedError(f"context-parallel {family!r} runs the block-sparse engine "
+                                  f"inside shard_map; implementation={impl!r} is not "
                                   "available there.")
       extra = {k: o.pop(k) for k in ("assignment", "block_size") if k in o
                and not (family in ("bigbird", "block_local") and k == "block_size")}
       mask = _mask(family, bool(causal), query.shape[2], query.shape[1], o)
+      seg = segment_ids
+      if isinstance(seg, (tuple, list)):     # (q ids, kv ids): one array for self-attention
+        if seg[0] is not seg[1]:
+          raise NotImplementedError(f"context-parallel {family!r}: query and key segment ids "
+                                    "must be the same array (self-attention).")
+        seg = seg[0]
       return context_parallel_block_sparse(query, key, value, mask=mask, mesh=mesh, axis=axis,
                                            head_axis=head_axis, data_axis=data_axis,
-                                           scale=scale, **extra)
+                                           scale=scale, segment_ids=seg,
+                                           implementation="pallas" if impl == "pallas" else None,
+                                           **extra)
     if route == "neighborhood":
       _take(o, family, ("kernel_size", "dilation"))
       return context_parallel_neighborhood_attention(
