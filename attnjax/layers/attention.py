@@ -323,8 +323,12 @@ class MultiHeadAttention(nn.Module):
                          "mask, not both (combine them as one boolean array).")
       layer_mask = mask
     if self.attention == "dense":
-      if getattr(layer_mask, "ndim", None) == 2:
-        layer_mask = jnp.asarray(layer_mask)[:, None, None, :]    # key padding [B, S]
+      shape = getattr(layer_mask, "shape", None)
+      if shape in ((q.shape[0], S), (q.shape[0], 1, 1, S)):    # key padding: segment ids
+        key_mask = padding_lib.key_padding_mask("dense", layer_mask, q.shape[0], S)
+        segment_ids = padding_lib.key_padding_segments(key_mask, segment_ids, q.shape[0], T, S,
+                                                       pair=True)
+        layer_mask = None
       if lengths is not None:
         kwargs.update(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     elif layer_mask is not None or lengths is not None:
