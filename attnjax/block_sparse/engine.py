@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.block_sparse import tiles as Tl
-
-_NEG_INF = -jnp.inf
+from attnjax.core import flash as F
 
 
 class Sched(NamedTuple):
@@ -145,26 +144,17 @@ def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     acc_old = Tl.take_heads(acc, heads, slot)
     if norm == "softmax":
       if vis is not None:
-        t = jnp.where(vis, t, _NEG_INF)
-      t = t.reshape(shape)
-      m_old = Tl.take_heads(m, heads, slot)
-      m_new = jnp.maximum(m_old, t.max(-1))
-      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      p = jnp.exp(t - m_safe[..., None])
-      alpha = jnp.exp(m_old - m_safe)
-      l_new = alpha * l_old + p.sum(-1)
-      pv = jnp.einsum("bhlqk,bhlkd->bhlqd", p.astype(vblk.dtype), vblk,
-                      preferred_element_type=jnp.float32)
-      acc_new = alpha[..., None] * acc_old + pv
+        t = jnp.where(vis, t, F.NEG_INF)
+      m_new, l_new, acc_new = F.online_update(Tl.take_heads(m, heads, slot), l_old, acc_old,
+                                              t.reshape(shape), vblk)
       m = put_heads(m, heads, slot, m_new)
     else:
       w = score.weights(t).astype(jnp.float32)
       if vis is not None:
         w = jnp.where(vis, w, 0.0)
       w = w.reshape(shape)
-      l_new = l_old + w.sum(-1)
-      acc_new = acc_old + jnp.einsum("bhlqk,bhlkd->bhlqd", w.astype(vblk.dtype), vblk,
-                                     preferred_element_type=jnp.float32)
+      l_new = l_old + w.sum(-1, keepdims=True)
+      acc_new = acc_old + F.dot_nn(w.astype(vblk.dtype), vblk)
     acc = put_heads(acc, heads, slot, acc_new)
     l = put_heads(l, heads, slot, l_new)
     return (acc, m, l), None
@@ -175,54 +165,31 @@ def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
 def _finalize(cfg: Tl.Cfg, groups: int, acc, m, l, sink):
   """Merges slot groups -> out [B, Hl, nq, Rq, Hv] f32 and lse [B, Hl, nq, Rq]."""
   B, Hl, nq, Rq = cfg.B, cfg.Hl, cfg.nq, cfg.R * cfg.bq
-  acc = acc[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq, cfg.Hv)
-  m = m[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq)
-  l = l[:, :, :groups * nq].reshape(B, Hl, groups, nq, Rq)
-  norm = _norm(cfg)
   if groups == 0:   # no visited block: every row is empty
-    acc = jnp.zeros((B, Hl, 1, nq, Rq, cfg.Hv), jnp.float32)
-    m = jnp.full((B, Hl, 1, nq, Rq), _NEG_INF, jnp.float32)
-    l = jnp.zeros((B, Hl, 1, nq, Rq), jnp.float32)
-  G = acc.shape[2]
-  if norm == "softmax":
-    M = m.max(2)
-    M_safe = jnp.where(jnp.isfinite(M), M, 0.0)
-    w = jnp.exp(m - M_safe[:, :, None])
-    L = (w * l).sum(2)
-    # An unrolled sum over the few slot groups (a reduce over that middle axis is slow
-    # on the CPU backend).
-    O = w[:, :, 0, ..., None] * acc[:, :, 0]
-    for g in range(1, G):
-      O = O + w[:, :, g, ..., None] * acc[:, :, g]
-    # A row is empty (zeros, lse = -inf) only when it saw no key; a NaN logit
-    # makes L (and M) NaN, and the NaN must reach the output, not become 0.
-    empty = L == 0
-    lse = jnp.where(empty, _NEG_INF, M_safe + jnp.log(jnp.where(empty, 1.0, L)))
+    m, l, acc = F.init_state((B, Hl, nq, Rq), cfg.Hv)
+    parts = [(m, l, acc)]
+  else:
+    parts = [(m[:, :, g * nq:(g + 1) * nq], l[:, :, g * nq:(g + 1) * nq],
+              acc[:, :, g * nq:(g + 1) * nq]) for g in range(groups)]
+  if _norm(cfg) == "softmax":
     if sink is not None:
-      s = sink.reshape(1, Hl, 1, cfg.R, 1)
-      lse = jnp.logaddexp(lse.reshape(B, Hl, nq, cfg.R, cfg.bq), s).reshape(B, Hl, nq, Rq)
-    keep = lse != _NEG_INF
-    out = jnp.where(keep[..., None], O * jnp.exp(M_safe - jnp.where(keep, lse, 0.0))[..., None],
-                    0.0)
-    return out, lse
-  L = l.sum(2)
-  O = acc[:, :, 0]
-  for g in range(1, G):
-    O = O + acc[:, :, g]
-  empty = L == 0   # NaN weights are not empty: they propagate
-  lse = jnp.where(empty, _NEG_INF, jnp.log(jnp.where(empty, 1.0, L)))
-  if norm == "sum":
-    O = O / jnp.where(empty, 1.0, L)[..., None]
-  return O, lse
+      sink = jnp.broadcast_to(sink.reshape(1, Hl, 1, cfg.R, 1),
+                              (1, Hl, 1, cfg.R, cfg.bq)).reshape(1, Hl, 1, Rq, 1)
+    out, lse = F.finalize(*F.merge(parts), sink=sink)
+    return out, lse[..., 0]
+  L, O = parts[0][1], parts[0][2]
+  for _, pl, pacc in parts[1:]:
+    L, O = L + pl, O + pacc
+  # "sum": divided by the row sum (a NaN weight propagates); "none": unnormalised
+  out, lse = F.finalize(jnp.zeros_like(L), L, O)
+  return (out if _norm(cfg) == "sum" else O), lse[..., 0]
 
 
 def _forward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count):
   B, Hl, nq, Rq = cfg.B, cfg.Hl, cfg.nq, cfg.R * cfg.bq
   groups = sum(kind[1] for kind in kinds)
   slots = groups * nq + 1
-  acc = jnp.zeros((B, Hl, slots, Rq, cfg.Hv), jnp.float32)
-  m = jnp.full((B, Hl, slots, Rq), _NEG_INF, jnp.float32)
-  l = jnp.zeros((B, Hl, slots, Rq), jnp.float32)
+  m, l, acc = F.init_state((B, Hl, slots, Rq), cfg.Hv)
   offset = 0
   for kind, s in zip(kinds, scheds):
     s = s._replace(slot=jnp.where(s.valid, s.slot + offset * nq, slots - 1))
@@ -270,24 +237,24 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     W = t.shape[-1]
     shape = t.shape[:3] + (Rq, W)
     if vis is not None and norm == "softmax":
-      t = jnp.where(vis, t, _NEG_INF)
+      t = jnp.where(vis, t, F.NEG_INF)
     t = t.reshape(shape)
     if vis is not None:
       vis = jnp.broadcast_to(vis, t.shape[:3] + (cfg.R, cfg.bq, W)).reshape(shape)
-    dp = jnp.einsum("bhlqd,bhlkd->bhlqk", doblk, vblk, preferred_element_type=jnp.float32)
-    fin = lse != _NEG_INF   # a NaN lse (NaN input) keeps its gradients NaN
+    dp = F.dot_nt(doblk, vblk)
     if norm == "softmax":
-      p = jnp.exp(t - jnp.where(fin, lse, 0.0)[..., None])
-      probs = p
-      ds = p * (dp - delta[..., None])
+      probs = F.probs_from_lse(t, lse[..., None], vis)
+      ds = F.logits_grad(probs, dp, delta[..., None])
     else:
       w, w_vjp = jax.vjp(lambda sc, x_: sc.weights(x_).astype(jnp.float32), score, t)
       if vis is not None:
         w = jnp.where(vis, w, 0.0)
       if norm == "sum":
+        # 1 / the sum (exp(-lse)), 0 for empty rows; a NaN lse keeps its gradients NaN
+        fin = lse != F.NEG_INF
         inv = jnp.where(fin, jnp.exp(-jnp.where(fin, lse, 0.0)), 0.0)[..., None]
         probs = w * inv
-        dw = (dp - delta[..., None]) * inv
+        dw = F.logits_grad(inv, dp, delta[..., None])
       else:
         probs = w
         dw = dp
@@ -303,11 +270,10 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     ds6 = ds.reshape(s.shape)
     ds = ds6.reshape(shape)
     ok = valid[..., None, None]
-    dv_blk = jnp.einsum("bhlqk,bhlqd->bhlkd", probs.astype(doblk.dtype), doblk,
-                        preferred_element_type=jnp.float32)
+    dv_blk = F.dot_tn(probs.astype(doblk.dtype), doblk)
     dsc = (ds * jnp.float32(cfg.scale)).astype(qblk.dtype)
-    dq_blk = jnp.einsum("bhlqk,bhlkd->bhlqd", dsc, kblk, preferred_element_type=jnp.float32)
-    dk_blk = jnp.einsum("bhlqk,bhlqd->bhlkd", dsc, qblk, preferred_element_type=jnp.float32)
+    dq_blk = F.dot_nn(dsc, kblk)
+    dk_blk = F.dot_tn(dsc, qblk)
     dq = put_heads(dq, heads, qb, jnp.where(ok, dq_blk, 0.0), add=True)
     dk = put_keys(dk, cfg.kvh, kb, jnp.where(ok, dk_blk, 0.0))
     dv = put_keys(dv, cfg.kvh, kb, jnp.where(ok, dv_blk, 0.0))
@@ -334,22 +300,18 @@ def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
   product falls back to a path 2-3x slower.
   """
   Rq, W = qblk.shape[-2], kblk.shape[-2]
-  st = jnp.einsum("bhlkd,bhlqd->bhlkq", kblk, qblk, preferred_element_type=jnp.float32)
-  st = st * jnp.float32(cfg.scale)
-  fin = lse != _NEG_INF
-  pt = jnp.exp(st - jnp.where(fin, lse, 0.0)[..., None, :])
+  st = F.dot_nt(kblk, qblk) * jnp.float32(cfg.scale)
   if vis is not None:
     vis = jnp.broadcast_to(vis, vis.shape[:3] + (cfg.R, cfg.bq, W)).reshape(
         vis.shape[:3] + (Rq, W))
-    pt = jnp.where(jnp.swapaxes(vis, 3, 4), pt, 0.0)
-  dpt = jnp.einsum("bhlkd,bhlqd->bhlkq", vblk, doblk, preferred_element_type=jnp.float32)
-  dst = pt * (dpt - delta[..., None, :]) * jnp.float32(cfg.scale)
-  dv_blk = jnp.einsum("bhlkq,bhlqd->bhlkd", pt.astype(doblk.dtype), doblk,
-                      preferred_element_type=jnp.float32)
+    vis = jnp.swapaxes(vis, 3, 4)
+  pt = F.probs_from_lse(st, lse[..., None, :], vis)
+  dpt = F.dot_nt(vblk, doblk)
+  dst = F.logits_grad(pt, dpt, delta[..., None, :]) * jnp.float32(cfg.scale)
+  dv_blk = F.dot_nn(pt.astype(doblk.dtype), doblk)
   dst = dst.astype(qblk.dtype)
-  dk_blk = jnp.einsum("bhlkq,bhlqd->bhlkd", dst, qblk, preferred_element_type=jnp.float32)
-  dqt_blk = jnp.einsum("bhldk,bhlkq->bhldq", jnp.swapaxes(kblk, 3, 4), dst,
-                       preferred_element_type=jnp.float32)
+  dk_blk = F.dot_nn(dst, qblk)
+  dqt_blk = F.dot_nn(jnp.swapaxes(kblk, 3, 4), dst)
   return dqt_blk, dk_blk, dv_blk
 
 
@@ -381,9 +343,7 @@ def _add_dbias(cfg, dbias, ds6, qb, kb):
 def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, out, lse,
               dout, dlse):
   f32 = jnp.float32
-  delta = (dout.astype(f32) * out.astype(f32)).sum(-1)   # [B, Hl, nq, Rq]
-  if dlse is not None and _norm(cfg) != "none":
-    delta = delta - dlse.astype(f32)
+  delta = F.delta(out, dout, dlse if _norm(cfg) != "none" else None)   # [B, Hl, nq, Rq]
   B, Hl, nq, nk, R, bq, bk, K = cfg.B, cfg.Hl, cfg.nq, cfg.nk, cfg.R, cfg.bq, cfg.bk, cfg.K
   plain = _plain(cfg, bias_r)
   # plain-softmax items accumulate dq transposed, [B, Hl, nq, H, R*bq]
@@ -403,7 +363,7 @@ def _backward(cfg, kinds, q_r, k_r, v_r, bias_r, score, aux, scheds, row_count, 
     sk = sink.reshape(1, cfg.Hl, 1, cfg.R, 1)
     shp = (cfg.B, cfg.Hl, cfg.nq, cfg.R, cfg.bq)
     lse5 = lse.reshape(shp)
-    p_sink = jnp.where(lse5 == _NEG_INF, 0.0, jnp.exp(sk - lse5))
+    p_sink = F.probs_from_lse(sk, lse5)
     dsink = -(p_sink * delta.reshape(shp)).sum((0, 2, 4)).reshape(cfg.N)
     _, sink_vjp = jax.vjp(lambda sc: _sink(cfg, sc), score)
     dscore = _tree_add(dscore, sink_vjp(dsink)[0])

@@ -9,7 +9,8 @@ along the rows), adds the static fine mask as a 0/-inf bias looked up per tile
 in a small table of the distinct tile masks, and scatters its outputs back to
 the tokens. The backward is a custom VJP that recomputes the probabilities per
 chunk from the saved log-sum-exp (FlashAttention style) and scatter-adds the
-key/value gradients. Logits never exceed one chunk; memory and time grow
+key/value gradients; the softmax, lse and gradient math is
+:mod:`attnjax.core.flash`'s. Logits never exceed one chunk; memory and time grow
 linearly with the number of tokens.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import flash as F
 from attnjax.neighborhood.layout import from_tiles, to_tiles
 from attnjax.neighborhood.tables import (mask_bias_table, query_index, tile_rpb,
                                          union_index)
@@ -30,8 +32,6 @@ __all__ = ["na_xla", "visited_pairs", "step_shape", "to_tiles", "from_tiles", "t
 #: logits elements (float32) per loop step: large enough for efficient batched
 #: matmuls, small enough that a step's probabilities stay in cache
 CHUNK_ELEMENTS = 1 << 20
-
-_NEG_INF = -jnp.inf
 
 
 class _Cfg(NamedTuple):
@@ -112,14 +112,14 @@ def _logits(q, k, tabs, bias, start, size, cfg):
   qi = _ds(tabs.q_get, start, size)
   q_ = _rows(q, qi, cfg.K)
   k_ = _rows(k, _ds(tabs.k_get, start, size), cfg.K)
-  s = jnp.einsum("bkcmh,bkcuh->bkcmu", q_, k_, preferred_element_type=jnp.float32)
+  s = F.dot_nt(q_, k_)
   B, K, c, M, uk = s.shape
   tq = qi.shape[1]
   s = s.reshape(B, K, c, M // tq, tq, uk) * cfg.scale
   # The fine mask is a 0/-inf table; select rather than add, so that a NaN
   # logit of a key outside a query's window does not leak into that query.
   fine = jnp.take(tabs.table, _ds(tabs.combo, start, size), axis=0)[:, None]
-  s = jnp.where(fine == _NEG_INF, _NEG_INF, s)
+  s = jnp.where(fine == F.NEG_INF, F.NEG_INF, s)
   if bias is not None:  # [K, G, Gq, tq, uk]
     s = s + _ds(bias, start, size, 1)[None]
   return q_, k_, s
@@ -135,20 +135,11 @@ def _forward(q, k, v, bias, cfg):
   def step(start, size, carry):
     o, lse = carry
     _, _, s = _logits(q, k, tabs, bias, start, size, cfg)
-    mx = jnp.max(s, axis=-1, keepdims=True)
-    mx = jnp.where(mx > _NEG_INF, mx, 0.0)
-    p = jnp.exp(s - mx)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    ok = l != 0   # a NaN sum is not an empty row: it propagates
-    lse_ = jnp.where(ok, mx + jnp.log(jnp.where(ok, l, 1.0)), _NEG_INF)
     v_ = _rows(v, _ds(tabs.k_get, start, size), cfg.K)
-    # normalise after the PV matmul: one pass less over the logits
-    o_ = jnp.einsum("bkcmu,bkcuh->bkcmh", p.reshape(v_.shape[:3] + (-1, uk)).astype(v.dtype),
-                    v_, preferred_element_type=jnp.float32)
-    o_ = o_.reshape(p.shape[:-1] + (Hv,)) / jnp.where(ok, l, 1.0)
+    # the Gq query heads of a kv head stacked along the rows: [B, K, c, Gq * tq, uk]
+    o_, lse_ = F.finalize(*F.tile_state(s.reshape(v_.shape[:3] + (-1, uk)), v_))
     qi = _ds(tabs.q_put, start, size)
-    return (_put(o, o_.reshape(v_.shape[:3] + (-1, Hv)), qi, cfg.K, False),
-            _put(lse, lse_.reshape(v_.shape[:3] + (-1,)), qi, cfg.K, False))
+    return (_put(o, o_, qi, cfg.K, False), _put(lse, lse_[..., 0], qi, cfg.K, False))
 
   init = (jnp.zeros((B, L, N, Hv), jnp.float32), jnp.zeros((B, L, N), jnp.float32))
   return _chunked(step, G, _chunk_size(B, N, G, tq, uk), init)
@@ -184,9 +175,7 @@ def _attend_bwd(cfg, res, cts):
   G, tq = tabs.q_get.shape
   uk = tabs.k_get.shape[1]
   K = cfg.K
-  # d lse / d s = p: an lse cotangent shifts delta, ds = p * (dp - delta + dlse)
-  delta = jnp.sum(o * do, axis=-1) - dlse  # [B, L, N]
-  lse = jnp.where(lse == _NEG_INF, 0.0, lse)   # empty rows; a NaN lse stays NaN
+  delta = F.delta(o, do, dlse)  # [B, L, N]
   do = do.astype(jnp.float32)
 
   def step(start, size, carry):
@@ -194,18 +183,18 @@ def _attend_bwd(cfg, res, cts):
     q_, k_, s = _logits(q, k, tabs, bias, start, size, cfg)
     qi = _ds(tabs.q_get, start, size)
     ki = _ds(tabs.k_get, start, size)
-    p = jnp.exp(s - _rows(lse, qi, K).reshape(s.shape[:-1] + (1,)))
+    rows = lambda x: _rows(x, qi, K).reshape(s.shape[:-1] + (1,))
+    p = F.probs_from_lse(s, rows(lse))
     do_ = _rows(do, qi, K)  # [B, K, c, M, Hv]
     v_ = _rows(v, ki, K)
-    dp = jnp.einsum("bkcmh,bkcuh->bkcmu", do_, v_, preferred_element_type=jnp.float32)
-    ds = p * (dp.reshape(p.shape) - _rows(delta, qi, K).reshape(s.shape[:-1] + (1,)))
+    dp = F.dot_nt(do_, v_)
+    ds = F.logits_grad(p, dp.reshape(p.shape), rows(delta))
     if db is not None:
       db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(ds, axis=0), start, 1)
     p = p.reshape(dp.shape)
     ds = ds.reshape(dp.shape)
     dv_ = _keys_grad(do_, p)
-    dq_ = jnp.einsum("bkcmu,bkcuh->bkcmh", ds.astype(k_.dtype), k_,
-                     preferred_element_type=jnp.float32) * cfg.scale
+    dq_ = F.dot_nn(ds.astype(k_.dtype), k_) * cfg.scale
     dk_ = _keys_grad(q_, ds.astype(q_.dtype)) * cfg.scale
     return (_put(dq, dq_, _ds(tabs.q_put, start, size), K, False),
             _put(dk, dk_, ki, K, True), _put(dv, dv_, ki, K, True), db)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from attnjax.core import flash as F
 from pallas_kernels.neighborhood import common as C
 from pallas_kernels.neighborhood import resources as R
 
@@ -82,11 +83,10 @@ def _fwd_kernel(*refs, scale, tq, bq, bk, D, rpb):
     mask = C.fine_mask(lo, hi, _keys(kc_ref, D, cols))
     bias = _bias(bias_ref, cls_ref[i, s], r, c, tq, bq, bk) if rpb else None
     logits = C.masked_logits(q, k_ref[cols, :], mask, scale, bias)
-    return C.online_update(*carry, logits, v_ref[cols, :])
+    return F.online_update(*carry, logits, v_ref[cols, :])
 
-  init = (jnp.full((bq, 1), C.NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-          jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
-  out, lse = C.finalize(*jax.lax.fori_loop(0, cnt_ref[i] * nk, body, init))
+  init = F.init_state((bq,), v_ref.shape[-1])
+  out, lse = F.finalize(*jax.lax.fori_loop(0, cnt_ref[i] * nk, body, init))
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
 
@@ -110,11 +110,11 @@ def _dq_kernel(*refs, scale, tq, bq, bk, D, rpb):
     k = k_ref[cols, :]
     mask = C.fine_mask(lo, hi, _keys(kc_ref, D, cols))
     bias = _bias(bias_ref, cls_ref[i, s], r, c, tq, bq, bk) if rpb else None
-    p = C.probs_from_lse(C.masked_logits(q, k, mask, scale, bias), lse)
-    ds = p * (C.dot_nt(do, v_ref[cols, :]) - delta)
+    p = F.probs_from_lse(C.masked_logits(q, k, mask, scale, bias), lse, mask)
+    ds = F.logits_grad(p, F.dot_nt(do, v_ref[cols, :]), delta)
     if rpb:  # the logits' gradient is the bias gradient of this pair
       ds_ref[_at(slot_ref[i, s] * tq + r * bq, bq), _at(c * bk, bk)] = ds
-    return dq + C.dot_nn(ds.astype(k.dtype), k)
+    return dq + F.dot_nn(ds.astype(k.dtype), k)
 
   dq = jax.lax.fori_loop(0, cnt_ref[i] * nk, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -140,10 +140,10 @@ def _dkv_kernel(*refs, scale, tq, bq, bk, D, groups, rpb):
     delta = delta_ref[g, rows][:, None]
     mask = C.fine_mask(*_bounds(qlo_ref, qhi_ref, D, rows), kc)
     bias = _bias(bias_ref, cls_ref[j, s], r, c, tq, bq, bk, g) if rpb else None
-    p = C.probs_from_lse(C.masked_logits(q, k, mask, scale, bias), lse)
-    dv = dv + C.dot_tn(p.astype(do.dtype), do)
-    ds = p * (C.dot_nt(do, v) - delta)
-    dk = dk + C.dot_tn(ds.astype(q.dtype), q)
+    p = F.probs_from_lse(C.masked_logits(q, k, mask, scale, bias), lse, mask)
+    dv = dv + F.dot_tn(p.astype(do.dtype), do)
+    ds = F.logits_grad(p, F.dot_nt(do, v), delta)
+    dk = dk + F.dot_tn(ds.astype(q.dtype), q)
     return dk, dv
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))

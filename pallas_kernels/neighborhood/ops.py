@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
+from attnjax.core import flash as F
 from attnjax.core import placement
 from attnjax.neighborhood.tiling import plans
 from attnjax.neighborhood.xla import from_tiles, to_tiles
@@ -77,9 +77,7 @@ def _bwd(cfg, res, cts):
   q, k, v, table, out, lse = res
   do, dlse = cts
   plan = block_plan(*plan_key)
-  # d lse / d s = p, so an lse cotangent shifts delta: ds = p * (dp - delta + dlse)
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  delta = delta - dlse.astype(jnp.float32)
+  delta = F.delta(out, do, dlse)   # an lse cotangent folded in (see attnjax.core.flash)
   bias = _bias(table, plan_key)
   dq, dk, dv, ds = _module(backend).backward(q, k, v, do.astype(q.dtype), lse, delta, plan,
                                              scale=scale, interpret=interpret, bias=bias,

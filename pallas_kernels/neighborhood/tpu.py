@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnjax.core import flash as F
 from pallas_kernels.neighborhood import common as C
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -54,21 +55,19 @@ def _fwd_kernel(*refs, scale, rpb):
 
   @pl.when(s == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, C.NEG_INF, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    m_sc[...], l_sc[...], acc_sc[...] = F.init_state(m_sc.shape[:1], acc_sc.shape[-1])
 
   @pl.when(s < cnt_ref[i])
   def _step():
     bias = ins[6][...] if rpb else None
     logits = C.masked_logits(q_ref[...], k_ref[...], _mask(qlo_ref, qhi_ref, kc_ref),
                              scale, bias)
-    m, l, acc = C.online_update(m_sc[...], l_sc[...], acc_sc[...], logits, v_ref[...])
+    m, l, acc = F.online_update(m_sc[...], l_sc[...], acc_sc[...], logits, v_ref[...])
     m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
   @pl.when(s == pl.num_programs(3) - 1)
   def _done():
-    out, lse = C.finalize(m_sc[...], l_sc[...], acc_sc[...])
+    out, lse = F.finalize(m_sc[...], l_sc[...], acc_sc[...])
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -87,12 +86,12 @@ def _dq_kernel(*refs, scale, rpb):
   def _step():
     k = k_ref[...]
     bias = ins[9][...] if rpb else None
-    logits = C.masked_logits(q_ref[...], k, _mask(qlo_ref, qhi_ref, kc_ref), scale, bias)
-    p = C.probs_from_lse(logits, lse_ref[...])
-    ds = p * (C.dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
+    mask = _mask(qlo_ref, qhi_ref, kc_ref)
+    p = F.probs_from_lse(C.masked_logits(q_ref[...], k, mask, scale, bias), lse_ref[...], mask)
+    ds = F.logits_grad(p, F.dot_nt(do_ref[...], v_ref[...]), delta_ref[...])
     if rpb:  # the logits' gradient is the bias gradient of this pair
       ds_ref[...] = ds
-    dq_sc[...] += C.dot_nn(ds.astype(k.dtype), k)
+    dq_sc[...] += F.dot_nn(ds.astype(k.dtype), k)
 
   @pl.when(s == pl.num_programs(3) - 1)
   def _done():
@@ -114,11 +113,11 @@ def _dkv_kernel(*refs, scale, width, rpb):
   def _step():
     q, do = q_ref[...], do_ref[...]
     bias = ins[9][...] if rpb else None
-    logits = C.masked_logits(q, k_ref[...], _mask(qlo_ref, qhi_ref, kc_ref), scale, bias)
-    p = C.probs_from_lse(logits, lse_ref[...])
-    dv_sc[...] += C.dot_tn(p.astype(do.dtype), do)
-    ds = p * (C.dot_nt(do, v_ref[...]) - delta_ref[...])
-    dk_sc[...] += C.dot_tn(ds.astype(q.dtype), q)
+    mask = _mask(qlo_ref, qhi_ref, kc_ref)
+    p = F.probs_from_lse(C.masked_logits(q, k_ref[...], mask, scale, bias), lse_ref[...], mask)
+    dv_sc[...] += F.dot_tn(p.astype(do.dtype), do)
+    ds = F.logits_grad(p, F.dot_nt(do, v_ref[...]), delta_ref[...])
+    dk_sc[...] += F.dot_tn(ds.astype(q.dtype), q)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _done():
