@@ -29,6 +29,7 @@ from attnjax.block_sparse import plan as P
 from attnjax.block_sparse import schedule as SC
 from attnjax.block_sparse import tiles as Tl
 from attnjax.core import dispatch
+from attnjax.core import dropout as DR
 from attnjax.core import placement
 from attnjax.core import precision
 from attnjax.core import scoring
@@ -44,12 +45,13 @@ IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def attention_call(query, key, value, *, mask=None, score=None, bias=None, scale=None,
-                   layout=None, lengths=False) -> dispatch.Call:
+                   layout=None, lengths=False, dropout=False) -> dispatch.Call:
   """The facts the attention backends judge a call by (nothing is computed).
 
   query [B, T, N, H], key [B, S, K, H]; ``mask`` a Mask, a boolean array or
   None; ``layout`` a BlockLayout given instead of a mask (its blocks decide
-  divisibility); ``lengths``: per-batch sequence lengths are given.
+  divisibility); ``lengths``: per-batch sequence lengths are given; ``dropout``:
+  attention dropout is asked for (rate > 0).
   """
   d = V.check_qkv(query, key, value)
   score = scoring.resolve_score(score)
@@ -69,7 +71,7 @@ def attention_call(query, key, value, *, mask=None, score=None, bias=None, scale
       bq, bk = blocks if blocks is not None else P.choose_blocks(d.T, d.S)[:2]
       divides = d.T % bq == 0 and d.S % bk == 0
   facts = dict(
-      T=d.T, S=d.S, bias=bias is not None, lengths=bool(lengths),
+      T=d.T, S=d.S, bias=bias is not None, lengths=bool(lengths), dropout=bool(dropout),
       mask_array=mask is not None and not isinstance(mask, Mask),
       static_scale=static_scale, reweight=bool(getattr(score, "has_reweight", False)),
       row_count=bool(getattr(score, "needs_row_count", False)), divides=divides,
@@ -85,6 +87,8 @@ def _pallas_supports(call: dispatch.Call, explicit: bool):
       return (f"the block-sparse kernels are not known to compile for this "
               f"{call.platform.upper()} ({call.target or 'not a listed target'})")
     return f"kernels run compiled on TPU/GPU only (this call is placed on {call.platform})"
+  if call["dropout"]:
+    return "the kernels have no attention dropout (the XLA engine has)"
   if call["reweight"] or call["row_count"]:
     return "the score needs whole rows (reweight / row_count)"
   if not call["static_scale"]:
@@ -173,13 +177,14 @@ def _pad_pos(pos, new):
 
 def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, bias=None,
                scale=None, q_pos=None, k_pos=None, segs=None, mask_array=None,
-               return_lse=False, lengths=None):
+               return_lse=False, lengths=None, dropout_rate=0.0, dropout_rng=None):
   """Runs the XLA engine on a static block classification of the padded lengths.
 
   ``block_mask`` int8 [Nl, Tp/bq, Sp/bk] (Nl in {1, K, N}); ``q_pos``/``k_pos``
   int32 [T]/[B, T] and [S]/[B, S]; ``segs`` (q_seg, k_seg) or None; ``lengths``
   (q_len, kv_len) int32 [B] or None: the engine then runs per batch element over
-  the items inside the lengths (``padding``).
+  the items inside the lengths (``padding``). ``dropout_rate`` (a Python float)
+  and ``dropout_rng``: attention dropout (``attnjax.core.dropout``).
   """
   d = V.check_qkv(query, key, value)
   nq, nk = block_mask.shape[1:]
@@ -190,14 +195,17 @@ def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, 
   return _run(query, key, value, d, plan.Hl, plan.R, plan.kvh, plan.kinds, scheds,
               bq=bq, bk=bk, Tp=Tp, Sp=Sp, mask=mask, score=score, bias=bias, scale=scale,
               q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=mask_array,
-              return_lse=return_lse, lengths=lengths)
+              return_lse=return_lse, lengths=lengths, dropout_rate=dropout_rate,
+              dropout_rng=dropout_rng)
 
 
 def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mask, score,
-         bias, scale, q_pos, k_pos, segs, mask_array, return_lse, lengths=None):
+         bias, scale, q_pos, k_pos, segs, mask_array, return_lse, lengths=None,
+         dropout_rate=0.0, dropout_rng=None):
   nq, nk = Tp // bq, Sp // bk
   score = _check_score(score, return_lse)
   scale = _static_scale(scale, d.H)
+  dropout_rate = DR.check_dropout(dropout_rate, dropout_rng)
   precision.warn_float32_accumulation("the block-sparse engine (implementation='xla')",
                                       query, key, value)
   if q_pos is None or k_pos is None:
@@ -216,7 +224,8 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
   cfg_kwargs = dict(B=d.B, N=d.N, K=d.K, H=d.H, Hv=d.Hv, bq=bq, bk=bk, nq=nq, nk=nk, Hl=Hl,
                     R=R, kvh=tuple(kvh), kv_len=d.S, scale=scale, norm=score.normalization, mask=mask,
                     segments=segs is not None,
-                    plain_softmax=type(score) is scoring.SoftmaxScore)
+                    plain_softmax=type(score) is scoring.SoftmaxScore,
+                    dropout_rate=dropout_rate)
   if mask_array is not None:
     ma = _pad_pair(mask_array, d.T, d.S, Tp, Sp, False)
     pair_shape = tuple(ma.shape)
@@ -229,8 +238,9 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
     pair = Tl.regroup_pair(ma, cfg)
   if bias is not None:
     bias_r = Tl.regroup_pair(bp, cfg)
+  drop = DR.head_keys(dropout_rng, d.B, d.N) if dropout_rate > 0 else None
   aux = Tl.Aux(q_pos.reshape(-1, nq, bq), k_pos.reshape(-1, nk, bk), q_seg, k_seg, pair,
-               lengths)
+               lengths, drop)
 
   q = _pad_len(query, 1, Tp)
   k = _pad_len(key, 1, Sp)
@@ -266,7 +276,7 @@ def _pallas(query, key, value, layout, **kwargs):
 def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
               q_positions=None, k_positions=None, segment_ids=None,
               query_seq_lengths=None, key_value_seq_lengths=None,
-              return_lse=False, implementation=None):
+              return_lse=False, implementation=None, dropout_rate=0.0, dropout_rng=None):
   """Multi-head attention in BTNH layout, with GQA/MQA.
 
   Args:
@@ -287,6 +297,13 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
       padded blocks are skipped: the cost follows the real lengths.
     return_lse: also return the log-sum-exp [B, T, N] float32 (for
       ``merge_attention``).
+    dropout_rate: attention dropout, a Python float in [0, 1): each (query
+      head, query, key) weight is kept with probability 1 - rate and scaled
+      by 1 / (1 - rate) (Flax's convention; the lse is the undropped one).
+      The mask is a function of ``dropout_rng`` and the (batch, head, query
+      index, key index) only (``attnjax.core.dropout``): the XLA engine
+      regenerates it per tile, and the reference draws the same one.
+    dropout_rng: a jax.random key, required when ``dropout_rate > 0``.
     implementation: "reference" (dense float32 oracle), "xla" (blocked
       flash-style pure-JAX path that skips fully masked blocks), "pallas"
       (TPU/GPU kernel; interpret mode on CPU) or None: the first of
@@ -303,13 +320,15 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
   """
   query, key, value = V.as_arrays(query, key, value)
   d = V.check_qkv(query, key, value)
+  dropout_rate = DR.check_dropout(dropout_rate, dropout_rng)
   lens = PD.full_lengths(PD.check_lengths("query_seq_lengths", query_seq_lengths, d.B),
                          PD.check_lengths("key_value_seq_lengths", key_value_seq_lengths, d.B),
                          d.B, d.T, d.S)
   kwargs = dict(mask=mask, score=score, bias=bias, scale=scale, q_positions=q_positions,
-                k_positions=k_positions, segment_ids=segment_ids, return_lse=return_lse)
+                k_positions=k_positions, segment_ids=segment_ids, return_lse=return_lse,
+                dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   call = attention_call(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
-                        lengths=lens is not None)
+                        lengths=lens is not None, dropout=dropout_rate > 0)
   backend = check_impl(implementation, call)
   if backend == "reference":
     if lens is not None:
@@ -349,16 +368,21 @@ def fast_attention(query, key, value, *, mask=None, score=None, bias=None, scale
 
 def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=None,
                   q_positions=None, k_positions=None, segment_ids=None, return_lse=False,
-                  backend="xla", lengths=None):
+                  backend="xla", lengths=None, dropout_rate=0.0, dropout_rng=None):
   """Runs an already chosen backend ("xla" or "pallas") of the attention op.
 
   ``mask`` is None (dense), a ``Mask`` (compiled once per shape into a block
   layout; only visited blocks are computed) or a boolean array broadcastable
   to [B, N, T, S] (its tiles are gathered; when the array is concrete at
   trace time, empty blocks are skipped too). ``lengths``: None or (q_len, kv_len)
-  int32 [B] each (``padding``). Shapes as ``attnjax.attention``.
+  int32 [B] each (``padding``). ``dropout_rate``/``dropout_rng``: attention
+  dropout, XLA backend only. Shapes as ``attnjax.attention``.
   """
   implementation = backend
+  dropout_rate = DR.check_dropout(dropout_rate, dropout_rng)
+  if dropout_rate > 0 and implementation != "xla":
+    raise NotImplementedError(f"attention dropout runs on implementation='xla' (and the "
+                              f"reference), not {implementation!r}.")
   d = V.check_qkv(query, key, value)
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)
@@ -401,7 +425,8 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
   bm = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
   return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
                     bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,
-                    mask_array=mask_arr, return_lse=return_lse, lengths=lengths)
+                    mask_array=mask_arr, return_lse=return_lse, lengths=lengths,
+                    dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def kernel_platform(*arrays):

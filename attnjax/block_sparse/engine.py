@@ -139,6 +139,7 @@ def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     t = Tl.raw_logits(cfg, qblk, kblk, bias_r, qb, kb)
     t = Tl.transform(cfg, aux, score, t, qb, kb, row_count)
     vis = Tl.visibility(cfg, aux, qb, kb, kval if ragged else None, partial)
+    keep = Tl.dropout_keep(cfg, aux, qb, kb)
     shape = t.shape[:3] + (cfg.R * cfg.bq, t.shape[-1])
     l_old = Tl.take_heads(l, heads, slot)
     acc_old = Tl.take_heads(acc, heads, slot)
@@ -146,7 +147,7 @@ def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
       if vis is not None:
         t = jnp.where(vis, t, F.NEG_INF)
       m_new, l_new, acc_new = F.online_update(Tl.take_heads(m, heads, slot), l_old, acc_old,
-                                              t.reshape(shape), vblk)
+                                              t.reshape(shape), vblk, keep)
       m = put_heads(m, heads, slot, m_new)
     else:
       w = score.weights(t).astype(jnp.float32)
@@ -154,7 +155,7 @@ def _fwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
         w = jnp.where(vis, w, 0.0)
       w = w.reshape(shape)
       l_new = l_old + w.sum(-1, keepdims=True)
-      acc_new = acc_old + F.dot_nn(w.astype(vblk.dtype), vblk)
+      acc_new = acc_old + F.dot_nn(F.dropped_probs(w, keep).astype(vblk.dtype), vblk)
     acc = put_heads(acc, heads, slot, acc_new)
     l = put_heads(l, heads, slot, l_new)
     return (acc, m, l), None
@@ -219,9 +220,11 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     doblk = Tl.take_heads(do_r, heads, qb)
     lse = Tl.take_heads(lse_r, heads, qb)
     delta = Tl.take_heads(delta_r, heads, qb)
+    keep = Tl.dropout_keep(cfg, aux, qb, kb, key_major=plain)
     if plain:
       vis = Tl.visibility(cfg, aux, qb, kb, kval if ragged else None, partial)
-      dq_blk, dk_blk, dv_blk = _plain_item_grads(cfg, qblk, kblk, vblk, doblk, lse, delta, vis)
+      dq_blk, dk_blk, dv_blk = _plain_item_grads(cfg, qblk, kblk, vblk, doblk, lse, delta, vis,
+                                                 keep)
       ok = valid[..., None, None]
       dq = put_heads(dq, heads, qb, jnp.where(ok, dq_blk, 0.0), add=True)
       dk = put_keys(dk, cfg.kvh, kb, jnp.where(ok, dk_blk, 0.0))
@@ -244,7 +247,7 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     dp = F.dot_nt(doblk, vblk)
     if norm == "softmax":
       probs = F.probs_from_lse(t, lse[..., None], vis)
-      ds = F.logits_grad(probs, dp, delta[..., None])
+      ds = F.logits_grad(probs, dp, delta[..., None], keep)
     else:
       w, w_vjp = jax.vjp(lambda sc, x_: sc.weights(x_).astype(jnp.float32), score, t)
       if vis is not None:
@@ -254,10 +257,10 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
         fin = lse != F.NEG_INF
         inv = jnp.where(fin, jnp.exp(-jnp.where(fin, lse, 0.0)), 0.0)[..., None]
         probs = w * inv
-        dw = F.logits_grad(inv, dp, delta[..., None])
+        dw = F.logits_grad(inv, dp, delta[..., None], keep)
       else:
         probs = w
-        dw = dp
+        dw = F.dropped_probs(dp, keep)
       if vis is not None:
         dw = jnp.where(vis, dw, 0.0)
       dsc_w, ds = w_vjp(dw)
@@ -270,7 +273,7 @@ def _bwd_scan(cfg: Tl.Cfg, kind, sched: Sched, q_r, k_r, v_r, bias_r, score, aux
     ds6 = ds.reshape(s.shape)
     ds = ds6.reshape(shape)
     ok = valid[..., None, None]
-    dv_blk = F.dot_tn(probs.astype(doblk.dtype), doblk)
+    dv_blk = F.dot_tn(F.dropped_probs(probs, keep).astype(doblk.dtype), doblk)
     dsc = (ds * jnp.float32(cfg.scale)).astype(qblk.dtype)
     dq_blk = F.dot_nn(dsc, kblk)
     dk_blk = F.dot_tn(dsc, qblk)
@@ -289,7 +292,7 @@ def _plain(cfg: Tl.Cfg, bias_r) -> bool:
   return cfg.plain_softmax and bias_r is None
 
 
-def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
+def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis, keep):
   """dq, dk, dv tiles of plain-softmax items, computed with key-major probabilities.
 
   The logits are formed transposed, [B, Hl, L, W, Rq], so that dS^T Q and
@@ -297,7 +300,8 @@ def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
   [B, Hl, L, H, Rq] (transposing the [W, H] key tile is much cheaper than
   transposing dS). The CPU backend's fast matmul path takes operands
   contracted on their last (lhs) / first (rhs) axis only; a transposed-operand
-  product falls back to a path 2-3x slower.
+  product falls back to a path 2-3x slower. ``keep``: the dropout multiplier,
+  key-major [B, Hl, L, W, Rq], or None.
   """
   Rq, W = qblk.shape[-2], kblk.shape[-2]
   st = F.dot_nt(kblk, qblk) * jnp.float32(cfg.scale)
@@ -307,8 +311,8 @@ def _plain_item_grads(cfg: Tl.Cfg, qblk, kblk, vblk, doblk, lse, delta, vis):
     vis = jnp.swapaxes(vis, 3, 4)
   pt = F.probs_from_lse(st, lse[..., None, :], vis)
   dpt = F.dot_nt(vblk, doblk)
-  dst = F.logits_grad(pt, dpt, delta[..., None, :]) * jnp.float32(cfg.scale)
-  dv_blk = F.dot_nn(pt.astype(doblk.dtype), doblk)
+  dst = F.logits_grad(pt, dpt, delta[..., None, :], keep) * jnp.float32(cfg.scale)
+  dv_blk = F.dot_nn(F.dropped_probs(pt, keep).astype(doblk.dtype), doblk)
   dst = dst.astype(qblk.dtype)
   dk_blk = F.dot_nn(dst, qblk)
   dqt_blk = F.dot_nn(jnp.swapaxes(kblk, 3, 4), dst)

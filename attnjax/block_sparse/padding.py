@@ -120,6 +120,8 @@ def attend_by_batch(cfg: Tl.Cfg, kinds, scheds: Tuple[SC.Schedule, ...], q_r, k_
   cfg1 = cfg._replace(B=1, bias_shape=one(cfg.bias_shape), pair_shape=one(cfg.pair_shape))
   per_batch = lambda x: x is not None and x.shape[0] == B and B > 1
   batched = dict(q=q_r, k=k_r, v=v_r, q_len=aux.lens[0], kv_len=aux.lens[1])
+  if aux.drop is not None:   # per-(batch, head) dropout keys: batch b keeps its own
+    batched["drop"] = aux.drop
   fixed = {}
   for name, x in (("bias", bias_r), ("q_pos", aux.q_pos), ("k_pos", aux.k_pos),
                   ("q_seg", aux.q_seg), ("k_seg", aux.k_seg), ("pair", aux.pair)):
@@ -129,7 +131,7 @@ def attend_by_batch(cfg: Tl.Cfg, kinds, scheds: Tuple[SC.Schedule, ...], q_r, k_
     get = lambda name: xs[name][None] if name in xs else fixed[name]
     q_len, kv_len = xs["q_len"], xs["kv_len"]
     aux1 = Tl.Aux(get("q_pos"), get("k_pos"), get("q_seg"), get("k_seg"), get("pair"),
-                  (q_len[None], kv_len[None]))
+                  (q_len[None], kv_len[None]), xs["drop"][None] if "drop" in xs else None)
     kinds1, dyn = [], []
     for kind, s in zip(kinds, scheds):
       groups, d = compact(s, q_len, kv_len, bq=cfg.bq, bk=cfg.bk, nq=cfg.nq)

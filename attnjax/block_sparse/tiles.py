@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import dropout as DR
+
 
 class Cfg(NamedTuple):
   """Static configuration of one engine call (hashable)."""
@@ -47,6 +49,7 @@ class Cfg(NamedTuple):
   pair_shape: Optional[Tuple[int, int, int, int]]  # normalised bool mask array shape
   bias_shape: Optional[Tuple[int, int, int, int]]  # normalised bias shape
   plain_softmax: bool       # score is plain softmax: skip transform
+  dropout_rate: float = 0.0  # attention dropout (``Aux.drop`` holds the keys when > 0)
 
 
 def head_index(cfg: Cfg) -> jnp.ndarray:
@@ -166,6 +169,7 @@ class Aux(NamedTuple):
   k_seg: Any        # int32 [B, nk, bk] or None
   pair: Any         # regrouped bool mask array or None
   lens: Any = None  # (q_len, kv_len) int32 [B] each: real lengths per batch, or None
+  drop: Any = None  # dropout keys uint32 [B, N, 2] (``core.dropout.head_keys``), or None
 
 
 def visibility(cfg: Cfg, aux: Aux, qb, kb, kval=None, partial=True):
@@ -232,3 +236,28 @@ def transform(cfg: Cfg, aux: Aux, score, s, qb, kb, row_count):
     rc = take_heads(row_count, range(cfg.Hl), qb).reshape(
         row_count.shape[:1] + (cfg.Hl, qb.shape[-1], cfg.R, cfg.bq, 1))
   return score.transform(s, head=head_index(cfg), q_pos=qp, k_pos=kp, row_count=rc)
+
+
+def dropout_keep(cfg: Cfg, aux: Aux, qb, kb, key_major: bool = False):
+  """Dropout multiplier of the items' tiles, [B, Hl, L, R*bq, W] float32, or None.
+
+  The same values as ``core.dropout.dense_multiplier`` at the tiles' (batch,
+  query head, query index, key index); ``key_major`` lays them out
+  [B, Hl, L, W, R*bq] (the plain backward's transposed tiles).
+  """
+  if aux.drop is None or cfg.dropout_rate == 0.0:
+    return None
+  heads = np.arange(cfg.Hl)[:, None] * cfg.R + np.arange(cfg.R)[None, :]   # [Hl, R]
+  keys = aux.drop[:, heads]                                                # [B, Hl, R, 2]
+  qidx = qb[..., None] * cfg.bq + jnp.arange(cfg.bq)                       # [Bi, Hl, L, bq]
+  kidx = flat_keys(kb[..., None] * cfg.bk + jnp.arange(cfg.bk))            # [Bi, Hl, L, W]
+  if key_major:   # [B, Hl, L, W, R, bq] -> [B, Hl, L, W, R*bq]
+    k0, k1 = (keys[:, :, None, None, :, None, w] for w in (0, 1))
+    mult = DR.keep_multiplier(k0, k1, qidx[:, :, :, None, None, :], kidx[..., None, None],
+                              cfg.dropout_rate)
+    return mult.reshape(mult.shape[:4] + (-1,))
+  # [B, Hl, L, R, bq, W] -> [B, Hl, L, R*bq, W]
+  k0, k1 = (keys[:, :, None, :, None, None, w] for w in (0, 1))
+  mult = DR.keep_multiplier(k0, k1, qidx[:, :, :, None, :, None],
+                            kidx[:, :, :, None, None, :], cfg.dropout_rate)
+  return mult.reshape(mult.shape[:3] + (-1, mult.shape[-1]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import dropout
 from attnjax.core import scoring
 from attnjax.core import validation as V
 from attnjax.masks.base import Mask
@@ -64,7 +65,8 @@ def dense_visibility(mask, d: V.Dims, q_pos, k_pos, segs):
 def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
                         q_positions=None, k_positions=None, segment_ids=None,
                         score=None, return_lse=False, return_probs=False,
-                        logits_hook=None, probs_hook=None):
+                        logits_hook=None, probs_hook=None, dropout_rate=0.0,
+                        dropout_rng=None):
   """Dense masked attention, the oracle.
 
   Args:
@@ -79,17 +81,22 @@ def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
       of another segment are masked in addition to ``mask``.
     score: a score variant from ``attnjax.scores`` (default softmax).
     return_lse: also return lse [B, T, N] float32 (log of the normaliser).
-    return_probs: also return the weights [B, N, T, S] (analysis tools).
+    return_probs: also return the weights [B, N, T, S] (analysis tools;
+      after dropout, when it is on).
     logits_hook: optional ``f(logits [B, N, T, S]) -> logits`` applied to the
       scaled, score-transformed logits before masking (inference-time edits).
     probs_hook: optional ``f(probs [B, N, T, S]) -> probs`` applied to the
       normalised weights before they multiply the values.
+    dropout_rate, dropout_rng: attention dropout on the normalised weights
+      (after ``probs_hook``): the mask of ``attnjax.core.dropout``, the same
+      one the XLA engine draws per tile for the same key.
 
   Returns:
     out [B, T, N, Hv] in the query dtype; plus lse and/or probs when asked.
     Rows with no visible key give zeros and lse = -inf.
   """
   d = V.check_qkv(query, key, value)
+  dropout_rate = dropout.check_dropout(dropout_rate, dropout_rng)
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)
   scale = V.check_scale(scale, d.H)
@@ -139,6 +146,9 @@ def reference_attention(query, key, value, *, mask=None, bias=None, scale=None,
     probs = score.reweight(probs, row_count)
   if probs_hook is not None:
     probs = probs_hook(probs)
+  if dropout_rate > 0:
+    probs = probs * dropout.dense_multiplier(dropout_rng, dropout_rate, d.B, d.N, d.T,
+                                             d.S).astype(cdt)
   out = jnp.einsum("bnts,bsnh->btnh", probs, v, precision=jax.lax.Precision.HIGHEST)
   lse = jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
   result = (out.astype(query.dtype),)
