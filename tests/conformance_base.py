@@ -88,6 +88,7 @@ FEATURES = {
     "bfloat16": r"bfloat16|dtype",
     "cross": r"T=|S=|cross",              # T != S: CAB's cross patterns
     "numpy": r"NumPy|numpy",              # NumPy q/k/v
+    "table_masks": r"table",              # masks whose predicate reads a constant table
 }
 
 
@@ -118,6 +119,8 @@ class Case:
     f = set()
     if self.mask in MASK_KINDS:
       f.add("masks")
+    if self.mask.startswith("static_documents"):
+      f.add("table_masks")
     if self.mask in ARRAY_KINDS:
       f.add("mask_array")
     if self.segments:

@@ -18,18 +18,10 @@ from conformance_base import (CASES, FEATURES, AttentionConformance, case_data,
                               uncovered_pairs)
 
 #: What the block-sparse Pallas kernels take (lengths, bias and mask arrays since c2f97b2).
+#: Not "table_masks": a predicate reading a constant table (static Documents(ids),
+#: RandomBlocks, KeyIn/QueryIn over more than 16 positions) is refused with a reason.
 PALLAS_FEATURES = frozenset({"masks", "segment_ids", "gqa", "bfloat16", "cross", "numpy",
                              "lengths", "bias", "mask_array"})
-
-#: Known bug (pallas_kernels/block_sparse): a Mask whose predicate reads a lookup table
-#: (static ``Documents(ids)``; ``KeyIn``/``QueryIn`` with more than 16 positions, checked on
-#: the GPU kernels) makes the kernel close over the table (``attnjax.masks.base.lookup``)
-#: as a constant, which ``pallas_call`` rejects.
-STATIC_TABLE_MASKS = (
-    "Documents(static ids) on implementation='pallas' raises ValueError 'The kernel "
-    "function in the pallas_call block_sparse_fwd ... captures constants [i32[80]]' "
-    "instead of running or refusing with NotImplementedError")
-
 
 class TestReference(AttentionConformance):
   __test__ = True
@@ -47,7 +39,6 @@ class _PallasInterpret(AttentionConformance):
   """The block-sparse kernels of ``KERNEL_BACKEND`` ("tpu" or "gpu"), interpreted."""
   IMPLEMENTATION = "pallas"
   FEATURES = PALLAS_FEATURES
-  XFAIL = {"static_documents_composite_causal_cross_gqa": STATIC_TABLE_MASKS}
   NUMPY_VALUES = False   # the NumPy call is traced only (a second interpreted forward: seconds)
   KERNEL_BACKEND = "tpu"
 

@@ -116,6 +116,27 @@ def test_on_a_tpu_target_kernels_are_chosen_and_row_count_scores_move_to_xla():
     assert d.backend == "xla" and "row_count" in d.passed_over[0][1]
 
 
+def test_masks_reading_constant_tables_are_refused_by_the_kernels_and_move_to_xla():
+  """A predicate that reads a table (kernels cannot capture arrays) goes to the XLA path."""
+  from pallas_kernels.block_sparse import block_sparse_pallas  # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv(T=64)
+  table_masks = (M.Causal() & M.RandomBlocks(block_size=16, num_random=1, seq_len=64),
+                 M.Documents(tuple([0] * 20 + [1] * 44)) & M.Causal(),
+                 M.Causal() & M.KeyIn(tuple(range(0, 60, 3))))            # 20 positions
+  for mask in table_masks:
+    with pytest.raises(NotImplementedError, match="constant tables"):
+      attnjax.attention(q, k, v, mask=mask, implementation="pallas")
+    with pytest.raises(NotImplementedError, match="constant tables"):
+      block_sparse_pallas(q, k, v, mask.block_layout(64, 64, 16, 16), mask=mask)
+    (d,) = attnjax.explain(lambda q, k, v, m=mask: attnjax.attention(q, k, v, mask=m), q, k, v)
+    assert d.backend == "xla"
+  # a few KeyIn positions are compared one by one: no table, the kernels take it
+  few = M.Causal() & M.KeyIn((0, 9, 40))
+  np.testing.assert_allclose(
+      attnjax.attention(q, k, v, mask=few, implementation="pallas"),
+      attnjax.attention(q, k, v, mask=few, implementation="reference"), atol=2e-5)
+
+
 def test_resolution_rules_on_a_toy_table():
   call = dispatch.Call("toy", "cpu", None, {"fast_ok": False})
   table = (dispatch.Backend("pallas", lambda c, e: None if e else "opt-in only"),

@@ -38,6 +38,7 @@ from attnjax.core.reference import dense_visibility, reference_attention
 from attnjax.masks import layout as LY
 from attnjax.masks.base import Mask
 from pallas_kernels.block_sparse import block_sparse_pallas
+from pallas_kernels.block_sparse.api import mask_table_shapes
 from pallas_kernels.block_sparse import resources
 from pallas_kernels.targets import budgets
 
@@ -73,6 +74,7 @@ def attention_call(query, key, value, *, mask=None, score=None, bias=None, scale
   facts = dict(
       T=d.T, S=d.S, bias=bias is not None, lengths=bool(lengths), dropout=bool(dropout),
       mask_array=mask is not None and not isinstance(mask, Mask),
+      mask_tables=isinstance(mask, Mask) and bool(mask_table_shapes(mask)),
       static_scale=static_scale, reweight=bool(getattr(score, "has_reweight", False)),
       row_count=bool(getattr(score, "needs_row_count", False)), divides=divides,
       kernel_default=placement.default_kernel_implementation(
@@ -89,6 +91,9 @@ def _pallas_supports(call: dispatch.Call, explicit: bool):
     return f"kernels run compiled on TPU/GPU only (this call is placed on {call.platform})"
   if call["dropout"]:
     return "the kernels have no attention dropout (the XLA engine has)"
+  if call["mask_tables"]:
+    return ("the mask's predicate reads constant tables (e.g. Documents(ids), RandomBlocks, "
+            "KeyIn over more than 16 positions), which the kernels cannot capture")
   if call["reweight"] or call["row_count"]:
     return "the score needs whole rows (reweight / row_count)"
   if not call["static_scale"]:

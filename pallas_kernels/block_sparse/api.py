@@ -1,6 +1,8 @@
 """Entry point of the Pallas block-sparse kernels: validation, backend choice, custom VJP."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,32 @@ def pair_array(name, x, d: V.Dims, kind: str):
   return x.astype(jnp.int8) if kind == "bool" else x
 
 
+@functools.lru_cache(maxsize=256)
+def mask_table_shapes(mask) -> tuple:
+  """Shapes of the constant tables ``mask.predicate`` reads (() when it reads none).
+
+  The kernels evaluate the predicate inside the kernel body, where a captured
+  array (``Documents(ids)``'s id runs, ``RandomBlocks``' block table,
+  ``KeyIn``/``QueryIn`` over more than 16 positions) cannot be used, so such
+  masks are refused (the attention dispatcher sends them to the XLA path).
+  """
+  spec = jax.ShapeDtypeStruct((8,), jnp.int32)
+  segs = (spec, spec) if mask.needs_segments else (None, None)
+  closed = jax.make_jaxpr(lambda h, q, k, *sg: mask.predicate(h, q, k, *sg))(
+      spec, spec, spec, *[x for x in segs if x is not None])
+  return tuple(tuple(np.shape(c)) for c in closed.consts if np.ndim(c) > 0)
+
+
+def check_mask_tables(mask):
+  """NotImplementedError when ``mask``'s predicate reads a constant table."""
+  shapes = () if mask is None else mask_table_shapes(mask)
+  if shapes:
+    raise NotImplementedError(
+        f"the block-sparse kernels cannot evaluate {mask!r} inside a partial block: its "
+        f"predicate reads constant tables of shapes {list(shapes)} (kernels take no "
+        "captured arrays); use implementation='xla'.")
+
+
 def check_lengths(name, x, B: int):
   """Per-batch sequence lengths as int32 [B], or None (a length >= the sequence keeps
   everything, one <= 0 keeps nothing)."""
@@ -151,6 +179,7 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
         "(the attnjax Mask the layout was built from) or mask_array=.")
   if not any_partial:
     mask = mask4 = None    # full blocks skip the mask and the mask array
+  check_mask_tables(mask)
   segs = V.check_segment_ids(segment_ids, d)
   if mask is not None and mask.needs_segments and segs is None:
     raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
