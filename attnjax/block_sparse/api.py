@@ -298,8 +298,9 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
       only to keys of their own segment (packed documents).
     query_seq_lengths, key_value_seq_lengths: int [B] (padded batches): queries
       at index >= ``query_seq_lengths[b]`` see no key (zeros), keys at index >=
-      ``key_value_seq_lengths[b]`` are seen by no query. On the XLA path the
-      padded blocks are skipped: the cost follows the real lengths.
+      ``key_value_seq_lengths[b]`` are seen by no query. On the XLA path and
+      in the Pallas kernels the padded blocks are skipped: the cost follows
+      the real lengths.
     return_lse: also return the log-sum-exp [B, T, N] float32 (for
       ``merge_attention``).
     dropout_rate: attention dropout, a Python float in [0, 1): each (query
