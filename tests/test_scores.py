@@ -12,12 +12,18 @@ B, T, S, N, K, H = 2, 5, 5, 4, 2, 8
 ref = attnjax.reference_attention
 
 
-def _qkv(seed=0, dtype=jnp.float32, t=T, s=S, scale=1.0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-  q = scale * jax.random.normal(ks[0], (B, t, N, H), jnp.float32)
-  k = jax.random.normal(ks[1], (B, s, K, H), jnp.float32)
-  v = jax.random.normal(ks[2], (B, s, K, H), jnp.float32)
+def _qkv(seed=0, dtype=np.float32, t=T, s=S, scale=1.0):
+  """NumPy inputs (no device compile to build them)."""
+  rng = np.random.default_rng(seed)
+  f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  q = (scale * f(B, t, N, H)).astype(np.float32)
+  k, v = f(B, s, K, H), f(B, s, K, H)
   return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def _jit(fn, *args):
+  """fn(*args) compiled as one program (eager op-by-op dispatch compiles every op)."""
+  return jax.jit(fn)(*args)
 
 
 def _np_oracle(q, k, v, vis, row_fn):
@@ -48,34 +54,43 @@ WINDOW = (masks.Causal() & masks.SlidingWindow(2)).to_dense(T, S, N)
 
 # -- the spec's tiny cases ---------------------------------------------------------
 def test_softplus_two_equal_logits_give_half_half():
-  q = jnp.ones((1, 1, 1, 4))
-  k = jnp.ones((1, 2, 1, 4))
-  v = jnp.arange(8.0).reshape(1, 2, 1, 4)
-  for scale in (0.1, 1.0, 7.0):
-    for score in (scores.Softplus(), scores.Softplus(length_scale=False), scores.lssar(3.0)):
-      _, probs = ref(q, k, v, score=score, scale=scale, return_probs=True)
-      np.testing.assert_allclose(probs[0, 0, 0], [0.5, 0.5], rtol=1e-6)
+  q = np.ones((1, 1, 1, 4), np.float32)
+  k = np.ones((1, 2, 1, 4), np.float32)
+  v = np.arange(8.0, dtype=np.float32).reshape(1, 2, 1, 4)
+  probs = _jit(lambda q, k, v: [
+      ref(q, k, v, score=score, scale=scale, return_probs=True)[1]
+      for scale in (0.1, 1.0, 7.0)
+      for score in (scores.Softplus(), scores.Softplus(length_scale=False), scores.lssar(3.0))],
+      q, k, v)
+  assert len(probs) == 9
+  for p in probs:
+    np.testing.assert_allclose(p[0, 0, 0], [0.5, 0.5], rtol=1e-6)
 
 
 def test_relu_all_negative_logits_give_zeros():
-  q = jnp.ones((1, 3, 1, 4))
-  k = -jnp.ones((1, 4, 1, 4))
-  v = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 1, 4))
-  for score in (scores.ReLU(), scores.ReLU("length")):
-    out = ref(q, k, v, score=score, mask=masks.Causal())
+  q = np.ones((1, 3, 1, 4), np.float32)
+  k = -np.ones((1, 4, 1, 4), np.float32)
+  v = np.random.default_rng(0).standard_normal((1, 4, 1, 4)).astype(np.float32)
+  outs = _jit(lambda q, k, v: [ref(q, k, v, score=score, mask=masks.Causal())
+                               for score in (scores.ReLU(), scores.ReLU("length"))], q, k, v)
+  for out in outs:
     np.testing.assert_array_equal(out, 0.0)
 
 
 def test_temperatures_one_and_neutral_limits_are_softmax():
   q, k, v = _qkv()
-  want = ref(q, k, v, mask=masks.Causal())
-  ones_q, ones_v = jnp.ones((B, T, N)), jnp.ones((B, S, K))
-  q1, v1 = scores.selective_temperatures(q, v, ones_q, ones_v)
-  np.testing.assert_allclose(ref(q1, k, v1, mask=masks.Causal()), want, rtol=1e-6, atol=1e-6)
-  for score in (scores.Selective(beta=0.0, variant="linear"), scores.Selective(beta=30.0),
-                scores.SoftCap(1e9), scores.Sink(-jnp.inf), scores.DEFAULT_SCORE):
-    np.testing.assert_allclose(ref(q, k, v, mask=masks.Causal(), score=score), want,
-                               rtol=1e-5, atol=1e-5)
+
+  def run(q, k, v):
+    ones_q, ones_v = jnp.ones((B, T, N)), jnp.ones((B, S, K))
+    q1, v1 = scores.selective_temperatures(q, v, ones_q, ones_v)
+    return ref(q, k, v, mask=masks.Causal()), ref(q1, k, v1, mask=masks.Causal()), [
+        ref(q, k, v, mask=masks.Causal(), score=score)
+        for score in (scores.Selective(beta=0.0, variant="linear"), scores.Selective(beta=30.0),
+                      scores.SoftCap(1e9), scores.Sink(-jnp.inf), scores.DEFAULT_SCORE)]
+  want, tempered, outs = _jit(run, q, k, v)
+  np.testing.assert_allclose(tempered, want, rtol=1e-6, atol=1e-6)
+  for out in outs:
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 # -- each variant against the NumPy oracle, with masks and GQA ---------------------
@@ -100,8 +115,9 @@ def test_variants_match_numpy_oracle(vis, mask):
       (scores.ReLU(), lambda x, i, n: np.maximum(x, 0)),
       (scores.ReLU("length"), lambda x, i, n: np.maximum(x, 0) / len(x)),
   ]
-  for score, row_fn in cases:
-    got = ref(q, k, v, mask=mask, score=score)
+  outs = _jit(lambda q, k, v: [ref(q, k, v, mask=mask, score=score) for score, _ in cases],
+              q, k, v)
+  for (score, row_fn), got in zip(cases, outs):
     np.testing.assert_allclose(got, _np_oracle(q, k, v, vis, row_fn), rtol=2e-5, atol=2e-5,
                                err_msg=repr(score))
 
@@ -118,29 +134,39 @@ def _lssar(x, p, o):
 
 def test_selective_equals_prescaled_queries():
   q, k, v = _qkv(2)
-  pos = jnp.arange(T) + 3  # explicit positions, e.g. a decoding offset
-  for score in (scores.Selective(beta=0.7), scores.Selective(beta=0.2, variant="linear")):
-    c = (jnp.exp(-jnp.exp(0.7)) if score.variant == "exp" else 0.2)
-    factor = jnp.broadcast_to((1 + c * jnp.log(pos + 1.0))[None, :, None], (B, T, N))
-    qs, _ = scores.selective_temperatures(q, v, factor)
-    kw = dict(mask=masks.Causal(), q_positions=pos, k_positions=jnp.arange(S) + 3)
-    np.testing.assert_allclose(ref(q, k, v, score=score, **kw), ref(qs, k, v, **kw),
-                               rtol=1e-5, atol=1e-5)
+  pos = np.arange(T) + 3  # explicit positions, e.g. a decoding offset
+
+  def run(q, k, v):
+    pairs = []
+    for score in (scores.Selective(beta=0.7), scores.Selective(beta=0.2, variant="linear")):
+      c = (jnp.exp(-jnp.exp(0.7)) if score.variant == "exp" else 0.2)
+      factor = jnp.broadcast_to((1 + c * jnp.log(pos + 1.0))[None, :, None], (B, T, N))
+      qs, _ = scores.selective_temperatures(q, v, factor)
+      kw = dict(mask=masks.Causal(), q_positions=pos, k_positions=np.arange(S) + 3)
+      pairs.append((ref(q, k, v, score=score, **kw), ref(qs, k, v, **kw)))
+    return pairs
+  for got, want in _jit(run, q, k, v):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_softplus_rows_sum_to_one_and_reweight_identity():
   q, k, v = _qkv(3, scale=4.0)
-  for score in (scores.Softplus(), scores.lssar(4.0), scores.lssar(2.0, offset=1.0)):
-    _, p = ref(q, k, v, mask=masks.Causal(), score=score, return_probs=True)
-    assert bool(jnp.all(p >= 0))
+  c = masks.Causal()
+
+  def run(q, k, v):
+    probs = [ref(q, k, v, mask=c, score=score, return_probs=True)[1]
+             for score in (scores.Softplus(), scores.lssar(4.0), scores.lssar(2.0, offset=1.0))]
+    return (probs, ref(q, k, v, mask=c, score=scores.lssar(1.0)),
+            ref(q, k, v, mask=c, score=scores.Softplus()),
+            ref(q, k, v, mask=c, score=scores.lssar(3.0)),
+            ref(q[:, :3], k[:, :3], v[:, :3], mask=c, score=scores.lssar(3.0)))
+  probs, lssar1, softplus, full, part = _jit(run, q, k, v)
+  for p in map(np.asarray, probs):
+    assert np.all(p >= 0)
     sums = p.sum(-1)
-    assert bool(jnp.all((jnp.abs(sums - 1) < 1e-5) | (sums == 0)))
-  np.testing.assert_allclose(ref(q, k, v, mask=masks.Causal(), score=scores.lssar(1.0)),
-                             ref(q, k, v, mask=masks.Causal(), score=scores.Softplus()),
-                             rtol=1e-5, atol=1e-6)
+    assert np.all((np.abs(sums - 1) < 1e-5) | (sums == 0))
+  np.testing.assert_allclose(lssar1, softplus, rtol=1e-5, atol=1e-6)
   # Causal prefix invariance: the first 3 outputs do not depend on later keys.
-  full = ref(q, k, v, mask=masks.Causal(), score=scores.lssar(3.0))
-  part = ref(q[:, :3], k[:, :3], v[:, :3], mask=masks.Causal(), score=scores.lssar(3.0))
   np.testing.assert_allclose(full[:, :3], part, rtol=1e-5, atol=1e-6)
 
 
@@ -148,11 +174,14 @@ def test_lse_rules_and_fully_masked_rows():
   q, k, v = _qkv(4)
   with pytest.raises(ValueError, match="return_lse"):
     ref(q, k, v, score=scores.ReLU(), return_lse=True)
-  empty = jnp.zeros((1, 1, T, S), bool).at[..., 1:, :].set(True)  # row 0 sees nothing
-  for score in (scores.Sink(1.0), scores.Softplus(), scores.lssar(2.0), scores.SoftCap(5.0),
-                scores.Selective(), scores.ReLU("length")):
-    out = ref(q, k, v, mask=empty, score=score)
-    assert bool(jnp.all(jnp.isfinite(out))) and bool(jnp.all(out[:, 0] == 0)), repr(score)
+  empty = np.zeros((1, 1, T, S), bool)
+  empty[..., 1:, :] = True  # row 0 sees nothing
+  all_scores = (scores.Sink(1.0), scores.Softplus(), scores.lssar(2.0), scores.SoftCap(5.0),
+                scores.Selective(), scores.ReLU("length"))
+  outs = _jit(lambda q, k, v: [ref(q, k, v, mask=empty, score=score) for score in all_scores],
+              q, k, v)
+  for score, out in zip(all_scores, map(np.asarray, outs)):
+    assert np.all(np.isfinite(out)) and np.all(out[:, 0] == 0), repr(score)
 
 
 def test_bad_arguments():
@@ -163,19 +192,22 @@ def test_bad_arguments():
       bad()
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="q_temp"):
-    scores.selective_temperatures(q, v, jnp.ones((B, T)))
+    scores.selective_temperatures(q, v, np.ones((B, T), np.float32))
 
 
 # -- dtypes, transforms, gradients ------------------------------------------------
 def test_bfloat16():
   q, k, v = _qkv(5)
   qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
-  for score in (scores.SoftCap(), scores.Softplus(), scores.ReLU(), scores.Sink(0.0)):
-    out = ref(qb, kb, vb, mask=masks.Causal(), score=score)
+  f32 = lambda x: x.astype(jnp.float32)
+  pairs = _jit(lambda qb, kb, vb: [
+      (ref(qb, kb, vb, mask=masks.Causal(), score=score),
+       ref(f32(qb), f32(kb), f32(vb), mask=masks.Causal(), score=score))
+      for score in (scores.SoftCap(), scores.Softplus(), scores.ReLU(), scores.Sink(0.0))],
+      qb, kb, vb)
+  for out, want in pairs:
     assert out.dtype == jnp.bfloat16
-    want = ref(qb.astype(jnp.float32), kb.astype(jnp.float32), vb.astype(jnp.float32),
-               mask=masks.Causal(), score=score)
-    np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
 def test_jit_static_pytree_and_vmap():
@@ -183,17 +215,20 @@ def test_jit_static_pytree_and_vmap():
   f = jax.jit(lambda q, k, v, score: ref(q, k, v, mask=masks.Causal(), score=score),
               static_argnums=3)
   g = jax.jit(lambda q, k, v, score: ref(q, k, v, mask=masks.Causal(), score=score))
-  sink = scores.Sink(jnp.zeros(N))
-  for score in (scores.SoftCap(3.0), scores.lssar(2.0), scores.Selective()):
-    hash(score)
-    np.testing.assert_allclose(f(q, k, v, score), ref(q, k, v, mask=masks.Causal(),
-                                                      score=score), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(g(q, k, v, sink), ref(q, k, v, mask=masks.Causal(), score=sink),
-                             rtol=1e-5, atol=1e-6)
+  sink = scores.Sink(np.zeros(N, np.float32))
+  static = (scores.SoftCap(3.0), scores.lssar(2.0), scores.Selective())
   vm = jax.vmap(lambda q, k, v: ref(q, k, v, mask=masks.Causal(), score=scores.ReLU("length")))
-  got = vm(q[:, None], k[:, None], v[:, None])[:, 0]
-  np.testing.assert_allclose(got, ref(q, k, v, mask=masks.Causal(), score=scores.ReLU("length")),
-                             rtol=1e-5, atol=1e-6)
+  # The references (and the vmapped call) in one program.
+  want, want_sink, got_vm, want_vm = _jit(lambda q, k, v: (
+      [ref(q, k, v, mask=masks.Causal(), score=score) for score in static],
+      ref(q, k, v, mask=masks.Causal(), score=sink),
+      vm(q[:, None], k[:, None], v[:, None])[:, 0],
+      ref(q, k, v, mask=masks.Causal(), score=scores.ReLU("length"))), q, k, v)
+  for score, w in zip(static, want):
+    hash(score)
+    np.testing.assert_allclose(f(q, k, v, score), w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g(q, k, v, sink), want_sink, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_vm, want_vm, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_finite_including_beta_and_sinks():
@@ -207,27 +242,33 @@ def test_gradients_finite_including_beta_and_sinks():
     e = ref(q, k, v, mask=masks.Causal(), score=scores.SoftCap(1.0))
     return sum(jnp.sum(x ** 2) for x in (a, b, c, d, e))
 
-  grads = jax.grad(loss, argnums=(0, 1, 2))(q, jnp.float32(1.5), jnp.zeros(N))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, np.float32(1.5), np.zeros(N, np.float32))
+  grads = [np.asarray(g) for g in grads]
   for g in grads:
-    assert bool(jnp.all(jnp.isfinite(g)))
-  assert float(jnp.abs(grads[1])) > 0 and bool(jnp.all(grads[2] != 0))
+    assert np.all(np.isfinite(g))
+  assert abs(float(grads[1])) > 0 and np.all(grads[2] != 0)
 
 
 def test_front_door_attention_with_scores():
   q, k, v = _qkv(8)
-  for score in (scores.SoftCap(2.0), scores.Softplus()):
-    got = attnjax.attention(q, k, v, mask=masks.Causal(), score=score)
-    np.testing.assert_allclose(got, ref(q, k, v, mask=masks.Causal(), score=score),
-                               rtol=2e-5, atol=2e-5)
+  pairs = _jit(lambda q, k, v: [
+      (attnjax.attention(q, k, v, mask=masks.Causal(), score=score),
+       ref(q, k, v, mask=masks.Causal(), score=score))
+      for score in (scores.SoftCap(2.0), scores.Softplus())], q, k, v)
+  for got, want in pairs:
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_layer_learns_score_params():
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, 16))
+  x = np.random.default_rng(0).standard_normal((B, T, 16)).astype(np.float32)
   for score, name, shape in ((scores.Sink(0.0), "score_sink_logits", (4,)),
                              (scores.Selective(), "score_beta", ())):
     m = MultiHeadAttention(num_heads=4, num_kv_heads=2, causal=True, score=score)
-    params = m.init(jax.random.PRNGKey(1), x)
+
+    def run(x):
+      params = m.init(jax.random.PRNGKey(1), x)
+      return params, jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(params)
+    params, g = jax.jit(run)(x)
     assert params["params"][name].shape == shape
-    g = jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(params)
-    assert bool(jnp.all(jnp.isfinite(g["params"][name])))
-    assert bool(jnp.any(g["params"][name] != 0))
+    g = np.asarray(g["params"][name])
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
