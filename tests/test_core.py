@@ -11,11 +11,17 @@ from attnjax.core.reference import reference_attention
 from attnjax.masks import Causal, SlidingWindow
 
 
-def _qkv(B=2, T=5, S=7, N=4, K=2, H=8, Hv=None, dtype=jnp.float32, seed=0):
-  k = jax.random.split(jax.random.PRNGKey(seed), 3)
+def _qkv(B=2, T=5, S=7, N=4, K=2, H=8, Hv=None, dtype=np.float32, seed=0):
+  """NumPy inputs (no device compile to build them)."""
+  rng = np.random.default_rng(seed)
   Hv = H if Hv is None else Hv
-  return (jax.random.normal(k[0], (B, T, N, H), dtype), jax.random.normal(k[1], (B, S, K, H), dtype),
-          jax.random.normal(k[2], (B, S, K, Hv), dtype))
+  f = lambda *shape: rng.standard_normal(shape).astype(np.float32).astype(dtype)
+  return f(B, T, N, H), f(B, S, K, H), f(B, S, K, Hv)
+
+
+def _jit(fn, *args):
+  """fn(*args) compiled as one program (eager op-by-op dispatch compiles every op)."""
+  return jax.jit(fn)(*args)
 
 
 def _naive(q, k, v, mask, scale=None):
@@ -39,7 +45,7 @@ def _naive(q, k, v, mask, scale=None):
 def test_reference_four_cab_patterns_match_float64(T, S, causal):
   q, k, v = _qkv(T=T, S=S)
   mask = Causal() if causal else None
-  out = reference_attention(q, k, v, mask=mask)
+  out = _jit(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v)
   dense = Causal().to_dense(T, S, 4) if causal else np.ones((4, T, S), bool)
   np.testing.assert_allclose(out, _naive(q, k, v, dense[None]), atol=2e-6)
   if causal and T < S:  # bottom-right alignment: the last query sees every key
@@ -48,10 +54,13 @@ def test_reference_four_cab_patterns_match_float64(T, S, causal):
 
 def test_reference_matches_jax_dot_product_attention_with_bias_and_mask():
   q, k, v = _qkv(N=4, K=4)
-  bias = jax.random.normal(jax.random.PRNGKey(3), (1, 4, 5, 7))
-  mask = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (2, 1, 5, 7)).at[..., 0].set(True)
-  ours = reference_attention(q, k, v, mask=mask, bias=bias)
-  theirs = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+  rng = np.random.default_rng(3)
+  bias = rng.standard_normal((1, 4, 5, 7)).astype(np.float32)
+  mask = rng.random((2, 1, 5, 7)) < 0.7
+  mask[..., 0] = True
+  ours, theirs = _jit(lambda q, k, v, bias, mask: (
+      reference_attention(q, k, v, mask=mask, bias=bias),
+      jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)), q, k, v, bias, mask)
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
@@ -59,45 +68,54 @@ def test_fully_masked_rows_are_zero_with_minus_inf_lse_and_finite_grads():
   q, k, v = _qkv()
   mask = np.ones((5, 7), bool)
   mask[2] = False
-  out, lse = reference_attention(q, k, v, mask=mask, return_lse=True)
+  (out, lse), g = _jit(lambda q, k, v: (
+      reference_attention(q, k, v, mask=mask, return_lse=True),
+      jax.grad(lambda q: reference_attention(q, k, v, mask=mask).sum())(q)), q, k, v)
   assert np.all(np.asarray(out[:, 2]) == 0) and np.all(np.isneginf(lse[:, 2]))
-  g = jax.grad(lambda q: reference_attention(q, k, v, mask=mask).sum())(q)
   assert np.all(np.isfinite(g))
 
 
 def test_segment_ids_block_other_documents():
   q, k, v = _qkv(T=6, S=6)
-  seg = jnp.array([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2]])
-  out = reference_attention(q, k, v, segment_ids=seg, mask=Causal())
+  seg = np.array([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2]], np.int32)
+  out = _jit(lambda q, k, v, seg: reference_attention(q, k, v, segment_ids=seg, mask=Causal()),
+             q, k, v, seg)
   dense = (np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :]) & np.tril(np.ones((6, 6), bool))
   np.testing.assert_allclose(out, _naive(q, k, v, dense), atol=2e-6)
 
 
 def test_merge_of_two_key_halves_equals_unsplit():
   q, k, v = _qkv(S=8)
-  o, lse = reference_attention(q, k, v, mask=SlidingWindow(3, 1), return_lse=True)
-  kpos = jnp.arange(8)
-  o1, l1 = reference_attention(q, k[:, :3], v[:, :3], mask=SlidingWindow(3, 1), k_positions=kpos[:3],
-                               q_positions=jnp.arange(5) + 3, return_lse=True)
-  o2, l2 = reference_attention(q, k[:, 3:], v[:, 3:], mask=SlidingWindow(3, 1), k_positions=kpos[3:],
-                               q_positions=jnp.arange(5) + 3, return_lse=True)
-  om, lm = merge_attention(o1, l1, o2, l2)
+  kpos = np.arange(8)
+
+  def run(q, k, v):
+    o, lse = reference_attention(q, k, v, mask=SlidingWindow(3, 1), return_lse=True)
+    o1, l1 = reference_attention(q, k[:, :3], v[:, :3], mask=SlidingWindow(3, 1),
+                                 k_positions=kpos[:3], q_positions=np.arange(5) + 3,
+                                 return_lse=True)
+    o2, l2 = reference_attention(q, k[:, 3:], v[:, 3:], mask=SlidingWindow(3, 1),
+                                 k_positions=kpos[3:], q_positions=np.arange(5) + 3,
+                                 return_lse=True)
+    return o, lse, merge_attention(o1, l1, o2, l2)
+  o, lse, (om, lm) = _jit(run, q, k, v)
+  lse = np.asarray(lse)
   np.testing.assert_allclose(om, o, atol=2e-6)
   np.testing.assert_allclose(np.where(np.isfinite(lse), lm, 0), np.where(np.isfinite(lse), lse, 0), atol=2e-6)
 
 
 def test_merge_of_two_empty_rows_is_zero():
-  o = jnp.ones((1, 2, 1, 3))
-  lse = jnp.full((1, 2, 1), -jnp.inf)
-  om, lm = merge_attention(o, lse, o, lse)
+  o = np.ones((1, 2, 1, 3), np.float32)
+  lse = np.full((1, 2, 1), -np.inf, np.float32)
+  om, lm = _jit(lambda o, lse: merge_attention(o, lse, o, lse), o, lse)
   assert np.all(np.asarray(om) == 0) and np.all(np.isneginf(lm))
 
 
 def test_bfloat16_error_is_close_to_naive_bfloat16():
   q, k, v = _qkv(dtype=jnp.bfloat16)
   exact = _naive(q, k, v, np.ones((1, 4, 5, 7), bool))
-  out = reference_attention(q, k, v)
-  naive_bf16 = jax.nn.dot_product_attention(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2))
+  out, naive_bf16 = _jit(lambda q, k, v: (
+      reference_attention(q, k, v),
+      jax.nn.dot_product_attention(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2))), q, k, v)
   assert out.dtype == jnp.bfloat16
   err = np.abs(np.asarray(out, np.float64) - exact).max()
   err_naive = np.abs(np.asarray(naive_bf16, np.float64) - exact).max()
@@ -107,10 +125,12 @@ def test_bfloat16_error_is_close_to_naive_bfloat16():
 def test_jit_vmap_grad():
   q, k, v = _qkv()
   f = jax.jit(lambda q, k, v: reference_attention(q, k, v, mask=Causal()))
+  # jit and op-by-op (eager) execution agree
   np.testing.assert_allclose(f(q, k, v), reference_attention(q, k, v, mask=Causal()), atol=1e-6)
-  vm = jax.vmap(lambda q, k, v: reference_attention(q[None], k[None], v[None], mask=Causal())[0])(q, k, v)
+  vm = jax.jit(jax.vmap(lambda q, k, v: reference_attention(q[None], k[None], v[None],
+                                                            mask=Causal())[0]))(q, k, v)
   np.testing.assert_allclose(vm, f(q, k, v), atol=1e-6)
-  g = jax.grad(lambda v: f(q, k, v).sum())(v)
+  g = jax.jit(jax.grad(lambda v: f(q, k, v).sum()))(v)
   assert g.shape == v.shape and np.all(np.isfinite(g))
 
 
@@ -122,7 +142,7 @@ def test_jit_vmap_grad():
     (((2, 5, 4, 8), (2, 7, 3, 8), (2, 7, 3, 8)), "multiple of key/value heads"),
 ])
 def test_bad_shapes_raise_value_error_naming_argument(shapes, match):
-  q, k, v = (jnp.zeros(s) for s in shapes)
+  q, k, v = (np.zeros(s, np.float32) for s in shapes)
   with pytest.raises(ValueError, match=match):
     reference_attention(q, k, v)
 
