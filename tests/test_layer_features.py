@@ -206,12 +206,27 @@ def test_dropout_off_equals_no_dropout_and_fast_families_raise():
   for kw, match in (({"attention": "sliding_window",
                       "attention_options": {"window_size": 2}}, "sliding_window"),
                     ({"implementation": "xla"}, "implementation='xla'")):
-    with pytest.raises(NotImplementedError, match=match):
+    with pytest.raises(NotImplementedError, match=match):   # xla: one mask per head only
       jax.eval_shape(lambda x: _dropout_layer(dropout_rate=0.1, **kw).apply(
           params, x, deterministic=False, rngs=rng), x)
   from attnjax.layers.dropout import check_dropout_rate
   with pytest.raises(ValueError, match="dropout_rate"):
     check_dropout_rate(1.0)
+
+
+def test_per_head_dropout_runs_on_the_xla_path_and_equals_the_reference():
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
+  m = lambda impl: _dropout_layer(dropout_rate=0.3, broadcast_dropout=False, implementation=impl)
+  rng = {"dropout": jax.random.PRNGKey(4)}
+
+  def run(x):
+    params = m("xla").init(jax.random.PRNGKey(2), x, deterministic=True)
+    return ([m(i).apply(params, x, deterministic=False, rngs=rng) for i in ("xla", "reference")]
+            + [m("xla").apply(params, x, deterministic=True)])
+
+  fused, reference, off = jax.jit(run)(x)
+  np.testing.assert_allclose(fused, reference, atol=2e-5, rtol=2e-5)   # the same mask
+  assert np.abs(fused - off).max() > 1e-3
 
 
 def test_dropout_hook_equals_numpy_with_the_same_mask():

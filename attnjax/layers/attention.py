@@ -123,13 +123,16 @@ class MultiHeadAttention(nn.Module):
       position-temperature variant. Default off.
     implementation: "reference" | "xla" | "pallas" | None, given to the family.
     dropout_rate, broadcast_dropout, deterministic: attention-weight dropout
-      with Flax's conventions (rng stream ``'dropout'``; one mask [T, S] for
-      the batch and heads when ``broadcast_dropout``; ``deterministic`` here or
-      at the call). It needs the weights, so only a family that takes a
-      ``probs_hook`` applies it: ``"dense"``, which then runs the dense
-      reference (``attnjax.reference_attention``; implementation None or
-      "reference"). Other families and backends raise NotImplementedError
-      when dropout is active (rate > 0 and not deterministic).
+      with Flax's conventions (rng stream ``'dropout'``; keep 1 - rate, scale
+      1 / (1 - rate); ``deterministic`` here or at the call), "dense" family.
+      ``broadcast_dropout=False``: one mask per batch element and head, from
+      ``attnjax.attention(dropout_rate=, dropout_rng=)``, which the XLA path
+      regenerates per tile (no [B, N, T, S] array; implementation None picks
+      it) and the reference draws identically. ``broadcast_dropout=True``
+      (one mask [T, S] for the batch and heads): the dense reference
+      (``attnjax.reference_attention``; implementation None or "reference").
+      Other families and backends raise NotImplementedError when dropout is
+      active (rate > 0 and not deterministic).
     decode: KV-cache decoding. The first ``init`` (with a full-length input)
       creates ``cache/cached_key``, ``cached_value`` [B, max_len, K, H] and
       ``cache_index`` int32 [B] (tokens held per example); later calls
@@ -347,7 +350,8 @@ class MultiHeadAttention(nn.Module):
                       ("implementation", self.implementation)):
       if val is not None:
         kwargs[name] = val
-    hook = self._dropout(fn, deterministic)
+    hook, fused = self._dropout(fn, deterministic)
+    kwargs.update(fused)
     if sow_weights:
       hook = self._sow_weights(fn, hook, q, k, v, q_positions, k_positions, segment_ids,
                                kwargs)
@@ -366,17 +370,33 @@ class MultiHeadAttention(nn.Module):
     return self._dense(out_features, "out", axis=(-2, -1))(out)
 
   def _dropout(self, fn, deterministic):
-    """The dropout probs_hook, or None when dropout is off; raises where unsupported."""
+    """(probs_hook, keyword arguments) of attention dropout; (None, {}) when it is off.
+
+    ``broadcast_dropout=False``: the family's own dropout (``dropout_rate`` /
+    ``dropout_rng``, one mask per batch element and head; the XLA path
+    regenerates it per tile and the reference draws the same mask).
+    ``broadcast_dropout=True`` (one [T, S] mask, Flax's default): a probs_hook
+    of the dense reference. Raises NotImplementedError where neither applies.
+    """
     if check_dropout_rate(self.dropout_rate) == 0.0:
-      return None
+      return None, {}
     if nn.merge_param("deterministic", self.deterministic, deterministic):
-      return None
-    if "probs_hook" not in option_names(fn)[0]:
+      return None, {}
+    takes = option_names(fn)[0]
+    if not self.broadcast_dropout and "dropout_rate" in takes:
+      return None, dict(dropout_rate=self.dropout_rate, dropout_rng=self.make_rng("dropout"))
+    if "probs_hook" not in takes:
       raise NotImplementedError(
           f"attention family {self.attention!r} cannot apply attention dropout "
           f"(dropout_rate={self.dropout_rate}): its kernels never form the attention weights. "
           "Use attention='dense', dropout_rate=0, or deterministic=True.")
-    return dropout_hook(self.make_rng("dropout"), self.dropout_rate, self.broadcast_dropout)
+    if self.implementation not in (None, "reference"):
+      raise NotImplementedError(
+          f"broadcast_dropout=True shares one [T, S] dropout mask over the batch and heads, "
+          f"which only the dense reference applies; implementation={self.implementation!r} "
+          "draws one mask per batch element and head: set broadcast_dropout=False (or "
+          "implementation=None / 'reference').")
+    return dropout_hook(self.make_rng("dropout"), self.dropout_rate, self.broadcast_dropout), {}
 
   def _sow_weights(self, fn, dropout, q, k, v, q_positions, k_positions, segment_ids,
                    kwargs):

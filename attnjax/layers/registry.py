@@ -43,7 +43,7 @@ _USER: Dict[str, Callable] = {}
 def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
                  segment_ids=None, mask=None, score=None, bias=None, scale=None,
                  implementation=None, probs_hook=None, query_seq_lengths=None,
-                 key_value_seq_lengths=None):
+                 key_value_seq_lengths=None, dropout_rate=0.0, dropout_rng=None):
   """``attnjax.attention`` with ``Causal()`` (and ``mask``) when ``causal``.
 
   Shapes: query [B, T, N, H], key [B, S, K, H], value [B, S, K, Hv] ->
@@ -52,10 +52,14 @@ def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positio
   ``bias`` an additive float array broadcastable to [B, N, T, S];
   ``query_seq_lengths`` / ``key_value_seq_lengths`` int [B] (right padding,
   as ``attnjax.attention``: the XLA path skips the padded blocks).
-  ``probs_hook`` (``f(probs [B, N, T, S]) -> probs``, e.g. attention dropout)
-  needs the weights, so it runs the dense reference
-  (``attnjax.reference_attention``, lengths as segment ids): implementation
-  must be None or "reference", other backends raise NotImplementedError.
+  ``dropout_rate`` / ``dropout_rng``: attention dropout of ``attnjax.attention``
+  (one mask per batch element and head, regenerated per tile on the XLA path;
+  the reference draws the same mask).
+  ``probs_hook`` (``f(probs [B, N, T, S]) -> probs``, e.g. Flax-style dropout
+  with one mask shared by the batch and heads) needs the weights, so it runs
+  the dense reference (``attnjax.reference_attention``, lengths as segment
+  ids): implementation must be None or "reference", other backends raise
+  NotImplementedError.
   """
   if causal:
     if mask is None:
@@ -74,12 +78,14 @@ def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positio
                                       query.shape[0], query.shape[1], key.shape[1])
     return reference_attention(query, key, value, mask=mask, score=score, bias=bias,
                                scale=scale, q_positions=q_positions, k_positions=k_positions,
-                               segment_ids=segment_ids, probs_hook=probs_hook)
+                               segment_ids=segment_ids, probs_hook=probs_hook,
+                               dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   return api.attention(query, key, value, mask=mask, score=score, bias=bias, scale=scale,
                        q_positions=q_positions, k_positions=k_positions,
                        segment_ids=segment_ids, query_seq_lengths=query_seq_lengths,
                        key_value_seq_lengths=key_value_seq_lengths,
-                       implementation=implementation)
+                       implementation=implementation, dropout_rate=dropout_rate,
+                       dropout_rng=dropout_rng)
 
 
 dense_family.supports_kv_cache = True
