@@ -23,7 +23,7 @@ from attnjax.block_sparse import block_sparse_attention_indices
 from attnjax.dynamic.select import block_validity, topk_blocks
 from attnjax.sharding import block_list_capacity, context_parallel_block_lists, make_mesh
 out = {"devices": jax.device_count()}
-B, T, N, K, H, bs = 2, 64, 4, 2, 8, 4
+B, T, N, K, H, bs = 2, 64, 4, 2, 8, 8
 nq = T // bs
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H), np.float32)) for n in (N, K, K))
@@ -40,7 +40,7 @@ def mesh_of(shape):
 
 f32 = lambda a: np.asarray(a, np.float32)
 cases = {  # name: (list heads, k, causal, mesh, options, dtype, capacity from the lists)
-    "topk_causal_c8": (N, 3, True, (1, 1, 8), {}, "float32", False),
+    "topk_causal_c8": (N, 2, True, (1, 1, 8), {}, "float32", False),
     "topk_kv_lists_d2h2c2_bf16": (K, 4, False, (2, 2, 2),
                                   dict(data_axis="data", head_axis="heads"), "bfloat16", False),
     "topk_causal_capacity_c4": (N, 3, True, (1, 1, 4), {}, "float32", True),
@@ -59,10 +59,12 @@ for name, (heads, kk, causal, shape, opts, dtype, fit) in cases.items():
                                                        block_kv=bs, mask=mask,
                                                        implementation="reference")
   def vg(fn):
-    return jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2), (0, 1, 2))
+    def loss(*a):
+      o = fn(*a)
+      return jnp.sum(o.astype(jnp.float32) ** 2), o
+    return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)
   x = [a.astype(dtype) for a in (q, k, v)]
-  (l1, g1), (l2, g2) = jax.jit(lambda *a: (vg(sharded)(*a), vg(ref)(*a)))(*x)
-  o1, o2 = jax.jit(lambda *a: (sharded(*a), ref(*a)))(*x)
+  ((_, o1), g1), ((_, o2), g2) = jax.jit(lambda *a: (vg(sharded)(*a), vg(ref)(*a)))(*x)
   out[name] = {"fwd": float(np.abs(f32(o1) - f32(o2)).max()),
                "grad": max(float(np.abs(f32(a) - f32(b)).max() / (np.abs(f32(b)).max() + 1e-6))
                            for a, b in zip(g1, g2)), "dtype": str(o1.dtype)}
@@ -71,10 +73,11 @@ for name, (heads, kk, causal, shape, opts, dtype, fit) in cases.items():
 idx, cnt = lists(N, 3, True, seed=7)
 cap = block_list_capacity(idx, cnt, num_shards=4, num_kv_heads=K)
 mesh = mesh_of((1, 1, 4))
-o = jax.jit(lambda q, k, v: context_parallel_block_lists(
-    q, k, v, idx, cnt, block_size=bs, mesh=mesh, mask=M.Causal(), capacity=cap - 1))(q, k, v)
-ref = block_sparse_attention_indices(q, k, v, idx, cnt, block_q=bs, block_kv=bs, mask=M.Causal(),
-                                     implementation="reference")
+o, ref = jax.jit(lambda q, k, v: (
+    context_parallel_block_lists(q, k, v, idx, cnt, block_size=bs, mesh=mesh, mask=M.Causal(),
+                                 capacity=cap - 1),
+    block_sparse_attention_indices(q, k, v, idx, cnt, block_q=bs, block_kv=bs, mask=M.Causal(),
+                                   implementation="reference")))(q, k, v)
 nan_rows = np.isnan(f32(o)).any(-1)                                   # [B, T, N]
 out["short"] = {"capacity": cap, "nan_rows": int(nan_rows.sum()),
                 "partial_nan_rows": int((np.isnan(f32(o)).any(-1) != np.isnan(f32(o)).all(-1)).sum()),
@@ -117,8 +120,8 @@ def test_sharded_equals_unsharded(result, case):
 
 
 def test_capacity_from_the_lists_is_below_the_default_bound(result):
-  # 4 q-blocks per device x 2 query heads x 3 entries could name all 4 blocks of a device
-  assert 1 <= result["topk_causal_capacity_c4/capacity"] <= 4
+  # 2 q-blocks per device x 2 query heads x 3 entries could name both blocks of a device
+  assert 1 <= result["topk_causal_capacity_c4/capacity"] <= 2
 
 
 def test_capacity_one_short_gives_nan_in_exactly_the_rows_that_lose_a_block(result):
@@ -154,3 +157,12 @@ def test_capacity_of_hand_built_lists():
   cnt = np.array([[[1, 1, 2, 2], [1, 1, 2, 1]]])
   assert block_list_capacity(idx, cnt, num_shards=2, num_kv_heads=1) == 2
   assert block_list_capacity(idx, cnt, num_shards=2, num_kv_heads=2) == 1
+  assert block_list_capacity(idx, cnt, num_shards=2, num_kv_heads=1, per_distance=True) == (2,)
+
+
+def test_per_distance_capacity_drops_empty_rounds():
+  plan = block_list_plan(M.Causal(), 1024, 8, 4, 2, 8, 32, capacity=(3, 1, 0, 0, 0, 0, 0))
+  assert [(r, m) for r, m, _ in plan.rounds] == [(1, 3), (2, 1)]
+  assert plan.buffer_blocks == 4 + 3 + 1
+  with pytest.raises(ValueError, match="capacity has 2 entries; expected one per device"):
+    block_list_plan(M.Causal(), 1024, 8, 4, 2, 8, 32, capacity=(1, 1))

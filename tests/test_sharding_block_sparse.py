@@ -37,10 +37,6 @@ docs = jnp.asarray(np.sort(rng.integers(0, 6, (B, T)), axis=1))   # packed docum
 cases = {  # name: (mask, mesh axes, options, dtype)
     "causal_docs_zigzag_c8": (M.Causal(), {"context": 8}, dict(assignment="zigzag",
                                                              segment_ids=docs), "float32"),
-    "window_pallas_c4": (M.SlidingWindow(12, 0), {"context": 4}, dict(implementation="pallas"),
-                         "float32"),
-    "window_contiguous_d2c4": (M.SlidingWindow(20, 0), {"data": 2, "context": 4},
-                               dict(data_axis="data"), "float32"),
     "longformer_zigzag_d2h2c2": (longformer, {"data": 2, "heads": 2, "context": 2},
                                  dict(data_axis="data", head_axis="heads", assignment="zigzag",
                                       sequence_order="assignment"), "bfloat16"),
@@ -76,6 +72,20 @@ for name, (mask, axes, opts, dtype) in cases.items():
                "grad": max(float(np.abs(f32(a) - f32(b)).max() / (np.abs(f32(b)).max() + 1e-6))
                            for a, b in zip(g1, g2)),
                "dtype": str(o1.dtype)}
+
+# the Pallas kernels (interpret mode) inside shard_map: small, as interpret mode is slow
+qs, ks_, vs = (a[:1, :32, :2, :] for a in (q, k, v))
+mesh = Mesh(np.asarray(jax.devices()[:4]), ("context",))
+win = M.SlidingWindow(12, 0)
+sharded = lambda q, k, v: context_parallel_block_sparse(q, k, v, mask=win, mesh=mesh, block_size=8,
+                                                        implementation="pallas")
+ref = lambda q, k, v: attnjax.attention(q, k, v, mask=win, implementation="reference")
+((_, o1), g1), ((_, o2), g2) = jax.jit(
+    lambda *a: (value_and_grads(sharded)(*a), value_and_grads(ref)(*a)))(qs, ks_[:, :, :1], vs[:, :, :1])
+out["window_pallas_c4"] = {"fwd": float(np.abs(np.asarray(o1) - np.asarray(o2)).max()),
+                           "grad": max(float(np.abs(np.asarray(a) - np.asarray(b)).max() /
+                                             (np.abs(np.asarray(b)).max() + 1e-6))
+                                       for a, b in zip(g1, g2))}
 
 # bytes each device receives in the compiled HLO (forward) == the plan's
 from attnjax.sharding import block_sparse_context_plan
@@ -127,8 +137,8 @@ def test_eight_devices(result):
   assert result["devices"] == 8
 
 
-@pytest.mark.parametrize("case", ["causal_docs_zigzag_c8", "window_contiguous_d2c4",
-                                  "bigbird_docs_h2c4", "window_pallas_c4"])
+@pytest.mark.parametrize("case", ["causal_docs_zigzag_c8", "bigbird_docs_h2c4",
+                                  "window_pallas_c4"])
 def test_sharded_equals_unsharded_float32(result, case):
   assert result[case]["fwd"] < 1e-5
   assert result[case]["grad"] < 1e-5

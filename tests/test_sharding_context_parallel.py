@@ -2,7 +2,8 @@
 
 On 8 simulated CPU devices (the shared ``multidevice`` child): sliding window
 (block-sparse route, heads axis too), linear (state scan) and na1d (halo)
-equal the unsharded registry family, i.e. the function the layer calls; the
+equal the unsharded registry family, i.e. the function the layer calls (sliding
+window also with segment ids through the registry signature); the
 launcher gives a config error naming a family that cannot run
 context-parallel. In this process: the support table covers every registered
 family and an unsupported family raises, naming itself.
@@ -17,7 +18,7 @@ SCRIPT = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np
 from attnjax.layers import registry
-from attnjax.sharding import context_parallel, make_mesh
+from attnjax.sharding import context_parallel, context_parallel_family, make_mesh
 out = {"devices": jax.device_count()}
 B, T, N, K, H = 2, 32, 4, 2, 8
 rng = np.random.default_rng(0)
@@ -32,6 +33,13 @@ for fam, (shape, opts, axes) in cases.items():
   o = dict(opts); causal = o.pop("causal")
   ref = registry.get_family(fam)(q, k, v, causal=causal, **o)
   out[fam] = float(jnp.abs(f(q, k, v) - ref).max())
+
+# segment ids (packed documents) through the registry signature, as the layer passes them
+docs = jnp.asarray(np.sort(rng.integers(0, 4, (B, T)), axis=1))
+fam = context_parallel_family("sliding_window", make_mesh(1, 1, 4, devices=jax.devices()[:4]))
+o1 = jax.jit(lambda q, k, v, s: fam(q, k, v, causal=True, window=6, segment_ids=s))(q, k, v, docs)
+o2 = registry.get_family("sliding_window")(q, k, v, causal=True, window=6, segment_ids=docs)
+out["sliding_window_documents"] = float(jnp.abs(o1 - o2).max())
 
 from configs import common
 from experiments import models, tasks
@@ -59,7 +67,8 @@ def test_eight_devices(result):
   assert result["devices"] == 8
 
 
-@pytest.mark.parametrize("family", ["sliding_window", "linear", "na1d"])
+@pytest.mark.parametrize("family", ["sliding_window", "linear", "na1d",
+                                    "sliding_window_documents"])
 def test_context_parallel_equals_unsharded_family(result, family):
   assert result[family] < 2e-5
 

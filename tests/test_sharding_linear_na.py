@@ -6,8 +6,9 @@ the sharded op with the unsharded one, forward and gradients of q, k, v, on
 context axes of 2, 4 and 8 (with data and heads axes in some cases): linear
 attention with decay (and an initial/final state), plain normalised linear
 in bfloat16, BASED (Taylor linear branch + sliding window), non-causal linear, na1d (dilated,
-causal, a window as long as the axis) and na2d split along either spatial
-axis. Errors name the field; the communication formulas are checked here.
+causal, a window as long as the axis), na2d split along either spatial
+axis and na3d split along its last axis (dilated). Errors name the field;
+the communication formulas are checked here.
 """
 
 import pytest
@@ -91,6 +92,7 @@ na_cases = [
     ("na2d_axis0_data2_heads2_c2", (2, 2, 2), (8, 12), dict(kernel_size=(3, 5),
                                                             dilation=(1, 2)), 0),
     ("na2d_axis1_data2_c4", (2, 1, 4), (6, 16), dict(kernel_size=(3, 7)), 1),
+    ("na3d_axis2_c4", (1, 1, 4), (3, 4, 16), dict(kernel_size=(3, 3, 3), dilation=(1, 1, 2)), 2),
 ]
 for name, shape, spatial, kw, axis in na_cases:
   q, k, v, w = inputs((2,) + spatial, N, K, H, jnp.float32, seed=3)
@@ -128,7 +130,7 @@ print("RESULT" + json.dumps(out))
 LINEAR = ["linear_decay_state_c8", "linear_normalized_bf16_data2_c4", "based_heads2_c2",
           "linear_noncausal_c8"]
 NEIGHBORHOOD = ["na1d_dilated_c8", "na1d_causal_c4", "na1d_full_window_c2",
-                "na2d_axis0_data2_heads2_c2", "na2d_axis1_data2_c4"]
+                "na2d_axis0_data2_heads2_c2", "na2d_axis1_data2_c4", "na3d_axis2_c4"]
 
 
 multidevice.register("linear_na", SCRIPT)

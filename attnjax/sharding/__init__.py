@@ -17,11 +17,10 @@ from attnjax.sharding.linear_context import (check_context_mesh,
 from attnjax.sharding.neighborhood_context import (HaloPlan,
                                                    context_parallel_neighborhood_attention,
                                                    halo_plan, neighborhood_communication_bytes)
-from attnjax.sharding.block_sparse_context import (BlockSparseContextPlan,
-                                                   block_sparse_context_plan,
-                                                   communication_report,
-                                                   context_parallel_block_sparse,
-                                                   sequence_permutation)
+from attnjax.sharding.block_sparse_plan import (BlockSparseContextPlan,
+                                                block_sparse_context_plan, communication_report,
+                                                sequence_permutation)
+from attnjax.sharding.block_sparse_context import context_parallel_block_sparse
 from attnjax.sharding.block_list_context import (BlockListPlan, block_list_capacity,
                                                  block_list_plan, block_list_report,
                                                  context_parallel_block_lists)

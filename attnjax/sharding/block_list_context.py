@@ -85,24 +85,30 @@ def _visible(mask, seq_len, bs, num_heads, P_, nbl):
 @functools.lru_cache(maxsize=32)
 def block_list_plan(mask, seq_len: int, num_heads: int, list_heads_per_kv: int,
                     entries_per_row: int, num_shards: int, block_size: int,
-                    capacity: Optional[int] = None) -> BlockListPlan:
+                    capacity=None) -> BlockListPlan:
   """The exchange rounds for lists of ``entries_per_row`` blocks (cached).
 
   ``list_heads_per_kv``: list rows per (KV head, q-block): G = N / K for
   per-query-head lists, 1 for per-KV-head lists. ``capacity``: at most this
-  many blocks per (distance, batch row, KV head); default the exact bound.
+  many blocks per (distance, batch row, KV head), an int or one int per device
+  distance 1..P-1 (a tuple, as ``block_list_capacity(..., per_distance=True)``
+  returns); default the exact bound.
   """
   if seq_len % (num_shards * block_size):
     raise ValueError(f"block_size={block_size} x the context axis size {num_shards} must "
                      f"divide the sequence length T={seq_len}.")
   nbl = seq_len // (num_shards * block_size)
-  if capacity is not None:
-    V.check_positive_int("capacity", capacity)
+  caps = [None] * num_shards
+  if isinstance(capacity, (tuple, list)):
+    if len(capacity) != num_shards - 1:
+      raise ValueError(f"capacity has {len(capacity)} entries; expected one per device "
+                       f"distance 1..{num_shards - 1}.")
+    caps = [None] + [V.check_positive_int("capacity", c, minimum=0) for c in capacity]
+  elif capacity is not None:
+    caps = [None] + [V.check_positive_int("capacity", capacity)] * (num_shards - 1)
   reach, count = _visible(mask, seq_len, block_size, num_heads, num_shards, nbl)
   np.fill_diagonal(reach, False)
   bound = np.minimum(count, nbl * list_heads_per_kv * entries_per_row)
-  if capacity is not None:
-    bound = np.minimum(bound, capacity)
   rounds, off = [], nbl
   for r in range(1, num_shards):
     pairs = tuple((s, (s + r) % num_shards) for s in range(num_shards)
@@ -110,17 +116,22 @@ def block_list_plan(mask, seq_len: int, num_heads: int, list_heads_per_kv: int,
     if not pairs:
       continue
     m = int(max(bound[d, s] for s, d in pairs))
+    m = m if caps[r] is None else min(m, int(caps[r]))
+    if m == 0:
+      continue
     rounds.append((r, m, pairs))
     off += m
   return BlockListPlan(num_shards, nbl, block_size, entries_per_row, reach, tuple(rounds), off)
 
 
 def block_list_capacity(kv_block_indices, kv_block_counts, *, num_shards: int,
-                        num_kv_heads: int) -> int:
+                        num_kv_heads: int, per_distance: bool = False):
   """The smallest ``capacity`` under which these lists lose no block (NumPy, on the host).
 
   The largest number of distinct key blocks that the rows of one context
-  shard name in another shard, over batch rows and KV heads.
+  shard name in another shard, over batch rows and KV heads; with
+  ``per_distance`` a tuple, one such maximum per device distance 1..P-1
+  (distance r: shard c reading shard c - r mod P).
   """
   idx = np.asarray(kv_block_indices)
   B, Hi, nq, k = idx.shape
@@ -132,7 +143,7 @@ def block_list_capacity(kv_block_indices, kv_block_counts, *, num_shards: int,
   nbl = nq // num_shards
   valid = np.arange(k) < cnt[..., None]
   g = np.arange(Hi) // (Hi // num_kv_heads)
-  most = 0
+  most = np.zeros(num_shards, np.int64)
   for b in range(B):
     for kv in range(num_kv_heads):
       rows = idx[b, g == kv]                                   # [heads, nq, k]
@@ -141,8 +152,9 @@ def block_list_capacity(kv_block_indices, kv_block_counts, *, num_shards: int,
         sel = rows[:, dst * nbl:(dst + 1) * nbl][ok[:, dst * nbl:(dst + 1) * nbl]]
         src = sel // nbl
         for s in np.unique(src[src != dst]):
-          most = max(most, len(np.unique(sel[src == s])))
-  return most
+          r = (dst - s) % num_shards
+          most[r] = max(most[r], len(np.unique(sel[src == s])))
+  return tuple(int(m) for m in most[1:]) if per_distance else int(most.max())
 
 
 def _axis(mesh, name, field):
@@ -174,8 +186,8 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
     mask: optional static Mask applied inside the listed blocks on global
       positions (e.g. ``Causal()``); head-dependent masks need no head axis.
     capacity: blocks per (device distance, batch row, KV head) a device
-      receives; default the exact bound (see the module docstring). Rows
-      whose lists need more get NaN.
+      receives, an int or a tuple per distance 1..P-1; default the exact
+      bound (see the module docstring). Rows whose lists need more get NaN.
     implementation: the local engine's: None/"xla", "pallas" (interpret mode
       off TPU/GPU) or "reference".
 

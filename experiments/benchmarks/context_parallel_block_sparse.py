@@ -13,6 +13,12 @@ of 64, 3 random blocks per head) at T = 8k..128k split over 8 context shards
   and what the SPMD program runs on every device (``executed_over_mean``:
   the busiest device's work list over the mean).
 
+Run-time top-k block lists (``context_parallel_block_lists``; blocks of 512, 16
+blocks per KV head and q-block from ``topk_blocks`` on random scores, uniform
+or decaying with the block distance): the bytes a device receives (K/V and
+block ids) with the default capacity and with the capacity the lists need
+(one int, or one per device distance), against the all-gather.
+
 Measured rows compile the sharded function on 8 devices (a subprocess with 8
 simulated CPU devices when this process has fewer; compile only, nothing runs)
 and add up, per device, the collective-permute buffers it is a target of in
@@ -27,7 +33,8 @@ from absl import flags
 
 from attnjax import masks as M
 from attnjax.block_sparse import bigbird_mask
-from attnjax.sharding import block_sparse_context_plan, communication_report
+from attnjax.sharding import (block_list_capacity, block_list_plan, block_list_report,
+                              block_sparse_context_plan, communication_report)
 
 from experiments.benchmarks import common
 
@@ -60,6 +67,34 @@ def analytic_rows(seq_lens):
                      "buffer_ratio": r["transferred_ratio"],
                      "imbalance": r["imbalance"],
                      "executed_over_mean": r["executed_over_mean"]})
+  return rows
+
+
+def block_list_rows(seq_lens, block=512, entries=16, decays=(0.0, 0.05)):
+  """Bytes received for top-k lists: default, one-int and per-distance capacities."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from attnjax.dynamic.select import block_validity, topk_blocks  # pylint: disable=g-import-not-at-top
+  rows = []
+  rng = np.random.default_rng(0)
+  for T in seq_lens:
+    nq = T // block
+    pos = jnp.arange(T)[None]
+    valid = block_validity(pos, pos, block, block, causal=True)
+    for decay in decays:
+      dist = np.abs(np.arange(nq)[:, None] - np.arange(nq)[None])
+      scores = rng.standard_normal((1, KV_HEADS, nq, nq)).astype(np.float32) - decay * dist
+      idx, cnt = topk_blocks(jnp.asarray(scores), min(entries, nq), valid=valid,
+                             force=jnp.eye(nq, dtype=bool)[None, None])
+      per = block_list_capacity(idx, cnt, num_shards=CHUNKS, num_kv_heads=KV_HEADS,
+                                per_distance=True)
+      for label, cap in (("default", None), ("one_int", max(per)), ("per_distance", per)):
+        plan = block_list_plan(M.Causal(), T, HEADS, 1, min(entries, nq), CHUNKS, block, cap)
+        r = block_list_report(plan, batch=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+        rows.append({"kind": "plan_block_lists", "mask": f"topk_decay_{decay}", "seq_len": T,
+                     "assignment": "contiguous", "block": block, "capacity": label,
+                     "capacity_value": str(cap), "allgather_MB": r["allgather_bytes"] / 2**20,
+                     "received_max_MB": r["received_bytes"] / 2**20,
+                     "received_ratio_max": r["received_ratio"]})
   return rows
 
 
@@ -115,7 +150,7 @@ def measured_rows(cases=(("window_4k", 32768, "contiguous"), ("causal", 32768, "
 def run():
   lens = [int(x) for x in FLAGS.seq_lens] if FLAGS.seq_lens else (
       QUICK_LENS if FLAGS.quick else DEFAULT_LENS)
-  rows = analytic_rows(lens)
+  rows = analytic_rows(lens) + block_list_rows(lens)
   import jax  # pylint: disable=g-import-not-at-top
   rows += measured_rows() if jax.device_count() >= CHUNKS else common.run_on_simulated_devices(
       "context_parallel_block_sparse", "measured_rows")
