@@ -227,6 +227,15 @@ def test_per_head_dropout_runs_on_the_xla_path_and_equals_the_reference():
   fused, reference, off = jax.jit(run)(x)
   np.testing.assert_allclose(fused, reference, atol=2e-5, rtol=2e-5)   # the same mask
   assert np.abs(fused - off).max() > 1e-3
+  # Flax's attention_fn: broadcast_dropout=False takes the same per-head dropout
+  from attnjax.layers import make_attention_fn
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, 2, 4)) for i in range(3))
+  key = jax.random.PRNGKey(7)
+  got, want = jax.jit(lambda q, k, v: (
+      make_attention_fn(implementation="xla")(q, k, v, broadcast_dropout=False,
+                                              dropout_rate=0.3, dropout_rng=key),
+      attnjax.reference_attention(q, k, v, dropout_rate=0.3, dropout_rng=key)))(q, k, v)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
 def test_dropout_hook_equals_numpy_with_the_same_mask():

@@ -46,11 +46,14 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
   (e.g. a padded query) returns zeros, where Flax returns the uniform average
   of all values.
   Attention-weight dropout (``dropout_rate > 0`` and not ``deterministic``,
-  Flax's ``dropout_rng`` and ``broadcast_dropout``) needs the weights, so it
-  runs the dense reference (``attnjax.reference_attention``) when
-  ``implementation`` is None or "reference" and raises
-  ``NotImplementedError`` for "xla" and "pallas", as
-  ``attnjax.layers.MultiHeadAttention`` does. Custom einsum hooks raise
+  Flax's ``dropout_rng`` and ``broadcast_dropout``): with
+  ``broadcast_dropout=False`` it is ``attnjax.attention``'s dropout (one mask
+  per batch element and head, regenerated per tile on the XLA path; the
+  reference draws the same mask); with ``broadcast_dropout=True`` (one mask
+  for the batch and heads) it needs the weights, so it runs the dense
+  reference (``attnjax.reference_attention``) when ``implementation`` is
+  None or "reference" and raises ``NotImplementedError`` for "xla" and
+  "pallas", as ``attnjax.layers.MultiHeadAttention`` does. Custom einsum hooks raise
   ``NotImplementedError``;
   ``precision`` and ``force_fp32_for_softmax`` are accepted and have no
   effect (attnjax always accumulates in float32). When Flax asks to sow the
@@ -69,17 +72,21 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
                    qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
                    is_causal=False):
     del precision, force_fp32_for_softmax
-    hook = None
+    hook, fused = None, {}
     if check_dropout_rate(dropout_rate) > 0.0 and not deterministic:
-      if implementation not in (None, "reference"):
-        raise NotImplementedError(
-            f"attention-weight dropout (dropout_rate={dropout_rate}, deterministic=False) "
-            f"needs the attention weights, which implementation={implementation!r} never "
-            "forms: use implementation=None or 'reference', dropout_rate=0 or "
-            "deterministic=True.")
       if dropout_rng is None:
         raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng.")
-      hook = dropout_hook(dropout_rng, dropout_rate, broadcast_dropout)
+      if not broadcast_dropout:
+        fused = dict(dropout_rate=float(dropout_rate), dropout_rng=dropout_rng)
+      elif implementation not in (None, "reference"):
+        raise NotImplementedError(
+            f"attention-weight dropout with broadcast_dropout=True (one mask for the batch and "
+            f"heads) needs the attention weights, which implementation={implementation!r} never "
+            "forms: use broadcast_dropout=False (one mask per batch element and head, on the "
+            "XLA path), implementation=None or 'reference', dropout_rate=0 or "
+            "deterministic=True.")
+      else:
+        hook = dropout_hook(dropout_rng, dropout_rate, broadcast_dropout)
     if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
       raise NotImplementedError(
           "custom qk_attn_weights_einsum / attn_weights_value_einsum are not supported by "
@@ -106,14 +113,14 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
     m = api.combine_mask(mask_obj, arr, d.N, q_pos, k_pos)
     if module is not None:
       out, weights = reference_attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
-                                         return_probs=True, probs_hook=hook)
+                                         return_probs=True, probs_hook=hook, **fused)
       _sow(module, weights.reshape(batch + weights.shape[1:]))
     elif hook is not None:
       out = reference_attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
                                 probs_hook=hook)
     else:
       out = api.attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
-                          implementation=implementation)
+                          implementation=implementation, **fused)
     return out.reshape(batch + out.shape[1:])
 
   return attention_fn
