@@ -9,14 +9,18 @@ from attnjax.vision import (HyperZZW, MultiScaleAttentionGates, NiNformerBlock, 
                             hyper_zzw, icl_gd_closeness, softmax_regression_grad,
                             softmax_regression_loss, target_correlation_map)
 
-from test_vision_lib import KEY, rnd  # noqa: E402
+from test_vision_lib import KEY, rnd as _rnd  # noqa: E402
+
+# NumPy arrays: slicing and indexing test data compiles nothing.
+rnd = lambda *a, **kw: np.asarray(_rnd(*a, **kw))
 
 
 def test_box_encoding_dot_products_depend_only_on_displacement():
-  a = jnp.array([0.1, 0.2, 0.3, 0.5])
-  d = jnp.array([0.15, -0.05, 0.15, -0.05])
-  shift = jnp.array([0.4, 0.3, 0.4, 0.3])
-  e = box_positional_encoding(jnp.stack([a, a + d, a + shift, a + shift + d]), 32)
+  a = np.array([0.1, 0.2, 0.3, 0.5], np.float32)
+  d = np.array([0.15, -0.05, 0.15, -0.05], np.float32)
+  shift = np.array([0.4, 0.3, 0.4, 0.3], np.float32)
+  e = np.asarray(jax.jit(box_positional_encoding, static_argnums=1)(
+      np.stack([a, a + d, a + shift, a + shift + d]), 32))
   np.testing.assert_allclose(e[0] @ e[1], e[2] @ e[3], rtol=1e-5)
   assert e.shape == (4, 32)
   with pytest.raises(ValueError, match="dim"):
@@ -26,15 +30,17 @@ def test_box_encoding_dot_products_depend_only_on_displacement():
 def test_ninformer_block_shapes_determinism_and_gradients():
   x = rnd((2, 5, 8), 101)
   layer = NiNformerBlock(ffn_dim=6)
-  v = jax.jit(layer.init)(KEY, x)
-  apply = jax.jit(layer.apply)
-  y = apply(v, x)
+
+  def run(x):
+    v = layer.init(KEY, x)
+    return v, layer.apply(v, x), jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(v)
+  run = jax.jit(run)
+  v, y, g = run(x)
   assert y.shape == x.shape
-  np.testing.assert_array_equal(y, apply(v, x))
-  g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(v)
+  np.testing.assert_array_equal(y, run(x)[1])  # deterministic
   assert all(np.abs(np.asarray(t)).max() > 0 for t in jax.tree_util.tree_leaves(g))
   with pytest.raises(ValueError, match="tokens"):
-    layer.apply(v, jnp.ones((2, 4, 8)))
+    layer.apply(v, np.ones((2, 4, 8), np.float32))
 
 
 def _circular_numpy(z, k):
@@ -52,36 +58,41 @@ def _circular_numpy(z, k):
 def test_fft_long_conv_equals_direct_circular_convolution():
   z = np.asarray(rnd((2, 4, 5, 3), 102))
   k = np.asarray(rnd((4, 5, 3), 103))
-  np.testing.assert_allclose(fft_long_conv(jnp.asarray(z), jnp.asarray(k)), _circular_numpy(z, k), atol=1e-4)
   small = np.zeros((4, 5, 3), np.float32)
   small[:2, :3] = k[:2, :3]
-  np.testing.assert_allclose(fft_long_conv(jnp.asarray(z), jnp.asarray(k[:2, :3])), _circular_numpy(z, small),
-                             atol=1e-4)
   z1, k1 = z[:, :, 0], k[:, 0]
   want1 = np.stack([sum(z1[:, m] * k1[(n - m) % 4] for m in range(4)) for n in range(4)], 1)
-  np.testing.assert_allclose(fft_long_conv(jnp.asarray(z1), jnp.asarray(k1)), want1, atol=1e-4)
-  np.testing.assert_allclose(hyper_zzw(jnp.asarray(z), jnp.asarray(k), form="elementwise"), z * k * z, rtol=1e-5)
-  np.testing.assert_allclose(hyper_zzw(jnp.asarray(z), jnp.asarray(k)), _circular_numpy(z, k * z), atol=1e-3)
-  with pytest.raises(ValueError, match="exceeds"):
-    fft_long_conv(jnp.asarray(z), jnp.ones((5, 5, 3)))
-  g = coordinate_grid((3, 2))
-  assert g.shape == (3, 2, 2) and float(g.min()) == -1.0 and float(g.max()) == 1.0
   layer = HyperZZW(hidden=8)
-  assert jax.jit(layer.apply)(layer.init(KEY, jnp.asarray(z)), jnp.asarray(z)).shape == z.shape
+  full, part, one, elem, circ, g, y = jax.jit(lambda z, k: (
+      fft_long_conv(z, k), fft_long_conv(z, k[:2, :3]), fft_long_conv(z[:, :, 0], k[:, 0]),
+      hyper_zzw(z, k, form="elementwise"), hyper_zzw(z, k), coordinate_grid((3, 2)),
+      layer.apply(layer.init(KEY, z), z)))(z, k)
+  np.testing.assert_allclose(full, _circular_numpy(z, k), atol=1e-4)
+  np.testing.assert_allclose(part, _circular_numpy(z, small), atol=1e-4)
+  np.testing.assert_allclose(one, want1, atol=1e-4)
+  np.testing.assert_allclose(elem, z * k * z, rtol=1e-5)
+  np.testing.assert_allclose(circ, _circular_numpy(z, k * z), atol=1e-3)
+  with pytest.raises(ValueError, match="exceeds"):
+    fft_long_conv(z, np.ones((5, 5, 3), np.float32))
+  g = np.asarray(g)
+  assert g.shape == (3, 2, 2) and g.min() == -1.0 and g.max() == 1.0
+  assert y.shape == z.shape
 
 
 def test_target_correlation_peaks_at_pasted_target_and_eccentricity_pool():
   search = 0.1 * rnd((1, 9, 10, 4), 104)
   target = rnd((1, 3, 3, 4), 105)
-  search = search.at[0, 5:8, 1:4].set(target[0])
-  m = jax.jit(target_correlation_map)(search, target)
-  assert np.unravel_index(int(jnp.argmax(m[0])), (9, 10)) == (6, 2)
+  search[0, 5:8, 1:4] = target[0]
   f = rnd((1, 5, 6, 2), 106)
-  fix = jnp.array([[2.0, 3.0]])
-  ecc = jax.jit(eccentricity_pool, static_argnames=("slope", "mode"))
-  np.testing.assert_allclose(ecc(f, fix, slope=0.0), f)
+  fix = np.array([[2.0, 3.0]], np.float32)
+  m, flat, pooled = jax.jit(lambda search, target, f, fix: (
+      target_correlation_map(search, target), eccentricity_pool(f, fix, slope=0.0),
+      {mode: eccentricity_pool(f, fix, slope=0.7, mode=mode) for mode in ("max", "avg")}))(
+          search, target, f, fix)
+  assert np.unravel_index(int(np.argmax(m[0])), (9, 10)) == (6, 2)
+  np.testing.assert_allclose(flat, f)
   for mode in ("max", "avg"):
-    out = np.asarray(ecc(f, fix, slope=0.7, mode=mode))
+    out = np.asarray(pooled[mode])
     fn = np.asarray(f)
     for y in range(5):
       for x in range(6):
@@ -93,22 +104,24 @@ def test_target_correlation_peaks_at_pasted_target_and_eccentricity_pool():
 
 def test_multiscale_attention_gates_zero_projection_halves_maps():
   x = rnd((1, 2, 2, 8), 107)
-  fmaps = [jnp.ones((1, 4, 4, 3)), jnp.ones((1, 2, 2, 5))]
+  fmaps = [np.ones((1, 4, 4, 3), np.float32), np.ones((1, 2, 2, 5), np.float32)]
   layer = MultiScaleAttentionGates(num_heads=2, head_dim=4, channels=(3, 5))
-  v = jax.jit(layer.init)(KEY, x, fmaps)
-  apply = jax.jit(layer.apply)
-  outs = apply(v, x, fmaps)
+
+  def run(x, fmaps):
+    v = layer.init(KEY, x, fmaps)
+    v0 = jax.tree_util.tree_map_with_path(
+        lambda p, t: jnp.zeros_like(t) if "gate" in jax.tree_util.keystr(p) else t, v)
+    return layer.apply(v, x, fmaps), layer.apply(v0, x, fmaps)
+  outs, outs0 = jax.jit(run)(x, fmaps)
   assert [o.shape for o in outs] == [f.shape for f in fmaps]
-  v0 = jax.tree_util.tree_map_with_path(
-      lambda p, t: jnp.zeros_like(t) if "gate" in jax.tree_util.keystr(p) else t, v)
-  for o in apply(v0, x, fmaps):
+  for o in outs0:
     np.testing.assert_allclose(o, 0.5, rtol=1e-6)
 
 
 def test_softmax_regression_grad_and_icl_closeness_harness():
   A, x = rnd((6, 3), 108), rnd((3,), 109)
   e = np.exp(np.asarray(rnd((6,), 110)))
-  b = jnp.asarray(e / e.sum())
+  b = (e / e.sum()).astype(np.float32)
   @jax.jit
   def step(A, x, b):
     x1 = gd_step(A, x, b, 0.5)
