@@ -10,13 +10,10 @@ family with its ``attention_options``. KV-cache decoding uses Flax's
 from __future__ import annotations
 
 import difflib
-import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnjax import scores as scores_lib
 from attnjax.analysis.heads import apply_head_mask
@@ -24,6 +21,7 @@ from attnjax.analysis.heads import apply_head_mask
 from attnjax.layers import padding as padding_lib
 from attnjax.layers import registry
 from attnjax.layers.dropout import check_dropout_rate, dropout_hook
+from attnjax.layers.kv_cache import check_cache_fits
 from attnjax.layers.options import option_names
 from attnjax.layers.rope import apply_rope, as_rope_scaling
 
@@ -484,36 +482,6 @@ class MultiHeadAttention(nn.Module):
                                                  mode="drop")
     cached_key.value, cached_value.value = keys, values
     cache_index.value = idx + n_new
-    overflow = _check_cache_fits(idx, n_new, max_len)
+    overflow = check_cache_fits(idx, n_new, max_len)
     return q, keys, values, pos, jnp.arange(max_len, dtype=jnp.int32), overflow
 
-
-def _cache_overflow_error(idx, n_new, max_len):
-  bad = [int(b) for b in np.nonzero(np.asarray(idx) + np.asarray(n_new) > max_len)[0]]
-  b = bad[0]
-  return ValueError(
-      f"KV cache overflow: example {b} holds {int(np.asarray(idx)[b])} tokens and appends "
-      f"{int(np.asarray(n_new)[b])}, past the cache's max_len={max_len} (examples {bad} "
-      "overflow); initialise the cache with a longer input or decode fewer tokens.")
-
-
-def _raise_on_overflow(idx, n_new, max_len):
-  if np.any(np.asarray(idx) + np.asarray(n_new) > max_len):
-    raise _cache_overflow_error(idx, n_new, max_len)
-
-
-def _check_cache_fits(idx, n_new, max_len: int):
-  """Overflow flag (scalar bool) of appending n_new [B] tokens at idx [B].
-
-  Raises ValueError now when the values are concrete; under jit a host
-  callback raises it when the step runs.
-  """
-  overflow = jnp.any(idx + n_new > max_len)
-  try:
-    concrete = bool(overflow)
-  except jax.errors.ConcretizationTypeError:
-    jax.debug.callback(functools.partial(_raise_on_overflow, max_len=max_len), idx, n_new)
-    return overflow
-  if concrete:
-    raise _cache_overflow_error(idx, n_new, max_len)
-  return overflow
