@@ -7,19 +7,24 @@ import pytest
 from attnjax.vision import (ULSAM, ClassSemanticsAttention, EfficientLocalAttention, GaussianAdaptiveAttention,
                             class_semantics_attention, efficient_local_attention, gaussian_adaptive_gate, ulsam)
 
-from test_vision_lib import KEY, rnd  # noqa: E402
+from test_vision_lib import KEY  # noqa: E402
+
+
+def rnd(shape, seed, scale=1.0):
+  """test_vision_lib.rnd's values as a NumPy array: slicing and indexing it compiles nothing."""
+  return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
 def _ulsam_params(C, g, zero_pw=False):
   p = {"dw_kernel": rnd((C,), 101), "dw_bias": rnd((C,), 102),
        "pw_kernel": rnd((g, C // g), 103), "pw_bias": rnd((g,), 104)}
   if zero_pw:
-    p["pw_kernel"], p["pw_bias"] = jnp.zeros_like(p["pw_kernel"]), jnp.zeros_like(p["pw_bias"])
+    p["pw_kernel"], p["pw_bias"] = np.zeros_like(p["pw_kernel"]), np.zeros_like(p["pw_bias"])
   return p
 
 
 def test_ulsam_tiny_constant_input_gives_quarter_map():
-  x = jnp.full((1, 2, 2, 3), 1.7)
+  x = np.full((1, 2, 2, 3), 1.7, np.float32)
   out, maps = jax.jit(lambda x, p: ulsam(x, p, num_splits=1, return_maps=True))(x, _ulsam_params(3, 1))
   np.testing.assert_allclose(maps, 0.25, atol=1e-6)
   np.testing.assert_allclose(out, 1.7 * 1.25, rtol=1e-6)
@@ -46,8 +51,8 @@ def test_ulsam_maps_sum_to_one_zero_pointwise_is_uniform_and_groups_independent(
 def test_ulsam_layer_trains_batch_stats():
   x = rnd((2, 4, 4, 8), 106)
   layer = ULSAM(num_splits=2)
-  v = jax.jit(layer.init)(KEY, x)
-  y, upd = jax.jit(lambda v, x: layer.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+  y, upd = jax.jit(lambda x: layer.apply(layer.init(KEY, x), x, train=True,
+                                         mutable=["batch_stats"]))(x)
   assert y.shape == x.shape and "batch_stats" in upd
   assert np.isfinite(np.asarray(y)).all()
 
@@ -70,16 +75,17 @@ def _ela_numpy(x, kern, gn, scale, bias, eps=1e-5):
 def test_ela_matches_numpy_zero_conv_gives_quarter_and_transpose_equivariance():
   x = rnd((2, 5, 6, 4), 107)
   kern = rnd((3, 1, 4), 108)
-  p = {"conv_kernel": kern, "gn_scale": jnp.linspace(0.5, 1.5, 4), "gn_bias": jnp.linspace(-0.2, 0.2, 4)}
+  p = {"conv_kernel": kern, "gn_scale": np.linspace(0.5, 1.5, 4, dtype=np.float32),
+       "gn_bias": np.linspace(-0.2, 0.2, 4, dtype=np.float32)}
   f = jax.jit(lambda x, p: efficient_local_attention(x, p, gn_groups=2, return_gates=True))
   out, (yh, yw) = f(x, p)
   np.testing.assert_allclose(out, _ela_numpy(np.asarray(x), np.asarray(kern), 2, np.asarray(p["gn_scale"]),
                                              np.asarray(p["gn_bias"])), rtol=1e-4, atol=1e-5)
   assert float(yh.min()) > 0 and float(yw.max()) < 1
-  p0 = dict(p, conv_kernel=jnp.zeros_like(kern), gn_bias=jnp.zeros(4))
+  p0 = dict(p, conv_kernel=np.zeros_like(kern), gn_bias=np.zeros(4, np.float32))
   np.testing.assert_allclose(f(x, p0)[0], x / 4, rtol=1e-6)
-  xt = jnp.swapaxes(x, 1, 2)
-  np.testing.assert_allclose(f(xt, p)[0], jnp.swapaxes(out, 1, 2), rtol=1e-5, atol=1e-6)
+  xt = np.swapaxes(x, 1, 2)
+  np.testing.assert_allclose(f(xt, p)[0], np.swapaxes(out, 1, 2), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="groups"):
     efficient_local_attention(x, p, gn_groups=3)
 
@@ -87,9 +93,9 @@ def test_ela_matches_numpy_zero_conv_gives_quarter_and_transpose_equivariance():
 def test_ela_layer_variants():
   x = rnd((1, 4, 4, 32), 109)
   layer = EfficientLocalAttention(variant="S")
-  v = jax.jit(layer.init)(KEY, x)
+  v, y = jax.jit(lambda x: (lambda v: (v, layer.apply(v, x)))(layer.init(KEY, x)))(x)
   assert v["params"]["conv_kernel"].shape == (5, 8, 32)
-  assert jax.jit(layer.apply)(v, x).shape == x.shape
+  assert y.shape == x.shape
   with pytest.raises(ValueError, match="variant"):
     EfficientLocalAttention(variant="X").init(KEY, x)
 
@@ -97,8 +103,9 @@ def test_ela_layer_variants():
 def test_csa_zero_weights_identity_and_gates_depend_on_r_only():
   r = rnd((2, 6, 5), 110)
   f = rnd((2, 6, 3), 111)
-  z = {"w1": jnp.zeros((5, 2)), "b1": jnp.zeros(2), "w2": jnp.zeros((2, 3)), "b2": jnp.zeros(3),
-       "conv_kernel": jnp.zeros((3, 5, 1)), "conv_bias": jnp.zeros(1)}
+  z = {"w1": np.zeros((5, 2), np.float32), "b1": np.zeros(2, np.float32),
+       "w2": np.zeros((2, 3), np.float32), "b2": np.zeros(3, np.float32),
+       "conv_kernel": np.zeros((3, 5, 1), np.float32), "conv_bias": np.zeros(1, np.float32)}
   csa = jax.jit(lambda r, f, p: class_semantics_attention(r, f, p, return_gates=True))
   np.testing.assert_allclose(csa(r, f, z)[0], f, rtol=1e-6)
   layer = ClassSemanticsAttention(temporal_kernel=3, reduction=2)
@@ -118,45 +125,50 @@ def test_csa_zero_weights_identity_and_gates_depend_on_r_only():
 
 
 def test_gaam_tiny_case_and_properties():
-  y, w = gaussian_adaptive_gate(jnp.array([0.0, 1.0, 2.0]), jnp.zeros((1, 1)), jnp.ones((1, 1)),
-                                return_weights=True)
+  y, w = jax.jit(lambda x: gaussian_adaptive_gate(x, jnp.zeros((1, 1)), jnp.ones((1, 1)),
+                                                  return_weights=True))(
+      np.array([0.0, 1.0, 2.0], np.float32))
   np.testing.assert_allclose(w, [0.274, 0.452, 0.274], atol=1e-3)
   np.testing.assert_allclose(y, [0.0, 0.452, 0.548], atol=1e-3)
   x = rnd((3, 8), 112)
-  d = jnp.array([[0.3, -0.2]])
-  c = jnp.array([[1.2, 0.8]])
+  d = np.array([[0.3, -0.2]], np.float32)
+  c = np.array([[1.2, 0.8]], np.float32)
   g = jax.jit(lambda x, d, c: gaussian_adaptive_gate(x, d, c, return_weights=True)[1])
   w = g(x, d, c)
   np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(g(x + 5.0, d, c), w, atol=1e-4)
   np.testing.assert_allclose(g(x, 0 * d, c), g(3.0 * x, 0 * d, c), atol=1e-5)
-  np.testing.assert_allclose(g(x, 0 * d, jnp.full((1, 2), 1e4)), 1 / 8, atol=1e-6)
+  np.testing.assert_allclose(g(x, 0 * d, np.full((1, 2), 1e4, np.float32)), 1 / 8, atol=1e-6)
 
 
 def test_gaam_heads_axis_padding_and_layer():
   x = rnd((2, 6, 3), 113)
-  d = jnp.array([[0.1], [-0.4]])
-  c = jnp.array([[0.9], [1.5]])
+  d = np.array([[0.1], [-0.4]], np.float32)
+  c = np.array([[0.9], [1.5]], np.float32)
   y = jax.jit(lambda x: gaussian_adaptive_gate(x, d, c, axis=1, num_heads=2))(x)
   y01 = jax.jit(jax.vmap(lambda x, d, c: gaussian_adaptive_gate(x, d, c, axis=1), (1, 0, 0), 1))(
       x.reshape(2, 2, 3, 3), d[:, None], c[:, None])
   np.testing.assert_allclose(y, y01.reshape(2, 6, 3), rtol=1e-6)
-  xp = jnp.array([[1.0, 2.0, 0.0, 3.0]])
-  yp = gaussian_adaptive_gate(xp, jnp.zeros((1, 1)), jnp.ones((1, 1)), padding_value=0.0)
+  xp = np.array([[1.0, 2.0, 0.0, 3.0]], np.float32)
+  yp = np.asarray(jax.jit(lambda xp: gaussian_adaptive_gate(
+      xp, jnp.zeros((1, 1)), jnp.ones((1, 1)), padding_value=0.0))(xp))
   assert float(yp[0, 2]) == 0.0
   with pytest.raises(ValueError, match="num_heads"):
     gaussian_adaptive_gate(x, d, c, axis=1, num_heads=4)
   layer = GaussianAdaptiveAttention(num_gaussians=2, num_heads=2)
-  v = layer.init(KEY, jnp.ones((2, 4)))
+  v, out = jax.jit(lambda x: (lambda v: (v, layer.apply(v, x)))(
+      layer.init(KEY, jnp.ones((2, 4)))))(x[:, :4, 0])
   assert v["params"]["scales"].shape == (2, 2)
-  assert jax.jit(layer.apply)(v, x[:, :4, 0]).shape == (2, 4)
+  assert out.shape == (2, 4)
 
 
 def test_bfloat16_inputs_keep_their_dtype():
   x = rnd((1, 4, 4, 4), 401).astype(jnp.bfloat16)
-  p = {"conv_kernel": rnd((3, 1, 4), 402), "gn_scale": jnp.ones(4), "gn_bias": jnp.zeros(4)}
-  y1, y2 = jax.jit(lambda x: (efficient_local_attention(x, p, gn_groups=2),
-                              ulsam(x, _ulsam_params(4, 2), num_splits=2)))(x)
+  p = {"conv_kernel": rnd((3, 1, 4), 402), "gn_scale": np.ones(4, np.float32),
+       "gn_bias": np.zeros(4, np.float32)}
+  y1, y2, want = jax.jit(lambda x: (efficient_local_attention(x, p, gn_groups=2),
+                                    ulsam(x, _ulsam_params(4, 2), num_splits=2),
+                                    efficient_local_attention(x.astype(jnp.float32), p,
+                                                              gn_groups=2)))(x)
   assert y1.dtype == jnp.bfloat16 and y2.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y1, np.float32),
-                             efficient_local_attention(x.astype(jnp.float32), p, gn_groups=2), rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(y1, np.float32), want, rtol=2e-2, atol=2e-2)
