@@ -58,8 +58,10 @@ def test_pool_blocks():
 
 def test_topk_blocks_causal_padding_and_errors():
   scores = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 4)), jnp.float32)
-  valid = jnp.tril(jnp.ones((4, 4), bool))[None, None]
-  idx, cnt = S.topk_blocks(scores, 2, valid=valid)
+  valid = np.tril(np.ones((4, 4), bool))[None, None]
+  (idx, cnt), (forced, _) = jax.jit(lambda scores: (
+      S.topk_blocks(scores, 2, valid=valid),
+      S.topk_blocks(scores, 2, valid=valid, force=jnp.eye(4, dtype=bool)[None, None])))(scores)
   assert idx.shape == (2, 3, 4, 2) and idx.dtype == jnp.int32
   np.testing.assert_array_equal(cnt[0, 0], [1, 2, 2, 2])
   np.testing.assert_array_equal(idx[:, :, 0], 0)  # row 0: [0, pad=0]
@@ -69,7 +71,6 @@ def test_topk_blocks_causal_padding_and_errors():
     assert (np.diff(sel) > 0).all() and (sel <= r).all()
     best = np.argsort(-np.where(np.asarray(valid[0, 0, r]), np.asarray(scores[b, h, r]), -np.inf))
     assert set(sel) == set(best[:c[b, h, r]])
-  forced, _ = S.topk_blocks(scores, 2, valid=valid, force=jnp.eye(4, dtype=bool)[None, None])
   assert (np.asarray(forced)[..., 3, :] == 3).any(-1).all()
   with pytest.raises(ValueError, match="larger than the number of key blocks"):
     S.topk_blocks(scores, 5)
@@ -93,13 +94,14 @@ def test_topk_blocks_no_retrace():
 def test_gather_attention_matches_masked_reference():
   q, k, v = _qkv()
   T = q.shape[1]
-  idx = jnp.argsort(np.random.default_rng(3).random((1, T, 4, T)), -1)[..., :6]
-  valid = idx <= jnp.arange(T)[None, :, None, None]
-  mask = S.token_indices_to_mask(idx, T, valid)
+  idx = np.argsort(np.random.default_rng(3).random((1, T, 4, T)), -1)[..., :6].astype(np.int32)
+  valid = idx <= np.arange(T)[None, :, None, None]
+  mask = jax.jit(S.token_indices_to_mask, static_argnums=1)(idx, T, valid)
   fn = lambda a, b, c: G.gather_attention(a, b, c, idx, valid=valid)
   ref = lambda a, b, c: attnjax.reference_attention(a, b, c, mask=mask)
   assert_same(fn, ref, q, k, v)
-  out, lse = G.gather_attention(q, k, v, idx, valid=jnp.zeros_like(valid), return_lse=True)
+  out, lse = jax.jit(lambda a, b, c: G.gather_attention(a, b, c, idx, valid=np.zeros_like(valid),
+                                                         return_lse=True))(q, k, v)
   assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(lse))
   with pytest.raises(ValueError, match="indices must have shape"):
     G.gather_attention(q, k, v, idx[:, :4])
@@ -111,9 +113,13 @@ def test_block_gather_matches_restricted_reference(heads):
   d = V.check_qkv(q, k, v)
   H = d.N if heads == "N" else d.K
   scores = jnp.asarray(np.random.default_rng(1).standard_normal((1, H, 4, 4)), jnp.float32)
-  valid = S.block_validity(*S.normalize_positions(None, None, d), 8, 8, causal=True)
-  idx, cnt = S.topk_blocks(scores, 2, valid=valid)
-  mask = S.block_layout_to_mask(idx, cnt, 32, 32, 8, 8, d.N) & CAUSAL.to_dense(32, 32)[None]
+
+  def layout(scores):
+    valid = S.block_validity(*S.normalize_positions(None, None, d), 8, 8, causal=True)
+    idx, cnt = S.topk_blocks(scores, 2, valid=valid)
+    mask = S.block_layout_to_mask(idx, cnt, 32, 32, 8, 8, d.N) & CAUSAL.to_dense(32, 32)[None]
+    return idx, cnt, mask
+  idx, cnt, mask = jax.jit(layout)(scores)
   fn = lambda a, b, c: G.block_gather_attention(a, b, c, idx, cnt, block_q=8, block_kv=8,
                                                 causal=True)
   ref = lambda a, b, c: attnjax.reference_attention(a, b, c, mask=mask)
@@ -123,12 +129,13 @@ def test_block_gather_matches_restricted_reference(heads):
 def test_block_gather_all_blocks_equals_dense_decode_positions():
   q, k, v = _qkv(T=8, S_=32)
   d = V.check_qkv(q, k, v)
-  qp = jnp.arange(8) + 20  # a partly filled cache: keys beyond 27 are future
-  idx = jnp.broadcast_to(jnp.arange(4), (1, 4, 1, 4))
-  cnt = jnp.full((1, 4, 1), 4)
-  out = G.block_gather_attention(q, k, v, idx, cnt, block_q=8, block_kv=8, causal=True,
-                                 q_positions=qp)
-  ref = attnjax.reference_attention(q, k, v, mask=CAUSAL, q_positions=qp)
+  qp = np.arange(8) + 20  # a partly filled cache: keys beyond 27 are future
+  idx = np.broadcast_to(np.arange(4, dtype=np.int32), (1, 4, 1, 4))
+  cnt = np.full((1, 4, 1), 4, np.int32)
+  out, ref = jax.jit(lambda q, k, v: (
+      G.block_gather_attention(q, k, v, idx, cnt, block_q=8, block_kv=8, causal=True,
+                               q_positions=qp),
+      attnjax.reference_attention(q, k, v, mask=CAUSAL, q_positions=qp)))(q, k, v)
   np.testing.assert_allclose(out, ref, atol=2e-5)
   with pytest.raises(ValueError, match="block_kv=5"):
     G.block_gather_attention(q, k, v, idx, cnt, block_q=8, block_kv=5)
@@ -137,17 +144,26 @@ def test_block_gather_all_blocks_equals_dense_decode_positions():
 
 def test_attention_mass_recall_full_and_planted():
   q, k, _ = _qkv(T=64, N=2, K=2)
-  full = (jnp.broadcast_to(jnp.arange(8), (1, 2, 8, 8)), jnp.full((1, 2, 8), 8))
-  assert abs(float(S.attention_mass_recall(q, k, full, block_q=8, block_kv=8)) - 1) < 1e-5
+  q, k = np.asarray(q), np.array(k)
+  full = (np.broadcast_to(np.arange(8, dtype=np.int32), (1, 2, 8, 8)),
+          np.full((1, 2, 8), 8, np.int32))
   # Planted: key block 2 carries almost all the last query's mass; recall = its true mass.
-  k = k.at[:, 16:24].set(q[:, -1:, :, :] * 10)
-  sel = (jnp.broadcast_to(jnp.array([2]), (1, 2, 8, 1)), jnp.ones((1, 2, 8), jnp.int32))
-  per = S.attention_mass_recall(q, k, sel, block_q=8, block_kv=8, causal=False, reduce=False)
-  _, _, probs = attnjax.reference_attention(q, k, k, return_lse=True, return_probs=True)
+  k_planted = k.copy()
+  k_planted[:, 16:24] = q[:, -1:, :, :] * 10
+  sel = (np.full((1, 2, 8, 1), 2, np.int32), np.ones((1, 2, 8), np.int32))
+  tok = np.broadcast_to(np.arange(64, dtype=np.int32), (1, 64, 2, 64))
+
+  def run(q, k, kp):
+    return (S.attention_mass_recall(q, k, full, block_q=8, block_kv=8),
+            S.attention_mass_recall(q, kp, sel, block_q=8, block_kv=8, causal=False,
+                                    reduce=False),
+            attnjax.reference_attention(q, kp, kp, return_lse=True, return_probs=True)[2],
+            S.attention_mass_recall(q, kp, tok))
+  recall_full, per, probs, recall_tok = map(np.asarray, jax.jit(run)(q, k, k_planted))
+  assert abs(float(recall_full) - 1) < 1e-5
   np.testing.assert_allclose(per[0], probs[0, :, :, 16:24].sum(-1).T, atol=1e-5)
   assert per.shape == (1, 64, 2) and float(per[0, -1].min()) > 0.95
-  tok = jnp.broadcast_to(jnp.arange(64), (1, 64, 2, 64))
-  assert abs(float(S.attention_mass_recall(q, k, tok)) - 1) < 1e-5
+  assert abs(float(recall_tok) - 1) < 1e-5
 
 
 def _pooled_scores_numpy(q, k, bq, bkv, per_kv_head):
@@ -166,7 +182,8 @@ def _pooled_scores_numpy(q, k, bq, bkv, per_kv_head):
 def test_pooled_topk_blocks_matches_numpy_topk_and_keeps_the_diagonal(per_kv_head):
   q, k, _ = _qkv(B=2, T=64, N=4, K=2, H=8, seed=3)
   bq, bkv, kb = 8, 8, 3
-  idx, cnt = S.pooled_topk_blocks(q, k, kb, block_q=bq, block_kv=bkv, per_kv_head=per_kv_head)
+  idx, cnt = map(np.asarray, jax.jit(lambda q, k: S.pooled_topk_blocks(
+      q, k, kb, block_q=bq, block_kv=bkv, per_kv_head=per_kv_head))(q, k))
   heads = 2 if per_kv_head else 4
   assert idx.shape == (2, heads, 8, kb) and cnt.shape == (2, heads, 8)
   sc = _pooled_scores_numpy(q, k, bq, bkv, per_kv_head)
@@ -183,7 +200,8 @@ def test_pooled_topk_blocks_matches_numpy_topk_and_keeps_the_diagonal(per_kv_hea
 
 def test_pooled_topk_blocks_non_causal_and_cross_lengths():
   q, k, _ = _qkv(B=1, T=32, N=2, K=2, H=8, S_=48, seed=4)
-  idx, cnt = S.pooled_topk_blocks(q, k, 6, block_q=8, block_kv=8, causal=False)
+  idx, cnt = jax.jit(lambda q, k: S.pooled_topk_blocks(q, k, 6, block_q=8, block_kv=8,
+                                                       causal=False))(q, k)
   assert idx.shape == (1, 2, 4, 6)
   np.testing.assert_array_equal(np.asarray(cnt), 6)
   np.testing.assert_array_equal(np.sort(np.asarray(idx), -1),
@@ -194,7 +212,8 @@ def test_pooled_topk_blocks_non_causal_and_cross_lengths():
 
 def test_pooled_topk_blocks_forces_the_query_blocks_own_key_blocks():
   q, k, _ = _qkv(B=1, T=64, N=2, K=2, H=8, seed=5)
-  idx, cnt = S.pooled_topk_blocks(q, k, 5, block_q=32, block_kv=8)
+  idx, cnt = map(np.asarray, jax.jit(lambda q, k: S.pooled_topk_blocks(q, k, 5, block_q=32,
+                                                                       block_kv=8))(q, k))
   for h in range(2):
     for i in range(2):
       chosen = set(np.asarray(idx[0, h, i, :int(cnt[0, h, i])]).tolist())
