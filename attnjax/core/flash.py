@@ -60,9 +60,12 @@ def dot_tn(a, b):
 # ---------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------
-def _safe(m):
-  """A running max usable as a shift: 0 for rows that saw no key (m = -inf)."""
+def safe_shift(m):
+  """A running max (or an lse) usable as a shift: 0 for rows that saw no key (-inf)."""
   return jnp.where(m == NEG_INF, 0.0, m)
+
+
+_safe = safe_shift
 
 
 def _dropped(p, keep):
@@ -172,7 +175,7 @@ def probs_from_lse(s, lse, visible=None):
   every pair is NaN. Rows with lse = -inf (no key; all their logits -inf)
   give zeros; a NaN logit stays NaN on its pair.
   """
-  p = jnp.exp(s - jnp.where(lse == NEG_INF, 0.0, lse))
+  p = jnp.exp(s - safe_shift(lse))
   return p if visible is None else jnp.where(visible, p, 0.0)
 
 

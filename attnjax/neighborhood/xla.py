@@ -176,6 +176,8 @@ def _attend_bwd(cfg, res, cts):
   uk = tabs.k_get.shape[1]
   K = cfg.K
   delta = F.delta(o, do, dlse)  # [B, L, N]
+  # shifted once here: per step, exp(s - lse) is F.probs_from_lse without its select
+  lse = F.safe_shift(lse)
   do = do.astype(jnp.float32)
 
   def step(start, size, carry):
@@ -184,7 +186,7 @@ def _attend_bwd(cfg, res, cts):
     qi = _ds(tabs.q_get, start, size)
     ki = _ds(tabs.k_get, start, size)
     rows = lambda x: _rows(x, qi, K).reshape(s.shape[:-1] + (1,))
-    p = F.probs_from_lse(s, rows(lse))
+    p = jnp.exp(s - rows(lse))
     do_ = _rows(do, qi, K)  # [B, K, c, M, Hv]
     v_ = _rows(v, ki, K)
     dp = F.dot_nt(do_, v_)
