@@ -101,7 +101,7 @@ class Experiment:
     self.model = models.build_model(config, self.task, act, self.mesh)
     self.num_steps = int(config.train.num_steps)
     self.tx, self.schedule = make_optimizer(config.optim, self.num_steps)
-    self._train_step = jax.jit(self._step)
+    self._jit_step = None   # built at the first step, for the state's shardings
     self._eval_step = jax.jit(self._eval)
     self._init_params = jax.jit(self._init_state)
     self._init_opt = jax.jit(self.tx.init)
@@ -134,6 +134,19 @@ class Experiment:
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "acc": acc}
     return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+  def _train_step(self, state, batch):
+    """The jitted ``_step``; its new state keeps the input state's shardings, so the
+    second step reuses the first step's program (unpinned, XLA may place the outputs
+    differently on a mesh, and the next call compiles again)."""
+    if self._jit_step is None:
+      kwargs = {}
+      if self.mesh.size > 1:
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        kwargs["out_shardings"] = (jax.tree_util.tree_map(lambda x: x.sharding, state),
+                                   replicated)
+      self._jit_step = jax.jit(self._step, **kwargs)
+    return self._jit_step(state, batch)
 
   def _eval(self, params, batch):
     return _sums(self.task, _apply(self.model, self.task, params, batch), batch)

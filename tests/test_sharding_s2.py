@@ -112,7 +112,7 @@ def test_s2_receives_less_than_an_allgather(result):
 def test_training_on_a_mesh_matches_one_device(result):
   one, mesh = result["train_losses"]["(1, 1, 1)"], result["train_losses"]["(2, 2, 2)"]
   # one step (its loss before the update) and the eval after the update: one compile of
-  # the train step per mesh (a second step recompiles for the updated state's shardings)
+  # the train step per mesh (its outputs keep the state's shardings, so later steps reuse it)
   assert len(one) == len(mesh) == 2
   np.testing.assert_allclose(mesh, one, rtol=2e-5)
 
