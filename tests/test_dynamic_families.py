@@ -35,12 +35,12 @@ def _gate_params(N=4, K=2, H=8, D_=16, seed=0):
 def test_seer_all_blocks_dense_and_threshold_restricted():
   q, k, v = _qkv()
   p = _gate_params()
-  assert_same(lambda a, b, c: D.seer_attention(a, b, c, p, block=8, k=4), ref_causal, q, k, v)
   def restricted(a, b, c):
     out, (idx, cnt) = D.seer_attention(a, b, c, p, block=8, threshold=0.3, return_layout=True)
     mask = S.block_layout_to_mask(idx, cnt, 32, 32, 8, 8, 4) & CAUSAL.to_dense(32, 32)[None]
     return out, cnt, attnjax.reference_attention(a, b, c, mask=mask)
-  out, cnt, ref = jax.jit(restricted)(q, k, v)
+  *_, (out, cnt, ref) = assert_same(lambda a, b, c: D.seer_attention(a, b, c, p, block=8, k=4),
+                                    ref_causal, q, k, v, extra=restricted)
   cnt = np.asarray(cnt)
   assert cnt.min() >= 1 and cnt[:, :, -1].min() == 4  # last row dense
   np.testing.assert_allclose(out, ref, atol=2e-5)
@@ -72,13 +72,13 @@ def test_seer_gate_causal_truth_and_distillation_grads():
 # -- HiP --------------------------------------------------------------------------
 def test_hip_dense_limit_and_restricted():
   q, k, v = _qkv()
-  assert_same(lambda a, b, c: D.hip_attention(a, b, c, top_k=32, block_size_q=8), ref_causal,
-              q, k, v)
   def restricted(a, b, c):
     out, (idx, cnt) = D.hip_attention(a, b, c, top_k=8, block_size_q=8, return_indices=True)
     mask = S.block_layout_to_mask(idx, cnt, 32, 32, 8, 2, 4) & CAUSAL.to_dense(32, 32)[None]
     return out, idx, attnjax.reference_attention(a, b, c, mask=mask)
-  out, idx, ref = jax.jit(restricted)(q, k, v)
+  *_, (out, idx, ref) = assert_same(
+      lambda a, b, c: D.hip_attention(a, b, c, top_k=32, block_size_q=8), ref_causal, q, k, v,
+      extra=restricted)
   assert idx.shape == (1, 4, 4, 4)
   np.testing.assert_allclose(out, ref, atol=2e-5)
   with pytest.raises(ValueError, match="top_k=64"):
@@ -173,8 +173,9 @@ def _centroids(N=4, C=3, H=8):
 def test_routing_full_window_dense_and_cluster_oracle():
   q, k, v = _qkv()
   mu = _centroids()
-  assert_same(lambda a, b, c: R.routing_attention(a, b, c, mu, window=32)[0], ref_causal, q, k, v)
-  out, aux = jax.jit(lambda a, b, c: R.routing_attention(a, b, c, mu, window=8))(q, k, v)
+  *_, (out, aux) = assert_same(
+      lambda a, b, c: R.routing_attention(a, b, c, mu, window=32)[0], ref_causal, q, k, v,
+      extra=lambda a, b, c: R.routing_attention(a, b, c, mu, window=8))
   qm, km = np.asarray(aux["q_members"]), np.asarray(aux["k_members"])
   total, count = np.zeros((1, 32, 4, 8)), np.zeros((1, 32, 4, 1))
   for c in range(3):
@@ -277,12 +278,13 @@ def test_longheads_limits_and_forced_chunks():
   pos = jnp.arange(32)
   ref = lambda a, b, c: attnjax.reference_attention(apply_rope(a, pos), apply_rope(b, pos), c,
                                                     mask=CAUSAL)
-  out, want, (idx, cnt) = jax.jit(lambda a, b, c: (
-      D.longheads_attention(a, b, c, chunk_size=4, attn_len=32), ref(a, b, c),
-      D.longheads_attention(a, b, c, chunk_size=4, attn_len=16, return_chunks=True)[1]))(q, k, v)
+  *_, (out, want, (idx, cnt)) = assert_same(
+      lambda a, b, c: D.longheads_attention(a, b, c, chunk_size=4, attn_len=32,
+                                            begin_selective_length=0), ref, q, k, v,
+      extra=lambda a, b, c: (
+          D.longheads_attention(a, b, c, chunk_size=4, attn_len=32), ref(a, b, c),
+          D.longheads_attention(a, b, c, chunk_size=4, attn_len=16, return_chunks=True)[1]))
   np.testing.assert_allclose(out, want, atol=2e-5)
-  assert_same(lambda a, b, c: D.longheads_attention(a, b, c, chunk_size=4, attn_len=32,
-                                                    begin_selective_length=0), ref, q, k, v)
   i, c = np.asarray(idx), np.asarray(cnt)
   for h, r in np.ndindex(4, 8):
     sel = set(i[0, h, r, :c[0, h, r]])
@@ -294,16 +296,18 @@ def test_longheads_limits_and_forced_chunks():
 # -- Sparsifiner ------------------------------------------------------------------------
 def test_sparsifiner_limits_oracle_and_predictor_grads():
   q, k, v = _qkv()
-  eye = {"w_down": jnp.broadcast_to(jnp.eye(32), (4, 32, 32)),
-         "w_up": jnp.broadcast_to(jnp.eye(32), (4, 32, 32))}
-  assert_same(lambda a, b, c: D.sparsifiner_attention(a, b, c, eye, topk=32), ref_full, q, k, v)
+  eye = {"w_down": np.broadcast_to(np.eye(32, dtype=np.float32), (4, 32, 32)),
+         "w_up": np.broadcast_to(np.eye(32, dtype=np.float32), (4, 32, 32))}
+
   def restricted(a, b, c):
     out, (idx, valid) = D.sparsifiner_attention(a, b, c, eye, topk=4, return_mask=True)
     _, _, probs = attnjax.reference_attention(a, b, b, return_lse=True, return_probs=True)
     mask = S.token_indices_to_mask(idx, 32, valid)
     return (out, idx, jnp.transpose(jax.lax.top_k(probs, 4)[1], (0, 2, 1, 3)), mask,
             attnjax.reference_attention(a, b, c, mask=mask))
-  out, idx, true_top, mask, ref = jax.jit(restricted)(q, k, v)
+  *_, (out, idx, true_top, mask, ref) = assert_same(
+      lambda a, b, c: D.sparsifiner_attention(a, b, c, eye, topk=32), ref_full, q, k, v,
+      extra=restricted)
   np.testing.assert_array_equal(np.sort(idx, -1), np.sort(true_top, -1))
   mask = np.asarray(mask)
   assert mask.sum(-1).min() == mask.sum(-1).max() == 4

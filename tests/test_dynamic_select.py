@@ -33,16 +33,17 @@ def _vg(fn):
   return lambda a, b, c: (lambda r: (r[0][1], r[1]))(g(a, b, c))
 
 
-def assert_same(fn, ref_fn, q, k, v, atol=2e-5):
+def assert_same(fn, ref_fn, q, k, v, atol=2e-5, extra=None):
   """Forward and gradients of fn equal those of ref_fn (both in one compiled call).
 
-  Returns fn's output and gradients."""
-  (out, grads), (ref, ref_grads) = jax.jit(lambda a, b, c: (_vg(fn)(a, b, c),
-                                                            _vg(ref_fn)(a, b, c)))(q, k, v)
+  Returns fn's output and gradients, and with ``extra`` also extra(q, k, v), computed
+  in the same compiled call."""
+  (out, grads), (ref, ref_grads), more = jax.jit(lambda a, b, c: (
+      _vg(fn)(a, b, c), _vg(ref_fn)(a, b, c), extra and extra(a, b, c)))(q, k, v)
   np.testing.assert_allclose(out, ref, atol=atol, rtol=1e-4)
   for a, b in zip(grads, ref_grads):
     np.testing.assert_allclose(a, b, atol=atol * 5, rtol=1e-3)
-  return out, grads
+  return (out, grads) if extra is None else (out, grads, more)
 
 
 def test_pool_blocks():
