@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import jax.numpy as jnp
+
 from attnjax.linear.api import linear_attention
 from attnjax.block_sparse.families import sliding_window_attention
 
@@ -42,7 +44,8 @@ def window_sides(window, causal: bool) -> Tuple[int, int]:
 def based_attention(query, key, value, *, causal: bool = True,
                     window: Union[int, Tuple[int, int], None] = None, feature_map="taylor",
                     eps: float = 1e-12, chunk_size: int = 64, branch: str = "sum",
-                    scale: Optional[float] = None, implementation: Optional[str] = None):
+                    scale: Optional[float] = None, implementation: Optional[str] = None,
+                    key_mask=None):
   """BASED attention.
 
   Args:
@@ -58,6 +61,10 @@ def based_attention(query, key, value, *, causal: bool = True,
     The window branch runs on the block-sparse engine
     (``attnjax.block_sparse.sliding_window_attention``), whose cost follows
     the band of visited blocks.
+    key_mask: optional bool [B, S], False = padded key, removed from both
+      branches: its features and value are zeroed in the linear branch
+      (``linear_attention``'s ``key_mask``) and it sits in a segment no query
+      belongs to in the window branch, whose fast path skips it.
   Returns:
     [B, T, N, Hv] in query.dtype.
   """
@@ -67,10 +74,13 @@ def based_attention(query, key, value, *, causal: bool = True,
   if branch in ("sum", "linear"):
     out = linear_attention(query, key, value, feature_map=feature_map, causal=causal,
                            normalize=True, eps=eps, chunk_size=chunk_size,
-                           implementation=implementation)
+                           implementation=implementation, key_mask=key_mask)
   if branch in ("sum", "window"):
     left, right = window_sides(window, causal)
+    segs = None
+    if key_mask is not None:
+      segs = (jnp.zeros(query.shape[:2], jnp.int32), jnp.where(jnp.asarray(key_mask), 0, -1))
     local = sliding_window_attention(query, key, value, left=left, right=right, causal=causal,
-                                     scale=scale)
+                                     scale=scale, segment_ids=segs)
     out = local if out is None else out + local
   return out

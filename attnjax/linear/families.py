@@ -5,12 +5,9 @@ k_positions=None, segment_ids=None, **options) -> [B, T, N, Hv].
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from attnjax.block_sparse.families import sliding_window_attention
 from attnjax.linear.agent import agent_attention
 from attnjax.linear.api import linear_attention
-from attnjax.linear.based import BRANCHES, based_attention, window_sides
+from attnjax.linear.based import based_attention
 from attnjax.linear.flow import flow_attention
 from attnjax.linear.lightning import lightning_attention
 
@@ -45,33 +42,11 @@ def based_family(query, key, value, *, causal, q_positions=None, k_positions=Non
                  segment_ids=None, key_mask=None, window=None, feature_map="taylor",
                  eps: float = 1e-12, chunk_size: int = 64, branch: str = "sum", scale=None,
                  implementation=None):
-  """Registry entry for based_attention (same options), plus ``key_mask`` [B, S].
-
-  A padded key (``key_mask`` False) is removed from both branches: its
-  features and value are zeroed in the linear branch (``linear_attention``'s
-  ``key_mask``) and it sits in a segment no query belongs to in the window
-  branch, whose fast path skips it.
-  """
+  """Registry entry for based_attention (same options, ``key_mask`` [B, S] included)."""
   _no_positions("based", q_positions, k_positions, segment_ids)
-  kw = dict(window=window, feature_map=feature_map, eps=eps, chunk_size=chunk_size,
-            scale=scale, implementation=implementation)
-  if key_mask is None:
-    return based_attention(query, key, value, causal=causal, branch=branch, **kw)
-  if branch not in BRANCHES:
-    raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}.")
-  out = None
-  if branch in ("sum", "linear"):
-    out = linear_attention(query, key, value, feature_map=feature_map, causal=causal,
-                           normalize=True, eps=eps, chunk_size=chunk_size,
-                           implementation=implementation, key_mask=key_mask)
-  if branch in ("sum", "window"):
-    left, right = window_sides(window, causal)
-    b, t = query.shape[:2]
-    segs = (jnp.zeros((b, t), jnp.int32), jnp.where(jnp.asarray(key_mask), 0, -1))
-    local = sliding_window_attention(query, key, value, left=left, right=right, causal=causal,
-                                     scale=scale, segment_ids=segs)
-    out = local if out is None else out + local
-  return out
+  return based_attention(query, key, value, causal=causal, window=window,
+                         feature_map=feature_map, eps=eps, chunk_size=chunk_size, branch=branch,
+                         scale=scale, implementation=implementation, key_mask=key_mask)
 
 
 FAMILIES = {
