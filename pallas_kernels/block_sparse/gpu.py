@@ -271,6 +271,19 @@ def _row_ranges(cfg, rows_ref, side, q_start, lens):
   return _ranges(cfg, rows_ref[0], rows_ref[1], kept, live)
 
 
+def _row_side(cfg, aux, bias, rows, tq, rq):
+  """(arrays, specs, names) of a row kernel's side operands (grid (i, b, h)): positions,
+  segment ids, bias / mask tiles and, with lengths, the row's [8] length entry."""
+  arrays, specs, names = _side(cfg, aux, _tile_side(tq, 1, 0), _full_side(cfg.S, 1))
+  pair_arrays, pair_specs, pair_names = _row_pair(cfg, aux, bias, tq)
+  arrays, specs, names = arrays + pair_arrays, specs + pair_specs, names + pair_names
+  if cfg.has_lengths:
+    arrays.append(L.gpu_length_rows(cfg, rows, aux.lens, True))
+    specs.append(_lens_spec(cfg, rq))
+    names.append("lens")
+  return arrays, specs, names
+
+
 def _lens_spec(cfg, rq):
   """BlockSpec of a row program's [8] length entry (``lists.gpu_length_rows``)."""
   return pl.BlockSpec((None, None, None, 8),
@@ -303,14 +316,7 @@ def forward(cfg, lists, q, k, v, aux, bias=None):
   rq = cfg.block_q // tq
   G, S = cfg.G, cfg.S
   rows = lists["fwd_rows"]
-  side_arrays, side_specs, names = _side(cfg, aux, _tile_side(tq, 1, 0), _full_side(S, 1))
-  pair_arrays, pair_specs, pair_names = _row_pair(cfg, aux, bias, tq)
-  side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
-                                    names + pair_names)
-  if cfg.has_lengths:
-    side_arrays.append(L.gpu_length_rows(cfg, rows, aux.lens, True))
-    side_specs.append(_lens_spec(cfg, rq))
-    names.append("lens")
+  side_arrays, side_specs, names = _row_side(cfg, aux, bias, rows, tq, rq)
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names)),
       grid=(cfg.T // tq, cfg.B, cfg.N),
@@ -442,14 +448,7 @@ def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
   (tq, tk) = cfg.tiles[1]
   rq = cfg.block_q // tq
   rows = lists["fwd_rows"]
-  side_arrays, side_specs, names = _side(cfg, aux, _tile_side(tq, 1, 0), _full_side(S, 1))
-  pair_arrays, pair_specs, pair_names = _row_pair(cfg, aux, bias, tq)
-  side_arrays, side_specs, names = (side_arrays + pair_arrays, side_specs + pair_specs,
-                                    names + pair_names)
-  if cfg.has_lengths:
-    side_arrays.append(L.gpu_length_rows(cfg, rows, aux.lens, True))
-    side_specs.append(_lens_spec(cfg, rq))
-    names.append("lens")
+  side_arrays, side_specs, names = _row_side(cfg, aux, bias, rows, tq, rq)
   qrow = lambda i, b, h: (b, i, h, 0)
   lrow = lambda i, b, h: (b, h, i)
   out_specs = [pl.BlockSpec((None, tq, None, Hp), qrow)]
