@@ -1,11 +1,7 @@
 """Pallas linear-attention kernels (GPU/Triton and TPU/Mosaic variants) in interpret mode vs the XLA path."""
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-import pallas_kernels.linear as kernels
-from attnjax.linear.api import linear_attention
 from pallas_kernels.linear import harness, resources
 
 
