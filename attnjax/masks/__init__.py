@@ -8,8 +8,4 @@ from attnjax.masks.primitives import (DiagonalStride, KeyIn, KeyRange, KeyStride
                                       QueryRange, SameBlock)
 from attnjax.masks.s2 import S2, is_kv_cache_efficient, s2_block_mask
 from attnjax.masks.shifted import ShiftedGroups
-
-try:  # written separately; the package imports without it
-  from attnjax.masks.neighborhood import Neighborhood
-except ImportError:  # pragma: no cover
-  pass
+from attnjax.masks.neighborhood import Neighborhood

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Optional, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from attnjax.masks.layout import build_block_layout, resolve_num_heads
@@ -187,6 +188,26 @@ def is_int(v) -> bool:
 POSITION_MAX = 2 ** 31 - 1
 
 
+def check_ids(owner: str, name: str, ids) -> Tuple[int, ...]:
+  """``ids`` (one integer id per position) as a tuple, else ValueError naming ``owner.name``."""
+  arr = np.asarray(ids)
+  if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(
+        f"{owner} {name} must be a non-empty 1-D sequence of integers (one id per "
+        f"position), got {arr.dtype} with shape {arr.shape}.")
+  return tuple(int(x) for x in arr)
+
+
+def check_position_range(owner: str, n: int, q_pos, k_pos) -> None:
+  """ValueError unless every query/key position lies in [0, n) (a table of n ids)."""
+  for name, p in (("query", q_pos), ("key", k_pos)):
+    p = np.asarray(p)
+    if p.size and (p.min() < 0 or p.max() >= n):
+      raise ValueError(
+          f"{owner} covers positions [0, {n}) but {name} positions span "
+          f"[{p.min()}, {p.max()}]: give ids for every position.")
+
+
 def check_int(owner: str, name: str, value, minimum: int = 0,
               maximum: Optional[int] = None) -> int:
   """``value`` as an int in [minimum, maximum], else ValueError naming ``owner.name``."""
@@ -213,7 +234,6 @@ def lookup(table: np.ndarray, *index):
   """
   xp = np
   if any(_is_jax(i) for i in index):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     xp = jnp
   ok = True
   clipped = []

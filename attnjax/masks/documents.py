@@ -15,26 +15,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from attnjax.masks.base import Causal, Composite, Mask, lookup
+from attnjax.masks.base import (Causal, Composite, Mask, check_ids, check_position_range,
+                                  lookup)
 from attnjax.masks.primitives import KeyIn
-
-
-def _as_ids(owner: str, name: str, ids) -> Tuple[int, ...]:
-  arr = np.asarray(ids)
-  if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(
-        f"{owner} {name} must be a non-empty 1-D sequence of integers (one id per "
-        f"position), got {arr.dtype} with shape {arr.shape}.")
-  return tuple(int(x) for x in arr)
-
-
-def _check_range(owner: str, n: int, q_pos, k_pos):
-  for name, p in (("query", q_pos), ("key", k_pos)):
-    p = np.asarray(p)
-    if p.size and (p.min() < 0 or p.max() >= n):
-      raise ValueError(
-          f"{owner} covers positions [0, {n}) but {name} positions span "
-          f"[{p.min()}, {p.max()}]: give ids for every position.")
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,7 +79,7 @@ class Documents(Mask):
   def __post_init__(self):
     if self.segment_ids is not None:
       object.__setattr__(self, "segment_ids",
-                         _as_ids("Documents", "segment_ids", self.segment_ids))
+                         check_ids("Documents", "segment_ids", self.segment_ids))
 
   @property
   def needs_segments(self):  # type: ignore[override]
@@ -113,7 +96,7 @@ class Documents(Mask):
 
   def check_positions(self, q_pos, k_pos):
     if self.segment_ids is not None:
-      _check_range("Documents(segment_ids)", len(self.segment_ids), q_pos, k_pos)
+      check_position_range("Documents(segment_ids)", len(self.segment_ids), q_pos, k_pos)
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     if self.segment_ids is None:
@@ -162,7 +145,7 @@ class AnchorDocuments(Composite):
 
   def __post_init__(self):
     if self.doc_ids is not None:
-      object.__setattr__(self, "doc_ids", _as_ids("AnchorDocuments", "doc_ids", self.doc_ids))
+      object.__setattr__(self, "doc_ids", check_ids("AnchorDocuments", "doc_ids", self.doc_ids))
     if not isinstance(self.anchor_id, (int, np.integer)) or isinstance(self.anchor_id, bool):
       raise ValueError(f"AnchorDocuments anchor_id must be an integer, got {self.anchor_id!r}.")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from attnjax.masks.base import Mask
@@ -81,7 +82,6 @@ def _xp(*arrays):
   """numpy for numpy/python inputs, jax.numpy when any input is a jax array."""
   for a in arrays:
     if not isinstance(a, (np.ndarray, np.generic, int, bool)):
-      import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
       return jnp
   return np
 

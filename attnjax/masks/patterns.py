@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from attnjax.masks.base import (POSITION_MAX, Causal, Composite, Mask, SlidingWindow, check_int,
-                                lookup)
+from attnjax.masks.base import (POSITION_MAX, Causal, Composite, Mask, SlidingWindow, check_ids,
+                                check_int, check_position_range, lookup)
 from attnjax.masks.primitives import (DiagonalStride, KeyIn, KeyRange, KeyStride, QueryIn,
                                       SameBlock, grid_bounds, summed_area)
 
@@ -107,8 +107,7 @@ class Modality(Composite):
   text_id: int = 0
 
   def __post_init__(self):
-    from attnjax.masks.documents import _as_ids  # pylint: disable=g-import-not-at-top
-    object.__setattr__(self, "modality_ids", _as_ids("Modality", "modality_ids",
+    object.__setattr__(self, "modality_ids", check_ids("Modality", "modality_ids",
                                                      self.modality_ids))
     check_int("Modality", "text_id", self.text_id, 0)
 
@@ -122,8 +121,7 @@ class Modality(Composite):
     return f"Modality(<{len(self.modality_ids)} ids>, text_id={self.text_id})"
 
   def check_positions(self, q_pos, k_pos):
-    from attnjax.masks.documents import _check_range  # pylint: disable=g-import-not-at-top
-    _check_range("Modality(modality_ids)", len(self.modality_ids), q_pos, k_pos)
+    check_position_range("Modality(modality_ids)", len(self.modality_ids), q_pos, k_pos)
 
   def expand(self) -> Mask:
     ids = np.asarray(self.modality_ids)
@@ -241,8 +239,7 @@ class RandomBlocks(Mask):
       Mask.validate(self, num_heads, q_pos, k_pos)
 
   def check_positions(self, q_pos, k_pos):
-    from attnjax.masks.documents import _check_range  # pylint: disable=g-import-not-at-top
-    _check_range(f"RandomBlocks(seq_len={self.seq_len})", self.seq_len, q_pos, k_pos)
+    check_position_range(f"RandomBlocks(seq_len={self.seq_len})", self.seq_len, q_pos, k_pos)
 
   def predicate(self, head, q_pos, k_pos, q_seg=None, k_seg=None):
     b = self.block_size

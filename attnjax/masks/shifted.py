@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from attnjax.masks.base import Causal, Composite, Mask, check_int
-from attnjax.masks.documents import _check_range
+from attnjax.masks.base import Causal, Composite, Mask, check_int, check_position_range
 from attnjax.masks.patterns import PerHead
 from attnjax.masks.primitives import KeyRange, QueryRange, SameBlock
 
@@ -63,7 +62,7 @@ class ShiftedGroups(Composite):
     return self.group_size // 2
 
   def check_positions(self, q_pos, k_pos):
-    _check_range(f"ShiftedGroups(seq_len={self.seq_len})", self.seq_len, q_pos, k_pos)
+    check_position_range(f"ShiftedGroups(seq_len={self.seq_len})", self.seq_len, q_pos, k_pos)
 
   def expand(self) -> Mask:
     G, L, s = self.group_size, self.seq_len, self.shift
