@@ -89,7 +89,7 @@ out["window_pallas_c4"] = {"fwd": float(np.abs(np.asarray(o1) - np.asarray(o2)).
 
 # bytes each device receives in the compiled HLO (forward) == the plan's
 from attnjax.sharding import block_sparse_context_plan
-from experiments.benchmarks.context_parallel_block_sparse import received_bytes
+from experiments.benchmarks.context_parallel import received_bytes
 mesh = Mesh(np.asarray(jax.devices()), ("context",))
 window = M.Causal() & M.SlidingWindow(20, 0)
 f = jax.jit(lambda q, k, v: context_parallel_block_sparse(q, k, v, mask=window, mesh=mesh,

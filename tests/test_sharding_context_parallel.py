@@ -91,3 +91,29 @@ def test_support_table_covers_every_registered_family():
 def test_unsupported_family_raises_naming_it():
   with pytest.raises(NotImplementedError, match="'hip' cannot run context-parallel: .*keys"):
     context_parallel("hip", make_mesh())
+
+
+def test_benchmark_is_one_family_covering_every_engine():
+  from experiments import bench
+  from experiments.benchmarks import context_parallel as cp
+  fams = bench.available_families()
+  assert "context_parallel" in fams and "context_parallel_block_sparse" not in fams
+  assert {"sliding_window_4k", "linear_decay", "causal_zigzag"} <= set(cp.GOALS)
+  for name in ("block_sparse_rows", "s2_rows", "block_list_rows", "linear_rows",
+               "neighborhood_rows", "plan_block_list_rows"):
+    assert callable(getattr(cp, name))
+
+
+def test_benchmark_reads_received_bytes_off_hlo_collectives():
+  from experiments.benchmarks.context_parallel import received_bytes
+  hlo = "\n".join([
+      "  %cp = f32[2,8]{1,0} collective-permute(f32[2,8]{1,0} %a), channel_id=1, "
+      "source_target_pairs={{0,1},{1,2},{2,3}}",
+      "  %t = (f32[4]{0}, s32[2]{0}) collective-permute(%b), source_target_pairs={{3,0}}",
+      "  %ag = bf16[4,16]{1,0} all-gather(bf16[1,16]{1,0} %c), dimensions={0}",
+      "  %ar = f32[3]{0} all-reduce(f32[3]{0} %d), to_apply=%add",
+      "  %x = f32[100]{0} add(f32[100]{0} %e, f32[100]{0} %e)",
+  ])
+  ag = 4 * 16 * 2 * 3 // 4
+  assert received_bytes(hlo, 4).tolist() == [24 + ag + 12, 64 + ag + 12, 64 + ag + 12,
+                                             64 + ag + 12]

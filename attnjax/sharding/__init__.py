@@ -25,4 +25,4 @@ from attnjax.sharding.block_list_context import (BlockListPlan, block_list_capac
                                                  block_list_plan, block_list_report,
                                                  context_parallel_block_lists)
 from attnjax.sharding.context_parallel import (context_parallel, context_parallel_family,
-                                               context_parallel_support)
+                                               context_parallel_support, static_mask)

@@ -44,7 +44,8 @@ from attnjax.sharding.linear_context import (context_parallel_based_attention,
 from attnjax.sharding.neighborhood_context import context_parallel_neighborhood_attention
 from attnjax.sharding.s2_context import s2_family_for_mesh
 
-__all__ = ["context_parallel", "context_parallel_family", "context_parallel_support"]
+__all__ = ["context_parallel", "context_parallel_family", "context_parallel_support",
+           "static_mask"]
 
 _CONTENT = ("selects keys from the data (content-based selection), so every query needs "
             "all keys on its device; there is no static exchange plan")
@@ -171,6 +172,18 @@ def _mask(family: str, causal: bool, N: int, T: int, o: dict) -> Mask:
   return m & Causal() if causal else m
 
 
+def static_mask(family: str, seq_len: int, num_heads: int, *, causal: bool = False,
+                **options) -> Mask:
+  """The static ``Mask`` the block-sparse route builds for ``family`` (its registry options).
+
+  For the families whose route is ``"block_sparse"``; e.g. to read the
+  exchange plan (``block_sparse_context_plan``) of a ``context_parallel`` call.
+  """
+  if _route(family) != "block_sparse":
+    raise ValueError(f"family {family!r} is not on the block-sparse route.")
+  return _mask(family, bool(causal), num_heads, seq_len, dict(options))
+
+
 def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
                             head_axis: Optional[str] = None,
                             data_axis: Optional[str] = None) -> Callable:
@@ -178,8 +191,8 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
 
   ``fn(query, key, value, *, causal, q_positions=None, k_positions=None,
   segment_ids=None, **options)`` (options as the family's registry entry;
-  ``scale``, ``implementation`` where the route takes them; ``assignment``
-  and ``block_size`` for block-sparse routes), so it can be registered with
+  ``scale``, ``implementation`` where the route takes them; ``assignment``,
+  ``sequence_order`` and ``block_size`` for block-sparse routes), so it can be registered with
   ``attnjax.layers.registry.register_family`` and used by
   ``MultiHeadAttention``. Raises ``NotImplementedError`` now when the family
   has no context-parallel route.
@@ -204,7 +217,7 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
         raise NotImplementedError(f"context-parallel {family!r} runs the block-sparse engine "
                                   f"inside shard_map; implementation={impl!r} is not "
                                   "available there.")
-      extra = {k: o.pop(k) for k in ("assignment", "block_size") if k in o
+      extra = {k: o.pop(k) for k in ("assignment", "block_size", "sequence_order") if k in o
                and not (family in ("bigbird", "block_local") and k == "block_size")}
       mask = _mask(family, bool(causal), query.shape[2], query.shape[1], o)
       seg = segment_ids
