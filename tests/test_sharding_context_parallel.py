@@ -3,10 +3,14 @@
 On 8 simulated CPU devices (the shared ``multidevice`` child): sliding window
 (block-sparse route, heads axis too), linear (state scan) and na1d (halo)
 equal the unsharded registry family, i.e. the function the layer calls (sliding
-window also with segment ids through the registry signature); the
-launcher gives a config error naming a family that cannot run
+window also with segment ids through the registry signature); segment ids
+on the linear (with and without decay), na1d and S2 routes equal the unsharded
+family, forward and gradients, and decreasing ids give NaN rows on the linear
+route; the launcher gives a config error naming a family that cannot run
 context-parallel. In this process: the support table covers every registered
-family and an unsupported family raises, naming itself.
+family, an unsupported family raises, naming itself, families without
+segments refuse segment_ids, and the benchmark family reads the bytes each
+device receives off HLO collectives.
 """
 import pytest
 
@@ -41,6 +45,34 @@ o1 = jax.jit(lambda q, k, v, s: fam(q, k, v, causal=True, window=6, segment_ids=
 o2 = registry.get_family("sliding_window")(q, k, v, causal=True, window=6, segment_ids=docs)
 out["sliding_window_documents"] = float(jnp.abs(o1 - o2).max())
 
+# segment ids (packed documents) on the linear (segmented state scan), na1d and S2 routes:
+# forward and gradients equal the unsharded family; one document spans six shards
+import warnings
+warnings.simplefilter("ignore")      # the unsharded linear family warns (dense oracle)
+docs = jnp.asarray(np.stack([np.repeat([0, 1, 2, 3], [3, 20, 1, 8]), np.repeat([5, 6], [30, 2])]))
+seg_cases = {
+    "linear": ((1, 1, 8), dict(causal=True)),
+    "linear_decay": ((1, 1, 8), dict(causal=True, decay="tnl")),
+    "na1d": ((1, 1, 4), dict(causal=False, kernel_size=5)),
+    "s2": ((1, 2, 4), dict(causal=True, block_size=4, local_blocks=1, vert_stride=2)),
+}
+loss = lambda f: lambda *a: (lambda o: (o * jnp.cos(o)).sum())(f(*a))
+for name, (shape, opts) in seg_cases.items():
+  fam, o = name.split("_")[0], dict(opts)
+  causal = o.pop("causal")
+  mesh = make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+  sh = context_parallel_family(fam, mesh, head_axis="heads" if shape[1] > 1 else None)
+  f1 = lambda q, k, v: sh(q, k, v, causal=causal, segment_ids=docs, **o)
+  f2 = lambda q, k, v: registry.get_family(fam)(q, k, v, causal=causal, segment_ids=docs, **o)
+  (o1, g1), (o2, g2) = jax.jit(lambda *a: ((f1(*a), jax.grad(loss(f1), (0, 1, 2))(*a)),
+                                           (f2(*a), jax.grad(loss(f2), (0, 1, 2))(*a))))(q, k, v)
+  out["documents_" + name] = max(float(jnp.abs(a - b).max()) for a, b in zip((o1,) + g1,
+                                                                             (o2,) + g2))
+# ids that decrease along a row: that row is NaN on the linear route, the others exact
+sh = context_parallel_family("linear", make_mesh(1, 1, 8))
+y = jax.jit(lambda q, k, v: sh(q, k, v, causal=True, segment_ids=docs.at[1, 20:].set(0)))(q, k, v)
+out["linear_decreasing_ids"] = [bool(jnp.isnan(y[0]).any()), bool(jnp.isnan(y[1]).all())]
+
 from configs import common
 from experiments import models, tasks
 c = common.base_config("t")
@@ -71,6 +103,25 @@ def test_eight_devices(result):
                                     "sliding_window_documents"])
 def test_context_parallel_equals_unsharded_family(result, family):
   assert result[family] < 2e-5
+
+
+@pytest.mark.parametrize("family", ["linear", "linear_decay", "na1d", "s2"])
+def test_segment_ids_equal_unsharded_family_forward_and_grads(result, family):
+  assert result["documents_" + family] < 2e-5
+
+
+def test_linear_route_returns_nan_for_rows_whose_segment_ids_decrease(result):
+  assert result["linear_decreasing_ids"] == [False, True]
+
+
+@pytest.mark.parametrize("family", ["lightning", "based"])
+def test_families_without_segments_refuse_segment_ids(family):
+  import jax.numpy as jnp
+  from attnjax.sharding import context_parallel_family
+  x = jnp.zeros((1, 8, 2, 4))
+  with pytest.raises(NotImplementedError, match="segment_ids"):
+    context_parallel_family(family, make_mesh())(x, x, x, causal=True,
+                                                 segment_ids=jnp.zeros((1, 8), jnp.int32))
 
 
 def test_launcher_names_a_family_that_cannot_run_context_parallel(result):

@@ -21,9 +21,12 @@ context-parallel path:
 Every other family raises ``NotImplementedError`` saying why
 (``context_parallel_support()`` lists the route or the reason per family).
 All routes are self-attention (T == S) with default positions ``arange(T)``;
-the block-sparse route takes segment ids (document ids travel with the K/V
-blocks) and ``implementation="pallas"``; T must be divisible by the context
-axis size.
+T must be divisible by the context axis size. Segment ids (packed documents)
+are taken where the unsharded family takes them: the block-sparse and S2
+routes carry them with the K/V blocks, ``"na1d"`` runs its neighborhood
+``Mask`` on the block-sparse route (as unsharded), ``"linear"`` (causal) runs
+a segmented state scan; ``"lightning"`` and ``"based"`` take none (raises).
+The block-sparse route also takes ``implementation="pallas"``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from attnjax.layers import registry
 from attnjax.linear.decay import tnl_decay_slopes
 from attnjax.masks import (Causal, Full, Mask, Modality, ShiftedGroups, SinkWindow,
                            SlidingWindow)
+from attnjax.masks.neighborhood import Neighborhood
 from attnjax.sharding.block_sparse_context import context_parallel_block_sparse
 from attnjax.sharding.linear_context import (context_parallel_based_attention,
                                              context_parallel_linear_attention)
@@ -70,6 +74,8 @@ REASONS: Dict[str, str] = {
 _BLOCK_SPARSE = ("dense", "sliding_window", "longformer", "bigbird", "shifted_group",
                  "longlora", "sinklora", "streaming", "composite", "block_local")
 _LINEAR = ("linear", "lightning", "based")
+#: Families on a route with segment ids whose unsharded function takes none.
+_NO_SEGMENTS = ("lightning", "based")
 _ROUTES = dict([(f, "block_sparse") for f in _BLOCK_SPARSE] + [(f, "linear") for f in _LINEAR]
                + [("s2", "s2"), ("na1d", "neighborhood")])
 
@@ -107,9 +113,9 @@ def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, rou
   if query.shape[1] != key.shape[1]:
     raise NotImplementedError(f"context-parallel {family!r} is self-attention: query length "
                               f"T={query.shape[1]} must equal key length S={key.shape[1]}.")
-  if segment_ids is not None and route != "block_sparse":
-    raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids (only the "
-                              "block-sparse route carries document ids with its K/V blocks).")
+  if segment_ids is not None and family in _NO_SEGMENTS:
+    raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids: the "
+                              f"{family!r} family itself uses a single segment.")
   T = query.shape[1]
   for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
     if pos is None:
@@ -123,6 +129,16 @@ def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, rou
     if not ok:
       raise NotImplementedError(f"context-parallel {family!r} uses the default positions "
                                 f"arange(T); got custom {name}.")
+
+
+def _one_segment_array(family, seg):
+  """Self-attention: (q ids, kv ids) must be one array; returns it (or None)."""
+  if isinstance(seg, (tuple, list)):
+    if len(seg) != 2 or seg[0] is not seg[1]:
+      raise NotImplementedError(f"context-parallel {family!r}: query and key segment_ids must "
+                                "be the same array (self-attention).")
+    seg = seg[0]
+  return seg
 
 
 def _causal_only(family, causal):
@@ -220,19 +236,21 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
       extra = {k: o.pop(k) for k in ("assignment", "block_size", "sequence_order") if k in o
                and not (family in ("bigbird", "block_local") and k == "block_size")}
       mask = _mask(family, bool(causal), query.shape[2], query.shape[1], o)
-      seg = segment_ids
-      if isinstance(seg, (tuple, list)):     # (q ids, kv ids): one array for self-attention
-        if seg[0] is not seg[1]:
-          raise NotImplementedError(f"context-parallel {family!r}: query and key segment ids "
-                                    "must be the same array (self-attention).")
-        seg = seg[0]
       return context_parallel_block_sparse(query, key, value, mask=mask, mesh=mesh, axis=axis,
                                            head_axis=head_axis, data_axis=data_axis,
-                                           scale=scale, segment_ids=seg,
+                                           scale=scale,
+                                           segment_ids=_one_segment_array(family, segment_ids),
                                            implementation="pallas" if impl == "pallas" else None,
                                            **extra)
     if route == "neighborhood":
       _take(o, family, ("kernel_size", "dilation"))
+      if segment_ids is not None:   # as unsharded: the neighborhood Mask with documents
+        mask = Neighborhood((query.shape[1],), o.get("kernel_size", 7), o.get("dilation", 1),
+                            bool(causal))
+        return context_parallel_block_sparse(
+            query, key, value, mask=mask, mesh=mesh, axis=axis, head_axis=head_axis,
+            data_axis=data_axis, scale=scale, segment_ids=_one_segment_array(family, segment_ids),
+            implementation="pallas" if impl == "pallas" else None)
       return context_parallel_neighborhood_attention(
           query, key, value, mesh, kernel_size=o.get("kernel_size", 7),
           dilation=o.get("dilation", 1), is_causal=bool(causal), scale=scale,
@@ -256,7 +274,8 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
     o.setdefault("feature_map", "elu+1")
     o.setdefault("normalize", True)
     return context_parallel_linear_attention(query, key, value, mesh, causal=bool(causal),
-                                             implementation=impl, **o, **axes)
+                                             implementation=impl, segment_ids=segment_ids, **o,
+                                             **axes)
 
   fn.__name__ = f"{family}_context_parallel"
   fn.__doc__ = f"Registry family {family!r} on the {route!r} context-parallel route."

@@ -20,6 +20,18 @@ states of the query heads of one GQA group are equal and only the KV heads'
 states travel. Non-causal attention needs one ``psum`` of the states.
 Autodiff through ``shard_map`` gives the backward (the transpose of a
 ``ppermute`` is the reverse ``ppermute``).
+
+Segment ids (packed documents, causal only): each device also sends, with its
+state, the ids of its first and last token and whether it is one document
+throughout; the scan is then a segmented scan (a shard that continues the
+previous document adds to its state, a new document restarts it), the state
+a shard sends holds only the keys of its last document, and only the queries
+of a shard's first document read the incoming state. This needs every
+document to be one run of equal ids, ids non-decreasing along the sequence
+(as packing writes them); a row that breaks this returns NaN (one ``psum``
+of a flag per batch row), never a silently wrong value. Within a shard the
+documents go through ``attnjax.linear_attention``'s segment-id path (the
+dense reference, as unsharded).
 """
 from __future__ import annotations
 
@@ -97,12 +109,77 @@ def exclusive_state_scan(states, chunk_log_decay, axis_name: str, num_shards: in
   return x
 
 
+def segmented_exclusive_scan(states, meta, chunk_log_decay, axis_name: str, num_shards: int):
+  """:func:`exclusive_state_scan` over documents: per device c, the state of the keys of the
+  last document before shard c (0 when it ended before), and that document's ids.
+
+  Inside ``shard_map``. ``states`` [B, h, F, E]: this device's keys of its last
+  document; ``meta`` int32 [B, 4]: (first id, last id, 1 if the shard is one
+  document, 1). Returns (state [B, h, F, E], meta [B, 4]) of shards 0..c-1 (meta
+  column 3 is 0 on device 0: nothing before). Two ``ppermute`` calls per step.
+  """
+  C = num_shards
+  if C == 1:
+    return jnp.zeros_like(states), jnp.zeros_like(meta)
+  shift = lambda a, d: jax.lax.ppermute(a, axis_name, [(i, i + d) for i in range(C - d)])
+  x, xm = shift(states, 1), shift(meta, 1)
+  d = 1
+  while d < C - 1:   # x covers the d shards before c; y the d before those
+    y, ym = shift(x, d), shift(xm, d)
+    if chunk_log_decay is not None:
+      y = y * jnp.exp(chunk_log_decay * d).astype(y.dtype)[None, :, None, None]
+    a_ne = ym[:, 3] == 1
+    join = a_ne & (xm[:, 2] == 1) & (ym[:, 1] == xm[:, 0])
+    x = jnp.where(join[:, None, None, None], y + x, x)
+    xm = jnp.stack([jnp.where(a_ne, ym[:, 0], xm[:, 0]), xm[:, 1],
+                    jnp.where(a_ne, ym[:, 2] * join, xm[:, 2]), jnp.maximum(ym[:, 3], xm[:, 3])],
+                   axis=1)
+    d *= 2
+  return x, xm
+
+
+def _segmented_local(qf, kf, vv, seg, sl, has_decay, group, tl, axis_name, C, dt):
+  """Carry of the previous shards' last document into this shard's first one, and the
+  NaN flag of rows whose ids decrease (segmented scan; see the module docstring).
+
+  qf [b, tl, N, F], kf [b, tl, K, F], vv [b, tl, K, E], seg int32 [b, tl].
+  Returns (carry [b, tl, N, E], bad [b] bool).
+  """
+  b, n = qf.shape[0], qf.shape[2]
+  first, last = seg[:, 0], seg[:, -1]
+  in_first = jnp.cumprod((seg == first[:, None]).astype(jnp.int32), axis=1) == 1
+  in_last = jnp.flip(jnp.cumprod(jnp.flip(seg == last[:, None], 1).astype(jnp.int32), axis=1),
+                     1) == 1
+  kk = kf.shape[2]
+  # state of the last document's keys, decayed to the end of the shard: [b, h, F, E]
+  if has_decay:   # per query head
+    w = jnp.exp(-sl[:, None] * (tl - 1 - jnp.arange(tl, dtype=dt))[None]).reshape(
+        kk, group, tl)
+    s_loc = jnp.einsum("bjkf,bjke,kgj,bj->bkgfe", kf, vv, w, in_last.astype(dt)).reshape(
+        b, n, kf.shape[-1], vv.shape[-1])
+  else:           # the query heads of a GQA group share one state: the KV heads'
+    s_loc = jnp.einsum("bjkf,bjke,bj->bkfe", kf, vv, in_last.astype(dt))
+  meta = jnp.stack([first, last, in_first[:, -1].astype(jnp.int32), jnp.ones_like(first)], 1)
+  s_in, m_in = segmented_exclusive_scan(s_loc, meta, -sl * tl if has_decay else None,
+                                        axis_name, C)
+  if not has_decay:
+    s_in = jnp.repeat(s_in, group, axis=1)
+  use = (m_in[:, 3:] == 1) & in_first & (seg == m_in[:, 1:2])               # [b, tl]
+  carry = jnp.einsum("btnf,bnfe->btne", qf, s_in) * use[:, :, None, None].astype(dt)
+  if has_decay:
+    carry = carry * jnp.exp(-sl[None, :] * (jnp.arange(tl, dtype=dt)[:, None] + 1))[..., None]
+  bad = (seg[:, 1:] < seg[:, :-1]).any(1) | ((m_in[:, 3] == 1) & (first < m_in[:, 1]))
+  bad = jax.lax.psum(bad.astype(jnp.int32), axis_name) > 0
+  return carry, bad
+
+
 def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
                                       feature_map="identity", causal: bool = True, decay=None,
                                       normalize: bool = False, eps: float = 1e-6,
                                       chunk_size: int = 64, initial_state=None,
                                       return_state: bool = False,
                                       implementation: Optional[str] = None,
+                                      segment_ids=None,
                                       data_axis: Optional[str] = "data",
                                       heads_axis: Optional[str] = "heads",
                                       context_axis: str = "context"):
@@ -118,6 +195,10 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
       return_state, implementation: as :func:`attnjax.linear_attention`
       (``feature_map="taylor", normalize=True`` is BASED's linear branch);
       ``chunk_size`` and ``implementation`` apply to each device's shard.
+    segment_ids: optional int [B, T] document ids (packed sequences; causal
+      only, without initial_state / return_state): each document one run of
+      equal ids, ids non-decreasing along T; a row that is not returns NaN.
+      The states of the scan then hold one document each (module docstring).
 
   Returns:
     out [B, T, N, Hv] in query.dtype (and the final state [B, N, F, E] if
@@ -147,19 +228,44 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
     raise ValueError(
         f"initial_state must have shape [B, N, F, E]={(d.B, d.N, f, e)} (E = Hv + 1 when "
         f"normalize=True), got {tuple(initial_state.shape)}.")
+  segs = None
+  if segment_ids is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      if len(segment_ids) != 2 or segment_ids[0] is not segment_ids[1]:
+        raise ValueError("segment_ids: context-parallel linear attention is self-attention; "
+                         "pass one array [B, T] (or the same array twice).")
+      segment_ids = segment_ids[0]
+    segs = jnp.asarray(segment_ids)
+    if segs.shape != (d.B, d.T) or not jnp.issubdtype(segs.dtype, jnp.integer):
+      raise ValueError(f"segment_ids must be an int array [B, T] = [{d.B}, {d.T}], got "
+                       f"{segs.dtype} {segs.shape}.")
+    segs = segs.astype(jnp.int32)
+    if not causal:
+      raise NotImplementedError("segment_ids with causal=False: the non-causal state would "
+                                "be one psum per document; only causal=True takes segment_ids.")
+    if initial_state is not None or return_state:
+      raise NotImplementedError("segment_ids cannot be combined with initial_state or "
+                                "return_state (which document would the state belong to?).")
   has_decay, has_s0 = slopes is not None, initial_state is not None
   tl, group = d.T // C, d.N // d.K
   slopes = jnp.zeros((d.N,), jnp.float32) if slopes is None else slopes
   s0 = jnp.zeros((d.B, d.N, 1, 1), dt) if initial_state is None else initial_state.astype(dt)
 
-  def local_fn(q, k, v, sl, s0):
+  def local_fn(q, k, v, sl, s0, *seg):
     c = jax.lax.axis_index(context_axis)
     vv = v.astype(dt)
     if normalize:
       vv = jnp.concatenate([vv, jnp.ones(vv.shape[:-1] + (1,), dt)], axis=-1)
     qf = phi(q.astype(dt)).astype(dt)
     sl = sl.astype(dt)
-    if causal:
+    if seg:
+      o = linear_attention(q.astype(dt), k.astype(dt), vv, feature_map=phi, causal=True,
+                           decay=sl if has_decay else None, chunk_size=chunk_size,
+                           segment_ids=seg[0], implementation=implementation)
+      carry, bad = _segmented_local(qf, phi(k.astype(dt)).astype(dt), vv, seg[0], sl, has_decay,
+                                    group, tl, context_axis, C, dt)
+      o = jnp.where(bad[:, None, None, None], jnp.nan, o + carry)
+    elif causal:
       o, s_loc = linear_attention(q.astype(dt), k.astype(dt), vv, feature_map=phi,
                                   causal=True, decay=sl if has_decay else None,
                                   chunk_size=chunk_size, return_state=True,
@@ -197,9 +303,10 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
   spec = P(dax, context_axis, hax, None)
   state_spec = P(dax, hax, None, None)
   out_specs = (spec, state_spec) if return_state else spec
-  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec, P(hax), state_spec),
-                     out_specs=out_specs, check_vma=False)
-  return fn(query, key, value, slopes, s0)
+  extra = () if segs is None else (segs,)
+  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec, P(hax), state_spec) + (
+      P(dax, context_axis),) * len(extra), out_specs=out_specs, check_vma=False)
+  return fn(query, key, value, slopes, s0, *extra)
 
 
 def context_parallel_based_attention(query, key, value, mesh: Mesh, *, causal: bool = True,

@@ -17,6 +17,8 @@ Compared with an all-gather of the full K/V, a device receives about
 
 Works for any static ``attnjax.masks.Mask`` (causal or not; the S2 mask is
 the case that profits), self-attention (T == S) with default positions.
+Segment ids (packed documents) travel with their key blocks (one more
+``ppermute`` of int32 ids per chunk distance) and mask keys of other documents.
 Per-device compute is dense over [local chunk + received blocks] with an
 explicit boolean mask; the saving here is communication and memory.
 """
@@ -147,7 +149,8 @@ def _index(name):
 def context_parallel_attention(query, key, value, mask, mesh: Mesh, *, scale=None,
                                implementation=None, data_axis: Optional[str] = "data",
                                heads_axis: Optional[str] = "heads",
-                               context_axis: str = "context", block_size: Optional[int] = None):
+                               context_axis: str = "context", block_size: Optional[int] = None,
+                               segment_ids=None):
   """Self-attention with a static block mask, the sequence split over ``context_axis``.
 
   Args:
@@ -158,6 +161,8 @@ def context_parallel_attention(query, key, value, mask, mesh: Mesh, *, scale=Non
     mesh: a Mesh containing ``context_axis`` (and optionally the others).
     scale: logit scale (default 1/sqrt(H)).
     implementation: passed to ``attnjax.attention`` for the partial blocks.
+    segment_ids: optional int [B, T] document ids (packed sequences): a query
+      sees only keys of its own document.
 
   Returns:
     out [B, T, N, Hv], equal to dense attention with ``mask``.
@@ -173,21 +178,26 @@ def context_parallel_attention(query, key, value, mask, mesh: Mesh, *, scale=Non
   X = mesh.shape[hax] if hax else 1
   if dax and d.B % mesh.shape[dax]:
     raise ValueError(f"batch {d.B} is not divisible by the {dax!r} axis size {mesh.shape[dax]}.")
+  segs = _check_segment_ids(segment_ids, d.B, d.T)
   plan = make_plan(mask, d.T, d.N, d.K, C, X, block_size)
   scale = V.check_scale(scale, d.H)
   nl, kl, tl, bs = d.N // X, d.K // X, plan.chunk_len, plan.block_size
   tables = {s: (jnp.asarray(plan.send[s]), jnp.asarray(plan.recv[s])) for s in plan.shifts}
 
-  def local_fn(q, k, v):
+  def local_fn(q, k, v, *seg):
     c, x = _index(context_axis), _index(hax)
     heads = x * nl + jnp.arange(nl)
     group = jnp.arange(nl) // (nl // kl)
     q_pos = c * tl + jnp.arange(tl)
     vis = mask.predicate(heads[:, None, None], q_pos[None, :, None], q_pos[None, None, :])
     out, lse = api.attention(q, k, v, mask=jnp.asarray(vis, bool)[None], scale=scale,
-                             return_lse=True, implementation=implementation)
+                             segment_ids=seg[0] if seg else None, return_lse=True,
+                             implementation=implementation)
     kb = k.reshape(k.shape[0], plan.blocks_per_chunk, bs, kl, k.shape[-1])
     vb = v.reshape(v.shape[0], plan.blocks_per_chunk, bs, kl, v.shape[-1])
+    if seg:   # document ids as one more "feature" of every key block and KV head
+      sb = jnp.broadcast_to(seg[0].reshape(k.shape[0], plan.blocks_per_chunk, bs, 1, 1),
+                            kb.shape[:4] + (1,))
     for s in plan.shifts:
       snd, rcv = tables[s][0][c, x], tables[s][1][c, x]          # [M, Kl]
       ks, vs = _gather_blocks(kb, snd), _gather_blocks(vb, snd)  # [B, M*bs, Kl, H]
@@ -197,17 +207,37 @@ def context_parallel_attention(query, key, value, mask, mesh: Mesh, *, scale=Non
       k_pos = (rcv.T[:, :, None] * bs + jnp.arange(bs)).reshape(kl, -1)   # [Kl, M*bs]
       valid = jnp.repeat(rcv.T >= 0, bs, axis=1)
       kp, ok = k_pos[group], valid[group]                                  # [Nl, M*bs]
-      vis = ok[:, None, :] & jnp.asarray(
-          mask.predicate(heads[:, None, None], q_pos[None, :, None], kp[:, None, :]), bool)
-      o2, l2 = api.attention(q, ks, vs, mask=vis[None], scale=scale, return_lse=True,
+      vis = (ok[:, None, :] & jnp.asarray(
+          mask.predicate(heads[:, None, None], q_pos[None, :, None], kp[:, None, :]), bool))[None]
+      if seg:   # [B, Nl, tl, M*bs]: the received blocks differ per KV head
+        ss = jax.lax.ppermute(_gather_blocks(sb, snd), context_axis, perm)[..., 0]  # [B, M*bs, Kl]
+        vis = vis & (seg[0][:, None, :, None] == jnp.moveaxis(ss, 1, 2)[:, group, None, :])
+      o2, l2 = api.attention(q, ks, vs, mask=vis, scale=scale, return_lse=True,
                              implementation=implementation)
       out, lse = merge_attention(out, lse, o2, l2)
     return out
 
   spec = P(dax, context_axis, hax, None)
-  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                     check_vma=False)
-  return fn(query, key, value)
+  extra = () if segs is None else (segs,)
+  fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec,) * 3 + (P(dax, context_axis),) * len(
+      extra), out_specs=spec, check_vma=False)
+  return fn(query, key, value, *extra)
+
+
+def _check_segment_ids(segment_ids, batch, seq_len):
+  """int32 [B, T] document ids, or None; a (q ids, kv ids) pair must be one array."""
+  if segment_ids is None:
+    return None
+  if isinstance(segment_ids, (tuple, list)):
+    if len(segment_ids) != 2 or segment_ids[0] is not segment_ids[1]:
+      raise ValueError("segment_ids: context parallelism is self-attention, so the query and "
+                       "key segment ids must be one array [B, T] (or the same array twice).")
+    segment_ids = segment_ids[0]
+  segs = jnp.asarray(segment_ids)
+  if segs.shape != (batch, seq_len) or not jnp.issubdtype(segs.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be an int array [B, T] = [{batch}, {seq_len}], got "
+                     f"{segs.dtype} {segs.shape}.")
+  return segs.astype(jnp.int32)
 
 
 def _gather_blocks(blocks, idx):
@@ -252,7 +282,7 @@ def s2_family_for_mesh(mesh: Mesh, **axes):
   segment_ids=None, implementation=None, scale=None, **s2_options)`` builds
   ``attnjax.masks.S2(num_heads=N, num_kv_heads=K, causal=causal, **s2_options)``
   and calls :func:`context_parallel_attention`. Self-attention with default
-  positions only; segment ids are not supported (raises).
+  positions only; segment ids (packed documents) travel with the key blocks.
   """
 
   def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
@@ -261,8 +291,6 @@ def s2_family_for_mesh(mesh: Mesh, **axes):
     if unknown:
       raise ValueError(f"S2 context-parallel attention got unknown options {unknown}; "
                        f"expected some of {list(_S2_FIELDS)}.")
-    if segment_ids is not None:
-      raise NotImplementedError("S2 context-parallel attention does not take segment_ids.")
     T = query.shape[1]
     for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
       if pos is not None and not _is_default(pos, T):
@@ -270,7 +298,8 @@ def s2_family_for_mesh(mesh: Mesh, **axes):
             f"S2 context-parallel attention needs default positions; got custom {name}.")
     mask = S2(query.shape[2], causal=bool(causal), num_kv_heads=key.shape[2], **options)
     return context_parallel_attention(query, key, value, mask, mesh, scale=scale,
-                                      implementation=implementation, **axes)
+                                      implementation=implementation, segment_ids=segment_ids,
+                                      **axes)
 
   return fn
 
