@@ -73,6 +73,20 @@ sh = context_parallel_family("linear", make_mesh(1, 1, 8))
 y = jax.jit(lambda q, k, v: sh(q, k, v, causal=True, segment_ids=docs.at[1, 20:].set(0)))(q, k, v)
 out["linear_decreasing_ids"] = [bool(jnp.isnan(y[0]).any()), bool(jnp.isnan(y[1]).all())]
 
+# positions traced under jit are checked at run time: arange(T) runs, others give NaN
+lin = context_parallel_family("linear", make_mesh(1, 1, 8))
+f = jax.jit(lambda q, k, v, p: lin(q, k, v, causal=True, q_positions=p, k_positions=p))
+ref = registry.get_family("linear")(q, k, v, causal=True)
+out["traced_positions"] = [float(jnp.abs(f(q, k, v, jnp.arange(T)) - ref).max()),
+                           bool(jnp.isnan(f(q, k, v, jnp.arange(T) + 1)).all())]
+from attnjax.sharding import s2_family_for_mesh   # the launcher's S2 layers call it directly
+s2f = s2_family_for_mesh(make_mesh(1, 1, 4, devices=jax.devices()[:4]))
+o = dict(block_size=4, local_blocks=1, vert_stride=2)
+f = jax.jit(lambda q, k, v, p: s2f(q, k, v, causal=True, q_positions=p, k_positions=p, **o))
+ref = registry.get_family("s2")(q, k, v, causal=True, **o)
+out["traced_positions_s2"] = [float(jnp.abs(f(q, k, v, jnp.arange(T)) - ref).max()),
+                              bool(jnp.isnan(f(q, k, v, jnp.arange(T) + 1)).all())]
+
 from configs import common
 from experiments import models, tasks
 c = common.base_config("t")
@@ -122,6 +136,24 @@ def test_families_without_segments_refuse_segment_ids(family):
   with pytest.raises(NotImplementedError, match="segment_ids"):
     context_parallel_family(family, make_mesh())(x, x, x, causal=True,
                                                  segment_ids=jnp.zeros((1, 8), jnp.int32))
+
+
+@pytest.mark.parametrize("case", ["traced_positions", "traced_positions_s2"])
+def test_traced_positions_are_checked_at_run_time(result, case):
+  err, nan = result[case]
+  assert err < 2e-5 and nan
+
+
+@pytest.mark.parametrize("family", ["sliding_window", "s2", "linear", "na1d"])
+def test_custom_positions_raise_naming_the_argument(family):
+  import jax.numpy as jnp
+  from attnjax.sharding import context_parallel_family
+  x = jnp.zeros((1, 8, 2, 4))
+  f = context_parallel_family(family, make_mesh())
+  with pytest.raises(NotImplementedError, match="custom k_positions"):
+    f(x, x, x, causal=True, k_positions=jnp.arange(8) + 1)
+  with pytest.raises(ValueError, match="q_positions must have shape"):
+    f(x, x, x, causal=True, q_positions=jnp.arange(7))
 
 
 def test_launcher_names_a_family_that_cannot_run_context_parallel(result):

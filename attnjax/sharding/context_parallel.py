@@ -20,8 +20,10 @@ context-parallel path:
 
 Every other family raises ``NotImplementedError`` saying why
 (``context_parallel_support()`` lists the route or the reason per family).
-All routes are self-attention (T == S) with default positions ``arange(T)``;
-T must be divisible by the context axis size. Segment ids (packed documents)
+All routes are self-attention (T == S) with default positions ``arange(T)``
+(custom concrete positions raise; positions traced under jit are checked at
+run time and give NaN unless they equal ``arange(T)``); T must be divisible
+by the context axis size. Segment ids (packed documents)
 are taken where the unsharded family takes them: the block-sparse and S2
 routes carry them with the K/V blocks, ``"na1d"`` runs its neighborhood
 ``Mask`` on the block-sparse route (as unsharded), ``"linear"`` (causal) runs
@@ -30,8 +32,11 @@ The block-sparse route also takes ``implementation="pallas"``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -117,18 +122,23 @@ def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, rou
     raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids: the "
                               f"{family!r} family itself uses a single segment.")
   T = query.shape[1]
+  checks = []
   for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
     if pos is None:
       continue
-    try:
-      ok = np.array_equal(np.asarray(pos).reshape(-1, T), np.tile(np.arange(T), (
-          np.asarray(pos).size // T, 1)))
-    except Exception as e:  # traced positions cannot be checked at trace time
-      raise NotImplementedError(f"context-parallel {family!r} uses the default positions "
-                                f"arange(T); {name} must be None or a concrete arange.") from e
-    if not ok:
-      raise NotImplementedError(f"context-parallel {family!r} uses the default positions "
-                                f"arange(T); got custom {name}.")
+    traced = isinstance(pos, jax.core.Tracer)
+    p = pos if traced else np.asarray(pos)
+    if p.ndim not in (1, 2) or p.shape[-1] != T:
+      raise ValueError(f"{name} must have shape [T] or [B, T] with T={T}, got {p.shape}.")
+    if traced:   # checked at run time: other positions give NaN, never a wrong value
+      checks.append(jnp.all(p == jnp.arange(T, dtype=p.dtype)))
+    elif not np.array_equal(p.reshape(-1, T), np.broadcast_to(np.arange(T), (p.size // T, T))):
+      raise NotImplementedError(
+          f"context-parallel {family!r} runs at the default positions arange(T); got custom "
+          f"{name} (the exchange plans are read off the mask at those positions: other "
+          "positions can make any block visible). A model kept in zig-zag order passes "
+          "sequence_order='assignment' to the block-sparse route instead.")
+  return functools.reduce(jnp.logical_and, checks) if checks else None
 
 
 def _one_segment_array(family, seg):
@@ -221,10 +231,13 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
 
   def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
          **options):
+    ok = _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route)
+    out = run(query, key, value, causal=causal, segment_ids=segment_ids, **options)
+    return out if ok is None else jnp.where(ok, out, jnp.nan).astype(out.dtype)
+
+  def run(query, key, value, *, causal, segment_ids, **options):
     if route == "s2":
-      return s2(query, key, value, causal=causal, q_positions=q_positions,
-                k_positions=k_positions, segment_ids=segment_ids, **options)
-    _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route)
+      return s2(query, key, value, causal=causal, segment_ids=segment_ids, **options)
     o = dict(options)
     scale, impl = o.pop("scale", None), o.pop("implementation", None)
     axes = dict(data_axis=data_axis, heads_axis=head_axis, context_axis=axis)

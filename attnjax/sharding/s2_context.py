@@ -282,7 +282,9 @@ def s2_family_for_mesh(mesh: Mesh, **axes):
   segment_ids=None, implementation=None, scale=None, **s2_options)`` builds
   ``attnjax.masks.S2(num_heads=N, num_kv_heads=K, causal=causal, **s2_options)``
   and calls :func:`context_parallel_attention`. Self-attention with default
-  positions only; segment ids (packed documents) travel with the key blocks.
+  positions only (custom ones raise; traced ones are checked at run time and
+  give NaN unless they are ``arange(T)``); segment ids (packed documents)
+  travel with the key blocks.
   """
 
   def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
@@ -292,20 +294,21 @@ def s2_family_for_mesh(mesh: Mesh, **axes):
       raise ValueError(f"S2 context-parallel attention got unknown options {unknown}; "
                        f"expected some of {list(_S2_FIELDS)}.")
     T = query.shape[1]
+    ok = True
     for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
-      if pos is not None and not _is_default(pos, T):
+      if pos is None:
+        continue
+      if isinstance(pos, jax.core.Tracer):   # checked at run time: other positions give NaN
+        ok = ok & jnp.all(jnp.asarray(pos).reshape(-1, T) == jnp.arange(T))
+      elif not np.array_equal(np.asarray(pos).reshape(-1, T),
+                              np.broadcast_to(np.arange(T), (np.size(pos) // T, T))):
         raise NotImplementedError(
-            f"S2 context-parallel attention needs default positions; got custom {name}.")
+            f"S2 context-parallel attention runs at the default positions arange(T); got "
+            f"custom {name}.")
     mask = S2(query.shape[2], causal=bool(causal), num_kv_heads=key.shape[2], **options)
-    return context_parallel_attention(query, key, value, mask, mesh, scale=scale,
-                                      implementation=implementation, segment_ids=segment_ids,
-                                      **axes)
+    out = context_parallel_attention(query, key, value, mask, mesh, scale=scale,
+                                     implementation=implementation, segment_ids=segment_ids,
+                                     **axes)
+    return out if ok is True else jnp.where(ok, out, jnp.nan).astype(out.dtype)
 
   return fn
-
-
-def _is_default(pos, T):
-  try:
-    return bool(np.array_equal(np.asarray(pos).reshape(-1, T)[0], np.arange(T)))
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    return True   # traced positions: the layer's default arange, cannot be checked here
