@@ -20,6 +20,11 @@ broadcastable to the tile, 0 for dropped pairs and 1 / (1 - rate) for kept
 ones (``attnjax.core.dropout``). It multiplies the normalised probabilities
 that weight the values; the normaliser ``l`` and the lse are those of the
 undropped softmax.
+
+Normalisations other than softmax (``"sum"``: weights divided by their row
+sum; ``"none"``: unnormalised) accumulate their non-negative weights with
+``sum_update`` and finalise with ``finalize(..., normalization=)``; ``m`` is
+then unused.
 """
 from __future__ import annotations
 
@@ -114,6 +119,16 @@ def online_update(m, l, acc, s, v, keep=None):
   return m_new, l, acc
 
 
+def sum_update(l, acc, w, v, keep=None):
+  """One step of the ``"sum"``/``"none"`` normalisations: plain sums of the weights.
+
+  w: weights [..., rows, cols] float32 (0 where masked); l [..., rows, 1],
+  acc [..., rows, Hv]; returns the updated (l, acc).
+  """
+  return (l + jnp.sum(w, axis=-1, keepdims=True),
+          acc + dot_nn(_dropped(w, keep).astype(v.dtype), v))
+
+
 def merge(parts):
   """Merges partial states [(m, l, acc), ...] of the same rows over disjoint key sets.
 
@@ -135,17 +150,23 @@ def merge(parts):
   return m, l, acc
 
 
-def finalize(m, l, acc, sink=None):
+def finalize(m, l, acc, sink=None, normalization="softmax"):
   """(out [..., rows, Hv], lse [..., rows, 1]) float32 from a state.
 
   ``sink``: optional extra logits broadcastable to [..., rows, 1] (learned
   sinks: a key with no value that takes part in the normalisation). Rows with
   l == 0 (and no sink) give zeros and lse = -inf; a NaN sum propagates.
+  ``normalization``: "softmax" (the online-softmax state), "sum" (out =
+  acc / l, lse = log l; ``m`` unused) or "none" (out = acc, lse = log l).
   """
   ok = l != 0
-  lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
+  log_l = jnp.where(ok, jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
+  if normalization != "softmax":
+    out = acc if normalization == "none" else acc / jnp.where(ok, l, 1.0)
+    return jnp.where(ok, out, 0.0), log_l
+  lse = jnp.where(ok, m + log_l, NEG_INF)
   if sink is None:
-    return acc / jnp.where(ok, l, 1.0), lse
+    return jnp.where(ok, acc / jnp.where(ok, l, 1.0), 0.0), lse
   lse = jnp.logaddexp(lse, sink)
   fin = lse != NEG_INF
   scale = jnp.exp(_safe(m) - jnp.where(fin, lse, 0.0))
@@ -177,6 +198,13 @@ def probs_from_lse(s, lse, visible=None):
   """
   p = jnp.exp(s - safe_shift(lse))
   return p if visible is None else jnp.where(visible, p, 0.0)
+
+
+def inverse_sum(lse):
+  """1 / the row sum, exp(-lse), of the ``"sum"`` normalisation: 0 for empty rows
+  (lse = -inf); a NaN lse stays NaN."""
+  fin = lse != NEG_INF
+  return jnp.where(fin, jnp.exp(-jnp.where(fin, lse, 0.0)), 0.0)
 
 
 def dropped_probs(p, keep=None):

@@ -9,10 +9,9 @@ compiler and through the interpreters:
   positions from iota or arrays, segment ids, the boolean mask-array tile,
   the per-batch sequence lengths) - evaluated only on partial blocks; full
   blocks skip the mask.
-- ``online_update``: one step of the flash recurrence (running max for
-  softmax; plain sums for the ``"sum"``/``"none"`` normalisations).
-- ``block_grads``: gradients of one block with respect to the raw logits and
-  the normalised weights, for the dQ and dK/dV kernels.
+- ``online_update``, ``finalize``, ``block_grads``: the flash recurrence, its
+  finalisation and the per-block backward, on ``attnjax.core.flash`` (running
+  max for softmax; plain sums for the ``"sum"``/``"none"`` normalisations).
 
 Notation: a q-block of ``bq`` rows, a k-block of ``bk`` columns; ``m``/``l``
 are [bq, 1] float32 (running max and normaliser), ``acc`` [bq, Hv] float32.
@@ -26,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnjax.core import flash as F
+from attnjax.core.flash import NEG_INF, dot_nn, dot_nt, dot_tn
 from attnjax.core.scoring import SoftmaxScore
-
-NEG_INF = float("-inf")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,22 +178,6 @@ def list_row(cfg: KernelConfig, b, h, i, rows: int):
   return lh * rows + i
 
 
-# -- matmuls (float32 accumulation) ----------------------------------------------
-def dot_nt(a, b):
-  """a [m, k] @ b[n, k]^T -> [m, n] float32."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def dot_nn(a, b):
-  """a [m, k] @ b [k, n] -> [m, n] float32."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def dot_tn(a, b):
-  """a[k, m]^T @ b [k, n] -> [m, n] float32."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 # -- positions ---------------------------------------------------------------------
 def iota_positions(offset: int, start, size: int, axis: int):
   """Positions ``offset + start + arange(size)`` as [size, 1] (axis 0) or [1, size]."""
@@ -261,21 +244,15 @@ def block_logits(cfg: KernelConfig, q, k, head, q_pos, k_pos, bias_tile=None):
 
 
 def online_update(cfg: KernelConfig, s, vis, v, m, l, acc):
-  """One k-block of the forward recurrence; returns the new (m, l, acc)."""
+  """One k-block of the forward recurrence (``attnjax.core.flash``); returns (m, l, acc)."""
   if cfg.normalization == "softmax":
     if vis is not None:
       s = jnp.where(vis, s, NEG_INF)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m - m_safe)
-    l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    acc_new = alpha * acc + dot_nn(p.astype(v.dtype), v)
-    return m_new, l_new, acc_new
+    return F.online_update(m, l, acc, s, v)
   w = cfg.score.weights(s).astype(jnp.float32)
   if vis is not None:
     w = jnp.where(vis, w, 0.0)
-  return m, l + jnp.sum(w, axis=1, keepdims=True), acc + dot_nn(w.astype(v.dtype), v)
+  return (m,) + F.sum_update(l, acc, w, v)
 
 
 def finalize(cfg: KernelConfig, m, l, acc):
@@ -284,17 +261,9 @@ def finalize(cfg: KernelConfig, m, l, acc):
   Rows that saw no key give zeros and lse = -inf; a NaN logit makes ``l``
   NaN, which is not an empty row: it reaches the output and the lse. For
   ``"none"`` the output is the unnormalised sum and lse is the log of the
-  weight sum.
+  weight sum. Sinks are applied outside the kernels (``api.py``).
   """
-  empty = l == 0
-  safe_l = jnp.where(empty, 1.0, l)
-  log_l = jnp.where(empty, NEG_INF, jnp.log(safe_l))
-  if cfg.normalization == "softmax":
-    lse = jnp.where(empty, NEG_INF, m + log_l)
-  else:
-    lse = log_l
-  out = acc if cfg.normalization == "none" else acc / safe_l
-  return jnp.where(empty, 0.0, out), lse
+  return F.finalize(m, l, acc, normalization=cfg.normalization)
 
 
 def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_pos,
@@ -316,9 +285,6 @@ def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_
   raw = _raw(cfg, q, k, bias_tile)
   dp = dot_nt(do, v)
   norm = cfg.normalization
-  finite = lse != NEG_INF
-  lse_safe = jnp.where(finite, lse, 0.0)
-
   if norm == "softmax":
     fn = lambda x: _transform(cfg, x, head, q_pos, k_pos)
   else:
@@ -329,17 +295,14 @@ def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_
     s, pullback = jax.vjp(fn, raw)
 
   if norm == "softmax":
-    p = jnp.exp(s - lse_safe)
-    if vis is not None:
-      p = jnp.where(vis, p, 0.0)
-    p = jnp.where(finite, p, 0.0)
-    dsx = p * (dp - delta)
+    p = F.probs_from_lse(s, lse, vis)
+    dsx = F.logits_grad(p, dp, delta)
   else:
     w = s if vis is None else jnp.where(vis, s, 0.0)
     if norm == "sum":
-      inv = jnp.where(finite, jnp.exp(-lse_safe), 0.0)
+      inv = F.inverse_sum(lse)
       p = w * inv
-      dsx = (dp - delta) * inv
+      dsx = F.logits_grad(inv, dp, delta)
     else:
       p = w
       dsx = dp

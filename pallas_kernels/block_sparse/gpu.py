@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from attnjax.core import flash as F
 from pallas_kernels.block_sparse import common as C
 from pallas_kernels.block_sparse import lists as L
 
@@ -247,11 +248,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rows_ref, *refs, cfg, names):
                        _len_vis(lens, is_full, q_start, tq, k_start, tk))
     return C.online_update(cfg, s, vis, v, m, l, acc)
 
-  init = (jnp.full((tq, 1), C.NEG_INF, jnp.float32), jnp.zeros((tq, 1), jnp.float32),
-          jnp.zeros((tq, o_ref.shape[-1]), jnp.float32))
   m, l, acc = _walk(cfg, lambda j: rows_ref[j + 2],
                     _row_ranges(cfg, rows_ref, side, q_start, lens),
-                    cfg.block_kv // tk, visit, init)
+                    cfg.block_kv // tk, visit, F.init_state((tq,), o_ref.shape[-1]))
   out, lse = C.finalize(cfg, m, l, acc)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]

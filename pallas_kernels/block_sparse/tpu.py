@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnjax.core import flash as F
 from pallas_kernels.block_sparse import common as C
 from pallas_kernels.block_sparse import lists as L
 
@@ -212,9 +213,7 @@ def _fwd_kernel(*refs, cfg, names, i0, rows):
 
   @pl.when(j == 0)
   def _init():
-    m_scr[...] = jnp.full(m_scr.shape, C.NEG_INF, jnp.float32)
-    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    m_scr[...], l_scr[...], acc_scr[...] = F.init_state(m_scr.shape[:1], acc_scr.shape[-1])
 
   @pl.when(j < count_ref[_count_row(cfg, b, row, rows)])
   def _visit():
