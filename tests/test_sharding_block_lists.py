@@ -5,7 +5,9 @@ In the shared ``multidevice`` child: lists from ``attnjax.dynamic.select.topk_bl
 ``block_sparse_attention_indices`` (the dense oracle of the lists), forward and
 gradients, on context axes of 2, 4 and 8, with data and head axes, GQA,
 bfloat16 and a capacity computed from the lists (the Pallas kernels inside
-shard_map are checked through the static route, test_sharding_block_sparse); a capacity one short gives NaN in exactly the rows that lose a block.
+shard_map are checked through the static route, test_sharding_block_sparse), and the
+zig-zag assignment (natural order, and arrays already in zig-zag order); a capacity one
+short gives NaN in exactly the rows that lose a block.
 In this process: the plan's rounds and bounds, and the capacity of hand-built lists.
 """
 import numpy as np
@@ -69,6 +71,30 @@ for name, (heads, kk, causal, shape, opts, dtype, fit) in cases.items():
                "grad": max(float(np.abs(f32(a) - f32(b)).max() / (np.abs(f32(b)).max() + 1e-6))
                            for a, b in zip(g1, g2)), "dtype": str(o1.dtype)}
 
+# zig-zag assignment (natural order in and out; and arrays already in that order), causal lists
+from attnjax.sharding import sequence_permutation
+idx, cnt = lists(N, 3, True, seed=11)
+cap = block_list_capacity(idx, cnt, num_shards=4, num_kv_heads=K, per_distance=True,
+                          assignment="zigzag")
+mesh = mesh_of((1, 1, 4))
+perm = sequence_permutation(T, 4, "zigzag")
+qperm, inv = perm[::bs] // bs, np.argsort(perm)
+zz = lambda q, k, v: context_parallel_block_lists(q, k, v, idx, cnt, block_size=bs, mesh=mesh,
+                                                  mask=M.Causal(), capacity=cap,
+                                                  assignment="zigzag")
+zz_a = lambda q, k, v: context_parallel_block_lists(
+    q[:, perm], k[:, perm], v[:, perm], idx[:, :, qperm], cnt[:, :, qperm], block_size=bs,
+    mesh=mesh, mask=M.Causal(), capacity=cap, assignment="zigzag",
+    sequence_order="assignment")[:, inv]
+ref = lambda q, k, v: block_sparse_attention_indices(q, k, v, idx, cnt, block_q=bs, block_kv=bs,
+                                                     mask=M.Causal(), implementation="reference")
+res = jax.jit(lambda *a: [vg(fn)(*a) for fn in (zz, zz_a, ref)])(q, k, v)
+for name, ((_, o1), g1) in zip(("zigzag", "zigzag_assignment_order"), res[:2]):
+  (_, o2), g2 = res[2]
+  out[name] = {"fwd": float(np.abs(f32(o1) - f32(o2)).max()),
+               "grad": max(float(np.abs(f32(a) - f32(b)).max() / (np.abs(f32(b)).max() + 1e-6))
+                           for a, b in zip(g1, g2)), "dtype": str(o1.dtype)}
+
 # a capacity one short: NaN in exactly the rows whose lists lose a block, the others exact
 idx, cnt = lists(N, 3, True, seed=7)
 cap = block_list_capacity(idx, cnt, num_shards=4, num_kv_heads=K)
@@ -111,7 +137,8 @@ def result():
 
 
 @pytest.mark.parametrize("case", ["topk_causal_c8", "topk_kv_lists_d2h2c2_bf16",
-                                  "topk_causal_capacity_c4"])
+                                  "topk_causal_capacity_c4", "zigzag",
+                                  "zigzag_assignment_order"])
 def test_sharded_equals_unsharded(result, case):
   r = result[case]
   tol = 3e-2 if r["dtype"] == "bfloat16" else 1e-5
@@ -166,3 +193,31 @@ def test_per_distance_capacity_drops_empty_rounds():
   assert plan.buffer_blocks == 4 + 3 + 1
   with pytest.raises(ValueError, match="capacity has 2 entries; expected one per device"):
     block_list_plan(M.Causal(), 1024, 8, 4, 2, 8, 32, capacity=(1, 1))
+
+
+def test_zigzag_plan_balances_causal_work_and_owns_two_chunks():
+  from attnjax.sharding import owned_blocks
+  own = owned_blocks(1024, 8, 32, "zigzag")                      # 2 chunks of 2 blocks each
+  assert own[0].tolist() == [0, 1, 30, 31] and own[7].tolist() == [14, 15, 16, 17]
+  plan = block_list_plan(M.Causal(), 1024, 8, 4, 2, 8, 32, assignment="zigzag")
+  assert (plan.owned == own).all()
+  # causal key blocks visible to each device's q-blocks: equal on every device
+  work = [sum(int(b) + 1 for b in own[d]) for d in range(8)]
+  assert max(work) == min(work)
+  contiguous = [sum(int(b) + 1 for b in owned_blocks(1024, 8, 32)[d]) for d in range(8)]
+  assert max(contiguous) / np.mean(contiguous) > 1.8
+  with pytest.raises(ValueError, match="block_size=128 must divide the chunks"):
+    owned_blocks(1024, 8, 128, "zigzag")                         # chunks of 64 tokens
+
+
+def test_capacity_of_hand_built_lists_zigzag():
+  # 2 devices, 4 q-blocks: device 0 holds blocks 0 and 3, device 1 blocks 1 and 2; the
+  # rows of block 3 (device 0) name blocks 1 and 2 (device 1)
+  idx = np.array([[[[0, 0], [1, 0], [2, 1], [3, 1]]]])
+  cnt = np.array([[[1, 2, 2, 2]]])
+  assert block_list_capacity(idx, cnt, num_shards=2, num_kv_heads=1,
+                             assignment="zigzag") == 1
+  idx[0, 0, 3] = [1, 2]
+  assert block_list_capacity(idx, cnt, num_shards=2, num_kv_heads=1,
+                             assignment="zigzag") == 2
+  assert block_list_capacity(idx, cnt, num_shards=2, num_kv_heads=1) == 1   # both on device 0

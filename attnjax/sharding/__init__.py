@@ -23,6 +23,6 @@ from attnjax.sharding.block_sparse_plan import (BlockSparseContextPlan,
 from attnjax.sharding.block_sparse_context import context_parallel_block_sparse
 from attnjax.sharding.block_list_context import (BlockListPlan, block_list_capacity,
                                                  block_list_plan, block_list_report,
-                                                 context_parallel_block_lists)
+                                                 context_parallel_block_lists, owned_blocks)
 from attnjax.sharding.context_parallel import (context_parallel, context_parallel_family,
                                                context_parallel_support, static_mask)

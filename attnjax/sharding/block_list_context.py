@@ -25,6 +25,13 @@ query row whose lists name more blocks of one device than ``capacity`` gets
 NaN in its output (never a silently wrong value). List entries that name a
 device whose blocks the static mask hides from every local q-block are
 dropped (the mask would zero them anyway).
+
+``assignment="zigzag"`` (as the static route's: the sequence in 2P chunks,
+device d holding chunks d and 2P-1-d) balances causal work: a device's
+q-blocks then see as many causal key blocks as any other's. The lists keep
+their global block numbering; ``sequence_order`` says whether the arrays (and
+the q-block axis of the lists) come in natural order (permuted here) or
+already in ``sequence_permutation(T, P, "zigzag")`` order.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from attnjax.block_sparse import block_sparse_attention_indices
 from attnjax.core import validation as V
 from attnjax.masks import layout as LY
 from attnjax.masks.base import Mask
+from attnjax.sharding.block_sparse_plan import SEQUENCE_ORDERS, sequence_permutation
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "reference")
 
@@ -52,6 +60,8 @@ class BlockListPlan:
 
   Attributes:
     num_shards: P; local_blocks: nbl = T / (P block_size); block_size.
+    owned: int [P, nbl] global blocks of each device, in its local order
+      (contiguous: c nbl + arange(nbl); zigzag: two chunks).
     entries_per_row: list entries one (local head, q-block) row holds (k).
     reachable: bool [P, P]: device ``dst`` may need blocks of device ``src``
       (some q-block of dst sees some block of src under the static mask).
@@ -64,6 +74,7 @@ class BlockListPlan:
   block_size: int
   entries_per_row: int
   reachable: np.ndarray
+  owned: np.ndarray
   rounds: Tuple[Tuple[int, int, Tuple[Tuple[int, int], ...]], ...]
   buffer_blocks: int
 
@@ -72,32 +83,45 @@ class BlockListPlan:
     return int(sum(m for _, m, _ in self.rounds))
 
 
-def _visible(mask, seq_len, bs, num_heads, P_, nbl):
+def owned_blocks(seq_len: int, num_shards: int, block_size: int,
+                 assignment: str = "contiguous") -> np.ndarray:
+  """int [P, nbl]: the global blocks each device holds, in its local order."""
+  perm = sequence_permutation(seq_len, num_shards, assignment)
+  if (seq_len // num_shards) % block_size or (assignment == "zigzag" and
+                                              (seq_len // (2 * num_shards)) % block_size):
+    raise ValueError(f"block_size={block_size} must divide the chunks of the {assignment!r} "
+                     f"assignment of T={seq_len} over {num_shards} context shards.")
+  return (perm.reshape(num_shards, -1, block_size)[:, :, 0] // block_size).astype(np.int64)
+
+
+def _visible(mask, seq_len, bs, num_heads, own):
   """bool [P, P] dst sees some block of src, and int [P, P] how many of src's blocks."""
+  P_, nbl = own.shape
   if mask is None:
     return np.ones((P_, P_), bool), np.full((P_, P_), nbl)
   cls = np.asarray(mask.block_layout(seq_len, seq_len, bs, bs, num_heads).block_mask)
   seen = (cls != LY.EMPTY).any(0)                                        # [nq, nk]
-  per = seen.reshape(P_, nbl, P_, nbl).any(1)                            # [dst, src, nbl]
-  return per.any(-1), per.sum(-1)
+  per = seen[own.reshape(-1)][:, own.reshape(-1)].reshape(P_, nbl, P_, nbl).any(1)
+  return per.any(-1), per.sum(-1)                                        # [dst, src(, nbl)]
 
 
 @functools.lru_cache(maxsize=32)
 def block_list_plan(mask, seq_len: int, num_heads: int, list_heads_per_kv: int,
                     entries_per_row: int, num_shards: int, block_size: int,
-                    capacity=None) -> BlockListPlan:
+                    capacity=None, assignment: str = "contiguous") -> BlockListPlan:
   """The exchange rounds for lists of ``entries_per_row`` blocks (cached).
 
   ``list_heads_per_kv``: list rows per (KV head, q-block): G = N / K for
   per-query-head lists, 1 for per-KV-head lists. ``capacity``: at most this
   many blocks per (distance, batch row, KV head), an int or one int per device
   distance 1..P-1 (a tuple, as ``block_list_capacity(..., per_distance=True)``
-  returns); default the exact bound.
+  returns); default the exact bound. ``assignment``: "contiguous" or "zigzag".
   """
   if seq_len % (num_shards * block_size):
     raise ValueError(f"block_size={block_size} x the context axis size {num_shards} must "
                      f"divide the sequence length T={seq_len}.")
-  nbl = seq_len // (num_shards * block_size)
+  own = owned_blocks(seq_len, num_shards, block_size, assignment)
+  nbl = own.shape[1]
   caps = [None] * num_shards
   if isinstance(capacity, (tuple, list)):
     if len(capacity) != num_shards - 1:
@@ -106,7 +130,7 @@ def block_list_plan(mask, seq_len: int, num_heads: int, list_heads_per_kv: int,
     caps = [None] + [V.check_positive_int("capacity", c, minimum=0) for c in capacity]
   elif capacity is not None:
     caps = [None] + [V.check_positive_int("capacity", capacity)] * (num_shards - 1)
-  reach, count = _visible(mask, seq_len, block_size, num_heads, num_shards, nbl)
+  reach, count = _visible(mask, seq_len, block_size, num_heads, own)
   np.fill_diagonal(reach, False)
   bound = np.minimum(count, nbl * list_heads_per_kv * entries_per_row)
   rounds, off = [], nbl
@@ -121,17 +145,20 @@ def block_list_plan(mask, seq_len: int, num_heads: int, list_heads_per_kv: int,
       continue
     rounds.append((r, m, pairs))
     off += m
-  return BlockListPlan(num_shards, nbl, block_size, entries_per_row, reach, tuple(rounds), off)
+  return BlockListPlan(num_shards, nbl, block_size, entries_per_row, reach, own, tuple(rounds),
+                       off)
 
 
 def block_list_capacity(kv_block_indices, kv_block_counts, *, num_shards: int,
-                        num_kv_heads: int, per_distance: bool = False):
+                        num_kv_heads: int, per_distance: bool = False,
+                        assignment: str = "contiguous"):
   """The smallest ``capacity`` under which these lists lose no block (NumPy, on the host).
 
   The largest number of distinct key blocks that the rows of one context
   shard name in another shard, over batch rows and KV heads; with
   ``per_distance`` a tuple, one such maximum per device distance 1..P-1
-  (distance r: shard c reading shard c - r mod P).
+  (distance r: shard c reading shard c - r mod P). Lists in natural q-block
+  order; ``assignment`` as :func:`context_parallel_block_lists`.
   """
   idx = np.asarray(kv_block_indices)
   B, Hi, nq, k = idx.shape
@@ -140,7 +167,8 @@ def block_list_capacity(kv_block_indices, kv_block_counts, *, num_shards: int,
     raise ValueError(f"kv_block_indices {idx.shape}: q-blocks {nq} must be divisible by "
                      f"num_shards={num_shards} and list heads {Hi} by num_kv_heads="
                      f"{num_kv_heads}.")
-  nbl = nq // num_shards
+  own = owned_blocks(nq, num_shards, 1, assignment)            # [P, nbl] (blocks as tokens)
+  owner = np.argsort(own.reshape(-1)) // own.shape[1]
   valid = np.arange(k) < cnt[..., None]
   g = np.arange(Hi) // (Hi // num_kv_heads)
   most = np.zeros(num_shards, np.int64)
@@ -149,8 +177,8 @@ def block_list_capacity(kv_block_indices, kv_block_counts, *, num_shards: int,
       rows = idx[b, g == kv]                                   # [heads, nq, k]
       ok = valid[b, g == kv]
       for dst in range(num_shards):
-        sel = rows[:, dst * nbl:(dst + 1) * nbl][ok[:, dst * nbl:(dst + 1) * nbl]]
-        src = sel // nbl
+        sel = rows[:, own[dst]][ok[:, own[dst]]]
+        src = owner[sel]
         for s in np.unique(src[src != dst]):
           r = (dst - s) % num_shards
           most[r] = max(most[r], len(np.unique(sel[src == s])))
@@ -170,7 +198,9 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
                                  head_axis: Optional[str] = None,
                                  data_axis: Optional[str] = None, mask: Optional[Mask] = None,
                                  capacity: Optional[int] = None, scale=None,
-                                 return_lse: bool = False, implementation=None):
+                                 return_lse: bool = False, implementation=None,
+                                 assignment: str = "contiguous",
+                                 sequence_order: str = "natural"):
   """Self-attention over run-time block lists, the sequence split over ``axis``.
 
   Args:
@@ -181,8 +211,10 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
       (first ``count`` entries distinct); kv_block_counts: int [B, N or K,
       T / block_size] or None (all k).
     block_size: q- and k-block size; ``block_size * P`` must divide T.
-    mesh, axis, head_axis, data_axis: as ``context_parallel_block_sparse``
-      (contiguous assignment).
+    mesh, axis, head_axis, data_axis, assignment, sequence_order: as
+      ``context_parallel_block_sparse`` ("contiguous" or "zigzag"; with
+      ``sequence_order="assignment"`` the q-block axis of the lists is in that
+      order too, their entries stay global block numbers).
     mask: optional static Mask applied inside the listed blocks on global
       positions (e.g. ``Causal()``); head-dependent masks need no head axis.
     capacity: blocks per (device distance, batch row, KV head) a device
@@ -230,11 +262,15 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
   Hi, k = idx.shape[1], idx.shape[3]
   G = d.N // d.K
   per_kv = G if (Hi == d.N and G > 1) else 1
-  plan = block_list_plan(mask, d.T, d.N, per_kv, k, Pn, block_size, capacity)
+  if sequence_order not in SEQUENCE_ORDERS:
+    raise ValueError(f"sequence_order must be one of {SEQUENCE_ORDERS}, got {sequence_order!r}.")
+  plan = block_list_plan(mask, d.T, d.N, per_kv, k, Pn, block_size, capacity, assignment)
   scale = float(V.check_scale(scale, d.H))
   bs, nbl, nbuf, nb = block_size, plan.local_blocks, plan.buffer_blocks, d.T // block_size
   Kl, Nl, Hil = d.K // X, d.N // X, Hi // X
   reach = jnp.asarray(plan.reachable | np.eye(Pn, dtype=bool))   # own blocks are kept
+  owned = jnp.asarray(plan.owned, jnp.int32)                       # [P, nbl]
+  owner = jnp.asarray(np.argsort(plan.owned.reshape(-1)) // nbl, jnp.int32)   # [nb]
 
   def local_fn(q, k_, v, li, lc):
     c = jax.lax.axis_index(axis)
@@ -242,14 +278,14 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
     head_kv = jnp.arange(Hil) // (Hil // Kl)                      # list head -> local KV head
     valid = jnp.arange(k) < lc[..., None]                         # [Bl, Hil, nbl, k]
     # entries of devices the static mask hides from every local q-block: dropped (no-ops)
-    keep = valid & reach[c, li // nbl]
+    keep = valid & reach[c, owner[li]]
     bi = jnp.arange(Bl)[:, None, None, None]
     gi = head_kv[None, :, None, None]
     need = jnp.zeros((Bl, Kl, nb + 1), bool).at[bi, gi, jnp.where(keep, li, nb)].set(True)
     kb = k_.reshape(Bl, nbl, bs, Kl, d.H)
     vb = v.reshape(Bl, nbl, bs, Kl, d.Hv)
     slot = jnp.full((Bl, Kl, nb + 1), -1, jnp.int32)
-    own = c * nbl + jnp.arange(nbl)
+    own = owned[c]
     slot = slot.at[:, :, own].set(jnp.arange(nbl, dtype=jnp.int32))
     k_blocks, v_blocks, blk = [kb], [vb], [jnp.broadcast_to(own, (Bl, Kl, nbl))]
     off = nbl
@@ -257,7 +293,7 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
     gk = jnp.arange(Kl)[None, :, None]
     for r, m, pairs in plan.rounds:
       src = (c - r) % Pn
-      flag = jax.lax.dynamic_slice_in_dim(need, src * nbl, nbl, axis=2)   # [Bl, Kl, nbl]
+      flag = jnp.take(need, owned[src], axis=2)                          # [Bl, Kl, nbl]
       order = jnp.argsort(~flag, axis=-1, stable=True)[..., :m].astype(jnp.int32)
       got = jnp.arange(m) < flag.sum(-1, keepdims=True)                  # [Bl, Kl, m]
       # request (block ids) goes dst -> src, the blocks come back src -> dst
@@ -265,7 +301,7 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
       take = lambda x: jnp.moveaxis(x[bk, req, :, gk], 1, 3)            # [Bl, m, bs, Kl, D]
       k_blocks.append(jax.lax.ppermute(take(kb), axis, list(pairs)))
       v_blocks.append(jax.lax.ppermute(take(vb), axis, list(pairs)))
-      gblk = src * nbl + order
+      gblk = owned[src][order]
       slot = slot.at[bk, gk, jnp.where(got, gblk, nb)].set(
           jnp.broadcast_to(off + jnp.arange(m, dtype=jnp.int32), (Bl, Kl, m)))
       blk.append(jnp.where(got, gblk, 0))
@@ -286,7 +322,7 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
                     jnp.take_along_axis(new, jnp.maximum(n_ok - 1, 0)[..., None], -1))
     if Hil != Nl and Kl > 1:          # per-KV-head lists: one row per query head
       new, n_ok, lost = (jnp.repeat(a, Nl // Hil, axis=1) for a in (new, n_ok, lost))
-    q_pos = c * Tl + jnp.arange(Tl, dtype=jnp.int32)
+    q_pos = (owned[c][:, None] * bs + jnp.arange(bs, dtype=jnp.int32)).reshape(-1)
     out, lse = block_sparse_attention_indices(
         q, kr, vr, new, n_ok, block_q=bs, block_kv=bs, mask=mask, scale=scale,
         q_positions=q_pos, k_positions=k_pos, return_lse=True, implementation=implementation)
@@ -300,7 +336,16 @@ def context_parallel_block_lists(query, key, value, kv_block_indices, kv_block_c
   lspec = P(dax, hax, axis, None)
   fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec, lspec, P(dax, hax, axis)),
                      out_specs=(spec, P(dax, axis, hax)), check_vma=False)
+  permute = sequence_order == "natural" and assignment != "contiguous"
+  if permute:
+    perm = jnp.asarray(sequence_permutation(d.T, Pn, assignment))
+    qperm = jnp.asarray(plan.owned.reshape(-1))
+    query, key, value = query[:, perm], key[:, perm], value[:, perm]
+    idx, cnt = idx[:, :, qperm], cnt[:, :, qperm]
   out, lse = fn(query, key, value, idx, cnt)
+  if permute:
+    inv = jnp.argsort(perm)
+    out, lse = out[:, inv], lse[:, inv]
   return (out, lse) if return_lse else out
 
 
