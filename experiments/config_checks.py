@@ -117,8 +117,8 @@ def _explain(i: int, layer, fn, probe, options, sources, option_field: str,
   """
   where = f"attention family {layer.name!r}, layer {i}"
   text = str(err)
-  unknown = re.search(r"unexpected keyword argument '(\w+)'", text)
-  if isinstance(err, TypeError) and unknown and unknown.group(1) in options:
+  unknown = re.search(r"(?:unexpected keyword argument|has no option) '(\w+)'", text)
+  if isinstance(err, (TypeError, ValueError)) and unknown and unknown.group(1) in options:
     return _unknown_option(unknown.group(1), layer, sources[unknown.group(1)], fn)
   missing = re.search(r"missing \d+ required keyword-only arguments?: '(\w+)'", text)
   if isinstance(err, TypeError) and missing:

@@ -3,8 +3,9 @@
 A layer's attention is a family name of the layer registry
 (``attnjax.layers.list_families()``) or a *variant* below (a registered
 family with fixed options, e.g. ``s2_homo``). Options come, lowest priority
-first, from ``PRESETS`` (small-model sizes; a preset key the family does not
-accept is skipped, so presets never break a family), the variant,
+first, from ``PRESETS`` (small-model sizes; every key is a declared option of
+its family, which ``tests/test_registry.py`` checks; a key that a
+user-registered replacement of the family does not take is skipped), the variant,
 ``model.family_options.<family>`` and, for layers of ``model.attention``,
 ``model.attention_options``. :func:`resolve_layers` also records which config
 field (or preset) each option came from, so that a bad option is reported
@@ -12,9 +13,9 @@ under the name the user wrote (``experiments.config_checks``).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, List, NamedTuple, Tuple
 
+from attnjax.core.registry import family_spec
 from attnjax.layers.options import CALL_ARGS, option_names  # noqa: F401  (re-exported)
 
 #: Option presets for the small models of ``configs/`` (sequences of 64-512
@@ -24,7 +25,7 @@ from attnjax.layers.options import CALL_ARGS, option_names  # noqa: F401  (re-ex
 PRESETS: Dict[str, Dict[str, object]] = {
     "sliding_window": {"window": 32},
     "s2": {"block_size": 16, "local_blocks": 2, "vert_stride": 4},
-    "based": {"window": 32, "feature_dim": 16},
+    "based": {"window": 32},
     "na1d": {"kernel_size": 33},
 }
 
@@ -42,14 +43,9 @@ def available() -> List[str]:
 
 
 def _accepted(fn, options: Dict[str, object]) -> Dict[str, object]:
-  """The subset of ``options`` that ``fn`` takes as keyword arguments."""
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return {}
-  named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-  # Only keys the family names explicitly are safe to guess (not via **kwargs).
-  return {k: v for k, v in options.items() if k in params and params[k].kind in named}
+  """The subset of ``options`` that ``fn`` declares (its named options when undeclared)."""
+  takes = family_spec(fn).options
+  return {k: v for k, v in options.items() if k in takes}
 
 
 def preset_options(name: str) -> Dict[str, object]:

@@ -404,12 +404,12 @@ def test_families_registry_signature_and_refusals():
   q, k, v = _qkv()
   opts = {"hip": dict(top_k=32, block_size_q=8), "hyper": {}, "combiner": dict(segment_len=8),
           "longheads": dict(chunk_size=4, attn_len=32), "landmark": dict(block_size=4),
-          "bi_level_routing": dict(num_regions=4, topk=4, scale=8 ** -0.5)}
+          "bi_level_routing": dict(num_regions=4, top_k=4, scale=8 ** -0.5)}
   outs, ref, cross, cross_ref = jax.jit(lambda a, b, c: (
       {name: fn(a, b, c, causal=name != "bi_level_routing", **opts[name])
        for name, fn in D.FAMILIES.items()}, ref_causal(a, b, c),
       D.FAMILIES["bi_level_routing"](a, b[:, :16], c[:, :16], causal=False, num_regions=4,
-                                     topk=4, scale=8 ** -0.5),  # cross-attention, all regions
+                                     top_k=4, scale=8 ** -0.5),  # cross-attention, all regions
       ref_full(a, b[:, :16], c[:, :16])))(q, k, v)
   for out in outs.values():
     assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()

@@ -33,7 +33,7 @@ CASES = {
     "block_local": ({"block_size": 4}, True, "mask", "reference"),
     "na1d": ({"kernel_size": 5}, False, "mask", "reference"),
     "linear": ({"chunk_size": 4}, True, "mask", "reference"),
-    "lightning": ({"block_size": 4}, True, "mask", "reference"),
+    "lightning": ({"chunk_size": 4}, True, "mask", "reference"),
     "based": ({"window": 3, "chunk_size": 4}, False, "lengths", "reference"),
     "flow": ({}, True, "lengths", "reference"),
     "combiner": ({"segment_len": 4}, True, "lengths", "reference"),
@@ -48,7 +48,7 @@ CANNOT = {
     "agent": ({"num_agents": 4}, False, "pools its agent tokens from the queries"),
     "hip": ({}, True, "padded keys compete for the budget"),
     "hyper": ({}, False, "LSH buckets"),
-    "bi_level_routing": ({"num_regions": 4, "topk": 2}, False, "region means"),
+    "bi_level_routing": ({"num_regions": 4, "top_k": 2}, False, "region means"),
 }
 PARAMS = jax.jit(MultiHeadAttention(num_heads=2, num_kv_heads=1).init)(jax.random.PRNGKey(1),
                                                                       X[:1, :4])

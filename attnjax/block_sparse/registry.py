@@ -1,12 +1,23 @@
-"""Config-name -> family function table (``FAMILIES``) for the Flax layer registry.
+"""The block-sparse engine's families for the layer registry (``FAMILIES``).
 
-Each entry is ``fn(query, key, value, *, causal, q_positions=None,
-k_positions=None, segment_ids=None, **options) -> out [B, T, N, Hv]``.
+Each is declared once with ``attnjax.core.registry.family`` and has the
+registry signature ``fn(query, key, value, *, causal, q_positions=None,
+k_positions=None, segment_ids=None, **options) -> out [B, T, N, Hv]``. Option
+names: ``docs/naming.md``.
 """
 from __future__ import annotations
 
 from attnjax.block_sparse import families as F
 from attnjax.block_sparse import strided as ST
+from attnjax.block_sparse.api import attention
+from attnjax.core.registry import families_of, family
+
+#: Options of ``attnjax.attention`` that every mask family forwards.
+ATTEND_OPTIONS = ("score", "scale", "return_lse", "implementation", "bias", "query_seq_lengths",
+                  "key_value_seq_lengths")
+#: Options of the shifted-group function besides its pattern's.
+_SHIFTED_OPTIONS = ("group_ratio", "group_size", "wrap", "num_sink", "score", "scale",
+                    "return_lse", "implementation")
 
 
 def _causal_only(name, causal):
@@ -24,6 +35,7 @@ def sliding_window_sides(causal: bool, window: int = 256, left=None, right=None)
   return left, right
 
 
+@family("sliding_window", options=ATTEND_OPTIONS, supports_kv_cache=True, padding="segment_ids")
 def sliding_window(query, key, value, *, causal, q_positions=None, k_positions=None,
                    segment_ids=None, window: int = 256, left=None, right=None, **kw):
   """Causal: ``window`` keys (the query and ``window - 1`` before it); non-causal:
@@ -34,22 +46,35 @@ def sliding_window(query, key, value, *, causal, q_positions=None, k_positions=N
                                     segment_ids=segment_ids, **kw)
 
 
+@family("longformer", options=ATTEND_OPTIONS, padding="segment_ids")
 def longformer(query, key, value, *, causal, q_positions=None, k_positions=None,
-               segment_ids=None, **kw):
+               segment_ids=None, window: int = 512, global_positions=None, global_qkv=None,
+               **kw):
+  """Longformer: ``window // 2`` keys each side plus ``global_positions``."""
   return F.longformer_attention(query, key, value, causal=causal, q_positions=q_positions,
-                                k_positions=k_positions, segment_ids=segment_ids, **kw)
+                                k_positions=k_positions, segment_ids=segment_ids,
+                                window=window, global_positions=global_positions,
+                                global_qkv=global_qkv, **kw)
 
 
+@family("bigbird", options=ATTEND_OPTIONS, padding="segment_ids")
 def bigbird(query, key, value, *, causal, q_positions=None, k_positions=None,
-            segment_ids=None, **kw):
+            segment_ids=None, block_size: int = 64, window_blocks: int = 3,
+            num_global_blocks: int = 1, num_random_blocks: int = 3, seed: int = 0, **kw):
+  """BigBird-ITC: block window, global and random blocks (``bigbird_attention``)."""
   return F.bigbird_attention(query, key, value, causal=causal, q_positions=q_positions,
-                             k_positions=k_positions, segment_ids=segment_ids, **kw)
+                             k_positions=k_positions, segment_ids=segment_ids,
+                             block_size=block_size, window_blocks=window_blocks,
+                             num_global_blocks=num_global_blocks,
+                             num_random_blocks=num_random_blocks, seed=seed, **kw)
 
 
+@family("s2", options=ATTEND_OPTIONS, supports_kv_cache=True, padding="segment_ids")
 def s2(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
        block_size: int = 64, local_blocks=16, vert_stride: int = 8, homo_head: bool = False,
        num_dense_heads: int = 0, head_sliding_step=None, head_sliding_offset: int = 0,
        vert_position_type=None, **kw):
+  """S2-Attention's per-head strided pattern (``s2_mask``) on ``attnjax.attention``."""
   N, K = query.shape[2], key.shape[2]
   mask = ST.s2_mask(N, block_size=block_size, local_blocks=local_blocks,
                     vert_stride=vert_stride, causal=causal, homo_head=homo_head,
@@ -57,10 +82,20 @@ def s2(query, key, value, *, causal, q_positions=None, k_positions=None, segment
                     head_sliding_step=head_sliding_step,
                     head_sliding_offset=head_sliding_offset,
                     vert_position_type=vert_position_type)
-  return F._attend(query, key, value, mask, q_positions=q_positions,  # pylint: disable=protected-access
+  return attention(query, key, value, mask=mask, q_positions=q_positions,
                    k_positions=k_positions, segment_ids=segment_ids, **kw)
 
 
+_SHIFTED_NO_PADDING = (
+    "shifted-group attention's pattern is a function of the padded length T: groups of "
+    "G = group_ratio * T tokens, and LongLoRA's shifted heads wrap the first G/2 tokens "
+    "into one group with the last G/2 (which would be padding), so a padded sequence cannot "
+    "equal the unpadded one; the function also takes no segment ids. LongLoRA uses it for "
+    "training on full-length sequences (pack documents instead of padding).")
+
+
+@family("shifted_group", options=_SHIFTED_OPTIONS, aliases=("longlora",),
+        no_padding=_SHIFTED_NO_PADDING)
 def shifted_group(query, key, value, *, causal, q_positions=None, k_positions=None,
                   segment_ids=None, **kw):
   """LongLoRA S2-Attn (training-time; positions are the absolute [0, T))."""
@@ -72,72 +107,61 @@ def shifted_group(query, key, value, *, causal, q_positions=None, k_positions=No
   return ST.shifted_group_attention(query, key, value, **kw)
 
 
+@family("sinklora", options=_SHIFTED_OPTIONS, no_padding=(
+    "SinkLoRA's shifted groups are fixed to positions [0, T) of the padded sequence (groups "
+    "of G = group_ratio * T tokens unless group_size is given) and the shifted-group function "
+    "takes no segment ids or mask, so padded keys would stay in the groups of real queries."))
 def sinklora(query, key, value, *, causal, q_positions=None, k_positions=None,
-             segment_ids=None, num_sink: int = 4, **kw):
+             segment_ids=None, num_sink: int = 4, wrap: str = "none", **kw):
   """SinkLoRA SF-Attn: shifted groups without the wrap-around leak, plus sink tokens."""
-  kw.setdefault("wrap", "none")
-  return shifted_group(query, key, value, causal=causal, q_positions=q_positions,
-                       k_positions=k_positions, segment_ids=segment_ids, num_sink=num_sink,
-                       **kw)
+  return shifted_group.family_spec.impl(
+      query, key, value, causal=causal, q_positions=q_positions, k_positions=k_positions,
+      segment_ids=segment_ids, num_sink=num_sink, wrap=wrap, **kw)
 
 
+@family("streaming", options=ATTEND_OPTIONS, supports_kv_cache=True, padding="segment_ids")
 def streaming(query, key, value, *, causal, q_positions=None, k_positions=None,
-              segment_ids=None, **kw):
+              segment_ids=None, num_sink: int = 4, window: int = 256, **kw):
+  """StreamingLLM sinks + the recent ``window`` keys (causal)."""
   _causal_only("streaming", causal)
-  return F.streaming_attention(query, key, value, q_positions=q_positions,
-                               k_positions=k_positions, segment_ids=segment_ids, **kw)
+  return F.streaming_attention(query, key, value, num_sink=num_sink, window=window,
+                               q_positions=q_positions, k_positions=k_positions,
+                               segment_ids=segment_ids, **kw)
 
 
+@family("anchor", options=ATTEND_OPTIONS, padding="segment_ids")
 def anchor(query, key, value, *, causal, q_positions=None, k_positions=None,
-           segment_ids=None, doc_ids=None, **kw):
+           segment_ids=None, doc_ids=None, anchor_id: int = 0, **kw):
   """Document ids from ``doc_ids`` or, if absent, from ``segment_ids``."""
   _causal_only("anchor", causal)
   if doc_ids is None:
     doc_ids, segment_ids = segment_ids, None
-  return F.anchor_attention(query, key, value, doc_ids=doc_ids, q_positions=q_positions,
-                            k_positions=k_positions, segment_ids=segment_ids, **kw)
+  return F.anchor_attention(query, key, value, doc_ids=doc_ids, anchor_id=anchor_id,
+                            q_positions=q_positions, k_positions=k_positions,
+                            segment_ids=segment_ids, **kw)
 
 
+@family("composite", options=ATTEND_OPTIONS, padding="segment_ids")
 def composite(query, key, value, *, causal, q_positions=None, k_positions=None,
-              segment_ids=None, **kw):
+              segment_ids=None, num_visual: int = None, **kw):
+  """EE-MLLM composite attention over ``[visual; text]`` (``num_visual`` visual tokens)."""
   _causal_only("composite", causal)
-  return F.composite_attention(query, key, value, q_positions=q_positions,
-                               k_positions=k_positions, segment_ids=segment_ids, **kw)
+  if num_visual is None:
+    raise TypeError("the composite family needs num_visual (the number of leading visual "
+                    "tokens).")
+  return F.composite_attention(query, key, value, num_visual=num_visual,
+                               q_positions=q_positions, k_positions=k_positions,
+                               segment_ids=segment_ids, **kw)
 
 
+@family("block_local", options=ATTEND_OPTIONS, supports_kv_cache=True, padding="segment_ids")
 def block_local(query, key, value, *, causal, q_positions=None, k_positions=None,
-                segment_ids=None, **kw):
-  return F.block_local_attention(query, key, value, causal=causal, q_positions=q_positions,
-                                 k_positions=k_positions, segment_ids=segment_ids, **kw)
+                segment_ids=None, block_size: int, include_prev_block: bool = False, **kw):
+  """MASFormer's block-local attention in blocks of ``block_size`` positions."""
+  return F.block_local_attention(query, key, value, causal=causal, block_size=block_size,
+                                 include_prev_block=include_prev_block,
+                                 q_positions=q_positions, k_positions=k_positions,
+                                 segment_ids=segment_ids, **kw)
 
 
-for _fn in (sliding_window, s2, streaming, block_local):
-  _fn.supports_kv_cache = True
-# A layer's key-padding mask reaches these as segment ids (a padded key's segment matches
-# no query), so their fast paths skip padded keys like other documents' keys.
-for _fn in (sliding_window, longformer, bigbird, s2, streaming, anchor, composite, block_local):
-  _fn.key_padding = "segment_ids"
-shifted_group.no_key_padding = (
-    "shifted-group attention's pattern is a function of the padded length T: groups of "
-    "G = group_ratio * T tokens, and LongLoRA's shifted heads wrap the first G/2 tokens "
-    "into one group with the last G/2 (which would be padding), so a padded sequence cannot "
-    "equal the unpadded one; the function also takes no segment ids. LongLoRA uses it for "
-    "training on full-length sequences (pack documents instead of padding).")
-sinklora.no_key_padding = (
-    "SinkLoRA's shifted groups are fixed to positions [0, T) of the padded sequence (groups "
-    "of G = group_ratio * T tokens unless group_size is given) and the shifted-group function "
-    "takes no segment ids or mask, so padded keys would stay in the groups of real queries.")
-
-FAMILIES = {
-    "sliding_window": sliding_window,
-    "longformer": longformer,
-    "bigbird": bigbird,
-    "s2": s2,
-    "shifted_group": shifted_group,
-    "longlora": shifted_group,
-    "sinklora": sinklora,
-    "streaming": streaming,
-    "anchor": anchor,
-    "composite": composite,
-    "block_local": block_local,
-}
+FAMILIES = families_of(__name__)

@@ -1,6 +1,9 @@
 """Padded batches in ``MultiHeadAttention``: how each attention family takes key padding.
 
-A family function declares its route in the attribute ``key_padding``:
+A family declares its route once, with the rest of its declaration
+(``@family(name, padding=..., no_padding=...)`` of ``attnjax.core.registry``;
+a user-registered function may set the attributes ``key_padding`` and
+``no_key_padding`` instead):
 
 - ``"segment_ids"``: a padded key gets a segment no real query belongs to, so
   the fast paths skip it as they skip other documents' keys (the block-sparse
@@ -14,8 +17,8 @@ A family function declares its route in the attribute ``key_padding``:
   so right padding needs nothing; it takes right padding in causal
   self-attention only (other patterns and calls raise).
 
-A family without the attribute raises ValueError with its ``no_key_padding``
-text (why it cannot take padding) when it has one. ``"dense"`` takes lengths
+A family without a route raises ValueError with its ``no_padding`` text (why
+it cannot take padding) when it has one. ``"dense"`` takes lengths
 directly and a key-padding mask as segment ids (``key_padding_segments``; on
 the XLA path about twice as fast as the same mask as a [B, 1, T, S] array
 ANDed with causality, which visits every block); other mask arrays stay masks.
@@ -26,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core.registry import PADDING_ROUTES, family_spec
 from attnjax.layers.options import option_names
 
 __all__ = ["ROUTES", "PAD_SEGMENT", "check_lengths", "key_padding_mask", "key_padding_segments",
            "lengths_as_segments", "padding_arguments"]
 
-ROUTES = ("segment_ids", "key_mask", "causal_prefix")
+ROUTES = PADDING_ROUTES
 #: The segment of padded keys (no query is in it); padded queries (lengths) get the next one.
 PAD_SEGMENT = int(jnp.iinfo(jnp.int32).min)
 
@@ -137,9 +141,9 @@ def _check_right_padding(family: str, key_mask):
 
 
 def _no_padding(family: str, fn, why: str = ""):
-  reason = why or getattr(fn, "no_key_padding", None) or (
-      "it declares no key-padding route (set the function's key_padding attribute to one of "
-      f"{ROUTES})")
+  reason = why or family_spec(fn, family).no_padding or (
+      "it declares no key-padding route (declare padding= as one of "
+      f"{ROUTES}, or set the function's key_padding attribute)")
   return ValueError(f"attention family {family!r} cannot take a key-padding mask "
                     f"(mask= or input_lengths=): {reason}")
 
@@ -154,7 +158,8 @@ def padding_arguments(family: str, fn, *, key_mask, lengths, segment_ids, causal
     segment_ids: the call's segment ids (None, [B, T] or a pair).
   Raises ValueError (naming the family and why) when ``fn`` cannot take it.
   """
-  route = getattr(fn, "key_padding", None)
+  spec = family_spec(fn, family)
+  route = spec.padding
   if route not in ROUTES:
     raise _no_padding(family, fn)
   takes_lengths = "key_value_seq_lengths" in option_names(fn)[0]
@@ -166,7 +171,7 @@ def padding_arguments(family: str, fn, *, key_mask, lengths, segment_ids, causal
   if route == "causal_prefix":
     if not (causal and self_attn):
       why = "it takes right padding in causal self-attention only."
-      raise _no_padding(family, fn, "" if not causal and hasattr(fn, "no_key_padding") else why)
+      raise _no_padding(family, fn, "" if not causal and spec.no_padding else why)
     if key_mask is not None:
       _check_right_padding(family, key_mask)
     return segment_ids, {}

@@ -1,18 +1,24 @@
-"""Attention families by name, for config-driven layers.
+"""Attention families by name, for config-driven layers: a view on the declarations.
 
-Each engine package exposes ``FAMILIES: dict[str, callable]`` in its
-``__init__``; a family is a parameter-free function
+Every family is declared once, where it is written, with the decorator
+``attnjax.core.registry.family`` (name, options, KV-cache support, key-padding
+route); a family is a parameter-free function
 
     fn(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
        segment_ids=None, **options) -> out [B, T, N, Hv]
 
-The engine packages are imported on the first lookup (they import helpers of
-this package, e.g. rotary embeddings, so they cannot be imported when it is);
-an engine that fails to import raises there. ``"dense"``
-(``attnjax.attention`` with an optional ``Causal()`` mask) is always present.
-A family that handles a KV cache correctly (it honours ``q_positions`` /
-``k_positions`` for causality over a partly filled cache) sets the attribute
-``supports_kv_cache = True`` on its function.
+and an option it does not declare raises ValueError naming the option, the
+family and the accepted ones. Option names follow one spelling per concept:
+the table in ``docs/naming.md``. The engine packages (``ENGINE_PACKAGES``) are
+imported on the first lookup (they import helpers of this package, e.g.
+rotary embeddings, so they cannot be imported when it is); an engine that
+fails to import raises there. ``"dense"`` (``attnjax.attention`` with an
+optional ``Causal()`` mask) is declared here. :func:`register_family` adds a
+user's function for this process; an undeclared function describes itself
+with the attributes ``supports_kv_cache`` (it honours ``q_positions`` /
+``k_positions`` over a partly filled cache), ``key_padding`` and
+``no_key_padding`` (``attnjax.layers.padding``), or passes the same
+keywords as the decorator to ``register_family``.
 """
 from __future__ import annotations
 
@@ -20,26 +26,29 @@ import importlib
 from typing import Callable, Dict, Optional
 import jax.numpy as jnp
 from attnjax import api
+from attnjax.core import registry as core
 from attnjax.core import validation as V
 from attnjax.core.reference import reference_attention
 from attnjax.layers.padding import lengths_as_segments
 from attnjax.masks import Causal, Mask
 
-__all__ = ["ENGINE_PACKAGES", "get_family", "list_families", "register_family", "dense_family"]
+__all__ = ["ENGINE_PACKAGES", "FamilySpec", "dense_family", "family_spec", "get_family",
+           "list_families", "register_family"]
 
-#: Packages searched for a ``FAMILIES`` dict, in this order (first name wins).
+FamilySpec = core.FamilySpec
+
+#: Packages whose modules declare families (imported on the first lookup).
 ENGINE_PACKAGES = (
     "attnjax.block_sparse",
     "attnjax.linear",
     "attnjax.neighborhood",
     "attnjax.dynamic",
-    "attnjax.decoding",
-    "attnjax.vision",
 )
 
 _USER: Dict[str, Callable] = {}
 
 
+@core.family("dense", supports_kv_cache=True)
 def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positions=None,
                  segment_ids=None, mask=None, score=None, bias=None, scale=None,
                  implementation=None, probs_hook=None, query_seq_lengths=None,
@@ -88,8 +97,6 @@ def dense_family(query, key, value, *, causal: bool, q_positions=None, k_positio
                        dropout_rng=dropout_rng)
 
 
-dense_family.supports_kv_cache = True
-
 
 def _causal_and_array(mask, query, key, q_positions, k_positions):
   """A boolean mask array [.., T, S] and causality by positions, as one array."""
@@ -101,22 +108,25 @@ def _causal_and_array(mask, query, key, q_positions, k_positions):
   return jnp.asarray(mask, bool) & (kp <= qp)
 
 
-def register_family(name: str, fn: Callable) -> None:
-  """Adds (or replaces) a family under ``name`` for this process."""
+def register_family(name: str, fn: Callable, **declaration) -> None:
+  """Adds (or replaces) a family under ``name`` for this process.
+
+  ``declaration``: the keywords of ``attnjax.core.registry.family``
+  (``options``, ``supports_kv_cache``, ``padding``, ``no_padding``); given any,
+  ``fn`` is checked as a declared family is. Without them ``fn`` is used as it
+  is and describes itself by its attributes.
+  """
   if not isinstance(name, str) or not name:
     raise ValueError(f"family name must be a non-empty string, got {name!r}.")
   if not callable(fn):
     raise TypeError(f"family {name!r} must be callable, got {type(fn).__name__}.")
-  _USER[name] = fn
+  _USER[name] = core.declare(name, fn, **declaration) if declaration else fn
 
 
 def _engine_families() -> Dict[str, Callable]:
-  found: Dict[str, Callable] = {}
   for pkg in ENGINE_PACKAGES:
-    fams = getattr(importlib.import_module(pkg), "FAMILIES", None)
-    for name, fn in dict(fams or {}).items():
-      found.setdefault(name, fn)
-  return found
+    importlib.import_module(pkg)
+  return {name: spec.fn for name, spec in core.declared().items()}
 
 
 def list_families() -> Dict[str, Callable]:
@@ -137,3 +147,8 @@ def get_family(name: str) -> Callable:
   if fn is None:
     raise ValueError(f"unknown attention family {name!r}; available: {sorted(fams)}.")
   return fn
+
+
+def family_spec(name: str) -> FamilySpec:
+  """The declaration of family ``name`` (read from its attributes when undeclared)."""
+  return core.family_spec(get_family(name), name)

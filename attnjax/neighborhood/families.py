@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.api import attention
+from attnjax.core.registry import families_of, family
 from attnjax.masks.neighborhood import Neighborhood
 from attnjax.neighborhood.api import na1d
 
@@ -25,6 +26,7 @@ def _static_default(positions, length):
   return p.shape[-1] == length and bool(np.all(p == np.arange(length)))
 
 
+@family("na1d", padding="segment_ids")
 def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None,
                 segment_ids=None, kernel_size=7, dilation=1, implementation=None,
                 scale=None):
@@ -73,6 +75,4 @@ def na1d_family(query, key, value, *, causal, q_positions=None, k_positions=None
   return jax.lax.cond(ok, fast, masked)
 
 
-na1d_family.key_padding = "segment_ids"
-
-FAMILIES = {"na1d": na1d_family}
+FAMILIES = families_of(__name__)
