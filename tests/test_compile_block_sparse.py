@@ -118,6 +118,19 @@ def test_lengths_bias_gradient_and_mask_array_compile(target):
   TG.require_kernels(TG.compile_on(target, fn, q, kv, kv, bias, keep, lens, lens), 3)
 
 
+@pytest.mark.parametrize("target", ["tpu_v5e", "sm90"])
+def test_dropout_compiles(target):
+  """Attention dropout: Threefry rounds (uint32 adds, xors, shifts) in the forward, dQ and
+  dK/dV kernels; the per-(batch, head) keys scalar-prefetched (TPU) or a kernel input (GPU)."""
+  requires_toolchain(target)
+  q, kv = _specs(256, 64)
+
+  def fn(q, k, v, rng):
+    return _grad(lambda q, k, v: attnjax.attention(q, k, v, mask=M.Causal(), dropout_rate=0.1,
+                                                   dropout_rng=rng))(q, k, v)
+  TG.require_kernels(TG.compile_on(target, fn, q, kv, kv, S((2,), jnp.uint32)), 3)
+
+
 def test_lists_longer_than_smem_are_cut_into_kernel_calls():
   """128k keys in 128-blocks: 1024 x 1025 causal list words, four times SMEM."""
   requires_toolchain("tpu_v4")

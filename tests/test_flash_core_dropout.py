@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.random import threefry2x32_p
 
 import attnjax
 from attnjax import masks as M
@@ -238,13 +239,20 @@ def test_traced_rate_is_refused_naming_the_argument():
                                         dropout_rng=jax.random.key(0)))(0.1)
 
 
-def test_pallas_backend_says_it_has_no_dropout():
+def test_both_fast_backends_take_dropout():
+  """The Pallas kernels run dropout too (``tests/test_pallas_dropout.py``): no refusal."""
   q, k, v = _qkv(1, 128, 128, 1, 1, H=128)
-  with pytest.raises(NotImplementedError, match="dropout"):
-    attnjax.attention(q, k, v, implementation="pallas", dropout_rate=0.1,
-                      dropout_rng=jax.random.key(0))
   call = BA.attention_call(q, k, v, dropout=True)
   assert call["dropout"] and not BA.attention_call(q, k, v)["dropout"]
-  with pytest.raises(NotImplementedError, match="dropout"):
-    BA.check_impl("pallas", call)
+  assert BA.check_impl("pallas", call) == "pallas"
   assert BA.check_impl("xla", call) == "xla"
+
+
+def test_threefry_rounds_equal_the_primitive_bit_for_bit():
+  """``dropout.threefry2x32`` (plain uint32 ops, lowerable in kernels) == threefry2x32_p."""
+  words = np.random.default_rng(0).integers(0, 2 ** 32, (4, 4096), dtype=np.uint64)
+  words = [jnp.asarray(w.astype(np.uint32)) for w in words]
+  want = threefry2x32_p.bind(*words)
+  got = jax.jit(DR.threefry2x32)(*words)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)

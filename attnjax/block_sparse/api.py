@@ -89,8 +89,6 @@ def _pallas_supports(call: dispatch.Call, explicit: bool):
       return (f"the block-sparse kernels are not known to compile for this "
               f"{call.platform.upper()} ({call.target or 'not a listed target'})")
     return f"kernels run compiled on TPU/GPU only (this call is placed on {call.platform})"
-  if call["dropout"]:
-    return "the kernels have no attention dropout (the XLA engine has)"
   if call["mask_tables"]:
     return ("the mask's predicate reads constant tables (e.g. Documents(ids), RandomBlocks, "
             "KeyIn over more than 16 positions), which the kernels cannot capture")
@@ -382,13 +380,10 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
   to [B, N, T, S] (its tiles are gathered; when the array is concrete at
   trace time, empty blocks are skipped too). ``lengths``: None or (q_len, kv_len)
   int32 [B] each (``padding``). ``dropout_rate``/``dropout_rng``: attention
-  dropout, XLA backend only. Shapes as ``attnjax.attention``.
+  dropout. Shapes as ``attnjax.attention``.
   """
   implementation = backend
   dropout_rate = DR.check_dropout(dropout_rate, dropout_rng)
-  if dropout_rate > 0 and implementation != "xla":
-    raise NotImplementedError(f"attention dropout runs on implementation='xla' (and the "
-                              f"reference), not {implementation!r}.")
   d = V.check_qkv(query, key, value)
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)
@@ -427,7 +422,7 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
                    q_positions=q_positions, k_positions=k_positions,
                    segment_ids=segment_ids, bias=bias4, mask_array=mask_arr,
                    query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
-                   return_lse=return_lse)
+                   return_lse=return_lse, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   bm = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
   return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
                     bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,

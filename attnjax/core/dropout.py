@@ -19,7 +19,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.random import threefry2x32_p
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _rotl(x, d: int):
+  return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
+
+
+def threefry2x32(k0, k1, x0, x1):
+  """Threefry-2x32 (20 rounds, JAX's PRNG) with plain uint32 adds, xors and shifts.
+
+  k0, k1: the key words; x0, x1: the counter words; uint32 arrays that
+  broadcast together. Returns the two output words, bit for bit those of
+  ``jax.extend.random.threefry2x32_p``, which lowers only through XLA: this
+  form also lowers inside Mosaic (TPU) and Triton (GPU) kernel bodies, so
+  the kernels, the XLA engine and the reference draw the same bits.
+  """
+  ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+  x0 = x0 + ks[0]
+  x1 = x1 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
 
 
 def check_dropout(dropout_rate, dropout_rng) -> float:
@@ -47,8 +75,7 @@ def head_keys(rng, batch: int, heads: int):
   seed = jax.random.bits(rng, (2,), jnp.uint32)
   b = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.uint32)[:, None], (batch, heads))
   n = jnp.broadcast_to(jnp.arange(heads, dtype=jnp.uint32)[None, :], (batch, heads))
-  k0, k1 = threefry2x32_p.bind(jnp.broadcast_to(seed[0], b.shape),
-                               jnp.broadcast_to(seed[1], b.shape), b, n)
+  k0, k1 = threefry2x32(seed[0], seed[1], b, n)
   return jnp.stack([k0, k1], -1)
 
 
@@ -65,12 +92,9 @@ def keep_multiplier(k0, k1, q_idx, k_idx, rate: float):
   result has their broadcast shape.
   """
   k_idx = jnp.asarray(k_idx, jnp.int32)
-  shape = jnp.broadcast_shapes(jnp.shape(k0), jnp.shape(k1), jnp.shape(q_idx),
-                               jnp.shape(k_idx))
-  args = [jnp.broadcast_to(jnp.asarray(x).astype(jnp.uint32), shape)
-          for x in (k0, k1, q_idx, k_idx >> 1)]
-  y0, y1 = threefry2x32_p.bind(*args)
-  word = jnp.where(jnp.broadcast_to((k_idx & 1) == 1, shape), y1, y0)
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
+  y0, y1 = threefry2x32(u32(k0), u32(k1), u32(q_idx), u32(k_idx >> 1))
+  word = jnp.where((k_idx & 1) == 1, y1, y0)
   return jnp.where(word >= _threshold(rate), jnp.float32(1.0 / (1.0 - rate)),
                    jnp.float32(0.0))
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import dropout as DR
 from attnjax.core import placement
 from attnjax.core import scoring
 from attnjax.core import validation as V
@@ -153,9 +154,10 @@ def check_lengths(name, x, B: int):
 
 def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_positions,
              segment_ids, interpret, tiles=(), tiles_forced=False, bias4=None, mask_array=None,
-             lengths=(None, None)):
+             lengths=(None, None), dropout=(0.0, None)):
   """Validates everything; returns (KernelConfig, Aux, sinks or None).
 
+  ``dropout``: (dropout_rate, dropout_rng) (``attnjax.core.dropout``).
   ``bias4``: the bias as ``pair_array`` returns it (4-D), or None.
   """
   d = V.check_qkv(query, key, value)
@@ -163,6 +165,7 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
   score = check_score(score)
   scale = C.check_static_scale(V.check_scale(scale, d.H))
   mask4 = pair_array("mask_array", mask_array, d, "bool")
+  rate = DR.check_dropout(*dropout)
   q_len = check_lengths("query_seq_lengths", lengths[0], d.B)
   kv_len = check_lengths("key_value_seq_lengths", lengths[1], d.B)
   lens = None
@@ -211,9 +214,10 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
       out_dtype=jnp.float32 if sinks is not None else query.dtype,
       interpret=interpret, tiles=tiles, has_lengths=lens is not None,
       bias_shape=None if bias4 is None else tuple(bias4.shape),
-      mask_shape=None if mask4 is None else tuple(mask4.shape))
+      mask_shape=None if mask4 is None else tuple(mask4.shape), dropout_rate=rate)
   cfg = fit_config(cfg, query, key, value, tiles_forced)
-  aux = C.Aux(q_pos, k_pos, *(segs if segs is not None else (None, None)), mask4, lens)
+  drop = DR.head_keys(dropout[1], d.B, d.N) if rate > 0 else None
+  aux = C.Aux(q_pos, k_pos, *(segs if segs is not None else (None, None)), mask4, lens, drop)
   return cfg, aux, sinks
 
 
@@ -307,7 +311,8 @@ def make_attention(cfg, module, expand):
 def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, scale=None,
                         q_positions=None, k_positions=None, segment_ids=None, bias=None,
                         mask_array=None, query_seq_lengths=None, key_value_seq_lengths=None,
-                        return_lse=False, interpret=None, backend=None, tiles=None):
+                        return_lse=False, interpret=None, backend=None, tiles=None,
+                        dropout_rate=0.0, dropout_rng=None):
   """Block-sparse flash attention with the Pallas TPU (Mosaic) or GPU (Triton) kernels.
 
   Args:
@@ -349,6 +354,10 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
     tiles: GPU kernel tiles ((fwd_q, fwd_k), (dq_q, dq_k), (dkv_q, dkv_k)),
       each dividing the layout blocks; None = ``gpu.default_tiles``. The TPU
       kernels use the layout blocks as tiles.
+    dropout_rate, dropout_rng: attention dropout (a Python float in [0, 1) and
+      a jax.random key): the kernels regenerate the keep mask of each tile
+      from per-(batch, head) keys, the same mask as the XLA engine and the
+      reference with the same key (``attnjax.core.dropout``).
 
   Returns:
     out [B, T, N, Hv] in the query dtype (and lse). Rows with no visible key
@@ -363,7 +372,7 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
   cfg, aux, sinks = _prepare(
       query, key, value, layout, mask, score, scale, q_positions, k_positions, segment_ids,
       interpret, kernel_tiles, tiles_forced=tiles is not None, bias4=bias4, mask_array=mask_array,
-      lengths=(query_seq_lengths, key_value_seq_lengths))
+      lengths=(query_seq_lengths, key_value_seq_lengths), dropout=(dropout_rate, dropout_rng))
   if return_lse and cfg.normalization == "none":
     raise ValueError(
         "return_lse is undefined for unnormalised scores (normalization='none'): "

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnjax.core import dropout as DR
 from attnjax.core import flash as F
 from attnjax.core.flash import NEG_INF, dot_nn, dot_nt, dot_tn
 from attnjax.core.scoring import SoftmaxScore
@@ -68,6 +69,8 @@ class KernelConfig:
       past them are not visited, blocks across them are masked element-wise.
     bias_shape, mask_shape: the 4-D shapes [Bx, Nx, Tx, Sx] (each dim 1 or the
       full size) of the additive bias and of the boolean mask array, or None.
+    dropout_rate: attention dropout (``attnjax.core.dropout``; 0 = none): the
+      kernels regenerate the keep mask of each tile from ``Aux.drop``.
   """
   B: int
   T: int
@@ -102,6 +105,7 @@ class KernelConfig:
   has_lengths: bool = False
   bias_shape: Optional[tuple] = None
   mask_shape: Optional[tuple] = None
+  dropout_rate: float = 0.0
 
   @property
   def masks_blocks(self) -> bool:
@@ -131,7 +135,8 @@ class Aux(NamedTuple):
 
   q_pos [Bp, T], k_pos [Bp, S] int32 or None; q_seg [B, T], k_seg [B, S] or
   None; mask: int8 [Bx, Nx, Tx, Sx] (nonzero = may attend) or None; lens:
-  (q_len, kv_len) int32 [B] each, or None.
+  (q_len, kv_len) int32 [B] each, or None; drop: the per-(batch, query head)
+  dropout keys uint32 [B, N, 2] (``dropout.head_keys``) or None.
   """
   q_pos: Any = None
   k_pos: Any = None
@@ -139,6 +144,7 @@ class Aux(NamedTuple):
   k_seg: Any = None
   mask: Any = None
   lens: Any = None
+  drop: Any = None
 
 
 def pair_index(shape, b, h, i, kb):
@@ -176,6 +182,21 @@ def list_row(cfg: KernelConfig, b, h, i, rows: int):
   if cfg.lists_batched:
     return (b * cfg.layout_heads + lh) * rows + i
   return lh * rows + i
+
+
+# -- dropout -----------------------------------------------------------------------
+def dropout_keep(cfg: KernelConfig, key, q_start, bq: int, k_start, bk: int):
+  """Dropout multiplier [bq, bk] float32 of the tile at (q_start, k_start), or None.
+
+  ``key``: the (k0, k1) uint32 words of the tile's (batch, query head), or
+  None. The same values as the XLA engine's and the reference's
+  (``dropout.keep_multiplier`` at the tile's query and key indices).
+  """
+  if cfg.dropout_rate == 0.0 or key is None:
+    return None
+  qi = lax.broadcasted_iota(jnp.int32, (bq, bk), 0) + q_start
+  ki = lax.broadcasted_iota(jnp.int32, (bq, bk), 1) + k_start
+  return DR.keep_multiplier(key[0], key[1], qi, ki, cfg.dropout_rate)
 
 
 # -- positions ---------------------------------------------------------------------
@@ -243,16 +264,19 @@ def block_logits(cfg: KernelConfig, q, k, head, q_pos, k_pos, bias_tile=None):
   return raw, _transform(cfg, raw, head, q_pos, k_pos)
 
 
-def online_update(cfg: KernelConfig, s, vis, v, m, l, acc):
-  """One k-block of the forward recurrence (``attnjax.core.flash``); returns (m, l, acc)."""
+def online_update(cfg: KernelConfig, s, vis, v, m, l, acc, keep=None):
+  """One k-block of the forward recurrence (``attnjax.core.flash``); returns (m, l, acc).
+
+  ``keep``: the tile's dropout multiplier (``dropout_keep``) or None.
+  """
   if cfg.normalization == "softmax":
     if vis is not None:
       s = jnp.where(vis, s, NEG_INF)
-    return F.online_update(m, l, acc, s, v)
+    return F.online_update(m, l, acc, s, v, keep)
   w = cfg.score.weights(s).astype(jnp.float32)
   if vis is not None:
     w = jnp.where(vis, w, 0.0)
-  return (m,) + F.sum_update(l, acc, w, v)
+  return (m,) + F.sum_update(l, acc, w, v, keep)
 
 
 def finalize(cfg: KernelConfig, m, l, acc):
@@ -267,7 +291,7 @@ def finalize(cfg: KernelConfig, m, l, acc):
 
 
 def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_pos,
-                bias_tile=None, with_dlogits=False):
+                bias_tile=None, with_dlogits=False, keep=None):
   """Per-block backward quantities.
 
   Args:
@@ -276,10 +300,12 @@ def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_
     vis: [bq, bk] bool or None.
     bias_tile: the block's bias tile (broadcastable to [bq, bk]) or None.
     with_dlogits: also return dL/d(biased logits) (the bias gradient tile).
+    keep: the tile's dropout multiplier (``dropout_keep``) or None.
 
   Returns:
     (ds [bq, bk] float32: dL/d(raw logits) already multiplied by the scale,
-     p [bq, bk] float32: the normalised weights, for dV = p^T dO), plus
+     p [bq, bk] float32: the normalised weights times ``keep``, for
+     dV = p^T dO), plus
     dL/d(logits) [bq, bk] float32 when ``with_dlogits``.
   """
   raw = _raw(cfg, q, k, bias_tile)
@@ -296,19 +322,20 @@ def block_grads(cfg: KernelConfig, q, k, v, do, lse, delta, vis, head, q_pos, k_
 
   if norm == "softmax":
     p = F.probs_from_lse(s, lse, vis)
-    dsx = F.logits_grad(p, dp, delta)
+    dsx = F.logits_grad(p, dp, delta, keep)
   else:
     w = s if vis is None else jnp.where(vis, s, 0.0)
     if norm == "sum":
       inv = F.inverse_sum(lse)
       p = w * inv
-      dsx = F.logits_grad(inv, dp, delta)
+      dsx = F.logits_grad(inv, dp, delta, keep)
     else:
       p = w
-      dsx = dp
+      dsx = F.dropped_probs(dp, keep)
     if vis is not None:
       dsx = jnp.where(vis, dsx, 0.0)
   ds = dsx if pullback is None else pullback(dsx)[0]
+  p = F.dropped_probs(p, keep)
   if with_dlogits:
     return ds * cfg.scale, p, ds
   return ds * cfg.scale, p

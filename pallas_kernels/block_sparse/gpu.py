@@ -43,6 +43,11 @@ broadcast) are read per tile pair as strided loads; the mask as int8. When
 the bias is differentiated the dQ kernel also stores each visited tile's
 logit gradient into a zero-initialised (aliased) [B, N, T, S] float32 array.
 
+Attention dropout: each program reads the Threefry key of its (batch, query
+head) (a [B, N, 2] uint32 input) and regenerates the keep mask of every tile
+it visits (``common.dropout_keep``): the same bits as the XLA engine and the
+reference, whatever the tiles.
+
 Compiled use needs power-of-two tiles >= 16; head dims that are not a power
 of two are zero-padded (exact).
 """
@@ -234,6 +239,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rows_ref, *refs, cfg, names):
   q_start = it * tq
   q = q_ref[...]
   lens = (side["lens"][3], side["lens"][4]) if cfg.has_lengths else None
+  key = _drop_key(side)
 
   def visit(kb, sub, is_full, carry):
     m, l, acc = carry
@@ -246,7 +252,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rows_ref, *refs, cfg, names):
     vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full,
                        _row_tile(side, "mask", cfg.mask_shape, k_start, tk),
                        _len_vis(lens, is_full, q_start, tq, k_start, tk))
-    return C.online_update(cfg, s, vis, v, m, l, acc)
+    return C.online_update(cfg, s, vis, v, m, l, acc,
+                           C.dropout_keep(cfg, key, q_start, tq, k_start, tk))
 
   m, l, acc = _walk(cfg, lambda j: rows_ref[j + 2],
                     _row_ranges(cfg, rows_ref, side, q_start, lens),
@@ -254,6 +261,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rows_ref, *refs, cfg, names):
   out, lse = C.finalize(cfg, m, l, acc)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
+
+
+def _drop_key(side, g=None):
+  """(k0, k1) uint32 dropout key of the program's query head (``g``: of the GQA group
+  in the dK/dV kernel), or None without dropout."""
+  if "drop" not in side:
+    return None
+  ref = side["drop"]
+  return (ref[0], ref[1]) if g is None else (ref[g, 0], ref[g, 1])
 
 
 def _len_vis(lens, is_full, q_start, tq, k_start, tk):
@@ -272,7 +288,8 @@ def _row_ranges(cfg, rows_ref, side, q_start, lens):
 
 def _row_side(cfg, aux, bias, rows, tq, rq):
   """(arrays, specs, names) of a row kernel's side operands (grid (i, b, h)): positions,
-  segment ids, bias / mask tiles and, with lengths, the row's [8] length entry."""
+  segment ids, bias / mask tiles, with lengths the row's [8] length entry and, with
+  dropout, the program's (batch, head) dropout key."""
   arrays, specs, names = _side(cfg, aux, _tile_side(tq, 1, 0), _full_side(cfg.S, 1))
   pair_arrays, pair_specs, pair_names = _row_pair(cfg, aux, bias, tq)
   arrays, specs, names = arrays + pair_arrays, specs + pair_specs, names + pair_names
@@ -280,6 +297,10 @@ def _row_side(cfg, aux, bias, rows, tq, rq):
     arrays.append(L.gpu_length_rows(cfg, rows, aux.lens, True))
     specs.append(_lens_spec(cfg, rq))
     names.append("lens")
+  if cfg.dropout_rate > 0:   # the (batch, head) dropout key, uint32 [B, N, 2]
+    arrays.append(aux.drop)
+    specs.append(pl.BlockSpec((None, None, 2), lambda i, b, h: (b, h, 0)))
+    names.append("drop")
   return arrays, specs, names
 
 
@@ -350,6 +371,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs,
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
   lens = (side["lens"][3], side["lens"][4]) if cfg.has_lengths else None
+  key = _drop_key(side)
 
   def visit(kb, sub, is_full, dq):
     k_start = kb * cfg.block_kv + sub * tk
@@ -360,7 +382,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs,
                        _row_tile(side, "mask", cfg.mask_shape, k_start, tk),
                        _len_vis(lens, is_full, q_start, tq, k_start, tk))
     grads = C.block_grads(cfg, q, k, v, do, lse, delta, vis, h, qp, kp,
-                          _row_tile(side, "bias", cfg.bias_shape, k_start, tk), with_ds)
+                          _row_tile(side, "bias", cfg.bias_shape, k_start, tk), with_ds,
+                          C.dropout_keep(cfg, key, q_start, tq, k_start, tk))
     if with_ds:
       ds_ref[:, sl] = grads[2]
     return dq + C.dot_nn(grads[0].astype(k.dtype), k)
@@ -383,6 +406,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs
     h = kh * cfg.G + g
     lh = C.list_head(cfg, h)
     lens = (side["lens"][lh, 3], side["lens"][lh, 4]) if cfg.has_lengths else None
+    key = _drop_key(side, g)
 
     def pair(name, shape, q_start):
       if name not in side:
@@ -400,7 +424,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs
       vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full, pair("mask", cfg.mask_shape, q_start),
                          _len_vis(lens, is_full, q_start, tq, k_start, tk))
       ds, p = C.block_grads(cfg, q, k, v, do, lse, delta, vis, h, qp, kp,
-                            pair("bias", cfg.bias_shape, q_start))
+                            pair("bias", cfg.bias_shape, q_start),
+                            keep=C.dropout_keep(cfg, key, q_start, tq, k_start, tk))
       return dk + C.dot_tn(ds.astype(q.dtype), q), dv + C.dot_tn(p.astype(do.dtype), do)
 
     kept = live = None
@@ -491,6 +516,10 @@ def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
     side_specs.append(pl.BlockSpec((None, rows_b.shape[0], None, 8),
                                    lambda kt, b, kh: (b, 0, kt // rk, 0)))
     names.append("lens")
+  if cfg.dropout_rate > 0:   # the GQA group's dropout keys, uint32 [B, K, G, 2]
+    side_arrays.append(aux.drop.reshape(B, K, G, 2))
+    side_specs.append(pl.BlockSpec((None, None, G, 2), lambda kt, b, kh: (b, kh, 0, 0)))
+    names.append("drop")
   krow = lambda kt, b, kh: (b, kt, kh, 0)
   grow = lambda kt, b, kh: (b, kh, 0, 0)
   dk, dv = pl.pallas_call(

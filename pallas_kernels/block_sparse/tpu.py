@@ -22,6 +22,11 @@ Run-time lists (``runtime.py``) add a batch axis to the prefetched lists
 Full blocks skip the mask predicate; partial blocks evaluate it from iota
 positions (or from position arrays when given).
 
+Attention dropout: the per-(batch, query head) Threefry keys are
+scalar-prefetched too; every kernel regenerates the keep mask of the block it
+visits from them (``common.dropout_keep``), the same bits as the XLA engine
+and the reference.
+
 Padded batches: per-batch lengths are scalar-prefetched too ([2B]: q_len then
 kv_len), with per-batch counts of the listed blocks that start inside the
 lengths (lists are ascending, so those are a prefix of each row). Steps past
@@ -47,6 +52,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -111,16 +117,36 @@ def _len_vis(cfg, qi, kb, lens):
                              *lens)
 
 
-def _scalars(cfg, code, counts, lens):
-  """The scalar-prefetch operands: (code, counts[, lens [2B]])."""
-  if not cfg.has_lengths:
-    return (code, counts)
-  return (code, counts, jnp.concatenate(lens))
+def _scalars(cfg, code, counts, aux):
+  """The scalar-prefetch operands: (code, counts[, lens [2B]][, dropout keys [B*N*2]]).
+
+  The dropout keys (``Aux.drop``, uint32 [B, N, 2]) travel bitcast to int32.
+  """
+  out = (code, counts)
+  if cfg.has_lengths:
+    out += (jnp.concatenate(aux.lens),)
+  if cfg.dropout_rate > 0:
+    out += (lax.bitcast_convert_type(aux.drop, jnp.int32).reshape(-1),)
+  return out
 
 
 def _split_scalars(cfg, refs):
-  n = 3 if cfg.has_lengths else 2
-  return refs[:n] + ((None,) if n == 2 else ()), refs[n:]
+  """((code, counts, lens or None, dropout keys or None), the other refs)."""
+  n = 2 + int(cfg.has_lengths)
+  lens = refs[2] if cfg.has_lengths else None
+  drop = refs[n] if cfg.dropout_rate > 0 else None
+  n += int(cfg.dropout_rate > 0)
+  return (refs[0], refs[1], lens, drop), refs[n:]
+
+
+def _keep(cfg, drop_ref, b, h, qi, kb):
+  """Dropout multiplier [bq, bk] of block (qi, kb) of (batch b, query head h), or None."""
+  if drop_ref is None:
+    return None
+  at = (b * cfg.N + h) * 2
+  key = (drop_ref[at].astype(jnp.uint32), drop_ref[at + 1].astype(jnp.uint32))
+  return C.dropout_keep(cfg, key, qi * cfg.block_q, cfg.block_q, kb * cfg.block_kv,
+                        cfg.block_kv)
 
 
 # -- bias / mask-array tiles -------------------------------------------------------
@@ -202,7 +228,7 @@ def _run_block(cfg, body, full):
 
 # -- forward ---------------------------------------------------------------------
 def _fwd_kernel(*refs, cfg, names, i0, rows):
-  (code_ref, count_ref, lens_ref), refs = _split_scalars(cfg, refs)
+  (code_ref, count_ref, lens_ref, drop_ref), refs = _split_scalars(cfg, refs)
   q_ref, k_ref, v_ref = refs[:3]
   side = dict(zip(names, refs[3:3 + len(names)]))
   o_ref, lse_ref, m_scr, l_scr, acc_scr = refs[3 + len(names):]
@@ -224,7 +250,8 @@ def _fwd_kernel(*refs, cfg, names, i0, rows):
       _, s = C.block_logits(cfg, q_ref[...], k_ref[...], h, qp, kp, _tile(side, "bias"))
       vis = C.visibility(cfg, h, qp, kp, qs, ks, is_full, _tile(side, "mask"),
                          None if is_full else _len_vis(cfg, i, kb, lens))
-      m, l, acc = C.online_update(cfg, s, vis, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
+      m, l, acc = C.online_update(cfg, s, vis, v_ref[...], m_scr[...], l_scr[...], acc_scr[...],
+                                  _keep(cfg, drop_ref, b, h, i, kb))
       m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
 
     _run_block(cfg, body, _kept_full(cfg, full, i, kb, lens))
@@ -269,7 +296,7 @@ def forward(cfg, lists, q, k, v, aux, bias=None):
 def _forward_chunk(cfg, code, counts, qt, kt, vt, aux, bias, i0, rows):
   """Forward over q-blocks [i0, i0 + rows): (out [B,N,rows*bq,Hv], lse [B,N,rows*bq,1])."""
   G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
-  scalars = _scalars(cfg, code, counts, aux.lens)
+  scalars = _scalars(cfg, code, counts, aux)
 
   def kb_of(b, h, i, j, code_ref, count_ref, *_):
     row = C.list_row(cfg, b, h, i, rows)
@@ -309,7 +336,7 @@ def _forward_chunk(cfg, code, counts, qt, kt, vt, aux, bias, i0, rows):
 
 # -- backward: dQ ------------------------------------------------------------------
 def _dq_kernel(*refs, cfg, names, i0, rows, with_ds):
-  (code_ref, count_ref, lens_ref), refs = _split_scalars(cfg, refs)
+  (code_ref, count_ref, lens_ref, drop_ref), refs = _split_scalars(cfg, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   side = dict(zip(names, refs[6:6 + len(names)]))
   refs = refs[6 + len(names):]
@@ -340,7 +367,8 @@ def _dq_kernel(*refs, cfg, names, i0, rows, with_ds):
                          None if is_full else _len_vis(cfg, i, kb, lens))
       k = k_ref[...]
       grads = C.block_grads(cfg, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
-                            delta_ref[...], vis, h, qp, kp, _tile(side, "bias"), with_ds)
+                            delta_ref[...], vis, h, qp, kp, _tile(side, "bias"), with_ds,
+                            _keep(cfg, drop_ref, b, h, i, kb))
       dq_scr[...] += C.dot_nn(grads[0].astype(k.dtype), k)
       if with_ds:
         ds_ref[...] = jnp.broadcast_to(grads[2], ds_ref.shape).astype(ds_ref.dtype)
@@ -354,7 +382,7 @@ def _dq_kernel(*refs, cfg, names, i0, rows, with_ds):
 
 # -- backward: dK, dV ------------------------------------------------------------
 def _dkv_kernel(*refs, cfg, names, i0, rows):
-  (code_ref, count_ref, lens_ref), refs = _split_scalars(cfg, refs)
+  (code_ref, count_ref, lens_ref, drop_ref), refs = _split_scalars(cfg, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   side = dict(zip(names, refs[6:6 + len(names)]))
   dk_ref, dv_ref, dk_scr, dv_scr = refs[6 + len(names):]
@@ -380,7 +408,8 @@ def _dkv_kernel(*refs, cfg, names, i0, rows):
                          None if is_full else _len_vis(cfg, qi, kb, lens))
       q, do = q_ref[...], do_ref[...]
       ds, p = C.block_grads(cfg, q, k_ref[...], v_ref[...], do, lse_ref[...],
-                            delta_ref[...], vis, h, qp, kp, _tile(side, "bias"))
+                            delta_ref[...], vis, h, qp, kp, _tile(side, "bias"),
+                            keep=_keep(cfg, drop_ref, b, h, qi, kb))
       dv_scr[...] += C.dot_tn(p.astype(do.dtype), do)
       dk_scr[...] += C.dot_tn(ds.astype(q.dtype), q)
 
@@ -423,7 +452,7 @@ def _dq_chunk(cfg, code, counts, arrays, aux, bias, ds, i0, rows):
   """
   qt, kt, vt, dot_, lse4, delta4 = arrays
   G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
-  scalars = _scalars(cfg, code, counts, aux.lens)
+  scalars = _scalars(cfg, code, counts, aux)
 
   def kb_of(b, h, i, j, code_ref, count_ref, *_):
     row = C.list_row(cfg, b, h, i, rows)
@@ -471,7 +500,7 @@ def _dkv_chunk(cfg, code, counts, arrays, aux, bias, k0, rows):
   """dK/dV of k-blocks [k0, k0 + rows): CSC lists, grid (B, K, rows, G * max_qb)."""
   qt, kt, vt, dot_, lse4, delta4 = arrays
   G, bq, bk = cfg.G, cfg.block_q, cfg.block_kv
-  scalars = _scalars(cfg, code, counts, aux.lens)
+  scalars = _scalars(cfg, code, counts, aux)
 
   def qb_of(b, kh, kb, t, code_ref, count_ref, *_):
     h = kh * G + t // cfg.max_qb
