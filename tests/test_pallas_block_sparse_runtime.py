@@ -11,8 +11,9 @@ import pytest
 
 from attnjax import masks as M
 from attnjax.block_sparse.sparse import block_sparse_attention_indices
+from attnjax import plan as PL
+from attnjax.core import validation as V
 from pallas_kernels.block_sparse import block_sparse_pallas_indices
-from pallas_kernels.block_sparse import runtime as R
 
 
 def _qkv(B, T, S, N, K, H, dtype, seed=0):
@@ -132,7 +133,7 @@ def test_csc_from_csr_matches_numpy():
   B, Hl, nq, nk, k = 2, 3, 5, 7, 4
   idx, counts = _lists(B, Hl, nq, nk, k, seed=7)
   idx = jnp.clip(idx, 0, nk - 1)
-  q_idx, q_counts = jax.jit(R.csc_from_csr, static_argnums=(2, 3))(idx, counts, nq, nk)
+  q_idx, q_counts = jax.jit(PL.csc_from_csr, static_argnums=(2, 3))(idx, counts, nq, nk)
   assert q_idx.shape == (B, Hl, nk, nq) and q_counts.shape == (B, Hl, nk)
   idx, counts = np.asarray(idx), np.asarray(counts)
   for b in range(B):
@@ -144,7 +145,7 @@ def test_csc_from_csr_matches_numpy():
         assert list(np.asarray(q_idx[b, h, kb, :n])) == want
         # padding repeats the last listed q-block (no new copy on TPU)
         assert np.all(np.asarray(q_idx[b, h, kb, n:]) == (want[-1] if want else 0))
-  padded = R.pad_rows(jnp.asarray(idx), jnp.asarray(counts))
+  padded = PL.pad_rows(jnp.asarray(idx), jnp.asarray(counts))
   last = np.where(counts > 0, np.take_along_axis(idx, np.maximum(counts - 1, 0)[..., None],
                                                  -1)[..., 0], 0)
   assert np.all(np.where(np.arange(k) < counts[..., None], idx, last[..., None]) == padded)
@@ -183,13 +184,15 @@ def _lower_runtime(backend, T, block, dtype, H, mask):
   q = jnp.zeros((B, T, N, H), dtype)
   kv = jnp.zeros((B, T, K, H), dtype)
   tiles = gpu.default_tiles(block, block, False) if backend == "gpu" else ()
-  cfg, aux, sinks = R._prepare(q, kv, kv, K, kk, block_q=block, block_kv=block, mask=mask,
-                               score=None, scale=None, q_positions=None, k_positions=None,
-                               segment_ids=None, interpret=False, tiles=tiles)
-  attend = api.make_attention(cfg, module, R._expander(cfg, module))
+  d = V.check_qkv(q, kv, kv)
+  lists = lambda idx, counts: PL.from_lists(idx, counts, d, block, block, mask=mask)
+  zeros = lists(jnp.zeros((B, K, T // block, kk), jnp.int32), None)
+  cfg, aux, sinks = api._prepare(q, kv, kv, zeros, None, None, None, None, None, None, False,
+                                 tiles)
+  attend = api.make_attention(cfg, module, api.runtime_expander(cfg, module))
 
   def f(q, k, v, idx, counts):
-    fn = lambda q, k, v: attend(q, k, v, aux, sinks, (idx, counts))[0]
+    fn = lambda q, k, v: attend(q, k, v, aux, sinks, lists(idx, counts))[0]
     out, pull = jax.vjp(fn, q, k, v)
     return pull(out)
   idx = jnp.zeros((B, K, T // block, kk), jnp.int32)

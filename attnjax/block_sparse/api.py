@@ -26,7 +26,6 @@ import numpy as np
 from attnjax.block_sparse import engine as E
 from attnjax.block_sparse import padding as PD
 from attnjax.block_sparse import plan as P
-from attnjax.block_sparse import schedule as SC
 from attnjax.block_sparse import tiles as Tl
 from attnjax.core import dispatch
 from attnjax.core import dropout as DR
@@ -178,28 +177,28 @@ def _pad_pos(pos, new):
   return jnp.concatenate([pos, extra], -1)
 
 
-def run_engine(query, key, value, block_mask, *, bq, bk, mask=None, score=None, bias=None,
-               scale=None, q_pos=None, k_pos=None, segs=None, mask_array=None,
-               return_lse=False, lengths=None, dropout_rate=0.0, dropout_rng=None):
-  """Runs the XLA engine on a static block classification of the padded lengths.
+def run_engine(query, key, value, layout, *, score=None, bias=None, scale=None, q_pos=None,
+               k_pos=None, segs=None, mask_array=None, return_lse=False, lengths=None,
+               dropout_rate=0.0, dropout_rng=None):
+  """Runs the XLA engine on a block plan of the padded lengths.
 
-  ``block_mask`` int8 [Nl, Tp/bq, Sp/bk] (Nl in {1, K, N}); ``q_pos``/``k_pos``
-  int32 [T]/[B, T] and [S]/[B, S]; ``segs`` (q_seg, k_seg) or None; ``lengths``
-  (q_len, kv_len) int32 [B] or None: the engine then runs per batch element over
-  the items inside the lengths (``padding``). ``dropout_rate`` (a Python float)
-  and ``dropout_rng``: attention dropout (``attnjax.core.dropout``).
+  ``layout``: a ``BlockLayout`` for (Tp, Sp) >= (T, S): static block kinds
+  with 1, K or N heads, or run-time lists (``attnjax.plan.from_lists``); its
+  mask is evaluated in the partial blocks. ``q_pos``/``k_pos`` int32
+  [T]/[B, T] and [S]/[B, S]; ``segs`` (q_seg, k_seg) or None; ``lengths``
+  (q_len, kv_len) int32 [B] or None: the engine then runs per batch element
+  over the items inside the lengths (``padding``). ``dropout_rate`` (a
+  Python float) and ``dropout_rng``: attention dropout (``attnjax.core.dropout``).
   """
   d = V.check_qkv(query, key, value)
-  nq, nk = block_mask.shape[1:]
-  Tp, Sp = nq * bq, nk * bk
-  plan = P.make_plan(block_mask, d.N, d.K, bq, bk, 1 if lengths is not None else d.B)
-  scheds = plan.scheds if lengths is not None else tuple(
+  plan = P.layout_plan(layout, d.N, d.K, 1 if lengths is not None else d.B, segs is not None)
+  scheds = plan.scheds if lengths is not None or layout.batched else tuple(
       E.Sched(*(jnp.asarray(a) for a in s[:5])) for s in plan.scheds)
   return _run(query, key, value, d, plan.Hl, plan.R, plan.kvh, plan.kinds, scheds,
-              bq=bq, bk=bk, Tp=Tp, Sp=Sp, mask=mask, score=score, bias=bias, scale=scale,
-              q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=mask_array,
-              return_lse=return_lse, lengths=lengths, dropout_rate=dropout_rate,
-              dropout_rng=dropout_rng)
+              bq=layout.block_q, bk=layout.block_kv, Tp=layout.q_len, Sp=layout.kv_len,
+              mask=layout.mask, score=score, bias=bias, scale=scale, q_pos=q_pos, k_pos=k_pos,
+              segs=segs, mask_array=mask_array, return_lse=return_lse, lengths=lengths,
+              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mask, score,
@@ -398,36 +397,37 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
   if mask_obj is not None and mask_obj.needs_segments and segs is None:
     raise ValueError(f"mask {mask_obj!r} reads segment ids: pass segment_ids.")
   bias4 = None if bias is None else _norm4("bias", bias, d)
-  bq, bk, Tp, Sp = P.choose_blocks(d.T, d.S)
-  bm0 = None
   offs = _offsets(q_positions, k_positions, d) if mask_obj is not None else None
-  if offs is not None and not mask_obj.needs_segments and segs is None:
-    bq, bk, bm0 = P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
-    Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
+  bq, bk, bm0 = _call_blocks(implementation, mask_obj, d, offs, segs, query, key, value)
+  layout = _call_layout(mask_obj, mask_arr, d, offs, segs, bq, bk, bm0)
   if implementation == "pallas":
-    blocks = _kernel_blocks(d, query, key, value)
-    if blocks is not None and blocks != (bq, bk):
-      (bq, bk), bm0 = blocks, None
-      Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
-    layout = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
-    if Tp != d.T or Sp != d.S:
+    if (layout.q_len, layout.kv_len) != (d.T, d.S):
       raise NotImplementedError(
           f"implementation='pallas' needs lengths divisible by a block size; got T={d.T}, "
           f"S={d.S}.")
-    q_off, k_off = offs if offs is not None else (d.S - d.T, 0)
     q_len, kv_len = lengths if lengths is not None else (None, None)
-    return _pallas(query, key, value, LY.layout_from_block_mask(
-        layout, d.T, d.S, bq, bk, q_offset=q_off, k_offset=k_off, mask=mask_obj),
-                   mask=mask_obj, score=score, scale=scale,
+    return _pallas(query, key, value, layout, mask=mask_obj, score=score, scale=scale,
                    q_positions=q_positions, k_positions=k_positions,
                    segment_ids=segment_ids, bias=bias4, mask_array=mask_arr,
                    query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
                    return_lse=return_lse, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-  bm = _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0)
-  return run_engine(query, key, value, bm, bq=bq, bk=bk, mask=mask_obj, score=score,
-                    bias=bias4, scale=scale, q_pos=q_pos, k_pos=k_pos, segs=segs,
-                    mask_array=mask_arr, return_lse=return_lse, lengths=lengths,
-                    dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  return run_engine(query, key, value, layout, score=score, bias=bias4, scale=scale,
+                    q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=mask_arr,
+                    return_lse=return_lse, lengths=lengths, dropout_rate=dropout_rate,
+                    dropout_rng=dropout_rng)
+
+
+def _call_blocks(backend, mask_obj, d, offs, segs, *arrays):
+  """(bq, bk, block kinds or None) for a backend: the TPU kernels' per-target blocks
+  (``_kernel_blocks``), else the cost model's choice (``plan.pick_blocks``) for a mask
+  at contiguous positions, else ``plan.choose_blocks``."""
+  if backend == "pallas":
+    blocks = _kernel_blocks(d, *arrays)
+    if blocks is not None:
+      return blocks + (None,)
+  if offs is not None and not mask_obj.needs_segments and segs is None:
+    return P.pick_blocks(mask_obj, d.T, d.S, d.N, *offs)
+  return P.choose_blocks(d.T, d.S)[:2] + (None,)
 
 
 def kernel_platform(*arrays):
@@ -448,8 +448,9 @@ def _kernel_blocks(d, query, key, value):
   return resources.choose_tpu_blocks(d.T, d.S, d.H, d.Hv, np.dtype(query.dtype).itemsize, target)
 
 
-def _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0=None):
-  """Static block classes [Nl, nq, nk] for the call (``bm0``: the mask's, if known)."""
+def _call_layout(mask_obj, mask_arr, d, offs, segs, bq, bk, bm0=None):
+  """The call's block plan at the padded lengths (``bm0``: the mask's kinds, if known)."""
+  Tp, Sp = -(-d.T // bq) * bq, -(-d.S // bk) * bk
   nq, nk = Tp // bq, Sp // bk
   if bm0 is not None:
     bm = bm0
@@ -472,7 +473,11 @@ def _layout_for(mask_obj, mask_arr, d, offs, segs, bq, bk, Tp, Sp, bm0=None):
     bm = P.force_partial(bm)
   if Sp != d.S:
     bm = P.force_partial(bm, cols=[nk - 1])
-  return bm
+  if bm.shape[0] > 1 and bm.strides[0] == 0:
+    bm = bm[:1]       # a head-independent mask's kinds, broadcast over heads: list one head
+  q_off, k_off = offs if offs is not None else (d.S - d.T, 0)
+  return LY.layout_from_block_mask(bm, Tp, Sp, bq, bk, q_offset=q_off, k_offset=k_off,
+                                   mask=mask_obj)
 
 
 def _offsets(q_positions, k_positions, d):

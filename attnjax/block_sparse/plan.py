@@ -1,17 +1,22 @@
-"""From a mask or layout to the engine's static plan: blocks, head grouping, schedules.
+"""From a block plan (``BlockLayout``) to the engine's schedules: blocks, head grouping.
 
-Everything here runs at trace time on NumPy and is cached per (mask, shape,
-blocks, heads), so a jitted call pays it once.
+Static plans are scheduled at trace time on NumPy, cached per block kinds, so
+a jitted call pays it once; run-time lists (a batched plan) are scheduled
+under jit (``runtime_plan``).
 """
 from __future__ import annotations
 
 import functools
 from typing import NamedTuple, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from attnjax.block_sparse import engine as E
 from attnjax.block_sparse import schedule as SC
 from attnjax.masks import layout as LY
+from attnjax.plan import blocks as PB
 
 #: floats of one scan step's logits tile (all lanes, heads and batch together).
 STEP_BUDGET = 1 << 20
@@ -20,12 +25,13 @@ TILE_KEYS = 512
 
 
 class Plan(NamedTuple):
-  """Static part of an engine call built from a block classification."""
+  """The engine's schedules of one block plan."""
   Hl: int
   R: int
   kvh: Tuple[int, ...]
   kinds: Tuple[Tuple[bool, int, bool], ...]  # (partial, slot groups, ragged) per schedule
-  scheds: Tuple[SC.Schedule, ...]       # numpy schedules [1, Hl, lanes, steps]
+  scheds: tuple                         # numpy SC.Schedule [1, Hl, lanes, steps] (static
+                                        # plans) or one E.Sched [B, Hl, lanes, steps]
   visited: int                          # visited blocks over all query heads
   density: float
 
@@ -63,6 +69,76 @@ def make_plan(block_mask: np.ndarray, N: int, K: int, bq: int, bk: int, B: int) 
   """Schedules for a block classification [Nl, nq, nk] (int8 EMPTY/PARTIAL/FULL)."""
   bm = np.ascontiguousarray(block_mask, np.int8)
   return _cached_plan(bm.tobytes(), bm.shape, N, K, (bq, bk), B, (STEP_BUDGET, TILE_KEYS))
+
+
+def layout_plan(layout: LY.BlockLayout, N: int, K: int, B: int, segments: bool) -> Plan:
+  """Schedules of a block plan: its block kinds (static) or its run-time lists.
+
+  ``segments``: segment ids are given, so no block is full.
+  """
+  if layout.batched:
+    return runtime_plan(layout, N, K, B, layout.any_partial or segments)
+  bm = force_partial(layout.block_mask) if segments else layout.block_mask
+  return make_plan(bm, N, K, layout.block_q, layout.block_kv, B)
+
+
+def runtime_plan(layout: LY.BlockLayout, N: int, K: int, B: int, partial: bool) -> Plan:
+  """One schedule of run-time lists ([B, N or K, nq, k], built under jit).
+
+  Rows are cut into items of ``choose_group`` k-blocks, rows split over
+  lanes so one step's tile fits ``STEP_BUDGET``; ``partial``: evaluate the
+  element mask in every block.
+  """
+  idx = jax.lax.stop_gradient(layout.fwd_indices)
+  counts = jax.lax.stop_gradient(layout.fwd_counts)
+  bq, bk = layout.block_q, layout.block_kv
+  nq, k = idx.shape[2], idx.shape[3]
+  G = N // K
+  if idx.shape[1] == K:
+    Hl, R, kvh = K, G, tuple(range(K))
+  else:
+    Hl, R, kvh = N, 1, tuple(n // G for n in range(N))
+  g = choose_group(np.array(k), bk, R * bq)
+  lanes = int(max(1, min(nq, STEP_BUDGET // (B * Hl * R * bq * bk * g))))
+  sched = runtime_schedule(idx, counts, nq, lanes, g)
+  ragged = k % g != 0 or not _all_listed(counts, k)
+  return Plan(Hl, R, kvh, ((partial, 1, ragged),), (sched,), 0, 1.0)
+
+
+def _all_listed(counts, k: int) -> bool:
+  """Whether concrete ``counts`` are all ``k`` (False when traced)."""
+  if isinstance(counts, jax.core.Tracer):
+    return False
+  return bool(np.all(np.asarray(counts) == k))
+
+
+def runtime_schedule(indices, counts, nq: int, lanes: int, group: int) -> E.Sched:
+  """Schedule from lists [B, Hl, nq, k]: rows cut into items of ``group`` k-blocks
+  (the last one padded), rows split over lanes -> [B, Hl, lanes, steps(, group)]."""
+  B, Hl, _, k = indices.shape
+  valid = jnp.arange(k, dtype=jnp.int32) < counts[..., None]
+  k_pad = -(-k // group) * group - k
+  if k_pad:
+    widths = ((0, 0), (0, 0), (0, 0), (0, k_pad))
+    indices = jnp.pad(indices, widths, mode="edge")
+    valid = jnp.pad(valid, widths)
+  per_row = (k + k_pad) // group
+  kb = indices.reshape(B, Hl, nq, per_row, group)
+  kval = valid.reshape(B, Hl, nq, per_row, group)
+  rows = -(-nq // lanes)
+  pad = rows * lanes - nq
+  if pad:
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+    kb = jnp.pad(kb, widths)
+    kval = jnp.pad(kval, widths)
+  rows_q = jnp.arange(rows * lanes, dtype=jnp.int32)
+  qb = jnp.broadcast_to(jnp.where(rows_q < nq, rows_q, 0)[:, None], (B, Hl, rows * lanes, per_row))
+  item_valid = kval.any(-1)
+  shape = (B, Hl, lanes, rows * per_row)
+  qb, item_valid = qb.reshape(shape), item_valid.reshape(shape)
+  kb, kval = kb.reshape(shape + (group,)), kval.reshape(shape + (group,))
+  slot = jnp.where(item_valid, qb, nq)
+  return E.Sched(qb, kb, slot, item_valid, kval)
 
 
 def _make_plan(bm, N, K, tile, B) -> Plan:
@@ -206,14 +282,14 @@ def pick_blocks(mask, T: int, S: int, N: int, q_offset: int, k_offset: int):
   # One layout on the finest grid; every candidate is an exact coarsening of it.
   fine = mask_block_mask(mask, T, S, fq, fk, N, q_offset, k_offset)
   if bq % fq == 0 and bk % fk == 0:
-    base = SC.coarsen_block_mask(fine, bq // fq, bk // fk)
+    base = PB.coarsen_block_mask(fine, bq // fq, bk // fk)
   else:
     base = mask_block_mask(mask, T, S, bq, bk, N, q_offset, k_offset)
   best, best_cost = (bq, bk, base), estimated_cost(base, bq, bk)
   for cq, ck in cands:
     if (cq, ck) == (bq, bk) or cq % fq or ck % fk:
       continue
-    bm = SC.coarsen_block_mask(fine, cq // fq, ck // fk)
+    bm = PB.coarsen_block_mask(fine, cq // fq, ck // fk)
     c = estimated_cost(bm, cq, ck)
     if c < best_cost:
       best, best_cost = (cq, ck, bm), c

@@ -23,7 +23,6 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from attnjax.masks import layout as L
 
 
 class Schedule(NamedTuple):
@@ -148,15 +147,3 @@ def choose_block(length: int, target: int = 512, minimum: int = 64) -> int:
   if length <= 2 * target:
     return length
   return 0
-
-
-def coarsen_block_mask(block_mask: np.ndarray, factor_q: int, factor_k: int = 1) -> np.ndarray:
-  """Merges ``factor_q`` x ``factor_k`` neighbouring blocks: a merged block is full only
-  when all its fine blocks are full, empty only when all are empty (exact)."""
-  H, nq, nk = block_mask.shape
-  if factor_q == 1 and factor_k == 1:
-    return block_mask
-  bm = block_mask.reshape(H, nq // factor_q, factor_q, nk // factor_k, factor_k)
-  any_ = (bm != L.EMPTY).any((2, 4))
-  all_ = (bm == L.FULL).all((2, 4))
-  return np.where(all_, L.FULL, np.where(any_, L.PARTIAL, L.EMPTY)).astype(np.int8)

@@ -3,28 +3,22 @@
 ``block_sparse_attention`` takes a static :class:`~attnjax.masks.BlockLayout`
 (or a ``Mask``, compiled into one); ``block_sparse_attention_indices`` takes
 per-(batch, head, q-block) lists of k-blocks computed under ``jit`` (e.g. by
-a top-k of block scores: Routing, BiFormer, SeerAttention, HiP, ...). Both
-visit only the listed blocks, forward and backward.
+a top-k of block scores: Routing, BiFormer, SeerAttention, HiP, ...), which
+become a plan of the same type (``attnjax.plan.from_lists``). Both visit only
+the listed blocks, forward and backward, on the XLA engine or the kernels.
 """
 from __future__ import annotations
 
-import math
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax import plan as PL
 from attnjax.block_sparse import api as A
-from attnjax.block_sparse import engine as E
-from attnjax.block_sparse import plan as P
-from attnjax.block_sparse import schedule as SC
-from attnjax.core import precision
 from attnjax.core import validation as V
-from attnjax.core.reference import reference_attention
+from attnjax.core.reference import dense_visibility, reference_attention
 from attnjax.masks import layout as LY
 from attnjax.masks.base import Mask
-from attnjax.core.reference import dense_visibility
-from pallas_kernels.block_sparse import block_sparse_pallas_indices
+from pallas_kernels.block_sparse import resources
 
 #: q-block merging of small layout blocks ("Merge-Q"): merged rows reach this size.
 MERGE_Q_ROWS = 256
@@ -104,13 +98,9 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
                      segment_ids=segment_ids, return_lse=return_lse)
   q_pos = layout.q_offset + jnp.arange(d.T, dtype=jnp.int32)
   k_pos = layout.k_offset + jnp.arange(d.S, dtype=jnp.int32)
-  f = _merge_factor(layout)
-  bm = SC.coarsen_block_mask(layout.block_mask, f)
-  if segs is not None:
-    bm = P.force_partial(bm)
-  return A.run_engine(query, key, value, bm, bq=layout.block_q * f, bk=layout.block_kv,
-                      mask=layout.mask, score=score, scale=scale, q_pos=q_pos, k_pos=k_pos,
-                      segs=segs, return_lse=return_lse)
+  layout = PL.at_blocks(layout, layout.block_q * _merge_factor(layout), layout.block_kv)
+  return A.run_engine(query, key, value, layout, score=score, scale=scale, q_pos=q_pos,
+                      k_pos=k_pos, segs=segs, return_lse=return_lse)
 
 
 def _layout_reference(query, key, value, layout, **kwargs):
@@ -135,54 +125,21 @@ def _layout_reference(query, key, value, layout, **kwargs):
 
 
 def _kernel_layout(layout: LY.BlockLayout, d: V.Dims, *arrays) -> LY.BlockLayout:
-  """The layout at blocks a placed TPU's kernels accept, re-derived from its mask.
+  """The layout at blocks a placed TPU's kernels accept (``resources.tpu_aligned_blocks``).
 
-  TPU kernels need block_q % 8 == 0 and block_kv % 128 == 0; a layout defined
-  on finer blocks (S2-Attention's 64-token blocks) is rebuilt from its Mask at
-  the least multiples of its blocks that qualify, so the element mask keeps
-  the pattern exact. Other targets, qualifying blocks and layouts without a
-  mask are returned unchanged (the kernels then check the blocks themselves).
+  A layout on finer blocks (S2-Attention's 64-token blocks) is re-blocked at
+  the least multiples of its blocks that qualify (``attnjax.plan.at_blocks``,
+  exact: its mask is evaluated in the merged partial blocks), for the N query
+  heads unless it has one head. Other targets, qualifying blocks and layouts
+  without a mask are returned unchanged (the kernels then check the blocks
+  themselves).
   """
   if A.kernel_platform(*arrays) != "tpu" or layout.mask is None:
     return layout
-  bq, bk = layout.block_q, layout.block_kv
-  if bq % 8 == 0 and bk % 128 == 0:
+  bq, bk = resources.tpu_aligned_blocks(layout.block_q, layout.block_kv)
+  if (bq, bk) == (layout.block_q, layout.block_kv) or d.T % bq or d.S % bk:
     return layout
-  bq, bk = math.lcm(bq, 8), math.lcm(bk, 128)
-  if d.T % bq or d.S % bk:
-    return layout
-  heads = 1 if layout.num_heads == 1 else d.N
-  return layout.mask.block_layout(d.T, d.S, bq, bk, heads, q_offset=layout.q_offset,
-                                  k_offset=layout.k_offset)
-
-
-def _runtime_schedule(indices, counts, nq: int, lanes: int, group: int):
-  """Schedule from lists [B, Hl, nq, k]: rows cut into items of ``group`` k-blocks
-  (the last one padded), rows split over lanes -> [B, Hl, lanes, steps(, group)]."""
-  B, Hl, _, k = indices.shape
-  valid = jnp.arange(k, dtype=jnp.int32) < counts[..., None]
-  k_pad = -(-k // group) * group - k
-  if k_pad:
-    widths = ((0, 0), (0, 0), (0, 0), (0, k_pad))
-    indices = jnp.pad(indices, widths, mode="edge")
-    valid = jnp.pad(valid, widths)
-  per_row = (k + k_pad) // group
-  kb = indices.reshape(B, Hl, nq, per_row, group)
-  kval = valid.reshape(B, Hl, nq, per_row, group)
-  rows = -(-nq // lanes)
-  pad = rows * lanes - nq
-  if pad:
-    widths = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
-    kb = jnp.pad(kb, widths)
-    kval = jnp.pad(kval, widths)
-  rows_q = jnp.arange(rows * lanes, dtype=jnp.int32)
-  qb = jnp.broadcast_to(jnp.where(rows_q < nq, rows_q, 0)[:, None], (B, Hl, rows * lanes, per_row))
-  item_valid = kval.any(-1)
-  shape = (B, Hl, lanes, rows * per_row)
-  qb, item_valid = qb.reshape(shape), item_valid.reshape(shape)
-  kb, kval = kb.reshape(shape + (group,)), kval.reshape(shape + (group,))
-  slot = jnp.where(item_valid, qb, nq)
-  return E.Sched(qb, kb, slot, item_valid, kval)
+  return PL.at_blocks(layout, bq, bk, 1 if layout.num_heads == 1 else d.N)
 
 
 def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block_counts=None,
@@ -219,41 +176,20 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
   query, key, value = V.as_arrays(query, key, value)
   call = A.attention_call(query, key, value, score=score, scale=scale, layout=True)
   implementation = A.check_impl(implementation, call)
-  if implementation == "pallas":
-    return _pallas_indices(query, key, value, kv_block_indices, kv_block_counts,
-                           block_q=block_q, block_kv=block_kv, mask=mask, score=score,
-                           scale=scale, q_positions=q_positions, k_positions=k_positions,
-                           segment_ids=segment_ids, return_lse=return_lse)
   d = V.check_qkv(query, key, value)
-  idx, counts = V.check_block_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv)
-  nq, k = idx.shape[2], idx.shape[3]
   if mask is not None and not isinstance(mask, Mask):
     raise TypeError(f"mask must be an attnjax Mask or None, got {type(mask).__name__}.")
+  layout = PL.from_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv, mask=mask)
+  if implementation == "pallas":
+    return A._pallas(query, key, value, layout, score=score, scale=scale,  # pylint: disable=protected-access
+                     q_positions=q_positions, k_positions=k_positions,
+                     segment_ids=segment_ids, return_lse=return_lse)
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)
   if mask is not None and mask.needs_segments and segs is None:
     raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
-  G = d.N // d.K
-  if idx.shape[1] == d.K:
-    Hl, R, kvh = d.K, G, tuple(range(d.K))
-  else:
-    Hl, R, kvh = d.N, 1, tuple(n // G for n in range(d.N))
-  partial = mask is not None or segs is not None
-  g = P.choose_group(np.array(k), block_kv, R * block_q)
-  per_item = d.B * Hl * R * block_q * block_kv * g
-  lanes = int(max(1, min(nq, P.STEP_BUDGET // per_item)))
-  sched = _runtime_schedule(jax.lax.stop_gradient(idx), jax.lax.stop_gradient(counts), nq,
-                            lanes, g)
-  ragged = kv_block_counts is not None or k % g != 0
-  return A._run(query, key, value, d, Hl, R, kvh, ((partial, 1, ragged),), (sched,),  # pylint: disable=protected-access
-                bq=block_q, bk=block_kv, Tp=d.T, Sp=d.S, mask=mask, score=score, bias=None, scale=scale,
-                q_pos=q_pos, k_pos=k_pos, segs=segs, mask_array=None, return_lse=return_lse)
-
-
-def _pallas_indices(query, key, value, indices, counts, **kwargs):
-  precision.warn_float32_accumulation("the block-sparse kernels (implementation='pallas')",
-                                      query, key, value)
-  return block_sparse_pallas_indices(query, key, value, indices, counts, **kwargs)
+  return A.run_engine(query, key, value, layout, score=score, scale=scale, q_pos=q_pos,
+                      k_pos=k_pos, segs=segs, return_lse=return_lse)
 
 
 def _indices_reference(query, key, value, indices, counts, *, block_q, block_kv, mask, score,

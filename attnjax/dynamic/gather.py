@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnjax import plan as PL
 from attnjax.core import validation as V
 from attnjax.dynamic.select import expand_block_heads, normalize_positions
 from attnjax.masks import Causal
@@ -129,9 +130,10 @@ def block_gather_attention(query, key, value, kv_block_indices, kv_block_counts,
 
 
 def _check_lists(indices, counts, d, block_q, block_kv):
-  """Validated lists with one list set per query head: [B, N, nq, k] and [B, N, nq]."""
-  idx, cnt = V.check_block_lists(indices, counts, d, block_q, block_kv)
-  return expand_block_heads(idx, d.N), expand_block_heads(cnt, d.N)
+  """Validated lists (the plan's forward lists, ``attnjax.plan.from_lists``) with one list
+  set per query head: [B, N, nq, k] and [B, N, nq]."""
+  plan = PL.from_lists(indices, counts, d, block_q, block_kv)
+  return expand_block_heads(plan.fwd_indices, d.N), expand_block_heads(plan.fwd_counts, d.N)
 
 
 def engine():

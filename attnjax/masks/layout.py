@@ -1,4 +1,11 @@
-"""BlockLayout: a mask compiled for one shape and block size.
+"""BlockLayout: the one compiled block plan of the block-sparse backends.
+
+A static mask compiled for one shape and block size, or block lists chosen at
+run time (``attnjax.plan.from_lists``), give the same frozen pytree: block
+sizes, offsets, the per-head block kinds and the Mask are static (aux data),
+the forward and backward lists are its leaves (so run-time lists are traced
+leaves of the same type). The XLA engine and both Pallas kernels read it,
+forward and backward.
 
 For every head and q-block the layout lists the k-blocks that are *partial*
 (the element mask must be applied) or *full* (no element mask needed), as
@@ -23,26 +30,38 @@ import dataclasses
 import functools
 from typing import Optional
 
+import jax
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
+#: The list leaves of a BlockLayout (forward CSR, backward CSC).
+LIST_FIELDS = ("fwd_indices", "fwd_full", "fwd_counts", "bwd_indices", "bwd_full", "bwd_counts")
+_STATIC_FIELDS = ("q_len", "kv_len", "block_q", "block_kv", "num_heads", "q_offset",
+                  "k_offset", "block_mask", "mask", "batched", "list_kind")
+
+
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class BlockLayout:
-  """Per-head block classification and index lists (NumPy, static).
+  """Per-head block kinds and index lists: the plan every block-sparse backend runs.
 
   Attributes:
     q_len, kv_len, block_q, block_kv, num_heads: what the layout was built for.
     q_offset, k_offset: positions of the first query / key.
-    block_mask: int8 [num_heads, nq, nk]: 0 empty, 1 partial, 2 full.
-    fwd_indices: int32 [num_heads, nq, max_kb]: visited k-blocks per q-block.
-    fwd_full: bool [num_heads, nq, max_kb]: whether each listed block is full.
-    fwd_counts: int32 [num_heads, nq].
-    bwd_indices: int32 [num_heads, nk, max_qb]: q-blocks visiting each k-block.
-    bwd_full: bool [num_heads, nk, max_qb].
-    bwd_counts: int32 [num_heads, nk].
+    block_mask: int8 [num_heads, nq, nk]: 0 empty, 1 partial, 2 full (None
+      for run-time lists, whose kinds are not known at trace time).
+    fwd_indices: int32 [(B,) num_heads, nq, max_kb]: visited k-blocks per q-block.
+    fwd_full: bool [num_heads, nq, max_kb]: whether each listed block is full
+      (None for run-time lists: every block is of kind ``list_kind``).
+    fwd_counts: int32 [(B,) num_heads, nq].
+    bwd_indices: int32 [(B,) num_heads, nk, max_qb]: q-blocks visiting each k-block.
+    bwd_full: bool [num_heads, nk, max_qb] (None for run-time lists).
+    bwd_counts: int32 [(B,) num_heads, nk].
     mask: the Mask it was built from (None for a layout given as an array).
+    batched: the lists have a leading batch axis B (run-time lists, NumPy or traced).
+    list_kind: PARTIAL or FULL, the kind of every listed block of run-time lists.
   """
   q_len: int
   kv_len: int
@@ -51,22 +70,63 @@ class BlockLayout:
   num_heads: int
   q_offset: int
   k_offset: int
-  block_mask: np.ndarray
-  fwd_indices: np.ndarray
-  fwd_full: np.ndarray
-  fwd_counts: np.ndarray
-  bwd_indices: np.ndarray
-  bwd_full: np.ndarray
-  bwd_counts: np.ndarray
+  block_mask: Optional[np.ndarray]
+  fwd_indices: object
+  fwd_full: object
+  fwd_counts: object
+  bwd_indices: object
+  bwd_full: object
+  bwd_counts: object
   mask: Optional[object] = None
+  batched: bool = False
+  list_kind: Optional[int] = None
+
+  def tree_flatten(self):
+    static = tuple(_Static(self.block_mask) if f == "block_mask" else getattr(self, f)
+                   for f in _STATIC_FIELDS)
+    return tuple(getattr(self, f) for f in LIST_FIELDS), static
+
+  @classmethod
+  def tree_unflatten(cls, static, leaves):
+    kw = dict(zip(_STATIC_FIELDS, static), **dict(zip(LIST_FIELDS, leaves)))
+    kw["block_mask"] = kw["block_mask"].value
+    return cls(**kw)
 
   @property
   def num_q_blocks(self) -> int:
-    return self.block_mask.shape[1]
+    return self.q_len // self.block_q
 
   @property
   def num_kv_blocks(self) -> int:
-    return self.block_mask.shape[2]
+    return self.kv_len // self.block_kv
+
+  @property
+  def max_kb(self) -> int:
+    """Width of the forward lists."""
+    return self.fwd_indices.shape[-1]
+
+  @property
+  def max_qb(self) -> int:
+    """Width of the backward lists."""
+    return self.bwd_indices.shape[-1]
+
+  @functools.cached_property
+  def any_partial(self) -> bool:
+    """Some listed block needs the element mask."""
+    if self.block_mask is None:
+      return self.list_kind == PARTIAL
+    return bool((self.block_mask == PARTIAL).any())
+
+  @functools.cached_property
+  def any_full(self) -> bool:
+    """Some listed block is full."""
+    if self.block_mask is None:
+      return self.list_kind == FULL
+    return bool((self.block_mask == FULL).any())
+
+  def skeleton(self) -> "BlockLayout":
+    """This plan with its lists as ``jax.ShapeDtypeStruct`` (static facts only)."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self)
 
   @property
   def num_visited(self) -> int:
@@ -86,10 +146,32 @@ class BlockLayout:
     return id(self)
 
   def __repr__(self):
+    if self.block_mask is None:
+      return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, "
+              f"block=({self.block_q}, {self.block_kv}), heads={self.num_heads}, "
+              f"run-time lists of width {self.max_kb})")
     return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, "
             f"block=({self.block_q}, {self.block_kv}), heads={self.num_heads}, "
             f"visited={self.num_visited}/{self.block_mask.size}, "
             f"full={self.num_full})")
+
+
+class _Static:
+  """The block kinds as pytree aux data: compared and hashed by value."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def _key(self):
+    v = self.value
+    return None if v is None else (v.shape, np.ascontiguousarray(v).tobytes())
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and (
+        self.value is other.value or self._key() == other._key())
+
+  def __hash__(self):
+    return hash(self._key())
 
 
 def _lists(block_mask: np.ndarray):

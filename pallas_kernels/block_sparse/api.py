@@ -11,6 +11,7 @@ from attnjax.core import dropout as DR
 from attnjax.core import placement
 from attnjax.core import scoring
 from attnjax.core import validation as V
+from attnjax.masks import layout as LY
 from pallas_kernels.block_sparse import common as C
 from pallas_kernels.block_sparse import gpu as gpu_kernels
 from pallas_kernels.block_sparse import resources as R
@@ -43,17 +44,17 @@ def fit_config(cfg, query, key, value, tiles_forced: bool):
 
 
 def _check_layout(layout, d: V.Dims):
-  for attr in ("fwd_indices", "fwd_full", "fwd_counts", "bwd_indices", "bwd_full", "bwd_counts"):
-    if not hasattr(layout, attr):
-      raise TypeError(f"layout must be an attnjax BlockLayout, got {type(layout).__name__}.")
+  if not isinstance(layout, LY.BlockLayout):
+    raise TypeError(f"layout must be an attnjax BlockLayout, got {type(layout).__name__}.")
   if (layout.q_len, layout.kv_len) != (d.T, d.S):
     raise ValueError(
         f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len}; the "
         f"inputs have T={d.T}, S={d.S}.")
-  if layout.num_heads not in (1, d.N):
+  heads = (1, d.N, d.K) if layout.batched else (1, d.N)
+  if layout.num_heads not in heads:
     raise ValueError(
         f"layout has num_heads={layout.num_heads}; expected 1 or the number of query "
-        f"heads N={d.N}.")
+        f"heads N={d.N}" + (f" or of KV heads K={d.K}." if layout.batched else "."))
 
 
 def _gpu_tiles(tiles, block_q, block_kv, interpret):
@@ -173,14 +174,14 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
     lens = (jnp.full((d.B,), d.T, jnp.int32) if q_len is None else q_len,
             jnp.full((d.B,), d.S, jnp.int32) if kv_len is None else kv_len)
   mask = mask if mask is not None else layout.mask
-  listed = np.arange(layout.fwd_indices.shape[-1]) < layout.fwd_counts[..., None]
-  any_partial = bool(np.any(listed & ~layout.fwd_full))
-  any_full = bool(np.any(layout.fwd_full))
-  if any_partial and mask is None and mask4 is None:
+  if layout.batched and (mask4 is not None or bias4 is not None or lens is not None):
+    raise NotImplementedError("run-time block lists take no bias, mask_array or sequence "
+                              "lengths in the kernels; use implementation='xla'.")
+  if layout.any_partial and mask is None and mask4 is None:
     raise ValueError(
         "layout has partial blocks but no mask to evaluate inside them: pass mask= "
         "(the attnjax Mask the layout was built from) or mask_array=.")
-  if not any_partial:
+  if not layout.any_partial:
     mask = mask4 = None    # full blocks skip the mask and the mask array
   check_mask_tables(mask)
   segs = V.check_segment_ids(segment_ids, d)
@@ -188,6 +189,9 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
     raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
 
   q_pos, k_pos = position_arrays(q_positions, k_positions, d)
+  if layout.batched and mask is not None:   # a static layout's mask was validated when built
+    dq, dk = V.default_positions(d.T, d.S)
+    mask.validate(d.N, dq if q_pos is None else q_pos, dk if k_pos is None else k_pos)
   if q_positions is None and layout.q_offset != d.S - d.T:
     raise ValueError(
         f"layout was built with q_offset={layout.q_offset} but the default query "
@@ -200,14 +204,9 @@ def _prepare(query, key, value, layout, mask, score, scale, q_positions, k_posit
   sinks = C.sink_vector(score, d.N) if score.normalization == "softmax" else None
   reads_segments = mask is not None and mask.needs_segments
   cfg = C.KernelConfig(
-      B=d.B, T=d.T, S=d.S, N=d.N, K=d.K, H=d.H, Hv=d.Hv,
-      block_q=int(layout.block_q), block_kv=int(layout.block_kv),
-      layout_heads=int(layout.num_heads),
-      max_kb=int(layout.fwd_indices.shape[-1]), max_qb=int(layout.bwd_indices.shape[-1]),
-      any_full=any_full, any_partial=any_partial, scale=scale, score=score, mask=mask,
-      has_segments=segs is not None,
+      plan=layout.skeleton(), B=d.B, N=d.N, K=d.K, H=d.H, Hv=d.Hv, scale=scale, score=score,
+      mask=mask, has_segments=segs is not None,
       segment_test_on_full=segs is not None and not reads_segments,
-      q_offset=int(layout.q_offset), k_offset=int(layout.k_offset),
       has_q_pos=q_pos is not None, has_k_pos=k_pos is not None,
       pos_batched=(q_pos is not None and q_pos.shape[0] == d.B and d.B > 1,
                    k_pos is not None and k_pos.shape[0] == d.B and d.B > 1),
@@ -228,6 +227,26 @@ def _make_attention(cfg, lists, module):
   """
   attend = make_attention(cfg, module, lambda lists, backward: lists)
   return lambda q, k, v, aux, sinks, bias=None: attend(q, k, v, aux, sinks, lists, bias)
+
+
+def runtime_expander(cfg, module):
+  """expand(plan, backward) for ``make_attention``: the kernel lists of run-time lists
+  (a batched plan, traced leaves), built under jit (``module.runtime_lists``)."""
+
+  def expand(plan, backward):
+    bwd = (plan.bwd_indices, plan.bwd_counts) if backward else None
+    return module.runtime_lists(cfg, (plan.fwd_indices, plan.fwd_counts), bwd)
+
+  return expand
+
+
+def plan_attention(cfg, layout, module):
+  """custom_vjp function (q, k, v, aux, sinks, bias) -> (out, lse) on a plan's lists:
+  a static plan's lists prepared once, run-time lists passed as traced leaves."""
+  if not layout.batched:
+    return _make_attention(cfg, module.prepare_lists(layout), module)
+  attend = make_attention(cfg, module, runtime_expander(cfg, module))
+  return lambda q, k, v, aux, sinks, bias=None: attend(q, k, v, aux, sinks, layout, bias)
 
 
 def _unwrap(x):
@@ -318,8 +337,10 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
   Args:
     query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; N % K == 0
       (GQA/MQA read each KV head once; nothing is repeated in memory).
-    layout: an ``attnjax.masks.BlockLayout`` for (T, S) with 1 or N heads; only
-      its listed blocks are computed. Its block sizes are the kernel tiles.
+    layout: an ``attnjax.masks.BlockLayout`` (the block plan) for (T, S) with 1
+      or N heads, or run-time lists (``attnjax.plan.from_lists``, 1, K or N
+      heads, no bias, mask_array or lengths); only its listed blocks are
+      computed. Its block sizes are the kernel tiles.
     mask: the ``Mask`` evaluated element-wise on partial blocks (default:
       ``layout.mask``); full blocks skip it.
     score: score variant (``attnjax.core.scoring`` protocol): softmax (with
@@ -377,8 +398,7 @@ def block_sparse_pallas(query, key, value, layout, *, mask=None, score=None, sca
     raise ValueError(
         "return_lse is undefined for unnormalised scores (normalization='none'): "
         "their outputs do not merge through a log-sum-exp.")
-  module = _MODULES[backend]
-  attend = _make_attention(cfg, module.prepare_lists(layout), module)
+  attend = plan_attention(cfg, layout, _MODULES[backend])
   out, lse = attend(query, key, value, aux, sinks, bias4)
   if return_lse:
     return out, jnp.swapaxes(lse, 1, 2)

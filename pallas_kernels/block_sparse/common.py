@@ -33,23 +33,24 @@ from attnjax.core.scoring import SoftmaxScore
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class KernelConfig:
-  """Static description of one call (shapes, blocks, mask, score).
+  """Static description of one call: its block plan and what the plan does not say.
 
   Attributes:
-    B, T, S, N, K, H, Hv: BTNH sizes (q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]).
-    block_q, block_kv, nq, nk: block sizes and block counts.
-    layout_heads: 1 (one layout shared by all heads), N (per query head) or,
-      for run-time lists only, K (shared by the query heads of a KV head).
-    max_kb, max_qb: widths of the padded CSR (forward) and CSC (backward) lists.
-    any_full, any_partial: whether some listed block is full / partial.
+    plan: the call's ``attnjax.masks.BlockLayout`` with its lists as
+      ``jax.ShapeDtypeStruct`` (``skeleton``). The properties ``T``, ``S``,
+      ``block_q``, ``block_kv``, ``nq``, ``nk``, ``layout_heads`` (1, N or,
+      for run-time lists only, K), ``max_kb``/``max_qb`` (widths of the
+      forward CSR / backward CSC lists), ``any_full``/``any_partial``,
+      ``q_offset``/``k_offset`` (positions of the first query / key when no
+      position arrays are given) and ``lists_batched`` (run-time lists with a
+      leading batch axis) read it.
+    B, N, K, H, Hv: BTNH sizes (q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]).
     scale: logit scale (Python float).
     score: the score variant (normalization, transform, weights).
     mask: the Mask evaluated on partial blocks (None when there are none).
     has_segments: segment ids are given.
     segment_test_on_full: full blocks still need the segment-id test (the
       mask does not read segment ids itself).
-    q_offset, k_offset: positions of the first query / key when no position
-      arrays are given (positions are then computed from iota).
     has_q_pos, has_k_pos: position arrays are given ([Bp, T] / [Bp, S]).
     pos_batched: (q, k) position arrays have a batch axis of size B.
     out_dtype: dtype the forward kernel writes (float32 when a sink
@@ -57,8 +58,6 @@ class KernelConfig:
     interpret: run through the Pallas interpreter.
     tiles: GPU tiles ((fwd_q, fwd_k), (dq_q, dq_k), (dkv_q, dkv_k)); each
       divides the layout's (block_q, block_kv). Unused by the TPU kernels.
-    lists_batched: the block lists have a leading batch axis (run-time lists,
-      ``runtime.py``); static layouts share one list set across the batch.
     vmem_limit_bytes: TPU scoped-VMEM limit of the kernels (None: the
       compiler's default); set by ``resources.check`` when a configuration
       needs more than the default and fits in the physical VMEM.
@@ -72,40 +71,42 @@ class KernelConfig:
     dropout_rate: attention dropout (``attnjax.core.dropout``; 0 = none): the
       kernels regenerate the keep mask of each tile from ``Aux.drop``.
   """
+  plan: Any
   B: int
-  T: int
-  S: int
   N: int
   K: int
   H: int
   Hv: int
-  block_q: int
-  block_kv: int
-  layout_heads: int
-  max_kb: int
-  max_qb: int
-  any_full: bool
-  any_partial: bool
   scale: float
   score: Any
   mask: Any
   has_segments: bool
   segment_test_on_full: bool
-  q_offset: int
-  k_offset: int
   has_q_pos: bool
   has_k_pos: bool
   pos_batched: tuple
   out_dtype: Any
   interpret: bool
   tiles: tuple = ()
-  lists_batched: bool = False
   vmem_limit_bytes: Optional[int] = None
   smem_list_entries: int = 0
   has_lengths: bool = False
   bias_shape: Optional[tuple] = None
   mask_shape: Optional[tuple] = None
   dropout_rate: float = 0.0
+
+  T = property(lambda self: self.plan.q_len)
+  S = property(lambda self: self.plan.kv_len)
+  block_q = property(lambda self: self.plan.block_q)
+  block_kv = property(lambda self: self.plan.block_kv)
+  layout_heads = property(lambda self: self.plan.num_heads)
+  max_kb = property(lambda self: self.plan.max_kb)
+  max_qb = property(lambda self: self.plan.max_qb)
+  any_full = property(lambda self: self.plan.any_full)
+  any_partial = property(lambda self: self.plan.any_partial)
+  q_offset = property(lambda self: self.plan.q_offset)
+  k_offset = property(lambda self: self.plan.k_offset)
+  lists_batched = property(lambda self: self.plan.batched)
 
   @property
   def masks_blocks(self) -> bool:

@@ -27,6 +27,7 @@ them) or raises ValueError naming the blocks, the need and the budget.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -42,7 +43,7 @@ TPU_VMEM_RESERVE = 8 << 20
 TPU_SMEM_RESERVE = 4096
 
 __all__ = ["tpu_vmem_need", "gpu_shared_need", "list_entries", "list_chunks", "fit",
-           "choose_tpu_blocks", "choose_gpu_tiles", "describe"]
+           "choose_tpu_blocks", "tpu_aligned_blocks", "choose_gpu_tiles", "describe"]
 
 
 def _itemsize(dtype) -> int:
@@ -237,6 +238,15 @@ def fit(cfg, target: Optional[str], in_dtype, tiles_forced: bool = False):
   if budget.platform == "tpu":
     return _fit_tpu(cfg, budget, in_dtype)
   return _fit_gpu(cfg, budget, in_dtype, tiles_forced)
+
+
+#: What the compiled TPU kernels need of their blocks: block_q % 8, block_kv % 128.
+TPU_BLOCK_ALIGN = (8, 128)
+
+
+def tpu_aligned_blocks(block_q: int, block_kv: int) -> Tuple[int, int]:
+  """The least multiples of (block_q, block_kv) the compiled TPU kernels accept."""
+  return math.lcm(block_q, TPU_BLOCK_ALIGN[0]), math.lcm(block_kv, TPU_BLOCK_ALIGN[1])
 
 
 #: (block_q, block_kv) the TPU kernels may use, largest first.
