@@ -13,7 +13,8 @@ it receives off the collectives of the compiled HLO (``kind="measured_hlo"``):
 * S2-Attention (arXiv:2407.17678; heterogeneous strided heads);
 * run-time top-k block lists (``context_parallel_block_lists``; 16 blocks of
   512 per KV head and q-block, scores decaying with the block distance, the
-  capacity per device distance that the lists need);
+  capacity per device distance that the lists need; contiguous and zig-zag
+  assignment);
 * linear attention with decay (Lightning Attention-2 / TNL, arXiv:2401.04658):
   the state scan;
 * neighborhood attention (NATTEN, arXiv:2403.04690): na1d and na2d (rows
@@ -190,31 +191,36 @@ def _topk_lists(T, decay=0.05, kv_heads=KV_HEADS, seed=0):
 
 
 def block_list_rows(seq_lens) -> List[Dict]:
-  """Run-time top-k lists (decaying scores) with their per-distance capacity: HLO bytes."""
+  """Run-time top-k lists (decaying scores) with their per-distance capacity: HLO bytes,
+  contiguous and zig-zag assignment (arrays in assignment order: no permutation compiled)."""
   import jax  # pylint: disable=g-import-not-at-top
   from attnjax import masks as M  # pylint: disable=g-import-not-at-top
   from attnjax.sharding import (block_list_capacity, block_list_plan, block_list_report,  # pylint: disable=g-import-not-at-top
-                                context_parallel_block_lists, make_mesh)
+                                context_parallel_block_lists, make_mesh, owned_blocks)
   mesh = make_mesh(1, 1, CHUNKS, devices=jax.devices()[:CHUNKS])
   rows = []
   for T in seq_lens:
     idx, cnt = _topk_lists(T)
-    cap = block_list_capacity(idx, cnt, num_shards=CHUNKS, num_kv_heads=KV_HEADS,
-                              per_distance=True)
-    q = jax.ShapeDtypeStruct((1, T, HEADS, HEAD_DIM), np.float32)
-    kv = jax.ShapeDtypeStruct((1, T, KV_HEADS, HEAD_DIM), np.float32)
-    li = jax.ShapeDtypeStruct(idx.shape, np.int32)
-    lc = jax.ShapeDtypeStruct(cnt.shape, np.int32)
-    f = lambda q, k, v, i, c, cap=cap: context_parallel_block_lists(
-        q, k, v, i, c, block_size=LIST_BLOCK, mesh=mesh, mask=M.Causal(), capacity=cap)
-    got = received_bytes(_hlo(f, q, kv, kv, li, lc), CHUNKS)
-    plan = block_list_plan(M.Causal(), T, HEADS, 1, idx.shape[-1], CHUNKS, LIST_BLOCK, cap)
-    rep = block_list_report(plan, batch=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                            itemsize=4)
-    work = cnt.reshape(KV_HEADS, CHUNKS, -1).sum((0, 2)).astype(np.float64)
-    rows.append(_row("block_lists", "topk_decay_0.05", T, got, rep["allgather_bytes"],
-                     rep["received_bytes"], round(float(work.max() / work.mean()), 4),
-                     assignment="contiguous", block=LIST_BLOCK, capacity=str(cap)))
+    for assignment in ("contiguous", "zigzag"):
+      cap = block_list_capacity(idx, cnt, num_shards=CHUNKS, num_kv_heads=KV_HEADS,
+                                per_distance=True, assignment=assignment)
+      own = owned_blocks(T, CHUNKS, LIST_BLOCK, assignment)
+      q = jax.ShapeDtypeStruct((1, T, HEADS, HEAD_DIM), np.float32)
+      kv = jax.ShapeDtypeStruct((1, T, KV_HEADS, HEAD_DIM), np.float32)
+      li = jax.ShapeDtypeStruct(idx.shape, np.int32)
+      lc = jax.ShapeDtypeStruct(cnt.shape, np.int32)
+      f = lambda q, k, v, i, c, cap=cap, a=assignment: context_parallel_block_lists(
+          q, k, v, i, c, block_size=LIST_BLOCK, mesh=mesh, mask=M.Causal(), capacity=cap,
+          assignment=a, sequence_order="assignment")
+      got = received_bytes(_hlo(f, q, kv, kv, li, lc), CHUNKS)
+      plan = block_list_plan(M.Causal(), T, HEADS, 1, idx.shape[-1], CHUNKS, LIST_BLOCK, cap,
+                             assignment)
+      rep = block_list_report(plan, batch=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                              itemsize=4)
+      work = cnt[:, :, own].sum((0, 1, 3)).astype(np.float64)        # list entries per device
+      rows.append(_row("block_lists", "topk_decay_0.05", T, got, rep["allgather_bytes"],
+                       rep["received_bytes"], round(float(work.max() / work.mean()), 4),
+                       assignment=assignment, block=LIST_BLOCK, capacity=str(cap)))
   return rows
 
 
