@@ -198,3 +198,19 @@ def test_benchmark_reads_received_bytes_off_hlo_collectives():
   ag = 4 * 16 * 2 * 3 // 4
   assert received_bytes(hlo, 4).tolist() == [24 + ag + 12, 64 + ag + 12, 64 + ag + 12,
                                              64 + ag + 12]
+
+
+@pytest.mark.parametrize("family,options", [
+    ("lightning", dict(chunk_size=8, decay=[0.1, 0.5])),
+    ("lightning", dict(layer_idx=1, num_layers=2)),
+    ("based", dict(left=3, right=0, chunk_size=8)),
+])
+def test_registry_option_names_on_the_linear_route(family, options):
+  # the family's own option spelling (one context shard in this process)
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 16, 2, 4), np.float32)) for _ in range(3))
+  got = context_parallel(family, make_mesh(), causal=True, **options)(q, k, v)
+  want = registry.get_family(family)(q, k, v, causal=True, **options)
+  assert float(jnp.abs(got - want).max()) < 1e-5

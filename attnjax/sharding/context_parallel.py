@@ -269,19 +269,25 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
           dilation=o.get("dilation", 1), is_causal=bool(causal), scale=scale,
           implementation=impl, **axes)
     if family == "based":
-      _take(o, family, ("window", "feature_map", "eps", "chunk_size", "branch"))
+      _take(o, family, ("window", "left", "right", "feature_map", "eps", "chunk_size", "branch"))
+      left, right = o.pop("left", None), o.pop("right", None)
+      if left is not None or right is not None:   # as the family: sides instead of window
+        if o.get("window") is not None:
+          raise ValueError(f"the based family takes the window as window={o['window']!r} or "
+                           f"as left={left!r}/right={right!r}, not both.")
+        o["window"] = (64 if left is None else left, 0 if right is None else right)
       return context_parallel_based_attention(query, key, value, mesh, causal=bool(causal),
                                               scale=scale, implementation=impl, **o, **axes)
     if scale is not None:
       raise ValueError(f"the {family!r} family takes no scale.")
     if family == "lightning":
-      _take(o, family, ("slopes", "layer_idx", "num_layers", "block_size"))
-      slopes = o.get("slopes")
+      _take(o, family, ("decay", "layer_idx", "num_layers", "chunk_size"))
+      slopes = o.get("decay")
       if slopes is None:
         slopes = tnl_decay_slopes(query.shape[2], o.get("layer_idx", 0), o.get("num_layers", 1))
       return context_parallel_linear_attention(
           query, key, value, mesh, feature_map="identity", causal=bool(causal),
-          decay=slopes if causal else None, chunk_size=o.get("block_size", 64),
+          decay=slopes if causal else None, chunk_size=o.get("chunk_size", 64),
           implementation=impl, **axes)
     _take(o, family, ("feature_map", "decay", "normalize", "eps", "chunk_size"))
     o.setdefault("feature_map", "elu+1")
