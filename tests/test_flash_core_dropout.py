@@ -4,6 +4,8 @@ Dropout: the engine regenerates the mask per tile from the key; the dense
 reference draws it over [B, N, T, S] with the same function, so the two
 agree to rounding, forward and gradients.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,12 +242,18 @@ def test_traced_rate_is_refused_naming_the_argument():
 
 
 def test_both_fast_backends_take_dropout():
-  """The Pallas kernels run dropout too (``tests/test_pallas_dropout.py``): no refusal."""
+  """The Pallas kernels run dropout too (``tests/test_pallas_dropout.py``), except compiled
+  on a GPU, whose dK/dV kernel with dropout does not build: there the XLA engine runs it."""
   q, k, v = _qkv(1, 128, 128, 1, 1, H=128)
   call = BA.attention_call(q, k, v, dropout=True)
   assert call["dropout"] and not BA.attention_call(q, k, v)["dropout"]
   assert BA.check_impl("pallas", call) == "pallas"
   assert BA.check_impl("xla", call) == "xla"
+  on_gpu = dataclasses.replace(call, platform="gpu", target="sm90",
+                               facts=dict(call.facts, kernel_default=True))
+  assert BA.check_impl(None, on_gpu) == "xla"
+  with pytest.raises(NotImplementedError, match="dK/dV"):
+    BA.check_impl("pallas", on_gpu)
 
 
 def test_threefry_rounds_equal_the_primitive_bit_for_bit():

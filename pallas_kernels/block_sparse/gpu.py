@@ -46,7 +46,9 @@ logit gradient into a zero-initialised (aliased) [B, N, T, S] float32 array.
 Attention dropout: each program reads the Threefry key of its (batch, query
 head) (a [B, N, 2] uint32 input) and regenerates the keep mask of every tile
 it visits (``common.dropout_keep``): the same bits as the XLA engine and the
-reference, whatever the tiles.
+reference, whatever the tiles. Compiled, only the forward (and dQ) kernels
+take it: Triton runs out of memory building the dK/dV kernel with the
+Threefry rounds (``DROPOUT_BACKWARD``), so the compiled backward refuses it.
 
 Compiled use needs power-of-two tiles >= 16; head dims that are not a power
 of two are zero-padded (exact).
@@ -68,6 +70,13 @@ try:  # the Triton dialect is importable on CPU builds too; guard anyway.
   from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover - depends on the jaxlib build
   plgpu = None
+
+
+#: Why the compiled GPU backward refuses dropout (interpret mode runs it).
+DROPOUT_BACKWARD = (
+    "the compiled GPU dK/dV kernel with attention dropout does not build: Triton exhausts "
+    "the compiler's memory (> 16 GB at T=256) on the Threefry rounds feeding its transposed "
+    "matmuls; the forward and dQ kernels compile. Use implementation='xla' for dropout on GPU.")
 
 
 def _pow2(n: int) -> bool:
@@ -464,6 +473,8 @@ def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
   (zero outside the visited blocks), else None.
   """
   check_tiles(cfg)
+  if cfg.dropout_rate > 0 and not cfg.interpret:
+    raise NotImplementedError(DROPOUT_BACKWARD)
   Hp, Hvp = _padded_dims(cfg)
   qp_, kp_, vp_, dop = _pad_last(q, Hp), _pad_last(k, Hp), _pad_last(v, Hvp), _pad_last(do, Hvp)
   B, T, S, N, K, G = cfg.B, cfg.T, cfg.S, cfg.N, cfg.K, cfg.G
