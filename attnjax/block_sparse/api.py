@@ -17,8 +17,6 @@ at 128k tokens; measured build times are in docs/build_costs.md).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
