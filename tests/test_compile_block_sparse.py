@@ -118,32 +118,17 @@ def test_lengths_bias_gradient_and_mask_array_compile(target):
   TG.require_kernels(TG.compile_on(target, fn, q, kv, kv, bias, keep, lens, lens), 3)
 
 
-def test_dropout_compiles_on_tpu():
+@pytest.mark.parametrize("target", ["tpu_v5e", "sm90"])
+def test_dropout_compiles(target):
   """Attention dropout: Threefry rounds (uint32 adds, xors, shifts) in the forward, dQ and
-  dK/dV kernels, the per-(batch, head) keys scalar-prefetched."""
-  requires_toolchain("tpu_v5e")
+  dK/dV kernels; the per-(batch, head) keys scalar-prefetched (TPU) or a kernel input (GPU)."""
+  requires_toolchain(target)
   q, kv = _specs(256, 64)
 
   def fn(q, k, v, rng):
     return _grad(lambda q, k, v: attnjax.attention(q, k, v, mask=M.Causal(), dropout_rate=0.1,
                                                    dropout_rng=rng))(q, k, v)
-  TG.require_kernels(TG.compile_on("tpu_v5e", fn, q, kv, kv, S((2,), jnp.uint32)), 3)
-
-
-def test_dropout_forward_compiles_on_sm90_and_the_backward_refuses():
-  """GPU: the forward kernel with dropout (keys a [B, N, 2] input) compiles; the dK/dV
-  kernel with dropout exhausts Triton's memory, so the compiled backward refuses (before
-  compiling) and the dispatcher keeps dropout on the XLA path on GPUs."""
-  requires_toolchain("sm90")
-  q, kv = _specs(256, 64)
-  layout = M.Causal().block_layout(256, 256, 128, 128, 1)
-  fwd = lambda q, k, v, rng: block_sparse_pallas(q, k, v, layout, dropout_rate=0.1,
-                                                 dropout_rng=rng)
-  rng = S((2,), jnp.uint32)
-  TG.require_kernels(TG.compile_on("sm90", fwd, q, kv, kv, rng), 1)
-  grad = lambda q, k, v, rng: _grad(lambda *a: fwd(*a, rng))(q, k, v)
-  with pytest.raises(NotImplementedError, match="dK/dV"):
-    TG.compile_on("sm90", grad, q, kv, kv, rng)
+  TG.require_kernels(TG.compile_on(target, fn, q, kv, kv, S((2,), jnp.uint32)), 3)
 
 
 def test_lists_longer_than_smem_are_cut_into_kernel_calls():

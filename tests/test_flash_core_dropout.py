@@ -242,8 +242,8 @@ def test_traced_rate_is_refused_naming_the_argument():
 
 
 def test_both_fast_backends_take_dropout():
-  """The Pallas kernels run dropout too (``tests/test_pallas_dropout.py``), except compiled
-  on a GPU, whose dK/dV kernel with dropout does not build: there the XLA engine runs it."""
+  """The Pallas kernels run dropout too (``tests/test_pallas_dropout.py``), on CPU
+  (interpreted) and as the default on a GPU target."""
   q, k, v = _qkv(1, 128, 128, 1, 1, H=128)
   call = BA.attention_call(q, k, v, dropout=True)
   assert call["dropout"] and not BA.attention_call(q, k, v)["dropout"]
@@ -251,9 +251,7 @@ def test_both_fast_backends_take_dropout():
   assert BA.check_impl("xla", call) == "xla"
   on_gpu = dataclasses.replace(call, platform="gpu", target="sm90",
                                facts=dict(call.facts, kernel_default=True))
-  assert BA.check_impl(None, on_gpu) == "xla"
-  with pytest.raises(NotImplementedError, match="dK/dV"):
-    BA.check_impl("pallas", on_gpu)
+  assert BA.check_impl(None, on_gpu) == "pallas"
 
 
 def test_threefry_rounds_equal_the_primitive_bit_for_bit():

@@ -86,9 +86,6 @@ def _pallas_supports(call: dispatch.Call, explicit: bool):
       return (f"the block-sparse kernels are not known to compile for this "
               f"{call.platform.upper()} ({call.target or 'not a listed target'})")
     return f"kernels run compiled on TPU/GPU only (this call is placed on {call.platform})"
-  if call["dropout"] and call.platform == "gpu":
-    return ("the compiled GPU kernels take attention dropout in the forward only (their "
-            "dK/dV kernel with dropout does not build)")
   if call["mask_tables"]:
     return ("the mask's predicate reads constant tables (e.g. Documents(ids), RandomBlocks, "
             "KeyIn over more than 16 positions), which the kernels cannot capture")

@@ -186,18 +186,25 @@ def list_row(cfg: KernelConfig, b, h, i, rows: int):
 
 
 # -- dropout -----------------------------------------------------------------------
-def dropout_keep(cfg: KernelConfig, key, q_start, bq: int, k_start, bk: int):
+def dropout_keep(cfg: KernelConfig, key, q_start, bq: int, k_start, bk: int,
+                 key_major: bool = False):
   """Dropout multiplier [bq, bk] float32 of the tile at (q_start, k_start), or None.
 
   ``key``: the (k0, k1) uint32 words of the tile's (batch, query head), or
   None. The same values as the XLA engine's and the reference's
   (``dropout.keep_multiplier`` at the tile's query and key indices).
+  ``key_major``: draw it as [bk, bq] and transpose it (same values): the GPU
+  dK/dV kernel, whose matmuls read the tile transposed; drawn [bq, bk] there,
+  Triton rematerialises the rounds in the transposed layout and exhausts the
+  compiler's memory (> 16 GB at T=256).
   """
   if cfg.dropout_rate == 0.0 or key is None:
     return None
-  qi = lax.broadcasted_iota(jnp.int32, (bq, bk), 0) + q_start
-  ki = lax.broadcasted_iota(jnp.int32, (bq, bk), 1) + k_start
-  return DR.keep_multiplier(key[0], key[1], qi, ki, cfg.dropout_rate)
+  shape, (q_axis, k_axis) = ((bk, bq), (1, 0)) if key_major else ((bq, bk), (0, 1))
+  qi = lax.broadcasted_iota(jnp.int32, shape, q_axis) + q_start
+  ki = lax.broadcasted_iota(jnp.int32, shape, k_axis) + k_start
+  keep = DR.keep_multiplier(key[0], key[1], qi, ki, cfg.dropout_rate)
+  return keep.T if key_major else keep
 
 
 # -- positions ---------------------------------------------------------------------

@@ -46,9 +46,8 @@ logit gradient into a zero-initialised (aliased) [B, N, T, S] float32 array.
 Attention dropout: each program reads the Threefry key of its (batch, query
 head) (a [B, N, 2] uint32 input) and regenerates the keep mask of every tile
 it visits (``common.dropout_keep``): the same bits as the XLA engine and the
-reference, whatever the tiles. Compiled, only the forward (and dQ) kernels
-take it: Triton runs out of memory building the dK/dV kernel with the
-Threefry rounds (``DROPOUT_BACKWARD``), so the compiled backward refuses it.
+reference, whatever the tiles (the dK/dV kernel draws it key-major, see
+``common.dropout_keep``).
 
 Compiled use needs power-of-two tiles >= 16; head dims that are not a power
 of two are zero-padded (exact).
@@ -70,13 +69,6 @@ try:  # the Triton dialect is importable on CPU builds too; guard anyway.
   from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover - depends on the jaxlib build
   plgpu = None
-
-
-#: Why the compiled GPU backward refuses dropout (interpret mode runs it).
-DROPOUT_BACKWARD = (
-    "the compiled GPU dK/dV kernel with attention dropout does not build: Triton exhausts "
-    "the compiler's memory (> 16 GB at T=256) on the Threefry rounds feeding its transposed "
-    "matmuls; the forward and dQ kernels compile. Use implementation='xla' for dropout on GPU.")
 
 
 def _pow2(n: int) -> bool:
@@ -434,7 +426,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, *refs
                          _len_vis(lens, is_full, q_start, tq, k_start, tk))
       ds, p = C.block_grads(cfg, q, k, v, do, lse, delta, vis, h, qp, kp,
                             pair("bias", cfg.bias_shape, q_start),
-                            keep=C.dropout_keep(cfg, key, q_start, tq, k_start, tk))
+                            keep=C.dropout_keep(cfg, key, q_start, tq, k_start, tk, True))
       return dk + C.dot_tn(ds.astype(q.dtype), q), dv + C.dot_tn(p.astype(do.dtype), do)
 
     kept = live = None
@@ -473,8 +465,6 @@ def backward(cfg, lists, q, k, v, aux, bias, do, lse, delta, want_dbias=False):
   (zero outside the visited blocks), else None.
   """
   check_tiles(cfg)
-  if cfg.dropout_rate > 0 and not cfg.interpret:
-    raise NotImplementedError(DROPOUT_BACKWARD)
   Hp, Hvp = _padded_dims(cfg)
   qp_, kp_, vp_, dop = _pad_last(q, Hp), _pad_last(k, Hp), _pad_last(v, Hvp), _pad_last(do, Hvp)
   B, T, S, N, K, G = cfg.B, cfg.T, cfg.S, cfg.N, cfg.K, cfg.G
