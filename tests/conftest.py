@@ -10,8 +10,11 @@ import os
 
 # The tests' shapes are tiny, so XLA:CPU spends most of their time compiling: LLVM at -O0
 # without its expensive passes halves that (same numerics: XLA:CPU uses no fast-math
-# either way). Deviceless TPU/GPU compiles (Mosaic, Triton) are not affected.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# either way), and the classic elemental fusion emitters instead of the MLIR fusion
+# emitters cut the block-sparse engine's forward+backward compile another ~2.5x (measured:
+# three masks 16.2 s -> 6.4 s). Deviceless TPU/GPU compiles (Mosaic, Triton) are not affected.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                      " --xla_cpu_use_fusion_emitters=false")
 if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
