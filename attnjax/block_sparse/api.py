@@ -302,8 +302,8 @@ def attention(query, key, value, *, mask=None, score=None, bias=None, scale=None
       head, query, key) weight is kept with probability 1 - rate and scaled
       by 1 / (1 - rate) (Flax's convention; the lse is the undropped one).
       The mask is a function of ``dropout_rng`` and the (batch, head, query
-      index, key index) only (``attnjax.core.dropout``): the XLA engine
-      regenerates it per tile, and the reference draws the same one.
+      index, key index) only (``attnjax.core.dropout``): the XLA engine and
+      the Pallas kernels regenerate it per tile, the reference draws the same one.
     dropout_rng: a jax.random key, required when ``dropout_rate > 0``.
     implementation: "reference" (dense float32 oracle), "xla" (blocked
       flash-style pure-JAX path that skips fully masked blocks), "pallas"
