@@ -51,6 +51,7 @@ from attnjax.linear.api import linear_attention
 from attnjax.linear.based import BRANCHES, window_sides
 from attnjax.linear.decay import resolve_decay
 from attnjax.linear.feature_maps import resolve_feature_map
+from attnjax.sharding.mesh import check_segment_ids
 
 
 def _mesh_axis(mesh: Mesh, name: Optional[str]) -> Optional[str]:
@@ -228,18 +229,8 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
     raise ValueError(
         f"initial_state must have shape [B, N, F, E]={(d.B, d.N, f, e)} (E = Hv + 1 when "
         f"normalize=True), got {tuple(initial_state.shape)}.")
-  segs = None
-  if segment_ids is not None:
-    if isinstance(segment_ids, (tuple, list)):
-      if len(segment_ids) != 2 or segment_ids[0] is not segment_ids[1]:
-        raise ValueError("segment_ids: context-parallel linear attention is self-attention; "
-                         "pass one array [B, T] (or the same array twice).")
-      segment_ids = segment_ids[0]
-    segs = jnp.asarray(segment_ids)
-    if segs.shape != (d.B, d.T) or not jnp.issubdtype(segs.dtype, jnp.integer):
-      raise ValueError(f"segment_ids must be an int array [B, T] = [{d.B}, {d.T}], got "
-                       f"{segs.dtype} {segs.shape}.")
-    segs = segs.astype(jnp.int32)
+  segs = check_segment_ids(segment_ids, d.B, d.T)
+  if segs is not None:
     if not causal:
       raise NotImplementedError("segment_ids with causal=False: the non-causal state would "
                                 "be one psum per document; only causal=True takes segment_ids.")

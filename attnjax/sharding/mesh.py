@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -78,6 +79,23 @@ def check_divisible(mesh: Mesh, *, batch_size: int, seq_len: int, num_heads: int
         f"config.model.num_kv_heads={num_kv_heads} is not divisible by the mesh's 'heads' "
         f"axis (config.mesh.heads={s['heads']}); the key/value heads are split with the query "
         "heads.")
+
+
+def check_segment_ids(segment_ids, batch, seq_len):
+  """int32 [B, T] document ids, or None; a (q ids, kv ids) pair must be one array
+  (context parallelism is self-attention); ValueError naming ``segment_ids`` otherwise."""
+  if segment_ids is None:
+    return None
+  if isinstance(segment_ids, (tuple, list)):
+    if len(segment_ids) != 2 or segment_ids[0] is not segment_ids[1]:
+      raise ValueError("segment_ids: context parallelism is self-attention, so the query and "
+                       "key segment ids must be one array [B, T] (or the same array twice).")
+    segment_ids = segment_ids[0]
+  segs = jnp.asarray(segment_ids)
+  if segs.shape != (batch, seq_len) or not jnp.issubdtype(segs.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be an int array [B, T] = [{batch}, {seq_len}], got "
+                     f"{segs.dtype} {segs.shape}.")
+  return segs.astype(jnp.int32)
 
 
 def activation_sharding(mesh: Mesh) -> NamedSharding:

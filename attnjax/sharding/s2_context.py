@@ -38,6 +38,7 @@ from attnjax.core import validation as V
 from attnjax.core.merge import merge_attention
 from attnjax import api
 from attnjax.masks import S2
+from attnjax.sharding.mesh import check_segment_ids
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -178,7 +179,7 @@ def context_parallel_attention(query, key, value, mask, mesh: Mesh, *, scale=Non
   X = mesh.shape[hax] if hax else 1
   if dax and d.B % mesh.shape[dax]:
     raise ValueError(f"batch {d.B} is not divisible by the {dax!r} axis size {mesh.shape[dax]}.")
-  segs = _check_segment_ids(segment_ids, d.B, d.T)
+  segs = check_segment_ids(segment_ids, d.B, d.T)
   plan = make_plan(mask, d.T, d.N, d.K, C, X, block_size)
   scale = V.check_scale(scale, d.H)
   nl, kl, tl, bs = d.N // X, d.K // X, plan.chunk_len, plan.block_size
@@ -222,22 +223,6 @@ def context_parallel_attention(query, key, value, mask, mesh: Mesh, *, scale=Non
   fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec,) * 3 + (P(dax, context_axis),) * len(
       extra), out_specs=spec, check_vma=False)
   return fn(query, key, value, *extra)
-
-
-def _check_segment_ids(segment_ids, batch, seq_len):
-  """int32 [B, T] document ids, or None; a (q ids, kv ids) pair must be one array."""
-  if segment_ids is None:
-    return None
-  if isinstance(segment_ids, (tuple, list)):
-    if len(segment_ids) != 2 or segment_ids[0] is not segment_ids[1]:
-      raise ValueError("segment_ids: context parallelism is self-attention, so the query and "
-                       "key segment ids must be one array [B, T] (or the same array twice).")
-    segment_ids = segment_ids[0]
-  segs = jnp.asarray(segment_ids)
-  if segs.shape != (batch, seq_len) or not jnp.issubdtype(segs.dtype, jnp.integer):
-    raise ValueError(f"segment_ids must be an int array [B, T] = [{batch}, {seq_len}], got "
-                     f"{segs.dtype} {segs.shape}.")
-  return segs.astype(jnp.int32)
 
 
 def _gather_blocks(blocks, idx):
