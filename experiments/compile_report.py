@@ -30,7 +30,7 @@ import attnjax  # noqa: E402
 from attnjax import masks  # noqa: E402
 from experiments.benchmarks.common import write_results  # noqa: E402
 from attnjax.block_sparse import plan as P  # noqa: E402
-from attnjax.neighborhood.tiling import pallas_tile_shape  # noqa: E402
+from attnjax.plan.neighborhood import pallas_tile_shape  # noqa: E402
 from pallas_kernels import targets as TG  # noqa: E402
 from pallas_kernels.block_sparse import resources as BR  # noqa: E402
 from pallas_kernels.linear import resources as LR  # noqa: E402

@@ -29,7 +29,7 @@ import pytest
 from conftest import requires_toolchain
 
 import attnjax
-from attnjax.neighborhood.tiling import pallas_tile_shape
+from attnjax.plan.neighborhood import pallas_tile_shape
 from pallas_kernels import targets as TG
 from pallas_kernels.neighborhood import resources as R
 from pallas_kernels.neighborhood.ops import na_pallas

@@ -2,7 +2,8 @@
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.linear import harness, resources
+import linear_harness as harness
+from pallas_kernels.linear import resources
 
 
 def _compare(variant, *, decay=True, **kw):

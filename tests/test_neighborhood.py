@@ -91,7 +91,7 @@ def test_xla_chunked_loop_matches_reference(monkeypatch, shape, kernel, dilation
                                             tile, steps, rem):
   # several loop steps (and a ragged last one), padded tiles, GQA, rpb, lse cotangent
   from attnjax.neighborhood import xla
-  from attnjax.neighborhood.tiling import plans, tile_counts
+  from attnjax.plan.neighborhood import plans, tile_counts
   G, tq, uk = tile_counts(plans(shape, kernel, dilation, causal, tile))
   monkeypatch.setattr(xla, "CHUNK_ELEMENTS", 5 * 2 * 4 * tq * uk)  # B = 2, N = 4
   assert divmod(G, xla._chunk_size(2, 4, G, tq, uk)) == (steps, rem)

@@ -7,7 +7,8 @@ TidalDecode (arXiv:2410.05076) and Sparsifiner (arXiv:2303.13755).
   key indices ``[B, T, N, k]`` (TokenSelect, TidalDecode, Sparsifiner).
 - :func:`layout_attention`: each (head, q-block) attends to a list of key
   blocks ``[B, N|K, nq, k]``. It runs on ``attnjax.block_sparse``'s
-  ``block_sparse_attention_indices`` when that engine is importable, else on
+  ``block_sparse_attention_indices``, or (``implementation="gather"``, or
+  where the engine has no kernel for the platform) on
   :func:`block_gather_attention`, a pure-JAX gather whose cost grows with the
   ``k`` listed blocks (never with T * S).
 """
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import plan as PL
+from attnjax.block_sparse import block_sparse_attention_indices
 from attnjax.core import validation as V
 from attnjax.dynamic.select import expand_block_heads, normalize_positions
 from attnjax.masks import Causal
@@ -136,38 +138,26 @@ def _check_lists(indices, counts, d, block_q, block_kv):
   return expand_block_heads(plan.fwd_indices, d.N), expand_block_heads(plan.fwd_counts, d.N)
 
 
-def engine():
-  """The block-sparse engine's index-list entry point, or None when it is absent."""
-  try:
-    from attnjax.block_sparse import block_sparse_attention_indices  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return block_sparse_attention_indices
-
-
 def layout_attention(query, key, value, kv_block_indices, kv_block_counts, *, block_q: int,
                      block_kv: int, causal: bool = False, q_positions=None, k_positions=None,
                      scale=None, return_lse=False, implementation=None):
   """Block-list attention on the best available path.
 
-  ``implementation``: None (the block-sparse engine when importable, falling
-  back to the gather path where the engine has no kernel for the platform),
-  "gather" (always :func:`block_gather_attention`), or "xla"/"pallas"/
-  "reference" (the engine's own, which must be importable). Arguments as in
+  ``implementation``: None (the block-sparse engine, falling back to the
+  gather path where the engine has no kernel for the platform), "gather"
+  (always :func:`block_gather_attention`), or "xla"/"pallas"/"reference"
+  (the engine's own). Arguments as in
   :func:`block_gather_attention`.
   """
   kwargs = dict(block_q=block_q, block_kv=block_kv, scale=scale, q_positions=q_positions,
                 k_positions=k_positions, return_lse=return_lse)
-  fn = engine()
-  if implementation == "gather" or (implementation is None and fn is None):
+  if implementation == "gather":
     return block_gather_attention(query, key, value, kv_block_indices, kv_block_counts,
                                   causal=causal, **kwargs)
-  if fn is None:
-    raise ValueError(f"implementation={implementation!r} needs attnjax.block_sparse, which "
-                     "is not importable; use implementation='gather'.")
   try:
-    return fn(query, key, value, kv_block_indices, kv_block_counts,
-              mask=Causal() if causal else None, implementation=implementation, **kwargs)
+    return block_sparse_attention_indices(
+        query, key, value, kv_block_indices, kv_block_counts,
+        mask=Causal() if causal else None, implementation=implementation, **kwargs)
   except NotImplementedError:
     if implementation is not None:
       raise

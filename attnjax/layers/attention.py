@@ -16,11 +16,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from attnjax import scores as scores_lib
-from attnjax.analysis.heads import apply_head_mask
-
 from attnjax.layers import padding as padding_lib
 from attnjax.layers import registry
 from attnjax.layers.dropout import check_dropout_rate, dropout_hook
+from attnjax.layers.head_mask import apply_head_mask
 from attnjax.layers.kv_cache import check_cache_fits
 from attnjax.layers.options import option_names
 from attnjax.layers.rope import apply_rope, as_rope_scaling

@@ -13,11 +13,10 @@ import inspect
 import textwrap
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from attnjax.core.registry import CALL_ARGS
+
 __all__ = ["CALL_ARGS", "option_names"]
 
-
-#: Arguments every family receives from the layer itself: never options.
-CALL_ARGS = ("query", "key", "value", "causal", "q_positions", "k_positions", "segment_ids")
 _NAMED = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 

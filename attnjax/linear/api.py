@@ -96,11 +96,6 @@ def _pick_implementation(implementation, query, key, value, positions_or_segment
   return dispatch.resolve(call, LINEAR_BACKENDS, implementation).backend
 
 
-def _pallas_backend():
-  import pallas_kernels.linear  # noqa: F401  (registers engine.BACKENDS["pallas"])
-  return "pallas"
-
-
 def _to_heads(x):
   return jnp.swapaxes(x, 1, 2)
 
@@ -201,7 +196,7 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
         qf, kf, v, slopes=slopes, causal=causal, s0=s0, q_positions=q_positions,
         k_positions=k_positions, segment_ids=segs)
   else:
-    backend = _pallas_backend() if impl == "pallas" else "xla"
+    backend = impl
     if s0 is None:
       s0 = jnp.zeros((d.B, d.N, f, e), dt)
     if causal:

@@ -26,6 +26,7 @@ from typing import Callable, Dict, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels.linear as pallas_linear
 from attnjax.linear import xla_chunked
 
 
@@ -38,6 +39,7 @@ BACKENDS: Dict[str, Backend] = {}
 
 
 BACKENDS["xla"] = Backend(xla_chunked.forward, xla_chunked.backward)
+BACKENDS["pallas"] = Backend(pallas_linear.forward, pallas_linear.backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

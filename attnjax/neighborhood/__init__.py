@@ -17,4 +17,4 @@ from attnjax.neighborhood.spatiotemporal import (blend_overlaps, blend_weights,
                                                  sliding_window_denoise_plan,
                                                  spatiotemporal_attention,
                                                  temporal_window_attention)
-from attnjax.neighborhood.tiling import default_tile_shape
+from attnjax.plan.neighborhood import default_tile_shape

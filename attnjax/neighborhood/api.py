@@ -22,8 +22,9 @@ from attnjax.core.merge import merge_attention
 from attnjax.core.reference import reference_attention
 from attnjax.masks.neighborhood import (Neighborhood, check_neighborhood_args,
                                         normalize_per_dim, unravel)
-from attnjax.neighborhood.tiling import default_tile_shape, pallas_tile_shape
+from attnjax.plan.neighborhood import default_tile_shape, pallas_tile_shape
 from attnjax.neighborhood.xla import na_xla
+from pallas_kernels.neighborhood.ops import na_pallas
 
 
 
@@ -148,9 +149,9 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
       interpret mode and for lowering only, never run on a GPU or TPU, so they
       are opt-in until they are).
     tile_shape: per-dimension query tile of the xla/pallas paths (default: a
-      cost model, :func:`attnjax.neighborhood.tiling.default_tile_shape`, for
+      cost model, :func:`attnjax.plan.neighborhood.default_tile_shape`, for
       xla; power-of-two tiles of 128 queries,
-      :func:`attnjax.neighborhood.tiling.pallas_tile_shape`, for pallas).
+      :func:`attnjax.plan.neighborhood.pallas_tile_shape`, for pallas).
 
   Returns:
     out [B, *spatial, N, Hv] in the query dtype (and lse if ``return_lse``).
@@ -188,7 +189,6 @@ def neighborhood_attention(query, key, value, *, kernel_size, dilation=1, is_cau
     out, lse = na_xla(query, key, value, kernel_size=ks, dilation=ds, is_causal=cs,
                       scale=scale, rpb=rpb, tile_shape=tile_shape)
   else:
-    from pallas_kernels.neighborhood.ops import na_pallas  # pylint: disable=g-import-not-at-top
     precision.warn_float32_accumulation("neighborhood attention (implementation='pallas')",
                                         query, key, value)
     out, lse = na_pallas(query, key, value, kernel_size=ks, dilation=ds, is_causal=cs,

@@ -1,7 +1,7 @@
 """Static per-shape tables of the tiled neighborhood path (NATTEN FNA, arXiv:2403.04690).
 
 Tiles are ordered ``(d_1, nt_1, ..., d_D, nt_D)`` and the queries of a tile
-``(t_1, ..., t_D)``, as in :func:`attnjax.neighborhood.layout.to_tiles`; union
+``(t_1, ..., t_D)``, as in :func:`attnjax.plan.neighborhood.to_tiles`; union
 slots ``(u_1, ..., u_D)``. Index tables are flat row-major token indices,
 computed once per static shape with NumPy (cached).
 """
@@ -12,7 +12,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.neighborhood.tiling import plans, spread, tile_counts
+from attnjax.plan.neighborhood import plans, spread, tile_counts
 
 
 def _strides(spatial):

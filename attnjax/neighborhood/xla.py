@@ -1,7 +1,7 @@
 """Tiled pure-JAX neighborhood attention (NATTEN FNA, arXiv:2403.04690): cost O(n * prod(t + k - 1)).
 
 Queries are grouped into multi-dimensional tiles of dilation-group members
-(:mod:`attnjax.neighborhood.tiling`). Tiles are processed in chunks: a loop
+(:mod:`attnjax.plan.neighborhood`). Tiles are processed in chunks: a loop
 step gathers its tiles' queries and the union of their key windows straight
 from the token arrays (static index tables, :mod:`attnjax.neighborhood.tables`),
 runs one batched matmul per kv head (the Gq query heads sharing it stacked
@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core import flash as F
-from attnjax.neighborhood.layout import from_tiles, to_tiles
 from attnjax.neighborhood.tables import (mask_bias_table, query_index, tile_rpb,
                                          union_index)
-from attnjax.neighborhood.tiling import plans, tile_counts
+from attnjax.plan.neighborhood import from_tiles, plans, tile_counts, to_tiles
 
 __all__ = ["na_xla", "visited_pairs", "step_shape", "to_tiles", "from_tiles", "tile_rpb"]
 

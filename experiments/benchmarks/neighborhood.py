@@ -23,7 +23,7 @@ from absl import flags
 from attnjax.core.reference import reference_attention
 from attnjax.masks.neighborhood import Neighborhood
 from attnjax.neighborhood import neighborhood_attention
-from attnjax.neighborhood.tiling import default_tile_shape
+from attnjax.plan.neighborhood import default_tile_shape
 from attnjax.neighborhood.xla import step_shape, visited_pairs
 from experiments.benchmarks import common
 

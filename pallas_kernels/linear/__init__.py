@@ -1,10 +1,9 @@
 """Pallas kernels for chunked linear attention (Lightning Attention-2, arXiv:2401.04658).
 
-Importing this package registers the "pallas" backend of
-attnjax.linear.engine. The TPU (Mosaic) variant runs on TPU, the GPU (Triton)
+``forward`` / ``backward`` are the "pallas" backend of attnjax.linear.engine. The TPU (Mosaic) variant runs on TPU, the GPU (Triton)
 variant on GPU; on CPU either runs in interpret mode (GPU variant by default,
 `set_variant("tpu")` selects the other). Both call the same per-chunk
-arithmetic (attnjax.linear.chunk_math) and are checked by one harness.
+arithmetic (attnjax.core.chunk_math).
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core import placement
-from attnjax.linear import engine
 from pallas_kernels.linear import gpu, resources, tpu
 
 VARIANTS = {"gpu": gpu, "tpu": tpu}
@@ -87,7 +85,8 @@ def _check(chunk, f, e, rule, target, has_decay):
     resources.check_tpu(chunk, f, e, target, has_decay)
 
 
-def _fwd(q, k, v, g, s0, chunk, has_decay):
+def forward(q, k, v, g, s0, chunk, has_decay):
+  """The linear engine's "pallas" forward (``attnjax.linear.engine`` shapes)."""
   mod, interpret, m, target = _layout(q)
   f, e = q.shape[-1], v.shape[-1]
   _check(chunk, _padded_size(f, m), _padded_size(e, m), m, target, has_decay)
@@ -99,7 +98,8 @@ def _fwd(q, k, v, g, s0, chunk, has_decay):
   return o[..., :e], sf[..., :f, :e]
 
 
-def _bwd(q, k, v, g, s0, do, ds_final, chunk, has_decay):
+def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
+  """The linear engine's "pallas" backward (``attnjax.linear.engine`` shapes)."""
   mod, interpret, m, target = _layout(q)
   f, e = q.shape[-1], v.shape[-1]
   _check(chunk, _padded_size(f, m), _padded_size(e, m), m, target, has_decay)
@@ -110,5 +110,3 @@ def _bwd(q, k, v, g, s0, do, ds_final, chunk, has_decay):
                                  has_decay=has_decay, interpret=interpret, target=target)
   return dq[..., :f], dk[..., :f], dv[..., :e], ds0[..., :f, :e]
 
-
-engine.BACKENDS["pallas"] = engine.Backend(_fwd, _bwd)

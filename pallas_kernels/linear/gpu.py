@@ -12,7 +12,7 @@ gives B * N * blocks programs instead of B * N; the price is that the
 [C, C] score tile of a chunk is recomputed once per slab.
 
 Four kernels: forward (o, final state), dq, dk (with ds0) and dv; every
-formula is separable along the split axis (attnjax.linear.chunk_math).
+formula is separable along the split axis (attnjax.core.chunk_math).
 Compiled use needs power-of-two C, F, E >= 16 (the wrapper pads F and E);
 `resources` checks the shared memory a configuration needs first.
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnjax.linear import chunk_math
+from attnjax.core import chunk_math
 from pallas_kernels.linear import resources
 
 try:  # the Triton dialect is importable on CPU builds too; guard anyway.

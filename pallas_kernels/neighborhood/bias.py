@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.neighborhood.tiling import plans
+from attnjax.plan.neighborhood import plans
 from pallas_kernels.neighborhood.plan import block_plan
 
 

@@ -22,8 +22,7 @@ import jax
 
 from attnjax.core import flash as F
 from attnjax.core import placement
-from attnjax.neighborhood.tiling import plans
-from attnjax.neighborhood.xla import from_tiles, to_tiles
+from attnjax.plan.neighborhood import from_tiles, plans, to_tiles
 from pallas_kernels.neighborhood import gpu, resources, tpu
 from pallas_kernels.neighborhood.bias import bias_plan, class_table, table_grad
 from pallas_kernels.neighborhood.plan import block_plan

@@ -1,7 +1,7 @@
 """Block lists of the fused neighborhood kernels (NATTEN FNA tiling; arXiv:2403.04690).
 
 Tokens are permuted into tile-contiguous order (see
-:mod:`attnjax.neighborhood.tiling`): block ``b`` holds the ``tq = prod(t)``
+:mod:`attnjax.plan.neighborhood`): block ``b`` holds the ``tq = prod(t)``
 tokens of one multi-dimensional tile of one dilation group. Key blocks use the
 same tiling. A query block visits only the key blocks that intersect the union
 of its members' windows (CSR lists, forward and dq); a key block is visited by
@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from attnjax.masks.neighborhood import group_length
-from attnjax.neighborhood.tiling import DimPlan, plans
+from attnjax.plan.neighborhood import DimPlan, plans
 
 #: within-group coordinate given to padded keys: outside every window.
 PAD_COORD = 1 << 30

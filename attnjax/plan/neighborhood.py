@@ -4,7 +4,9 @@ Every spatial dimension is split into dilation groups, and each group into
 tiles of ``t`` consecutive within-group coordinates. A query tile attends to
 the union of its members' windows, a range of at most ``t + k - 1`` keys per
 dimension, so a q-tile of ``prod(t)`` queries visits ``prod(t + k - 1)`` keys
-instead of all ``n``. Everything here is NumPy, computed once per static shape.
+instead of all ``n``. The plans are NumPy, computed once per static shape;
+``to_tiles`` / ``from_tiles`` move arrays between the spatial and the tiled
+token order (pad + reshape + transpose).
 
 Token order "tiled": a dimension of length ``n`` is padded to ``nt * t * d``
 and reshaped to ``(nt, t, d)``: element ``(j, p, g)`` is the coordinate
@@ -18,6 +20,7 @@ import functools
 import math
 from typing import Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from attnjax.masks.neighborhood import group_length, window_bounds
@@ -163,3 +166,42 @@ def tile_counts(ps):
   tq = math.prod(p.t for p in ps)
   uk = math.prod(p.u for p in ps)
   return G, tq, uk
+
+
+def to_tiles(x, ps):
+  """[B, *spatial, *rest] -> [B, G, tq, *rest] in tiled order (zero padding)."""
+  D = len(ps)
+  B, rest = x.shape[0], x.shape[1 + D:]
+  pad = [(0, 0)] + [(0, p.padded - p.n) for p in ps] + [(0, 0)] * len(rest)
+  if any(hi for _, hi in pad):
+    x = jnp.pad(x, pad)
+  shape = [B]
+  for p in ps:
+    shape += [p.nt, p.t, p.d]
+  x = x.reshape(shape + list(rest))
+  # axes: 1 + 3i -> nt_i, 2 + 3i -> t_i, 3 + 3i -> d_i
+  perm = [0]
+  for i in range(D):
+    perm += [3 + 3 * i, 1 + 3 * i]
+  perm += [2 + 3 * i for i in range(D)]
+  perm += list(range(1 + 3 * D, 1 + 3 * D + len(rest)))
+  G, tq, _ = tile_counts(ps)
+  return x.transpose(perm).reshape([B, G, tq] + list(rest))
+
+
+def from_tiles(y, ps):
+  """Inverse of :func:`to_tiles`: [B, G, tq, *rest] -> [B, *spatial, *rest]."""
+  D = len(ps)
+  B, rest = y.shape[0], y.shape[3:]
+  shape = [B]
+  for p in ps:
+    shape += [p.d, p.nt]
+  shape += [p.t for p in ps]
+  y = y.reshape(shape + list(rest))
+  # axes: 1 + 2i -> d_i, 2 + 2i -> nt_i, 1 + 2D + i -> t_i
+  perm = [0]
+  for i in range(D):
+    perm += [2 + 2 * i, 1 + 2 * D + i, 1 + 2 * i]
+  perm += list(range(1 + 3 * D, 1 + 3 * D + len(rest)))
+  y = y.transpose(perm).reshape([B] + [p.padded for p in ps] + list(rest))
+  return y[(slice(None),) + tuple(slice(0, p.n) for p in ps)]
