@@ -203,12 +203,10 @@ def test_dropout_off_equals_no_dropout_and_fast_families_raise():
   params, want, got = jax.jit(run)(x)
   np.testing.assert_allclose(got, want)
   rng = {"dropout": jax.random.PRNGKey(3)}
-  for kw, match in (({"attention": "sliding_window",
-                      "attention_options": {"window_size": 2}}, "sliding_window"),
-                    ({"implementation": "xla"}, "implementation='xla'")):
-    with pytest.raises(NotImplementedError, match=match):   # xla: one mask per head only
-      jax.eval_shape(lambda x: _dropout_layer(dropout_rate=0.1, **kw).apply(
-          params, x, deterministic=False, rngs=rng), x)
+  kw = {"attention": "sliding_window", "attention_options": {"window_size": 2}}
+  with pytest.raises(NotImplementedError, match="sliding_window"):   # no dropout there
+    jax.eval_shape(lambda x: _dropout_layer(dropout_rate=0.1, **kw).apply(
+        params, x, deterministic=False, rngs=rng), x)
   from attnjax.layers.dropout import check_dropout_rate
   with pytest.raises(ValueError, match="dropout_rate"):
     check_dropout_rate(1.0)
@@ -236,6 +234,32 @@ def test_per_head_dropout_runs_on_the_xla_path_and_equals_the_reference():
                                               dropout_rate=0.3, dropout_rng=key),
       attnjax.reference_attention(q, k, v, dropout_rate=0.3, dropout_rng=key)))(q, k, v)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_broadcast_dropout_shares_one_mask_on_the_xla_path_and_equals_the_reference():
+  """Flax's default broadcast_dropout=True: one [T, S] mask for the batch and heads, on the
+  XLA engine (no dense fallback), equal to the reference; the Flax attention_fn too."""
+  from attnjax.core.dropout import BroadcastKey, dense_multiplier
+  from attnjax.layers import make_attention_fn
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
+  m = lambda impl: _dropout_layer(dropout_rate=0.3, implementation=impl)   # broadcast default
+  rng = {"dropout": jax.random.PRNGKey(4)}
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, 2, 4)) for i in range(3))
+  key = jax.random.PRNGKey(7)
+
+  def run(x, q, k, v):
+    params = m("xla").init(jax.random.PRNGKey(2), x, deterministic=True)
+    layer = [m(i).apply(params, x, deterministic=False, rngs=rng) for i in ("xla", "reference")]
+    fn = [make_attention_fn(implementation="xla")(q, k, v, broadcast_dropout=True,
+                                                  dropout_rate=0.3, dropout_rng=key),
+          attnjax.reference_attention(q, k, v, dropout_rate=0.3, dropout_rng=BroadcastKey(key))]
+    return layer, fn, dense_multiplier(BroadcastKey(key), 0.3, B, 2, T, T)
+
+  layer, fn, mult = jax.jit(run)(x, q, k, v)
+  np.testing.assert_allclose(layer[0], layer[1], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(fn[0], fn[1], atol=2e-5, rtol=2e-5)
+  mult = np.asarray(mult)
+  assert (mult == mult[:1, :1]).all() and 0 < (mult == 0).mean() < 1   # one shared mask
 
 
 def test_dropout_hook_equals_numpy_with_the_same_mask():

@@ -236,9 +236,8 @@ def test_make_attention_fn_rejects_unsupported_arguments():
   from attnjax.layers import make_attention_fn
   fn = make_attention_fn()
   q = _x(0, (B, T, 2, 4))
-  with pytest.raises(NotImplementedError, match="dropout"):   # runs on the reference only
-    make_attention_fn(implementation="xla")(q, q, q, dropout_rate=0.1, deterministic=False,
-                                            dropout_rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="dropout_rng"):
+    fn(q, q, q, dropout_rate=0.1, deterministic=False)
   np.testing.assert_allclose(fn(q, q, q, dropout_rate=0.1, deterministic=True), fn(q, q, q))
   with pytest.raises(NotImplementedError, match="einsum"):
     fn(q, q, q, qk_attn_weights_einsum=jnp.einsum)

@@ -67,11 +67,39 @@ def check_dropout(dropout_rate, dropout_rng) -> float:
   return rate
 
 
+@jax.tree_util.register_pytree_node_class
+class BroadcastKey:
+  """A dropout key whose keep mask is shared by every batch element and head.
+
+  Pass ``dropout_rng=BroadcastKey(rng)`` for one [T, S] mask (Flax's
+  ``broadcast_dropout=True``) instead of one per (batch, head). Every path
+  (reference, XLA engine, Pallas kernels) then draws the mask of batch 0,
+  head 0 for all of them.
+  """
+
+  def __init__(self, rng):
+    self.rng = rng
+
+  def tree_flatten(self):
+    return (self.rng,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(*children)
+
+  def __repr__(self):
+    return f"BroadcastKey({self.rng!r})"
+
+
 def head_keys(rng, batch: int, heads: int):
   """Per-(batch, query head) Threefry keys uint32 [batch, heads, 2] derived from ``rng``.
 
-  ``rng``: any jax.random key (typed, or a legacy uint32 key array).
+  ``rng``: any jax.random key (typed, or a legacy uint32 key array), or a
+  ``BroadcastKey`` (every (batch, head) then gets the key of (0, 0)).
   """
+  if isinstance(rng, BroadcastKey):
+    return jnp.broadcast_to(head_keys(rng.rng, 1, 1), (batch, heads, 2))
   seed = jax.random.bits(rng, (2,), jnp.uint32)
   b = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.uint32)[:, None], (batch, heads))
   n = jnp.broadcast_to(jnp.arange(heads, dtype=jnp.uint32)[None, :], (batch, heads))

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from attnjax import scores as scores_lib
+from attnjax.core.dropout import BroadcastKey
 from attnjax.layers import padding as padding_lib
 from attnjax.layers import registry
 from attnjax.layers.dropout import check_dropout_rate, dropout_hook
@@ -122,14 +123,15 @@ class MultiHeadAttention(nn.Module):
     dropout_rate, broadcast_dropout, deterministic: attention-weight dropout
       with Flax's conventions (rng stream ``'dropout'``; keep 1 - rate, scale
       1 / (1 - rate); ``deterministic`` here or at the call), "dense" family.
-      ``broadcast_dropout=False``: one mask per batch element and head, from
-      ``attnjax.attention(dropout_rate=, dropout_rng=)``, which the XLA path
-      regenerates per tile (no [B, N, T, S] array; implementation None picks
-      it) and the reference draws identically. ``broadcast_dropout=True``
-      (one mask [T, S] for the batch and heads): the dense reference
-      (``attnjax.reference_attention``; implementation None or "reference").
-      Other families and backends raise NotImplementedError when dropout is
-      active (rate > 0 and not deterministic).
+      ``attnjax.attention(dropout_rate=, dropout_rng=)``, whose mask the XLA
+      engine and the Pallas kernels regenerate per tile (no [B, N, T, S]
+      array) and the reference draws identically: one mask per batch element
+      and head with ``broadcast_dropout=False``, one [T, S] mask for the batch
+      and heads (``attnjax.core.dropout.BroadcastKey``) with
+      ``broadcast_dropout=True``, Flax's default. The masks follow attnjax's
+      counter-based generator, not Flax's ``jax.random.bernoulli`` draws (same
+      distribution, other bits). Families without dropout raise
+      NotImplementedError when it is active (rate > 0 and not deterministic).
     decode: KV-cache decoding. The first ``init`` (with a full-length input)
       creates ``cache/cached_key``, ``cached_value`` [B, max_len, K, H] and
       ``cache_index`` int32 [B] (tokens held per example); later calls
@@ -369,19 +371,20 @@ class MultiHeadAttention(nn.Module):
   def _dropout(self, fn, deterministic):
     """(probs_hook, keyword arguments) of attention dropout; (None, {}) when it is off.
 
-    ``broadcast_dropout=False``: the family's own dropout (``dropout_rate`` /
-    ``dropout_rng``, one mask per batch element and head; the XLA path
-    regenerates it per tile and the reference draws the same mask).
-    ``broadcast_dropout=True`` (one [T, S] mask, Flax's default): a probs_hook
-    of the dense reference. Raises NotImplementedError where neither applies.
+    The family's own dropout (``dropout_rate`` / ``dropout_rng``; a
+    ``BroadcastKey`` when ``broadcast_dropout``: one [T, S] mask), else a
+    probs_hook of the dense reference for a family that takes one. Raises
+    NotImplementedError where neither applies.
     """
     if check_dropout_rate(self.dropout_rate) == 0.0:
       return None, {}
     if nn.merge_param("deterministic", self.deterministic, deterministic):
       return None, {}
     takes = option_names(fn)[0]
-    if not self.broadcast_dropout and "dropout_rate" in takes:
-      return None, dict(dropout_rate=self.dropout_rate, dropout_rng=self.make_rng("dropout"))
+    if "dropout_rate" in takes:
+      rng = self.make_rng("dropout")
+      return None, dict(dropout_rate=self.dropout_rate,
+                        dropout_rng=BroadcastKey(rng) if self.broadcast_dropout else rng)
     if "probs_hook" not in takes:
       raise NotImplementedError(
           f"attention family {self.attention!r} cannot apply attention dropout "
@@ -389,10 +392,9 @@ class MultiHeadAttention(nn.Module):
           "Use attention='dense', dropout_rate=0, or deterministic=True.")
     if self.implementation not in (None, "reference"):
       raise NotImplementedError(
-          f"broadcast_dropout=True shares one [T, S] dropout mask over the batch and heads, "
-          f"which only the dense reference applies; implementation={self.implementation!r} "
-          "draws one mask per batch element and head: set broadcast_dropout=False (or "
-          "implementation=None / 'reference').")
+          f"attention family {self.attention!r} applies attention dropout only through a "
+          f"probs_hook of the dense reference; implementation={self.implementation!r} never "
+          "forms the weights: use implementation=None or 'reference'.")
     return dropout_hook(self.make_rng("dropout"), self.dropout_rate, self.broadcast_dropout), {}
 
   def _sow_weights(self, fn, dropout, q, k, v, q_positions, k_positions, segment_ids,

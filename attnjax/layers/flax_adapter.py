@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from attnjax import api
 from attnjax.core import validation as V
+from attnjax.core.dropout import BroadcastKey
 from attnjax.core.reference import reference_attention
-from attnjax.layers.dropout import check_dropout_rate, dropout_hook
+from attnjax.layers.dropout import check_dropout_rate
 from attnjax.masks import Mask
 
 __all__ = ["make_attention_fn"]
@@ -46,14 +47,13 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
   (e.g. a padded query) returns zeros, where Flax returns the uniform average
   of all values.
   Attention-weight dropout (``dropout_rate > 0`` and not ``deterministic``,
-  Flax's ``dropout_rng`` and ``broadcast_dropout``): with
-  ``broadcast_dropout=False`` it is ``attnjax.attention``'s dropout (one mask
-  per batch element and head, regenerated per tile on the XLA path; the
-  reference draws the same mask); with ``broadcast_dropout=True`` (one mask
-  for the batch and heads) it needs the weights, so it runs the dense
-  reference (``attnjax.reference_attention``) when ``implementation`` is
-  None or "reference" and raises ``NotImplementedError`` for "xla" and
-  "pallas", as ``attnjax.layers.MultiHeadAttention`` does. Custom einsum hooks raise
+  Flax's ``dropout_rng`` and ``broadcast_dropout``) is ``attnjax.attention``'s
+  dropout on every backend (the XLA engine and the Pallas kernels regenerate
+  the mask per tile, the reference draws the same mask): one mask per batch
+  element and head with ``broadcast_dropout=False``, one [T, S] mask
+  (``attnjax.core.dropout.BroadcastKey``) with ``broadcast_dropout=True``.
+  The masks come from attnjax's counter-based generator, not Flax's
+  ``jax.random.bernoulli`` draws (same distribution, other bits). Custom einsum hooks raise
   ``NotImplementedError``;
   ``precision`` and ``force_fp32_for_softmax`` are accepted and have no
   effect (attnjax always accumulates in float32). When Flax asks to sow the
@@ -72,21 +72,12 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
                    qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
                    is_causal=False):
     del precision, force_fp32_for_softmax
-    hook, fused = None, {}
+    fused = {}
     if check_dropout_rate(dropout_rate) > 0.0 and not deterministic:
       if dropout_rng is None:
         raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng.")
-      if not broadcast_dropout:
-        fused = dict(dropout_rate=float(dropout_rate), dropout_rng=dropout_rng)
-      elif implementation not in (None, "reference"):
-        raise NotImplementedError(
-            f"attention-weight dropout with broadcast_dropout=True (one mask for the batch and "
-            f"heads) needs the attention weights, which implementation={implementation!r} never "
-            "forms: use broadcast_dropout=False (one mask per batch element and head, on the "
-            "XLA path), implementation=None or 'reference', dropout_rate=0 or "
-            "deterministic=True.")
-      else:
-        hook = dropout_hook(dropout_rng, dropout_rate, broadcast_dropout)
+      fused = dict(dropout_rate=float(dropout_rate),
+                   dropout_rng=BroadcastKey(dropout_rng) if broadcast_dropout else dropout_rng)
     if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
       raise NotImplementedError(
           "custom qk_attn_weights_einsum / attn_weights_value_einsum are not supported by "
@@ -113,11 +104,8 @@ def make_attention_fn(mask=None, score=None, implementation: Optional[str] = Non
     m = api.combine_mask(mask_obj, arr, d.N, q_pos, k_pos)
     if module is not None:
       out, weights = reference_attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
-                                         return_probs=True, probs_hook=hook, **fused)
+                                         return_probs=True, **fused)
       _sow(module, weights.reshape(batch + weights.shape[1:]))
-    elif hook is not None:
-      out = reference_attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
-                                probs_hook=hook)
     else:
       out = api.attention(q, k, v, mask=m, bias=b, scale=scale, score=score,
                           implementation=implementation, **fused)
