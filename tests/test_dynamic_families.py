@@ -420,3 +420,16 @@ def test_families_registry_signature_and_refusals():
   with pytest.raises(NotImplementedError, match="causal"):
     D.FAMILIES["longheads"](q, k, v, causal=False)
 
+
+
+def test_hip_pads_a_query_length_its_block_does_not_divide():
+  """A 27-token prompt with 8-query blocks: with every key chosen HiP is dense causal
+  attention; the last block's copies of the last query are dropped; lse too."""
+  q, k, v = _qkv()
+  q = q[:, 5:]   # T = 27 queries over S = 32 keys (bottom-right aligned)
+  out, lse = J(lambda a, b, c: D.hip_attention(a, b, c, top_k=32, block_size_q=8,
+                                               return_lse=True), q, k, v)
+  ref, rlse = attnjax.reference_attention(q, k, v, mask=attnjax.masks.Causal(), return_lse=True)
+  assert out.shape == q.shape and lse.shape == q.shape[:3]
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  np.testing.assert_allclose(lse, rlse, atol=2e-5)

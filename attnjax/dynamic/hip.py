@@ -118,7 +118,32 @@ def hip_attention(query, key, value, *, top_k: int = 512, block_size_q: int = 32
   Shapes as ``attnjax.attention``. With ``top_k >= S`` every key is chosen
   and the result equals dense (causal) attention. Selection carries no
   gradient (it is a discrete choice); q/k/v get the attention's gradients.
+  A query length that ``block_size_q`` does not divide (a prompt of any
+  length) is padded with copies of the last query (same position, so the
+  last block's selection and causality are those of its real queries) and
+  the copies' rows are dropped from the result; the returned indices cover
+  the padded blocks.
   """
+  d = V.check_qkv(query, key, value)
+  V.check_positive_int("block_size_q", block_size_q)
+  pad = -d.T % block_size_q
+  if pad:
+    q_pos, k_pos = normalize_positions(q_positions, k_positions, d)
+    edge = lambda x, axis: jnp.concatenate(
+        [x, jnp.repeat(jax.lax.slice_in_dim(x, x.shape[axis] - 1, None, axis=axis), pad, axis)],
+        axis)
+    res = hip_attention(edge(jnp.asarray(query), 1), key, value, top_k=top_k,
+                        block_size_q=block_size_q, block_stride_q=block_stride_q,
+                        block_size_k=block_size_k, causal=causal, q_positions=edge(q_pos, 1),
+                        k_positions=k_pos, scale=scale, return_lse=return_lse,
+                        return_indices=return_indices, implementation=implementation)
+    if not (return_lse or return_indices):
+      return res[:, :d.T]
+    res = list(res)
+    res[0] = res[0][:, :d.T]
+    if return_lse:
+      res[1] = res[1][:, :d.T]
+    return tuple(res)
   idx, cnt = hip_mask(jax.lax.stop_gradient(query), jax.lax.stop_gradient(key), top_k=top_k,
                       block_size_q=block_size_q, block_stride_q=block_stride_q,
                       block_size_k=block_size_k, causal=causal, q_positions=q_positions,
