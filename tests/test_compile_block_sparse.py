@@ -186,8 +186,9 @@ def test_tpu_chooser_picks_blocks_that_fit_the_default_limit(target, T, H):
 class _Cfg:
   """The fields of a KernelConfig the chunker reads."""
 
-  def __init__(self, limit, heads=2, B=1, batched=False):
+  def __init__(self, limit, heads=2, B=1, batched=False, N=2, dropout_rate=0.0):
     self.smem_list_entries, self.layout_heads, self.B, self.lists_batched = limit, heads, B, batched
+    self.N, self.dropout_rate = N, dropout_rate
 
 
 def test_list_chunks_cover_every_block_once_within_the_limit():
@@ -198,6 +199,9 @@ def test_list_chunks_cover_every_block_once_within_the_limit():
   assert R.list_chunks(_Cfg(limit=0), 100, 9) == [(0, 100)]
   with pytest.raises(ValueError, match="SMEM"):
     R.list_chunks(_Cfg(limit=15), 100, 9)
+  # dropout keys [B, N, 2] share the prefetch: 1000 - 2*2*50 words leave 800 for the lists
+  drop = R.list_chunks(_Cfg(limit=1000, B=2, N=50, dropout_rate=0.1), n=100, width=9)
+  assert all(R.list_entries(b - a, 9, 2) <= 800 for a, b in drop) and len(drop) > len(chunks)
 
 
 def test_gpu_tile_chooser_fits_every_head_dim_on_sm80():

@@ -159,6 +159,9 @@ def list_chunks(cfg, n: int, width: int) -> List[Tuple[int, int]]:
     # counts are per batch element, and the lengths [2B] are prefetched too
     per_block += _list_heads(cfg) * (cfg.B - 1)
     limit = max(1, limit - 2 * cfg.B) if limit else limit
+  if getattr(cfg, "dropout_rate", 0.0) > 0 and limit:
+    # the per-(batch, head) dropout keys [B, N, 2] are prefetched with the lists
+    limit = max(1, limit - 2 * cfg.B * cfg.N)
   if not limit or per_block * n <= limit:
     return [(0, n)]
   rows = limit // per_block
