@@ -79,3 +79,21 @@ def test_kernels_without_the_key_refuse_dropout():
   layout = M.Causal().block_layout(32, 32, 16, 16, 1)
   with pytest.raises(ValueError, match="dropout_rng"):
     block_sparse_pallas(q, k, v, layout, interpret=True, dropout_rate=0.1)
+
+
+def test_run_time_block_lists_take_dropout_on_every_implementation():
+  """block_sparse_attention_indices with dropout: XLA engine, Pallas kernel (interpret) and the
+  reference on the lists' visibility draw one mask (forward)."""
+  from attnjax.block_sparse import block_sparse_attention_indices
+  q, k, v = _qkv(B=1, N=2, K=2)
+  idx = jnp.asarray([[[[0, 0], [0, 1], [1, 2], [3, 0]]] * 2], jnp.int32)   # [1, 2, 4, 2]
+  cnt = jnp.asarray([[[1, 2, 2, 1]] * 2], jnp.int32)
+  run = lambda impl: block_sparse_attention_indices(
+      q, k, v, idx, cnt, block_q=8, block_kv=8, mask=M.Causal(), implementation=impl,
+      dropout_rate=RATE, dropout_rng=RNG)
+  xla, pallas, ref = jax.jit(lambda: tuple(run(i) for i in ("xla", "pallas", "reference")))()
+  np.testing.assert_allclose(xla, ref, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(pallas, ref, atol=2e-5, rtol=2e-5)
+  plain = block_sparse_attention_indices(q, k, v, idx, cnt, block_q=8, block_kv=8,
+                                         mask=M.Causal(), implementation="reference")
+  assert np.abs(np.asarray(ref) - np.asarray(plain)).max() > 1e-3   # dropout did something

@@ -267,7 +267,8 @@ def _run(query, key, value, d, Hl, R, kvh, kinds, scheds, *, bq, bk, Tp, Sp, mas
   return out, lse[:, :d.T]
 
 
-def _pallas(query, key, value, layout, **kwargs):
+def run_pallas(query, key, value, layout, **kwargs):
+  """``block_sparse_pallas`` on a block plan, with the float32-accumulation warning."""
   precision.warn_float32_accumulation("the block-sparse kernels (implementation='pallas')",
                                       query, key, value)
   return block_sparse_pallas(query, key, value, layout, **kwargs)
@@ -404,7 +405,7 @@ def run_attention(query, key, value, *, mask=None, score=None, bias=None, scale=
           f"implementation='pallas' needs lengths divisible by a block size; got T={d.T}, "
           f"S={d.S}.")
     q_len, kv_len = lengths if lengths is not None else (None, None)
-    return _pallas(query, key, value, layout, mask=mask_obj, score=score, scale=scale,
+    return run_pallas(query, key, value, layout, mask=mask_obj, score=score, scale=scale,
                    q_positions=q_positions, k_positions=k_positions,
                    segment_ids=segment_ids, bias=bias4, mask_array=mask_arr,
                    query_seq_lengths=q_len, key_value_seq_lengths=kv_len,

@@ -88,13 +88,14 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
   implementation = A.check_impl(implementation, call)
   if implementation == "reference":
     return _layout_reference(query, key, value, layout, score=score, scale=scale,
-                             segment_ids=segment_ids, return_lse=return_lse)
+                             segment_ids=segment_ids, return_lse=return_lse,
+                             dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   segs = V.check_segment_ids(segment_ids, d)
   if layout.mask is not None and layout.mask.needs_segments and segs is None:
     raise ValueError(f"layout mask {layout.mask!r} reads segment ids: pass segment_ids.")
   if implementation == "pallas":
     layout = _kernel_layout(layout, d, query, key, value)
-    return A._pallas(query, key, value, layout, score=score, scale=scale,  # pylint: disable=protected-access
+    return A.run_pallas(query, key, value, layout, score=score, scale=scale,
                      segment_ids=segment_ids, return_lse=return_lse)
   q_pos = layout.q_offset + jnp.arange(d.T, dtype=jnp.int32)
   k_pos = layout.k_offset + jnp.arange(d.S, dtype=jnp.int32)
@@ -145,7 +146,8 @@ def _kernel_layout(layout: LY.BlockLayout, d: V.Dims, *arrays) -> LY.BlockLayout
 def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block_counts=None,
                                    *, block_q: int, block_kv: int, mask=None, score=None,
                                    scale=None, q_positions=None, k_positions=None,
-                                   segment_ids=None, return_lse=False, implementation=None):
+                                   segment_ids=None, return_lse=False, implementation=None,
+                                   dropout_rate=0.0, dropout_rng=None):
   """Attention over k-block lists computed at run time (content-based sparsity).
 
   Args:
@@ -163,6 +165,8 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
       ``pallas_kernels.block_sparse``, scalar-prefetched lists; interpret mode
       off their platform), or "reference" (the dense oracle on the visibility
       the lists define; O(T * S) memory).
+    dropout_rate, dropout_rng: attention dropout as ``attnjax.attention`` (the
+      same keep mask on every implementation).
 
   Returns:
     out [B, T, N, Hv] (and lse [B, T, N] float32). Gradients flow to q, k, v
@@ -172,7 +176,8 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
     return _indices_reference(query, key, value, kv_block_indices, kv_block_counts,
                               block_q=block_q, block_kv=block_kv, mask=mask, score=score,
                               scale=scale, q_positions=q_positions, k_positions=k_positions,
-                              segment_ids=segment_ids, return_lse=return_lse)
+                              segment_ids=segment_ids, return_lse=return_lse,
+                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   query, key, value = V.as_arrays(query, key, value)
   call = A.attention_call(query, key, value, score=score, scale=scale, layout=True)
   implementation = A.check_impl(implementation, call)
@@ -181,19 +186,22 @@ def block_sparse_attention_indices(query, key, value, kv_block_indices, kv_block
     raise TypeError(f"mask must be an attnjax Mask or None, got {type(mask).__name__}.")
   layout = PL.from_lists(kv_block_indices, kv_block_counts, d, block_q, block_kv, mask=mask)
   if implementation == "pallas":
-    return A._pallas(query, key, value, layout, score=score, scale=scale,  # pylint: disable=protected-access
+    return A.run_pallas(query, key, value, layout, score=score, scale=scale,
                      q_positions=q_positions, k_positions=k_positions,
-                     segment_ids=segment_ids, return_lse=return_lse)
+                     segment_ids=segment_ids, return_lse=return_lse,
+                     dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   q_pos, k_pos = V.check_positions(q_positions, k_positions, d)
   segs = V.check_segment_ids(segment_ids, d)
   if mask is not None and mask.needs_segments and segs is None:
     raise ValueError(f"mask {mask!r} reads segment ids: pass segment_ids.")
   return A.run_engine(query, key, value, layout, score=score, scale=scale, q_pos=q_pos,
-                      k_pos=k_pos, segs=segs, return_lse=return_lse)
+                      k_pos=k_pos, segs=segs, return_lse=return_lse,
+                      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def _indices_reference(query, key, value, indices, counts, *, block_q, block_kv, mask, score,
-                       scale, q_positions, k_positions, segment_ids, return_lse):
+                       scale, q_positions, k_positions, segment_ids, return_lse,
+                       dropout_rate=0.0, dropout_rng=None):
   """Dense oracle for ``block_sparse_attention_indices`` (the lists as a [B, N, T, S] mask)."""
   d = V.check_qkv(query, key, value)
   nk = d.S // block_kv
@@ -209,4 +217,5 @@ def _indices_reference(query, key, value, indices, counts, *, block_q, block_kv,
     vis = vis & dense_visibility(mask, d, q_pos, k_pos, V.check_segment_ids(segment_ids, d))
   return reference_attention(query, key, value, mask=vis, score=score, scale=scale,
                              q_positions=q_positions, k_positions=k_positions,
-                             segment_ids=segment_ids, return_lse=return_lse)
+                             segment_ids=segment_ids, return_lse=return_lse,
+                             dropout_rate=dropout_rate, dropout_rng=dropout_rng)
