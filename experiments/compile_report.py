@@ -101,7 +101,7 @@ def budget_rows(targets) -> List[Dict]:
     for T in (512, 8192, 131072):
       if tpu:
         bq, bk = BR.choose_tpu_blocks(T, T, H, H, isz, target)
-        need = BR._tpu_need(bq, bk, H, H, isz, isz, 0)  # pylint: disable=protected-access
+        need = BR.tpu_need_bytes(bq, bk, H, H, isz, isz, 0)
         config = f"blocks {bq}x{bk}"
       else:
         bq, bk = P.choose_blocks(T, T)[:2]

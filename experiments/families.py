@@ -42,7 +42,7 @@ def available() -> List[str]:
   return fams + sorted(v for v, (base, _) in VARIANTS.items() if base in fams)
 
 
-def _accepted(fn, options: Dict[str, object]) -> Dict[str, object]:
+def accepted_options(fn, options: Dict[str, object]) -> Dict[str, object]:
   """The subset of ``options`` that ``fn`` declares (its named options when undeclared)."""
   takes = family_spec(fn).options
   return {k: v for k, v in options.items() if k in takes}
@@ -53,7 +53,7 @@ def preset_options(name: str) -> Dict[str, object]:
   from attnjax.layers import registry  # pylint: disable=g-import-not-at-top
   base = VARIANTS.get(name, (name, {}))[0]
   fn = registry.list_families().get(base)
-  return {} if fn is None else _accepted(fn, PRESETS.get(base, {}))
+  return {} if fn is None else accepted_options(fn, PRESETS.get(base, {}))
 
 
 def _to_dict(x) -> Dict[str, object]:
@@ -121,7 +121,7 @@ def _option_origins(model_cfg, fn, base: str, name: str, use_presets: bool,
   """(options, origin template) pairs of one layer, lowest priority first; ``{}`` is the key."""
   origins = []
   if use_presets:
-    origins.append((_accepted(fn, PRESETS.get(base, {})),
+    origins.append((accepted_options(fn, PRESETS.get(base, {})),
                     f"the {base!r} preset {{}} of experiments.families.PRESETS "
                     "(config.model.use_presets=False turns presets off)"))
   origins.append((VARIANTS.get(name, (name, {}))[1],

@@ -179,7 +179,7 @@ def test_forced_gpu_tiles_too_big_are_refused_with_the_numbers():
 def test_tpu_chooser_picks_blocks_that_fit_the_default_limit(target, T, H):
   bq, bk = R.choose_tpu_blocks(T, T, H, H, 2, target)
   assert T % bq == 0 and T % bk == 0 and bq % 8 == 0 and bk % 128 == 0
-  need = R._tpu_need(bq, bk, H, H, 2, 2, 0)  # pylint: disable=protected-access
+  need = R.tpu_need_bytes(bq, bk, H, H, 2, 2, 0)
   assert max(need.values()) <= BG.budget(target).vmem_bytes
 
 

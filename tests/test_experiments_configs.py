@@ -47,4 +47,4 @@ def test_schedules_and_variants():
 def test_presets_only_fill_options_a_family_names():
   def fam(q, k, v, *, causal, window=8, **kw):
     return q
-  assert families._accepted(fam, {"window": 32, "window_size": 32}) == {"window": 32}  # pylint: disable=protected-access
+  assert families.accepted_options(fam, {"window": 32, "window_size": 32}) == {"window": 32}

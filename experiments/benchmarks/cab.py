@@ -211,7 +211,7 @@ REQUIRED = {
 def family_fn(name, fn):
   """Family ``fn`` with its small-model presets and required options bound:
   ``(q, k, v, *, causal) -> out``."""
-  opts = fam_lib._accepted(fn, fam_lib.PRESETS.get(name, {}))  # pylint: disable=protected-access
+  opts = fam_lib.accepted_options(fn, fam_lib.PRESETS.get(name, {}))
   extra = REQUIRED.get(name, lambda T, S: {})
   return lambda q, k, v, *, causal: fn(q, k, v, causal=causal, **opts,
                                        **extra(q.shape[1], k.shape[1]))

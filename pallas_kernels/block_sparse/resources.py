@@ -89,11 +89,13 @@ def tpu_vmem_need(cfg, in_dtype) -> Dict[str, int]:
   bq, bk = cfg.block_q, cfg.block_kv
   side = _side_bytes(cfg, bq, bk) + _pair_bytes(cfg, bq, bk)
   ds = _tile_bytes(bq, bk, 4) if getattr(cfg, "bias_shape", None) is not None else 0
-  return _tpu_need(bq, bk, cfg.H, cfg.Hv, _itemsize(in_dtype), _itemsize(cfg.out_dtype), side,
-                   ds)
+  return tpu_need_bytes(bq, bk, cfg.H, cfg.Hv, _itemsize(in_dtype), _itemsize(cfg.out_dtype),
+                        side, ds)
 
 
-def _tpu_need(bq, bk, H, Hv, isz, osz, side, ds=0) -> Dict[str, int]:
+def tpu_need_bytes(bq, bk, H, Hv, isz, osz, side, ds=0) -> Dict[str, int]:
+  """VMEM bytes per kernel ({"forward", "dq", "dkv"}) at blocks (bq, bk), head dims H/Hv,
+  input/output itemsizes isz/osz, ``side`` bytes of side operands, ``ds`` of a dS tile."""
   t = _tile_bytes
   vec = t(bq, 1, 4)                          # lse / delta / m / l: [bq, 1] float32
   step = lambda name: TPU_STEP_VALUES[name] * t(bq, bk, 4)
@@ -269,6 +271,6 @@ def choose_tpu_blocks(T: int, S: int, H: int, Hv: int, itemsize: int,
       continue
     if budget is None:
       return bq, bk
-    if max(_tpu_need(bq, bk, H, Hv, itemsize, 4, 0).values()) <= budget.vmem_bytes:
+    if max(tpu_need_bytes(bq, bk, H, Hv, itemsize, 4, 0).values()) <= budget.vmem_bytes:
       return bq, bk
   return None
