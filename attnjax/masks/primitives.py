@@ -16,7 +16,7 @@ import numpy as np
 from attnjax.masks.base import POSITION_MAX, Mask, check_int, is_int, lookup
 
 
-def _count_multiples(a, b, m):
+def count_multiples(a, b, m):
   """Number of integers x in [a, b] with x % m == 0 (0 when b < a)."""
   return np.where(b >= a, b // m - (a - 1) // m, 0)
 
@@ -192,7 +192,7 @@ class DiagonalStride(Mask):
 
   def classify_block(self, head, q_lo, q_hi, k_lo, k_hi):
     d_min, d_max = q_lo - (k_hi - 1), (q_hi - 1) - k_lo
-    c = _count_multiples(d_min, d_max, self.stride)
+    c = count_multiples(d_min, d_max, self.stride)
     return c > 0, c == d_max - d_min + 1
 
 

@@ -29,7 +29,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from attnjax.masks.base import Causal, Mask, and_bounds, check_int, is_int
-from attnjax.masks.primitives import _count_multiples
+from attnjax.masks.primitives import count_multiples
 
 
 def _relu(x):
@@ -163,7 +163,7 @@ class S2(Mask):
     qa, qz, ka, kz = q_lo // B, (q_hi - 1) // B, k_lo // B, (k_hi - 1) // B
 
     def count_vert(a, z):
-      return _count_multiples(a + shift, z + shift, V)
+      return count_multiples(a + shift, z + shift, V)
 
     def full_vert(a, z):
       return (z < a) | (count_vert(a, z) == z - a + 1)
@@ -192,10 +192,10 @@ def _relative_bounds(dlo, dhi, left, right, V):
   """Exact (any, all) of the relative S2 rule over block distances d in [dlo, dhi]."""
   band_any = (dlo <= left - 1) & (dhi >= 1 - right)
   ua = np.maximum(dlo, left)          # upper part: d >= left, e = d - left + 1
-  cu = _count_multiples(ua - left + 1, dhi - left + 1, V)
+  cu = count_multiples(ua - left + 1, dhi - left + 1, V)
   nu = np.maximum(dhi - ua + 1, 0)
   lz = np.minimum(dhi, -right)        # lower part: d <= -right, e = -d - right + 1
-  cl = _count_multiples(-lz - right + 1, -dlo - right + 1, V)
+  cl = count_multiples(-lz - right + 1, -dlo - right + 1, V)
   nl = np.maximum(lz - dlo + 1, 0)
   return band_any | (cu > 0) | (cl > 0), (cu == nu) & (cl == nl)
 
