@@ -88,8 +88,7 @@ def block_sparse_attention(query, key, value, layout_or_mask, *, score=None, sca
   implementation = A.check_impl(implementation, call)
   if implementation == "reference":
     return _layout_reference(query, key, value, layout, score=score, scale=scale,
-                             segment_ids=segment_ids, return_lse=return_lse,
-                             dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                             segment_ids=segment_ids, return_lse=return_lse)
   segs = V.check_segment_ids(segment_ids, d)
   if layout.mask is not None and layout.mask.needs_segments and segs is None:
     raise ValueError(f"layout mask {layout.mask!r} reads segment ids: pass segment_ids.")
