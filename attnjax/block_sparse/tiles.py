@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

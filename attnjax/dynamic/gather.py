@@ -24,7 +24,7 @@ from attnjax.dynamic.select import expand_block_heads, normalize_positions
 from attnjax.masks import Causal
 
 __all__ = ["gather_attention", "block_gather_attention", "layout_attention",
-           "masked_softmax_attend", "engine"]
+           "masked_softmax_attend"]
 
 _HI = jax.lax.Precision.HIGHEST
 

@@ -20,8 +20,6 @@ no cluster / several clusters, and the EMA's normalisation (we renormalise
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -7,9 +7,6 @@ unnormalised output [B, T, N, E] and the state after the last key [B, N, F, E].
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -23,7 +23,7 @@ recurrent models), causal so that decoding stays token by token.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

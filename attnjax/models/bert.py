@@ -12,7 +12,6 @@ import dataclasses
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from attnjax.layers import MultiHeadAttention
