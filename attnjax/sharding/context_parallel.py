@@ -22,12 +22,14 @@ Every other family raises ``NotImplementedError`` saying why
 (``context_parallel_support()`` lists the route or the reason per family).
 All routes are self-attention (T == S) with default positions ``arange(T)``
 (custom concrete positions raise; positions traced under jit are checked at
-run time and give NaN unless they equal ``arange(T)``); T must be divisible
+run time and give NaN unless they equal ``arange(T)``), except the linear
+route, which runs positions whose causal order is the order along T
+(``check_linear_positions``); T must be divisible
 by the context axis size. Segment ids (packed documents)
 are taken where the unsharded family takes them: the block-sparse and S2
 routes carry them with the K/V blocks, ``"na1d"`` runs its neighborhood
-``Mask`` on the block-sparse route (as unsharded), ``"linear"`` (causal) runs
-a segmented state scan; ``"lightning"`` and ``"based"`` take none (raises).
+``Mask`` on the block-sparse route (as unsharded), ``"linear"`` runs
+a segmented state scan (causal and non-causal); ``"lightning"`` and ``"based"`` take none (raises).
 The block-sparse route also takes ``implementation="pallas"``.
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ from attnjax.masks import (Causal, Full, Mask, Modality, ShiftedGroups, SinkWind
                            SlidingWindow)
 from attnjax.masks.neighborhood import Neighborhood
 from attnjax.sharding.block_sparse_context import context_parallel_block_sparse
-from attnjax.sharding.linear_context import (context_parallel_based_attention,
+from attnjax.sharding.linear_context import (check_linear_positions,
+                                             context_parallel_based_attention,
                                              context_parallel_linear_attention)
 from attnjax.sharding.neighborhood_context import context_parallel_neighborhood_attention
 from attnjax.sharding.s2_context import s2_family_for_mesh
@@ -114,7 +117,8 @@ def _take(options: dict, family: str, allowed) -> dict:
   return options
 
 
-def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route):
+def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route,
+                  causal=True, options=None):
   if query.shape[1] != key.shape[1]:
     raise NotImplementedError(f"context-parallel {family!r} is self-attention: query length "
                               f"T={query.shape[1]} must equal key length S={key.shape[1]}.")
@@ -122,6 +126,12 @@ def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, rou
     raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids: the "
                               f"{family!r} family itself uses a single segment.")
   T = query.shape[1]
+  if route == "linear":   # custom positions whose causal order is the order along T run
+    distances = family == "based" or (causal and (family == "lightning" or
+                                                  (options or {}).get("decay") is not None))
+    return check_linear_positions(q_positions, k_positions, query.shape[0], T,
+                                  segment_ids=segment_ids, causal=bool(causal),
+                                  same_distances=distances, what=f"context-parallel {family!r}")
   checks = []
   for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
     if pos is None:
@@ -231,7 +241,8 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
 
   def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
          **options):
-    ok = _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route)
+    ok = _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route,
+                       causal, options)
     out = run(query, key, value, causal=causal, segment_ids=segment_ids, **options)
     return out if ok is None else jnp.where(ok, out, jnp.nan).astype(out.dtype)
 

@@ -82,6 +82,66 @@ def check_context_mesh(mesh: Mesh, *, batch: int, num_heads: int, num_kv_heads: 
   return dax, hax, mesh.shape[context_axis], X
 
 
+def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *,
+                           segment_ids=None, causal: bool = True, same_distances: bool = False,
+                           what: str = "context-parallel linear attention"):
+  """Custom positions of a linear route: exact when their causal order is the order along T.
+
+  Key j is visible to query i iff ``k_pos[j] <= q_pos[i]``; the chunked scan
+  lets j see i iff ``j <= i`` (within a document). The two agree iff
+  ``k_pos[i] <= q_pos[i] < k_pos[i + 1]`` for every i (i + 1 in the same
+  document): e.g. ``q_pos == k_pos`` strictly increasing (``arange(T) +
+  offset``; positions restarting at each packed document). With
+  ``same_distances`` (decay, BASED's window: distances count too) they must be
+  equal and consecutive within each document. Non-causal attention without
+  distances ignores positions (only their shapes are checked).
+
+  Positions are [T] or [B, T] (ValueError naming the argument otherwise); None
+  is ``arange(T)``. Concrete positions that break the rule raise
+  NotImplementedError naming the argument and the first index. Returns None, or
+  for traced positions (or segment ids) a bool [R, 1, 1, 1] (R = 1 or B) to
+  replace the output rows that break the rule by NaN at run time.
+  """
+  given = [(n, p) for n, p in (("q_positions", q_positions), ("k_positions", k_positions))
+           if p is not None]
+  rows = []
+  for name, pos in given:
+    p = pos if isinstance(pos, jax.core.Tracer) else np.asarray(pos)
+    if p.ndim not in (1, 2) or p.shape[-1] != seq_len or (p.ndim == 2 and p.shape[0] != batch):
+      raise ValueError(f"{name} must have shape [T] or [B, T] with B={batch}, T={seq_len}, got "
+                       f"{tuple(p.shape)}.")
+    rows.append(p.shape[0] if p.ndim == 2 else 1)
+  if not given or not (causal or same_distances):
+    return None
+  seg = segment_ids[0] if isinstance(segment_ids, (tuple, list)) else segment_ids
+  traced = any(isinstance(x, jax.core.Tracer) for x in (q_positions, k_positions, seg))
+  xp = jnp if traced else np
+  r = max(rows + ([batch] if seg is not None else [1]))
+  pos = lambda p: xp.broadcast_to(xp.reshape(xp.arange(seq_len) if p is None else xp.asarray(p),
+                                             (-1, seq_len)), (r, seq_len))
+  q, k = pos(q_positions), pos(k_positions)
+  same = (xp.ones((r, seq_len - 1), bool) if seg is None else
+          xp.asarray(seg)[:, 1:] == xp.asarray(seg)[:, :-1])
+  if same_distances:
+    tok, pair = q == k, ~same | (k[:, 1:] == k[:, :-1] + 1)
+    rule = "q_pos[i] == k_pos[i] and k_pos[i + 1] == k_pos[i] + 1 (decay and windows count distances)"
+  else:
+    tok, pair = k <= q, ~same | (q[:, :-1] < k[:, 1:])
+    rule = "k_pos[i] <= q_pos[i] < k_pos[i + 1]"
+  bad = ~tok | xp.concatenate([~pair, xp.zeros((r, 1), bool)], axis=1)
+  if traced:
+    return ~bad.any(axis=1).reshape(r, 1, 1, 1)
+  if bad.any():
+    b, i = np.argwhere(bad)[0]
+    nxt = f", k_pos[i + 1]={k[b, i + 1]}" if i + 1 < seq_len else ""
+    raise NotImplementedError(
+        f"{what} runs custom positions only where their causal order is the order along T: "
+        f"{rule} for every i (i + 1 in the same document), as arange(T) + offset or positions "
+        f"restarting in each packed document; got custom {' and '.join(n for n, _ in given)} "
+        f"that break it at row {b}, i={i} (q_pos[i]={q[b, i]}, k_pos[i]={k[b, i]}{nxt}).")
+  return None
+
+
 def scan_steps(num_shards: int) -> int:
   """``ppermute`` steps of the exclusive state scan over C shards: 1 + ceil(log2(C - 1))."""
   if num_shards <= 1:
