@@ -21,17 +21,32 @@ states travel. Non-causal attention needs one ``psum`` of the states.
 Autodiff through ``shard_map`` gives the backward (the transpose of a
 ``ppermute`` is the reverse ``ppermute``).
 
-Segment ids (packed documents, causal only): each device also sends, with its
+Segment ids (packed documents): each device also sends, with its
 state, the ids of its first and last token and whether it is one document
 throughout; the scan is then a segmented scan (a shard that continues the
 previous document adds to its state, a new document restarts it), the state
 a shard sends holds only the keys of its last document, and only the queries
-of a shard's first document read the incoming state. This needs every
-document to be one run of equal ids, ids non-decreasing along the sequence
-(as packing writes them); a row that breaks this returns NaN (one ``psum``
-of a flag per batch row), never a silently wrong value. Within a shard the
-documents go through ``attnjax.linear_attention``'s segment-id path (the
-dense reference, as unsharded).
+of a shard's first document read the incoming state. Non-causal: a query
+sees every key of its document, i.e. the same scan plus the scan of the
+reversed sequence (the states of the next shards' keys, ``ppermute`` towards
+device 0), which only the queries of a shard's last document read; both are
+added before the normaliser. This needs every document to be one run of
+equal ids, ids non-decreasing along the sequence (as packing writes them; a
+padded tail takes an id of its own, at least the last document's); a row
+that breaks this returns NaN (one ``psum`` of a flag per batch row), never a
+silently wrong value. So ids equal anywhere are one document, as unsharded,
+whenever the output is not NaN. Within a shard the documents go through
+``attnjax.linear_attention``'s segment-id path (the dense reference, as
+unsharded). Each scan moves two [B, h, F, E] states and [B, 4] ids per step
+whatever the length.
+
+Positions: causality is by positions (key j is visible to query i iff
+``k_pos[j] <= q_pos[i]``), and the scan is exact when that order is the
+order along T within each document: :func:`check_linear_positions` (e.g.
+``arange(T) + offset``, or positions restarting at 0 in each packed
+document; equal and consecutive with decay). Other concrete positions raise
+``NotImplementedError``; positions traced under jit are checked at run time
+and the rows that break the rule return NaN.
 """
 from __future__ import annotations
 
@@ -84,6 +99,7 @@ def check_context_mesh(mesh: Mesh, *, batch: int, num_heads: int, num_kv_heads: 
 
 def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *,
                            segment_ids=None, causal: bool = True, same_distances: bool = False,
+                           key_len: Optional[int] = None,
                            what: str = "context-parallel linear attention"):
   """Custom positions of a linear route: exact when their causal order is the order along T.
 
@@ -96,8 +112,9 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
   equal and consecutive within each document. Non-causal attention without
   distances ignores positions (only their shapes are checked).
 
-  Positions are [T] or [B, T] (ValueError naming the argument otherwise); None
-  is ``arange(T)``. Concrete positions that break the rule raise
+  Positions are [T] or [B, T] ([S] or [B, S] for keys, ``key_len``, which
+  must equal T unless the positions are ignored; ValueError naming the
+  argument otherwise); None is ``arange(T)``. Concrete positions that break the rule raise
   NotImplementedError naming the argument and the first index. Returns None, or
   for traced positions (or segment ids) a bool [R, 1, 1, 1] (R = 1 or B) to
   replace the output rows that break the rule by NaN at run time.
@@ -107,8 +124,9 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
   rows = []
   for name, pos in given:
     p = pos if isinstance(pos, jax.core.Tracer) else np.asarray(pos)
-    if p.ndim not in (1, 2) or p.shape[-1] != seq_len or (p.ndim == 2 and p.shape[0] != batch):
-      raise ValueError(f"{name} must have shape [T] or [B, T] with B={batch}, T={seq_len}, got "
+    n, t = (("S", key_len or seq_len) if name[0] == "k" else ("T", seq_len))
+    if p.ndim not in (1, 2) or p.shape[-1] != t or (p.ndim == 2 and p.shape[0] != batch):
+      raise ValueError(f"{name} must have shape [{n}] or [B, {n}] with B={batch}, {n}={t}, got "
                        f"{tuple(p.shape)}.")
     rows.append(p.shape[0] if p.ndim == 2 else 1)
   if not given or not (causal or same_distances):
@@ -124,7 +142,8 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
           xp.asarray(seg)[:, 1:] == xp.asarray(seg)[:, :-1])
   if same_distances:
     tok, pair = q == k, ~same | (k[:, 1:] == k[:, :-1] + 1)
-    rule = "q_pos[i] == k_pos[i] and k_pos[i + 1] == k_pos[i] + 1 (decay and windows count distances)"
+    rule = ("q_pos[i] == k_pos[i] and k_pos[i + 1] == k_pos[i] + 1 (decay and windows count "
+            "distances)")
   else:
     tok, pair = k <= q, ~same | (q[:, :-1] < k[:, 1:])
     rule = "k_pos[i] <= q_pos[i] < k_pos[i + 1]"
@@ -170,7 +189,8 @@ def exclusive_state_scan(states, chunk_log_decay, axis_name: str, num_shards: in
   return x
 
 
-def segmented_exclusive_scan(states, meta, chunk_log_decay, axis_name: str, num_shards: int):
+def segmented_exclusive_scan(states, meta, chunk_log_decay, axis_name: str, num_shards: int,
+                             reverse: bool = False):
   """:func:`exclusive_state_scan` over documents: per device c, the state of the keys of the
   last document before shard c (0 when it ended before), and that document's ids.
 
@@ -178,11 +198,14 @@ def segmented_exclusive_scan(states, meta, chunk_log_decay, axis_name: str, num_
   document; ``meta`` int32 [B, 4]: (first id, last id, 1 if the shard is one
   document, 1). Returns (state [B, h, F, E], meta [B, 4]) of shards 0..c-1 (meta
   column 3 is 0 on device 0: nothing before). Two ``ppermute`` calls per step.
+  ``reverse``: the same scan from the last device down (shards c+1..C-1, with
+  the states and ids of the reversed sequence).
   """
   C = num_shards
   if C == 1:
     return jnp.zeros_like(states), jnp.zeros_like(meta)
-  shift = lambda a, d: jax.lax.ppermute(a, axis_name, [(i, i + d) for i in range(C - d)])
+  shift = lambda a, d: jax.lax.ppermute(a, axis_name, [(i + d, i) if reverse else (i, i + d)
+                                                       for i in range(C - d)])
   x, xm = shift(states, 1), shift(meta, 1)
   d = 1
   while d < C - 1:   # x covers the d shards before c; y the d before those
@@ -199,13 +222,20 @@ def segmented_exclusive_scan(states, meta, chunk_log_decay, axis_name: str, num_
   return x, xm
 
 
-def _segmented_local(qf, kf, vv, seg, sl, has_decay, group, tl, axis_name, C, dt):
+def _segmented_local(qf, kf, vv, seg, sl, has_decay, group, tl, axis_name, C, dt,
+                     reverse=False):
   """Carry of the previous shards' last document into this shard's first one, and the
   NaN flag of rows whose ids decrease (segmented scan; see the module docstring).
 
   qf [b, tl, N, F], kf [b, tl, K, F], vv [b, tl, K, E], seg int32 [b, tl].
-  Returns (carry [b, tl, N, E], bad [b] bool).
+  Returns (carry [b, tl, N, E], bad [b] bool). ``reverse`` (no decay): the
+  carry of the next shards' first document into this shard's last one (the
+  scan of the reversed sequence, ids negated so that they still increase);
+  bad is then None (the forward scan checks the ids).
   """
+  if reverse:
+    qf, kf, vv = (jnp.flip(x, 1) for x in (qf, kf, vv))
+    seg = -jnp.flip(seg, 1)
   b, n = qf.shape[0], qf.shape[2]
   first, last = seg[:, 0], seg[:, -1]
   in_first = jnp.cumprod((seg == first[:, None]).astype(jnp.int32), axis=1) == 1
@@ -222,13 +252,15 @@ def _segmented_local(qf, kf, vv, seg, sl, has_decay, group, tl, axis_name, C, dt
     s_loc = jnp.einsum("bjkf,bjke,bj->bkfe", kf, vv, in_last.astype(dt))
   meta = jnp.stack([first, last, in_first[:, -1].astype(jnp.int32), jnp.ones_like(first)], 1)
   s_in, m_in = segmented_exclusive_scan(s_loc, meta, -sl * tl if has_decay else None,
-                                        axis_name, C)
+                                        axis_name, C, reverse)
   if not has_decay:
     s_in = jnp.repeat(s_in, group, axis=1)
   use = (m_in[:, 3:] == 1) & in_first & (seg == m_in[:, 1:2])               # [b, tl]
   carry = jnp.einsum("btnf,bnfe->btne", qf, s_in) * use[:, :, None, None].astype(dt)
   if has_decay:
     carry = carry * jnp.exp(-sl[None, :] * (jnp.arange(tl, dtype=dt)[:, None] + 1))[..., None]
+  if reverse:
+    return jnp.flip(carry, 1), None
   bad = (seg[:, 1:] < seg[:, :-1]).any(1) | ((m_in[:, 3] == 1) & (first < m_in[:, 1]))
   bad = jax.lax.psum(bad.astype(jnp.int32), axis_name) > 0
   return carry, bad
@@ -240,7 +272,7 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
                                       chunk_size: int = 64, initial_state=None,
                                       return_state: bool = False,
                                       implementation: Optional[str] = None,
-                                      segment_ids=None,
+                                      segment_ids=None, q_positions=None, k_positions=None,
                                       data_axis: Optional[str] = "data",
                                       heads_axis: Optional[str] = "heads",
                                       context_axis: str = "context"):
@@ -256,10 +288,20 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
       return_state, implementation: as :func:`attnjax.linear_attention`
       (``feature_map="taylor", normalize=True`` is BASED's linear branch);
       ``chunk_size`` and ``implementation`` apply to each device's shard.
-    segment_ids: optional int [B, T] document ids (packed sequences; causal
-      only, without initial_state / return_state): each document one run of
-      equal ids, ids non-decreasing along T; a row that is not returns NaN.
-      The states of the scan then hold one document each (module docstring).
+    segment_ids: optional int [B, T] document ids (packed sequences; T == S,
+      without initial_state / return_state): each document one run of equal
+      ids, ids non-decreasing along T; a row that is not returns NaN. The
+      states of the scan then hold one document each (module docstring);
+      with causal=False a query sees every key of its document.
+    q_positions, k_positions: optional int [T] / [B, T] ([S] / [B, S]):
+      causal attention runs them where :func:`check_linear_positions` holds
+      (key j visible to query i iff k_pos[j] <= q_pos[i], the same order as
+      along T within each document), e.g. ``arange(T) + offset`` or packed
+      documents whose positions restart at 0; with decay they must be equal
+      and consecutive within each document (and not combined with
+      initial_state). Concrete positions that break this raise
+      NotImplementedError; traced ones give NaN in the rows that break it.
+      Non-causal attention ignores them.
 
   Returns:
     out [B, T, N, Hv] in query.dtype (and the final state [B, N, F, E] if
@@ -291,13 +333,19 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
         f"normalize=True), got {tuple(initial_state.shape)}.")
   segs = check_segment_ids(segment_ids, d.B, d.T)
   if segs is not None:
-    if not causal:
-      raise NotImplementedError("segment_ids with causal=False: the non-causal state would "
-                                "be one psum per document; only causal=True takes segment_ids.")
+    if d.T != d.S:
+      raise ValueError(f"segment_ids needs self-attention (T == S); got query {query.shape} "
+                       f"and key {key.shape}.")
     if initial_state is not None or return_state:
       raise NotImplementedError("segment_ids cannot be combined with initial_state or "
                                 "return_state (which document would the state belong to?).")
   has_decay, has_s0 = slopes is not None, initial_state is not None
+  ok = check_linear_positions(q_positions, k_positions, d.B, d.T, segment_ids=segs,
+                              causal=causal, same_distances=has_decay, key_len=d.S)
+  if has_decay and has_s0 and (q_positions is not None or k_positions is not None):
+    raise NotImplementedError("initial_state with decay and custom positions: the initial "
+                              "state stands for keys before position 0 and decays with the "
+                              "positions, not with the index along T; shift the state instead.")
   tl, group = d.T // C, d.N // d.K
   slopes = jnp.zeros((d.N,), jnp.float32) if slopes is None else slopes
   s0 = jnp.zeros((d.B, d.N, 1, 1), dt) if initial_state is None else initial_state.astype(dt)
@@ -310,11 +358,14 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
     qf = phi(q.astype(dt)).astype(dt)
     sl = sl.astype(dt)
     if seg:
-      o = linear_attention(q.astype(dt), k.astype(dt), vv, feature_map=phi, causal=True,
+      o = linear_attention(q.astype(dt), k.astype(dt), vv, feature_map=phi, causal=causal,
                            decay=sl if has_decay else None, chunk_size=chunk_size,
                            segment_ids=seg[0], implementation=implementation)
-      carry, bad = _segmented_local(qf, phi(k.astype(dt)).astype(dt), vv, seg[0], sl, has_decay,
-                                    group, tl, context_axis, C, dt)
+      args = (qf, phi(k.astype(dt)).astype(dt), vv, seg[0], sl, has_decay, group, tl,
+              context_axis, C, dt)
+      carry, bad = _segmented_local(*args)
+      if not causal:   # and the keys of the shard's last document on the next devices
+        carry = carry + _segmented_local(*args, reverse=True)[0]
       o = jnp.where(bad[:, None, None, None], jnp.nan, o + carry)
     elif causal:
       o, s_loc = linear_attention(q.astype(dt), k.astype(dt), vv, feature_map=phi,
@@ -357,7 +408,11 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
   extra = () if segs is None else (segs,)
   fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, spec, spec, P(hax), state_spec) + (
       P(dax, context_axis),) * len(extra), out_specs=out_specs, check_vma=False)
-  return fn(query, key, value, slopes, s0, *extra)
+  res = fn(query, key, value, slopes, s0, *extra)
+  if ok is None:
+    return res
+  nan = lambda x: jnp.where(ok, x, jnp.nan).astype(x.dtype)
+  return (nan(res[0]), nan(res[1])) if return_state else nan(res)
 
 
 def context_parallel_based_attention(query, key, value, mesh: Mesh, *, causal: bool = True,
