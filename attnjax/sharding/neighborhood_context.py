@@ -349,9 +349,10 @@ def neighborhood_communication_bytes(spatial_shape, *, kernel_size, dilation=1,
   spatial, ks, ds, cs = check_neighborhood_args(tuple(spatial_shape), kernel_size, dilation,
                                                 is_causal)
   several = not _is_index(spatial_axis)
-  axes = tuple(spatial_axis) if several else (spatial_axis,)
-  shards = tuple(num_shards) if several and not _is_index(num_shards) else (num_shards,)
-  if len(shards) != len(axes) or len(set(axes)) != len(axes) or \
+  as_tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  axes, shards = as_tuple(spatial_axis), as_tuple(num_shards)
+  if several == _is_index(num_shards) or len(shards) != len(axes) or not axes or \
+     len(set(axes)) != len(axes) or not all(_is_index(c) and c >= 1 for c in shards) or \
      not all(_is_index(a) and 0 <= a < len(spatial) for a in axes):
     raise ValueError(f"spatial_axis={spatial_axis!r} and num_shards={num_shards!r} must be "
                      f"an int each or tuples of equal length (distinct axes in "
