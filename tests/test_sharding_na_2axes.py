@@ -5,10 +5,11 @@ the device count before jax is imported). Each case compares
 ``context_parallel_neighborhood_attention`` with ``spatial_axis`` a tuple
 against the unsharded neighborhood engine, forward and gradients of q, k, v:
 na2d on 2 x 2 and 2 x 4 grids (kernel 3 and 5, dilation 1 and 2, causal along
-one axis, GQA, relative position bias and lse, the axes mapped in reverse
-order), bfloat16 with a data axis, na3d with two of its axes split and with
-all three. The halo bytes are checked against a hand count and against the
-collective-permutes of the compiled program; errors name the axis.
+one axis, GQA, relative position bias and lse with a heads axis, the axes
+mapped in reverse order), bfloat16 with a data axis, na3d with two of its
+axes split and with all three. The halo bytes are checked against a hand
+count and against the collective-permutes of the compiled program; errors
+name the axis.
 """
 
 import pytest
@@ -59,7 +60,7 @@ N, K, H = 4, 2, 8
 rpb = jnp.asarray(np.random.default_rng(7).standard_normal((N, 5, 5), np.float32))
 # name, mesh axes, spatial, options, spatial_axis, context_axis, dtype
 cases = [
-    ("na2d_k3_rpb_lse_2x2", dict(cx=2, cy=2), (8, 8),
+    ("na2d_k3_rpb_lse_heads2_2x2", dict(heads=2, cx=2, cy=2), (8, 8),
      dict(kernel_size=3, rpb=rpb, return_lse=True), (0, 1), ("cx", "cy"), jnp.float32),
     ("na2d_k5_d2_reversed_2x4", dict(cx=2, cy=4), (24, 12),
      dict(kernel_size=5, dilation=2), (1, 0), ("cx", "cy"), jnp.float32),
@@ -124,7 +125,7 @@ out["errors"] = errs
 print("RESULT" + json.dumps(out))
 '''
 
-CASES = ["na2d_k3_rpb_lse_2x2", "na2d_k5_d2_reversed_2x4", "na2d_k3_d2_causal_x_2x4",
+CASES = ["na2d_k3_rpb_lse_heads2_2x2", "na2d_k5_d2_reversed_2x4", "na2d_k3_d2_causal_x_2x4",
          "na2d_bf16_data2_2x2", "na3d_axes02_2x4", "na3d_three_axes_2x2x2"]
 
 multidevice.register("na_2axes", SCRIPT)
