@@ -12,17 +12,20 @@ a device, one starting on a boundary, a padded tail with its own id; context
 axes 2, 4 and 8, a data axis, a heads axis, GQA, identity / elu+1 / Taylor
 feature maps, normalised or not, bfloat16; ids that decrease give NaN in their
 row only; the bytes each device receives in the compiled program do not grow
-with T. Positions (causal): arange(T) + offset with TNL decay (lightning
-through the registry route), packed documents whose positions restart at 0
-(the linear family); traced positions that break the rule give NaN in their
+with T. Positions (causal): arange(T) + offset with TNL decay, packed
+documents whose positions restart at 0 (the registry's linear family); traced positions that break the rule give NaN in their
 row only. Errors (in this process): concrete positions that break the rule
 raise naming the argument, wrong shapes raise ValueError.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import multidevice
+from attnjax.sharding import (context_parallel_family, context_parallel_linear_attention,
+                              make_mesh)
+from attnjax.sharding.linear_context import check_linear_positions
 
 COMMON = r'''
 import json, warnings
@@ -138,18 +141,18 @@ print("RESULT" + json.dumps(out))
 
 POSITIONS = r'''
 
-# a continuation chunk: arange(T) + 100, TNL decay (distances count), GQA, data axis; the
-# lightning family through the registry route, positions traced
+# a continuation chunk: arange(T) + 100, TNL decay (distances count), GQA, data axis,
+# positions traced
 pos = np.arange(32) + 100
 slopes = tnl_decay_slopes(4, 0, 1)
-fam = context_parallel_family("lightning", mesh_of((2, 1, 4)), data_axis="data")
+m = mesh_of((2, 1, 4))
 q, k, v, w = inputs(2, 32, 4, 2, 8, jnp.float32, seed=5)
 mask = np.broadcast_to(pos[None, :, None] >= pos[None, None, :], (2, 32, 32))
-run = build(lambda q, k, v, p: fam(q, k, v, causal=True, chunk_size=4, q_positions=p,
-                                   k_positions=p),
+run = build(lambda q, k, v, p: context_parallel_linear_attention(
+                q, k, v, m, decay=slopes, chunk_size=4, q_positions=p, k_positions=p),
             lambda q, k, v, p: dense(q, k, v, mask, "identity", False, slopes,
                                      (p[:, None] - p[None, :])[None]))
-compare("lightning_offset_data2_c4", run, q, k, v, w, jnp.asarray(pos))
+compare("decay_offset_data2_c4", run, q, k, v, w, jnp.asarray(pos))
 bad = pos.copy()
 bad[20:] += 2                              # a gap: decay would count it; NaN in every row ([T])
 out["offset_gap_nan"] = nan_rows(run, q, k, v, w, jnp.asarray(bad))
@@ -208,7 +211,7 @@ def test_noncausal_document_bytes_do_not_grow_with_length(documents):
   assert b["512"]["max"] < b["512"]["allgather"] / 4, b
 
 
-@pytest.mark.parametrize("case", ["lightning_offset_data2_c4", "packed_restarting_c8"])
+@pytest.mark.parametrize("case", ["decay_offset_data2_c4", "packed_restarting_c8"])
 def test_custom_positions_equal_dense_reference(positions, case):
   assert positions["devices"] == 8
   _close(positions[case])
@@ -220,14 +223,11 @@ def test_traced_positions_breaking_the_rule_are_nan(positions):
 
 
 def _qkv(T=16):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   return tuple(jnp.asarray(rng.standard_normal((2, T, 2, 4), np.float32)) for _ in range(3))
 
 
 def test_concrete_positions_breaking_the_rule_raise_naming_the_argument():
-  from attnjax.sharding import (context_parallel_family,  # pylint: disable=g-import-not-at-top
-                                context_parallel_linear_attention, make_mesh)
   q, k, v = _qkv()
   m, ar = make_mesh(), np.arange(16)
   with pytest.raises(NotImplementedError, match=r"custom q_positions and k_positions that break "
@@ -235,6 +235,9 @@ def test_concrete_positions_breaking_the_rule_raise_naming_the_argument():
     context_parallel_linear_attention(q, k, v, m, q_positions=ar[::-1], k_positions=ar[::-1])
   with pytest.raises(NotImplementedError, match="context-parallel 'linear' .*custom k_positions"):
     context_parallel_family("linear", m)(q, k, v, causal=True, k_positions=ar + 1)
+  with pytest.raises(NotImplementedError, match="arange"):   # takes none unsharded
+    context_parallel_family("lightning", m)(q, k, v, causal=True, q_positions=ar + 1,
+                                            k_positions=ar + 1)
   with pytest.raises(NotImplementedError, match=r"k_pos\[i \+ 1\] == k_pos\[i\] \+ 1"):
     context_parallel_linear_attention(q, k, v, m, decay="tnl", q_positions=2 * ar,
                                       k_positions=2 * ar)
@@ -250,7 +253,6 @@ def test_concrete_positions_breaking_the_rule_raise_naming_the_argument():
 
 
 def test_wrong_shapes_raise_value_error():
-  from attnjax.sharding import context_parallel_linear_attention, make_mesh  # pylint: disable=g-import-not-at-top
   q, k, v = _qkv()
   m, ar = make_mesh(), np.arange(16)
   with pytest.raises(ValueError, match=r"k_positions must have shape \[S\] or \[B, S\] with B=2, "
@@ -264,7 +266,6 @@ def test_wrong_shapes_raise_value_error():
 
 
 def test_valid_concrete_positions_need_no_run_time_check():
-  from attnjax.sharding.linear_context import check_linear_positions  # pylint: disable=g-import-not-at-top
   ar = np.arange(16)
   seg = np.repeat([[0, 1]], 8, axis=1)
   restart = np.tile(np.arange(8), 2)[None]

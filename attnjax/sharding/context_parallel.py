@@ -22,9 +22,10 @@ Every other family raises ``NotImplementedError`` saying why
 (``context_parallel_support()`` lists the route or the reason per family).
 All routes are self-attention (T == S) with default positions ``arange(T)``
 (custom concrete positions raise; positions traced under jit are checked at
-run time and give NaN unless they equal ``arange(T)``), except the linear
-route, which runs positions whose causal order is the order along T
-(``check_linear_positions``); T must be divisible
+run time and give NaN unless they equal ``arange(T)``), except the
+``"linear"`` family, which runs positions whose causal order is the order along
+T (``check_linear_positions``; ``"lightning"`` and ``"based"`` take none
+unsharded); T must be divisible
 by the context axis size. Segment ids (packed documents)
 are taken where the unsharded family takes them: the block-sparse and S2
 routes carry them with the K/V blocks, ``"na1d"`` runs its neighborhood
@@ -126,12 +127,12 @@ def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, rou
     raise NotImplementedError(f"context-parallel {family!r} takes no segment_ids: the "
                               f"{family!r} family itself uses a single segment.")
   T = query.shape[1]
-  if route == "linear":   # custom positions whose causal order is the order along T run
-    distances = family == "based" or (causal and (family == "lightning" or
-                                                  (options or {}).get("decay") is not None))
+  if family == "linear":   # custom positions whose causal order is the order along T run
     return check_linear_positions(q_positions, k_positions, query.shape[0], T,
                                   segment_ids=segment_ids, causal=bool(causal),
-                                  same_distances=distances, what=f"context-parallel {family!r}")
+                                  same_distances=bool(causal and (options or {}).get("decay")
+                                                      is not None),
+                                  what=f"context-parallel {family!r}")
   checks = []
   for name, pos in (("q_positions", q_positions), ("k_positions", k_positions)):
     if pos is None:

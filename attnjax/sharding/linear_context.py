@@ -26,27 +26,18 @@ state, the ids of its first and last token and whether it is one document
 throughout; the scan is then a segmented scan (a shard that continues the
 previous document adds to its state, a new document restarts it), the state
 a shard sends holds only the keys of its last document, and only the queries
-of a shard's first document read the incoming state. Non-causal: a query
-sees every key of its document, i.e. the same scan plus the scan of the
-reversed sequence (the states of the next shards' keys, ``ppermute`` towards
-device 0), which only the queries of a shard's last document read; both are
-added before the normaliser. This needs every document to be one run of
-equal ids, ids non-decreasing along the sequence (as packing writes them; a
-padded tail takes an id of its own, at least the last document's); a row
-that breaks this returns NaN (one ``psum`` of a flag per batch row), never a
-silently wrong value. So ids equal anywhere are one document, as unsharded,
-whenever the output is not NaN. Within a shard the documents go through
-``attnjax.linear_attention``'s segment-id path (the dense reference, as
-unsharded). Each scan moves two [B, h, F, E] states and [B, 4] ids per step
-whatever the length.
+of a shard's first document read the incoming state. Non-causal adds the
+same scan of the reversed sequence (the next shards' keys, read by the
+shard's last document) before the normaliser. Every document must be one
+run of equal ids, ids non-decreasing along T (as packing writes them; a
+padded tail takes an id of its own, at least the last one); a row that
+breaks this returns NaN (one ``psum`` of a flag per row), so equal ids are
+one document, as unsharded, wherever the output is not NaN. Within a shard
+the documents take ``attnjax.linear_attention``'s segment-id path (the dense
+reference, as unsharded). A scan step moves one state and [B, 4] ids.
 
-Positions: causality is by positions (key j is visible to query i iff
-``k_pos[j] <= q_pos[i]``), and the scan is exact when that order is the
-order along T within each document: :func:`check_linear_positions` (e.g.
-``arange(T) + offset``, or positions restarting at 0 in each packed
-document; equal and consecutive with decay). Other concrete positions raise
-``NotImplementedError``; positions traced under jit are checked at run time
-and the rows that break the rule return NaN.
+Custom positions run where their causal order is the order along T
+(:func:`check_linear_positions`).
 """
 from __future__ import annotations
 
@@ -104,20 +95,18 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
   """Custom positions of a linear route: exact when their causal order is the order along T.
 
   Key j is visible to query i iff ``k_pos[j] <= q_pos[i]``; the chunked scan
-  lets j see i iff ``j <= i`` (within a document). The two agree iff
+  lets query i see key j iff ``j <= i`` (within a document). The two agree iff
   ``k_pos[i] <= q_pos[i] < k_pos[i + 1]`` for every i (i + 1 in the same
-  document): e.g. ``q_pos == k_pos`` strictly increasing (``arange(T) +
-  offset``; positions restarting at each packed document). With
-  ``same_distances`` (decay, BASED's window: distances count too) they must be
-  equal and consecutive within each document. Non-causal attention without
-  distances ignores positions (only their shapes are checked).
+  document), e.g. ``q_pos == k_pos`` strictly increasing: ``arange(T) +
+  offset``, or positions restarting at each packed document. With
+  ``same_distances`` (decay, BASED's window) they must also be equal and
+  consecutive within each document. Non-causal attention without distances
+  ignores positions. Positions are [T] or [B, T] ([S] / [B, S] for keys,
+  ``key_len``); None is ``arange(T)``; other shapes raise ValueError.
 
-  Positions are [T] or [B, T] ([S] or [B, S] for keys, ``key_len``, which
-  must equal T unless the positions are ignored; ValueError naming the
-  argument otherwise); None is ``arange(T)``. Concrete positions that break the rule raise
-  NotImplementedError naming the argument and the first index. Returns None, or
-  for traced positions (or segment ids) a bool [R, 1, 1, 1] (R = 1 or B) to
-  replace the output rows that break the rule by NaN at run time.
+  Concrete positions that break the rule raise NotImplementedError naming the
+  argument and the first index. Returns None, or (traced positions or ids) a
+  bool [R, 1, 1, 1] (R = 1 or B): False where the rows' outputs must be NaN.
   """
   given = [(n, p) for n, p in (("q_positions", q_positions), ("k_positions", k_positions))
            if p is not None]
@@ -293,15 +282,11 @@ def context_parallel_linear_attention(query, key, value, mesh: Mesh, *,
       ids, ids non-decreasing along T; a row that is not returns NaN. The
       states of the scan then hold one document each (module docstring);
       with causal=False a query sees every key of its document.
-    q_positions, k_positions: optional int [T] / [B, T] ([S] / [B, S]):
-      causal attention runs them where :func:`check_linear_positions` holds
-      (key j visible to query i iff k_pos[j] <= q_pos[i], the same order as
-      along T within each document), e.g. ``arange(T) + offset`` or packed
-      documents whose positions restart at 0; with decay they must be equal
-      and consecutive within each document (and not combined with
-      initial_state). Concrete positions that break this raise
-      NotImplementedError; traced ones give NaN in the rows that break it.
-      Non-causal attention ignores them.
+    q_positions, k_positions: optional int [T] / [B, T] ([S] / [B, S]), where
+      :func:`check_linear_positions` holds (e.g. ``arange(T) + offset``, or
+      positions restarting at 0 in each packed document; not with decay and
+      initial_state); traced ones that break it give NaN rows. Non-causal
+      attention ignores them.
 
   Returns:
     out [B, T, N, Hv] in query.dtype (and the final state [B, N, F, E] if
