@@ -79,7 +79,7 @@ for name, (shape, opts) in seg_cases.items():
   out["documents_" + name] = max(float(jnp.abs(a - b).max()) for a, b in zip((o1,) + g1,
                                                                              (o2,) + g2))
   if fam in ("linear", "s2"):
-    y = run(q, k, v, docs, ar + 1)[0][0]
+    y = run(q, k, v, docs, ar[::-1])[0][0]
     out["traced_positions_" + fam] = bool(jnp.isnan(y).all())
   if fam == "linear":
     y = run(q, k, v, docs.at[1, 20:].set(0), ar)[0][0]
@@ -144,14 +144,21 @@ def test_traced_positions_are_checked_at_run_time(result, family):
 
 @pytest.mark.parametrize("family", ["sliding_window", "s2", "linear", "na1d"])
 def test_custom_positions_raise_naming_the_argument(family):
+  # the block-sparse and S2 routes run concrete custom positions (test_sharding_positions)
+  import jax
   import jax.numpy as jnp
+  import numpy as np
   from attnjax.sharding import context_parallel_family
   x = jnp.zeros((1, 8, 2, 4))
   f = context_parallel_family(family, make_mesh())
-  with pytest.raises(NotImplementedError, match="custom k_positions"):
-    f(x, x, x, causal=True, k_positions=jnp.arange(8) + 1)
+  opts = dict(block_size=4, local_blocks=1, vert_stride=2) if family == "s2" else {}
+  if family in ("linear", "na1d"):
+    with pytest.raises(NotImplementedError, match="custom k_positions"):
+      f(x, x, x, causal=True, k_positions=jnp.arange(8) + 1)
+  else:    # traced only: the plan is built at trace time
+    jax.eval_shape(lambda x: f(x, x, x, causal=True, k_positions=np.arange(8) + 1, **opts), x)
   with pytest.raises(ValueError, match="q_positions must have shape"):
-    f(x, x, x, causal=True, q_positions=jnp.arange(7))
+    f(x, x, x, causal=True, q_positions=jnp.arange(7), **opts)
 
 
 def test_launcher_names_a_family_that_cannot_run_context_parallel(result):

@@ -1,9 +1,10 @@
 """Sharding on 8 simulated CPU devices (in a subprocess: XLA_FLAGS must precede the jax import).
 
-S2 head-sharded context parallelism equals unsharded attention (forward and
-gradients) on several meshes; a model trained on a (data, heads, context) =
+S2 head-sharded context parallelism (the block-sparse exchange with a head
+axis) equals unsharded attention (forward and gradients) on several meshes; a model trained on a (data, heads, context) =
 (2, 2, 2) mesh matches the single-device run; mesh errors name the field;
-the communication plan receives less than an all-gather.
+the communication plan receives less than an all-gather, and no more blocks
+than the S2 route's own plan did before it ran on the block-sparse exchange.
 """
 
 import numpy as np
@@ -107,6 +108,36 @@ def test_s2_receives_less_than_an_allgather(result):
   # stride 8: a device needs ~1/8 of each remote chunk plus the band.
   assert b["needed_ratio_max"] < 0.25
   assert b["transferred_bytes"] < b["allgather_bytes"]
+
+
+# Transferred blocks (x local KV heads, padding included) and the most any device needs, as
+# measured on the S2 route's own plan before it ran on the block-sparse exchange.
+OLD_PLAN_BLOCKS = {"causal_c8": (14, 5), "causal_h2c4": (4, 3), "bidirectional_h2c4": (8, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_PLAN_BLOCKS))
+def test_s2_plan_moves_no_more_blocks_than_before(name):
+  from attnjax import masks as M
+  from attnjax.sharding import block_sparse_context_plan
+  causal = M.S2(4, block_size=8, local_blocks=2, vert_stride=4, num_kv_heads=2)
+  both = M.S2(4, block_size=8, local_blocks=(2, 1), vert_stride=3, causal=False, num_kv_heads=2)
+  mask, chunks, heads = {"causal_c8": (causal, 8, 1), "causal_h2c4": (causal, 4, 2),
+                         "bidirectional_h2c4": (both, 4, 2)}[name]
+  plan = block_sparse_context_plan(mask, 64, 4, 2, chunks, heads, 8)
+  moved, needed = OLD_PLAN_BLOCKS[name]
+  assert plan.transferred_blocks() <= moved
+  assert plan.needed_blocks.max() == needed
+  if name == "bidirectional_h2c4":   # distances +-2 share one cyclic permute
+    assert plan.transferred_blocks() == moved - 1
+
+
+def test_removed_names_say_what_replaces_them():
+  import attnjax.sharding as S
+  with pytest.raises(AttributeError, match="block_sparse_context_plan"):
+    S.kv_block_needs  # pylint: disable=pointless-statement
+  with pytest.warns(DeprecationWarning, match="block_sparse_context_plan"):
+    from attnjax import masks as M
+    S.make_plan(M.S2(4, block_size=8, local_blocks=2, vert_stride=4), 64, 4, 4, 4)
 
 
 def test_training_on_a_mesh_matches_one_device(result):

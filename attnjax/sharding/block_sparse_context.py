@@ -63,7 +63,7 @@ from attnjax.core import scoring
 from attnjax.core import validation as V
 from attnjax.masks.base import Mask
 from attnjax.sharding.block_sparse_plan import (SEQUENCE_ORDERS, block_sparse_context_plan,
-                                                check_mask)
+                                                check_mask, sequence_permutation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,8 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
                                   assignment: str = "contiguous",
                                   sequence_order: str = "natural",
                                   block_size: Optional[int] = None, scale=None,
-                                  segment_ids=None, return_lse: bool = False,
+                                  segment_ids=None, q_positions=None, k_positions=None,
+                                  return_lse: bool = False,
                                   implementation: Optional[str] = None):
   """Self-attention with any static mask, the sequence split over the mesh axis ``axis``.
 
@@ -133,6 +134,11 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     scale: logit scale, default 1/sqrt(H).
     segment_ids: optional int [B, T] document ids (packed sequences): a query
       sees only keys of its document; they travel with the K/V blocks.
+    q_positions, k_positions: optional concrete (NumPy or Python, not traced)
+      int positions [T] or [B, T] (equal rows), in the order of the arrays;
+      default ``arange(T)``. The plan is read off the mask at these positions
+      (e.g. ``arange(T) + offset`` for a continuation chunk, or a permuted
+      order), so the exchange is exact for them.
     return_lse: also return the lse [B, T, N] float32.
     implementation: None or "xla" (the engine's static schedules) or "pallas"
       (the plan's work as run-time block lists to the Pallas kernels; interpret
@@ -178,8 +184,14 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
       raise ValueError(f"segment_ids must be an int array [B, T] = [{d.B}, {d.T}], got "
                        f"{segs.dtype} {segs.shape}.")
     segs = segs.astype(jnp.int32)
+  pos = [_concrete_positions(name, p, d.B, d.T) for name, p in (("q_positions", q_positions),
+                                                                 ("k_positions", k_positions))]
+  if sequence_order == "assignment" and any(p is not None for p in pos):
+    order = sequence_permutation(d.T, Pn, assignment)   # arrays hold tokens in this order
+    pos = [None if p is None else tuple(np.asarray(p)[np.argsort(order)].tolist())
+           for p in pos]
   plan = block_sparse_context_plan(mask, d.T, d.N, d.K, Pn, X, block_size, assignment,
-                                   d.B // D, segs is not None)
+                                   d.B // D, segs is not None, *pos)
   scale = float(V.check_scale(scale, d.H))
   precision.warn_float32_accumulation("context_parallel_block_sparse (the block-sparse XLA "
                                       "engine)", query, key, value)
@@ -220,8 +232,8 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     v_r = jnp.moveaxis(jnp.concatenate(vs, 1), 3, 1).reshape(Bl, Kl * nbuf, bs, 1, d.Hv)
     q_r = q.reshape(Bl, nbl, bs, Hl, R * d.H)
     sb = jnp.asarray(plan.slot_blocks)[c, x].reshape(1, Kl * nbuf, 1)
-    k_pos = jnp.maximum(sb, 0) * bs + jnp.arange(bs, dtype=jnp.int32)
-    q_pos = jnp.asarray(plan.positions)[c].reshape(1, nbl, bs)
+    k_pos = jnp.asarray(plan.k_positions.reshape(-1, bs))[jnp.maximum(sb[0, :, 0], 0)][None]
+    q_pos = jnp.asarray(plan.q_positions)[c].reshape(1, nbl, bs)
     q_seg = k_seg = None
     if seg:
       q_seg = seg[0].reshape(Bl, nbl, bs)
@@ -256,6 +268,26 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     inv = jnp.asarray(np.argsort(plan.positions.reshape(-1)))
     out, lse = out[:, inv], lse[:, inv]
   return (out, lse) if return_lse else out
+
+
+def _concrete_positions(name, pos, batch, seq_len):
+  """Concrete positions [T] or [B, T] with equal rows -> tuple of T ints (None for arange(T))."""
+  if pos is None:
+    return None
+  if isinstance(pos, jax.core.Tracer):
+    raise TypeError(f"{name} must be concrete (NumPy or Python) positions: the exchange plan is "
+                    "built from them at trace time; got a traced array.")
+  p = np.asarray(pos)
+  if (p.ndim not in (1, 2) or p.shape[-1] != seq_len or (p.ndim == 2 and p.shape[0] != batch)
+      or not np.issubdtype(p.dtype, np.integer)):
+    raise ValueError(f"{name} must be int positions [T] or [B, T] = [{batch}, {seq_len}], got "
+                     f"{p.dtype} {p.shape}.")
+  p = p.reshape(-1, seq_len)
+  if (p != p[:1]).any():
+    raise NotImplementedError(f"{name} differ between batch rows: the exchange plan is one per "
+                              "call; split the batch or pass one row [T].")
+  p = p[0]
+  return None if np.array_equal(p, np.arange(seq_len)) else tuple(int(i) for i in p)
 
 
 def _list_engine(plan, c, x, q, k_r, v_r, q_pos, k_pos, q_seg, k_seg, mask, scale, Nl):

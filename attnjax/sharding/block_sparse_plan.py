@@ -69,7 +69,10 @@ class BlockSparseContextPlan:
     layout_heads, fold: the engine's layout heads Hl and folded heads R
       (Hl = Kl, R = G when the query heads of a KV head visit the same
       blocks on every device, else Hl = N / X, R = 1).
-    positions: int32 [P, T/P] global position of each local token.
+    positions: int32 [P, T/P] global token index of each local token.
+    q_positions: int32 [P, T/P] position of each local query (where the mask is
+      evaluated; equal to ``positions`` by default); k_positions: int32 [T]
+      position of each key, in token order.
     send: per ppermute round, int32 [P, X, M, Kl]: local block index that
       device (c, x) sends in that round, per local KV head (padding 0).
     pairs: per round, its ((src, dst), ...): one device distance s (dst = src
@@ -99,6 +102,8 @@ class BlockSparseContextPlan:
   layout_heads: int
   fold: int
   positions: np.ndarray
+  q_positions: np.ndarray
+  k_positions: np.ndarray
   send: Tuple[np.ndarray, ...]
   pairs: Tuple[Tuple[Tuple[int, int], ...], ...]
   slot_blocks: np.ndarray
@@ -139,18 +144,55 @@ def default_block_size(mask, chunk_len: int) -> int:
   return b if b > 0 else chunk_len
 
 
+def _is_arange(pos: np.ndarray) -> bool:
+  return bool(np.array_equal(pos, pos[0] + np.arange(len(pos))))
+
+
+def position_classes(mask, q_pos: np.ndarray, k_pos: np.ndarray, block_size: int,
+                     num_heads: int) -> np.ndarray:
+  """int8 [N or 1, T/bs, S/bs]: EMPTY/PARTIAL/FULL of every block at the given positions.
+
+  Positions that are ``arange + offset`` use the mask's ``BlockLayout`` (closed
+  forms); any other order evaluates the predicate on every (query, key) pair
+  of a head (T x S work per head, in chunks of rows).
+  """
+  if _is_arange(q_pos) and _is_arange(k_pos):
+    return np.asarray(mask.block_layout(len(q_pos), len(k_pos), block_size, block_size,
+                                        num_heads, q_offset=int(q_pos[0]),
+                                        k_offset=int(k_pos[0])).block_mask)
+  mask.validate(num_heads, q_pos, k_pos)
+  mask.check_positions(q_pos, k_pos)
+  nq, nk = len(q_pos) // block_size, len(k_pos) // block_size
+  rows = max(1, (1 << 22) // (len(k_pos) * block_size))
+  out = np.zeros((num_heads if mask.head_dependent else 1, nq, nk), np.int8)
+  for h in range(out.shape[0]):
+    for r in range(0, nq, rows):
+      qp = q_pos[r * block_size:(r + rows) * block_size, None]
+      m = np.broadcast_to(np.asarray(mask.predicate(h, qp, k_pos[None, :]), bool),
+                          (len(qp), len(k_pos))).reshape(-1, block_size, nk, block_size)
+      out[h, r:r + rows] = np.where(m.all((1, 3)), LY.FULL,
+                                    np.where(m.any((1, 3)), LY.PARTIAL, LY.EMPTY))
+  return out
+
+
 @functools.lru_cache(maxsize=32)
 def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: int,
                               num_shards: int, head_shards: int = 1,
                               block_size: Optional[int] = None, assignment: str = "contiguous",
-                              batch: int = 1, segments: bool = False) -> BlockSparseContextPlan:
+                              batch: int = 1, segments: bool = False,
+                              q_positions: Optional[Tuple[int, ...]] = None,
+                              k_positions: Optional[Tuple[int, ...]] = None
+                              ) -> BlockSparseContextPlan:
   """The plan of ``mask`` for ``num_shards`` context and ``head_shards`` head shards (cached).
 
   ``batch`` (per device) only sizes the engine's scan steps. ``segments``:
   segment ids will be given, so no block is full (a document boundary may
-  cut any block; the exchange is the mask's, a superset). Raises
-  ValueError naming the field when the sequence, the heads or the block size
-  do not divide.
+  cut any block; the exchange is the mask's, a superset). ``q_positions`` /
+  ``k_positions``: the position of every token, in token order (default
+  ``arange(T)``); the block classes, hence the exchange, are read off the
+  mask at those positions (``position_classes``), so any concrete positions
+  give an exact plan. Raises ValueError naming the field when the sequence,
+  the heads or the block size do not divide.
   """
   check_mask(mask)
   chunks = _chunks(num_shards, assignment)
@@ -175,7 +217,12 @@ def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: 
   local = np.empty(nb, np.int64)
   owner[own] = np.arange(num_shards)[:, None]
   local[own] = np.arange(nbl)[None, :]
-  cls = np.asarray(mask.block_layout(seq_len, seq_len, bs, bs, num_heads).block_mask)
+  qv, kv = (np.arange(seq_len) if p is None else np.asarray(p, np.int64)
+            for p in (q_positions, k_positions))
+  for name, p in (("q_positions", qv), ("k_positions", kv)):
+    if p.shape != (seq_len,):
+      raise ValueError(f"{name} must have shape ({seq_len},), got {p.shape}.")
+  cls = position_classes(mask, qv, kv, bs, num_heads)
   cls = np.broadcast_to(cls, (num_heads,) + cls.shape[1:])
   if segments:
     cls = np.where(cls == LY.FULL, LY.PARTIAL, cls)
@@ -257,7 +304,8 @@ def block_sparse_context_plan(mask, seq_len: int, num_heads: int, num_kv_heads: 
   positions = perm.reshape(num_shards, -1).astype(np.int32)
   lists, counts = _lists(items, (num_shards, head_shards, Hl), nbl)
   return BlockSparseContextPlan(num_shards, head_shards, seq_len, bs, assignment, nbl, nbuf, Kl,
-                                G, Hl, R, positions, tuple(send), tuple(pairs), slot_blocks,
+                                G, Hl, R, positions, qv[positions].astype(np.int32),
+                                kv.astype(np.int32), tuple(send), tuple(pairs), slot_blocks,
                                 tuple(kinds),
                                 tuple(schedules), needed, received, visited, executed, lists,
                                 counts)

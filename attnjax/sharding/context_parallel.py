@@ -10,8 +10,9 @@ context-parallel path:
   streaming, composite, block-local) run
   :func:`context_parallel_block_sparse` (only the visited remote key blocks
   are exchanged).
-* ``"s2"``: S2-Attention runs its head-sharded plan
-  (:func:`context_parallel_attention` through :func:`s2_family_for_mesh`).
+* ``"s2"``: S2-Attention's mask on the same block-sparse exchange, with the
+  heads split over ``head_axis`` (S2's head-sharded context partitioning: each
+  device receives only the remote blocks of its KV heads' stride classes).
 * ``"linear"``: linear attention, Lightning/TNL and BASED run the state scan
   of :func:`context_parallel_linear_attention` /
   :func:`context_parallel_based_attention`.
@@ -20,8 +21,11 @@ context-parallel path:
 
 Every other family raises ``NotImplementedError`` saying why
 (``context_parallel_support()`` lists the route or the reason per family).
-All routes are self-attention (T == S) with default positions ``arange(T)``
-(custom concrete positions raise; positions traced under jit are checked at
+All routes are self-attention (T == S). The block-sparse and S2 routes take
+custom concrete positions (NumPy or Python; [T] or [B, T] with equal rows):
+their exchange plan is read off the mask at those positions. Elsewhere,
+and for positions traced under jit on those two routes, the default positions
+``arange(T)`` apply (custom concrete positions raise; traced ones are checked at
 run time and give NaN unless they equal ``arange(T)``), except the
 ``"linear"`` family, which runs positions whose causal order is the order along
 T (``check_linear_positions``; ``"lightning"`` and ``"based"`` take none
@@ -47,7 +51,7 @@ from attnjax.block_sparse.families import bigbird_mask, block_local_mask, longfo
 from attnjax.block_sparse.registry import sliding_window_sides
 from attnjax.layers import registry
 from attnjax.linear.decay import tnl_decay_slopes
-from attnjax.masks import (Causal, Full, Mask, Modality, ShiftedGroups, SinkWindow,
+from attnjax.masks import (S2, Causal, Full, Mask, Modality, ShiftedGroups, SinkWindow,
                            SlidingWindow)
 from attnjax.masks.neighborhood import Neighborhood
 from attnjax.sharding.block_sparse_context import context_parallel_block_sparse
@@ -55,7 +59,6 @@ from attnjax.sharding.linear_context import (check_linear_positions,
                                              context_parallel_based_attention,
                                              context_parallel_linear_attention)
 from attnjax.sharding.neighborhood_context import context_parallel_neighborhood_attention
-from attnjax.sharding.s2_context import s2_family_for_mesh
 
 __all__ = ["context_parallel", "context_parallel_family", "context_parallel_support",
            "static_mask"]
@@ -85,6 +88,11 @@ _BLOCK_SPARSE = ("dense", "sliding_window", "longformer", "bigbird", "shifted_gr
 _LINEAR = ("linear", "lightning", "based")
 #: Families on a route with segment ids whose unsharded function takes none.
 _NO_SEGMENTS = ("lightning", "based")
+#: Routes whose exchange plan is built from concrete custom positions.
+_POSITIONED = ("block_sparse", "s2")
+#: Options of the S2 family (``attnjax.masks.S2`` fields).
+S2_OPTIONS = ("block_size", "local_blocks", "vert_stride", "homo_head", "num_dense_heads",
+              "head_sliding_step", "head_sliding_offset", "vert_position_type")
 _ROUTES = dict([(f, "block_sparse") for f in _BLOCK_SPARSE] + [(f, "linear") for f in _LINEAR]
                + [("s2", "s2"), ("na1d", "neighborhood")])
 
@@ -143,7 +151,8 @@ def _check_inputs(family, query, key, q_positions, k_positions, segment_ids, rou
       raise ValueError(f"{name} must have shape [T] or [B, T] with T={T}, got {p.shape}.")
     if traced:   # checked at run time: other positions give NaN, never a wrong value
       checks.append(jnp.all(p == jnp.arange(T, dtype=p.dtype)))
-    elif not np.array_equal(p.reshape(-1, T), np.broadcast_to(np.arange(T), (p.size // T, T))):
+    elif route not in _POSITIONED and not np.array_equal(
+        p.reshape(-1, T), np.broadcast_to(np.arange(T), (p.size // T, T))):
       raise NotImplementedError(
           f"context-parallel {family!r} runs at the default positions arange(T); got custom "
           f"{name} (the exchange plans are read off the mask at those positions: other "
@@ -167,8 +176,10 @@ def _causal_only(family, causal):
     raise NotImplementedError(f"the {family} family is defined for causal attention only.")
 
 
-def _mask(family: str, causal: bool, N: int, T: int, o: dict) -> Mask:
-  """The static Mask of a block-sparse family, as its registry entry builds it."""
+def _mask(family: str, causal: bool, N: int, T: int, o: dict, K: Optional[int] = None) -> Mask:
+  """The static Mask of a block-sparse or S2 family, as its registry entry builds it."""
+  if family == "s2":
+    return S2(N, causal=causal, num_kv_heads=K, **_take(o, family, S2_OPTIONS))
   if family == "dense":
     _take(o, family, ("mask",))
     m = o.get("mask")
@@ -213,12 +224,15 @@ def static_mask(family: str, seq_len: int, num_heads: int, *, causal: bool = Fal
                 **options) -> Mask:
   """The static ``Mask`` the block-sparse route builds for ``family`` (its registry options).
 
-  For the families whose route is ``"block_sparse"``; e.g. to read the
-  exchange plan (``block_sparse_context_plan``) of a ``context_parallel`` call.
+  For the families whose route is ``"block_sparse"`` or ``"s2"`` (which also
+  takes ``num_kv_heads``); e.g. to read the exchange plan
+  (``block_sparse_context_plan``) of a ``context_parallel`` call.
   """
-  if _route(family) != "block_sparse":
+  if _route(family) not in _POSITIONED:
     raise ValueError(f"family {family!r} is not on the block-sparse route.")
-  return _mask(family, bool(causal), num_heads, seq_len, dict(options))
+  o = dict(options)
+  K = o.pop("num_kv_heads", None) if family == "s2" else None
+  return _mask(family, bool(causal), num_heads, seq_len, o, K)
 
 
 def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
@@ -237,35 +251,36 @@ def context_parallel_family(family: str, mesh: Mesh, *, axis: str = "context",
   route = _route(family)
   if axis not in mesh.axis_names:
     raise ValueError(f"axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
-  s2 = (s2_family_for_mesh(mesh, data_axis=data_axis, heads_axis=head_axis, context_axis=axis)
-        if route == "s2" else None)
 
   def fn(query, key, value, *, causal, q_positions=None, k_positions=None, segment_ids=None,
          **options):
     ok = _check_inputs(family, query, key, q_positions, k_positions, segment_ids, route,
                        causal, options)
-    out = run(query, key, value, causal=causal, segment_ids=segment_ids, **options)
+    positions = ((None, None) if route not in _POSITIONED else
+                 tuple(None if isinstance(p, jax.core.Tracer) else p
+                       for p in (q_positions, k_positions)))
+    out = run(query, key, value, causal=causal, segment_ids=segment_ids, positions=positions,
+              **options)
     return out if ok is None else jnp.where(ok, out, jnp.nan).astype(out.dtype)
 
-  def run(query, key, value, *, causal, segment_ids, **options):
-    if route == "s2":
-      return s2(query, key, value, causal=causal, segment_ids=segment_ids, **options)
+  def run(query, key, value, *, causal, segment_ids, positions, **options):
     o = dict(options)
     scale, impl = o.pop("scale", None), o.pop("implementation", None)
     axes = dict(data_axis=data_axis, heads_axis=head_axis, context_axis=axis)
-    if route == "block_sparse":
+    if route in _POSITIONED:
       if impl not in (None, "xla", "reference", "pallas"):
         raise NotImplementedError(f"context-parallel {family!r} runs the block-sparse engine "
                                   f"inside shard_map; implementation={impl!r} is not "
                                   "available there.")
       extra = {k: o.pop(k) for k in ("assignment", "block_size", "sequence_order") if k in o
-               and not (family in ("bigbird", "block_local") and k == "block_size")}
-      mask = _mask(family, bool(causal), query.shape[2], query.shape[1], o)
+               and not (family in ("bigbird", "block_local", "s2") and k == "block_size")}
+      mask = _mask(family, bool(causal), query.shape[2], query.shape[1], o, key.shape[2])
       return context_parallel_block_sparse(query, key, value, mask=mask, mesh=mesh, axis=axis,
                                            head_axis=head_axis, data_axis=data_axis,
                                            scale=scale,
                                            segment_ids=_one_segment_array(family, segment_ids),
                                            implementation="pallas" if impl == "pallas" else None,
+                                           q_positions=positions[0], k_positions=positions[1],
                                            **extra)
     if route == "neighborhood":
       _take(o, family, ("kernel_size", "dilation"))
