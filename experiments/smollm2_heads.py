@@ -234,7 +234,7 @@ def main(_):
     from attnjax.analysis.edits import find_sink_tokens
     # VAR per layer: tokens flagged in the residual entering layer l (the output of l-1),
     # position 0 excluded, and the mean weight layer l's queries give them.
-    flagged = (np.asarray(find_sink_tokens(jnp.asarray(resid[:-1]), dims)) if dims
+    flagged = (np.array(find_sink_tokens(jnp.asarray(resid[:-1]), dims)) if dims
                else np.zeros((resid.shape[0] - 1, resid.shape[1]), bool))   # [L-1, T]
     flagged[:, 0] = False
     recv = probs.mean(axis=(1, 2))[1:]                          # [L-1, T] weight received
