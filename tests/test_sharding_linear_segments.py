@@ -24,7 +24,7 @@ import pytest
 
 import multidevice
 from attnjax.sharding import (context_parallel_family, context_parallel_linear_attention,
-                              make_mesh)
+                              linear_communication_bytes, make_mesh)
 from attnjax.sharding.linear_context import check_linear_positions
 
 COMMON = r'''
@@ -136,6 +136,9 @@ for T in (64, 512):
       q, k, v, m, feature_map="elu+1", normalize=True, causal=False, segment_ids=s))
   got = received_bytes(f.lower(q, k, v, s).compile().as_text(), 8)
   out["bytes"][T] = {"max": int(got.max()), "allgather": 7 * (T // 8) * 2 * (16 + 16) * 4}
+g = jax.jit(lambda q, k, v, s: context_parallel_linear_attention(
+    q, k, v, m, feature_map="elu+1", normalize=True, segment_ids=s))   # causal: one scan
+out["bytes"]["causal"] = int(received_bytes(g.lower(q, k, v, s).compile().as_text(), 8).max())
 print("RESULT" + json.dumps(out))
 '''
 
@@ -207,8 +210,19 @@ def test_noncausal_rows_whose_ids_decrease_are_nan(documents):
 
 def test_noncausal_document_bytes_do_not_grow_with_length(documents):
   b = documents["bytes"]
-  assert b["64"]["max"] == b["512"]["max"], b
+  plan = linear_communication_bytes(batch=1, seq_len=512, num_heads=4, num_kv_heads=2,
+                                    features=16, value_dim=16, num_chunks=8, causal=False,
+                                    decay=False, normalize=True, segment_ids=True,
+                                    kv_itemsize=4)
+  # 7 states [1, 2, 16, 17] and their ids (3 forward + 4 backward on devices 3 and 4), a flag
+  assert plan["state_bytes"] == 7 * (2 * 16 * 17 * 4 + 16) + 4
+  assert b["64"]["max"] == b["512"]["max"] == plan["state_bytes"], (b, plan)
+  assert b["512"]["allgather"] == plan["allgather_bytes"]
   assert b["512"]["max"] < b["512"]["allgather"] / 4, b
+  plan["causal"] = linear_communication_bytes(
+      batch=1, seq_len=512, num_heads=4, num_kv_heads=2, features=16, value_dim=16,
+      num_chunks=8, decay=False, normalize=True, segment_ids=True)["state_bytes"]
+  assert b["causal"] == plan["causal"] == 4 * (2 * 16 * 17 * 4 + 16) + 4, (b, plan)
 
 
 @pytest.mark.parametrize("case", ["decay_offset_data2_c4", "packed_restarting_c8"])

@@ -94,19 +94,17 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
                            what: str = "context-parallel linear attention"):
   """Custom positions of a linear route: exact when their causal order is the order along T.
 
-  Key j is visible to query i iff ``k_pos[j] <= q_pos[i]``; the chunked scan
-  lets query i see key j iff ``j <= i`` (within a document). The two agree iff
-  ``k_pos[i] <= q_pos[i] < k_pos[i + 1]`` for every i (i + 1 in the same
-  document), e.g. ``q_pos == k_pos`` strictly increasing: ``arange(T) +
-  offset``, or positions restarting at each packed document. With
-  ``same_distances`` (decay, BASED's window) they must also be equal and
-  consecutive within each document. Non-causal attention without distances
-  ignores positions. Positions are [T] or [B, T] ([S] / [B, S] for keys,
-  ``key_len``); None is ``arange(T)``; other shapes raise ValueError.
+  Key j is visible to query i iff ``k_pos[j] <= q_pos[i]``, the scan's order
+  iff ``k_pos[i] <= q_pos[i] < k_pos[i + 1]`` for every i (i + 1 in the same
+  document): e.g. ``arange(T) + offset``, or positions restarting at each
+  packed document. ``same_distances`` (decay): also equal and consecutive
+  within each document. Non-causal attention without decay ignores positions.
+  Shapes [T] or [B, T] ([S] / [B, S] for keys); None is ``arange(T)``.
 
-  Concrete positions that break the rule raise NotImplementedError naming the
-  argument and the first index. Returns None, or (traced positions or ids) a
-  bool [R, 1, 1, 1] (R = 1 or B): False where the rows' outputs must be NaN.
+  Raises ValueError for a wrong shape, NotImplementedError naming the argument
+  and the first index for concrete positions that break the rule. Returns
+  None, or (traced positions or ids) a bool [R, 1, 1, 1] (R = 1 or B): False
+  where the rows' outputs must be NaN.
   """
   given = [(n, p) for n, p in (("q_positions", q_positions), ("k_positions", k_positions))
            if p is not None]
@@ -120,7 +118,7 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
     rows.append(p.shape[0] if p.ndim == 2 else 1)
   if not given or not (causal or same_distances):
     return None
-  seg = segment_ids[0] if isinstance(segment_ids, (tuple, list)) else segment_ids
+  seg = check_segment_ids(segment_ids, batch, seq_len)
   traced = any(isinstance(x, jax.core.Tracer) for x in (q_positions, k_positions, seg))
   xp = jnp if traced else np
   r = max(rows + ([batch] if seg is not None else [1]))
@@ -131,8 +129,7 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
           xp.asarray(seg)[:, 1:] == xp.asarray(seg)[:, :-1])
   if same_distances:
     tok, pair = q == k, ~same | (k[:, 1:] == k[:, :-1] + 1)
-    rule = ("q_pos[i] == k_pos[i] and k_pos[i + 1] == k_pos[i] + 1 (decay and windows count "
-            "distances)")
+    rule = "q_pos[i] == k_pos[i] and k_pos[i + 1] == k_pos[i] + 1 (decay counts distances)"
   else:
     tok, pair = k <= q, ~same | (q[:, :-1] < k[:, 1:])
     rule = "k_pos[i] <= q_pos[i] < k_pos[i + 1]"
@@ -483,20 +480,26 @@ def linear_communication_bytes(*, batch: int, seq_len: int, num_heads: int, num_
                                features: int, value_dim: int, head_dim: Optional[int] = None,
                                num_chunks: int, head_shards: int = 1, causal: bool = True,
                                decay: bool = True, normalize: bool = False,
-                               state_itemsize: int = 4,
+                               segment_ids: bool = False, state_itemsize: int = 4,
                                kv_itemsize: int = 2) -> Dict[str, float]:
   """Forward bytes each device receives: the state scan vs an all-gather of K/V.
 
   ``state_bytes`` is (C-1)/C of an all-reduce for ``causal=False`` (ring);
   the scan's :func:`scan_steps` states of [B, h, F, E] otherwise (h: local
-  query heads with decay, local KV heads without). ``allgather_bytes`` is
-  (C - 1) remote shards of K [., K_local, H] and V [., K_local, Hv].
+  query heads with decay, local KV heads without); ``segment_ids``: the busiest
+  device's steps of the segmented scan(s) (a state and [B, 4] int32 ids each)
+  and a flag per row. ``allgather_bytes``: (C - 1) remote shards of K and V.
   """
   head_dim = features if head_dim is None else head_dim
   kl, nl = num_kv_heads // head_shards, num_heads // head_shards
   h = nl if (causal and decay) else kl
   one_state = batch * h * features * (value_dim + int(normalize)) * state_itemsize
-  if causal:
+  if segment_ids and num_chunks > 1:
+    shifts = [1] + [2 ** i for i in range(scan_steps(num_chunks) - 1)]
+    got = lambda c: sum(c >= d for d in shifts)   # the steps device c receives
+    steps = max(got(c) + (0 if causal else got(num_chunks - 1 - c)) for c in range(num_chunks))
+    state = steps * (one_state + batch * 4 * 4) + batch * 4
+  elif causal:
     state = scan_steps(num_chunks) * one_state
   else:
     state = 2 * (num_chunks - 1) / num_chunks * one_state
