@@ -28,11 +28,18 @@ docs/pretrained_results.md.
 
 H2O and TokenSelect are evaluated here as attention families defined in this
 file (masks over the full causal attention, per query); see their docstrings
-for how they differ from the papers' decode-time algorithms.
+for how they differ from the papers' decode-time algorithms. RazorAttention,
+DuoAttention and TidalDecode are built on the model itself
+(``experiments.pretrained_builders``: retrieval-head scores, fitted gates,
+a layer schedule) and run in teacher-forcing form
+(``experiments.pretrained_methods``).
+
+Rows are keyed by (method, context): ``--methods=razor,duo`` merges its rows
+into the stored results, and ``--merge_from=FILE`` adds the rows and meta of
+another run's results file (``experiments.pretrained_results``).
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -47,140 +54,46 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from experiments import pretrained_results as R
+from experiments.pretrained_families import register_local_families
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("context", 1024, "Tokens per perplexity window and per passkey prompt.")
 flags.DEFINE_integer("budget", 256, "Keys attended per query by every sparse method.")
 flags.DEFINE_integer("ppl_windows", 4, "Held-out windows of --context tokens for perplexity.")
 flags.DEFINE_integer("passkey_trials", 5, "Passkey trials.")
 flags.DEFINE_integer("decode_steps", 16, "Decoded tokens timed per method (0: no decode timing).")
-flags.DEFINE_list("methods", [], "Run only these methods (default: all).")
+flags.DEFINE_list("methods", [], "Run only these methods, by the name before '(' "
+                  "(e.g. razor,duo,tidal,hip; default: all). Their rows replace the stored rows "
+                  "of the same method and context; the other rows stay.")
 flags.DEFINE_bool("quick", False, "2 windows, 3 passkey trials, decode timing for dense only.")
 flags.DEFINE_bool("analysis", True, "Sink metrics and retrieval-head scores of the dense model.")
 flags.DEFINE_string("results_dir", "results", "Where pretrained_eval.{csv,json} go.")
 flags.DEFINE_bool("passkey_only", False, "Recompute only the passkey columns of the rows in "
                   "<results_dir>/pretrained_eval.json and rewrite the files.")
 flags.DEFINE_string("doc", "docs/pretrained_results.md", "Markdown file written ('' for none).")
+flags.DEFINE_string("merge_from", "", "Merge the rows and meta of another results file "
+                    "(either format) into <results_dir>/pretrained_eval.json; without "
+                    "--methods nothing else runs.")
+flags.DEFINE_string("duo_gates", "results/duo_gates_smollm2.json",
+                    "DuoAttention gates: read when fitted with the current settings, else fitted "
+                    "and written here.")
+flags.DEFINE_integer("duo_fit_length", 320, "Tokens per synthetic passkey sequence of the gate fit.")
+flags.DEFINE_integer("duo_fit_steps", 40, "Optimisation steps of the gate fit (batch 1).")
+flags.DEFINE_bool("duo_refit", False, "Refit the DuoAttention gates even if --duo_gates holds them.")
 
 F32 = 4
 
 #: Methods of attnjax that this experiment does not run, and why.
 NOT_RUN = [
-    ("TidalDecode", "its selection layer's top-k positions are reused by the later layers; "
-     "the layer family API is per layer with no cross-layer state, and "
-     "attnjax.decoding.tidal_decode_step works on a raw cache outside LlamaDecoder"),
-    ("DuoAttention", "needs the gate identification step (fit_duo_gates: optimisation of "
-     "per-head gates on distillation data), i.e. a fitting run, not wired here"),
-    ("RazorAttention", "needs a different family per head and per layer (retrieval heads "
-     "full, others sink+window with a compensation token) and an unrolled, unstacked "
-     "decoder; razor_compress/razor_decode_attention work on raw caches outside LlamaDecoder"),
-    ("perplexity at 4k context", "not run: one 1k-context method takes about 3-7 minutes on "
-     "2 shared CPU cores; rerun with --context=4096"),
+    ("TidalDecode decode timing", "the selection of one layer is read by the later layers, "
+     "which LlamaDecoder's per-layer KV-cache path cannot pass between layers; its perplexity "
+     "and passkey columns come from the teacher-forcing form (experiments.pretrained_methods."
+     "tidal_forward)"),
 ]
 
 
 # --------------------------------------------------------------------------- methods
-
-def _causal_probs(q, k):
-  """q [B,T,N,H], k [B,S,K,H] (GQA) -> float32 causal softmax [B,N,T,S] (bottom-right aligned)."""
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  kk = jnp.repeat(k, N // K, axis=2)
-  s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk.astype(jnp.float32)) * H ** -0.5
-  causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
-  s = jnp.where(causal, s, -jnp.inf)
-  return jax.nn.softmax(s, axis=-1), causal
-
-
-def _masked_attention(q, k, v, keep):
-  """Softmax attention restricted to keep [B, N or 1, T, S] -> [B, T, N, Hv]."""
-  N, K, H = q.shape[2], k.shape[2], q.shape[3]
-  kk = jnp.repeat(k, N // K, axis=2).astype(jnp.float32)
-  vv = jnp.repeat(v, N // K, axis=2).astype(jnp.float32)
-  s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk) * H ** -0.5
-  p = jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1)
-  return jnp.einsum("bnts,bsnh->btnh", p, vv).astype(q.dtype)
-
-
-def _topk_keep(scores, allowed, k):
-  """bool [..., S]: the k best ``scores`` among ``allowed`` (ties broken by top_k)."""
-  k = min(k, scores.shape[-1])
-  if k <= 0:
-    return jnp.zeros(scores.shape, bool)
-  s = jnp.where(allowed, scores, -jnp.inf)
-  idx = jax.lax.top_k(s, k)[1]
-  hit = jnp.zeros(scores.shape, bool)
-  hit = jnp.put_along_axis(hit, idx, True, axis=-1, inplace=False)
-  return hit & allowed
-
-
-def h2o_family(query, key, value, *, causal, q_positions=None, k_positions=None,
-               segment_ids=None, heavy: int = 128, recent: int = 128):
-  """H2O (arXiv:2306.14048) as a per-query mask: each KV head keeps the ``recent`` latest
-  keys plus the ``heavy`` earlier keys with the largest attention accumulated so far.
-
-  The accumulated score of key j at query i is the dense attention it received
-  from queries 0..i, summed over the KV head's query group
-  (``attnjax.decoding.h2o_accumulate``'s quantity). The paper accumulates the
-  scores of the already-evicted cache (greedy, recursive); this reads the
-  dense scores instead, so it is the oracle-accumulation variant, an upper
-  bound on H2O's own eviction at the same budget.
-  """
-  del q_positions, k_positions, segment_ids
-  assert causal
-  B, T, N, _ = query.shape
-  K = key.shape[2]
-  probs, allowed = _causal_probs(query, key)                      # [B,N,T,S]
-  acc = jnp.cumsum(probs.reshape(B, K, N // K, T, -1).sum(2), axis=2)   # [B,K,T,S]
-  S = key.shape[1]
-  i = jnp.arange(T)[:, None] + (S - T)
-  j = jnp.arange(S)[None, :]
-  rec = allowed & (i - j < recent)
-  keep = _topk_keep(acc, allowed & ~rec, heavy) | rec             # [B,K,T,S]
-  keep = jnp.repeat(keep, N // K, axis=1)
-  return _masked_attention(query, key, value, keep)
-
-
-def tokenselect_family(query, key, value, *, causal, q_positions=None, k_positions=None,
-                       segment_ids=None, n_init: int = 16, n_local: int = 64, top_k: int = 176):
-  """TokenSelect (arXiv:2411.02886) per query token: ``n_init`` first keys, ``n_local`` latest,
-  and the ``top_k`` others with the largest soft vote (the sum over all query
-  heads of each head's softmax over the candidates); one selection shared by
-  all heads. The paper selects per chunk of queries during decoding and
-  reuses selections across similar queries; here every query selects.
-  """
-  del q_positions, k_positions, segment_ids
-  assert causal
-  T, S = query.shape[1], key.shape[1]
-  probs, allowed = _causal_probs(query, key)
-  vote = probs.sum(1)                                             # [B,T,S]
-  i = jnp.arange(T)[:, None] + (S - T)
-  j = jnp.arange(S)[None, :]
-  fixed = allowed & ((j < n_init) | (i - j < n_local))
-  keep = (_topk_keep(vote, allowed & ~fixed, top_k) | fixed)[:, None]
-  return _masked_attention(query, key, value, keep)
-
-
-def longheads_family(query, key, value, *, causal, q_positions=None, k_positions=None,
-                     segment_ids=None, rope_base: float = 100000.0, **kw):
-  """LongHeads on the decoder's already-rotated q/k: RoPE is undone (rotation by -position),
-  since ``longheads_attention`` applies RoPE itself with its own chunk positions."""
-  from attnjax.dynamic.longheads import longheads_attention
-  from attnjax.layers.rope import apply_rope
-  del q_positions, k_positions, segment_ids
-  assert causal
-  pos = -jnp.arange(query.shape[1])
-  q = apply_rope(query, pos, rope_base)
-  k = apply_rope(key, pos, rope_base)
-  return longheads_attention(q, k, value, rope_base=rope_base, **kw)
-
-
-def register_local_families():
-  from attnjax.layers import registry
-  for name, fn in (("eval_h2o", h2o_family), ("eval_tokenselect", tokenselect_family),
-                   ("eval_longheads", longheads_family)):
-    if name not in registry.list_families():
-      registry.register_family(name, fn)
-
 
 def method_specs(budget: int, context: int, num_layers: int):
   """(name, family, options, kv_keys_kept at ``context``, note) for every method."""
@@ -188,7 +101,6 @@ def method_specs(budget: int, context: int, num_layers: int):
   s2_block = max(16, b // 8)
   s2_local = 4                                  # 4 local blocks = b/2 keys; the rest strided
   stride = max(1, context // (b - s2_local * s2_block)) if b > s2_local * s2_block else context
-  s2_avg = s2_local * s2_block + context // (2 * stride) * 1  # rough mean over queries
   return [
       ("dense", "dense", {}, context, "full causal attention"),
       (f"sliding_window({b})", "sliding_window", {"window": b}, b, "latest keys only"),
@@ -339,32 +251,100 @@ def analysis_rows(model, params, tok, vocab):
 
 # --------------------------------------------------------------------------- main
 
-def write_rows(rows, meta, directory):
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "pretrained_eval.json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-  keys = []
-  for r in rows:
-    keys.extend(k for k in r if k not in keys)
-  with open(os.path.join(directory, "pretrained_eval.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
+NEW_METHODS = ("razor", "duo", "tidal")
 
 
-def _fmt(v):
-  if v is None:
-    return "-"
-  if isinstance(v, float):
-    return f"{v:.4g}"
-  return str(v)
+def _selected(name: str) -> bool:
+  return not FLAGS.methods or name.split("(")[0] in FLAGS.methods
 
 
-def rewrite_doc(results_dir="results", doc="docs/pretrained_results.md"):
-  """Rewrites the markdown from results/pretrained_eval.json (no model run)."""
-  with open(os.path.join(results_dir, "pretrained_eval.json")) as f:
+def built_methods(model, params, tok, ctx: int, budget: int):
+  """(name, builder) of every method; builders run only for the selected methods."""
+  import dataclasses as dc
+  from experiments import pretrained_builders as pb
+  c = model.config
+  per_key = c.num_layers * c.num_kv_heads * c.head_dim * 2 * F32
+  out = []
+  for name, fam, opts, kept, note in method_specs(budget, ctx, c.num_layers):
+    def build(name=name, fam=fam, opts=opts, kept=kept, note=note):
+      # FrozenDict: the model is a static (hashed) argument of generate's jit.
+      m = model.clone(config=dc.replace(c, attention=fam,
+                                        attention_options=FrozenDict(opts) if opts else None))
+      return pb.Built(name, fam, kept, kept * per_key, note, _forward(m, params), params, m)
+    out.append((name, build))
+  out.append(("razor", lambda: pb.razor(model, params, ctx, budget)))
+  fit = dict(pb.DUO_FIT, length=FLAGS.duo_fit_length, steps=FLAGS.duo_fit_steps)
+  out.append(("duo", lambda: pb.duo(model, params, tok, ctx, budget, gates_path=FLAGS.duo_gates,
+                                    refit=FLAGS.duo_refit, fit_settings=fit)))
+  out.append(("tidal", lambda: pb.tidal(model, params, ctx, budget)))
+  return out
+
+
+def run_method(b, windows, pk_tokens, pk_spans, trials, ctx, budget, quick):
+  from attnjax.layers import get_family
+  row = {"method": b.name, "family": b.family, "context": ctx, "budget": budget,
+         "kv_keys_kept": b.kv_keys_kept, "kv_bytes_kept": b.kv_bytes_kept, "note": b.note}
+  row.update(b.extra)
+  t1 = time.time()
+  row["ppl"] = perplexity(b.forward, b.params, windows)
+  row["ppl_s"] = round(time.time() - t1, 1)
+  row["ppl_tokens"] = int(windows.size)
+  row["passkey_acc"], row["passkey_digits_acc"] = passkey_accuracy(
+      b.forward, b.params, pk_tokens, pk_spans)
+  row["passkey_trials"] = trials
+  can_decode = b.decode_model is not None and all(
+      getattr(get_family(f), "supports_kv_cache", False)
+      for f in ([b.family] if isinstance(b.decode_model.config.attention, str)
+                else b.decode_model.config.attention))
+  if FLAGS.decode_steps and can_decode and (not quick or b.family == "dense"):
+    row["decode_ms_per_token"] = decode_ms_per_token(
+        b.decode_model, b.params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1],
+        FLAGS.decode_steps)
+  elif not can_decode:
+    row["decode_ms_per_token"] = None
+    if b.decode_model is not None:
+      row["note"] += "; no KV-cache decode path in the layer"
+  return row
+
+
+def _meta(ctx, budget, windows_n, ppl_tokens, trials):
+  return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+          "context": ctx, "budget": budget, "ppl_windows": windows_n,
+          "ppl_tokens": ppl_tokens, "passkey_trials": trials,
+          "decode_steps": FLAGS.decode_steps, "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()], "cpus": os.cpu_count(),
+          "machine": platform.platform(), "jax": jax.__version__,
+          "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def save(rows, meta=None):
+  """Merges ``rows`` (and ``meta``) into the results file as it is now on disk, then writes it
+  and the doc (re-reading keeps the rows another run stored meanwhile)."""
+  results = R.merge(R.load(os.path.join(FLAGS.results_dir, R.RESULTS)), rows, meta)
+  R.write(results, FLAGS.results_dir)
+  if FLAGS.doc:
+    R.write_doc(FLAGS.doc, results, NOT_RUN, duo_section(FLAGS.duo_gates))
+
+
+def duo_section(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
     d = json.load(f)
-  write_doc(doc, d["rows"], d["meta"], d["meta"].get("analysis"))
+  s = d["settings"]
+  g = np.asarray(d["gates"])
+  return [f"## DuoAttention gates\n\nFitted by `fit_duo_gates` on SmolLM2 ({path}): "
+          f"{s['steps']} Adam steps (lr {s['lr']}, warm-up and decay over a fifth of the "
+          f"steps each), L1 weight {s['reg']}, batch 1 x {s['length']} tokens of synthetic "
+          f"passkey text (seed {s['seed']}), gated attention alpha * full + (1 - alpha) * "
+          f"(sink {s['sink']} + recent {s['recent']}), distillation of the final hidden states "
+          f"at the answer positions; {d['fit_seconds']} s on {d['cpus']} shared CPU cores. "
+          f"Loss {d['loss_first']:.4g} -> {d['loss_last']:.4g} (distillation "
+          f"{d['distill_first']:.4g} -> {d['distill_last']:.4g}). Gates: mean {g.mean():.3f}, "
+          f"min {g.min():.3f}, max {g.max():.3f}; per-layer mean: "
+          + ", ".join(f"{v:.2f}" for v in g.mean(1)) + ". The run keeps the top half "
+          "(streaming fraction 0.5) as full-attention heads. A short fit: the gates are a "
+          "ranking after few steps, not converged values."]
 
 
 def main(_):
@@ -372,128 +352,72 @@ def main(_):
   windows_n = 2 if quick else FLAGS.ppl_windows
   trials = 3 if quick else FLAGS.passkey_trials
   ctx, budget = FLAGS.context, FLAGS.budget
+  if FLAGS.merge_from:
+    other = R.load(FLAGS.merge_from)
+    for c_, m_ in other["meta"].items():
+      save([r for r in other["rows"] if int(r["context"]) == int(c_)], m_)
+    print(f"merged {len(other['rows'])} rows from {FLAGS.merge_from}", flush=True)
+    if not FLAGS.methods:
+      return
   register_local_families()
+  from experiments.pretrained_methods import register_families
+  register_families()
   from attnjax.models import load_smollm2
-  import dataclasses as dc
   t0 = time.time()
   model, params, tok = load_smollm2()
   c = model.config
   print(f"loaded SmolLM2-135M in {time.time() - t0:.1f}s", flush=True)
   pk_tokens, pk_spans, _ = passkey_batch(tok, ctx, trials)
+  builders = built_methods(model, params, tok, ctx, budget)
   if FLAGS.passkey_only:
-    with open(os.path.join(FLAGS.results_dir, "pretrained_eval.json")) as f:
-      d = json.load(f)
-    for row in d["rows"]:
-      if FLAGS.methods and row["method"].split("(")[0] not in FLAGS.methods:
+    results = R.load(os.path.join(FLAGS.results_dir, R.RESULTS))
+    for row in results["rows"]:
+      if int(row["context"]) != ctx or not _selected(row["method"]):
         continue
-      spec = [s for s in method_specs(budget, ctx, c.num_layers) if s[0] == row["method"]][0]
-      m = model.clone(config=dc.replace(c, attention=spec[1], attention_options=FrozenDict(
-          spec[2]) if spec[2] else None))
+      b = [bl for n, bl in builders if n == row["method"] or n == row["method"].split("(")[0]]
+      b = b[0]()
       row["passkey_acc"], row["passkey_digits_acc"] = passkey_accuracy(
-          _forward(m, params), params, pk_tokens, pk_spans)
+          b.forward, b.params, pk_tokens, pk_spans)
       row["passkey_trials"] = trials
       print(row, flush=True)
-    write_rows(d["rows"], d["meta"], FLAGS.results_dir)
-    if FLAGS.doc:
-      write_doc(FLAGS.doc, d["rows"], d["meta"], d["meta"].get("analysis"))
+    save(results["rows"])
     return
   windows = heldout_windows(tok, ctx, windows_n)
-  per_key = c.num_layers * c.num_kv_heads * c.head_dim * 2 * F32
+  meta = _meta(ctx, budget, windows_n, int(windows.size), trials)
   rows = []
-  from attnjax.layers import get_family
-  for name, fam, opts, kept, note in method_specs(budget, ctx, c.num_layers):
-    if FLAGS.methods and name.split("(")[0] not in FLAGS.methods:
+  for name, build in builders:
+    if not _selected(name):
       continue
-    row = {"method": name, "family": fam, "context": ctx, "budget": budget,
-           "kv_keys_kept": kept, "kv_bytes_kept": kept * per_key, "note": note}
+    row = {"method": name, "context": ctx, "budget": budget}
     try:
-      # FrozenDict: the model is a static (hashed) argument of generate's jit.
-      m = model.clone(config=dc.replace(c, attention=fam,
-                                        attention_options=FrozenDict(opts) if opts else None))
-      fwd = _forward(m, params)
       t1 = time.time()
-      row["ppl"] = perplexity(fwd, params, windows)
-      row["ppl_s"] = round(time.time() - t1, 1)
-      row["passkey_acc"], row["passkey_digits_acc"] = passkey_accuracy(
-          fwd, params, pk_tokens, pk_spans)
-      row["passkey_trials"] = trials
-      can_decode = getattr(get_family(fam), "supports_kv_cache", False)
-      if FLAGS.decode_steps and can_decode and (not quick or fam == "dense"):
-        row["decode_ms_per_token"] = decode_ms_per_token(
-            m, params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1], FLAGS.decode_steps)
-      elif not can_decode:
-        row["decode_ms_per_token"] = None
-        row["note"] += "; no KV-cache decode path in the layer"
+      b = build()
+      setup_s = round(time.time() - t1, 1)
+      row = run_method(b, windows, pk_tokens, pk_spans, trials, ctx, budget, quick)
+      row["setup_s"] = setup_s
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     print(row, flush=True)
     rows.append(row)
-  meta = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
-          "context": ctx, "budget": budget, "ppl_windows": windows_n,
-          "ppl_tokens": int(windows.size), "passkey_trials": trials,
-          "decode_steps": FLAGS.decode_steps, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "cpus": os.cpu_count(),
-          "machine": platform.platform(), "jax": jax.__version__,
-          "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-  analysis = None
+    save(rows)                                        # saved after every method
   if FLAGS.analysis:
     try:
       sink, echo, ind, t_text, t_rep = analysis_rows(model, params, tok, c.vocab_size)
-      analysis = {"sink_mass": sink.tolist(), "echo": echo.tolist(), "induction": ind.tolist(),
-                  "text_tokens": t_text, "repeated_tokens": t_rep}
-      meta["analysis"] = analysis
+      meta["analysis"] = {"sink_mass": sink.tolist(), "echo": echo.tolist(),
+                          "induction": ind.tolist(), "text_tokens": t_text,
+                          "repeated_tokens": t_rep}
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
-  write_rows(rows, meta, FLAGS.results_dir)
-  if FLAGS.doc:
-    write_doc(FLAGS.doc, rows, meta, analysis)
+  save(rows, meta)
   print(json.dumps(rows, indent=1, default=str))
 
 
-def write_doc(path, rows, meta, analysis):
-  cols = ["method", "kv_keys_kept", "kv_bytes_kept", "ppl", "passkey_acc", "passkey_digits_acc",
-          "decode_ms_per_token"]
-  lines = ["# SmolLM2-135M: training-free methods", "",
-           "Generated by `python3 -m experiments.pretrained_eval` "
-           f"(context {meta['context']} tokens, budget {meta['budget']} keys per query, "
-           f"perplexity over {meta['ppl_windows']} held-out windows = {meta['ppl_tokens']} tokens "
-           f"of the standard-library validation split, {meta['passkey_trials']} passkey trials, "
-           f"decode timed over {meta['decode_steps']} tokens after a prompt of "
-           f"{meta['context'] - meta['decode_steps'] - 1}). Backend {meta['backend']}, "
-           f"{meta['cpus']} CPU cores shared with other jobs: timings are noisy. "
-           "Weights: SmolLM2-135M-Instruct Q4_1 dequantized to float32. "
-           "KV bytes: float32 keys+values of all 30 layers that the method needs to keep "
-           "at this context (the layer's decode path itself allocates the full cache for "
-           "every family). passkey_acc: greedy exact match of the answer \" 12345\" "
-           "(its first token is a space); passkey_digits_acc: the 5 digit tokens all "
-           "argmax-correct given that space (the model often writes \" the 12345\").", "",
-           "| " + " | ".join(cols + ["notes"]) + " |",
-           "|" + "---|" * (len(cols) + 1)]
-  for r in rows:
-    note = r.get("note", "") + (f"; failed after the columns shown: {r['error']}"
-                                if "error" in r else "")
-    lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + f" | {note} |")
-  if analysis:
-    sink = np.asarray(analysis["sink_mass"])
-    echo, ind = np.asarray(analysis["echo"]), np.asarray(analysis["induction"])
-    L, N = sink.shape
-    top = lambda s: ", ".join(f"L{i // N}H{i % N} ({s.flat[i]:.2f})"
-                              for i in np.argsort(-s, axis=None)[:5])
-    lines += ["", "## Head analysis (dense model)", "",
-              f"Sink mass (mean attention on token 0) over {analysis['text_tokens']} tokens "
-              f"of held-out text: mean {sink.mean():.3f}; heads with sink mass > 0.5 "
-              f"(dormant-like): {int((sink > 0.5).sum())} of {L * N}; layers 0-1 mean "
-              f"{sink[:2].mean():.3f}, layers 2+ mean {sink[2:].mean():.3f}.", "",
-              f"Retrieval-head scores on a random sequence of {analysis['repeated_tokens'] // 2} "
-              f"tokens repeated twice: top echo heads {top(echo)}; top induction heads "
-              f"{top(ind)}; heads with induction > 0.3: {int((ind > 0.3).sum())}.",
-              "", "Per-layer mean sink mass: " +
-              ", ".join(f"{v:.2f}" for v in sink.mean(1)) + "."]
-  lines += ["", "## Not run", ""] + [f"- {n}: {why}." for n, why in NOT_RUN]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-
+def rewrite_doc(results_dir="results", doc="docs/pretrained_results.md",
+                duo_gates="results/duo_gates_smollm2.json"):
+  """Rewrites the markdown from results/pretrained_eval.json (no model run)."""
+  R.write_doc(doc, R.load(os.path.join(results_dir, R.RESULTS)), NOT_RUN,
+              duo_section(duo_gates))
 
 if __name__ == "__main__":
   app.run(main)

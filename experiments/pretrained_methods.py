@@ -25,7 +25,6 @@ blocks (:func:`run_blocks`), not through any module-level state.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -292,17 +291,25 @@ def tidal_forward(model, params, tokens, *, schedule, k: int, hidden: bool = Fal
 
 
 def duo_hidden_states(model, params, gates, tokens, *, sink: int, recent: int):
-  """Final hidden states with layer i's KV heads mixing full and streaming by ``gates[i]``."""
+  """Final hidden states with layer i's KV heads mixing full and streaming by ``gates[i]``.
+
+  With stacked params (``"layers"``) the blocks run as one ``lax.scan`` over
+  (layer params, gate rows), so the gate fit compiles one block.
+  """
   c = model.config
   gates = jnp.asarray(gates)
   if gates.shape != (c.num_layers, c.num_kv_heads):
     raise ValueError(f"gates must be [L, K]=({c.num_layers}, {c.num_kv_heads}), got "
                      f"{gates.shape}.")
 
-  def step(i, p, x, s):
-    opts = (("alpha", gates[i]), ("recent", recent), ("sink", sink))
-    return LlamaBlock(c, "eval_duo_gated", opts).apply({"params": p}, x), s
-  return run_blocks(model, params, tokens, step)
+  def block(p, x, alpha):
+    opts = (("alpha", alpha), ("recent", recent), ("sink", sink))
+    return LlamaBlock(c, "eval_duo_gated", opts).apply({"params": p}, x)
+  if "layers" in params:       # stacked params: one scanned block, compiled once (not L times)
+    x, _ = jax.lax.scan(lambda x, pa: (block(pa[0], x, pa[1]), None),
+                        _embed(c, params, jnp.asarray(tokens)), (params["layers"], gates))
+    return final_norm(c, params, x)
+  return run_blocks(model, params, tokens, lambda i, p, x, s: (block(p, x, gates[i]), s))
 
 
 def per_layer_model(model, family: str, options: Sequence[dict]):

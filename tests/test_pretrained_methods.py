@@ -157,6 +157,11 @@ def test_duo_gates_one_dense_zero_streaming(tiny):
   fwd = jax.jit(lambda p, gates: pm.lm_head(c, p, pm.duo_hidden_states(
       model, p, gates, tokens, sink=2, recent=5)))
   np.testing.assert_allclose(np.asarray(fwd(params, jnp.ones((L, K)))), dense, atol=2e-5)
+  gates = jax.random.uniform(jax.random.PRNGKey(3), (L, K))
+  unrolled = pm.duo_hidden_states(model, pm.unstack_layers(params, L), gates, tokens, sink=2,
+                                  recent=5)
+  np.testing.assert_allclose(np.asarray(pm.lm_head(c, params, unrolled)),
+                             np.asarray(fwd(params, gates)), atol=2e-5)   # scan == loop
   keep = np.tril(np.ones((T, T), bool)) & ((np.arange(T)[None] < 2) |
                                            (np.arange(T)[:, None] - np.arange(T)[None] < 5))
 

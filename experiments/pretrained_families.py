@@ -1,0 +1,112 @@
+"""H2O, TokenSelect and LongHeads as attention families for ``experiments.pretrained_eval``.
+
+Per-query masks over the full causal attention (H2O, TokenSelect) and a
+wrapper that undoes RoPE for LongHeads; see each docstring for how they
+differ from the papers' decode-time algorithms.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _causal_probs(q, k):
+  """q [B,T,N,H], k [B,S,K,H] (GQA) -> float32 causal softmax [B,N,T,S] (bottom-right aligned)."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  kk = jnp.repeat(k, N // K, axis=2)
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk.astype(jnp.float32)) * H ** -0.5
+  causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
+  s = jnp.where(causal, s, -jnp.inf)
+  return jax.nn.softmax(s, axis=-1), causal
+
+
+def _masked_attention(q, k, v, keep):
+  """Softmax attention restricted to keep [B, N or 1, T, S] -> [B, T, N, Hv]."""
+  N, K, H = q.shape[2], k.shape[2], q.shape[3]
+  kk = jnp.repeat(k, N // K, axis=2).astype(jnp.float32)
+  vv = jnp.repeat(v, N // K, axis=2).astype(jnp.float32)
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk) * H ** -0.5
+  p = jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1)
+  return jnp.einsum("bnts,bsnh->btnh", p, vv).astype(q.dtype)
+
+
+def _topk_keep(scores, allowed, k):
+  """bool [..., S]: the k best ``scores`` among ``allowed`` (ties broken by top_k)."""
+  k = min(k, scores.shape[-1])
+  if k <= 0:
+    return jnp.zeros(scores.shape, bool)
+  s = jnp.where(allowed, scores, -jnp.inf)
+  idx = jax.lax.top_k(s, k)[1]
+  hit = jnp.zeros(scores.shape, bool)
+  hit = jnp.put_along_axis(hit, idx, True, axis=-1, inplace=False)
+  return hit & allowed
+
+
+def h2o_family(query, key, value, *, causal, q_positions=None, k_positions=None,
+               segment_ids=None, heavy: int = 128, recent: int = 128):
+  """H2O (arXiv:2306.14048) as a per-query mask: each KV head keeps the ``recent`` latest
+  keys plus the ``heavy`` earlier keys with the largest attention accumulated so far.
+
+  The accumulated score of key j at query i is the dense attention it received
+  from queries 0..i, summed over the KV head's query group
+  (``attnjax.decoding.h2o_accumulate``'s quantity). The paper accumulates the
+  scores of the already-evicted cache (greedy, recursive); this reads the
+  dense scores instead, so it is the oracle-accumulation variant, an upper
+  bound on H2O's own eviction at the same budget.
+  """
+  del q_positions, k_positions, segment_ids
+  assert causal
+  B, T, N, _ = query.shape
+  K = key.shape[2]
+  probs, allowed = _causal_probs(query, key)                      # [B,N,T,S]
+  acc = jnp.cumsum(probs.reshape(B, K, N // K, T, -1).sum(2), axis=2)   # [B,K,T,S]
+  S = key.shape[1]
+  i = jnp.arange(T)[:, None] + (S - T)
+  j = jnp.arange(S)[None, :]
+  rec = allowed & (i - j < recent)
+  keep = _topk_keep(acc, allowed & ~rec, heavy) | rec             # [B,K,T,S]
+  keep = jnp.repeat(keep, N // K, axis=1)
+  return _masked_attention(query, key, value, keep)
+
+
+def tokenselect_family(query, key, value, *, causal, q_positions=None, k_positions=None,
+                       segment_ids=None, n_init: int = 16, n_local: int = 64, top_k: int = 176):
+  """TokenSelect (arXiv:2411.02886) per query token: ``n_init`` first keys, ``n_local`` latest,
+  and the ``top_k`` others with the largest soft vote (the sum over all query
+  heads of each head's softmax over the candidates); one selection shared by
+  all heads. The paper selects per chunk of queries during decoding and
+  reuses selections across similar queries; here every query selects.
+  """
+  del q_positions, k_positions, segment_ids
+  assert causal
+  T, S = query.shape[1], key.shape[1]
+  probs, allowed = _causal_probs(query, key)
+  vote = probs.sum(1)                                             # [B,T,S]
+  i = jnp.arange(T)[:, None] + (S - T)
+  j = jnp.arange(S)[None, :]
+  fixed = allowed & ((j < n_init) | (i - j < n_local))
+  keep = (_topk_keep(vote, allowed & ~fixed, top_k) | fixed)[:, None]
+  return _masked_attention(query, key, value, keep)
+
+
+def longheads_family(query, key, value, *, causal, q_positions=None, k_positions=None,
+                     segment_ids=None, rope_base: float = 100000.0, **kw):
+  """LongHeads on the decoder's already-rotated q/k: RoPE is undone (rotation by -position),
+  since ``longheads_attention`` applies RoPE itself with its own chunk positions."""
+  from attnjax.dynamic.longheads import longheads_attention
+  from attnjax.layers.rope import apply_rope
+  del q_positions, k_positions, segment_ids
+  assert causal
+  pos = -jnp.arange(query.shape[1])
+  q = apply_rope(query, pos, rope_base)
+  k = apply_rope(key, pos, rope_base)
+  return longheads_attention(q, k, value, rope_base=rope_base, **kw)
+
+
+def register_local_families():
+  from attnjax.layers import registry
+  for name, fn in (("eval_h2o", h2o_family), ("eval_tokenselect", tokenselect_family),
+                   ("eval_longheads", longheads_family)):
+    if name not in registry.list_families():
+      registry.register_family(name, fn)
