@@ -69,7 +69,7 @@ def razor(model, params, ctx: int, budget: int, *, num_sink: int = 4) -> Built:
                {"protected_kv_heads": _heads_str(protected)})
 
 
-DUO_FIT = dict(length=320, steps=40, sink=16, recent=64, lr=0.05, reg=0.05, seed=1)
+DUO_FIT = dict(length=256, steps=30, sink=16, recent=64, lr=0.05, reg=0.05, seed=1)
 
 
 def duo_gates(model, params, tok, path: str, *, refit: bool = False, settings=None):

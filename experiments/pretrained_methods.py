@@ -365,7 +365,7 @@ def duo_fit_batches(tok, length: int, seed: int):
 
   The mask marks the positions whose next token is an answer token.
   """
-  from experiments.pretrained_eval import passkey_batch
+  from experiments.pretrained_data import passkey_batch
   cache = {}
 
   def get(i):

@@ -42,10 +42,15 @@ def load(path: str) -> Dict:
 def merge(results: Dict, rows: Sequence[Dict], meta: Dict = None) -> Dict:
   """Rows replace those with the same (method, context); the meta of their context is updated.
 
-  The new meta's keys override the stored ones (an ``analysis`` stored
-  earlier is kept when the new meta has none).
+  A row also replaces a stored failed row of the same context whose method
+  is its short name (the name before "(", what a run that failed before
+  naming the method stores). The new meta's keys override the stored ones
+  (an ``analysis`` stored earlier is kept when the new meta has none).
   """
-  out = {"meta": dict(results["meta"]), "rows": list(results["rows"])}
+  done = {(r["method"].split("(")[0], int(r["context"])) for r in rows if "error" not in r}
+  out = {"meta": dict(results["meta"]),
+         "rows": [r for r in results["rows"]
+                  if not ("error" in r and (r["method"], int(r["context"])) in done)]}
   index = {(r["method"], int(r["context"])): i for i, r in enumerate(out["rows"])}
   for r in rows:
     key = (r["method"], int(r["context"]))

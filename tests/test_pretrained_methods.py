@@ -201,3 +201,22 @@ def test_bad_input_names_the_argument(tiny):
                      num_kv_heads=K)
   with pytest.raises(ValueError, match="options"):
     pm.per_layer_model(model, "eval_duo", [{}] * (L + 1))
+
+
+def test_results_merge_by_method_and_context(tmp_path):
+  from experiments import pretrained_results as R
+  old = {"meta": {"context": 1024, "ppl_windows": 4}, "rows": [
+      {"method": "dense", "context": 1024, "ppl": 6.3},
+      {"method": "hip(top_k=256)", "context": 1024, "ppl": 6.5, "error": "failed"}]}
+  res = R.normalise(old)
+  assert list(res["meta"]) == ["1024"]
+  res = R.merge(res, [{"method": "hip(top_k=256)", "context": 1024, "ppl": 6.4},
+                      {"method": "dense", "context": 4096, "ppl": 7.0}],
+                {"context": 4096, "ppl_windows": 1})
+  assert [(r["method"], r["context"], r["ppl"]) for r in res["rows"]] == [
+      ("dense", 1024, 6.3), ("hip(top_k=256)", 1024, 6.4), ("dense", 4096, 7.0)]
+  assert res["meta"]["1024"]["ppl_windows"] == 4 and res["meta"]["4096"]["ppl_windows"] == 1
+  R.write(res, str(tmp_path))
+  assert R.load(str(tmp_path / R.RESULTS)) == res
+  with pytest.raises(ValueError, match="context"):
+    R.normalise({"meta": {}, "rows": [{"method": "dense"}]})
