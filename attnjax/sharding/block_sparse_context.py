@@ -64,6 +64,7 @@ from attnjax.core import validation as V
 from attnjax.masks.base import Mask
 from attnjax.sharding.block_sparse_plan import (SEQUENCE_ORDERS, block_sparse_context_plan,
                                                 check_mask, sequence_permutation)
+from attnjax.sharding.mesh import check_segment_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,13 +178,7 @@ def context_parallel_block_sparse(query, key, value, *, mask, mesh: Mesh, axis: 
     raise ValueError(f"num_kv_heads K={d.K} is not divisible by the head axis {hax!r} size {X}.")
   if implementation not in (None, "xla", "pallas"):
     raise ValueError(f"implementation must be None, 'xla' or 'pallas', got {implementation!r}.")
-  segs = None
-  if segment_ids is not None:
-    segs = jnp.asarray(segment_ids)
-    if segs.shape != (d.B, d.T) or not jnp.issubdtype(segs.dtype, jnp.integer):
-      raise ValueError(f"segment_ids must be an int array [B, T] = [{d.B}, {d.T}], got "
-                       f"{segs.dtype} {segs.shape}.")
-    segs = segs.astype(jnp.int32)
+  segs = check_segment_ids(segment_ids, d.B, d.T)
   pos = [_concrete_positions(name, p, d.B, d.T) for name, p in (("q_positions", q_positions),
                                                                  ("k_positions", k_positions))]
   if sequence_order == "assignment" and any(p is not None for p in pos):

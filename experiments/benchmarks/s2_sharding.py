@@ -4,7 +4,8 @@
 Phi-3-small-like S2 layer (32 query / 8 KV heads, head_dim 128, blocks of 64,
 16 local blocks, stride 8) split over 8 context shards, the K/V bytes each
 device receives with the plan of ``attnjax.sharding.context_parallel_attention``
-against an all-gather of the full K/V; homogeneous S2 and dense causal
+(the block-sparse context plan, contiguous chunks, heads split over the head
+shards) against an all-gather of the full K/V; homogeneous S2 and dense causal
 attention (same plan machinery) are the comparison rows. A measured row
 compiles the sharded function on 8 devices (a subprocess with 8 simulated
 CPU devices when this process has fewer) and sums the collective-permute
