@@ -94,6 +94,23 @@ NOT_RUN = [
 ]
 
 
+LONG = ("one 4k-context method takes tens of minutes on 2 shared CPU cores (perplexity, "
+        "passkey and the decode timing); rerun with --context=4096 --ppl_windows=1 "
+        "--passkey_trials=4 --methods=...")
+
+
+def not_run(results):
+  """NOT_RUN plus the methods that have a 1k row but no 4k row."""
+  out = list(NOT_RUN)
+  by_ctx = {}
+  for r in results["rows"]:
+    by_ctx.setdefault(int(r["context"]), set()).add(r["method"].split("(")[0])
+  missing = sorted(by_ctx.get(1024, set()) - by_ctx.get(4096, set()))
+  if missing:
+    out.append((f"context 4096 for {', '.join(missing)}", LONG))
+  return out
+
+
 # --------------------------------------------------------------------------- methods
 
 def method_specs(budget: int, context: int, num_layers: int):
@@ -280,7 +297,20 @@ def save(rows, meta=None):
   results = R.merge(R.load(os.path.join(FLAGS.results_dir, R.RESULTS)), rows, meta)
   R.write(results, FLAGS.results_dir)
   if FLAGS.doc:
-    R.write_doc(FLAGS.doc, results, NOT_RUN, duo_section(FLAGS.duo_gates))
+    R.write_doc(FLAGS.doc, results, not_run(results),
+                heads_section(results) + duo_section(FLAGS.duo_gates))
+
+
+def heads_section(results):
+  """The (layer, KV head) choices of the Razor and Duo rows (F: full context, s: compressed)."""
+  out = []
+  for r in results["rows"]:
+    for key, what in (("protected_kv_heads", "RazorAttention protected KV heads"),
+                      ("retrieval_kv_heads", "DuoAttention retrieval KV heads")):
+      if key in r:
+        out.append(f"{what} ({r['method']}, context {r['context']}; per layer, KV heads 0-2, "
+                   f"F = full context, s = compressed): {r[key]}.")
+  return ["## Head choices\n\n" + "\n\n".join(out)] if out else []
 
 
 def duo_section(path):
@@ -373,8 +403,8 @@ def main(_):
 def rewrite_doc(results_dir="results", doc="docs/pretrained_results.md",
                 duo_gates="results/duo_gates_smollm2.json"):
   """Rewrites the markdown from results/pretrained_eval.json (no model run)."""
-  R.write_doc(doc, R.load(os.path.join(results_dir, R.RESULTS)), NOT_RUN,
-              duo_section(duo_gates))
+  results = R.load(os.path.join(results_dir, R.RESULTS))
+  R.write_doc(doc, results, not_run(results), heads_section(results) + duo_section(duo_gates))
 
 if __name__ == "__main__":
   app.run(main)
