@@ -191,3 +191,22 @@ def test_errors_name_the_axis(result):
   assert "context_axis[1]='cz' (for spatial axis 1) is not an axis of the mesh" in e["unknown"]
   assert "context_axis must name one mesh axis per split spatial axis" in e["one_name"]
   assert "spatial_axis=(1, 1) names a spatial axis twice" in e["same_spatial"]
+
+
+def test_busiest_device_bytes_of_a_two_shard_axis():
+  from attnjax.sharding import neighborhood_communication_bytes  # pylint: disable=g-import-not-at-top
+  kw = dict(batch=1, num_kv_heads=2, head_dim=4, itemsize=4)
+  token = 2 * (4 + 4) * 4
+  # 256 x 256, kernel 7 on 2 x 4: along X (2 shards) each device has one neighbour and gets
+  # 3 rows of its 128 x 64 tile; along Y an interior device gets 3 + 3 columns of 134 x 64.
+  b = neighborhood_communication_bytes((256, 256), kernel_size=7, spatial_axis=(0, 1),
+                                       num_shards=(2, 4), **kw)
+  assert b["max_received_bytes"] == (3 * 64 + 6 * 134) * token
+  # 8 shards on one axis: interior devices get both sides, as halo_bytes says.
+  one = neighborhood_communication_bytes((256, 256), kernel_size=7, spatial_axis=0,
+                                         num_shards=8, **kw)
+  assert one["max_received_bytes"] == one["halo_bytes"] == 6 * 256 * token
+  # Causal along X on 2 shards: only the later shard receives (3 rows... of kernel 7: 6).
+  c = neighborhood_communication_bytes((16, 8), kernel_size=7, is_causal=(True, False),
+                                       spatial_axis=0, num_shards=2, **kw)
+  assert c["max_received_bytes"] == c["halo_bytes"] == 6 * 8 * token

@@ -343,8 +343,10 @@ def neighborhood_communication_bytes(spatial_shape, *, kernel_size, dilation=1,
   ``num_kv_heads / head_shards`` are what one device holds.
 
   Returns ``halo_rows`` (``left + right``; a tuple per split axis with
-  tuples), ``halo_tokens``, ``halo_bytes``, ``allgather_bytes`` and
-  ``ratio`` (halo / all-gather).
+  tuples), ``halo_tokens``, ``halo_bytes``, ``allgather_bytes``, ``ratio``
+  (halo / all-gather) and ``max_received_bytes``: what the busiest device of
+  this split actually receives (less than ``halo_bytes`` when an axis has 2
+  shards, so that no device has neighbours on both of its sides).
   """
   spatial, ks, ds, cs = check_neighborhood_args(tuple(spatial_shape), kernel_size, dilation,
                                                 is_causal)
@@ -367,6 +369,15 @@ def neighborhood_communication_bytes(spatial_shape, *, kernel_size, dilation=1,
   halo = halo_tokens * token
   allgather = (math.prod(shards) - 1) * tile * token
   halo_rows = tuple(p.left + p.right for p in plans)
+  # The busiest device: along an axis of 2 shards each device has one neighbour (it receives
+  # max(left, right) rows), of 3 or more an interior one has both; later axes send the tile
+  # already extended (padded) along the earlier ones.
+  busiest = 0
+  for i, (p, C) in enumerate(zip(plans, shards)):
+    rows = 0 if C == 1 else (max(p.left, p.right) if C == 2 else p.left + p.right)
+    busiest += rows * math.prod(q.buffer_len for q in plans[:i]) * math.prod(
+        q.shard_len for q in plans[i + 1:]) * other
   return {"halo_rows": halo_rows if several else halo_rows[0], "halo_tokens": halo_tokens,
           "halo_bytes": float(halo), "allgather_bytes": float(allgather),
-          "ratio": float(halo / allgather) if allgather else 0.0}
+          "ratio": float(halo / allgather) if allgather else 0.0,
+          "max_received_bytes": float(busiest * token)}

@@ -227,7 +227,8 @@ def block_list_rows(seq_lens) -> List[Dict]:
 def linear_rows(seq_lens) -> List[Dict]:
   """Lightning / TNL (decay) through ``context_parallel("lightning", mesh)``: the state scan."""
   import jax  # pylint: disable=g-import-not-at-top
-  from attnjax.sharding import context_parallel, linear_communication_bytes, make_mesh  # pylint: disable=g-import-not-at-top
+  from attnjax.sharding import (context_parallel, context_parallel_family,  # pylint: disable=g-import-not-at-top
+                                linear_communication_bytes, make_mesh)
   mesh = make_mesh(1, 1, CHUNKS, devices=jax.devices()[:CHUNKS])
   rows = []
   for T in seq_lens:
@@ -239,6 +240,18 @@ def linear_rows(seq_lens) -> List[Dict]:
                                       num_kv_heads=KV_HEADS, features=HEAD_DIM,
                                       value_dim=HEAD_DIM, num_chunks=CHUNKS, kv_itemsize=4)
     rows.append(_row("linear", "linear_decay", T, got, plan["allgather_bytes"],
+                     plan["state_bytes"], 1.0, assignment="contiguous"))
+    # Non-causal linear attention restricted to packed documents (the segmented scan both ways).
+    seg = jax.ShapeDtypeStruct((1, T), np.int32)
+    f = context_parallel_family("linear", mesh)
+    got = received_bytes(_hlo(lambda q, k, v, s: f(q, k, v, causal=False, segment_ids=s),
+                              q, kv, kv, seg), CHUNKS)
+    plan = linear_communication_bytes(batch=1, seq_len=T, num_heads=HEADS,
+                                      num_kv_heads=KV_HEADS, features=HEAD_DIM,
+                                      value_dim=HEAD_DIM, num_chunks=CHUNKS, causal=False,
+                                      decay=False, normalize=True, segment_ids=True,
+                                      kv_itemsize=4)
+    rows.append(_row("linear", "linear_documents_noncausal", T, got, plan["allgather_bytes"],
                      plan["state_bytes"], 1.0, assignment="contiguous"))
   return rows
 
@@ -266,6 +279,20 @@ def neighborhood_rows(seq_lens) -> List[Dict]:
     rows.append(_row("neighborhood", case, int(np.prod(spatial)), got,
                      plan["allgather_bytes"], plan["halo_bytes"], 1.0,
                      assignment="contiguous"))
+  # The same image with both axes split over a 2 x 4 grid of devices.
+  grid = jax.sharding.Mesh(np.asarray(jax.devices()[:CHUNKS]).reshape(2, CHUNKS // 2),
+                           ("cx", "cy"))
+  q = jax.ShapeDtypeStruct((1,) + IMAGE + (HEADS, HEAD_DIM), np.float32)
+  kv = jax.ShapeDtypeStruct((1,) + IMAGE + (KV_HEADS, HEAD_DIM), np.float32)
+  f = lambda q, k, v: context_parallel_neighborhood_attention(
+      q, k, v, grid, kernel_size=KERNEL, spatial_axis=(0, 1), context_axis=("cx", "cy"))
+  got = received_bytes(_hlo(f, q, kv, kv), CHUNKS)
+  plan = neighborhood_communication_bytes(IMAGE, kernel_size=KERNEL, spatial_axis=(0, 1),
+                                          batch=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                                          num_shards=(2, CHUNKS // 2), itemsize=4)
+  rows.append(_row("neighborhood", f"na2d_k{KERNEL}_2x4_grid", int(np.prod(IMAGE)), got,
+                   plan["allgather_bytes"], plan["max_received_bytes"], 1.0,
+                   assignment="contiguous"))
   return rows
 
 
