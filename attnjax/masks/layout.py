@@ -247,8 +247,9 @@ def _check_blocks(q_len, kv_len, block_q, block_kv):
       raise ValueError(f"{name}={b} does not divide {lname}={L}.")
 
 
-def _evaluate_blocks(mask, head, q_pos, k_pos, block_q, block_kv):
-  """Exact (any, all) per block by evaluating the predicate (T x S work)."""
+def evaluate_blocks(mask, head, q_pos, k_pos, block_q, block_kv):
+  """Exact (any, all) bool [T/block_q, S/block_kv] per block of ``head`` at positions
+  q_pos [T], k_pos [S], by evaluating the predicate (T x S work, in chunks of rows)."""
   nq, nk = len(q_pos) // block_q, len(k_pos) // block_kv
   any_ = np.zeros((nq, nk), bool)
   all_ = np.zeros((nq, nk), bool)
@@ -291,7 +292,7 @@ def _classify_head(mask, h, q_pos, k_pos, q_lo, k_lo, block_q, block_kv):
       raise ValueError(
           f"{mask!r} reads run-time segment ids and has no block bound; combine "
           "it with a mask that has one or pass it to the dense reference.")
-    return _evaluate_blocks(mask, h, q_pos, k_pos, block_q, block_kv)
+    return evaluate_blocks(mask, h, q_pos, k_pos, block_q, block_kv)
   any_ = np.broadcast_to(np.asarray(c[0], bool), (nq, nk)).copy()
   all_ = np.broadcast_to(np.asarray(c[1], bool), (nq, nk)).copy()
   loose = np.broadcast_to(np.asarray(c[2], bool), (nq, nk)) & any_ & ~all_

@@ -162,16 +162,11 @@ def position_classes(mask, q_pos: np.ndarray, k_pos: np.ndarray, block_size: int
                                         k_offset=int(k_pos[0])).block_mask)
   mask.validate(num_heads, q_pos, k_pos)
   mask.check_positions(q_pos, k_pos)
-  nq, nk = len(q_pos) // block_size, len(k_pos) // block_size
-  rows = max(1, (1 << 22) // (len(k_pos) * block_size))
-  out = np.zeros((num_heads if mask.head_dependent else 1, nq, nk), np.int8)
+  out = np.zeros((num_heads if mask.head_dependent else 1, len(q_pos) // block_size,
+                  len(k_pos) // block_size), np.int8)
   for h in range(out.shape[0]):
-    for r in range(0, nq, rows):
-      qp = q_pos[r * block_size:(r + rows) * block_size, None]
-      m = np.broadcast_to(np.asarray(mask.predicate(h, qp, k_pos[None, :]), bool),
-                          (len(qp), len(k_pos))).reshape(-1, block_size, nk, block_size)
-      out[h, r:r + rows] = np.where(m.all((1, 3)), LY.FULL,
-                                    np.where(m.any((1, 3)), LY.PARTIAL, LY.EMPTY))
+    any_, all_ = LY.evaluate_blocks(mask, h, q_pos, k_pos, block_size, block_size)
+    out[h] = np.where(all_, LY.FULL, np.where(any_, LY.PARTIAL, LY.EMPTY))
   return out
 
 
