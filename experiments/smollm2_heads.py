@@ -213,7 +213,7 @@ def main(_):
   text = heldout_text()
   text_ids = np.asarray(tok.encode(text).ids, np.int32)
   res = {"context": FLAGS.context, "trials": FLAGS.trials, "domain_tokens": FLAGS.domain_tokens,
-         "dormant_threshold": FLAGS.dormant, "needle": NEEDLE}
+         "dormant_threshold": FLAGS.dormant, "needle": NEEDLE, "ppl_windows": FLAGS.ppl_windows}
 
   score, copied = retrieval_scores(probe, tok, text_ids, FLAGS.context, FLAGS.trials)
   res["retrieval"] = {"score": score.tolist(), "copy_accuracy": copied,
@@ -306,7 +306,8 @@ def write_doc(path, r):
       "Value-norm ratio of token 0 (||v_0|| / mean ||v||), mean over KV heads and layers: "
       + ", ".join(f"{k} {np.mean(v['value_norm_ratio']):.3f}" for k, v in d.items()) + ".", "",
       "## ACT calibration", "",
-      f"Perplexity of held-out text ({r['context']}-token windows): unchanged "
+      f"Perplexity of held-out text ({r['ppl_windows']} windows of {r['context']} tokens, the "
+      "first of the validation split): unchanged "
       f"{r['act_ppl']['dense']:.4g}, ACT on every head (tau 0.1, beta 0.4) "
       f"{r['act_ppl']['act']:.4g}. The paper selects the heads to calibrate on a task's "
       "calibration set; calibrating every head is the simple variant.", "",
