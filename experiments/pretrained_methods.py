@@ -67,7 +67,10 @@ def razor_family(query, key, value, *, causal, q_positions=None, k_positions=Non
   compensation token for the dropped set D = {j: num_sink <= j <= i - window}
   (key and value = the means over D, logit + log|D|; none while D is empty):
   ``num_sink + window + 1`` keys in all. Honours positions, so it also runs
-  over a partly filled KV cache.
+  over a partly filled KV cache. Cost: the sink/window/full part runs on
+  ``attnjax.attention`` with a per-head mask; the compensation means of all
+  queries are a [B, T, S] weight matrix times the keys and values
+  (O(T S K H), like one dense attention per KV head).
   """
   if not causal:
     raise NotImplementedError("razor_family is causal (a compressed decoding cache).")
@@ -135,7 +138,9 @@ def tidal_select(query, key, k: int):
   Query i of KV group h ranks keys j <= i (bottom-right aligned) by the sum
   of the group's logits q_n . k_j / sqrt(H) (``topk_positions``' reduction)
   and keeps the best k; with fewer than k visible keys the remaining entries
-  are later positions, which :func:`tidal_sparse_family` masks.
+  are later positions, which :func:`tidal_sparse_family` masks. Cost: the
+  group logits [B, K, T, S] are formed densely (one selection layer), then
+  ``lax.top_k``; the sparse layers gather k keys per query (O(T N k H)).
   """
   if not isinstance(k, (int, np.integer)) or k <= 0:
     raise ValueError(f"k must be a positive int, got {k!r}.")
