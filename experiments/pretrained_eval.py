@@ -274,7 +274,9 @@ def run_method(b, windows, pk_tokens, pk_spans, trials, ctx, budget, quick):
     row["decode_ms_per_token"] = decode_ms_per_token(
         b.decode_model, b.params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1],
         FLAGS.decode_steps)
-  elif not can_decode:
+  elif can_decode:
+    row["note"] += "; decode not timed in this run"
+  else:
     row["decode_ms_per_token"] = None
     if b.decode_model is not None:
       row["note"] += "; no KV-cache decode path in the layer"

@@ -94,8 +94,10 @@ def _settings(meta: Dict, rows: Sequence[Dict]) -> str:
   ctx = meta["context"]
   s = (f"Context {ctx} tokens, budget {meta['budget']} keys per query, perplexity over "
        f"{meta['ppl_windows']} held-out window(s) = {meta['ppl_tokens']} tokens, "
-       f"{meta['passkey_trials']} passkey trials, decode timed over {meta['decode_steps']} "
-       f"tokens after a prompt of {ctx - meta['decode_steps'] - 1}")
+       f"{meta['passkey_trials']} passkey trials, " +
+       (f"decode timed over {meta['decode_steps']} tokens after a prompt of "
+        f"{ctx - meta['decode_steps'] - 1}" if meta.get("decode_steps") else
+        "no decode timing"))
   trials = sorted({r.get("passkey_trials") for r in rows if r.get("passkey_trials")})
   if len(trials) > 1:
     s += f" (rows from runs with {', '.join(map(str, trials))} passkey trials: see each row)"
