@@ -10,6 +10,7 @@ padded at the front with zeros until both sides align.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -21,7 +22,7 @@ from attnjax.core import placement
 from attnjax.core import precision
 from attnjax.core.validation import (as_arrays, check_positions, check_positive_int, check_qkv,
                                      check_segment_ids)
-from attnjax.linear import engine, reference
+from attnjax.linear import engine, reference, xla_chunked
 from attnjax.linear.decay import resolve_decay
 from attnjax.linear.feature_maps import resolve_feature_map
 
@@ -66,11 +67,20 @@ def _drop_padded_keys(key_mask, kf, v, batch, seq):
   return jnp.where(m, kf, jnp.zeros((), kf.dtype)), jnp.where(m, v, jnp.zeros((), v.dtype))
 
 
+#: The xla engine backend with document starts marked in the log-decays.
+engine.BACKENDS.setdefault("xla_documents", engine.Backend(
+    functools.partial(xla_chunked.forward, resets=True),
+    functools.partial(xla_chunked.backward, resets=True)))
+
+
 def _chunked_supports(call: dispatch.Call, explicit: bool):
   del explicit
-  if call["positions_or_segments"]:
-    return ("the chunked paths assume the default positions and a single segment "
-            "(q_positions / k_positions / segment_ids were given)")
+  if call["positions"]:
+    return ("the chunked paths assume the default positions (q_positions / k_positions "
+            "were given)")
+  if call["segment_pair"]:
+    return ("segment ids given as a (q, kv) pair match documents by id across two "
+            "sequences; the chunked path takes one [B, T] array (packed documents)")
   return None
 
 
@@ -78,6 +88,9 @@ def _pallas_supports(call: dispatch.Call, explicit: bool):
   if not explicit and not call["kernel_default"]:
     return ("the linear kernels are opt-in (implementation='pallas') until they have run "
             "on hardware")
+  if call["segments"]:
+    return ("the linear kernels do not take segment ids (packed documents); "
+            "implementation='xla' does")
   return _chunked_supports(call, explicit)
 
 
@@ -86,9 +99,11 @@ LINEAR_BACKENDS = (dispatch.Backend("pallas", _pallas_supports),
                    dispatch.Backend("xla", _chunked_supports))
 
 
-def _pick_implementation(implementation, query, key, value, positions_or_segments: bool):
+def _pick_implementation(implementation, query, key, value, positions: bool = False,
+                         segment_ids=None):
   """The backend of a linear_attention call (``attnjax.core.dispatch``)."""
-  facts = dict(positions_or_segments=positions_or_segments,
+  facts = dict(positions=positions, segments=segment_ids is not None,
+               segment_pair=isinstance(segment_ids, (tuple, list)),
                kernel_default=placement.default_kernel_implementation(
                    "linear", query, key, value) == "pallas")
   call = dispatch.Call("linear", placement.target_platform(query, key, value),
@@ -100,8 +115,12 @@ def _to_heads(x):
   return jnp.swapaxes(x, 1, 2)
 
 
-def _causal_chunked(qf, kf, v, slopes, s0, chunk, backend):
-  """Causal (self or bottom-right cross) chunked form on BTNF inputs; returns BTNE, state."""
+def _causal_chunked(qf, kf, v, slopes, s0, chunk, backend, starts=None):
+  """Causal (self or bottom-right cross) chunked form on BTNF inputs; returns BTNE, state.
+
+  starts: optional bool [B, T] (T == S), True at the first token of every
+  document but the first: the state is cleared there (lambda = 0).
+  """
   b, t, n, _ = qf.shape
   s = kf.shape[1]
   front_q, front_k = max(s - t, 0), max(t - s, 0)
@@ -116,8 +135,33 @@ def _causal_chunked(qf, kf, v, slopes, s0, chunk, backend):
     g = jnp.broadcast_to(g, (b, n, total))
   else:
     g = jnp.zeros((b, n, total), qf.dtype)
+  if starts is not None:
+    marks = jnp.pad(starts, ((0, 0), (0, total - length)))[:, None, :]
+    g = jnp.where(marks, jnp.asarray(-jnp.inf, g.dtype), g)
+    backend = backend + "_documents"
   o, state = engine.causal_core(q, k, vv, g, s0, chunk, backend, has_decay)
   return _to_heads(o)[:, front_q:front_q + t], state
+
+
+def _document_starts(segment_ids):
+  """bool [B, T]: True where the id differs from the previous token's."""
+  seg = jnp.asarray(segment_ids)
+  return jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
+
+
+def _noncausal_documents(qf, kf, v, s0, chunk, backend, segment_ids):
+  """Every key of the query's document: the causal inclusive pass plus the same pass
+  on the reversed sequence, less the diagonal counted twice. BTNF in, BTNE out."""
+  flip = lambda x: jnp.flip(x, 1)
+  o, state = _causal_chunked(qf, kf, v, None, s0, chunk, backend,
+                             _document_starts(segment_ids))
+  o_rev, _ = _causal_chunked(flip(qf), flip(kf), flip(v), None, jnp.zeros_like(s0), chunk,
+                             backend, _document_starts(flip(segment_ids)))
+  b, t, n, f = qf.shape
+  kh = kf.shape[2]
+  qk = jnp.einsum("btkgf,btkf->btkg", qf.reshape(b, t, kh, n // kh, f), kf)
+  diag = (qk[..., None] * v[:, :, :, None]).reshape(o.shape)
+  return o + flip(o_rev) - diag, state
 
 
 def linear_attention(query, key, value, *, feature_map="identity", causal: bool = True,
@@ -144,9 +188,19 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
       "pallas" (kernel; interpret mode on CPU) or None: "xla" on every platform
       (the kernels compile for every target but have not run on hardware, so they
       are opt-in); ``attnjax.explain`` shows the choice.
-    q_positions, k_positions, segment_ids: run on the dense reference only (the
-      chunked paths assume the default positions and a single segment); with
-      implementation=None that fallback warns.
+    segment_ids: packed documents, an int [B, T] array (self attention,
+      T == S): each document is a run of equal ids along T, and a change of
+      id starts a new one (so an id that comes back later is a new
+      document); a query sees only keys of its own document (with causal,
+      the earlier ones). The initial state belongs to the first document and
+      the returned state is the last document's. Runs on the chunked path
+      (the state is cleared at each document start; non-causal adds the
+      same pass over the reversed sequence). A pair (q_segment_ids [B, T],
+      kv_segment_ids [B, S]) matches equal ids instead and runs on the
+      dense reference only.
+    q_positions, k_positions: run on the dense reference only (the chunked
+      paths assume the default positions); with implementation=None that
+      fallback warns.
     key_mask: optional boolean [B, S] (True = a real key; padded batches): a
       padded key's features and value are zeroed, so it adds nothing to the
       state or the normaliser on every path. Decay still counts positions: a
@@ -165,8 +219,8 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
   d = check_qkv(query, key, value)
   check_positive_int("chunk_size", chunk_size)
   impl = _pick_implementation(implementation, query, key, value,
-                              q_positions is not None or k_positions is not None
-                              or segment_ids is not None)
+                              q_positions is not None or k_positions is not None,
+                              segment_ids)
   phi = resolve_feature_map(feature_map)
   slopes = resolve_decay(decay, d.N)
   if slopes is not None and not causal:
@@ -192,14 +246,22 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
     if q_pos.ndim != 1 or k_pos.ndim != 1:
       raise NotImplementedError("linear attention takes positions of shape [T] / [S] only.")
     segs = check_segment_ids(segment_ids, d)
+    if segs is not None and not isinstance(segment_ids, (tuple, list)):
+      segs = segs[0]
     o, state = reference.dense_linear_attention(
         qf, kf, v, slopes=slopes, causal=causal, s0=s0, q_positions=q_positions,
         k_positions=k_positions, segment_ids=segs)
   else:
     backend = impl
+    segs = check_segment_ids(segment_ids, d)
     if s0 is None:
       s0 = jnp.zeros((d.B, d.N, f, e), dt)
-    if causal:
+    if segs is not None and causal:
+      o, state = _causal_chunked(qf, kf, v, slopes, s0, chunk_size, backend,
+                                 _document_starts(segs[0]))
+    elif segs is not None:
+      o, state = _noncausal_documents(qf, kf, v, s0, chunk_size, backend, segs[0])
+    elif causal:
       o, state = _causal_chunked(qf, kf, v, slopes, s0, chunk_size, backend)
     else:
       o, state = engine.noncausal_core(_to_heads(qf), _to_heads(kf), _to_heads(v), s0)

@@ -21,9 +21,12 @@ def dense_linear_attention(qf, kf, v, *, slopes=None, causal=True, s0=None,
                            q_positions=None, k_positions=None, segment_ids=None):
   """Quadratic masked form: o_i = sum_j [k_pos_j <= q_pos_i] lambda^(q_pos_i - k_pos_j) (q_i.k_j) v_j.
 
-  The initial state reaches query i with weight lambda^max(q_pos_i + 1, 0);
-  segment_ids ([B, T] for self attention or a pair ([B, T], [B, S])) restrict
-  each query to keys of its own segment. T x S memory: a test oracle only.
+  The initial state reaches query i with weight lambda^max(q_pos_i + 1, 0).
+  segment_ids restrict each query to keys of its own segment: a pair
+  ([B, T], [B, S]) matches equal ids; a single [B, T] array (self attention)
+  gives packed documents, each a run of equal ids along T (a change of id
+  starts a new document), the initial state belonging to the first document
+  and the returned state to the last one. T x S memory: a test oracle only.
   """
   dt = _oracle_dtype(qf)
   qf, kf, v = qf.astype(dt), kf.astype(dt), v.astype(dt)
@@ -42,12 +45,18 @@ def dense_linear_attention(qf, kf, v, *, slopes=None, causal=True, s0=None,
     sl = jnp.asarray(slopes, dt)[:, None, None]
     w = w * jnp.where(visible, jnp.exp(-sl * jnp.where(visible, dist, 0.0)), 0.0)
   w = jnp.where(visible, w, 0.0)
-  if segment_ids is not None:
-    q_seg, k_seg = (segment_ids if isinstance(segment_ids, (tuple, list))
-                    else (segment_ids, segment_ids))
+  first_doc = last_doc = None
+  if isinstance(segment_ids, (tuple, list)):
+    q_seg, k_seg = segment_ids
     w = jnp.where((q_seg[:, :, None] == k_seg[:, None, :])[:, None], w, 0.0)
+  elif segment_ids is not None:
+    run = document_index(segment_ids)
+    w = jnp.where((run[:, :, None] == run[:, None, :])[:, None], w, 0.0)
+    first_doc, last_doc = run == 0, run == run[:, -1:]
   o = jnp.einsum("bnts,bsne->btne", w, v)
   kv_end = jnp.einsum("bsnf,bsne->bsnfe", kf, v)
+  if last_doc is not None:
+    kv_end = jnp.where(last_doc[:, :, None, None, None], kv_end, 0.0)
   if slopes is not None:
     last = jnp.max(k_pos)
     wk = jnp.exp(-jnp.asarray(slopes, dt)[None, :] * (last - k_pos)[:, None].astype(dt))
@@ -62,9 +71,19 @@ def dense_linear_attention(qf, kf, v, *, slopes=None, causal=True, s0=None,
       steps = jnp.maximum(q_pos + 1, 0).astype(dt) if causal else jnp.zeros((t,), dt)
       q_init = q_init * jnp.exp(-sl[None, :] * steps[:, None])[None, :, :, None]
       s0 = s0 * jnp.exp(-sl * (jnp.max(k_pos) + 1).astype(dt))[None, :, None, None]
+    if first_doc is not None:
+      q_init = jnp.where(first_doc[:, :, None, None], q_init, 0.0)
+      s0 = jnp.where(last_doc[:, 0, None, None, None], s0, 0.0)
     o = o + q_init
     state = state + s0
   return o, state
+
+
+def document_index(segment_ids):
+  """[B, T] int32: how many changes of id precede each token (0 for the first document)."""
+  seg = jnp.asarray(segment_ids)
+  change = (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)
+  return jnp.concatenate([jnp.zeros_like(change[:, :1]), jnp.cumsum(change, axis=1)], axis=1)
 
 
 def recurrent_step(state, qf_t, kf_t, v_t, slopes=None):

@@ -23,6 +23,15 @@ log-decay -b_last is at most FACTOR_LIMIT (then no factor exceeds exp(40) ~
 when some chunk decays faster, the exact exp(b_r - b_c) form is used.
 The backward recomputes the states (a forward loop for dq) and carries the
 state cotangent in a reverse loop (dk, dv), so memory stays O(T).
+
+Documents (``resets=True``): a log-decay of -inf at position p (lambda_p = 0)
+marks the first token of a new document and clears the state there. Inside a
+chunk, d_r = the number of marks at or before r; the decay table b is the
+cumsum of the finite log-decays only, the scores keep c <= r with d_c == d_r,
+only queries with d_r == 0 (the document open at the chunk start) read the
+carried state, and the state passed on holds only the keys of the chunk's last
+document (plus the carried state when the chunk has no mark). Every mask is a
+select, so a NaN in one document's keys never reaches another document.
 """
 from __future__ import annotations
 
@@ -60,14 +69,28 @@ def _write_chunk(buf: jax.Array, xc: jax.Array, i, chunk: int) -> jax.Array:
   return lax.dynamic_update_slice_in_dim(buf, xc.astype(buf.dtype), i * chunk, 1)
 
 
-def _decay_table(g: jax.Array, kh: int, chunk: int) -> jax.Array:
-  """In-chunk inclusive cumsums of the log-decays, [B, K, G, nC, C]."""
+def _decay_table(g: jax.Array, kh: int, chunk: int, resets: bool = False):
+  """In-chunk inclusive cumsums of the log-decays, [B, K, G, nC, C], and the
+  in-chunk document index d ([B, K, G, nC, C] int32; None without resets).
+
+  With resets, -inf log-decays (document starts) count in d and as 0 in b.
+  """
   b, n, t = g.shape
-  return jnp.cumsum(g.reshape(b, kh, n // kh, t // chunk, chunk), axis=-1)
+  g = g.reshape(b, kh, n // kh, t // chunk, chunk)
+  if not resets:
+    return jnp.cumsum(g, axis=-1), None
+  mark = jnp.isneginf(g)
+  return (jnp.cumsum(jnp.where(mark, jnp.zeros((), g.dtype), g), axis=-1),
+          jnp.cumsum(mark.astype(jnp.int32), axis=-1))
 
 
 def _chunk_decay(cum, i):
   return None if cum is None else lax.dynamic_index_in_dim(cum, i, 3, keepdims=False)
+
+
+def _open(inter, d):
+  """Keeps the carried-state term only for queries of the document open at the chunk start."""
+  return inter if d is None else jnp.where((d == 0)[..., None], inter, 0.0)
 
 
 def _with_decay_form(run, cum):
@@ -96,7 +119,7 @@ def _tn(a: jax.Array, b: jax.Array) -> jax.Array:
                          preferred_element_type=_acc(a, b))
 
 
-def decayed_scores(x, y, b, safe, transposed: bool = False):
+def decayed_scores(x, y, b, safe, transposed: bool = False, d=None):
   """W * x y^T for one chunk of every head, plus x scaled by exp(b) as (xs, r).
 
   Args:
@@ -107,6 +130,8 @@ def decayed_scores(x, y, b, safe, transposed: bool = False):
     transposed: return (W * x y^T)^T, i.e. [.., key c, query r] (upper
       triangular), formed directly as y x^T so that every product stays an
       (A B^T) or (A B) matmul on token-major tiles.
+    d: [B, K, G, C] in-chunk document index, or None (one document): pairs
+      of different documents are zeroed.
   Returns:
     scores [B, K, G, C, C] float32, and xs [B, K, G, C, D] with a per-head
     factor r [B, K, G, 1, 1] (or None for 1) such that exp(b) * x = r * xs;
@@ -114,6 +139,8 @@ def decayed_scores(x, y, b, safe, transposed: bool = False):
   """
   c = x.shape[-2]
   keep = _tril(c).T if transposed else _tril(c)
+  if d is not None:
+    keep = keep & (d[..., :, None] == d[..., None, :])
   if transposed:
     spec, spec_g = "bkdf,bkgcf->bkgdc", "bkgdf,bkgcf->bkgdc"
   else:
@@ -146,14 +173,24 @@ def _times(x, r):
   return x if r is None else x * r
 
 
-def _next_state(state, kc, vc, b):
-  """State after the chunk: exp(b_last) S + (exp(b_last - b) k)^T v; [B, K, G, F, E]."""
+def _next_state(state, kc, vc, b, d=None):
+  """State after the chunk: exp(b_last) S + (exp(b_last - b) k)^T v; [B, K, G, F, E].
+
+  With documents d, only the keys of the chunk's last document enter, and S
+  only when the chunk has no document start.
+  """
   if b is None:
     return state + _tn(kc, vc)[:, :, None]
   last = b[..., -1:]
   k_end = kc[:, :, None] * jnp.exp(last - b)[..., None]
   v_grp = jnp.broadcast_to(vc[:, :, None], k_end.shape[:-1] + vc.shape[-1:])
-  return jnp.exp(last)[..., None] * state + _tn(k_end, v_grp)
+  carried = jnp.exp(last)[..., None] * state
+  if d is not None:
+    in_last = (d == d[..., -1:])[..., None]
+    k_end = jnp.where(in_last, k_end, 0.0)
+    v_grp = jnp.where(in_last, v_grp, 0.0)
+    carried = jnp.where((d[..., -1:] == 0)[..., None], carried, 0.0)
+  return carried + _tn(k_end, v_grp)
 
 
 def _grouped_state(s, kh):
@@ -164,12 +201,23 @@ def _ungrouped_state(s):
   return s.reshape((s.shape[0], s.shape[1] * s.shape[2]) + s.shape[3:])
 
 
-def forward(q, k, v, g, s0, chunk, has_decay):
-  """Returns o [B, N, T, E] and the final state [B, N, F, E]."""
+def _tables(g, kh, chunk, has_decay, resets):
+  """(cum, doc) of `_decay_table`, or (None, None) without decay and documents."""
+  if not (has_decay or resets):
+    return None, None
+  return _decay_table(g, kh, chunk, resets)
+
+
+def forward(q, k, v, g, s0, chunk, has_decay, resets: bool = False):
+  """Returns o [B, N, T, E] and the final state [B, N, F, E].
+
+  resets: g holds -inf at the first token of each document after the first
+  (see the module docstring); the state then belongs to the last document.
+  """
   b, n, t, _ = q.shape
   kh, e = k.shape[1], v.shape[-1]
   qt, kt, vt = _token_major(q), _token_major(k), _token_major(v)
-  cum = _decay_table(g, kh, chunk) if has_decay else None
+  cum, doc = _tables(g, kh, chunk, has_decay, resets)
 
   def run(safe):
     def body(i, carry):
@@ -177,11 +225,11 @@ def forward(q, k, v, g, s0, chunk, has_decay):
       qc = _read_chunk(qt, i, chunk, kh)
       kc = _read_chunk(kt, i, chunk, kh)[:, :, 0]
       vc = _read_chunk(vt, i, chunk, kh)[:, :, 0]
-      bc = _chunk_decay(cum, i)
-      scores, qs, r = decayed_scores(qc, kc, bc, safe)
+      bc, dc = _chunk_decay(cum, i), _chunk_decay(doc, i)
+      scores, qs, r = decayed_scores(qc, kc, bc, safe, d=dc)
       o = (jnp.einsum("bkgcd,bkde->bkgce", scores, vc)
-           + _times(jnp.einsum("bkgcf,bkgfe->bkgce", qs, state), r))
-      return _next_state(state, kc, vc, bc), _write_chunk(out, o, i, chunk)
+           + _open(_times(jnp.einsum("bkgcf,bkgfe->bkgce", qs, state), r), dc))
+      return _next_state(state, kc, vc, bc, dc), _write_chunk(out, o, i, chunk)
 
     out = jnp.zeros((b, t, n, e), _acc(q, v))
     return lax.fori_loop(0, t // chunk, body, (_grouped_state(s0, kh), out))
@@ -190,26 +238,26 @@ def forward(q, k, v, g, s0, chunk, has_decay):
   return _token_major(out), _ungrouped_state(state)
 
 
-def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
+def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay, resets: bool = False):
   """Returns dq [B, N, T, F], dk and dv per query head [B, N, T, F|E], ds0 [B, N, F, E]."""
   b, n, t, f = q.shape
   kh, e = k.shape[1], v.shape[-1]
   nc = t // chunk
   qt, kt, vt, dot = _token_major(q), _token_major(k), _token_major(v), _token_major(do)
-  cum = _decay_table(g, kh, chunk) if has_decay else None
+  cum, doc = _tables(g, kh, chunk, has_decay, resets)
 
   def read(i):
     return (_read_chunk(kt, i, chunk, kh)[:, :, 0], _read_chunk(vt, i, chunk, kh)[:, :, 0],
-            _read_chunk(dot, i, chunk, kh), _chunk_decay(cum, i))
+            _read_chunk(dot, i, chunk, kh), _chunk_decay(cum, i), _chunk_decay(doc, i))
 
   def run_dq(safe):
     def body(i, carry):
       state, dq = carry
-      kc, vc, doc, bc = read(i)
-      a, dos, r = decayed_scores(doc, vc, bc, safe)
+      kc, vc, do_c, bc, dc = read(i)
+      a, dos, r = decayed_scores(do_c, vc, bc, safe, d=dc)
       dqc = (jnp.einsum("bkgcd,bkdf->bkgcf", a, kc)
-             + _times(jnp.einsum("bkgce,bkgfe->bkgcf", dos, state), r))
-      return _next_state(state, kc, vc, bc), _write_chunk(dq, dqc, i, chunk)
+             + _open(_times(jnp.einsum("bkgce,bkgfe->bkgcf", dos, state), r), dc))
+      return _next_state(state, kc, vc, bc, dc), _write_chunk(dq, dqc, i, chunk)
 
     dq = jnp.zeros((b, t, n, f), _acc(q, do))
     return lax.fori_loop(0, nc, body, (_grouped_state(s0, kh), dq))[1]
@@ -218,21 +266,29 @@ def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay):
     def body(j, carry):
       ds, dk, dv = carry
       i = nc - 1 - j
-      kc, vc, doc, bc = read(i)
+      kc, vc, do_c, bc, dc = read(i)
       qc = _read_chunk(qt, i, chunk, kh)
-      a_t, _, _ = decayed_scores(doc, vc, bc, safe, transposed=True)
-      p_t, qs, r = decayed_scores(qc, kc, bc, safe, transposed=True)
+      a_t, _, _ = decayed_scores(do_c, vc, bc, safe, transposed=True, d=dc)
+      p_t, qs, r = decayed_scores(qc, kc, bc, safe, transposed=True, d=dc)
       dk_in = jnp.einsum("bkgcr,bkgrf->bkgcf", a_t, qc)
-      dv_in = jnp.einsum("bkgcr,bkgre->bkgce", p_t, doc)
+      dv_in = jnp.einsum("bkgcr,bkgre->bkgce", p_t, do_c)
       dk_st = jnp.einsum("bkce,bkgfe->bkgcf", vc, ds)
       dv_st = jnp.einsum("bkcf,bkgfe->bkgce", kc, ds)
       if bc is None:
-        dkc, dvc, ds = dk_in + dk_st, dv_in + dv_st, ds + _times(_tn(qs, doc), r)
+        dkc, dvc, ds = dk_in + dk_st, dv_in + dv_st, ds + _times(_tn(qs, do_c), r)
       else:
         last = bc[..., -1:]
         w_end = jnp.exp(last - bc)[..., None]
-        dkc, dvc = dk_in + w_end * dk_st, dv_in + w_end * dv_st
-        ds = jnp.exp(last)[..., None] * ds + _times(_tn(qs, doc), r)
+        dk_st, dv_st = w_end * dk_st, w_end * dv_st
+        ds_carried = jnp.exp(last)[..., None] * ds
+        if dc is not None:
+          in_last = (dc == dc[..., -1:])[..., None]
+          dk_st = jnp.where(in_last, dk_st, 0.0)
+          dv_st = jnp.where(in_last, dv_st, 0.0)
+          ds_carried = jnp.where((dc[..., -1:] == 0)[..., None], ds_carried, 0.0)
+          qs = jnp.where((dc == 0)[..., None], qs, 0.0)
+        dkc, dvc = dk_in + dk_st, dv_in + dv_st
+        ds = ds_carried + _times(_tn(qs, do_c), r)
       return ds, _write_chunk(dk, dkc, i, chunk), _write_chunk(dv, dvc, i, chunk)
 
     init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), _acc(k, do)),
