@@ -389,7 +389,7 @@ def main(_):
       row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     print(row, flush=True)
     rows.append(row)
-    save(rows)                                        # saved after every method
+    save(rows, meta)                                  # saved after every method
   if FLAGS.analysis:
     try:
       sink, echo, ind, t_text, t_rep = analysis_rows(model, params, tok, c.vocab_size)
