@@ -41,17 +41,20 @@ def _documents(ids):
                          np.cumsum(ids[:, 1:] != ids[:, :-1], axis=1)], axis=1)
 
 
-def _mask(ids, causal):
-  """[B, T, T] bool: key j visible to query i (same document, and j <= i if causal)."""
+def _mask(ids, causal, q_pos=None, k_pos=None):
+  """[B, T, T] bool: key j visible to query i (same document, and k_pos[j] <= q_pos[i]
+  if causal; positions default to arange(T))."""
   doc = _documents(ids)
   t = doc.shape[1]
+  q_pos = np.arange(t) if q_pos is None else q_pos
+  k_pos = np.arange(t) if k_pos is None else k_pos
   mask = doc[:, :, None] == doc[:, None, :]
   if causal:
-    mask &= np.tril(np.ones((t, t), bool))[None]
+    mask &= (k_pos[None, :] <= q_pos[:, None])[None]
   return mask
 
 
-def _dense(q, k, v, mask, feature_map, slopes, normalize, eps=1e-6):
+def _dense(q, k, v, mask, feature_map, slopes, normalize, eps=1e-6, positions=None):
   """Masked quadratic form in float32 on BTNH inputs (GQA by repeating K/V)."""
   phi = L.resolve_feature_map(feature_map)
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
@@ -59,7 +62,8 @@ def _dense(q, k, v, mask, feature_map, slopes, normalize, eps=1e-6):
   w = jnp.einsum("btnf,bsnf->bnts", phi(q), phi(k))
   t = q.shape[1]
   if slopes is not None:
-    dist = np.arange(t)[:, None] - np.arange(t)[None, :]
+    pos = np.arange(t) if positions is None else positions
+    dist = pos[:, None] - pos[None, :]
     w = w * jnp.exp(-jnp.asarray(slopes)[:, None, None] * np.maximum(dist, 0))[None]
   w = jnp.where(jnp.asarray(mask)[:, None], w, 0.0)
   o = jnp.einsum("bnts,bsne->btne", w, v)
@@ -73,20 +77,20 @@ def _loss(o):
 
 
 def _chunked_and_dense(q, k, v, ids, *, causal, feature_map="identity", decay=None,
-                       normalize=False, chunk_size=4):
+                       normalize=False, chunk_size=4, q_pos=None, k_pos=None):
   kw = dict(feature_map=feature_map, causal=causal, normalize=normalize,
-            chunk_size=chunk_size)
+            chunk_size=chunk_size, q_positions=q_pos, k_positions=k_pos)
   slopes = None if decay is None else SLOPES
-  mask = _mask(ids, causal)
+  mask = _mask(ids, causal, q_pos, k_pos)
 
-  def both(q, k, v, ids):
+  def both(q, k, v):
     def chunked(q, k, v):
       o = L.linear_attention(q, k, v, decay=slopes, segment_ids=ids, implementation=None,
                              **kw)
       return _loss(o), o
 
     def dense(q, k, v):
-      o = _dense(q, k, v, mask, feature_map, slopes, normalize)
+      o = _dense(q, k, v, mask, feature_map, slopes, normalize, positions=q_pos)
       return _loss(o), o
 
     (_, o), g = jax.value_and_grad(chunked, (0, 1, 2), has_aux=True)(q, k, v)
@@ -95,7 +99,7 @@ def _chunked_and_dense(q, k, v, ids, *, causal, feature_map="identity", decay=No
 
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    return jax.jit(both)(q, k, v, ids)
+    return jax.jit(both)(q, k, v)
 
 
 def _rel(a, b):
@@ -204,3 +208,39 @@ def test_dispatch_with_documents():
   pair = (IDS_21, IDS_21)
   with pytest.warns(UserWarning, match="pair"):
     L.linear_attention(q, k, v, segment_ids=pair)
+
+
+RESTART_21 = np.concatenate([np.arange(n) for n in (5, 3, 1, 7, 2, 3)])   # per IDS_21[0]
+
+
+@pytest.mark.parametrize("name,ids,q_pos,k_pos,decay,causal", [
+    ("offset", IDS_21, np.arange(21) + 7, np.arange(21) + 7, "slopes", True),
+    ("restart", IDS_21[:1].repeat(2, 0), RESTART_21, RESTART_21, "slopes", True),
+    ("spread", IDS_21, 3 * np.arange(21) + 1, 3 * np.arange(21), None, True),
+    ("noncausal", IDS_21, np.arange(21)[::-1].copy(), np.arange(21), None, False),
+])
+def test_positions_in_order_take_the_chunked_path(name, ids, q_pos, k_pos, decay, causal):
+  q, k, v = _qkv(21, seed=7)
+  _check(*_chunked_and_dense(q, k, v, ids, causal=causal, feature_map="elu+1", decay=decay,
+                             normalize=True, q_pos=q_pos, k_pos=k_pos))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(q_positions=np.arange(21)[::-1].copy()),                       # order reversed
+    dict(q_positions=RESTART_21, k_positions=RESTART_21, decay=SLOPES),  # no ids: not in order
+    dict(q_positions=np.arange(21) + 2),                                 # sees later keys
+])
+def test_positions_out_of_order_run_on_the_reference_with_a_warning(kw):
+  q, k, v = _qkv(21)
+  with pytest.warns(UserWarning, match="positions whose causal order"):
+    o = L.linear_attention(q, k, v, chunk_size=4, **kw)
+  np.testing.assert_array_equal(o, L.linear_attention(q, k, v, implementation="reference",
+                                                      chunk_size=4, **kw))
+
+
+def test_traced_positions_run_on_the_reference_with_a_warning():
+  q, k, v = _qkv(21)
+  fn = jax.jit(lambda p: L.linear_attention(q, k, v, q_positions=p, k_positions=p,
+                                            segment_ids=IDS_21))
+  with pytest.warns(UserWarning, match="positions whose causal order"):
+    fn(np.arange(21))

@@ -76,8 +76,7 @@ engine.BACKENDS.setdefault("xla_documents", engine.Backend(
 def _chunked_supports(call: dispatch.Call, explicit: bool):
   del explicit
   if call["positions"]:
-    return ("the chunked paths assume the default positions (q_positions / k_positions "
-            "were given)")
+    return call["positions"]
   if call["segment_pair"]:
     return ("segment ids given as a (q, kv) pair match documents by id across two "
             "sequences; the chunked path takes one [B, T] array (packed documents)")
@@ -99,7 +98,7 @@ LINEAR_BACKENDS = (dispatch.Backend("pallas", _pallas_supports),
                    dispatch.Backend("xla", _chunked_supports))
 
 
-def _pick_implementation(implementation, query, key, value, positions: bool = False,
+def _pick_implementation(implementation, query, key, value, positions: Optional[str] = None,
                          segment_ids=None):
   """The backend of a linear_attention call (``attnjax.core.dispatch``)."""
   facts = dict(positions=positions, segments=segment_ids is not None,
@@ -109,6 +108,48 @@ def _pick_implementation(implementation, query, key, value, positions: bool = Fa
   call = dispatch.Call("linear", placement.target_platform(query, key, value),
                        placement.compile_target(query, key, value), facts)
   return dispatch.resolve(call, LINEAR_BACKENDS, implementation).backend
+
+
+def _positions_out_of_order(q_positions, k_positions, d, segment_ids, *, causal: bool,
+                            has_decay: bool, has_s0: bool, return_state: bool):
+  """None when custom positions give the chunked path's result, else why not.
+
+  The chunked path sees key j from query i iff j <= i in the same document
+  and decays by i - j. Concrete [T] positions (self attention) keep that when
+  k_pos[i] <= q_pos[i] < k_pos[i + 1] for consecutive tokens of one
+  document, and with decay when q_pos == k_pos and k_pos[i + 1] == k_pos[i] + 1
+  there (e.g. arange(T) + offset, or positions restarting at each packed
+  document); the decayed initial state also needs q_pos[0] == 0, a decayed
+  returned state k_pos[-1] == max(k_pos). Non-causal without decay ignores
+  positions. Traced positions (or traced segment ids, when the positions
+  only hold document by document) cannot be checked.
+  """
+  if q_positions is None and k_positions is None:
+    return None
+  if not causal and not has_decay:
+    return None
+  why = ("the chunked paths need positions whose causal order is the order along T "
+         "(k_pos[i] <= q_pos[i] < k_pos[i + 1] in each document; with decay q_pos == k_pos, "
+         "consecutive in each document), checked on concrete [T] positions with T == S")
+  if d.T != d.S or any(isinstance(p, jax.core.Tracer) for p in (q_positions, k_positions)):
+    return why
+  q_pos, k_pos = (np.arange(d.T) if p is None else np.asarray(p)
+                  for p in (q_positions, k_positions))
+  if q_pos.shape != (d.T,) or k_pos.shape != (d.T,) or not all(
+      np.issubdtype(p.dtype, np.integer) for p in (q_pos, k_pos)):
+    return why
+  same = np.ones((1, d.T - 1), bool)
+  if segment_ids is not None and not isinstance(segment_ids, (tuple, list)) \
+      and not isinstance(segment_ids, jax.core.Tracer):
+    seg = np.asarray(segment_ids)
+    same = seg[:, 1:] == seg[:, :-1]
+  if has_decay:
+    ok = (np.array_equal(q_pos, k_pos) and np.all(~same | (k_pos[1:] == k_pos[:-1] + 1))
+          and (not has_s0 or q_pos[0] == 0)
+          and (not return_state or k_pos[-1] == k_pos.max()))
+  else:
+    ok = np.all(k_pos <= q_pos) and np.all(~same | (q_pos[:-1] < k_pos[1:]))
+  return None if ok else why
 
 
 def _to_heads(x):
@@ -198,9 +239,13 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
       same pass over the reversed sequence). A pair (q_segment_ids [B, T],
       kv_segment_ids [B, S]) matches equal ids instead and runs on the
       dense reference only.
-    q_positions, k_positions: run on the dense reference only (the chunked
-      paths assume the default positions); with implementation=None that
-      fallback warns.
+    q_positions, k_positions: [T] / [S] positions (causality and decay
+      distances). The chunked paths take concrete positions of self
+      attention whose causal order is the order along T inside each
+      document (e.g. arange(T) + offset, or positions restarting at each
+      packed document; with decay, equal for queries and keys and
+      consecutive in each document); others (and traced ones) run on the
+      dense reference, which warns with implementation=None.
     key_mask: optional boolean [B, S] (True = a real key; padded batches): a
       padded key's features and value are zeroed, so it adds nothing to the
       state or the normaliser on every path. Decay still counts positions: a
@@ -218,9 +263,10 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
   query, key, value = as_arrays(query, key, value)
   d = check_qkv(query, key, value)
   check_positive_int("chunk_size", chunk_size)
-  impl = _pick_implementation(implementation, query, key, value,
-                              q_positions is not None or k_positions is not None,
-                              segment_ids)
+  positions = _positions_out_of_order(
+      q_positions, k_positions, d, segment_ids, causal=causal, has_decay=decay is not None,
+      has_s0=initial_state is not None, return_state=return_state)
+  impl = _pick_implementation(implementation, query, key, value, positions, segment_ids)
   phi = resolve_feature_map(feature_map)
   slopes = resolve_decay(decay, d.N)
   if slopes is not None and not causal:
