@@ -305,13 +305,15 @@ def save(rows, meta=None):
 
 def heads_section(results):
   """The (layer, KV head) choices of the Razor and Duo rows (F: full context, s: compressed)."""
-  out = []
+  seen = {}
   for r in results["rows"]:
     for key, what in (("protected_kv_heads", "RazorAttention protected KV heads"),
                       ("retrieval_kv_heads", "DuoAttention retrieval KV heads")):
       if key in r:
-        out.append(f"{what} ({r['method']}, context {r['context']}; per layer, KV heads 0-2, "
-                   f"F = full context, s = compressed): {r[key]}.")
+        seen.setdefault((what, r["method"], r[key]), []).append(str(r["context"]))
+  out = [f"{what} ({method}, context {', '.join(ctxs)}; per layer, KV heads 0-2, "
+         f"F = full context, s = compressed): {heads}."
+         for (what, method, heads), ctxs in seen.items()]
   return ["## Head choices\n\n" + "\n\n".join(out)] if out else []
 
 
