@@ -6,7 +6,9 @@ Lightning Attention-2 (arXiv:2401.04658), TNL (arXiv:2405.17381) and BASED
 Causality is by positions, bottom-right aligned: query i (position i + S - T)
 sees key j iff j <= i + S - T, so the four CAB patterns (non-causal/causal x
 self/cross) all run through one causal-self engine: queries (or keys) are
-padded at the front with zeros until both sides align.
+padded at the front with zeros until both sides align. Packed documents
+(segment_ids) clear the state at each document start (a log-decay of -inf
+there); non-causal documents add the same scan over the reversed sequence.
 """
 from __future__ import annotations
 
@@ -263,6 +265,7 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
   query, key, value = as_arrays(query, key, value)
   d = check_qkv(query, key, value)
   check_positive_int("chunk_size", chunk_size)
+  segs = check_segment_ids(segment_ids, d)
   positions = _positions_out_of_order(
       q_positions, k_positions, d, segment_ids, causal=causal, has_decay=decay is not None,
       has_s0=initial_state is not None, return_state=return_state)
@@ -291,7 +294,6 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
     q_pos, k_pos = check_positions(q_positions, k_positions, d)
     if q_pos.ndim != 1 or k_pos.ndim != 1:
       raise NotImplementedError("linear attention takes positions of shape [T] / [S] only.")
-    segs = check_segment_ids(segment_ids, d)
     if segs is not None and not isinstance(segment_ids, (tuple, list)):
       segs = segs[0]
     o, state = reference.dense_linear_attention(
@@ -299,7 +301,6 @@ def linear_attention(query, key, value, *, feature_map="identity", causal: bool 
         k_positions=k_positions, segment_ids=segs)
   else:
     backend = impl
-    segs = check_segment_ids(segment_ids, d)
     if s0 is None:
       s0 = jnp.zeros((d.B, d.N, f, e), dt)
     if segs is not None and causal:

@@ -31,7 +31,9 @@ cumsum of the finite log-decays only, the scores keep c <= r with d_c == d_r,
 only queries with d_r == 0 (the document open at the chunk start) read the
 carried state, and the state passed on holds only the keys of the chunk's last
 document (plus the carried state when the chunk has no mark). Every mask is a
-select, so a NaN in one document's keys never reaches another document.
+select, so a NaN in one document's queries or keys never reaches another
+document (a NaN value still reaches the other queries of its chunk through the
+zero weights of the score-value product, as in the dense form).
 """
 from __future__ import annotations
 
