@@ -244,3 +244,17 @@ def test_traced_positions_run_on_the_reference_with_a_warning():
                                             segment_ids=IDS_21))
   with pytest.warns(UserWarning, match="positions whose causal order"):
     fn(np.arange(21))
+
+
+def test_gradient_of_learned_slopes_with_documents():
+  q, k, v = _qkv(21, seed=8)
+  mask = _mask(IDS_21, True)
+  slopes = jnp.asarray([0.5, 0.25, 0.1, 0.05])
+  chunked = lambda s: _loss(L.linear_attention(q, k, v, decay=s, segment_ids=IDS_21,
+                                               chunk_size=4, feature_map="elu+1",
+                                               normalize=True))
+  dense = lambda s: _loss(_dense(q, k, v, mask, "elu+1", s, True))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    g, g_ref = jax.jit(lambda s: (jax.grad(chunked)(s), jax.grad(dense)(s)))(slopes)
+  assert _rel(g, g_ref) < 2e-5
