@@ -71,19 +71,20 @@ def _write_chunk(buf: jax.Array, xc: jax.Array, i, chunk: int) -> jax.Array:
   return lax.dynamic_update_slice_in_dim(buf, xc.astype(buf.dtype), i * chunk, 1)
 
 
-def _decay_table(g: jax.Array, kh: int, chunk: int, resets: bool = False):
-  """In-chunk inclusive cumsums of the log-decays, [B, K, G, nC, C], and the
-  in-chunk document index d ([B, K, G, nC, C] int32; None without resets).
-
-  With resets, -inf log-decays (document starts) count in d and as 0 in b.
-  """
+def _tables(g: jax.Array, kh: int, chunk: int, has_decay: bool, resets: bool):
+  """(cum, doc): the in-chunk inclusive cumsums of the log-decays [B, K, G, nC, C]
+  (None without decay) and the in-chunk document index d, int32 of the same
+  shape (None without resets), where -inf log-decays (document starts) count
+  in d and as 0 in the cumsums."""
   b, n, t = g.shape
   g = g.reshape(b, kh, n // kh, t // chunk, chunk)
-  if not resets:
-    return jnp.cumsum(g, axis=-1), None
-  mark = jnp.isneginf(g)
-  return (jnp.cumsum(jnp.where(mark, jnp.zeros((), g.dtype), g), axis=-1),
-          jnp.cumsum(mark.astype(jnp.int32), axis=-1))
+  mark = jnp.isneginf(g) if resets else None
+  cum = doc = None
+  if has_decay:
+    cum = jnp.cumsum(g if mark is None else jnp.where(mark, jnp.zeros((), g.dtype), g), axis=-1)
+  if mark is not None:
+    doc = jnp.cumsum(mark.astype(jnp.int32), axis=-1)
+  return cum, doc
 
 
 def _chunk_decay(cum, i):
@@ -181,12 +182,16 @@ def _next_state(state, kc, vc, b, d=None):
   With documents d, only the keys of the chunk's last document enter, and S
   only when the chunk has no document start.
   """
-  if b is None:
+  if b is None and d is None:
     return state + _tn(kc, vc)[:, :, None]
-  last = b[..., -1:]
-  k_end = kc[:, :, None] * jnp.exp(last - b)[..., None]
-  v_grp = jnp.broadcast_to(vc[:, :, None], k_end.shape[:-1] + vc.shape[-1:])
-  carried = jnp.exp(last)[..., None] * state
+  k_end, carried = kc[:, :, None], state
+  if b is not None:
+    last = b[..., -1:]
+    k_end = k_end * jnp.exp(last - b)[..., None]
+    carried = jnp.exp(last)[..., None] * state
+  shape = state.shape[:3] + kc.shape[-2:]
+  k_end = jnp.broadcast_to(k_end, shape)
+  v_grp = jnp.broadcast_to(vc[:, :, None], shape[:-1] + vc.shape[-1:])
   if d is not None:
     in_last = (d == d[..., -1:])[..., None]
     k_end = jnp.where(in_last, k_end, 0.0)
@@ -201,13 +206,6 @@ def _grouped_state(s, kh):
 
 def _ungrouped_state(s):
   return s.reshape((s.shape[0], s.shape[1] * s.shape[2]) + s.shape[3:])
-
-
-def _tables(g, kh, chunk, has_decay, resets):
-  """(cum, doc) of `_decay_table`, or (None, None) without decay and documents."""
-  if not (has_decay or resets):
-    return None, None
-  return _decay_table(g, kh, chunk, resets)
 
 
 def forward(q, k, v, g, s0, chunk, has_decay, resets: bool = False):
@@ -276,21 +274,20 @@ def backward(q, k, v, g, s0, do, ds_final, chunk, has_decay, resets: bool = Fals
       dv_in = jnp.einsum("bkgcr,bkgre->bkgce", p_t, do_c)
       dk_st = jnp.einsum("bkce,bkgfe->bkgcf", vc, ds)
       dv_st = jnp.einsum("bkcf,bkgfe->bkgce", kc, ds)
-      if bc is None:
-        dkc, dvc, ds = dk_in + dk_st, dv_in + dv_st, ds + _times(_tn(qs, do_c), r)
-      else:
+      ds_carried = ds
+      if bc is not None:
         last = bc[..., -1:]
         w_end = jnp.exp(last - bc)[..., None]
         dk_st, dv_st = w_end * dk_st, w_end * dv_st
         ds_carried = jnp.exp(last)[..., None] * ds
-        if dc is not None:
-          in_last = (dc == dc[..., -1:])[..., None]
-          dk_st = jnp.where(in_last, dk_st, 0.0)
-          dv_st = jnp.where(in_last, dv_st, 0.0)
-          ds_carried = jnp.where((dc[..., -1:] == 0)[..., None], ds_carried, 0.0)
-          qs = jnp.where((dc == 0)[..., None], qs, 0.0)
-        dkc, dvc = dk_in + dk_st, dv_in + dv_st
-        ds = ds_carried + _times(_tn(qs, do_c), r)
+      if dc is not None:
+        in_last = (dc == dc[..., -1:])[..., None]
+        dk_st = jnp.where(in_last, dk_st, 0.0)
+        dv_st = jnp.where(in_last, dv_st, 0.0)
+        ds_carried = jnp.where((dc[..., -1:] == 0)[..., None], ds_carried, 0.0)
+        qs = jnp.where((dc == 0)[..., None], qs, 0.0)
+      dkc, dvc = dk_in + dk_st, dv_in + dv_st
+      ds = ds_carried + _times(_tn(qs, do_c), r)
       return ds, _write_chunk(dk, dkc, i, chunk), _write_chunk(dv, dvc, i, chunk)
 
     init = (_grouped_state(ds_final, kh), jnp.zeros((b, t, n, f), _acc(k, do)),
