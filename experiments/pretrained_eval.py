@@ -96,7 +96,7 @@ NOT_RUN = [
 
 LONG = ("one 4k-context method takes tens of minutes on 2 shared CPU cores (perplexity, "
         "passkey and the decode timing); rerun with --context=4096 --ppl_windows=1 "
-        "--passkey_trials=4 --methods=...")
+        "--passkey_trials=4 --methods=<names>")
 
 
 def not_run(results):
