@@ -33,7 +33,7 @@ import jax, jax.numpy as jnp, numpy as np
 from attnjax.linear.decay import tnl_decay_slopes
 from attnjax.linear.feature_maps import resolve_feature_map
 from attnjax.sharding import make_mesh, context_parallel_family, context_parallel_linear_attention
-warnings.simplefilter("ignore")   # inside a shard, documents take the dense path (it warns)
+warnings.simplefilter("ignore")   # keep the child's output to the results line
 out = {"devices": jax.device_count()}
 
 def mesh_of(shape):

@@ -33,8 +33,9 @@ run of equal ids, ids non-decreasing along T (as packing writes them; a
 padded tail takes an id of its own, at least the last one); a row that
 breaks this returns NaN (one ``psum`` of a flag per row), so equal ids are
 one document, as unsharded, wherever the output is not NaN. Within a shard
-the documents take ``attnjax.linear_attention``'s segment-id path (the dense
-reference, as unsharded). A scan step moves one state and [B, 4] ids.
+the documents take ``attnjax.linear_attention``'s chunked document path (the
+state is cleared at each document start), as unsharded. A scan step moves one
+state and [B, 4] ids.
 
 Custom positions run where their causal order is the order along T
 (:func:`check_linear_positions`).
