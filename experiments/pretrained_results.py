@@ -117,8 +117,12 @@ def write_doc(path: str, results: Dict, not_run: Sequence[Tuple[str, str]],
            "every family). passkey_acc: greedy exact match of the answer \" 12345\" "
            "(its first token is a space); passkey_digits_acc: the 5 digit tokens all "
            "argmax-correct given that space (the model often writes \" the 12345\")."]
+  order = {}
+  for r in results["rows"]:                       # one method order for every table
+    order.setdefault(r["method"].split("(")[0], len(order))
   for ctx in sorted(results["meta"], key=int):
-    rows = [r for r in results["rows"] if int(r["context"]) == int(ctx)]
+    rows = sorted((r for r in results["rows"] if int(r["context"]) == int(ctx)),
+                  key=lambda r: order[r["method"].split("(")[0]])
     if not rows:
       continue
     lines += ["", f"## Context {ctx}", "", _settings(results["meta"][ctx], rows), "",
