@@ -24,6 +24,34 @@ NUM_DEVICES = 8
 # passes (SPMD partitioning, collectives) are unchanged, and so are the numerics.
 CODEGEN_FLAGS = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
+#: Source prepended to the scripts that compare a sharded op with the unsharded one.
+HELPERS = r'''
+import jax, jax.numpy as jnp, numpy as np
+
+def inputs(lead, N, K, H, dtype, seed=0):
+  """q [*lead, N, H], k, v [*lead, K, H] in dtype and float32 output weights [*lead, N, H]."""
+  rng = np.random.default_rng(seed)   # NumPy draws: no sampler compile per shape
+  r = lambda n: jnp.asarray(rng.standard_normal(tuple(lead) + (n, H), np.float32), dtype)
+  return r(N), r(K), r(K), r(N).astype(jnp.float32)
+
+def rel(a, b):
+  """max |a - b| / max |b| in float32."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+def loss_and_grads(f, w):
+  """value_and_grad in q, k, v of sum(f(q, k, v) * w) (+ sum(sin(extra)) when f returns
+  (out, extra)); the aux is (out, extra or None)."""
+  def fn(q, k, v):
+    o = f(q, k, v)
+    o, extra = (o if isinstance(o, tuple) else (o, None))
+    l = jnp.sum(o.astype(jnp.float32) * w)
+    if extra is not None:
+      l = l + jnp.sum(jnp.sin(extra))
+    return l, (o, extra)
+  return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)
+'''
+
 _SCRIPTS = {}
 _RESULTS = {}
 

@@ -28,29 +28,10 @@ out = {"devices": jax.device_count()}
 def mesh_of(shape):
   return make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
 
-def inputs(lead, N, K, H, dtype, seed=0):
-  # NumPy draws: jax.random would compile its sampler once per shape
-  rng = np.random.default_rng(seed)
-  r = lambda n: jnp.asarray(rng.standard_normal(lead + (n, H), np.float32), dtype)
-  return r(N), r(K), r(K), r(N).astype(jnp.float32)
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
 def compare(name, sharded, unsharded, q, k, v, w):
-  def loss(f):
-    def fn(q, k, v):
-      o = f(q, k, v)
-      o, extra = (o if isinstance(o, tuple) else (o, None))
-      l = jnp.sum(o.astype(jnp.float32) * w)
-      if extra is not None:
-        l = l + jnp.sum(jnp.sin(extra))
-      return l, o
-    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
   # one program for both sides: one compile per case
-  ((_, o1), g1), ((_, o2), g2) = jax.jit(
-      lambda *a: (loss(sharded)(*a), loss(unsharded)(*a)))(q, k, v)
+  ((_, (o1, _)), g1), ((_, (o2, _)), g2) = jax.jit(
+      lambda *a: (loss_and_grads(sharded, w)(*a), loss_and_grads(unsharded, w)(*a)))(q, k, v)
   out[name] = {"fwd": rel(o1, o2), "grad": max(rel(a, b) for a, b in zip(g1, g2)),
                "dtype": str(o1.dtype)}
 
@@ -133,7 +114,7 @@ NEIGHBORHOOD = ["na1d_dilated_c8", "na1d_causal_c4", "na1d_full_window_c2",
                 "na2d_axis0_data2_heads2_c2", "na2d_axis1_data2_c4", "na3d_axis2_c4"]
 
 
-multidevice.register("linear_na", SCRIPT)
+multidevice.register("linear_na", multidevice.HELPERS + SCRIPT)
 
 
 @pytest.fixture(scope="module")

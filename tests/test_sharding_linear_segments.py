@@ -39,10 +39,6 @@ out = {"devices": jax.device_count()}
 def mesh_of(shape):
   return make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
 
-def inputs(B, T, N, K, H, dtype, seed=0):
-  rng = np.random.default_rng(seed)   # NumPy draws: no sampler compile per shape
-  r = lambda n: jnp.asarray(rng.standard_normal((B, T, n, H), np.float32), dtype)
-  return r(N), r(K), r(K), r(N).astype(jnp.float32)
 
 def docs(lengths, ids=None):
   return np.repeat(np.arange(len(lengths)) if ids is None else ids, lengths)
@@ -70,9 +66,6 @@ def dense(q, k, v, mask, feature_map, normalize, slopes=None, dist=None, eps=1e-
     o = o / (w.sum(-1).transpose(0, 2, 1)[..., None] + eps)
   return o.astype(q.dtype)
 
-def rel(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 def build(sharded, reference):
   """One jitted program: (out, grads) of both sides; extra arguments are traced."""
@@ -111,7 +104,7 @@ cases = [
     ("c8_taylor", (1, 1, 8), (2, 64, 2, 1, 4), jnp.float32, "taylor", True, seg64),
 ]
 for name, shape, (B, T, N, K, H), dtype, fm, norm, seg in cases:
-  q, k, v, w = inputs(B, T, N, K, H, dtype, seed=len(name))
+  q, k, v, w = inputs((B, T), N, K, H, dtype, seed=len(name))
   m = mesh_of(shape)
   # positions are unused without causality (any values of the right shape run)
   kw = dict(feature_map=fm, normalize=norm, causal=False, chunk_size=4,
@@ -130,7 +123,7 @@ from experiments.benchmarks.context_parallel import received_bytes
 m = mesh_of((1, 1, 8))
 out["bytes"] = {}
 for T in (64, 512):
-  q, k, v, _ = inputs(1, T, 4, 2, 16, jnp.float32)
+  q, k, v, _ = inputs((1, T), 4, 2, 16, jnp.float32)
   s = jnp.asarray(docs([T // 2 + 3, T // 2 - 3])[None], jnp.int32)
   f = jax.jit(lambda q, k, v, s: context_parallel_linear_attention(
       q, k, v, m, feature_map="elu+1", normalize=True, causal=False, segment_ids=s))
@@ -149,7 +142,7 @@ POSITIONS = r'''
 pos = np.arange(32) + 100
 slopes = tnl_decay_slopes(4, 0, 1)
 m = mesh_of((2, 1, 4))
-q, k, v, w = inputs(2, 32, 4, 2, 8, jnp.float32, seed=5)
+q, k, v, w = inputs((2, 32), 4, 2, 8, jnp.float32, seed=5)
 mask = np.broadcast_to(pos[None, :, None] >= pos[None, None, :], (2, 32, 32))
 run = build(lambda q, k, v, p: context_parallel_linear_attention(
                 q, k, v, m, decay=slopes, chunk_size=4, q_positions=p, k_positions=p),
@@ -165,7 +158,7 @@ out["offset_gap_nan"] = nan_rows(run, q, k, v, w, jnp.asarray(bad))
 seg = np.stack([docs([5, 30, 3, 26]), docs([40, 24], [7, 8])])
 pp = restart(seg)
 fam = context_parallel_family("linear", mesh_of((1, 1, 8)))
-q, k, v, w = inputs(2, 64, 4, 2, 8, jnp.float32, seed=7)
+q, k, v, w = inputs((2, 64), 4, 2, 8, jnp.float32, seed=7)
 run = build(lambda q, k, v, s, p: fam(q, k, v, causal=True, chunk_size=4, segment_ids=s,
                                       q_positions=p, k_positions=p),
             lambda q, k, v, s, p: dense(q, k, v, (s[:, :, None] == s[:, None, :])
@@ -177,8 +170,8 @@ out["packed_repeat_nan"] = nan_rows(run, q, k, v, w, jnp.asarray(seg), jnp.asarr
 print("RESULT" + json.dumps(out))
 '''
 
-multidevice.register("linear_documents", COMMON + DOCUMENTS)
-multidevice.register("linear_positions", COMMON + POSITIONS)
+multidevice.register("linear_documents", multidevice.HELPERS + COMMON + DOCUMENTS)
+multidevice.register("linear_positions", multidevice.HELPERS + COMMON + POSITIONS)
 
 
 @pytest.fixture(scope="module")

@@ -29,29 +29,10 @@ def mesh_of(**axes):
   return Mesh(np.asarray(jax.devices()[:n], dtype=object).reshape(tuple(axes.values())),
               tuple(axes))
 
-def inputs(lead, N, K, H, dtype, seed=0):
-  # NumPy draws: jax.random would compile its sampler once per shape
-  rng = np.random.default_rng(seed)
-  r = lambda n: jnp.asarray(rng.standard_normal(lead + (n, H), np.float32), dtype)
-  return r(N), r(K), r(K), r(N).astype(jnp.float32)
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
 def compare(name, sharded, unsharded, q, k, v, w):
-  def loss(f):
-    def fn(q, k, v):
-      o = f(q, k, v)
-      o, extra = (o if isinstance(o, tuple) else (o, None))
-      l = jnp.sum(o.astype(jnp.float32) * w)
-      if extra is not None:
-        l = l + jnp.sum(jnp.sin(extra))
-      return l, (o, extra)
-    return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)
   # one program for both sides: one compile per case
   ((_, (o1, l1)), g1), ((_, (o2, l2)), g2) = jax.jit(
-      lambda *a: (loss(sharded)(*a), loss(unsharded)(*a)))(q, k, v)
+      lambda *a: (loss_and_grads(sharded, w)(*a), loss_and_grads(unsharded, w)(*a)))(q, k, v)
   out[name] = {"fwd": rel(o1, o2), "grad": max(rel(a, b) for a, b in zip(g1, g2)),
                "lse": None if l1 is None else rel(l1, l2), "dtype": str(o1.dtype),
                "scale": float(np.abs(np.asarray(o2, np.float32)).max())}
@@ -128,7 +109,7 @@ print("RESULT" + json.dumps(out))
 CASES = ["na2d_k3_rpb_lse_heads2_2x2", "na2d_k5_d2_reversed_2x4", "na2d_k3_d2_causal_x_2x4",
          "na2d_bf16_data2_2x2", "na3d_axes02_2x4", "na3d_three_axes_2x2x2"]
 
-multidevice.register("na_2axes", SCRIPT)
+multidevice.register("na_2axes", multidevice.HELPERS + SCRIPT)
 
 
 @pytest.fixture(scope="module")
