@@ -96,7 +96,11 @@ def _settings(meta: Dict, rows: Sequence[Dict]) -> str:
        f"{meta['ppl_windows']} held-out window(s) = {meta['ppl_tokens']} tokens, "
        f"{meta['passkey_trials']} passkey trials, " +
        (f"decode timed over {meta['decode_steps']} tokens after a prompt of "
-        f"{ctx - meta['decode_steps'] - 1}" if meta.get("decode_steps") else
+        f"{ctx - meta['decode_steps'] - 1}" + (
+            " (prefill excluded: a scan of the decode steps from the filled cache, the "
+            "fastest of 3 runs)" if meta.get("decode_timing") == "prefill_excluded" else
+            " (prefill included: the difference of two generate calls)")
+        if meta.get("decode_steps") else
         "no decode timing"))
   trials = sorted({r.get("passkey_trials") for r in rows if r.get("passkey_trials")})
   if len(trials) > 1:
