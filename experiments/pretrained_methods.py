@@ -330,24 +330,25 @@ def per_layer_model(model, family: str, options: Sequence[dict]):
       attention_options=tuple(FrozenDict(o) for o in options)))
 
 
+def _head_options(name, heads, key, num_layers: int, num_kv_heads: int, **extra):
+  """One options mapping per layer: ``key`` = that layer's row of bool ``heads`` [L, K]."""
+  heads = np.asarray(heads, bool)
+  if heads.shape != (num_layers, num_kv_heads):
+    raise ValueError(f"{name} must be bool [L, K]=({num_layers}, {num_kv_heads}), got "
+                     f"{heads.shape}.")
+  return [{key: tuple(bool(b) for b in row), **extra} for row in heads]
+
+
 def razor_options(protected, *, num_sink: int, window: int, num_layers: int, num_kv_heads: int):
   """Per-layer options of "eval_razor" from protected bool [L, K]."""
-  protected = np.asarray(protected, bool)
-  if protected.shape != (num_layers, num_kv_heads):
-    raise ValueError(f"protected must be bool [L, K]=({num_layers}, {num_kv_heads}), got "
-                     f"{protected.shape}.")
-  return [dict(protected_heads=tuple(bool(b) for b in row), num_sink=num_sink, window=window)
-          for row in protected]
+  return _head_options("protected", protected, "protected_heads", num_layers, num_kv_heads,
+                       num_sink=num_sink, window=window)
 
 
 def duo_options(retrieval, *, sink: int, recent: int, num_layers: int, num_kv_heads: int):
   """Per-layer options of "eval_duo" from retrieval bool [L, K]."""
-  retrieval = np.asarray(retrieval, bool)
-  if retrieval.shape != (num_layers, num_kv_heads):
-    raise ValueError(f"retrieval must be bool [L, K]=({num_layers}, {num_kv_heads}), got "
-                     f"{retrieval.shape}.")
-  return [dict(retrieval_heads=tuple(bool(b) for b in row), sink=sink, recent=recent)
-          for row in retrieval]
+  return _head_options("retrieval", retrieval, "retrieval_heads", num_layers, num_kv_heads,
+                       sink=sink, recent=recent)
 
 
 def razor_head_scores(model, params, vocab_size: int, *, length: int = 128, seed: int = 0,
