@@ -74,7 +74,8 @@ flags.DEFINE_bool("passkey_only", False, "Recompute only the passkey columns of 
                   "<results_dir>/pretrained_eval.json and rewrite the files.")
 flags.DEFINE_string("doc", "docs/pretrained_results.md", "Markdown file written ('' for none).")
 flags.DEFINE_bool("decode_only", False, "Recompute only decode_ms_per_token of the stored rows "
-                  "at --context (methods with a KV-cache path) and rewrite the files.")
+                  "at --context (methods with a KV-cache path) and rewrite the files "
+                  "(with --passkey_only: both).")
 flags.DEFINE_string("merge_from", "", "Merge the rows and meta of another results file "
                     "(either format) into <results_dir>/pretrained_eval.json; without "
                     "--methods nothing else runs.")
@@ -393,36 +394,28 @@ def main(_):
   print(f"loaded SmolLM2-135M in {time.time() - t0:.1f}s", flush=True)
   pk_tokens, pk_spans, _ = passkey_batch(tok, ctx, trials)
   builders = built_methods(model, params, tok, ctx, budget)
-  if FLAGS.decode_only:
+  if FLAGS.decode_only or FLAGS.passkey_only:
     results = R.load(os.path.join(FLAGS.results_dir, R.RESULTS))
     for row in results["rows"]:
       if int(row["context"]) != ctx or not _selected(row["method"]):
         continue
       b = [bl for n, bl in builders if n == row["method"] or n == row["method"].split("(")[0]]
       b = b[0]()
-      if not _can_decode(b):
-        continue
-      row["decode_ms_per_token"] = decode_ms_per_token(
-          b.decode_model, b.params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1],
-          FLAGS.decode_steps)
-      row["note"] = row["note"].replace("; decode not timed in this run", "")
-      print(row["method"], ctx, row["decode_ms_per_token"], flush=True)
-      save([row])
-    save([], {"context": ctx, "decode_steps": FLAGS.decode_steps,
-              "decode_timing": "prefill_excluded"})
-    return
-  if FLAGS.passkey_only:
-    results = R.load(os.path.join(FLAGS.results_dir, R.RESULTS))
-    for row in results["rows"]:
-      if int(row["context"]) != ctx or not _selected(row["method"]):
-        continue
-      b = [bl for n, bl in builders if n == row["method"] or n == row["method"].split("(")[0]]
-      b = b[0]()
-      row["passkey_acc"], row["passkey_digits_acc"] = passkey_accuracy(
-          b.forward, b.params, pk_tokens, pk_spans)
-      row["passkey_trials"] = trials
-      print(row, flush=True)
-    save(results["rows"])
+      if FLAGS.passkey_only:
+        row["passkey_acc"], row["passkey_digits_acc"] = passkey_accuracy(
+            b.forward, b.params, pk_tokens, pk_spans)
+        row["passkey_trials"] = trials
+      if FLAGS.decode_only and _can_decode(b):
+        row["decode_ms_per_token"] = decode_ms_per_token(
+            b.decode_model, b.params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1],
+            FLAGS.decode_steps)
+        row["note"] = row["note"].replace("; decode not timed in this run", "")
+      print(row["method"], ctx, {k: row.get(k) for k in (
+          "passkey_acc", "passkey_digits_acc", "decode_ms_per_token")}, flush=True)
+      save([row])                                   # saved after every method
+    if FLAGS.decode_only:
+      save([], {"context": ctx, "decode_steps": FLAGS.decode_steps,
+                "decode_timing": "prefill_excluded"})
     return
   windows = heldout_windows(tok, ctx, windows_n)
   meta = _meta(ctx, budget, windows_n, int(windows.size), trials)
