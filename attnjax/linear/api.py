@@ -112,6 +112,22 @@ def _pick_implementation(implementation, query, key, value, positions: Optional[
   return dispatch.resolve(call, LINEAR_BACKENDS, implementation).backend
 
 
+def scan_order_violations(q, k, same, same_distances: bool, xp=np):
+  """bool [R, T]: where positions q, k [R, T] break the chunked scan's order.
+
+  The scan sees key j from query i iff j <= i within a document, which equals
+  causality by positions when ``k_pos[i] <= q_pos[i] < k_pos[i + 1]`` for
+  consecutive tokens of one document (``same`` [R, T - 1]: token i + 1 is in
+  token i's document); with ``same_distances`` (decay counts i - j) when
+  ``q_pos == k_pos`` and ``k_pos[i + 1] == k_pos[i] + 1`` there. ``xp``: np or jnp.
+  """
+  if same_distances:
+    tok, pair = q == k, ~same | (k[:, 1:] == k[:, :-1] + 1)
+  else:
+    tok, pair = k <= q, ~same | (q[:, :-1] < k[:, 1:])
+  return ~tok | xp.concatenate([~pair, xp.zeros((q.shape[0], 1), bool)], axis=1)
+
+
 def _positions_out_of_order(q_positions, k_positions, d, segment_ids, *, causal: bool,
                             has_decay: bool, has_s0: bool, return_state: bool):
   """None when custom positions give the chunked path's result, else why not.
@@ -145,12 +161,11 @@ def _positions_out_of_order(q_positions, k_positions, d, segment_ids, *, causal:
       and not isinstance(segment_ids, jax.core.Tracer):
     seg = np.asarray(segment_ids)
     same = seg[:, 1:] == seg[:, :-1]
+  r = same.shape[0]
+  q2, k2 = np.broadcast_to(q_pos, (r, d.T)), np.broadcast_to(k_pos, (r, d.T))
+  ok = not scan_order_violations(q2, k2, same, has_decay).any()
   if has_decay:
-    ok = (np.array_equal(q_pos, k_pos) and np.all(~same | (k_pos[1:] == k_pos[:-1] + 1))
-          and (not has_s0 or q_pos[0] == 0)
-          and (not return_state or k_pos[-1] == k_pos.max()))
-  else:
-    ok = np.all(k_pos <= q_pos) and np.all(~same | (q_pos[:-1] < k_pos[1:]))
+    ok = ok and (not has_s0 or q_pos[0] == 0) and (not return_state or k_pos[-1] == k_pos.max())
   return None if ok else why
 
 

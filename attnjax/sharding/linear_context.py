@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from attnjax.block_sparse.families import sliding_window_attention
 from attnjax.core import precision
 from attnjax.core import validation as V
-from attnjax.linear.api import linear_attention
+from attnjax.linear.api import linear_attention, scan_order_violations
 from attnjax.linear.based import BRANCHES, window_sides
 from attnjax.linear.decay import resolve_decay
 from attnjax.linear.feature_maps import resolve_feature_map
@@ -128,13 +128,9 @@ def check_linear_positions(q_positions, k_positions, batch: int, seq_len: int, *
   q, k = pos(q_positions), pos(k_positions)
   same = (xp.ones((r, seq_len - 1), bool) if seg is None else
           xp.asarray(seg)[:, 1:] == xp.asarray(seg)[:, :-1])
-  if same_distances:
-    tok, pair = q == k, ~same | (k[:, 1:] == k[:, :-1] + 1)
-    rule = "q_pos[i] == k_pos[i] and k_pos[i + 1] == k_pos[i] + 1 (decay counts distances)"
-  else:
-    tok, pair = k <= q, ~same | (q[:, :-1] < k[:, 1:])
-    rule = "k_pos[i] <= q_pos[i] < k_pos[i + 1]"
-  bad = ~tok | xp.concatenate([~pair, xp.zeros((r, 1), bool)], axis=1)
+  rule = ("q_pos[i] == k_pos[i] and k_pos[i + 1] == k_pos[i] + 1 (decay counts distances)"
+          if same_distances else "k_pos[i] <= q_pos[i] < k_pos[i + 1]")
+  bad = scan_order_violations(q, k, same, same_distances, xp)
   if traced:
     return ~bad.any(axis=1).reshape(r, 1, 1, 1)
   if bad.any():
