@@ -23,7 +23,8 @@ from attnjax.dynamic.hip import hip_attention, hip_mask
 from attnjax.dynamic.hyper import hyper_attention, sort_lsh_buckets
 from attnjax.dynamic.landmark import (insert_landmarks, landmark_grouped_attention,
                                       landmark_retrieval_attention)
-from attnjax.dynamic.longheads import chunk_representations, longheads_attention
+from attnjax.dynamic.longheads import (chunk_representations, longheads_attention,
+                                       longheads_decode_step)
 from attnjax.dynamic.routing import RoutingAttention, kmeans_ema_update, routing_attention
 from attnjax.dynamic.seer import (SeerAttention, SeerAttnGate, gate_to_layout, seer_attention,
                                   seer_distillation_loss, seer_gate, seer_ground_truth)

@@ -33,7 +33,7 @@ from attnjax.layers.rope import apply_rope
 from attnjax import api
 from attnjax.masks import Causal
 
-__all__ = ["longheads_attention", "chunk_representations"]
+__all__ = ["longheads_attention", "longheads_decode_step", "chunk_representations"]
 
 
 def _rope_bnlh(x, positions, base):
@@ -104,38 +104,101 @@ def longheads_attention(query, key, value, *, chunk_size: int = 256, attn_len: i
   if d.S % w or d.T % qb:
     raise ValueError(f"chunk_size={w} must divide S={d.S} and query_block={qb} must divide "
                      f"T={d.T}.")
-  nc, nq, m = d.S // w, d.T // qb, attn_len // w
-  m = min(m, nc)
+  nq = d.T // qb
   r = chunk_representations(key, value, query, chunk_size=w, rope_base=rope_base, scale=scale)
   qt = jnp.transpose(query.astype(jnp.float32), (0, 2, 1, 3)).reshape(d.B, d.N, nq, qb, d.H)
-  scores = jnp.einsum("bnqh,bnch->bnqc", qt.mean(-2), r)
-  qlast = (jnp.arange(nq) + 1) * qb - 1
-  own = (qlast // w)[:, None]
-  c = jnp.arange(nc)[None, :]
-  valid = c <= own
-  force = valid & ((c == 0) | (c == own) | (c == own - 1))
-  idx, cnt = topk_blocks(jax.lax.stop_gradient(scores), m, valid=valid[None, None],
-                         force=force[None, None])
-  # Gather chunks (un-rotated keys), re-rotate at slot positions.
-  hi = jnp.arange(d.N) // (d.N // d.K)
-  kc = jnp.transpose(key.reshape(d.B, nc, w, d.K, d.H), (0, 3, 1, 2, 4))[:, hi]
-  vc = jnp.transpose(value.reshape(d.B, nc, w, d.K, d.Hv), (0, 3, 1, 2, 4))[:, hi]
-  bi, ni = jnp.arange(d.B)[:, None, None, None], jnp.arange(d.N)[None, :, None, None]
-  ks = kc[bi, ni, idx].reshape(d.B, d.N, nq, m * w, d.H).astype(jnp.float32)
-  vs = vc[bi, ni, idx].reshape(d.B, d.N, nq, m * w, d.Hv)
-  slot_pos = jnp.arange(m * w)
-  ks = _rope_bnlh(ks, slot_pos, rope_base)
-  # Query slot position: its own chunk's slot (the last valid one) * w + offset in chunk.
-  t = jnp.arange(d.T).reshape(nq, qb)
-  tok_chunk = t // w  # [nq, qb]
-  listed = jnp.arange(m) < cnt[..., None]  # [B, N, nq, m]
-  own_slot = jnp.sum((idx[..., None, :] < tok_chunk[None, None, :, :, None])
-                     & listed[..., None, :], -1)  # [B, N, nq, qb]
-  q_slot_pos = own_slot * w + (t % w)[None, None]
-  qs = _rope_bnlh(qt, q_slot_pos, rope_base)
-  slot_ok = jnp.repeat(listed, w, axis=-1)  # [B, N, nq, m*w]
-  key_tok = (idx[..., None] * w + jnp.arange(w)).reshape(d.B, d.N, nq, m * w)
-  valid_tok = slot_ok[..., None, :] & (key_tok[..., None, :] <= t[None, None, :, :, None])
-  o, _ = masked_softmax_attend(qs, ks, vs, valid_tok, scale)
+  t = jnp.broadcast_to(jnp.arange(d.T).reshape(nq, qb), (d.B, nq, qb))
+  o, idx, cnt = _select_and_attend(qt, r, key, value, t, w=w, m=attn_len // w, scale=scale,
+                                   rope_base=rope_base)
   out = jnp.transpose(o.reshape(d.B, d.N, d.T, d.Hv), (0, 2, 1, 3)).astype(query.dtype)
   return (out, (idx, cnt)) if return_chunks else out
+
+
+def _select_and_attend(qt, r, key, value, t, *, w: int, m: int, scale, rope_base):
+  """LongHeads' chunk choice and attention for query blocks.
+
+  qt: un-rotated queries [B, N, nq, qb, H] at positions t int [B, nq, qb]
+  (a block shares one selection, scored with its mean query, and its own
+  chunk is that of its last query); r: chunk keys [B, N, S / w, H]; key,
+  value: un-rotated [B, S, K, H], S % w == 0. Returns (out float32
+  [B, N, nq, qb, Hv], chunk indices [B, N, nq, m'], counts [B, N, nq]).
+  """
+  B, N, nq, qb, H = qt.shape
+  S, K, Hv = key.shape[1], key.shape[2], value.shape[-1]
+  nc = S // w
+  m = min(m, nc)
+  scores = jnp.einsum("bnqh,bnch->bnqc", qt.mean(-2), r)
+  own = (t[..., -1] // w)[:, None, :, None]                        # [B, 1, nq, 1]
+  c = jnp.arange(nc)
+  valid = c <= own
+  force = valid & ((c == 0) | (c == own) | (c == own - 1))
+  idx, cnt = topk_blocks(jax.lax.stop_gradient(scores), m, valid=valid, force=force)
+  # Gather chunks (un-rotated keys), re-rotate at slot positions.
+  hi = jnp.arange(N) // (N // K)
+  kc = jnp.transpose(key.reshape(B, nc, w, K, H), (0, 3, 1, 2, 4))[:, hi]
+  vc = jnp.transpose(value.reshape(B, nc, w, K, Hv), (0, 3, 1, 2, 4))[:, hi]
+  bi, ni = jnp.arange(B)[:, None, None, None], jnp.arange(N)[None, :, None, None]
+  ks = kc[bi, ni, idx].reshape(B, N, nq, m * w, H).astype(jnp.float32)
+  vs = vc[bi, ni, idx].reshape(B, N, nq, m * w, Hv)
+  ks = _rope_bnlh(ks, jnp.arange(m * w), rope_base)
+  # Query slot position: its own chunk's slot (the last valid one) * w + offset in chunk.
+  tok_chunk = (t // w)[:, None]                                    # [B, 1, nq, qb]
+  listed = jnp.arange(m) < cnt[..., None]                          # [B, N, nq, m]
+  own_slot = jnp.sum((idx[..., None, :] < tok_chunk[..., None]) & listed[..., None, :], -1)
+  qs = _rope_bnlh(qt, own_slot * w + (t % w)[:, None], rope_base)
+  slot_ok = jnp.repeat(listed, w, axis=-1)                         # [B, N, nq, m*w]
+  key_tok = (idx[..., None] * w + jnp.arange(w)).reshape(B, N, nq, m * w)
+  valid_tok = slot_ok[..., None, :] & (key_tok[..., None, :] <= t[:, None, :, :, None])
+  o, _ = masked_softmax_attend(qs, ks, vs, valid_tok, scale)
+  return o, idx, cnt
+
+
+def longheads_decode_step(query, key, value, chunk_reps, position, *, chunk_size: int = 256,
+                          attn_len: int = 4096, begin_selective_length: Optional[int] = None,
+                          rope_base: float = 10000.0, scale=None):
+  """One decoded token of LongHeads over an un-rotated KV cache: out [B, 1, N, Hv].
+
+  Args:
+    query: [B, 1, N, H], the token's un-rotated query, at ``position`` int [B].
+    key, value: [B, L, K, H] un-rotated caches holding tokens 0 .. position
+      (the token's own key/value written; later entries are never read);
+      L % chunk_size == 0.
+    chunk_reps: [B, N, L / chunk_size, H], :func:`chunk_representations` of
+      the complete chunks; the entries of the token's chunk, the previous one
+      and later ones are not read (those chunks are forced or invisible).
+    begin_selective_length: while ``position`` is below it, plain causal RoPE
+      attention over the cache (default attn_len; then the chunk choice takes
+      every visible chunk, which is the same attention).
+
+  Equals row ``position`` of ``longheads_attention(..., query_block=1)`` on
+  the sequence so far whenever that sequence is longer than
+  ``begin_selective_length`` or ``begin_selective_length <= attn_len``.
+  """
+  B, T, N, H = query.shape
+  L, K = key.shape[1], key.shape[2]
+  w = V.check_positive_int("chunk_size", chunk_size)
+  if T != 1 or key.shape[0] != B or value.shape[:3] != key.shape[:3] or N % K:
+    raise ValueError(f"longheads_decode_step takes one token: query [B, 1, N, H], key/value "
+                     f"[B, L, K, H]; got {query.shape}, {key.shape}, {value.shape}.")
+  if L % w or chunk_reps.shape != (B, N, L // w, H):
+    raise ValueError(f"chunk_size={w} must divide the cache length L={L} and chunk_reps be "
+                     f"[B, N, L / chunk_size, H]=({B}, {N}, {L // w}, {H}); got "
+                     f"{chunk_reps.shape}.")
+  if attn_len % w or attn_len // w < 3:
+    raise ValueError(f"attn_len={attn_len} must be a multiple of chunk_size={w} holding at "
+                     "least 3 chunks.")
+  scale = V.check_scale(scale, H)
+  pos = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (B,))
+  qt = jnp.transpose(query.astype(jnp.float32), (0, 2, 1, 3))[:, :, :, None]   # [B, N, 1, 1, H]
+  o, _, _ = _select_and_attend(qt, chunk_reps.astype(jnp.float32), key, value,
+                               pos[:, None, None], w=w, m=attn_len // w, scale=scale,
+                               rope_base=rope_base)
+  out = jnp.transpose(o[:, :, :, 0], (0, 2, 1, 3))                 # [B, 1, N, Hv]
+  begin = attn_len if begin_selective_length is None else begin_selective_length
+  if begin > attn_len:
+    kpos = jnp.arange(L, dtype=jnp.int32)
+    plain = api.attention(apply_rope(query, pos[:, None], rope_base),
+                          apply_rope(key, kpos, rope_base), value, mask=Causal(), scale=scale,
+                          q_positions=pos[:, None], k_positions=kpos)
+    out = jnp.where((pos < begin)[:, None, None, None], plain.astype(jnp.float32), out)
+  return out.astype(query.dtype)
