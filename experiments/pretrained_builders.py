@@ -3,8 +3,8 @@ and TidalDecode on SmolLM2 (head scores, fitted gates, selection schedule).
 
 Each builder returns a :class:`Built`: the row's fixed columns (KV keys and
 bytes kept, note), a jitted ``forward(params, tokens) -> logits`` with the
-params it takes, and, where the method runs through LlamaDecoder's KV cache,
-the model for the decode timing.
+params it takes, and the method's token-by-token decoder for the decode
+timing (``experiments.pretrained_decode.Decoder``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import numpy as np
 
+from experiments import pretrained_decode as PD
 from experiments import pretrained_methods as pm
 
 F32 = 4
@@ -31,7 +32,7 @@ class Built:
   note: str
   forward: Callable
   params: Any
-  decode_model: Optional[Any] = None
+  decoder: Optional[PD.Decoder] = None
   extra: Dict = dataclasses.field(default_factory=dict)
 
 
@@ -65,7 +66,7 @@ def razor(model, params, ctx: int, budget: int, *, num_sink: int = 4) -> Built:
           f"+ 1 compensation token (mean of the dropped keys/values, logit + log|D|) = {budget} "
           "per query; teacher forcing: each query sees the cache of its decoding step")
   return Built(f"razor({num_sink}+{window}+1)", "eval_razor", keys, nbytes, note,
-               jax.jit(lambda pp, t: m.apply({"params": pp}, t)), p, m,
+               jax.jit(lambda pp, t: m.apply({"params": pp}, t)), p, PD.cache_decoder(m),
                {"protected_kv_heads": _heads_str(protected)})
 
 
@@ -118,7 +119,7 @@ def duo(model, params, tok, ctx: int, budget: int, *, gates_path: str, refit: bo
           f"streaming fraction {streaming_fraction}: {int(retrieval.sum())} of "
           f"{retrieval.size} KV heads full, the others {sink} sink + {recent} recent")
   return Built(f"duo({sink}+{recent},stream={streaming_fraction})", "eval_duo", keys, nbytes,
-               note, jax.jit(lambda pp, t: m.apply({"params": pp}, t)), p, m,
+               note, jax.jit(lambda pp, t: m.apply({"params": pp}, t)), p, PD.cache_decoder(m),
                {"retrieval_kv_heads": _heads_str(retrieval)})
 
 
@@ -131,8 +132,10 @@ def tidal(model, params, ctx: int, budget: int) -> Built:
           f"{[i for i, r in enumerate(roles) if r == 'select']} full + select (top-{budget} per "
           "query and KV group by the group's summed logits), the other layers attend to the "
           "last selection only (default TidalSchedule, the paper's Llama-3-8B choice, not "
-          "tuned for SmolLM2); selects from the whole cache; no KV-cache decode path "
-          "through LlamaDecoder (the selection crosses layers)")
+          "tuned for SmolLM2); selects from the whole cache; decode: the same layers over "
+          "the decoder's per-layer KV caches, each selection layer ranking the cache for the "
+          "new token and handing its positions to the following layers")
   fwd = jax.jit(lambda pp, t: pm.tidal_forward(model, pp, t, schedule=sched, k=budget))
   return Built(f"tidal(k={budget})", "tidal_forward", ctx,
-               ctx * c.num_layers * c.num_kv_heads * c.head_dim * 2 * F32, note, fwd, params)
+               ctx * c.num_layers * c.num_kv_heads * c.head_dim * 2 * F32, note, fwd, params,
+               PD.tidal_decoder(model, schedule=sched, k=budget))

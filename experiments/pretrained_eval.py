@@ -17,8 +17,10 @@ keys at 1k context). Measured per method:
   forcing: the argmax at each answer position equals the answer token,
   which is exactly greedy exact match);
 - KV-cache bytes the method needs to keep at ``--context`` tokens (float32,
-  all layers), and decode ms/token through ``attnjax.models.generate``
-  for the families with a KV-cache path (``supports_kv_cache``).
+  all layers), and decode ms/token, prefill excluded, through each method's
+  token-by-token decoder (``experiments.pretrained_decode``: LlamaDecoder's
+  KV cache for the families with ``supports_kv_cache``, an explicit block
+  loop for TidalDecode, H2O's own eviction cache).
 
 Plus, on the dense model: sink metrics (``attnjax.analysis.heads.sink_metrics``)
 and echo/induction retrieval-head scores
@@ -54,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from attnjax.layers import get_family
+from experiments import pretrained_decode as PD
 from experiments import pretrained_results as R
 from experiments.pretrained_data import heldout_windows, passkey_batch
 from experiments.pretrained_families import register_local_families
@@ -90,10 +94,9 @@ F32 = 4
 
 #: Methods of attnjax that this experiment does not run, and why.
 NOT_RUN = [
-    ("TidalDecode decode timing", "the selection of one layer is read by the later layers, "
-     "which LlamaDecoder's per-layer KV-cache path cannot pass between layers; its perplexity "
-     "and passkey columns come from the teacher-forcing form (experiments.pretrained_methods."
-     "tidal_forward)"),
+    ("LongHeads decode timing", "no token-by-token form yet: longheads_attention takes "
+     "queries and keys of one length (T == S) and recomputes every chunk representation, so "
+     "a decode step would need a cache of chunk representations that attnjax does not have"),
 ]
 
 
@@ -132,11 +135,13 @@ def method_specs(budget: int, context: int, num_layers: int):
        f"S2 heterogeneous heads, no training; {s2_local * s2_block} local keys + 1 block in "
        f"{stride} (about {s2_local * s2_block + context // stride} keys at the last query); "
        "the union over heads covers every key, so the whole cache is kept"),
-      (f"hip(top_k={b})", "hip", {"top_k": b}, context,
-       "HiP hierarchical top-k key blocks per query block; selects from the whole cache"),
+      (f"hip(top_k={b})", "hip", {"top_k": b, "block_size_q": 1, "block_stride_q": 1}, context,
+       "HiP hierarchical top-k key blocks (of 2 keys), one selection per query "
+       "(block_size_q=1: strictly causal); selects from the whole cache"),
       (f"longheads(chunk={b // 4},attn_len={b})", "eval_longheads",
-       {"chunk_size": b // 4, "attn_len": b, "rope_base": 100000.0}, context,
-       "LongHeads chunk selection per head (RoPE undone in a wrapper); selects from the whole cache"),
+       {"chunk_size": b // 4, "attn_len": b, "rope_base": 100000.0, "query_block": 1}, context,
+       "LongHeads chunk selection per head and per query (query_block=1: strictly causal; "
+       "RoPE undone in a wrapper); selects from the whole cache"),
       (f"h2o({b // 2}+{b // 2})", "eval_h2o", {"heavy": b // 2, "recent": b // 2}, b,
        "heavy hitters from dense accumulated attention (oracle accumulation) + recent"),
       (f"tokenselect(16+64+{b - 80})", "eval_tokenselect",
@@ -177,44 +182,6 @@ def passkey_accuracy(fwd, params, tokens, spans):
     hits += int(np.array_equal(pred, np.asarray(answer)))
     digit_hits += int(np.array_equal(pred[1:], np.asarray(answer[1:])))
   return hits / tokens.shape[0], digit_hits / tokens.shape[0]
-
-
-def decode_ms_per_token(model, params, prompt, steps, repeats: int = 3):
-  """Milliseconds per greedily decoded token through the KV cache, prefill excluded.
-
-  The prompt fills the cache once; then a jitted ``lax.scan`` of ``steps + 1``
-  decode steps and one of a single step run from that cache (each compiled
-  first, then timed ``repeats`` times, the fastest run kept), and the
-  difference is divided by ``steps``: a prefill under load no longer lands in
-  the per-token figure.
-  """
-  from attnjax.models import init_cache
-  dec = model if model.decode else model.clone(decode=True)
-  prompt = jnp.asarray(prompt, jnp.int32)
-  cache = init_cache(dec, prompt.shape[0], prompt.shape[1] + steps + 1)
-  run = lambda p, c, t: dec.apply({"params": p, "cache": c}, t, mutable=["cache"])
-  logits, upd = jax.jit(run)(params, cache, prompt)
-  cache, tok = upd["cache"], jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-
-  def scan(n):
-    def f(p, c, t):
-      def step(carry, _):
-        c, t = carry
-        lg, u = run(p, c, t[:, None])
-        return (u["cache"], jnp.argmax(lg[:, -1], -1).astype(jnp.int32)), None
-      return jax.lax.scan(step, (c, t), None, length=n)[0][1]
-    return jax.jit(f)
-
-  best = {}
-  for n in (1, steps + 1):
-    f = scan(n)
-    jax.block_until_ready(f(params, cache, tok))             # compile
-    best[n] = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(params, cache, tok))
-      best[n] = min(best[n], time.perf_counter() - t0)
-  return 1000.0 * (best[steps + 1] - best[1]) / steps
 
 
 def analysis_rows(model, params, tok, vocab):
@@ -272,7 +239,15 @@ def built_methods(model, params, tok, ctx: int, budget: int):
       # FrozenDict: the model is a static (hashed) argument of generate's jit.
       m = model.clone(config=dc.replace(c, attention=fam,
                                         attention_options=FrozenDict(opts) if opts else None))
-      return pb.Built(name, fam, kept, kept * per_key, note, _forward(m, params), params, m)
+      if fam == "eval_h2o":
+        dec = PD.h2o_decoder(model, **opts)
+        note += ("; decode: the paper's greedy eviction with a fixed cache of "
+                 f"{opts['heavy']} + {opts['recent']} keys per KV head and layer (scores "
+                 "accumulated over the kept keys only) after a full-attention prompt that keeps "
+                 "its heavy hitters")
+      else:
+        dec = PD.cache_decoder(m) if getattr(get_family(fam), "supports_kv_cache", False) else None
+      return pb.Built(name, fam, kept, kept * per_key, note, _forward(m, params), params, dec)
     out.append((name, build))
   out.append(("razor", lambda: pb.razor(model, params, ctx, budget)))
   fit = dict(pb.DUO_FIT, length=FLAGS.duo_fit_length, steps=FLAGS.duo_fit_steps)
@@ -283,12 +258,13 @@ def built_methods(model, params, tok, ctx: int, budget: int):
 
 
 def _can_decode(b) -> bool:
-  """Whether every layer's family of the built method has a KV-cache path."""
-  from attnjax.layers import get_family
-  return b.decode_model is not None and all(
-      getattr(get_family(f), "supports_kv_cache", False)
-      for f in ([b.family] if isinstance(b.decode_model.config.attention, str)
-                else b.decode_model.config.attention))
+  """Whether the built method has a token-by-token decoder."""
+  return b.decoder is not None
+
+
+def _decode_ms(b, pk_tokens, ctx):
+  return PD.decode_ms_per_token(b.decoder, b.params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1],
+                                FLAGS.decode_steps)
 
 
 def run_method(b, windows, pk_tokens, pk_spans, trials, ctx, budget, quick):
@@ -304,15 +280,12 @@ def run_method(b, windows, pk_tokens, pk_spans, trials, ctx, budget, quick):
   row["passkey_trials"] = trials
   can_decode = _can_decode(b)
   if FLAGS.decode_steps and can_decode and (not quick or b.family == "dense"):
-    row["decode_ms_per_token"] = decode_ms_per_token(
-        b.decode_model, b.params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1],
-        FLAGS.decode_steps)
+    row["decode_ms_per_token"] = _decode_ms(b, pk_tokens, ctx)
   elif can_decode:
     row["note"] += "; decode not timed in this run"
   else:
     row["decode_ms_per_token"] = None
-    if b.decode_model is not None:
-      row["note"] += "; no KV-cache decode path in the layer"
+    row["note"] += "; no token-by-token decode path"
   return row
 
 
@@ -406,10 +379,8 @@ def main(_):
             b.forward, b.params, pk_tokens, pk_spans)
         row["passkey_trials"] = trials
       if FLAGS.decode_only and _can_decode(b):
-        row["decode_ms_per_token"] = decode_ms_per_token(
-            b.decode_model, b.params, pk_tokens[:1, :ctx - FLAGS.decode_steps - 1],
-            FLAGS.decode_steps)
-        row["note"] = row["note"].replace("; decode not timed in this run", "")
+        row["decode_ms_per_token"] = _decode_ms(b, pk_tokens, ctx)
+        row["note"] = b.note
       print(row["method"], ctx, {k: row.get(k) for k in (
           "passkey_acc", "passkey_digits_acc", "decode_ms_per_token")}, flush=True)
       save([row])                                   # saved after every method

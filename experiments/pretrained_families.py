@@ -10,13 +10,21 @@ import jax
 import jax.numpy as jnp
 
 
-def _causal_probs(q, k):
-  """q [B,T,N,H], k [B,S,K,H] (GQA) -> float32 causal softmax [B,N,T,S] (bottom-right aligned)."""
+def positions_of(q_positions, k_positions, B, T, S):
+  """[B, T] query and [B, S] key positions (default bottom-right aligned)."""
+  qp = jnp.arange(T) + S - T if q_positions is None else jnp.asarray(q_positions)
+  kp = jnp.arange(S) if k_positions is None else jnp.asarray(k_positions)
+  return jnp.broadcast_to(qp, (B, T)), jnp.broadcast_to(kp, (B, S))
+
+
+def _causal_probs(q, k, q_positions=None, k_positions=None):
+  """q [B,T,N,H], k [B,S,K,H] (GQA) -> (float32 causal softmax [B,N,T,S], visible [B,1,T,S])."""
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   kk = jnp.repeat(k, N // K, axis=2)
   s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk.astype(jnp.float32)) * H ** -0.5
-  causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
+  qp, kp = positions_of(q_positions, k_positions, B, T, S)
+  causal = (kp[:, None, :] <= qp[:, :, None])[:, None]
   s = jnp.where(causal, s, -jnp.inf)
   return jax.nn.softmax(s, axis=-1), causal
 
@@ -60,6 +68,7 @@ def h2o_family(query, key, value, *, causal, q_positions=None, k_positions=None,
   B, T, N, _ = query.shape
   K = key.shape[2]
   probs, allowed = _causal_probs(query, key)                      # [B,N,T,S]
+  allowed = allowed[0, 0]
   acc = jnp.cumsum(probs.reshape(B, K, N // K, T, -1).sum(2), axis=2)   # [B,K,T,S]
   S = key.shape[1]
   i = jnp.arange(T)[:, None] + (S - T)
@@ -77,17 +86,40 @@ def tokenselect_family(query, key, value, *, causal, q_positions=None, k_positio
   heads of each head's softmax over the candidates); one selection shared by
   all heads. The paper selects per chunk of queries during decoding and
   reuses selections across similar queries; here every query selects.
+  Causal by positions, so it also decodes over a partly filled KV cache
+  (``supports_kv_cache``): one selection per decoded token, over the whole cache.
   """
-  del q_positions, k_positions, segment_ids
-  assert causal
-  T, S = query.shape[1], key.shape[1]
-  probs, allowed = _causal_probs(query, key)
+  del segment_ids
+  if not causal:
+    raise NotImplementedError("tokenselect_family is causal.")
+  B, T, S = query.shape[0], query.shape[1], key.shape[1]
+  probs, allowed = _causal_probs(query, key, q_positions, k_positions)
+  allowed = allowed[:, 0]                                         # [B,T,S]
   vote = probs.sum(1)                                             # [B,T,S]
-  i = jnp.arange(T)[:, None] + (S - T)
-  j = jnp.arange(S)[None, :]
-  fixed = allowed & ((j < n_init) | (i - j < n_local))
+  qp, kp = positions_of(q_positions, k_positions, B, T, S)
+  fixed = allowed & ((kp[:, None, :] < n_init) | (qp[:, :, None] - kp[:, None, :] < n_local))
   keep = (_topk_keep(vote, allowed & ~fixed, top_k) | fixed)[:, None]
   return _masked_attention(query, key, value, keep)
+
+
+tokenselect_family.supports_kv_cache = True
+
+
+def h2o_step_family(query, key, value, *, causal, q_positions=None, k_positions=None,
+                    segment_ids=None, cache=None, heavy: int = 128, recent: int = 128):
+  """One H2O decoding step over its own cache (``attnjax.decoding.h2o_decode_step``).
+
+  query [B, 1, N, H], key/value [B, 1, K, H] of the new token at ``q_positions``
+  [B, 1]; ``cache`` an ``attnjax.decoding.H2OCache``. Returns the attention
+  output only: the caller runs the same step on the captured q/k/v for the
+  updated cache (``experiments.pretrained_decode.h2o_decoder``).
+  """
+  from attnjax.decoding import h2o_decode_step
+  del k_positions, segment_ids
+  if not causal or cache is None or q_positions is None:
+    raise ValueError("h2o_step_family needs causal=True, a cache and the token's q_positions.")
+  pos = jnp.broadcast_to(jnp.asarray(q_positions), (query.shape[0], 1))[:, 0]
+  return h2o_decode_step(query, key, value, cache, pos, heavy=heavy, recent=recent)[0]
 
 
 def longheads_family(query, key, value, *, causal, q_positions=None, k_positions=None,
@@ -107,6 +139,6 @@ def longheads_family(query, key, value, *, causal, q_positions=None, k_positions
 def register_local_families():
   from attnjax.layers import registry
   for name, fn in (("eval_h2o", h2o_family), ("eval_tokenselect", tokenselect_family),
-                   ("eval_longheads", longheads_family)):
+                   ("eval_longheads", longheads_family), ("eval_h2o_step", h2o_step_family)):
     if name not in registry.list_families():
       registry.register_family(name, fn)

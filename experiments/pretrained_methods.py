@@ -40,6 +40,7 @@ from attnjax.dynamic.gather import gather_attention
 from attnjax.layers import registry
 from attnjax.layers.rope import apply_rope
 from attnjax.models.llama import LlamaBlock
+from experiments.pretrained_families import positions_of
 
 
 def _bool_heads(name: str, heads, num_kv_heads: int):
@@ -48,13 +49,6 @@ def _bool_heads(name: str, heads, num_kv_heads: int):
     raise ValueError(f"{name} must hold one flag per KV head (K={num_kv_heads}), "
                      f"got {len(heads)}.")
   return heads
-
-
-def _positions(q_positions, k_positions, B, T, S):
-  """[B, T] query and [B, S] key positions (default bottom-right aligned)."""
-  qp = jnp.arange(T) + S - T if q_positions is None else jnp.asarray(q_positions)
-  kp = jnp.arange(S) if k_positions is None else jnp.asarray(k_positions)
-  return jnp.broadcast_to(qp, (B, T)), jnp.broadcast_to(kp, (B, S))
 
 
 def razor_family(query, key, value, *, causal, q_positions=None, k_positions=None,
@@ -88,7 +82,7 @@ def razor_family(query, key, value, *, causal, q_positions=None, k_positions=Non
   o1, l1 = attention(query, key, value, mask=mask, q_positions=q_positions,
                      k_positions=k_positions, scale=scale, return_lse=True,
                      implementation=implementation)
-  qp, kp = _positions(q_positions, k_positions, B, T, S)
+  qp, kp = positions_of(q_positions, k_positions, B, T, S)
   dropped = (kp[:, None, :] >= num_sink) & (kp[:, None, :] <= qp[:, :, None] - window)
   count = jnp.sum(dropped, axis=-1)                                   # [B, T]
   d = dropped.astype(jnp.float32) / jnp.maximum(count, 1)[:, :, None]
@@ -132,10 +126,11 @@ def duo_gated_family(query, key, value, *, causal, q_positions=None, k_positions
                              implementation=implementation)
 
 
-def tidal_select(query, key, k: int):
+def tidal_select(query, key, k: int, q_positions=None, k_positions=None):
   """TidalDecode's selection for every query: int32 [B, K, T, min(k, S)], sorted.
 
-  Query i of KV group h ranks keys j <= i (bottom-right aligned) by the sum
+  Query i of KV group h ranks the keys visible to it (by positions, default
+  bottom-right aligned: j <= i + S - T) by the sum
   of the group's logits q_n . k_j / sqrt(H) (``topk_positions``' reduction)
   and keeps the best k; with fewer than k visible keys the remaining entries
   are later positions, which :func:`tidal_sparse_family` masks. Cost: the
@@ -148,30 +143,33 @@ def tidal_select(query, key, k: int):
   S, K = key.shape[1], key.shape[2]
   qg = query.astype(jnp.float32).reshape(B, T, K, N // K, H).sum(3)
   s = jnp.einsum("btkh,bskh->bkts", qg, key.astype(jnp.float32)) * H ** -0.5
-  visible = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + S - T
-  s = jnp.where(visible, s, -jnp.inf)
+  qp, kp = positions_of(q_positions, k_positions, B, T, S)
+  s = jnp.where((kp[:, None, :] <= qp[:, :, None])[:, None], s, -jnp.inf)
   _, top = jax.lax.top_k(s, min(int(k), S))
   return jnp.sort(top, axis=-1).astype(jnp.int32)
 
 
 def tidal_sparse_family(query, key, value, *, causal, q_positions=None, k_positions=None,
                         segment_ids=None, indices=None, implementation=None):
-  """Attention of query i to the keys ``indices[:, h, i]`` of its KV group h (and j <= i)."""
+  """Attention of query i to the keys ``indices[:, h, i]`` of its KV group h that it may see
+  (by positions, default bottom-right aligned; so it also runs over a KV cache)."""
   del implementation
-  if not causal or q_positions is not None or k_positions is not None or segment_ids is not None:
-    raise NotImplementedError("tidal_sparse_family is a causal prefill over one sequence.")
+  if not causal or segment_ids is not None:
+    raise NotImplementedError("tidal_sparse_family is causal over one sequence per row.")
   B, T, N, _ = query.shape
   S, K = key.shape[1], key.shape[2]
   if indices is None or indices.ndim != 4 or indices.shape[:3] != (B, K, T):
     raise ValueError(f"indices must be int [B, K, T, k]=({B}, {K}, {T}, k), got "
                      f"{None if indices is None else indices.shape}.")
   idx = jnp.repeat(indices, N // K, axis=1).transpose(0, 2, 1, 3)     # [B, T, N, k]
-  valid = idx <= (jnp.arange(T) + S - T)[None, :, None, None]
-  return gather_attention(query, key, value, idx, valid=valid)
+  qp, kp = positions_of(q_positions, k_positions, B, T, S)
+  kpos = jnp.take_along_axis(kp, idx.reshape(B, -1), axis=1).reshape(idx.shape)
+  return gather_attention(query, key, value, idx, valid=kpos <= qp[:, :, None, None])
 
 
 razor_family.supports_kv_cache = True
 duo_family.supports_kv_cache = True
+tidal_sparse_family.supports_kv_cache = True
 
 FAMILIES = (("eval_razor", razor_family), ("eval_duo", duo_family),
             ("eval_duo_gated", duo_gated_family), ("eval_tidal_sparse", tidal_sparse_family))
@@ -202,7 +200,7 @@ def unstack_layers(params, num_layers: int):
   return out
 
 
-def _embed(c, params, tokens):
+def embed(c, params, tokens):
   return nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype).apply(
       {"params": params["embed_tokens"]}, tokens)
 
@@ -220,19 +218,31 @@ def lm_head(c, params, h):
       {"params": params["lm_head"]}, h).astype(jnp.float32)
 
 
-def _capture_qk(module, method_name):
-  return method_name == "__call__" and module.name in ("query", "key")
+def capture_qkv(module, method_name):
+  """``capture_intermediates`` filter: the attention's q, k and v projections."""
+  return method_name == "__call__" and module.name in ("query", "key", "value")
 
 
-def block_with_qk(c, p, x, family="dense", options=()):
-  """One block's output and its post-RoPE q [B, T, N, H], k [B, T, K, H] (self-attention)."""
-  out, state = LlamaBlock(c, family, tuple(options)).apply(
-      {"params": p}, x, capture_intermediates=_capture_qk, mutable=["intermediates"])
+def rope(c, x, positions):
+  """x [B, T, heads, H] rotated as LlamaBlock's attention does at ``positions`` [T] or [B, T]."""
+  kw = ({} if c.rope_scaling is None else
+        dict(scaling=c.rope_scaling, seq_len=jnp.max(jnp.asarray(positions)) + 1))
+  return apply_rope(x, positions, c.rope_base, **kw)
+
+
+def captured_qkv(c, state, positions):
+  """Post-RoPE q, k and v [B, T, heads, H] from a block's captured intermediates."""
   inter = state["intermediates"]["attention"]
-  q, k = inter["query"]["__call__"][0], inter["key"]["__call__"][0]
-  pos = jnp.arange(x.shape[1], dtype=jnp.int32)
-  kw = {} if c.rope_scaling is None else dict(scaling=c.rope_scaling, seq_len=x.shape[1])
-  return out, (apply_rope(q, pos, c.rope_base, **kw), apply_rope(k, pos, c.rope_base, **kw))
+  q, k, v = (inter[n]["__call__"][0] for n in ("query", "key", "value"))
+  return rope(c, q, positions), rope(c, k, positions), v
+
+
+def block_with_qk(c, p, x, family="dense", options=(), with_value=False):
+  """One block's output and its post-RoPE q [B, T, N, H], k [B, T, K, H] (and v) (self-attention)."""
+  out, state = LlamaBlock(c, family, tuple(options)).apply(
+      {"params": p}, x, capture_intermediates=capture_qkv, mutable=["intermediates"])
+  q, k, v = captured_qkv(c, state, jnp.arange(x.shape[1], dtype=jnp.int32))
+  return out, ((q, k, v) if with_value else (q, k))
 
 
 def run_blocks(model, params, tokens, step: Callable, state=None):
@@ -243,7 +253,7 @@ def run_blocks(model, params, tokens, step: Callable, state=None):
   selection). Everything lives in the call; nothing is stored elsewhere.
   """
   c = model.config
-  x = _embed(c, params, jnp.asarray(tokens))
+  x = embed(c, params, jnp.asarray(tokens))
   for i in range(c.num_layers):
     x, state = step(i, layer_params(params, i), x, state)
   return final_norm(c, params, x)
@@ -269,6 +279,15 @@ def layer_qk(model, params, tokens):
 
 # --------------------------------------------------------------------------- methods
 
+def tidal_roles(num_layers: int, schedule):
+  """``schedule.role(i)`` of every layer; ValueError if a sparse layer precedes every select."""
+  roles = [schedule.role(i) for i in range(num_layers)]
+  first = next((i for i, r in enumerate(roles) if r == "select"), None)
+  if "sparse" in roles and (first is None or roles.index("sparse") < first):
+    raise ValueError(f"schedule {schedule}: a sparse layer comes before any select layer.")
+  return roles
+
+
 def tidal_forward(model, params, tokens, *, schedule, k: int, hidden: bool = False):
   """TidalDecode in teacher-forcing form: logits [B, T, vocab] (or the final hidden states).
 
@@ -279,10 +298,7 @@ def tidal_forward(model, params, tokens, *, schedule, k: int, hidden: bool = Fal
   c = model.config
   if not isinstance(k, (int, np.integer)) or k <= 0:
     raise ValueError(f"k must be a positive int, got {k!r}.")
-  roles = [schedule.role(i) for i in range(c.num_layers)]
-  first = next((i for i, r in enumerate(roles) if r == "select"), None)
-  if "sparse" in roles and (first is None or roles.index("sparse") < first):
-    raise ValueError(f"schedule {schedule}: a sparse layer comes before any select layer.")
+  roles = tidal_roles(c.num_layers, schedule)
 
   def step(i, p, x, idx):
     if roles[i] == "sparse":
@@ -312,7 +328,7 @@ def duo_hidden_states(model, params, gates, tokens, *, sink: int, recent: int):
     return LlamaBlock(c, "eval_duo_gated", opts).apply({"params": p}, x)
   if "layers" in params:       # stacked params: one scanned block, compiled once (not L times)
     x, _ = jax.lax.scan(lambda x, pa: (block(pa[0], x, pa[1]), None),
-                        _embed(c, params, jnp.asarray(tokens)), (params["layers"], gates))
+                        embed(c, params, jnp.asarray(tokens)), (params["layers"], gates))
     return final_norm(c, params, x)
   return run_blocks(model, params, tokens, lambda i, p, x, s: (block(p, x, gates[i]), s))
 

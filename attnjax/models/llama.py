@@ -110,14 +110,19 @@ class LlamaConfig:
 
 
 class LlamaBlock(nn.Module):
-  """One pre-norm block over x [B, T, D]."""
+  """One pre-norm block over x [B, T, D].
+
+  ``positions`` (int [T] or [B, T], without a KV cache): the tokens' positions,
+  for RoPE and causality (default ``arange(T)``); a block run on its own can
+  then process a chunk that continues a sequence.
+  """
   config: LlamaConfig
   attention: str = "dense"
   attention_options: Any = ()
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, input_lengths=None):
+  def __call__(self, x, input_lengths=None, positions=None):
     c = self.config
     norm = lambda name: nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, name=name)
     h = MultiHeadAttention(
@@ -127,7 +132,8 @@ class LlamaBlock(nn.Module):
         use_rope=True, rope_base=c.rope_base, rope_scaling=c.rope_scaling, causal=True,
         attention=self.attention, attention_options=dict(self.attention_options), implementation=c.implementation,
         decode=self.decode, dtype=c.dtype, name="attention")(
-            norm("attention_norm")(x), input_lengths=input_lengths)
+            norm("attention_norm")(x), input_lengths=input_lengths, q_positions=positions,
+            k_positions=positions)
     x = x + h
     h = norm("mlp_norm")(x)
     dense = lambda n, name: nn.Dense(n, use_bias=c.mlp_bias, dtype=c.dtype, name=name)

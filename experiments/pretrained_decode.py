@@ -1,0 +1,186 @@
+"""Token-by-token decoding of SmolLM2 under each KV-cache method, and its timing.
+
+A :class:`Decoder` is a pair of pure functions: ``prefill(params, prompt
+[B, P], max_len) -> (logits [B, P, V], state)`` and ``step(params, state,
+tokens [B, 1]) -> (logits [B, 1, V], state)``.
+
+- :func:`cache_decoder`: ``LlamaDecoder``'s own KV cache, for every family
+  with ``supports_kv_cache`` (dense, the block-sparse masks, HiP, TokenSelect,
+  RazorAttention, DuoAttention).
+- :func:`tidal_decoder`: TidalDecode (arXiv:2410.05076) over the same
+  per-layer caches, with an explicit loop over the blocks that hands each
+  selection layer's top-k positions of the current token to the following
+  sparse layers.
+- :func:`h2o_decoder`: H2O (arXiv:2306.14048) with its own fixed-size cache
+  per layer (``attnjax.decoding.H2OCache``, heavy + recent keys per KV head,
+  greedy eviction by accumulated attention); the prompt runs with full
+  attention and leaves its heavy hitters and recent tokens in the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.decoding import h2o_accumulate, h2o_decode_step, h2o_prefill
+from attnjax.models import init_cache
+from attnjax.models.llama import LlamaBlock
+from experiments import pretrained_methods as pm
+from experiments.pretrained_families import _causal_probs
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  prefill: Callable
+  step: Callable
+
+
+def cache_decoder(model) -> Decoder:
+  """Decoding through ``LlamaDecoder``'s KV cache (``decode=True``)."""
+  dec = model if model.decode else model.clone(decode=True)
+
+  def prefill(params, prompt, max_len: int):
+    cache = init_cache(dec, prompt.shape[0], max_len)
+    logits, upd = dec.apply({"params": params, "cache": cache}, prompt, mutable=["cache"])
+    return logits, upd["cache"]
+
+  def step(params, cache, tokens):
+    logits, upd = dec.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+    return logits, upd["cache"]
+  return Decoder(prefill, step)
+
+
+def _unrolled(model):
+  return model.clone(decode=True, config=dataclasses.replace(model.config, scan_layers=False))
+
+
+def tidal_apply(model, params, cache, tokens, *, schedule, k: int):
+  """TidalDecode over per-layer KV caches: appends ``tokens`` [B, T]; (logits, new cache).
+
+  ``cache``: an unrolled decoder's cache ({"layer_i": ...}). Layer roles come
+  from ``schedule`` (``attnjax.decoding.TidalSchedule``): "full" and "select"
+  layers attend to the whole cache, a "select" layer also ranks the cache for
+  each new token (:func:`experiments.pretrained_methods.tidal_select` by
+  positions), and "sparse" layers attend to the last selection. With T > 1
+  (the prompt) every token selects for itself, as in the teacher-forcing form.
+  """
+  c = model.config
+  roles = pm.tidal_roles(c.num_layers, schedule)
+  x = pm.embed(c, params, tokens)
+  T = tokens.shape[1]
+  new_cache, sel = {}, None
+  for i in range(c.num_layers):
+    ci = cache[f"layer_{i}"]
+    pos = ci["attention"]["cache_index"][:, None] + jnp.arange(T, dtype=jnp.int32)
+    fam, opts = ("eval_tidal_sparse", (("indices", sel),)) if roles[i] == "sparse" else ("dense", ())
+    x, st = LlamaBlock(c, fam, opts, decode=True).apply(
+        {"params": pm.layer_params(params, i), "cache": ci}, x,
+        capture_intermediates=pm.capture_qkv, mutable=["cache", "intermediates"])
+    new_cache[f"layer_{i}"] = st["cache"]
+    if roles[i] == "select":
+      q = pm.captured_qkv(c, st, pos)[0]
+      keys = st["cache"]["attention"]["cached_key"]
+      sel = pm.tidal_select(q, keys, k, q_positions=pos,
+                            k_positions=jnp.arange(keys.shape[1], dtype=jnp.int32))
+  return pm.lm_head(c, params, pm.final_norm(c, params, x)), new_cache
+
+
+def tidal_decoder(model, *, schedule, k: int) -> Decoder:
+  """TidalDecode through the decoder's per-layer KV caches (params stacked or unrolled)."""
+  dec = _unrolled(model)
+
+  def prefill(params, prompt, max_len: int):
+    cache = init_cache(dec, prompt.shape[0], max_len)
+    return tidal_apply(dec, params, cache, prompt, schedule=schedule, k=k)
+
+  def step(params, cache, tokens):
+    return tidal_apply(dec, params, cache, tokens, schedule=schedule, k=k)
+  return Decoder(prefill, step)
+
+
+def h2o_decoder(model, *, heavy: int, recent: int) -> Decoder:
+  """H2O with a fixed cache of ``heavy + recent`` keys per KV head and layer.
+
+  State: (one ``H2OCache`` per layer, tokens so far [B]). The prompt runs
+  with full attention; its accumulated attention picks what each layer keeps.
+  Each step then attends to the kept keys only (``h2o_decode_step``).
+  """
+  c = model.config
+
+  def prefill(params, prompt, max_len: int):
+    del max_len                                    # the cache has heavy + recent slots
+    x = pm.embed(c, params, prompt)
+    caches = []
+    for i in range(c.num_layers):
+      x, (q, k, v) = pm.block_with_qk(c, pm.layer_params(params, i), x, with_value=True)
+      probs, _ = _causal_probs(q, k)
+      acc = h2o_accumulate(jnp.zeros((k.shape[0], k.shape[2], k.shape[1])), probs)
+      caches.append(h2o_prefill(k, v, acc, heavy=heavy, recent=recent))
+    n = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+    return pm.lm_head(c, params, pm.final_norm(c, params, x)), (tuple(caches), n)
+
+  def step(params, state, tokens):
+    caches, n = state
+    if tokens.shape[1] != 1:
+      raise ValueError(f"h2o_decoder steps one token at a time, got tokens {tokens.shape}.")
+    pos = n[:, None]
+    x = pm.embed(c, params, tokens)
+    new = []
+    for i in range(c.num_layers):
+      opts = (("cache", caches[i]), ("heavy", heavy), ("recent", recent))
+      x, st = LlamaBlock(c, "eval_h2o_step", opts).apply(
+          {"params": pm.layer_params(params, i)}, x, positions=pos,
+          capture_intermediates=pm.capture_qkv, mutable=["intermediates"])
+      q, k, v = pm.captured_qkv(c, st, pos)
+      new.append(h2o_decode_step(q, k, v, caches[i], n, heavy=heavy, recent=recent)[1])
+    return pm.lm_head(c, params, pm.final_norm(c, params, x)), (tuple(new), n + 1)
+  return Decoder(prefill, step)
+
+
+def _scan(decoder: Decoder, n: int):
+  """Jitted ``f(params, state, token [B]) -> tokens [n, B]``: n greedy steps from ``state``."""
+  def f(p, state, tok):
+    def body(carry, _):
+      state, tok = carry
+      lg, state = decoder.step(p, state, tok[:, None])
+      return (state, jnp.argmax(lg[:, -1], -1).astype(jnp.int32)), tok
+    return jax.lax.scan(body, (state, tok), None, length=n)[1]
+  return jax.jit(f)
+
+
+def _prefill(decoder: Decoder, params, prompt, max_len: int):
+  """(state, first greedy token [B]) after the prompt."""
+  logits, state = jax.jit(decoder.prefill, static_argnums=2)(params, prompt, max_len)
+  return state, jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+
+
+def greedy(decoder: Decoder, params, prompt, steps: int):
+  """Greedy continuation tokens [B, steps] (one jitted prefill, one jitted scan)."""
+  prompt = jnp.asarray(prompt, jnp.int32)
+  state, tok = _prefill(decoder, params, prompt, prompt.shape[1] + steps)
+  return jnp.swapaxes(_scan(decoder, steps)(params, state, tok), 0, 1)
+
+
+def decode_ms_per_token(decoder: Decoder, params, prompt, steps: int, repeats: int = 3):
+  """Milliseconds per greedily decoded token, prefill excluded.
+
+  The prompt fills the state once; then a jitted ``lax.scan`` of ``steps + 1``
+  decode steps and one of a single step run from that state (each compiled
+  first, then timed ``repeats`` times, the fastest run kept), and the
+  difference is divided by ``steps``.
+  """
+  prompt = jnp.asarray(prompt, jnp.int32)
+  state, tok = _prefill(decoder, params, prompt, prompt.shape[1] + steps + 1)
+  best = {}
+  for n in (1, steps + 1):
+    f = _scan(decoder, n)
+    jax.block_until_ready(f(params, state, tok))             # compile
+    best[n] = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(params, state, tok))
+      best[n] = min(best[n], time.perf_counter() - t0)
+  return 1000.0 * (best[steps + 1] - best[1]) / steps
