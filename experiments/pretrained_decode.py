@@ -11,6 +11,8 @@ tokens [B, 1]) -> (logits [B, 1, V], state)``.
   per-layer caches, with an explicit loop over the blocks that hands each
   selection layer's top-k positions of the current token to the following
   sparse layers.
+- :func:`longheads_decoder`: LongHeads (arXiv:2402.10685), one chunk choice
+  per decoded token over un-rotated caches and cached chunk keys.
 - :func:`h2o_decoder`: H2O (arXiv:2306.14048) with its own fixed-size cache
   per layer (``attnjax.decoding.H2OCache``, heavy + recent keys per KV head,
   greedy eviction by accumulated attention); the prompt runs with full
@@ -136,6 +138,92 @@ def h2o_decoder(model, *, heavy: int, recent: int) -> Decoder:
           capture_intermediates=pm.capture_qkv, mutable=["intermediates"])
       q, k, v = pm.captured_qkv(c, st, pos)
       new.append(h2o_decode_step(q, k, v, caches[i], n, heavy=heavy, recent=recent)[1])
+    return pm.lm_head(c, params, pm.final_norm(c, params, x)), (tuple(new), n + 1)
+  return Decoder(prefill, step)
+
+
+def write_token(k_cache, v_cache, key, value, position):
+  """Caches [B, L, K, H] with key/value [B, 1, K, H] written at ``position`` int [B]."""
+  b = jnp.arange(k_cache.shape[0])
+  return (k_cache.at[b, position].set(key[:, 0].astype(k_cache.dtype)),
+          v_cache.at[b, position].set(value[:, 0].astype(v_cache.dtype)))
+
+
+def longheads_write(state, query, key, value, position, *, chunk_size: int, rope_base: float):
+  """LongHeads' decode state after one token: its key/value in the un-rotated caches, its query
+  in the current chunk's buffer, and the chunk's key once the token completes it.
+
+  state: (key [B, L, K, H], value [B, L, K, H], chunk keys [B, N, L / w, H],
+  query buffer [B, w, N, H]); query [B, 1, N, H], key/value [B, 1, K, H]
+  un-rotated; position int [B].
+  """
+  from attnjax.dynamic import chunk_representations
+  kc, vc, reps, qbuf = state
+  w = chunk_size
+  b = jnp.arange(kc.shape[0])
+  kc, vc = write_token(kc, vc, key, value, position)
+  qbuf = qbuf.at[b, position % w].set(query[:, 0].astype(qbuf.dtype))
+  complete = position % w == w - 1
+  chunk = lambda x: jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, w, 0))(
+      x, (position // w) * w)
+
+  def add_rep(reps):
+    rep = chunk_representations(chunk(kc), chunk(vc), qbuf, chunk_size=w, rope_base=rope_base)
+    old = reps[b, :, position // w]
+    return reps.at[b, :, position // w].set(jnp.where(complete[:, None, None], rep[:, :, 0], old))
+  reps = jax.lax.cond(jnp.any(complete), add_rep, lambda r: r, reps)
+  return kc, vc, reps, qbuf
+
+
+def longheads_decoder(model, *, chunk_size: int, attn_len: int, rope_base: float) -> Decoder:
+  """LongHeads with one chunk choice per token (``attnjax.dynamic.longheads_decode_step``).
+
+  State: per layer (un-rotated keys and values [B, L, K, H] with L the cache
+  length rounded up to a multiple of ``chunk_size``, chunk keys of the
+  complete chunks, the current chunk's queries), and the tokens so far [B].
+  The prompt runs through the per-token teacher-forcing form.
+  """
+  c = model.config
+  w = chunk_size
+  lh = dict(chunk_size=w, attn_len=attn_len, rope_base=rope_base)
+
+  def prefill(params, prompt, max_len: int):
+    from attnjax.dynamic import chunk_representations
+    B, P = prompt.shape
+    L = -(-max_len // w) * w
+    full = P // w * w
+    x = pm.embed(c, params, prompt)
+    states = []
+    for i in range(c.num_layers):
+      x, st = LlamaBlock(c, "eval_longheads", tuple(dict(lh, query_block=1).items())).apply(
+          {"params": pm.layer_params(params, i)}, x, capture_intermediates=pm.capture_qkv,
+          mutable=["intermediates"])
+      q, k, v = pm.captured_qkv(c, st, None)
+      pad = lambda a: jnp.pad(a, ((0, 0), (0, L - P), (0, 0), (0, 0)))
+      reps = jnp.zeros((B, c.num_heads, L // w, c.head_dim), jnp.float32)
+      if full:
+        reps = reps.at[:, :, :full // w].set(chunk_representations(
+            k[:, :full], v[:, :full], q[:, :full], chunk_size=w, rope_base=rope_base))
+      qbuf = jnp.zeros((B, w) + q.shape[2:], q.dtype).at[:, :P - full].set(q[:, full:])
+      states.append((pad(k), pad(v), reps, qbuf))
+    n = jnp.full((B,), P, jnp.int32)
+    return pm.lm_head(c, params, pm.final_norm(c, params, x)), (tuple(states), n)
+
+  def step(params, state, tokens):
+    layers, n = state
+    if tokens.shape[1] != 1:
+      raise ValueError(f"longheads_decoder steps one token at a time, got tokens {tokens.shape}.")
+    x = pm.embed(c, params, tokens)
+    new = []
+    for i in range(c.num_layers):
+      # No positions: RoPE at position 0 is the identity, so the family and the capture see
+      # the un-rotated q/k that LongHeads needs.
+      opts = (("state", layers[i]), ("position", n)) + tuple(lh.items())
+      x, st = LlamaBlock(c, "eval_longheads_step", opts).apply(
+          {"params": pm.layer_params(params, i)}, x, capture_intermediates=pm.capture_qkv,
+          mutable=["intermediates"])
+      q, k, v = pm.captured_qkv(c, st, None)
+      new.append(longheads_write(layers[i], q, k, v, n, chunk_size=w, rope_base=rope_base))
     return pm.lm_head(c, params, pm.final_norm(c, params, x)), (tuple(new), n + 1)
   return Decoder(prefill, step)
 

@@ -93,11 +93,7 @@ flags.DEFINE_bool("duo_refit", False, "Refit the DuoAttention gates even if --du
 F32 = 4
 
 #: Methods of attnjax that this experiment does not run, and why.
-NOT_RUN = [
-    ("LongHeads decode timing", "no token-by-token form yet: longheads_attention takes "
-     "queries and keys of one length (T == S) and recomputes every chunk representation, so "
-     "a decode step would need a cache of chunk representations that attnjax does not have"),
-]
+NOT_RUN = []
 
 
 LONG = ("one 4k-context method takes tens of minutes on 2 shared CPU cores (perplexity, "
@@ -245,6 +241,11 @@ def built_methods(model, params, tok, ctx: int, budget: int):
                  f"{opts['heavy']} + {opts['recent']} keys per KV head and layer (scores "
                  "accumulated over the kept keys only) after a full-attention prompt that keeps "
                  "its heavy hitters")
+      elif fam == "eval_longheads":
+        dec = PD.longheads_decoder(model, chunk_size=opts["chunk_size"],
+                                   attn_len=opts["attn_len"], rope_base=opts["rope_base"])
+        note += ("; decode: one chunk choice per token over un-rotated caches, chunk keys "
+                 "cached as chunks complete")
       else:
         dec = PD.cache_decoder(m) if getattr(get_family(fam), "supports_kv_cache", False) else None
       return pb.Built(name, fam, kept, kept * per_key, note, _forward(m, params), params, dec)

@@ -136,9 +136,27 @@ def longheads_family(query, key, value, *, causal, q_positions=None, k_positions
   return longheads_attention(q, k, value, rope_base=rope_base, **kw)
 
 
+def longheads_step_family(query, key, value, *, causal, q_positions=None, k_positions=None,
+                          segment_ids=None, state=None, position=None, chunk_size: int = 64,
+                          attn_len: int = 256, rope_base: float = 100000.0):
+  """One LongHeads decoding step (``attnjax.dynamic.longheads_decode_step``) on un-rotated
+  query [B, 1, N, H], key/value [B, 1, K, H] at ``position`` [B]; ``state`` as
+  ``experiments.pretrained_decode.longheads_write``'s. Returns the output only."""
+  from attnjax.dynamic import longheads_decode_step
+  from experiments.pretrained_decode import write_token
+  del q_positions, k_positions, segment_ids
+  if not causal or state is None or position is None:
+    raise ValueError("longheads_step_family needs causal=True, a state and the position.")
+  kc, vc = write_token(state[0], state[1], key, value, position)
+  reps = state[2]            # the token's own chunk is forced: its key is not read
+  return longheads_decode_step(query, kc, vc, reps, position, chunk_size=chunk_size,
+                               attn_len=attn_len, rope_base=rope_base)
+
+
 def register_local_families():
   from attnjax.layers import registry
   for name, fn in (("eval_h2o", h2o_family), ("eval_tokenselect", tokenselect_family),
-                   ("eval_longheads", longheads_family), ("eval_h2o_step", h2o_step_family)):
+                   ("eval_longheads", longheads_family), ("eval_h2o_step", h2o_step_family),
+                   ("eval_longheads_step", longheads_step_family)):
     if name not in registry.list_families():
       registry.register_family(name, fn)

@@ -231,9 +231,12 @@ def rope(c, x, positions):
 
 
 def captured_qkv(c, state, positions):
-  """Post-RoPE q, k and v [B, T, heads, H] from a block's captured intermediates."""
+  """q, k and v [B, T, heads, H] from a block's captured intermediates, q and k rotated at
+  ``positions`` (None: as projected, un-rotated)."""
   inter = state["intermediates"]["attention"]
   q, k, v = (inter[n]["__call__"][0] for n in ("query", "key", "value"))
+  if positions is None:
+    return q, k, v
   return rope(c, q, positions), rope(c, k, positions), v
 
 

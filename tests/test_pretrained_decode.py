@@ -85,3 +85,14 @@ def test_h2o_decoder_keeps_a_fixed_cache_and_equals_dense_when_it_holds_everythi
   assert (np.asarray(n) == P).all()
   with pytest.raises(ValueError, match="one token"):
     small.step(params, (caches, n), tokens[:, :2])
+
+
+def test_longheads_decoder_equals_the_per_token_forward(tiny):
+  model, params, tokens = tiny
+  opts = dict(chunk_size=4, attn_len=16, rope_base=10000.0)
+  m = _with(model, "eval_longheads", query_block=1, **opts)
+  full = np.asarray(m.apply({"params": params}, tokens))[:, P - 1:]
+  dense = np.asarray(model.apply({"params": params}, tokens))[:, P - 1:]
+  got = _forced(PD.longheads_decoder(model, **opts), params, tokens)
+  np.testing.assert_allclose(got, full, atol=2e-5, rtol=1e-5)
+  assert np.abs(full - dense).max() > 1e-2
