@@ -118,6 +118,14 @@ def hip_attention(query, key, value, *, top_k: int = 512, block_size_q: int = 32
   Shapes as ``attnjax.attention``. With ``top_k >= S`` every key is chosen
   and the result equals dense (causal) attention. Selection carries no
   gradient (it is a discrete choice); q/k/v get the attention's gradients.
+  Causality: the ``block_size_q`` queries of a block share one selection
+  scored with their queries, later ones included, so with causal=True an
+  output depends on later tokens through the choice of key blocks (never
+  through their keys or values; ``attnjax.analysis.causality.
+  check_causal_cross`` fails). Scores that must not see the future (a
+  language model's perplexity, teacher-forced accuracy) need
+  ``block_size_q=1, block_stride_q=1``; decoding one token per call is
+  unaffected.
   A query length that ``block_size_q`` does not divide (a prompt of any
   length) is padded with copies of the last query (same position, so the
   last block's selection and causality are those of its real queries) and

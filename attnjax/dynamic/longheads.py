@@ -18,6 +18,15 @@ of one block of ``query_block`` tokens share a selection (scored with their
 mean query). ``query_block=1`` is the paper's per-token choice (memory
 O(T * attn_len * H) per head); the default ``query_block = chunk_size`` costs
 O(T * attn_len * H / chunk_size) for the gathered keys.
+
+Causality: with ``query_block > 1`` a query's chunks are scored with the
+mean of its block's queries, later ones included, so in causal
+self-attention an output depends on later tokens through the choice of
+chunks (never through their keys or values):
+``attnjax.analysis.causality.check_causal_cross`` fails. Scores that must
+not see the future (a language model's perplexity, teacher-forced
+accuracy) need ``query_block=1``; :func:`longheads_decode_step` decodes one
+token at a time with the same per-token choice.
 """
 from __future__ import annotations
 
