@@ -29,7 +29,7 @@ def _decode_rows(q, k, v, *, w, attn_len, begin=None):
   return jnp.swapaxes(jax.jit(lambda: jax.lax.map(row, jnp.arange(T)))(), 0, 1)
 
 
-@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("K", [2])
 def test_longheads_decode_step_equals_the_per_token_forward(K):
   B, T, N, H, w, attn_len = 2, 48, 4, 8, 4, 16
   q, k, v = _rand((B, T, N, H), 1), _rand((B, T, K, H), 2), _rand((B, T, K, H), 3)
