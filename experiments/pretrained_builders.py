@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import numpy as np
 
+from attnjax.models.common import unstack_layers
 from experiments import pretrained_decode as PD
 from experiments import pretrained_methods as pm
 
@@ -57,7 +58,7 @@ def razor(model, params, ctx: int, budget: int, *, num_sink: int = 4) -> Built:
   opts = pm.razor_options(protected, num_sink=num_sink, window=window,
                           num_layers=c.num_layers, num_kv_heads=c.num_kv_heads)
   m = pm.per_layer_model(model, "eval_razor", opts)
-  p = pm.unstack_layers(params, c.num_layers)
+  p = unstack_layers(params, c.num_layers)
   keys, nbytes = _kept(model, protected, ctx, budget)
   n_prot = int(protected.sum())
   note = (f"retrieval heads from echo (top 1%) + induction (top 14%) scores of the dense model "
@@ -110,7 +111,7 @@ def duo(model, params, tok, ctx: int, budget: int, *, gates_path: str, refit: bo
   opts = pm.duo_options(retrieval, sink=sink, recent=recent, num_layers=c.num_layers,
                         num_kv_heads=c.num_kv_heads)
   m = pm.per_layer_model(model, "eval_duo", opts)
-  p = pm.unstack_layers(params, c.num_layers)
+  p = unstack_layers(params, c.num_layers)
   keys, nbytes = _kept(model, retrieval, ctx, budget)
   s = info["settings"]
   note = (f"gates fitted on SmolLM2 ({s['steps']} Adam steps, lr {s['lr']}, L1 {s['reg']}, "

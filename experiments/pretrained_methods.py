@@ -190,14 +190,6 @@ def layer_params(params, i: int):
   return params[f"layer_{i}"]
 
 
-def unstack_layers(params, num_layers: int):
-  """{"layers": stacked} -> {"layer_0": ..., ...} (what an unrolled LlamaDecoder reads)."""
-  if "layers" not in params:
-    return params
-  out = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(num_layers):
-    out[f"layer_{i}"] = layer_params(params, i)
-  return out
 
 
 def embed(c, params, tokens):

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.models.common import unstack_layers
+
 FLAGS = flags.FLAGS
 
 NEEDLE = (" The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
@@ -56,17 +58,6 @@ ANSWER = " eat a sandwich and sit in Dolores Park on a sunny day."
 
 
 # --------------------------------------------------------------------------- model access
-
-def unstack_layers(params):
-  """{"layers": stacked [L, ...]} -> {"layer_0": ..., ...} (the unrolled decoder's names)."""
-  if "layers" not in params:
-    return params
-  stacked = params["layers"]
-  L = jax.tree.leaves(stacked)[0].shape[0]
-  out = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(L):
-    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-  return out
 
 
 class Probe:

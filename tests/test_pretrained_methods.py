@@ -9,6 +9,7 @@ import pytest
 from attnjax.decoding import TidalSchedule
 from attnjax.layers import registry
 from attnjax.models import LlamaConfig, LlamaDecoder
+from attnjax.models.common import unstack_layers
 from experiments import pretrained_methods as pm
 
 L, N, K, H, T = 4, 4, 2, 8, 32
@@ -86,13 +87,13 @@ def test_razor_all_protected_model_is_dense(tiny):
   opts = pm.razor_options(np.ones((L, K), bool), num_sink=2, window=4, num_layers=L,
                           num_kv_heads=K)
   m = pm.per_layer_model(model, "eval_razor", opts)
-  out = m.apply({"params": pm.unstack_layers(params, L)}, tokens)
+  out = m.apply({"params": unstack_layers(params, L)}, tokens)
   np.testing.assert_allclose(np.asarray(out), dense, atol=2e-5)
   # and not dense once heads are compressed
   opts = pm.razor_options(np.zeros((L, K), bool), num_sink=2, window=4, num_layers=L,
                           num_kv_heads=K)
   out = pm.per_layer_model(model, "eval_razor", opts).apply(
-      {"params": pm.unstack_layers(params, L)}, tokens)
+      {"params": unstack_layers(params, L)}, tokens)
   assert np.abs(np.asarray(out) - dense).max() > 1e-3
 
 
@@ -114,7 +115,7 @@ def _probe_qk(model, params, tokens):
   registry.register_family("test_pm_probe", probe)
   m = model.clone(config=dataclasses.replace(model.config, attention="test_pm_probe",
                                              scan_layers=False))
-  m.apply({"params": pm.unstack_layers(params, L)}, tokens)
+  m.apply({"params": unstack_layers(params, L)}, tokens)
   return rec
 
 
@@ -146,7 +147,7 @@ def test_tidal_sparse_layers_match_explicit_mask(tiny):
   ref_model = model.clone(config=dataclasses.replace(
       model.config, attention=("dense", "dense", "test_pm_tidal_ref", "test_pm_tidal_ref"),
       scan_layers=False))
-  ref = np.asarray(ref_model.apply({"params": pm.unstack_layers(params, L)}, tokens))
+  ref = np.asarray(ref_model.apply({"params": unstack_layers(params, L)}, tokens))
   np.testing.assert_allclose(out, ref, atol=1e-4)
   assert np.abs(out - dense).max() > 1e-3
 
@@ -158,7 +159,7 @@ def test_duo_gates_one_dense_zero_streaming(tiny):
       model, p, gates, tokens, sink=2, recent=5)))
   np.testing.assert_allclose(np.asarray(fwd(params, jnp.ones((L, K)))), dense, atol=2e-5)
   gates = jax.random.uniform(jax.random.PRNGKey(3), (L, K))
-  unrolled = pm.duo_hidden_states(model, pm.unstack_layers(params, L), gates, tokens, sink=2,
+  unrolled = pm.duo_hidden_states(model, unstack_layers(params, L), gates, tokens, sink=2,
                                   recent=5)
   np.testing.assert_allclose(np.asarray(pm.lm_head(c, params, unrolled)),
                              np.asarray(fwd(params, gates)), atol=2e-5)   # scan == loop
@@ -172,14 +173,14 @@ def test_duo_gates_one_dense_zero_streaming(tiny):
   registry.register_family("test_pm_stream_ref", stream)
   ref = model.clone(config=dataclasses.replace(model.config, attention="test_pm_stream_ref",
                                                scan_layers=False))
-  ref = np.asarray(ref.apply({"params": pm.unstack_layers(params, L)}, tokens))
+  ref = np.asarray(ref.apply({"params": unstack_layers(params, L)}, tokens))
   np.testing.assert_allclose(np.asarray(fwd(params, jnp.zeros((L, K)))), ref, atol=1e-4)
   # the deployed family: every head retrieval == dense; none == the streaming reference
   for flag, want in ((True, dense), (False, ref)):
     opts = pm.duo_options(np.full((L, K), flag), sink=2, recent=5, num_layers=L,
                           num_kv_heads=K)
     out = pm.per_layer_model(model, "eval_duo", opts).apply(
-        {"params": pm.unstack_layers(params, L)}, tokens)
+        {"params": unstack_layers(params, L)}, tokens)
     np.testing.assert_allclose(np.asarray(out), want, atol=1e-4)
 
 

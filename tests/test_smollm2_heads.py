@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.models import LlamaConfig, LlamaDecoder
-from attnjax.models.common import stack_layers
+from attnjax.models.common import stack_layers, unstack_layers
 from experiments import smollm2_heads as H
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -19,7 +19,7 @@ def _model():
 
 def test_unstack_layers_inverts_stack_layers():
   _, params = _model()
-  flat = H.unstack_layers(params)
+  flat = unstack_layers(params)
   assert sorted(k for k in flat if k.startswith("layer_")) == ["layer_0", "layer_1", "layer_2"]
   back = stack_layers(flat, 3)
   jax.tree.map(np.testing.assert_array_equal, back, params)

@@ -15,7 +15,7 @@ from attnjax.models.checkpoints import (GGUFFile, bert_tensor_map, gguf_llama_te
                                         llama_tensor_map, load_bert_safetensors,
                                         load_llama_gguf, load_llama_safetensors, load_params,
                                         read_gguf)
-from attnjax.models.common import layer_attention
+from attnjax.models.common import layer_attention, stack_layers, unstack_layers
 from attnjax.models.sampling import generate, pad_prompts, sample_logits
 from attnjax.models.llama import LlamaConfig, LlamaDecoder, init_cache
 from attnjax.models.pretrained import (load_minilm, load_smollm2, minilm_dir, package_file,

@@ -47,6 +47,22 @@ def scans_layers(config) -> bool:
   return bool(config.scan_layers) and len(set(specs)) == 1
 
 
+def unstack_layers(params, num_layers=None):
+  """{"layers": stacked (leading axis L)} -> {"layer_0": p0, ...}; other params unchanged.
+
+  The names an unrolled decoder (``scan_layers=False``) reads; params without
+  "layers" are returned as they are. ``num_layers`` defaults to the leading axis.
+  """
+  if "layers" not in params:
+    return params
+  if num_layers is None:
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+  return out
+
+
 def stack_layers(params, num_layers: int):
   """Per-layer params {"layer_0": p0, ...} -> {"layers": stack(p0, ...)} (leading axis L)."""
   layers = [params[f"layer_{i}"] for i in range(num_layers)]

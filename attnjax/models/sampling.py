@@ -10,6 +10,7 @@ cache length, number of tokens, sampling settings).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Sequence, Union
 
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.models.common import scans_layers, unstack_layers
 from attnjax.models.llama import LlamaDecoder, init_cache
 
 __all__ = ["sample_logits", "pad_prompts", "generate"]
@@ -74,6 +76,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
                                              "eos_id"))
 def _decode(model, params, cache, tokens, lengths, rng, *, steps, temperature, top_k, top_p,
             eos_id):
+  if not scans_layers(model.config):        # unrolled layers: split stacked params once
+    params = unstack_layers(params, model.config.num_layers)
   run = lambda c, t, n: model.apply({"params": params, "cache": c}, t, input_lengths=n,
                                     mutable=["cache"])
   B = tokens.shape[0]
@@ -100,7 +104,7 @@ def generate(model: LlamaDecoder, params, prompts: Union[Sequence[Sequence[int]]
              max_new_tokens: int, *, lengths=None, cache_len: Optional[int] = None,
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, rng=None, eos_id: Optional[int] = None,
-             pad_id: int = 0):
+             pad_id: int = 0, unroll_layers: bool = False):
   """Continues each prompt by ``max_new_tokens`` tokens -> int32 [B, max_new_tokens].
 
   Args:
@@ -113,6 +117,13 @@ def generate(model: LlamaDecoder, params, prompts: Union[Sequence[Sequence[int]]
     temperature, top_k, top_p: see ``sample_logits``; rng: a jax.random key
       (needed when temperature > 0).
     eos_id: once an example emits it, it keeps emitting it.
+    unroll_layers: decode with the layers unrolled (stacked params "layers"
+      are split per layer once per call, before the token loop). Each token
+      then reads every layer's params and cache in place: with SmolLM2-135M
+      at 2k context on CPU a token took 105 ms unrolled against 275 ms with
+      the layers inside ``nn.scan`` (side by side), but the first call
+      compiles every layer (about 30 s more here) and every new prompt
+      length compiles again. Default False: one scanned layer.
 
   Raises:
     ValueError when a prompt plus ``max_new_tokens`` does not fit ``cache_len``
@@ -147,6 +158,8 @@ def generate(model: LlamaDecoder, params, prompts: Union[Sequence[Sequence[int]]
           f"than the KV cache length {cache_len} / the model's max_position_embeddings "
           f"{model.config.max_position_embeddings}.")
   dec = model if model.decode else model.clone(decode=True)
+  if unroll_layers and scans_layers(dec.config):
+    dec = dec.clone(config=dataclasses.replace(dec.config, scan_layers=False))
   cache = init_cache(dec, tokens.shape[0], cache_len)
   if temperature > 0 and rng is None:
     raise ValueError("sampling with temperature > 0 needs rng (a jax.random key).")
