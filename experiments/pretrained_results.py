@@ -117,8 +117,10 @@ def write_doc(path: str, results: Dict, not_run: Sequence[Tuple[str, str]],
            "standard-library validation split; timings are noisy: 2 CPU cores shared with other "
            "jobs, and the rows of one table may come from runs under different load. "
            "KV bytes: float32 keys+values of all 30 layers that the method needs to keep "
-           "at this context (the layer's decode path itself allocates the full cache for "
-           "every family). passkey_acc: greedy exact match of the answer \" 12345\" "
+           "at this context (LlamaDecoder's KV cache, which the decode timing of most rows "
+           "uses, allocates the full cache for every family; H2O's decoder keeps only its "
+           "budget). decode: ms per token after the prompt, through each method's "
+           "token-by-token decoder (experiments.pretrained_decode). passkey_acc: greedy exact match of the answer \" 12345\" "
            "(its first token is a space); passkey_digits_acc: the 5 digit tokens all "
            "argmax-correct given that space (the model often writes \" the 12345\")."]
   order = {}
