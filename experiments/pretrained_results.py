@@ -145,7 +145,8 @@ def write_doc(path: str, results: Dict, not_run: Sequence[Tuple[str, str]],
     lines += analysis_lines(analysis)
   for section in extra_sections:
     lines += ["", section]
-  lines += ["", "## Not run", ""] + [f"- {n}: {why}." for n, why in not_run]
+  if not_run:
+    lines += ["", "## Not run", ""] + [f"- {n}: {why}." for n, why in not_run]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 

@@ -58,3 +58,23 @@ def test_longheads_decode_step_bad_input_names_the_argument():
     D.longheads_decode_step(q, kv, kv, reps[:, :, :3], 0, chunk_size=4, attn_len=12)
   with pytest.raises(ValueError, match="attn_len"):
     D.longheads_decode_step(q, kv, kv, reps, 0, chunk_size=4, attn_len=8)
+
+
+@pytest.mark.parametrize("query_block", [1, 4])
+def test_longheads_length_not_a_chunk_multiple_equals_the_rows_of_a_longer_sequence(query_block):
+  """T = 45 with chunks of 4: padded at the end; each row equals that row of any sequence that
+  continues it (causality), here the first 45 rows of a 48-token sequence (query_block=1), and
+  the selection of a block is that of its real queries."""
+  B, T, N, H = 1, 48, 4, 8
+  q, k, v = _rand((B, T, N, H), 11), _rand((B, T, 2, H), 12), _rand((B, T, 2, H), 13)
+  f = lambda n: D.longheads_attention(q[:, :n], k[:, :n], v[:, :n], chunk_size=4, attn_len=16,
+                                      query_block=query_block)
+  short, full = f(45), f(48)
+  assert short.shape == (B, 45, N, H)
+  if query_block == 1:
+    np.testing.assert_allclose(np.asarray(short), np.asarray(full[:, :45]), atol=1e-5)
+  else:        # blocks share a selection: rows before the last block agree
+    np.testing.assert_allclose(np.asarray(short[:, :44]), np.asarray(full[:, :44]), atol=1e-5)
+  with pytest.raises(ValueError, match="query_block"):
+    D.longheads_attention(q[:, :45], k[:, :45], v[:, :45], chunk_size=4, attn_len=16,
+                          query_block=3)

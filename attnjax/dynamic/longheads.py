@@ -90,8 +90,15 @@ def longheads_attention(query, key, value, *, chunk_size: int = 256, attn_len: i
     query_block: queries sharing one selection (default chunk_size; 1 = per token).
     rope_base: RoPE base applied inside.
 
+  A length that ``chunk_size`` does not divide (a prompt of any length) is
+  padded at the end with zeros: the padded keys come after every real query,
+  so causality hides them, and zero queries scale a block's mean query
+  without changing its ranking of chunks. The chunk lists then cover the
+  padded blocks.
+
   Returns:
-    out [B, T, N, H] (and chunk lists (indices [B, N, T/query_block, m], counts)).
+    out [B, T, N, H] (and chunk lists (indices [B, N, T'/query_block, m], counts),
+    T' = T rounded up to a multiple of chunk_size).
   """
   d = V.check_qkv(query, key, value)
   if d.T != d.S:
@@ -110,9 +117,19 @@ def longheads_attention(query, key, value, *, chunk_size: int = 256, attn_len: i
                         value, mask=Causal(), scale=scale)
     return (out, None) if return_chunks else out
   qb = w if query_block is None else V.check_positive_int("query_block", query_block)
-  if d.S % w or d.T % qb:
-    raise ValueError(f"chunk_size={w} must divide S={d.S} and query_block={qb} must divide "
-                     f"T={d.T}.")
+  pad = -d.S % w
+  if pad:        # zeros after the last token: causality hides them from every real query
+    if w % qb:
+      raise ValueError(f"query_block={qb} must divide chunk_size={w} when chunk_size does not "
+                       f"divide the length T={d.T}.")
+    grow = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    res = longheads_attention(grow(query), grow(key), grow(value), chunk_size=w,
+                              attn_len=attn_len, begin_selective_length=begin,
+                              query_block=qb, rope_base=rope_base, scale=scale,
+                              return_chunks=return_chunks)
+    return (res[0][:, :d.T], res[1]) if return_chunks else res[:, :d.T]
+  if d.T % qb:
+    raise ValueError(f"query_block={qb} must divide T={d.T}.")
   nq = d.T // qb
   r = chunk_representations(key, value, query, chunk_size=w, rope_base=rope_base, scale=scale)
   qt = jnp.transpose(query.astype(jnp.float32), (0, 2, 1, 3)).reshape(d.B, d.N, nq, qb, d.H)
