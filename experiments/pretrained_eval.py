@@ -60,7 +60,7 @@ from attnjax.layers import get_family
 from experiments import pretrained_decode as PD
 from experiments import pretrained_results as R
 from experiments.pretrained_data import heldout_windows, passkey_batch
-from experiments.pretrained_families import register_local_families
+from experiments.pretrained_families import method_specs, register_local_families
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("context", 1024, "Tokens per perplexity window and per passkey prompt.")
@@ -114,37 +114,6 @@ def not_run(results):
 
 
 # --------------------------------------------------------------------------- methods
-
-def method_specs(budget: int, context: int, num_layers: int):
-  """(name, family, options, kv_keys_kept at ``context``, note) for every method."""
-  b = budget
-  s2_block = max(16, b // 8)
-  s2_local = 4                                  # 4 local blocks = b/2 keys; the rest strided
-  stride = max(1, context // (b - s2_local * s2_block)) if b > s2_local * s2_block else context
-  return [
-      ("dense", "dense", {}, context, "full causal attention"),
-      (f"sliding_window({b})", "sliding_window", {"window": b}, b, "latest keys only"),
-      (f"streaming(4+{b - 4})", "streaming", {"num_sink": 4, "window": b - 4}, b,
-       "StreamingLLM: 4 sink tokens + recent window"),
-      (f"s2(block={s2_block},local={s2_local},stride={stride})", "s2",
-       {"block_size": s2_block, "local_blocks": s2_local, "vert_stride": stride}, context,
-       f"S2 heterogeneous heads, no training; {s2_local * s2_block} local keys + 1 block in "
-       f"{stride} (about {s2_local * s2_block + context // stride} keys at the last query); "
-       "the union over heads covers every key, so the whole cache is kept"),
-      (f"hip(top_k={b})", "hip", {"top_k": b, "block_size_q": 1, "block_stride_q": 1}, context,
-       "HiP hierarchical top-k key blocks (of 2 keys), one selection per query "
-       "(block_size_q=1: strictly causal); selects from the whole cache"),
-      (f"longheads(chunk={b // 4},attn_len={b})", "eval_longheads",
-       {"chunk_size": b // 4, "attn_len": b, "rope_base": 100000.0, "query_block": 1}, context,
-       "LongHeads chunk selection per head and per query (query_block=1: strictly causal; "
-       "RoPE undone in a wrapper); selects from the whole cache"),
-      (f"h2o({b // 2}+{b // 2})", "eval_h2o", {"heavy": b // 2, "recent": b // 2}, b,
-       "heavy hitters from dense accumulated attention (oracle accumulation) + recent"),
-      (f"tokenselect(16+64+{b - 80})", "eval_tokenselect",
-       {"n_init": 16, "n_local": 64, "top_k": b - 80}, context,
-       "per-query soft-vote top-k + init + local; selects from the whole cache"),
-  ]
-
 
 # --------------------------------------------------------------------------- measurements
 

@@ -1,5 +1,5 @@
 """attnjax.models.generate with unroll_layers=True (layers unrolled, stacked params split once)
-decodes the same tokens as the scanned layers, for a padded batch of prompts."""
+decodes the same greedy tokens as the scanned layers, for a padded batch of prompts."""
 import jax
 import numpy as np
 
@@ -17,7 +17,3 @@ def test_generate_unrolled_layers_equals_scanned_layers():
   scanned = np.asarray(models.generate(model, params, prompts, 6))
   unrolled = np.asarray(models.generate(model, params, prompts, 6, unroll_layers=True))
   np.testing.assert_array_equal(unrolled, scanned)
-  sampled = [np.asarray(models.generate(model, params, prompts, 6, unroll_layers=u,
-                                        temperature=1.0, top_k=8, rng=jax.random.PRNGKey(3)))
-             for u in (False, True)]
-  np.testing.assert_array_equal(sampled[0], sampled[1])

@@ -7,8 +7,7 @@ import pytest
 from attnjax.analysis.causality import check_causal_cross, check_causal_self
 from attnjax.layers import registry
 from experiments import pretrained_methods as pm
-from experiments.pretrained_eval import method_specs
-from experiments.pretrained_families import register_local_families
+from experiments.pretrained_families import method_specs, register_local_families
 
 T = 256
 SPECS = [s for s in method_specs(128, T, 4)]

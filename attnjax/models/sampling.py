@@ -119,11 +119,12 @@ def generate(model: LlamaDecoder, params, prompts: Union[Sequence[Sequence[int]]
     eos_id: once an example emits it, it keeps emitting it.
     unroll_layers: decode with the layers unrolled (stacked params "layers"
       are split per layer once per call, before the token loop). Each token
-      then reads every layer's params and cache in place: with SmolLM2-135M
-      at 2k context on CPU a token took 105 ms unrolled against 275 ms with
-      the layers inside ``nn.scan`` (side by side), but the first call
-      compiles every layer (about 30 s more here) and every new prompt
-      length compiles again. Default False: one scanned layer.
+      then reads every layer's params and cache in place. SmolLM2-135M, a
+      2000-token prompt, 2 loaded CPU cores, side by side: 121 ms per new
+      token unrolled against 386 ms with the layers inside ``nn.scan``; but
+      the prompt took 30 s against 21 s and the first call compiled for
+      68-136 s against 37-55 s (every new prompt length compiles again).
+      Default False: one scanned layer.
 
   Raises:
     ValueError when a prompt plus ``max_new_tokens`` does not fit ``cache_len``
